@@ -1,0 +1,80 @@
+"""Versioned checkpoints with orbax-checkpoint: one directory per model version.
+
+A save is complete only when orbax has finalised it (it writes to a temporary directory and
+renames), so a crash mid-save leaves the previous version as the newest complete one. Older
+versions are deleted after a newer one is complete: they hold the rows of records forgotten since.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .state import ModelState
+
+log = logging.getLogger(__name__)
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False),
+    )
+
+
+def save(directory: Path, state: ModelState) -> Path:
+    """Write ``state`` as step ``state.version`` and delete older steps. Returns its directory.
+
+    Raises:
+      OSError and orbax errors: the save failed; the previous version is untouched.
+    """
+    with _manager(directory) as mngr:
+        mngr.save(
+            state.version,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in state.arrays().items()}),
+                meta=ocp.args.JsonSave(state.metadata()),
+            ),
+            force=True,
+        )
+        mngr.wait_until_finished()
+        for step in mngr.all_steps():
+            if step != state.version:
+                mngr.delete(step)
+    return Path(directory) / str(state.version)
+
+
+def latest_version(directory: Path) -> int | None:
+    """Newest complete version under ``directory``, or ``None``."""
+    if not Path(directory).exists():
+        return None
+    with _manager(directory) as mngr:
+        return mngr.latest_step()
+
+
+def restore(directory: Path, dtype=None) -> ModelState | None:
+    """The newest complete version under ``directory``, or ``None`` when there is none."""
+    step = latest_version(directory)
+    if step is None:
+        return None
+    with _manager(directory) as mngr:
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+    arrays = {k: jnp.asarray(v) for k, v in out["arrays"].items()}
+    meta = out["meta"]
+    return ModelState(
+        version=int(meta["version"]),
+        ids=np.array(meta["ids"], dtype=str),
+        form=meta["form"],
+        residual=float(meta["residual"]),
+        forgotten=tuple(meta["forgotten"]),
+        history=tuple(meta["history"]),
+        meta=meta["meta"],
+        **arrays,
+    )

@@ -1,0 +1,105 @@
+"""Configuration objects, one per concern, serialisable and saved in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+ModelKind = Literal["linear", "mlp"]
+LossName = Literal["mse", "ce"]
+DType = Literal["float32", "float64"]
+KernelForm = Literal["auto", "full", "trace"]
+SolverMethod = Literal["auto", "cg", "cholesky"]
+
+
+class _Serialisable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(_Serialisable):
+    """The network and its linearisation point.
+
+    Attributes:
+      kind: ``linear`` (one Dense layer, NTK parameterisation, θ_p = 0) or ``mlp`` (``depth``
+        hidden ReLU layers of ``width`` units, linearised at its seeded initialisation, θ_p = θ_0).
+      width, depth: MLP hidden width and number of hidden layers.
+      w_std, b_std: weight and bias standard deviations of the NTK parameterisation.
+      seed: PRNG seed of the initialisation θ_0 (and of nothing else).
+      kernel_form: ``full`` (N, N, d, d), ``trace`` (N, N) or ``auto``: trace where it is exact
+        (the linear model), full otherwise (math.md, Notation).
+    """
+
+    kind: ModelKind = "mlp"
+    width: int = 512
+    depth: int = 2
+    w_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+    seed: int = 0
+    kernel_form: KernelForm = "auto"
+
+    def resolved_kernel_form(self) -> Literal["full", "trace"]:
+        if self.kernel_form != "auto":
+            return self.kernel_form
+        return "trace" if self.kind == "linear" else "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Serialisable):
+    """The regularised risk L_S of math.md and how its optimum is found.
+
+    Attributes:
+      loss: ``mse`` (ℓ = ½‖f − y‖², one-hot targets for labels) or ``ce`` (softmax cross-entropy).
+      lam: λ, the weight of (λ/2)‖θ − θ_p‖².
+      tol: stationarity tolerance of Newton in α (relative residual, see ``training.residual``);
+        ``None`` picks 1e-5 in float32 and 1e-10 in float64.
+      max_newton: most Newton steps.
+      dtype: floating point type of K, α, θ and every solve.
+    """
+
+    loss: LossName = "ce"
+    lam: float = 1e-2
+    tol: float | None = None
+    max_newton: int = 50
+    dtype: DType = "float32"
+
+    def resolved_tol(self) -> float:
+        if self.tol is not None:
+            return self.tol
+        return 1e-5 if self.dtype == "float32" else 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig(_Serialisable):
+    """How the α-space influence system (A)/(B) of math.md is solved.
+
+    Attributes:
+      method: ``cg`` (matrix-free CG on the SPD form (B)), ``cholesky`` (direct), or ``auto``:
+        Cholesky when the system has at most ``cholesky_max_dim`` unknowns, CG otherwise.
+      tol: relative residual ‖b − Bz‖/‖b‖ that CG must reach (true residual, recomputed);
+        ``None`` picks 1e-6 in float32 and 1e-12 in float64.
+      max_iter: most CG iterations per solve.
+      refine: after the influence step, Newton on the retain risk to the training tolerance
+        (cross-entropy; for squared error the step is already exact and refinement only checks).
+      max_refine: most refinement steps.
+      cholesky_max_dim: the ``auto`` threshold on the number of unknowns.
+    """
+
+    method: SolverMethod = "auto"
+    tol: float | None = None
+    max_iter: int = 2000
+    refine: bool = True
+    max_refine: int = 20
+    cholesky_max_dim: int = 4096
+
+    def resolved_tol(self, dtype: str) -> float:
+        if self.tol is not None:
+            return self.tol
+        return 1e-6 if dtype == "float32" else 1e-12

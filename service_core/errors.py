@@ -1,0 +1,50 @@
+"""Errors raised by the engine. Every message says what the caller should fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class UnlearnError(ValueError):
+    """Base class of every error the engine raises on bad input or an impossible request."""
+
+
+class InvalidInputError(UnlearnError):
+    """Inputs or targets have the wrong shape, dtype, or non-finite values."""
+
+
+class InvalidForgetSetError(UnlearnError):
+    """A forget set that is empty, has duplicated ids, or would remove every remaining point."""
+
+
+class _IdsError(UnlearnError):
+    _what = ""
+
+    def __init__(self, ids: Sequence[str], hint: str = ""):
+        self.ids = list(ids)
+        shown = ", ".join(self.ids[:20]) + (" …" if len(self.ids) > 20 else "")
+        super().__init__(f"{len(self.ids)} {self._what}: {shown}.{(' ' + hint) if hint else ''}")
+
+
+class UnknownIdsError(_IdsError):
+    """Ids that were never in the training set."""
+
+    _what = "id(s) are not in the training set"
+
+
+class AlreadyForgottenError(_IdsError):
+    """Ids that are forgotten already, or queued to be forgotten."""
+
+    _what = "id(s) are already forgotten or queued to be forgotten"
+
+
+class DatasetError(UnlearnError):
+    """A data set that cannot be loaded as asked (missing files, duplicated ids, bad arrays)."""
+
+
+class SolverError(RuntimeError):
+    """A solve that did not reach its tolerance. The model is left unchanged."""
+
+
+class ResourceError(UnlearnError):
+    """A configuration whose kernel does not fit in memory."""

@@ -1,0 +1,162 @@
+"""Influence of removing a forget set F, in α-space (the product) and θ-space (the baseline).
+
+math.md, Influence of removing F in α-space (Eqs. 5, 10–12): Δα_F = −α*_F and Δα_R solves
+
+    (W_R K_RR + λ N_R I) Δα_R = λ N_F α*_R + W_R K_RF α*_F                (A)
+
+through its SPD form (B). Δθ = J(X)ᵀ Δα (one VJP). Test-point changes (Eqs. 8–9) come from kernels
+or, for a finite network, from J(X_t) Δθ, which is the same number.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import losses
+from .models import Model
+from .ntk import kernel_matvec
+from .solvers import SolveInfo, cg, solve_newton_system
+from .training import DualProblem, NewtonInfo, newton, stationarity
+
+
+class Deletion(NamedTuple):
+    """The result of removing F from a trained dual model.
+
+    Attributes:
+      alpha: α after the deletion ``(N, d)`` (rows of F are 0; N counts F still).
+      delta_alpha: Δα ``(N, d)``, including Δα_F = −α*_F.
+      step: the influence solve of system (A).
+      refine: Newton refinement on the retain risk, or ``None`` if not run.
+      residual: relative stationarity residual of ``alpha`` on the retain risk.
+    """
+
+    alpha: jax.Array
+    delta_alpha: jax.Array
+    step: SolveInfo
+    refine: NewtonInfo | None
+    residual: float
+
+
+def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array, solver: dict) -> tuple[jax.Array, SolveInfo]:
+    """Δα for removing ``forget`` from the model trained on ``problem`` (α* optimal there).
+
+    Arguments:
+      problem: the dual risk of the current training set D (its mask: the active points).
+      alpha_star: α* ``(N, d)``.
+      forget: bool ``(N,)``, F ⊂ D.
+      solver: keyword arguments of ``solvers.solve_spd``.
+
+    Returns:
+      ``(Δα, SolveInfo)``, Δα ``(N, d)`` with Δα_F = −α*_F (math.md Eq. (A)).
+    """
+    dtype = alpha_star.dtype
+    retain = problem.mask & ~forget
+    m_r = retain[:, None].astype(dtype)
+    m_f = forget[:, None].astype(dtype)
+    n_forget, n_retain = int(jnp.sum(forget)), int(jnp.sum(retain))
+    f_star = problem.f0 + kernel_matvec(problem.k, alpha_star * problem.mask[:, None], problem.form)
+    w = losses.hessian(problem.loss, f_star, problem.y)
+    s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
+    k_rf_alpha_f = m_r * kernel_matvec(problem.k, alpha_star * m_f, problem.form)
+    b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
+    delta_r, info = solve_newton_system(problem.k, problem.form, s, retain, b, problem.lam * n_retain, **solver)
+    return delta_r * m_r - alpha_star * m_f, info
+
+
+def forget(
+    problem: DualProblem,
+    alpha_star: jax.Array,
+    forget_mask: jax.Array,
+    solver: dict,
+    refine: bool,
+    refine_tol: float,
+    max_refine: int,
+) -> Deletion:
+    """The influence step and, if ``refine``, Newton on the retain risk until its relative
+    stationarity residual is at most ``refine_tol`` (math.md, Exactness beyond one step).
+
+    For squared error the step alone equals exact retraining; refinement then only certifies it.
+    """
+    delta, step = influence_step(problem, alpha_star, forget_mask, solver)
+    retain_problem = problem._replace(mask=problem.mask & ~forget_mask)
+    alpha = alpha_star + delta
+    refined = None
+    if refine:
+        alpha, refined = newton(retain_problem, alpha, refine_tol, max_refine, solver)
+        residual = refined.residual
+    else:
+        _, residual = stationarity(retain_problem, alpha)
+    return Deletion(alpha, alpha - alpha_star, step, refined, residual)
+
+
+def delta_theta(model: Model, x: jax.Array, delta_alpha: jax.Array) -> jax.Array:
+    """Δθ = J(X)ᵀ Δα by one VJP; x ``(N, ...)``, Δα ``(N, d)`` → ``(P,)``."""
+    return model.vjp(x, delta_alpha)
+
+
+def test_point_changes(
+    model: Model, theta: jax.Array, dtheta: jax.Array, x_test: jax.Array, y_test: jax.Array, loss: str
+) -> tuple[jax.Array, jax.Array]:
+    """Eqs. 8–9: Δf(X_t) = J(X_t) Δθ (= K(X_t, X) Δα) and Δℓ_t ≈ g_tᵀ Δf(x_t).
+
+    Arguments:
+      theta: current θ ``(P,)``; dtheta: Δθ ``(P,)``; x_test ``(n, ...)``; y_test targets ``(n, d)``.
+
+    Returns:
+      ``(Δf (n, d), Δℓ (n,))``; g_t is taken at the current outputs f_lin(x_t; θ).
+    """
+    base, shift = model.f0_and_jvp(x_test, theta - model.theta0)
+    _, df = model.f0_and_jvp(x_test, dtheta)
+    g = losses.grad(loss, base + shift, y_test)
+    return df, jnp.sum(g * df, axis=-1)
+
+
+def theta_space_delta(
+    model: Model,
+    theta_star: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    forget_mask: jax.Array,
+    lam: float,
+    loss: str,
+    tol: float = 1e-10,
+    max_iter: int = 5000,
+) -> tuple[jax.Array, SolveInfo]:
+    """The parameter-space baseline (math.md Eqs. 1–4): H_R Δθ = (1/N) Σ_{i∈F} ∇θ[ℓ_i + (λ/2)‖θ − θ_p‖²],
+
+    H_R = (1/N) Σ_{i∈R} J_iᵀ W_i J_i + (N_R/N) λ I, applied by Hessian-vector products
+    (forward-over-reverse on the linearised retain risk), solved by CG, never materialised.
+
+    Arguments:
+      theta_star: θ* ``(P,)``; x ``(N, ...)``; y targets ``(N, d)``; forget_mask bool ``(N,)``.
+
+    Returns:
+      ``(Δθ (P,), SolveInfo)``.
+    """
+    t0 = time.perf_counter()
+    n = x.shape[0]
+    xf = model.flatten_inputs(x)
+    m_f = forget_mask.astype(theta_star.dtype)
+    m_r = 1.0 - m_f
+
+    def point_risk(theta, weights):
+        out = model.f_lin(theta, xf)
+        reg = 0.5 * lam * jnp.sum((theta - model.theta_p) ** 2)
+        return jnp.sum(weights * (losses.value(loss, out, y) + reg)) / n
+
+    rhs = jax.grad(point_risk)(theta_star, m_f)
+    grad_r = jax.grad(point_risk)
+
+    @jax.jit
+    def solve(theta, b):
+        hvp = lambda v: jax.jvp(lambda t: grad_r(t, m_r), (theta,), (v,))[1]  # noqa: E731
+        sol, it = cg(hvp, b, jnp.zeros_like(b), tol, max_iter)
+        res = jnp.linalg.norm(b - hvp(sol)) / jnp.linalg.norm(b)
+        return sol, it, res
+
+    sol, it, res = solve(theta_star, rhs)
+    return sol, SolveInfo("theta-cg", int(it), float(res), bool(res <= tol), time.perf_counter() - t0)

@@ -1,0 +1,192 @@
+"""Engine parts: NTK layout and implementation, data loaders, solvers, checkpoints, validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from service_core import (
+    AlreadyForgottenError,
+    DatasetError,
+    InvalidForgetSetError,
+    InvalidInputError,
+    ModelConfig,
+    SolverConfig,
+    TrainConfig,
+    UnknownIdsError,
+    Unlearner,
+    build_model,
+    checkpoint,
+    load_dataset,
+    load_digits,
+    load_mnist,
+    load_npz,
+)
+from service_core._nt import nt
+from service_core.ntk import cached_ntk, empirical_ntk, kernel_to_4d, select
+from service_core.solvers import solve_spd
+
+jax.config.update("jax_enable_x64", True)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+# -- data -----------------------------------------------------------------------------------
+def test_digits_split_and_ids(digits):
+    assert digits.n == 1437 and digits.x_test.shape == (360, 64)
+    assert digits.ids[0].startswith("digits-") and len(set(digits.ids)) == digits.n
+    assert 0.0 <= digits.x.min() and digits.x.max() <= 1.0
+    assert set(np.unique(digits.y)) == set(range(10))
+    again = load_digits(seed=0)
+    assert np.array_equal(again.ids, digits.ids)
+    other = load_digits(seed=1)
+    assert not np.array_equal(other.ids, digits.ids)
+    # train and test are disjoint: no test image equals a training image at the same id
+    train_index = {int(i.split("-")[1]) for i in digits.ids}
+    assert len(train_index) == 1437
+
+
+def test_npz_loader(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    np.savez(tmp_path / "labels.npz", x=x, y=np.array([0, 1, 2, 0, 1, 2]), ids=np.array(list("abcdef")))
+    ds = load_npz(tmp_path / "labels.npz")
+    assert ds.task == "classification" and ds.output_dim == 3 and ds.ids.tolist() == list("abcdef")
+    np.savez(tmp_path / "reg.npz", x=x, y=np.ones((6, 2), np.float64))
+    ds = load_dataset(f"npz:{tmp_path / 'reg.npz'}")
+    assert ds.task == "regression" and ds.output_dim == 2 and ds.ids[0] == "reg-000000"
+    np.savez(tmp_path / "dup.npz", x=x, y=np.zeros(6, int), ids=np.array(list("abcdea")))
+    with pytest.raises(DatasetError, match="a"):
+        load_npz(tmp_path / "dup.npz")
+    np.savez(tmp_path / "nan.npz", x=np.full((2, 2), np.nan), y=np.zeros(2, int))
+    with pytest.raises(DatasetError, match="NaN"):
+        load_npz(tmp_path / "nan.npz")
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("cifar100")
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="../shared/data/mnist is absent")
+def test_mnist_idx_loader():
+    ds = load_mnist(SHARED / "mnist", seed=0, train_per_class=20, test_per_class=10)
+    assert ds.x.shape == (200, 784) and ds.x_test.shape == (100, 784)
+    assert np.bincount(ds.y).tolist() == [20] * 10
+    assert not set(ds.ids) & {f"mnist-t10k-{i:05d}" for i in range(0)}
+    assert 0 <= ds.x.min() and ds.x.max() <= 1.0 and ds.x.max() > 0.9
+
+
+# -- NTK --------------------------------------------------------------------------------------
+def test_full_ntk_equals_jacobian_products(digits):
+    """Full form (N·d, N·d), point-major output-minor, equals J Jᵀ from the Jacobian itself."""
+    model = build_model(ModelConfig(kind="mlp", width=32), (64,), 10, jnp.float64)
+    x = digits.x[:37]  # not a multiple of the block size: the padded last block must be cut
+    k = empirical_ntk(model, x, form="full", block_size=16, dtype=np.float64, progress=False)
+    f = lambda t: model.f(t, jnp.asarray(x, jnp.float64))  # noqa: E731
+    jac = np.asarray(jax.jacrev(f)(model.theta0)).reshape(37 * 10, -1)
+    assert k.shape == (370, 370)
+    assert np.allclose(k, jac @ jac.T, rtol=1e-10, atol=1e-10)
+    # neural-tangents' JACOBIAN_CONTRACTION, in its own (N, N, d, d) layout
+    ref = nt.empirical_ntk_fn(model.apply_fn, trace_axes=(), implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+    ref = np.asarray(ref(jnp.asarray(x), None, model.params0))
+    assert np.allclose(kernel_to_4d(k, 37, 10), ref, rtol=1e-10, atol=1e-10)
+    keep = np.array([0, 5, 36])
+    assert np.array_equal(select(k, keep, 10, "full"), (jac @ jac.T)[np.ix_(*(2 * [(keep[:, None] * 10 + np.arange(10)).ravel()]))])
+
+
+def test_trace_form_is_exact_for_linear_model_only(digits):
+    x = digits.x[:20]
+    lin = build_model(ModelConfig(kind="linear"), (64,), 10, jnp.float64)
+    full = kernel_to_4d(empirical_ntk(lin, x, "full", dtype=np.float64, progress=False), 20, 10)
+    trace = empirical_ntk(lin, x, "trace", dtype=np.float64, progress=False)
+    assert np.allclose(full, np.einsum("ij,ab->ijab", trace, np.eye(10)), atol=1e-12)
+    mlp = build_model(ModelConfig(kind="mlp", width=64), (64,), 10, jnp.float64)
+    full = kernel_to_4d(empirical_ntk(mlp, x, "full", dtype=np.float64, progress=False), 20, 10)
+    off_diagonal = np.abs(full * (1 - np.eye(10))).sum() / np.abs(full * np.eye(10)).sum()
+    assert off_diagonal > 0.01  # the trace form would drop this mass
+
+
+def test_ntk_cache(tmp_path, digits):
+    model = build_model(ModelConfig(kind="mlp", width=16), (64,), 10, jnp.float32)
+    k1, r1 = cached_ntk(model, digits.x[:30], "full", tmp_path, progress=False)
+    k2, r2 = cached_ntk(model, digits.x[:30], "full", tmp_path, progress=False)
+    assert not r1["cached"] and r2["cached"] and np.array_equal(k1, k2)
+    other = build_model(ModelConfig(kind="mlp", width=16, seed=3), (64,), 10, jnp.float32)
+    _, r3 = cached_ntk(other, digits.x[:30], "full", tmp_path, progress=False)
+    assert not r3["cached"] and len(list(tmp_path.glob("ntk-*.npy"))) == 2
+
+
+# -- solvers ----------------------------------------------------------------------------------
+def test_cg_and_cholesky_agree_and_cg_reports_non_convergence():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 200))
+    k = jnp.asarray(a @ a.T)  # trace form (N, N), N = 60
+    s = jnp.asarray(np.stack([np.diag(rng.uniform(0.1, 1, 3)) for _ in range(60)]))
+    mask = jnp.asarray(rng.uniform(size=60) < 0.8)
+    rhs = jnp.asarray(rng.normal(size=(60, 3))) * mask[:, None]
+    x_ch, i_ch = solve_spd(k, "trace", s, mask, rhs, 0.5, "cholesky", 1e-12, 100)
+    x_cg, i_cg = solve_spd(k, "trace", s, mask, rhs, 0.5, "cg", 1e-12, 1000)
+    assert i_ch.converged and i_cg.converged and i_cg.iterations > 0
+    assert np.allclose(x_ch, x_cg, atol=1e-9)
+    assert np.all(np.asarray(x_cg)[~np.asarray(mask)] == 0)
+    _, bad = solve_spd(k, "trace", s, mask, rhs, 0.5, "cg", 1e-12, 2, max_restarts=0)
+    assert not bad.converged and bad.iterations == 2 and bad.residual > 1e-12
+
+
+# -- engine: validation, checkpoints ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(digits):
+    return Unlearner.build(
+        digits.subset(slice(0, 60)), ModelConfig(kind="mlp", width=16), TrainConfig(loss="ce", dtype="float64"), SolverConfig(), progress=False
+    )
+
+
+def test_validation_messages(small):
+    ids = small.active_ids()
+    with pytest.raises(InvalidForgetSetError, match="non-empty"):
+        small.validate_forget([])
+    with pytest.raises(InvalidForgetSetError, match="duplicated"):
+        small.validate_forget([ids[0], ids[0]])
+    with pytest.raises(UnknownIdsError) as err:
+        small.validate_forget([ids[0], "nope"])
+    assert err.value.ids == ["nope"]
+    with pytest.raises(AlreadyForgottenError):
+        small.validate_forget([ids[1]], pending=frozenset({ids[1]}))
+    with pytest.raises(InvalidForgetSetError, match="every remaining"):
+        small.validate_forget(ids)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        small.predict([[np.nan] * 64])
+    with pytest.raises(InvalidInputError, match="expected"):
+        small.predict([[0.0] * 63])
+    with pytest.raises(InvalidInputError, match="labels"):
+        small.influence(ids[:2], [[0.0] * 64], [11])
+    assert small.predict(np.zeros((2, 8, 8))).shape == (2, 10)  # unflattened rows are accepted
+
+
+def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digits):
+    ds = digits.subset(slice(0, 50))
+    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=16), TrainConfig(loss="mse", dtype="float64"), SolverConfig(), cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").glob("ntk-*.npy"))
+    u.save(tmp_path / "ckpt")
+    gone = u.active_ids()[:5]
+    u.forget(gone, checkpoint_dir=tmp_path / "ckpt")
+    assert not list((tmp_path / "cache").glob("ntk-*.npy"))  # cached K held the forgotten rows
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
+    back = Unlearner.restore(tmp_path / "ckpt")
+    assert back.version == 1 and back.n_train == 45 and back.forgotten_ids() == frozenset(gone)
+    assert np.array_equal(back.predict(ds.x_test[:5]), u.predict(ds.x_test[:5]))
+    restored = checkpoint.restore(tmp_path / "ckpt")
+    assert restored.k.shape == (450, 450) and not set(gone) & set(restored.ids.tolist())
+    xs = np.asarray(restored.x)
+    for i in range(5):
+        assert not np.any(np.all(np.isclose(xs, ds.x[i]), axis=1))
+    with pytest.raises(AlreadyForgottenError):
+        back.forget(gone[:1])
+    assert Unlearner.restore(tmp_path / "nothing") is None
