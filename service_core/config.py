@@ -6,11 +6,11 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-ModelKind = Literal["linear", "mlp"]
+ModelKind = Literal["linear", "mlp", "cnn", "inf-mlp", "inf-cnn"]
 LossName = Literal["mse", "ce"]
 DType = Literal["float32", "float64"]
 KernelForm = Literal["auto", "full", "trace"]
-SolverMethod = Literal["auto", "cg", "cholesky"]
+SolverMethod = Literal["auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"]
 
 
 class _Serialisable:
@@ -28,13 +28,22 @@ class ModelConfig(_Serialisable):
     """The network and its linearisation point.
 
     Attributes:
-      kind: ``linear`` (one Dense layer, NTK parameterisation, θ_p = 0) or ``mlp`` (``depth``
-        hidden ReLU layers of ``width`` units, linearised at its seeded initialisation, θ_p = θ_0).
-      width, depth: MLP hidden width and number of hidden layers.
+      kind: ``linear`` (one Dense layer, NTK parameterisation, θ_p = 0), ``mlp`` (``depth``
+        hidden ReLU layers of ``width`` units, linearised at its seeded initialisation, θ_p = θ_0),
+        ``cnn`` (``depth`` blocks Conv(``width``, 3×3, SAME) → ReLU → AvgPool(2×2), then Flatten and
+        Dense(d), linearised like ``mlp``; image inputs (H, W, C)), or the infinitely wide ``inf-mlp``
+        and ``inf-cnn`` (the same architectures through their analytic NTK; no θ, see
+        ``service_core.infinite``).
+      width, depth: hidden width (MLP units, CNN channels) and number of hidden layers / conv blocks.
+        The analytic NTK of the ``inf-*`` kinds does not depend on ``width``.
       w_std, b_std: weight and bias standard deviations of the NTK parameterisation.
       seed: PRNG seed of the initialisation θ_0 (and of nothing else).
       kernel_form: ``full`` (N, N, d, d), ``trace`` (N, N) or ``auto``: trace where it is exact
-        (the linear model), full otherwise (math.md, Notation).
+        (the linear model and the analytic NTK of the ``inf-*`` kinds), full otherwise (math.md,
+        Notation).
+      pool: ``cnn`` and ``inf-cnn`` only: the AvgPool(2×2) of each block. Without it the analytic
+        CNN kernel needs only per-pixel variances and is about 1,000× cheaper to compute (the
+        paper's infinite-width CNN, §4.4, has no pooling).
     """
 
     kind: ModelKind = "mlp"
@@ -44,11 +53,17 @@ class ModelConfig(_Serialisable):
     b_std: float = 0.1
     seed: int = 0
     kernel_form: KernelForm = "auto"
+    pool: bool = True
+
+    @property
+    def infinite(self) -> bool:
+        """Whether the model is infinitely wide (analytic NTK, no θ)."""
+        return self.kind.startswith("inf-")
 
     def resolved_kernel_form(self) -> Literal["full", "trace"]:
         if self.kernel_form != "auto":
             return self.kernel_form
-        return "trace" if self.kind == "linear" else "full"
+        return "trace" if self.kind == "linear" or self.infinite else "full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +80,7 @@ class TrainConfig(_Serialisable):
     """
 
     loss: LossName = "ce"
-    lam: float = 1e-2
+    lam: float = 1e-3
     tol: float | None = None
     max_newton: int = 50
     dtype: DType = "float32"
@@ -81,8 +96,10 @@ class SolverConfig(_Serialisable):
     """How the α-space influence system (A)/(B) of math.md is solved.
 
     Attributes:
-      method: ``cg`` (matrix-free CG on the SPD form (B)), ``cholesky`` (direct), or ``auto``:
-        Cholesky when the system has at most ``cholesky_max_dim`` unknowns, CG otherwise.
+      method: ``alpha-cg`` (matrix-free CG on the SPD form (B)), ``alpha-cholesky`` (direct),
+        ``alpha-paper`` (the paper's premultiplied form, CG; for comparison), ``theta-cg`` (the
+        parameter-space baseline, HVP + CG), or ``auto``: the cheapest by a flop-count cost model
+        (``solvers.choose_method``), which says why. ``cg``/``cholesky`` are aliases.
       tol: relative residual ‖b − Bz‖/‖b‖ that CG must reach (true residual, recomputed);
         ``None`` picks 1e-6 in float32 and 1e-12 in float64.
       max_iter: most CG iterations per solve.

@@ -1,4 +1,4 @@
-"""Data sets: scikit-learn digits, MNIST IDX files, and user ``.npz`` files.
+"""Data sets: scikit-learn digits, MNIST IDX files, two-class CIFAR ``.npz`` files and user ``.npz`` files.
 
 Every training record has a unique string id, stable across deletions. Inputs are float32 arrays
 of shape ``(N, *input_shape)``; targets are either integer class labels (classification) or float
@@ -126,6 +126,15 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def mnist_class_counts(directory: str | os.PathLike, split: str = "t10k") -> np.ndarray:
+    """Images per class ``(10,)`` in the ``split`` (``t10k`` or ``train``) IDX labels file: how many
+    a caller can ask ``load_mnist`` for."""
+    path = _find(Path(directory), f"{split}-labels-idx1-ubyte")
+    if path is None:
+        raise DatasetError(f"{directory} has no {split}-labels-idx1-ubyte(.gz)")
+    return np.bincount(_read_idx(path), minlength=10)
+
+
 def load_mnist(
     directory: str | os.PathLike,
     seed: int = 0,
@@ -213,8 +222,111 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     return Dataset(f"npz:{path}", ids, x, y, task, output_dim, x_test, y_test)
 
 
+def _stratified_take(labels: np.ndarray, order: np.ndarray, n: int | None) -> np.ndarray:
+    """The first ``n`` indices of ``order`` balanced over the classes of ``labels`` (the first
+    ``n mod C`` classes get one more); all of ``order`` for ``None``. Keeps ``order``'s order."""
+    if n is None:
+        return order
+    classes = np.unique(labels)
+    per, extra = divmod(n, len(classes))
+    keep = np.zeros(len(labels), bool)
+    for rank, c in enumerate(classes):
+        want = per + (rank < extra)
+        pool = order[labels[order] == c]
+        if want > len(pool):
+            raise DatasetError(f"class {c} has {len(pool)} images, {want} asked for ({n} in all)")
+        keep[pool[:want]] = True
+    return order[keep[order]]
+
+
+def _read_cifar2(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist")
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f.files or "y" not in f.files:
+            raise DatasetError(f"{path} must hold arrays 'x' and 'y' (it has {sorted(f.files)})")
+        x, y = f["x"], f["y"]
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise DatasetError(f"{path}: 'x' must be uint8 images (N, H, W, C), got {x.dtype} {list(x.shape)}")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: 'y' must be integer labels of shape ({len(x)},), got {y.dtype} {list(y.shape)}")
+    return x, y.astype(np.int64)
+
+
+def load_cifar2(
+    path: str | os.PathLike,
+    seed: int = 0,
+    n_train: int | None = None,
+    test_path: str | os.PathLike | None | Literal[False] = None,
+    n_test: int | None = None,
+    binary_pm1: bool = False,
+) -> Dataset:
+    """A CIFAR ``.npz`` (e.g. ``../shared/data/cifar10/airplane_automobile_train.npz``): ``x`` uint8
+    ``(N, H, W, C)``, ``y`` integer labels 0…C−1 ``(N,)``. Images keep their shape; pixels / 255.
+
+    The file's order is not random (README: one class after the other), so points are shuffled
+    with ``seed``; ``n_train`` (``n_test``) then keeps that many, balanced over the classes. Ids are
+    ``cifar2-<file stem>-<index in the file>``, stable whatever the seed.
+
+    Arguments:
+      path: the training file.
+      seed: shuffle seed.
+      n_train, n_test: points to keep (``None``: all).
+      test_path: the evaluation file; ``None`` uses ``<stem without _train>.npz`` beside ``path``
+        when ``path``'s stem ends in ``_train`` and that file exists (the layout of
+        ``../shared/data/cifar10``), else no test set; ``False``: no test set.
+      binary_pm1: two classes as one output with targets −1 (label 0) and +1 (label 1), task
+        ``regression`` (the paper's squared-error setup); else labels, task ``classification``.
+
+    Raises:
+      DatasetError: a missing or malformed file, labels not 0…C−1, ``binary_pm1`` with more than
+        two classes, or more points asked for than a class has.
+    """
+    path = Path(path)
+    x, y = _read_cifar2(path)
+    rng = np.random.default_rng(seed)
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    if len(y) == 0 or y.min() < 0 or set(np.unique(y).tolist()) != set(range(n_classes)):
+        raise DatasetError(f"{path}: labels must be the integers 0…C−1, got {sorted(set(y.tolist()))[:10]}")
+    if binary_pm1 and n_classes != 2:
+        raise DatasetError(f"binary_pm1 needs two classes, {path} has {n_classes}")
+    train = _stratified_take(y, rng.permutation(len(y)), n_train)
+    if test_path is False:
+        test_path = None
+    elif test_path is None and path.stem.endswith("_train"):
+        sibling = path.with_name(path.stem[: -len("_train")] + path.suffix)
+        test_path = sibling if sibling.exists() else None
+    x_test = y_test = None
+    if test_path is not None:
+        xt, yt = _read_cifar2(Path(test_path))
+        if xt.shape[1:] != x.shape[1:]:
+            raise DatasetError(f"{test_path} holds images {list(xt.shape[1:])}, {path} {list(x.shape[1:])}")
+        if yt.min() < 0 or yt.max() >= n_classes:
+            raise DatasetError(f"{test_path} has labels outside 0…{n_classes - 1}")
+        test = _stratified_take(yt, rng.permutation(len(yt)), n_test)
+        x_test, y_test = xt[test].astype(np.float32) / 255.0, yt[test]
+
+    def targets(labels):
+        return (2.0 * labels - 1.0).astype(np.float32)[:, None] if binary_pm1 else labels
+
+    ids = np.array([f"cifar2-{path.stem}-{i:05d}" for i in train])
+    task: Task = "regression" if binary_pm1 else "classification"
+    return Dataset(
+        f"cifar2:{path}",
+        ids,
+        x[train].astype(np.float32) / 255.0,
+        targets(y[train]),
+        task,
+        1 if binary_pm1 else n_classes,
+        x_test,
+        None if y_test is None else targets(y_test),
+    )
+
+
 def load_dataset(spec: str, seed: int = 0, **kwargs) -> Dataset:
-    """Load ``digits``, ``mnist:DIR`` or ``npz:FILE`` (design.md, Command line).
+    """Load ``digits``, ``mnist:DIR``, ``cifar2:FILE`` or ``npz:FILE`` (design.md, Command line).
+
+    ``kwargs`` go to the loader (e.g. ``n_train``, ``binary_pm1`` for ``cifar2``).
 
     Raises:
       DatasetError: an unknown spec, or the loader's own errors.
@@ -224,6 +336,8 @@ def load_dataset(spec: str, seed: int = 0, **kwargs) -> Dataset:
         return load_digits(seed=seed, **kwargs)
     if kind == "mnist" and arg:
         return load_mnist(arg, seed=seed, **kwargs)
+    if kind == "cifar2" and arg:
+        return load_cifar2(arg, seed=seed, **kwargs)
     if kind == "npz" and arg:
         return load_npz(arg)
-    raise DatasetError(f"unknown dataset {spec!r}: use 'digits', 'mnist:DIR' or 'npz:FILE'")
+    raise DatasetError(f"unknown dataset {spec!r}: use 'digits', 'mnist:DIR', 'cifar2:FILE' or 'npz:FILE'")

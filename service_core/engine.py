@@ -7,11 +7,12 @@ then publishes it by swapping the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,22 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, influence, losses
+from . import checkpoint, influence, losses, sharding
 from .config import ModelConfig, SolverConfig, TrainConfig
 from .data import Dataset, targets_matrix
 from .errors import (
     AlreadyForgottenError,
     InvalidForgetSetError,
     InvalidInputError,
-    ResourceError,
     SolverError,
     UnknownIdsError,
 )
 from .models import Model, build_model
-from .ntk import cached_ntk, kernel_bytes, purge_cache, select
-from .solvers import SolveInfo
-from .state import ModelState
-from .training import DualProblem, newton
+from .ntk import cached_ntk, purge_cache
+from .solvers import SolveInfo, canonical_method, choose_method, largest_eigenvalue
+from .state import ModelState, bucket, pad_rows
+from .training import DualProblem, newton, stationarity
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,11 @@ class ForgetResult(NamedTuple):
 
     Attributes:
       version: the new model version.
-      solve: the influence solve of system (A).
+      solve: the influence solve of system (A) (or of θ-space for ``theta-cg``).
       refine: Newton refinement on the retain risk (``None`` if not run).
       residual: relative stationarity residual of the new version.
       seconds: wall time of the whole deletion, checkpoint included.
+      reason: why this solver method was used (the ``auto`` cost model, or "configured").
     """
 
     version: int
@@ -55,6 +56,7 @@ class ForgetResult(NamedTuple):
     refine: SolveInfo | None
     residual: float
     seconds: float
+    reason: str = ""
 
 
 class InfluenceResult(NamedTuple):
@@ -78,26 +80,21 @@ def _dtype(name: str):
     return jnp.float32
 
 
-def _physical_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 1 << 62
-
-
 class Unlearner:
     """A trained linearised network in dual form that forgets on request.
 
     Build with ``Unlearner.build`` (trains version 0) or ``Unlearner.restore`` (from checkpoints).
     """
 
-    def __init__(self, state: ModelState, model: Model, cache_dir: Path | None = None):
+    def __init__(self, state: ModelState, model: Model, cache_dir: Path | None = None, mesh=None):
+        self._mesh = mesh
         self._state = state
         self._model = model
         self._cache_dir = cache_dir
         self._forget_lock = threading.Lock()
         self._dtype = model.theta0.dtype
         self._predict = jax.jit(model.f_lin)
+        self._vjp = jax.jit(model.vjp)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -109,33 +106,49 @@ class Unlearner:
         solver_cfg: SolverConfig = SolverConfig(),
         cache_dir: Path | None = None,
         progress: bool = True,
+        devices: list | None = None,
+        memory_budget: float = 0.6,
     ) -> Unlearner:
         """Build the model, compute (or load) its NTK, and train it to the optimum: version 0.
 
+        Arguments:
+          dataset, model_cfg, train_cfg, solver_cfg: what to build.
+          cache_dir: NTK cache directory (``None``: no cache).
+          progress: progress bar for the NTK.
+          devices: devices K's rows are split over (default: every local device; ``sharding``).
+          memory_budget: fraction of each device's memory K and the solver's working copy may use.
+
         Raises:
-          ResourceError: K would not fit in 60 % of this machine's memory.
+          ResourceError: K would not fit the devices (checked before computing it).
           SolverError: training did not reach ``train_cfg`` tolerance.
         """
         dtype = _dtype(train_cfg.dtype)
         model = build_model(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
         form = model_cfg.resolved_kernel_form()
-        need = kernel_bytes(dataset.n, dataset.output_dim, form, dtype)
-        if need > 0.6 * _physical_memory_bytes():
-            raise ResourceError(
-                f"K for {dataset.n} points, d = {dataset.output_dim} ({form} form) needs {need / 2**30:.1f} GiB, "
-                f"more than 60 % of this machine's {_physical_memory_bytes() / 2**30:.1f} GiB: use fewer points "
-                "or the trace form"
-            )
+        mesh = sharding.make_mesh(devices)
+        cap = bucket(dataset.n, mesh.size)
+        rows = cap * dataset.output_dim if form == "full" else cap
+        plan = sharding.plan_memory(rows, np.dtype(dtype).itemsize, list(mesh.devices.flat), memory_budget)
+        sharding.check_fits(plan, f"K for {dataset.n} points, d = {dataset.output_dim} ({form} form)")
+        with sharding.use_mesh(mesh):
+            return cls._build(dataset, model, model_cfg, train_cfg, solver_cfg, cache_dir, progress, mesh, dtype, form, cap)
+
+    @classmethod
+    def _build(cls, dataset, model, model_cfg, train_cfg, solver_cfg, cache_dir, progress, mesh, dtype, form, cap):
         k, report = cached_ntk(model, dataset.x, form, cache_dir, dtype=dtype, progress=progress)
         log.info(
             "NTK %s form %s: %.1f MiB in %.2f s (%s)",
             form, k.shape, report["bytes"] / 2**20, report["seconds"], "cache" if report["cached"] else "computed",
         )
-        x = jnp.asarray(dataset.x, dtype)
-        y = jnp.asarray(dataset.targets(), dtype)
-        k = jnp.asarray(k)
-        f0 = model.offset(x)
-        problem = DualProblem(k, form, f0, y, jnp.ones(dataset.n, bool), train_cfg.lam, train_cfg.loss)
+        n, d = dataset.n, dataset.output_dim
+        x = jnp.asarray(pad_rows(dataset.x, cap), dtype)
+        y = jnp.asarray(pad_rows(dataset.targets(), cap), dtype)
+        rows = cap * d if form == "full" else cap
+        k = sharding.place(np.pad(k, ((0, rows - k.shape[0]), (0, rows - k.shape[1]))), mesh)
+        active = np.arange(cap) < n
+        f0 = model.offset(x) * jnp.asarray(active, dtype)[:, None]
+        lambda_max = largest_eigenvalue(k, form, cap, d)
+        problem = DualProblem(k, form, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
         alpha, info = newton(
             problem,
             jnp.zeros_like(y),
@@ -162,22 +175,44 @@ class Unlearner:
             "train": train_cfg.to_dict(),
             "solver": solver_cfg.to_dict(),
             "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
+            "lambda_max": lambda_max,
         }
         history = ({"version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "newton_steps": info.steps},)
-        state = ModelState(0, np.asarray(dataset.ids, dtype=str), x, y, k, form, f0, alpha, theta, info.residual, (), history, meta)
-        return cls(state, model, cache_dir)
+        ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
+        state = ModelState(0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta)
+        return cls(state, model, cache_dir, mesh)
 
     @classmethod
-    def restore(cls, checkpoint_dir: Path) -> Unlearner | None:
-        """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``."""
-        state = checkpoint.restore(checkpoint_dir)
+    def restore(
+        cls, checkpoint_dir: Path, cache_dir: Path | None = None, progress: bool = True, devices: list | None = None
+    ) -> Unlearner | None:
+        """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
+
+        K is recomputed from the checkpointed active inputs (``checkpoint`` module docstring), or
+        read from ``cache_dir`` when it holds the kernel of exactly these inputs.
+        """
+        state = checkpoint.restore(checkpoint_dir, before_arrays=lambda meta: _dtype(meta["meta"]["train"]["dtype"]))
         if state is None:
             return None
-        train_cfg = TrainConfig.from_dict(state.meta["train"])
-        dtype = _dtype(train_cfg.dtype)
+        dtype = _dtype(state.meta["train"]["dtype"])
         ds = state.meta["dataset"]
-        model = build_model(ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), ds["output_dim"], dtype)
-        return cls(state, model)
+        d = ds["output_dim"]
+        model = build_model(ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), d, dtype)
+        mesh = sharding.make_mesh(devices)
+        cap = -(-state.capacity // mesh.size) * mesh.size  # saved under another device count
+        if cap != state.capacity:
+            state = dataclasses.replace(
+                state, ids=pad_rows(state.ids, cap), **{k: pad_rows(v, cap) for k, v in state.arrays().items() if k not in ("k", "theta")}
+            )
+        rows = np.flatnonzero(state.active)
+        k, report = cached_ntk(model, np.asarray(state.x)[rows], state.form, cache_dir, dtype=dtype, progress=progress)
+        if state.form == "full":
+            rows = (rows[:, None] * d + np.arange(d)).ravel()
+        side = state.capacity * d if state.form == "full" else state.capacity
+        full = np.zeros((side, side), dtype=k.dtype)
+        full[np.ix_(rows, rows)] = k
+        log.info("restored version %d: K %s recomputed in %.2f s", state.version, full.shape, report["seconds"])
+        return cls(dataclasses.replace(state, k=sharding.place(full, mesh)), model, cache_dir, mesh)
 
     def save(self, checkpoint_dir: Path) -> None:
         """Checkpoint the current version (atomic; older versions are deleted)."""
@@ -225,7 +260,7 @@ class Unlearner:
         return SolverConfig.from_dict(self._state.meta["solver"])
 
     def active_ids(self) -> list[str]:
-        return self._state.ids.tolist()
+        return self._state.active_ids()
 
     def forgotten_ids(self) -> frozenset[str]:
         return frozenset(self._state.forgotten)
@@ -244,11 +279,13 @@ class Unlearner:
             "lambda": train.lam,
             "kernel": {
                 "shape": list(st.k.shape),
+                "capacity": st.capacity,
                 "form": st.form,
                 "exact": st.form == "full" or self._model.config.kind == "linear",
                 "bytes": int(st.k.nbytes),
                 "dtype": str(st.k.dtype),
                 "devices": [str(dev) for dev in st.k.devices()],
+                "bytes_per_device": sharding.bytes_per_device(st.k),
             },
             "model": self._model.config.to_dict(),
             "dataset": st.meta["dataset"],
@@ -349,28 +386,54 @@ class Unlearner:
         cached = getattr(self, "_index_cache", None)
         if cached is not None and cached[0] is state:
             return cached[1]
-        index = {i: p for p, i in enumerate(state.ids.tolist())}
+        index = {i: p for p, i in enumerate(state.ids.tolist()) if i}
         self._index_cache = (state, index)
         return index
 
     def _mask(self, state: ModelState, ids: Sequence[str]) -> jax.Array:
         index = self._index(state)
-        mask = np.zeros(state.n, bool)
+        mask = np.zeros(state.capacity, bool)
         mask[[index[i] for i in ids]] = True
         return jnp.asarray(mask)
 
     def _problem(self, state: ModelState) -> DualProblem:
         train = self.train_config
-        return DualProblem(state.k, state.form, state.f0, state.y, jnp.ones(state.n, bool), train.lam, train.loss)
+        return DualProblem(state.k, state.form, state.f0, state.y, jnp.asarray(state.active), train.lam, train.loss)
 
     @staticmethod
-    def _solver_kwargs(cfg: SolverConfig, dtype: str) -> dict:
+    def _solver_kwargs(cfg: SolverConfig, dtype: str, method: str | None = None) -> dict:
         return {
-            "method": cfg.method,
+            "method": canonical_method(method or cfg.method),
             "tol": cfg.resolved_tol(dtype),
             "max_iter": cfg.max_iter,
             "cholesky_max_dim": cfg.cholesky_max_dim,
         }
+
+    def choose_solver(self, n_retain: int, method: str | None = None) -> tuple[str, str]:
+        """The solver method for a forget set leaving ``n_retain`` points, and why.
+
+        ``auto`` asks ``solvers.choose_method`` (flop-count cost model with κ bounded by λ_max of K,
+        computed at build time); any other configured method is used as is.
+        """
+        state = self._state
+        cfg = self.solver_config
+        method = canonical_method(method or cfg.method)
+        if method != "auto":
+            return method, f"{method}: configured"
+        train = self.train_config
+        w_max = 1.0 if train.loss == "mse" else 0.5
+        kappa = 1.0 + state.meta.get("lambda_max", float("inf")) * w_max / (train.lam * n_retain)
+        est = choose_method(
+            n_retain,
+            self.output_dim,
+            state.form,
+            train.loss != "mse",
+            self._model.n_params,
+            kappa,
+            cfg.resolved_tol(train.dtype),
+            cfg.cholesky_max_dim,
+        )
+        return est.method, est.reason
 
     # -- estimates ----------------------------------------------------------------------------
     def influence(self, forget_ids: Sequence[str], x, y, refine: bool = False) -> InfluenceResult:
@@ -384,6 +447,10 @@ class Unlearner:
         Raises:
           InvalidForgetSetError, UnknownIdsError, AlreadyForgottenError, InvalidInputError, SolverError.
         """
+        with sharding.use_mesh(self._mesh):
+            return self._influence(forget_ids, x, y, refine)
+
+    def _influence(self, forget_ids, x, y, refine):
         state = self._state
         self._validate_against(state, forget_ids)
         xt = self._inputs(x)
@@ -393,6 +460,10 @@ class Unlearner:
         kwargs = self._solver_kwargs(solver_cfg, train.dtype)
         problem = self._problem(state)
         mask = self._mask(state, forget_ids)
+        method, _ = self.choose_solver(state.n - len(forget_ids))
+        if method == "theta-cg":  # estimates need Δα; the α-space step gives the same Δθ
+            method = "alpha-cg"
+        kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
         if refine:
             deletion = influence.forget(problem, state.alpha, mask, kwargs, True, train.resolved_tol(), solver_cfg.max_refine)
             delta, info = deletion.delta_alpha, deletion.step
@@ -400,7 +471,7 @@ class Unlearner:
             delta, info = influence.influence_step(problem, state.alpha, mask, kwargs)
         if not info.converged:
             raise SolverError(f"influence solve stopped at relative residual {info.residual:.2e}: raise max_iter")
-        dtheta = influence.delta_theta(self._model, state.x, delta)
+        dtheta = self._vjp(state.x, delta)
         df, dl = influence.test_point_changes(self._model, state.theta, dtheta, xt, yt, train.loss)
         return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
 
@@ -422,55 +493,137 @@ class Unlearner:
         """
         t0 = time.perf_counter()
         with self._forget_lock:
-            state = self._state
-            self.validate_forget(ids)
-            train = self.train_config
-            solver_cfg = self.solver_config
-            kwargs = self._solver_kwargs(solver_cfg, train.dtype)
-            mask = self._mask(state, ids)
-            deletion = influence.forget(
-                self._problem(state), state.alpha, mask, kwargs, solver_cfg.refine, train.resolved_tol(), solver_cfg.max_refine
-            )
-            if not deletion.step.converged:
-                raise SolverError(
-                    f"influence solve stopped at relative residual {deletion.step.residual:.2e} after "
-                    f"{deletion.step.iterations} iterations: raise max_iter or use method 'cholesky'"
-                )
-            if deletion.refine is not None and not deletion.refine.converged:
-                raise SolverError(
-                    f"refinement stopped at relative stationarity residual {deletion.refine.residual:.2e} "
-                    f"(tolerance {train.resolved_tol():.0e}): raise max_refine"
-                )
-            dtheta = influence.delta_theta(self._model, state.x, deletion.delta_alpha)
-            keep = np.flatnonzero(~np.asarray(mask))
-            refine_info = deletion.refine.as_solve_info() if deletion.refine is not None else None
-            new_state = ModelState(
-                version=state.version + 1,
-                ids=state.ids[keep],
-                x=state.x[keep],
-                y=state.y[keep],
-                k=jnp.asarray(select(state.k, keep, self.output_dim, state.form)),
-                form=state.form,
-                f0=state.f0[keep],
-                alpha=deletion.alpha[keep],
-                theta=state.theta + dtheta,
-                residual=deletion.residual,
-                forgotten=state.forgotten + tuple(ids),
-                history=state.history
-                + (
-                    {
-                        "version": state.version + 1,
-                        "n_forgotten": len(ids),
-                        "time": time.time(),
-                        "solve": deletion.step.to_dict(),
-                        "refine": refine_info.to_dict() if refine_info else None,
-                        "residual": deletion.residual,
-                    },
-                ),
-                meta=state.meta,
-            )
+            new_state, result = self.plan_forget(ids)
             if checkpoint_dir is not None:
                 checkpoint.save(checkpoint_dir, new_state)
             self._state = new_state
             purge_cache(self._cache_dir)
-        return ForgetResult(new_state.version, deletion.step, refine_info, deletion.residual, time.perf_counter() - t0)
+        return result._replace(seconds=time.perf_counter() - t0)
+
+    def plan_forget(
+        self, ids: Sequence[str], method: str | None = None, refine: bool | None = None
+    ) -> tuple[ModelState, ForgetResult]:
+        """The next version without ``ids``, computed but not published (dry runs, benchmarks).
+
+        Arguments:
+          ids: active ids to forget.
+          method: solver method overriding the configured one (``solvers.METHODS``).
+          refine: overrides the configured refinement.
+
+        Returns:
+          ``(new_state, ForgetResult)``; ``seconds`` is the compute time.
+
+        Raises:
+          as ``forget``.
+        """
+        with sharding.use_mesh(self._mesh):
+            return self._plan_forget(ids, method, refine)
+
+    def _plan_forget(self, ids, method, refine):
+        t0 = time.perf_counter()
+        state = self._state
+        self.validate_forget(ids)
+        train = self.train_config
+        solver_cfg = self.solver_config
+        refine = solver_cfg.refine if refine is None else refine
+        mask = self._mask(state, ids)
+        retain = jnp.asarray(state.active) & ~mask
+        n_retain = state.n - len(ids)
+        method, reason = self.choose_solver(n_retain, method)
+        kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
+        problem = self._problem(state)
+        if method == "theta-cg":
+            dtheta, step = influence.theta_space_delta(
+                self._model, state.theta, state.x, state.y, mask, train.lam, train.loss,
+                kwargs["tol"], kwargs["max_iter"], retain_mask=retain,
+            )
+            theta_step = state.theta + dtheta
+            # α of the θ-space answer: α_R = −g_R / (λ N_R) at its outputs (math.md, optimality)
+            out = self._predict(theta_step, state.x)
+            alpha_step = -losses.grad(train.loss, out, state.y) * retain[:, None] / (train.lam * n_retain)
+        else:
+            delta, step = influence.influence_step(problem, state.alpha, mask, kwargs)
+            alpha_step = state.alpha + delta
+            theta_step = state.theta + self._vjp(state.x, delta)
+        if not step.converged:
+            raise SolverError(
+                f"influence solve ({step.method}) stopped at relative residual {step.residual:.2e} after "
+                f"{step.iterations} iterations: raise max_iter or use method 'alpha-cholesky'"
+            )
+        retain_problem = problem._replace(mask=retain)
+        refine_info = None
+        alpha_new, theta_new = alpha_step, theta_step
+        if refine:
+            refine_kwargs = self._solver_kwargs(solver_cfg, train.dtype, "auto")
+            alpha_new, refined = newton(retain_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs)
+            if not refined.converged:
+                raise SolverError(
+                    f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
+                    f"(tolerance {train.resolved_tol():.0e}): raise max_refine"
+                )
+            if refined.steps or method == "theta-cg":
+                # θ = θ_p + J(X)ᵀα (math.md, Dual representation) for the refined α; the θ-space
+                # step's own θ need not lie on that map when it is not optimal (cross-entropy)
+                theta_new = self._model.theta_p + self._vjp(state.x, alpha_new)
+            refine_info = refined.as_solve_info()
+            residual = refined.residual
+        else:
+            _, residual = stationarity(retain_problem, alpha_new)
+        new_state = dataclasses.replace(
+            self._without(state, mask, alpha_new, theta_new),
+            version=state.version + 1,
+            residual=residual,
+            forgotten=state.forgotten + tuple(ids),
+            history=state.history
+            + (
+                {
+                    "version": state.version + 1,
+                    "n_forgotten": len(ids),
+                    "time": time.time(),
+                    "solve": step.to_dict(),
+                    "reason": reason,
+                    "refine": refine_info.to_dict() if refine_info else None,
+                    "residual": residual,
+                },
+            ),
+        )
+        return new_state, ForgetResult(new_state.version, step, refine_info, residual, time.perf_counter() - t0, reason)
+
+    def _without(self, state: ModelState, forget: jax.Array, alpha: jax.Array, theta: jax.Array) -> ModelState:
+        """``state`` with the rows of ``forget`` erased: zeroed in place while the capacity bucket
+        still fits, else every array compacted into the smaller bucket."""
+        d = self.output_dim
+        keep = state.active & ~np.asarray(forget)
+        n_keep = int(keep.sum())
+        cap = bucket(n_keep, self._mesh.size if self._mesh is not None else 1)
+        if cap == state.capacity:
+            ids = np.where(keep, state.ids, "")
+            k = _erase(state.k, jnp.asarray(keep), state.form == "full", d)
+            m = jnp.asarray(keep, state.x.dtype)
+            x = state.x * m.reshape((-1,) + (1,) * (state.x.ndim - 1))
+            return dataclasses.replace(
+                state, ids=ids, x=x, y=state.y * m[:, None], k=k, f0=state.f0 * m[:, None], alpha=alpha * m[:, None], theta=theta
+            )
+        rows = np.flatnonzero(keep)
+        krows = (rows[:, None] * d + np.arange(d)).ravel() if state.form == "full" else rows
+        kside = cap * d if state.form == "full" else cap
+        k = jnp.zeros((kside, kside), state.k.dtype).at[: len(krows), : len(krows)].set(state.k[np.ix_(krows, krows)])
+        k = sharding.place(k, self._mesh)
+        return dataclasses.replace(
+            state,
+            ids=pad_rows(state.ids[rows], cap),
+            x=pad_rows(state.x[rows], cap),
+            y=pad_rows(state.y[rows], cap),
+            k=k,
+            f0=pad_rows(state.f0[rows], cap),
+            alpha=pad_rows(alpha[rows], cap),
+            theta=theta,
+        )
+
+
+@partial(jax.jit, static_argnames=("full", "d"))
+def _erase(k: jax.Array, keep: jax.Array, full: bool, d: int) -> jax.Array:
+    """K with the rows and columns of points not in ``keep`` set to zero."""
+    rows = jnp.repeat(keep, d) if full else keep
+    m = rows.astype(k.dtype)
+    return k * m[:, None] * m[None, :]

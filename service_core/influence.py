@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from . import losses
 from .models import Model
 from .ntk import kernel_matvec
-from .solvers import SolveInfo, cg, solve_newton_system
+from .solvers import SolveInfo, cg, solve_newton_system, solve_paper_form
 from .training import DualProblem, NewtonInfo, newton, stationarity
 
 
@@ -48,7 +48,8 @@ def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Arra
       problem: the dual risk of the current training set D (its mask: the active points).
       alpha_star: α* ``(N, d)``.
       forget: bool ``(N,)``, F ⊂ D.
-      solver: keyword arguments of ``solvers.solve_spd``.
+      solver: keyword arguments of ``solvers.solve_spd``; ``method`` ``alpha-paper`` solves the
+        paper's premultiplied form instead of (A)/(B) (``solvers.solve_paper_form``).
 
     Returns:
       ``(Δα, SolveInfo)``, Δα ``(N, d)`` with Δα_F = −α*_F (math.md Eq. (A)).
@@ -63,7 +64,11 @@ def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Arra
     s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
     k_rf_alpha_f = m_r * kernel_matvec(problem.k, alpha_star * m_f, problem.form)
     b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
-    delta_r, info = solve_newton_system(problem.k, problem.form, s, retain, b, problem.lam * n_retain, **solver)
+    c = problem.lam * n_retain
+    if solver.get("method") == "alpha-paper":
+        delta_r, info = solve_paper_form(problem.k, problem.form, w, retain, b, c, problem.n, solver["tol"], solver["max_iter"])
+    else:
+        delta_r, info = solve_newton_system(problem.k, problem.form, s, retain, b, c, **solver)
     return delta_r * m_r - alpha_star * m_f, info
 
 
@@ -125,6 +130,7 @@ def theta_space_delta(
     loss: str,
     tol: float = 1e-10,
     max_iter: int = 5000,
+    retain_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, SolveInfo]:
     """The parameter-space baseline (math.md Eqs. 1–4): H_R Δθ = (1/N) Σ_{i∈F} ∇θ[ℓ_i + (λ/2)‖θ − θ_p‖²],
 
@@ -132,16 +138,18 @@ def theta_space_delta(
     (forward-over-reverse on the linearised retain risk), solved by CG, never materialised.
 
     Arguments:
-      theta_star: θ* ``(P,)``; x ``(N, ...)``; y targets ``(N, d)``; forget_mask bool ``(N,)``.
+      theta_star: θ* ``(P,)``; x ``(C, ...)``; y targets ``(C, d)``; forget_mask bool ``(C,)``;
+      retain_mask: bool ``(C,)``, default every row not in F (pass it when rows are padding).
+      tol: relative residual of CG (true residual recomputed); max_iter: most CG iterations.
 
     Returns:
-      ``(Δθ (P,), SolveInfo)``.
+      ``(Δθ (P,), SolveInfo)``; θ after the deletion is θ* + Δθ.
     """
     t0 = time.perf_counter()
-    n = x.shape[0]
     xf = model.flatten_inputs(x)
     m_f = forget_mask.astype(theta_star.dtype)
-    m_r = 1.0 - m_f
+    m_r = (1.0 - m_f) if retain_mask is None else retain_mask.astype(theta_star.dtype)
+    n = jnp.sum(m_f) + jnp.sum(m_r)
 
     def point_risk(theta, weights):
         out = model.f_lin(theta, xf)
@@ -149,14 +157,20 @@ def theta_space_delta(
         return jnp.sum(weights * (losses.value(loss, out, y) + reg)) / n
 
     rhs = jax.grad(point_risk)(theta_star, m_f)
+    sol, it, res = _theta_cg(point_risk, theta_star, m_r, rhs, tol, max_iter)
+    return sol, SolveInfo("theta-cg", int(it), float(res), bool(res <= tol), time.perf_counter() - t0)
+
+
+def _theta_cg(point_risk, theta, m_r, b, tol, max_iter):
     grad_r = jax.grad(point_risk)
 
     @jax.jit
-    def solve(theta, b):
-        hvp = lambda v: jax.jvp(lambda t: grad_r(t, m_r), (theta,), (v,))[1]  # noqa: E731
+    def solve(theta, m_r, b):
+        def hvp(v):  # forward-over-reverse: jvp of the retain gradient
+            return jax.jvp(lambda t: grad_r(t, m_r), (theta,), (v,))[1]
+
         sol, it = cg(hvp, b, jnp.zeros_like(b), tol, max_iter)
-        res = jnp.linalg.norm(b - hvp(sol)) / jnp.linalg.norm(b)
+        res = jnp.linalg.norm(b - hvp(sol)) / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
         return sol, it, res
 
-    sol, it, res = solve(theta_star, rhs)
-    return sol, SolveInfo("theta-cg", int(it), float(res), bool(res <= tol), time.perf_counter() - t0)
+    return solve(theta, m_r, b)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import sharding
 from ._nt import nt
 from .models import Model
 
@@ -149,7 +150,13 @@ def purge_cache(cache_dir: Path | None) -> int:
 
 
 def kernel_matvec(k: jax.Array, v: jax.Array, form: str) -> jax.Array:
-    """K v for v of shape ``(N, d)``; ``k`` in the engine layout of ``form``. Returns ``(N, d)``."""
+    """K v for v of shape ``(N, d)``; ``k`` in the engine layout of ``form``. Returns ``(N, d)``.
+
+    With a multi-device mesh in use (``sharding.use_mesh``), K's row blocks multiply on their devices.
+    """
+    mesh = sharding.current_mesh()
+    if mesh is not None:
+        return sharding.matvec(k, v if form == "trace" else v.reshape(-1), mesh).reshape(v.shape)
     if form == "trace":
         return jnp.matmul(k, v, precision=jax.lax.Precision.HIGHEST)
     return jnp.matmul(k, v.reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(v.shape)
@@ -158,10 +165,3 @@ def kernel_matvec(k: jax.Array, v: jax.Array, form: str) -> jax.Array:
 def kernel_to_4d(k: np.ndarray, n: int, d: int) -> np.ndarray:
     """Full-form matrix ``(N·d, N·d)`` → neural-tangents' ``(N, N, d, d)``."""
     return np.asarray(k).reshape(n, d, n, d).transpose(0, 2, 1, 3)
-
-
-def select(k: np.ndarray, keep: np.ndarray, d: int, form: str) -> np.ndarray:
-    """The block of K on the points ``keep`` (int indices), same layout; a new array."""
-    if form == "full":
-        keep = (keep[:, None] * d + np.arange(d)).ravel()
-    return np.asarray(k)[np.ix_(keep, keep)]

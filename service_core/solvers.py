@@ -25,7 +25,8 @@ class SolveInfo(NamedTuple):
     """What a solve did.
 
     Attributes:
-      method: ``cg``, ``cholesky``, ``newton`` (several steps), or a composite name.
+      method: ``alpha-cg``, ``alpha-cholesky``, ``alpha-paper``, ``theta-cg``, or
+        ``newton/<inner>`` for several Newton steps.
       iterations: CG iterations (0 for a direct solve; the sum over steps for Newton).
       residual: true relative residual of the final answer (dimensionless).
       converged: whether ``residual`` met the requested tolerance.
@@ -164,7 +165,8 @@ def solve_spd(
       mask: bool ``(N,)``, the points of the system.
       rhs: ``(N, d)``, zero outside the mask.
       c: the shift c = λ N_R (> 0).
-      method: ``cg``, ``cholesky`` or ``auto`` (Cholesky up to ``cholesky_max_dim`` unknowns).
+      method: ``alpha-cg``, ``alpha-cholesky`` or ``auto`` (Cholesky up to ``cholesky_max_dim``
+        unknowns); ``cg`` and ``cholesky`` are accepted aliases.
       tol: relative residual to reach (CG); a direct solve reports its residual against it too.
       max_iter: CG iterations per (re)start; CG restarts from its answer up to ``max_restarts``
         times while the true residual is above ``tol`` (the recursive one drifts in float32).
@@ -175,15 +177,16 @@ def solve_spd(
     """
     t0 = time.perf_counter()
     n = mask.shape[0]
+    method = ALIASES.get(method, method)
     if method == "auto":
-        method = "cholesky" if system_dim(k, form, s, n) <= cholesky_max_dim else "cg"
+        method = "alpha-cholesky" if system_dim(k, form, s, n) <= cholesky_max_dim else "alpha-cg"
     c = jnp.asarray(c, dtype=k.dtype)
-    if method == "cholesky":
+    if method == "alpha-cholesky":
         x, res = _cholesky_solve(k, s, mask, rhs, c, form)
         res = float(res)
-        return x, SolveInfo("cholesky", 0, res, bool(res <= tol), time.perf_counter() - t0)
-    if method != "cg":
-        raise ValueError(f"unknown solver method {method!r}: use 'cg', 'cholesky' or 'auto'")
+        return x, SolveInfo("alpha-cholesky", 0, res, bool(res <= tol), time.perf_counter() - t0)
+    if method != "alpha-cg":
+        raise ValueError(f"solve_spd takes 'alpha-cg', 'alpha-cholesky' or 'auto', not {method!r}")
     x = jnp.zeros_like(rhs) if x0 is None else x0
     total = 0
     for _ in range(max_restarts + 1):
@@ -192,7 +195,7 @@ def solve_spd(
         res = float(res)
         if res <= tol or int(it) >= max_iter:
             break
-    return x, SolveInfo("cg", total, res, bool(res <= tol), time.perf_counter() - t0)
+    return x, SolveInfo("alpha-cg", total, res, bool(res <= tol), time.perf_counter() - t0)
 
 
 def solve_newton_system(
@@ -223,3 +226,131 @@ def solve_newton_system(
     rhs = m * apply_blocks(w_sqrt, kernel_matvec(k, b, form))
     z, info = solve_spd(k, form, w_sqrt, mask, rhs, c, **solver_kwargs)
     return (b - apply_blocks(w_sqrt, z) * m) / c, info
+
+
+@partial(jax.jit, static_argnames=("form", "max_iter"))
+def _paper_cg(k, w, mask, rhs, x0, n_total, c, tol, form, max_iter):
+    m = mask[:, None].astype(k.dtype)
+
+    def matvec(v):
+        kv = m * kernel_matvec(k, v * m, form)
+        return (m * kernel_matvec(k, m * apply_blocks(w, kv), form)) / n_total + (c / n_total) * kv + (1 - m) * v
+
+    x, it = cg(matvec, rhs, x0, tol, max_iter)
+    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    return x, it, res
+
+
+def solve_paper_form(
+    k: jax.Array,
+    form: str,
+    w: jax.Array | None,
+    mask: jax.Array,
+    b: jax.Array,
+    c: float,
+    n_total: int,
+    tol: float,
+    max_iter: int,
+) -> tuple[jax.Array, SolveInfo]:
+    """The paper's premultiplied system (math.md, "paper form", the paper's Eq. 12), by CG:
+
+        H_RR = (1/N)(K_RR W_R K_RR) + (N_R/N) λ K_RR,   rhs = K_RR b / N,
+
+    with b the right-hand side of (A) and c = λ N_R. Same solution as (A) when K_RR is positive
+    definite; its condition number carries an extra factor of about κ(K_RR), so CG needs far more
+    iterations. Kept for comparison (``alpha-paper``), never the default.
+
+    Arguments:
+      w: W per point ``(N, d, d)`` or ``None`` (W = I); b ``(N, d)``; n_total: N (the current
+      training set size); others as ``solve_spd``.
+
+    Returns:
+      ``(Δα_R, SolveInfo)``; the residual is that of the premultiplied system.
+    """
+    t0 = time.perf_counter()
+    m = mask[:, None].astype(b.dtype)
+    rhs = m * kernel_matvec(k, b * m, form) / n_total
+    x, it, res = _paper_cg(
+        k, w, mask, rhs, jnp.zeros_like(rhs), float(n_total), jnp.asarray(c, k.dtype), jnp.asarray(tol, k.dtype), form, max_iter
+    )
+    res = float(res)
+    return x * m, SolveInfo("alpha-paper", int(it), res, bool(res <= tol), time.perf_counter() - t0)
+
+
+METHODS = ("auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg")
+ALIASES = {"cg": "alpha-cg", "cholesky": "alpha-cholesky", "paper": "alpha-paper"}
+
+
+def canonical_method(name: str) -> str:
+    """Normalise a method name (``cg`` → ``alpha-cg`` …). Raises ``ValueError`` for an unknown one."""
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ValueError(f"unknown solver method {name!r}: use one of {', '.join(METHODS)}")
+    return name
+
+
+class CostEstimate(NamedTuple):
+    """The ``auto`` choice and why: estimated flops per method and the chosen one."""
+
+    method: str
+    reason: str
+    flops: dict
+
+
+def choose_method(
+    n_retain: int,
+    d: int,
+    form: str,
+    has_w: bool,
+    n_params: int | None,
+    kappa: float,
+    tol: float,
+    cholesky_max_dim: int,
+) -> CostEstimate:
+    """Pick the cheapest exact solver for the influence system by a flop-count cost model.
+
+    * ``alpha-cholesky``: n³/3 for n unknowns (n = N_R·d, or N_R for the trace form with W = I),
+      allowed up to ``cholesky_max_dim`` unknowns (memory: n² values).
+    * ``alpha-cg``: iterations × one operator product, 2(N_R d)² (full form) or 2 N_R² d (trace);
+      iterations ≈ ½ √κ ln(2/tol) for condition number κ (standard CG bound).
+    * ``theta-cg``: iterations × one HVP ≈ 8 P N_R (forward-over-reverse on N_R points), with the
+      same iteration estimate; only for models with parameters.
+
+    Arguments:
+      kappa: an upper bound on κ(B) = 1 + λ_max(S K S)/c (from λ_max of the full K, by interlacing).
+
+    Returns:
+      ``CostEstimate(method, reason, flops)``.
+    """
+    import math
+
+    iters = max(1.0, 0.5 * math.sqrt(max(kappa, 1.0)) * math.log(2.0 / tol))
+    dim = n_retain * d if (form == "full" or has_w) else n_retain
+    product = 2.0 * (n_retain * d) ** 2 if form == "full" else 2.0 * n_retain**2 * d
+    flops = {"alpha-cg": iters * product}
+    if dim <= cholesky_max_dim:
+        flops["alpha-cholesky"] = dim**3 / 3.0 + (dim**2 * d if form == "trace" else 0.0)
+    if n_params is not None:
+        flops["theta-cg"] = iters * 8.0 * n_params * n_retain
+    best = min(flops, key=flops.get)
+    ranked = ", ".join(f"{k} {v:.2g}" for k, v in sorted(flops.items(), key=lambda kv: kv[1]))
+    reason = (
+        f"{best}: fewest estimated flops ({ranked}) for N_R = {n_retain}, d = {d}, {form} form"
+        + (f", P = {n_params}" if n_params is not None else "")
+        + f", κ ≤ {kappa:.3g} (≈{iters:.0f} CG iterations)"
+        + ("" if dim <= cholesky_max_dim else f"; Cholesky excluded above {cholesky_max_dim} unknowns")
+    )
+    return CostEstimate(best, reason, flops)
+
+
+def largest_eigenvalue(k: jax.Array, form: str, n: int, d: int, iterations: int = 30, seed: int = 0) -> float:
+    """λ_max(K) by power iteration (an estimate from below; 1 % above it is returned as a bound)."""
+    v = jax.random.normal(jax.random.PRNGKey(seed), (n, d if form == "full" else 1), k.dtype)
+    if form == "trace":
+        v = v.reshape(n, 1)
+    est = 0.0
+    for _ in range(iterations):
+        w = kernel_matvec(k, v, form)
+        est = float(jnp.linalg.norm(w) / jnp.linalg.norm(v))
+        v = w / jnp.linalg.norm(w)
+    return 1.01 * est

@@ -11,14 +11,17 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ModelState:
-    """Everything a version of the service holds, over the *active* training points only.
+    """Everything a version of the service holds.
 
-    Forgotten points have no row in any array here: their x, y, α and K rows/columns are gone.
+    Arrays have ``capacity`` C ≥ N rows (C from ``bucket``), so that compiled solvers keep their
+    shapes while deletions shrink N. A row is active when its id is non-empty; every other row
+    (padding, or a point forgotten since the last compaction) is all zeros in x, y, f_0, α and in
+    K's rows and columns: forgotten data is gone, not hidden behind a mask.
 
     Attributes:
       version: 0 for the trained model, +1 per applied deletion.
-      ids: str ``(N,)``, active ids in data-set order.
-      x: inputs ``(N, *input_shape)``; y: targets ``(N, d)`` (one-hot for labels).
+      ids: str ``(C,)``, active ids in data-set order, ``""`` on inactive rows.
+      x: inputs ``(C, *input_shape)``; y: targets ``(C, d)`` (one-hot for labels).
       k: K over the active points, engine layout of ``form`` (``ntk`` module docstring).
       form: ``full`` or ``trace``.
       f0: f_0 ``(N, d)``; alpha: α ``(N, d)``; theta: θ ``(P,)``.
@@ -43,8 +46,20 @@ class ModelState:
     meta: dict[str, Any]
 
     @property
+    def active(self) -> np.ndarray:
+        """bool ``(C,)``: rows holding a training point."""
+        return self.ids != ""
+
+    @property
     def n(self) -> int:
+        return int(np.count_nonzero(self.active))
+
+    @property
+    def capacity(self) -> int:
         return int(self.ids.shape[0])
+
+    def active_ids(self) -> list[str]:
+        return self.ids[self.active].tolist()
 
     def arrays(self) -> dict[str, jax.Array]:
         return {"x": self.x, "y": self.y, "k": self.k, "f0": self.f0, "alpha": self.alpha, "theta": self.theta}
@@ -59,3 +74,23 @@ class ModelState:
             "history": list(self.history),
             "meta": self.meta,
         }
+
+
+def bucket(n: int, multiple: int = 1) -> int:
+    """Row capacity for n points: n rounded up to a step of about 1/16 of n (at least 16), and to
+    a multiple of ``multiple`` (the device count). Sizes in one bucket share compiled solvers."""
+    step = max(16, (1 << max(n.bit_length() - 1, 0)) // 16)
+    step = int(np.lcm(step, multiple))
+    return -(-n // step) * step
+
+
+def pad_rows(a, capacity: int):
+    """``a`` with zero rows appended up to ``capacity`` rows (numpy or jax)."""
+    extra = capacity - a.shape[0]
+    if extra == 0:
+        return a
+    widths = [(0, extra)] + [(0, 0)] * (a.ndim - 1)
+    if isinstance(a, np.ndarray):
+        fill = "" if a.dtype.kind in "US" else 0
+        return np.pad(a, widths, constant_values=fill)
+    return jax.numpy.pad(a, widths)

@@ -121,6 +121,9 @@ def newton(
     c = problem.lam * problem.n
     inner: list[SolveInfo] = []
     steps = 0
+    # Newton steps solve system (A) in its SPD form; the comparison-only methods fall back to CG.
+    if solver.get("method") in ("alpha-paper", "theta-cg"):
+        solver = {**solver, "method": "alpha-cg"}
     while rel > tol and steps < max_steps:
         s = losses.hessian_sqrt(problem.loss, f, problem.y)
         inner_tol = max(solver["tol"], min(1e-2, 0.1 * rel))
@@ -145,3 +148,126 @@ def newton(
         rel = new_rel
     total_cg = sum(i.iterations for i in inner)
     return alpha, NewtonInfo(steps, total_cg, rel, rel <= tol, time.perf_counter() - t0, tuple(inner))
+
+
+class KGDInfo(NamedTuple):
+    """What kernel gradient descent did.
+
+    Attributes:
+      steps: iterations taken.
+      residual: final relative stationarity residual (see ``stationarity``).
+      converged: whether ``residual`` met the tolerance.
+      seconds: wall time, the power iteration included.
+      lr: the step size η used.
+      top_eigenvalue: μ_max, the largest eigenvalue of K on the masked points (power iteration;
+        ``None`` when ``lr`` was given).
+    """
+
+    steps: int
+    residual: float
+    converged: bool
+    seconds: float
+    lr: float
+    top_eigenvalue: float | None
+
+    def as_solve_info(self) -> SolveInfo:
+        """As a ``SolveInfo``: method ``kgd``, iterations = KGD steps."""
+        return SolveInfo("kgd", self.steps, self.residual, self.converged, self.seconds)
+
+
+def top_eigenvalue(problem: DualProblem, iters: int = 200, rtol: float = 1e-6, seed: int = 0) -> float:
+    """μ_max of K restricted to the masked points, by power iteration (K is PSD).
+
+    Arguments:
+      problem: supplies K, its form, the mask and the shape of α ``(N, d)``.
+      iters: most iterations; rtol: stop when successive Rayleigh quotients agree to this.
+    """
+    m = problem.mask[:, None].astype(problem.k.dtype)
+    matvec = jax.jit(lambda v: m * kernel_matvec(problem.k, v * m, problem.form))
+    v = jax.random.normal(jax.random.PRNGKey(seed), problem.y.shape, problem.k.dtype) * m
+    v = v / jnp.linalg.norm(v)
+    mu = 0.0
+    for _ in range(iters):
+        w = matvec(v)
+        new_mu = float(jnp.vdot(v, w))
+        v = w / jnp.linalg.norm(w)
+        if abs(new_mu - mu) <= rtol * abs(new_mu):
+            return new_mu
+        mu = new_mu
+    return mu
+
+
+def kernel_gradient_descent(
+    problem: DualProblem,
+    alpha0: jax.Array,
+    lr: float | None = None,
+    tol: float = 1e-6,
+    max_steps: int = 100_000,
+) -> tuple[jax.Array, KGDInfo]:
+    """Kernel gradient descent (math.md Eq. 14) on L_S, in α: α_{t+1} = α_t − η[(1/|S|) g_t + λ α_t].
+
+    With f_t = f_0 + K α_t this is f_{t+1} = f_t − η[(1/|S|) K g_t + λ (f_t − f_0)], gradient descent
+    in function space (parameter-space gradient descent on the infinitely wide network, paper
+    App. B). Its fixed point is the optimum α* = −g/(λ|S|) that ``newton`` reaches directly.
+
+    Step size: in the metric of K, L_S has Hessian eigenvalues in [λ, L] with
+    L = w_max μ_max/|S| + λ (μ_max the largest eigenvalue of K, w_max ≥ ‖W_i‖: 1 for squared
+    error, ½ for softmax cross-entropy with targets summing to one). The default η = 2/(L + λ)
+    contracts the distance to α* by at least (L − λ)/(L + λ) per step, so about
+    ln(tol)·L/(2λ) steps are needed: KGD is slow exactly when λ is small against μ_max/|S|.
+
+    Arguments:
+      problem: the dual risk (trace or full form; α is zero outside ``problem.mask``).
+      alpha0: start ``(N, d)`` (the paper starts from 0, i.e. f = f_0).
+      lr: η; ``None`` picks 2/(L + λ) from a power iteration on K.
+      tol: relative stationarity residual to reach (see ``stationarity``).
+      max_steps: most iterations.
+
+    Returns:
+      ``(alpha, KGDInfo)``; ``converged`` is false if ``tol`` was not met in ``max_steps``.
+    """
+    t0 = time.perf_counter()
+    n = problem.n
+    mu_max = None
+    if lr is None:
+        mu_max = top_eigenvalue(problem)
+        w_max = 1.0 if problem.loss == "mse" else 0.5 * float(jnp.max(jnp.sum(problem.y, axis=-1)))
+        big = w_max * mu_max / n + problem.lam
+        lr = 2.0 / (big + problem.lam)
+    alpha, steps, rel = _kgd_loop(
+        problem.k, problem.f0, problem.y, problem.mask, alpha0, problem.lam, n, lr, tol, max_steps,
+        form=problem.form, loss=problem.loss,
+    )
+    rel = float(rel)
+    return alpha, KGDInfo(int(steps), rel, rel <= tol, time.perf_counter() - t0, float(lr), mu_max)
+
+
+def _kgd_loop(k, f0, y, mask, alpha0, lam, n, lr, tol, max_steps, form, loss):
+    m = mask[:, None].astype(alpha0.dtype)
+    tiny = jnp.finfo(alpha0.dtype).tiny
+
+    def residual(alpha):
+        # r = M(g + λ|S|α) and its relative size, exactly as ``stationarity`` computes them.
+        f = f0 + kernel_matvec(k, alpha * m, form)
+        g = losses.grad(loss, f, y) * m
+        reg = lam * n * alpha * m
+        r = g + reg
+        return r, jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(g) + jnp.linalg.norm(reg), tiny)
+
+    def cond(state):
+        _, _, rel, step = state
+        return (rel > tol) & (step < max_steps)
+
+    def body(state):
+        alpha, r, _, step = state
+        alpha = alpha - (lr / n) * r  # η[(1/|S|) g + λ α] = (η/|S|) r
+        r, rel = residual(alpha)
+        return alpha, r, rel, step + 1
+
+    alpha = alpha0 * m
+    r, rel = residual(alpha)
+    alpha, _, rel, steps = jax.lax.while_loop(cond, body, (alpha, r, rel, jnp.asarray(0)))
+    return alpha, steps, rel
+
+
+_kgd_loop = jax.jit(_kgd_loop, static_argnames=("form", "loss"))

@@ -99,10 +99,16 @@ def build(ds, kind, loss, dtype="float64", **solver):
 CASES = [("linear", "mse"), ("mlp", "mse"), ("linear", "ce"), ("mlp", "ce")]
 
 
-@pytest.mark.parametrize("kind,loss", CASES)
-@pytest.mark.parametrize("method", ["cg", "cholesky"])
+METHOD_CASES = [(k, loss, m) for k, loss in CASES for m in ("alpha-cg", "alpha-cholesky")] + [
+    ("mlp", loss, m) for loss in ("mse", "ce") for m in ("alpha-paper", "theta-cg", "auto")
+]
+
+
+@pytest.mark.parametrize("kind,loss,method", METHOD_CASES)
 def test_forget_equals_retraining_float64(digits, kind, loss, method):
-    u = build(digits, kind, loss, method=method)
+    # the paper form is too ill-conditioned for 1e-12 (math.md): a looser solve, then refinement
+    extra = {"tol": 1e-7, "max_iter": 20000} if method == "alpha-paper" else {}
+    u = build(digits, kind, loss, method=method, **extra)
     theta_p = np.asarray(u.model.theta_p)
     y = digits.targets()
     # version 0 is the exact optimum on the whole training set
@@ -111,7 +117,8 @@ def test_forget_equals_retraining_float64(digits, kind, loss, method):
     forget = np.arange(0, N_TRAIN, 4)  # 25 %
     keep = np.setdiff1d(np.arange(N_TRAIN), forget)
     result = u.forget([digits.ids[i] for i in forget])
-    assert result.version == 1 and result.solve.converged and result.solve.method == method
+    assert result.version == 1 and result.solve.converged
+    assert result.solve.method == method if method != "auto" else "fewest estimated flops" in result.reason
     theta_ret = retrain(u, digits.x[keep], y[keep], loss)
     err = rel(u.state.theta, theta_ret, theta_ret - theta_p)
     assert err < (1e-8 if loss == "mse" else 1e-6), err
@@ -135,7 +142,7 @@ def test_single_step_is_not_exact_for_ce_but_refinement_is(digits):
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_forget_equals_retraining_float32(digits, kind):
-    u = build(digits, kind, "mse", dtype="float32", method="cg")
+    u = build(digits, kind, "mse", dtype="float32", method="alpha-cg")
     assert u.state.theta.dtype == jnp.float32 and u.state.k.dtype == jnp.float32
     forget = np.arange(1, N_TRAIN, 3)
     keep = np.setdiff1d(np.arange(N_TRAIN), forget)
@@ -169,11 +176,12 @@ def test_theta_space_equals_alpha_space(digits, loss):
     u = build(digits, "mlp", loss)
     st = u.state
     assert u.model.n_params > st.n * u.output_dim  # full row rank is possible
-    mask = jnp.asarray(np.isin(np.arange(st.n), np.arange(0, st.n, 5)))
+    mask = jnp.asarray(np.isin(np.arange(st.capacity), np.arange(0, st.n, 5)))
+    retain = jnp.asarray(st.active) & ~mask
     delta_alpha, info = influence.influence_step(u._problem(st), st.alpha, mask, u._solver_kwargs(u.solver_config, "float64"))
     assert info.converged
     dtheta_alpha = influence.delta_theta(u.model, st.x, delta_alpha)
-    dtheta_theta, tinfo = influence.theta_space_delta(u.model, st.theta, st.x, st.y, mask, LAM, loss, tol=1e-12)
+    dtheta_theta, tinfo = influence.theta_space_delta(u.model, st.theta, st.x, st.y, mask, LAM, loss, tol=1e-12, retain_mask=retain)
     assert tinfo.converged and tinfo.iterations > 0
     assert rel(dtheta_alpha, dtheta_theta, dtheta_theta) < 1e-8
 

@@ -1,0 +1,5 @@
+"""``python -m app`` is ``ntk-unlearn``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""Map engine, queue and validation errors to HTTP answers ``{"detail": message}``.
+
+Every message says what to fix; no bad input ever turns into a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service_core import (
+    AlreadyForgottenError,
+    InvalidForgetSetError,
+    InvalidInputError,
+    SolverError,
+    UnknownIdsError,
+    UnlearnError,
+)
+
+from ..queue import IdempotencyKeyReusedError
+
+log = logging.getLogger(__name__)
+
+# Most specific first: the first match wins.
+_STATUS: list[tuple[type[Exception], int]] = [
+    (UnknownIdsError, status.HTTP_404_NOT_FOUND),
+    (AlreadyForgottenError, status.HTTP_409_CONFLICT),
+    (IdempotencyKeyReusedError, status.HTTP_409_CONFLICT),
+    (InvalidForgetSetError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (InvalidInputError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (UnlearnError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+]
+
+
+def _detail(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+
+
+async def _known_error(request: Request, exc: Exception) -> JSONResponse:
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return _detail(code, str(exc))
+    raise exc  # pragma: no cover - only registered for the kinds above
+
+
+async def _solver_error(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("solve failed on %s: %s", request.url.path, exc)
+    return _detail(status.HTTP_500_INTERNAL_SERVER_ERROR, f"the solve did not converge: {exc}")
+
+
+async def _queue_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis error on %s: %s", request.url.path, exc)
+    return _detail(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        f"the job queue (Redis) is unreachable ({type(exc).__name__}); retry later",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _location(loc: tuple) -> str:
+    where = [str(part) for part in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
+    if loc and loc[0] in ("query", "path", "header"):
+        return f"{loc[0]} parameter {'.'.join(where[1:])}"
+    return ".".join(where) or "body"
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', '')})")
+            continue
+        if tuple(error.get("loc", ())) == ("body",):
+            problems.append(
+                "the body must be a JSON object with the fields this endpoint takes, "
+                "sent with 'Content-Type: application/json'"
+            )
+            continue
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{_location(tuple(error.get('loc', ())))}: {message}")
+    return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every handler on ``app``."""
+    for kind, _ in _STATUS:
+        app.add_exception_handler(kind, _known_error)
+    app.add_exception_handler(SolverError, _solver_error)
+    app.add_exception_handler(redis.RedisError, _queue_down)
+    app.add_exception_handler(RequestValidationError, _invalid_request)

@@ -1,0 +1,57 @@
+"""Deletion: queue a forget job, and follow it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from ...queue import Job
+from ..deps import ModelDep, QueueDep, ReadAccess, WriteAccess
+from ..schemas import INVALID, READ_AUTH, WRITE_AUTH, ForgetAccepted, ForgetRequest, JobOut, errors
+
+router = APIRouter(prefix="/v1", tags=["forget"])
+
+
+def _accepted(job: Job) -> ForgetAccepted:
+    return ForgetAccepted(job_id=job.job_id, status=job.status, status_url=f"/v1/jobs/{job.job_id}")
+
+
+@router.post(
+    "/forget",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[WriteAccess],
+    responses=errors(
+        {
+            **WRITE_AUTH,
+            404: "ids not in the training set (listed)",
+            409: "ids already forgotten or queued (listed), or an idempotency_key reused",
+            422: "empty or duplicated ids, or every remaining id",
+            503: "the job queue (Redis) is unreachable",
+        }
+    ),
+)
+def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep) -> ForgetAccepted:
+    """Queue the removal of `ids` from the model; the job applies them as a new version."""
+    if body.idempotency_key is not None:
+        earlier = queue.find_idempotent(body.idempotency_key, body.ids)
+        if earlier is not None:
+            return _accepted(earlier)
+    # The engine checks ids against the model; enqueue re-checks atomically against other jobs.
+    u.validate_forget(body.ids, pending=queue.pending_ids())
+    return _accepted(queue.enqueue(body.ids, body.idempotency_key))
+
+
+@router.get(
+    "/jobs/{job_id}",
+    dependencies=[ReadAccess],
+    responses=errors({**READ_AUTH, 404: "no such job (or its record expired)", **INVALID}),
+)
+def get_job(job_id: str, queue: QueueDep) -> JobOut:
+    """A forget job's status, and once it succeeded the model version and solver result."""
+    job = queue.get(job_id)
+    if job is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"no job {job_id!r}: check the job_id from POST /v1/forget "
+            f"(job records are kept {queue.ttl_s // 3600} h)",
+        )
+    return JobOut.model_validate(job, from_attributes=True)

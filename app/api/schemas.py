@@ -1,0 +1,158 @@
+"""Request and response bodies of the v1 HTTP contract (docs/design.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+
+
+def _number_array(value: Any) -> np.ndarray:
+    """A JSON array of numbers (nested to any depth) as a finite float or int array."""
+    if not isinstance(value, list):
+        raise ValueError("must be a JSON array")
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise ValueError("must be a rectangular array: every row needs the same shape") from None
+    if array.dtype.kind not in "iuf":
+        raise ValueError("must hold numbers only (no strings, booleans or nulls)")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise ValueError("has NaN or infinite values: send finite numbers only")
+    return array
+
+
+Inputs = Annotated[
+    np.ndarray,
+    PlainValidator(_number_array),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "array"},
+            "description": "One row per point, each row of the training inputs' shape "
+            "(flattened or not, as the model takes them); finite numbers only.",
+        }
+    ),
+]
+Targets = Annotated[
+    np.ndarray,
+    PlainValidator(_number_array),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {
+                "anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "number"}}]
+            },
+            "description": "One per point: a class label (classification) or a target vector "
+            "(regression).",
+        }
+    ),
+]
+Ids = Annotated[list[str], Field(description="training record ids (strings, never positions)")]
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what went wrong, and what to fix")
+
+
+def errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error codes, all answered with ``ErrorOut``."""
+    return {code: {"model": ErrorOut, "description": text} for code, text in described.items()}
+
+
+INVALID = {422: "the request does not match the schema, or values are out of range"}
+READ_AUTH = {401: "no bearer token", 403: "the token has no read rights"}
+WRITE_AUTH = {401: "no bearer token", 403: "the token has no write rights"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ForgetRequest(_Body):
+    ids: Ids
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="a retried request with the same key returns the same job",
+    )
+
+
+class ForgetAccepted(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    status_url: str
+
+
+class SolverInfo(BaseModel):
+    method: str
+    iterations: int
+    residual: float
+    seconds: float
+    converged: bool | None = None
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    ids: list[str]
+    model_version: int | None = Field(None, description="the version that applied the job")
+    submitted_at: str
+    finished_at: str | None = None
+    solver: SolverInfo | None = Field(None, description="the influence solve of the job's batch")
+    refine: SolverInfo | None = Field(None, description="the Newton refinement, if any")
+    error: str | None = Field(None, description="why the job failed")
+
+
+class InfluenceRequest(_Body):
+    forget_ids: Ids
+    x: Inputs
+    y: Targets
+
+
+class InfluenceOut(BaseModel):
+    model_version: int
+    delta_outputs: list[list[float]] = Field(description="change of outputs, shape (n, d)")
+    delta_loss: list[float] = Field(description="change of loss, shape (n,)")
+
+
+class PredictRequest(_Body):
+    x: Inputs
+
+
+class PredictOut(BaseModel):
+    model_version: int
+    outputs: list[list[float]] = Field(description="model outputs, shape (n, d)")
+
+
+class IdsOut(BaseModel):
+    ids: list[str]
+    total: int = Field(description="number of active training ids")
+
+
+class KernelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    shape: list[int]
+    bytes: int
+    devices: Any
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    version: int
+    n_train: int
+    n_forgotten: int
+    output_dim: int
+    n_params: int | None = Field(description="parameters of the network (null for infinite width)")
+    loss: str
+    lambda_: float = Field(alias="lambda")
+    kernel: KernelInfo
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    model_version: int

@@ -1,0 +1,180 @@
+"""``ntk-unlearn``: ``serve`` (API and worker), ``worker`` (worker alone), ``bench``.
+
+Every ``Settings`` field is a flag (``lam`` → ``--lam``, ``w_std`` → ``--w-std``, booleans as
+``--refine/--no-refine``); a flag overrides its ``NTK_UNLEARN_*`` variable, which overrides the
+default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from .core.config import Settings
+
+log = logging.getLogger("ntk_unlearn")
+
+# Flags that mean nothing to a lone worker.
+_SERVE_ONLY = {"host", "port", "api_token", "read_token", "open_reads", "worker"}
+
+
+def _flag_type(annotation: Any) -> Any:
+    """The annotation without ``| None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """One flag per ``Settings`` field; a flag not given leaves the field to env and default."""
+    for name, field in Settings.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = "REDIS_URL" if name == "redis_url" else f"NTK_UNLEARN_{name.upper()}"
+        shown = "" if field.default is None else f"default: {field.default}; "
+        help_text = f"{field.description} ({shown}env {env})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        kind = _flag_type(field.annotation)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            parser.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
+        else:
+            parser.add_argument(flag, type=kind if kind in (int, float, Path) else str, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntk-unlearn", description="Machine unlearning service for linearised networks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP API and the solver worker")
+    add_settings_flags(serve)
+    worker = sub.add_parser(
+        "worker", help="run a solver worker alone, beside 'serve --no-worker' API processes"
+    )
+    add_settings_flags(worker, skip=_SERVE_ONLY)
+    bench = sub.add_parser("bench", help="run the benchmarks (see 'ntk-unlearn bench --help')")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmarks")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+        raise SystemExit(f"ntk-unlearn: invalid settings: {problems}") from None
+
+
+def _with_api_token(settings: Settings) -> Settings:
+    """Settings with a write token: the flag's or the env's, else one kept in the data dir."""
+    from .core.security import ensure_token_file
+
+    if settings.api_token:
+        return settings
+    token, created = ensure_token_file(settings.api_token_file)
+    log.info(
+        "write token %s %s (mode 0600); send it as 'Authorization: Bearer <token>'",
+        "generated in" if created else "read from",
+        settings.api_token_file,
+    )
+    return settings.model_copy(update={"api_token": token})
+
+
+def _exit_after_shutdown(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def serve(settings: Settings) -> None:
+    """Run the API (and, unless ``--no-worker``, the worker) until SIGINT or SIGTERM."""
+    import uvicorn
+
+    from .embedded_redis import EmbeddedRedis
+    from .main import create_app
+
+    settings = _with_api_token(settings)
+    # uvicorn shuts down gracefully on these, then raises them again: exit cleanly instead of
+    # dying of the signal, so that the embedded Redis below is stopped too.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_after_shutdown)
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir / "redis").start()
+        settings = settings.model_copy(update={"redis_url": embedded.url})
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def worker(settings: Settings) -> None:
+    """Run the worker alone until SIGINT or SIGTERM; it needs the Redis the API uses."""
+    from .main import connect_redis
+    from .queue import JobQueue
+    from .service import load_model, make_worker
+
+    if settings.redis_url is None:
+        raise SystemExit(
+            "ntk-unlearn worker: set REDIS_URL to the Redis the API processes use "
+            "(the private Redis of 'serve' is not shared)"
+        )
+    u = load_model(settings)
+    queue = JobQueue(connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s)
+    w = make_worker(settings, u, queue, metrics=None)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping after the current batch", signum)
+        w.request_stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log.info("worker serving model version %d from %s", u.version, settings.data_dir)
+    w.run()
+
+
+def _configure_logging() -> None:
+    # force: importing JAX and absl has already put handlers on the root logger.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    # orbax (through absl) and JAX's backend probing log every step at INFO.
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``ntk-unlearn`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        import bench.cli
+
+        bench.cli.main(args.args)
+        return
+    _configure_logging()
+    settings = _settings(args)
+    if args.command == "serve":
+        serve(settings)
+    else:
+        worker(settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

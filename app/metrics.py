@@ -1,0 +1,72 @@
+"""Prometheus metrics, in a registry of their own per app so that apps (and tests) never share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service_core import Unlearner
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SOLVE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+_ITERATION_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
+
+
+class Metrics:
+    """Every metric the service exports.
+
+    Arguments:
+      model: returns the model being served, or ``None`` before it is loaded; the model gauges
+        read it at scrape time, so they are never stale.
+    """
+
+    def __init__(self, model: Callable[[], Unlearner | None]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ntk_unlearn_http_requests",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "ntk_unlearn_http_request_seconds",
+            "HTTP request latency by route template and method",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.jobs = Counter(
+            "ntk_unlearn_forget_jobs", "Forget jobs by outcome", ["status"], registry=r
+        )
+        self.batch_jobs = Histogram(
+            "ntk_unlearn_forget_batch_jobs",
+            "Jobs coalesced into one solve",
+            buckets=(1, 2, 5, 10, 25, 100, 1000),
+            registry=r,
+        )
+        self.solve_seconds = Histogram(
+            "ntk_unlearn_solve_seconds",
+            "Seconds of the influence solve of one forget batch",
+            buckets=_SOLVE_BUCKETS,
+            registry=r,
+        )
+        self.cg_iterations = Histogram(
+            "ntk_unlearn_solver_iterations",
+            "Iterations of the influence solve of one forget batch (0 for a direct solve)",
+            buckets=_ITERATION_BUCKETS,
+            registry=r,
+        )
+        version = Gauge("ntk_unlearn_model_version", "Version of the served model", registry=r)
+        n_train = Gauge("ntk_unlearn_n_train", "Training points the model holds", registry=r)
+        version.set_function(lambda: _or_nan(model(), lambda u: u.version))
+        n_train.set_function(lambda: _or_nan(model(), lambda u: u.n_train))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+def _or_nan(u: Unlearner | None, read: Callable[[Unlearner], float]) -> float:
+    return float("nan") if u is None else float(read(u))

@@ -1,0 +1,276 @@
+"""The forget-job queue on Redis: a stream with one consumer group, job records, reserved ids.
+
+Keys, all under the configured prefix ``P``:
+
+- ``P:forget``: the stream; each entry holds only a ``job_id`` (never record ids).
+- ``P:job:<job_id>``: the job record (a hash, with a TTL): status, ids, times, solver info.
+- ``P:pending-ids``: the ids of every queued or running job. Enqueueing checks and extends it in
+  one Lua script, so two concurrent requests can never both queue the same id.
+- ``P:idempotency:<key>``: the job created for an idempotency key (same TTL as the job).
+
+A job is finished (record updated, entry acknowledged and deleted, ids released) in one
+MULTI/EXEC transaction, so after a crash either all of that happened or none of it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import redis
+
+from service_core import AlreadyForgottenError
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+GROUP = "solvers"
+
+# KEYS: pending-ids set, stream, job hash, idempotency key (the job hash again when unused).
+# ARGV: job_id, ttl, submitted_at, ids as JSON, '1' when an idempotency key is given, ids...
+_ENQUEUE = """
+if ARGV[5] == '1' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return {'duplicate', existing} end
+end
+local conflicts = {}
+for i = 6, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 1 then conflicts[#conflicts + 1] = ARGV[i] end
+end
+if #conflicts > 0 then return {'conflict', cjson.encode(conflicts)} end
+for i = 6, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
+redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'status', 'queued', 'ids', ARGV[4],
+           'submitted_at', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
+if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+return {'queued', ARGV[1]}
+"""
+
+
+class IdempotencyKeyReusedError(Exception):
+    """An idempotency key that was first used with a different set of ids."""
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One forget request as recorded in Redis."""
+
+    job_id: str
+    status: JobStatus
+    ids: list[str]
+    submitted_at: str
+    finished_at: str | None = None
+    model_version: int | None = None
+    solver: dict[str, Any] | None = None
+    refine: dict[str, Any] | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        version = h.get("model_version")
+        return cls(
+            job_id=h["job_id"],
+            status=h["status"],  # type: ignore[arg-type]
+            ids=json.loads(h["ids"]),
+            submitted_at=h["submitted_at"],
+            finished_at=h.get("finished_at"),
+            model_version=int(version) if version is not None else None,
+            solver=json.loads(h["solver"]) if h.get("solver") else None,
+            refine=json.loads(h["refine"]) if h.get("refine") else None,
+            error=h.get("error"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A stream entry delivered to a worker, with its job record (``None`` if it expired)."""
+
+    entry_id: str
+    job: Job | None
+
+
+class JobQueue:
+    """Client of the forget queue, used by the API (enqueue, read) and the worker (the rest).
+
+    Arguments:
+      client: a Redis client created with ``decode_responses=True``.
+      prefix: the key prefix of this model.
+      ttl_s: how long job records and idempotency keys are kept, in seconds.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int):
+        self.client = client
+        self.ttl_s = ttl_s
+        self.stream = f"{prefix}:forget"
+        self.pending_key = f"{prefix}:pending-ids"
+        self._job_prefix = f"{prefix}:job:"
+        self._idem_prefix = f"{prefix}:idempotency:"
+        self._enqueue = client.register_script(_ENQUEUE)
+
+    def job_key(self, job_id: str) -> str:
+        """The Redis key of a job record."""
+        return self._job_prefix + job_id
+
+    # API side.
+
+    def ping(self) -> None:
+        """Raises ``redis.RedisError`` when Redis cannot be reached."""
+        self.client.ping()
+
+    def ensure_group(self) -> None:
+        """Create the stream and its consumer group if they do not exist yet."""
+        try:
+            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def pending_ids(self) -> frozenset[str]:
+        """Ids of every queued or running job."""
+        return frozenset(self.client.smembers(self.pending_key))
+
+    def get(self, job_id: str) -> Job | None:
+        """The job record, or ``None`` if there is none (never existed, or expired)."""
+        h = self.client.hgetall(self.job_key(job_id))
+        return Job.from_hash(h) if h else None
+
+    def find_idempotent(self, key: str, ids: Sequence[str]) -> Job | None:
+        """The job an earlier request with this idempotency key created, if any.
+
+        Raises:
+          IdempotencyKeyReusedError: that job has different ids.
+        """
+        job_id = self.client.get(self._idem_prefix + key)
+        job = self.get(job_id) if job_id else None
+        if job is not None and sorted(job.ids) != sorted(ids):
+            raise IdempotencyKeyReusedError(
+                f"idempotency_key {key!r} was used for job {job.job_id} with other ids: "
+                "use a new key for a new request"
+            )
+        return job
+
+    def enqueue(self, ids: Sequence[str], idempotency_key: str | None = None) -> Job:
+        """Reserve ``ids`` and queue a job to forget them, atomically.
+
+        Call after validating ``ids`` against the model and ``pending_ids()``; this repeats only
+        the check that can race: that no other queued or running job holds one of the ids.
+
+        Returns:
+          The new job, or the existing one when ``idempotency_key`` was used already.
+
+        Raises:
+          AlreadyForgottenError: some ids are held by another queued or running job.
+          IdempotencyKeyReusedError: see ``find_idempotent``.
+        """
+        job_id = uuid.uuid4().hex
+        use_key = idempotency_key is not None
+        keys = [
+            self.pending_key,
+            self.stream,
+            self.job_key(job_id),
+            self._idem_prefix + idempotency_key if use_key else self.job_key(job_id),
+        ]
+        submitted_at = utc_now()
+        args = [job_id, self.ttl_s, submitted_at, json.dumps(list(ids)), "1" if use_key else "0"]
+        outcome, value = self._enqueue(keys=keys, args=[*args, *ids])
+        if outcome == "conflict":
+            raise AlreadyForgottenError(json.loads(value), "Wait for the queued job to finish.")
+        if outcome == "duplicate":
+            job = self.find_idempotent(idempotency_key, ids)  # type: ignore[arg-type]
+            if job is not None:
+                return job
+            # The earlier job expired between the two calls: the key is free again.
+            self.client.delete(self._idem_prefix + idempotency_key)  # type: ignore[operator]
+            return self.enqueue(ids, idempotency_key)
+        # Not read back: the worker may have taken it already, but it was queued when accepted.
+        return Job(job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at)
+
+    # Worker side.
+
+    def _entries(self, raw: Iterable[tuple[str, dict[str, str] | None]]) -> list[Entry]:
+        raw = list(raw)
+        pipe = self.client.pipeline(transaction=False)
+        for _, fields in raw:
+            # Redis 6.2 hands back entries deleted since delivery with no fields.
+            pipe.hgetall(self.job_key((fields or {}).get("job_id", "")))
+        records = pipe.execute()
+        return [
+            Entry(entry_id, Job.from_hash(h) if h else None)
+            for (entry_id, _), h in zip(raw, records, strict=True)
+        ]
+
+    def read(self, consumer: str, block_ms: int, count: int) -> list[Entry]:
+        """Deliver up to ``count`` new entries to ``consumer``, waiting up to ``block_ms``.
+
+        Every entry available when the call returns is delivered, so jobs that queued up while
+        the worker was busy arrive together.
+        """
+        reply = self.client.xreadgroup(
+            GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        return self._entries(reply[0][1]) if reply else []
+
+    def claim_unacknowledged(self, consumer: str) -> list[Entry]:
+        """Take over every entry delivered to any consumer but never acknowledged.
+
+        Only one worker may serve a model, so anything unacknowledged belonged to a worker that
+        is gone (this one, before a restart, included).
+        """
+        entries: list[Entry] = []
+        cursor = "0-0"
+        while True:
+            reply = self.client.xautoclaim(
+                self.stream, GROUP, consumer, min_idle_time=0, start_id=cursor, count=100
+            )
+            cursor, claimed = reply[0], reply[1]
+            entries += self._entries(claimed)
+            if cursor == "0-0":
+                return entries
+
+    def forget_idle_consumers(self, keep: str) -> None:
+        """Drop the group's record of consumers with nothing pending (workers since restarted)."""
+        for consumer in self.client.xinfo_consumers(self.stream, GROUP):
+            if consumer["name"] != keep and consumer["pending"] == 0:
+                self.client.xgroup_delconsumer(self.stream, GROUP, consumer["name"])
+
+    def mark_running(self, jobs: Sequence[Job]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hset(self.job_key(job.job_id), "status", "running")
+        pipe.execute()
+
+    def finish(self, outcomes: Sequence[tuple[Entry, dict[str, Any]]]) -> None:
+        """Record each job's outcome, acknowledge and delete its entry, and release its ids.
+
+        Arguments:
+          outcomes: ``(entry, fields)`` pairs; ``fields`` is what to record in the job (status,
+            finished_at, ...; dicts are stored as JSON), empty for an entry without a job.
+        """
+        if not outcomes:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for entry, fields in outcomes:
+            if entry.job is not None:
+                key = self.job_key(entry.job.job_id)
+                stored = {
+                    k: json.dumps(v) if isinstance(v, dict) else v
+                    for k, v in fields.items()
+                    if v is not None
+                }
+                if stored:
+                    pipe.hset(key, mapping=stored)
+                pipe.expire(key, self.ttl_s)
+                if entry.job.ids:
+                    pipe.srem(self.pending_key, *entry.job.ids)
+            pipe.xack(self.stream, GROUP, entry.entry_id)
+            # Acknowledged entries serve no purpose; delete them rather than let the stream grow.
+            pipe.xdel(self.stream, entry.entry_id)
+        pipe.execute()

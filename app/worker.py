@@ -1,0 +1,254 @@
+"""The solver worker: takes forget jobs off the queue and applies them to the model.
+
+Order of a batch, chosen so that a crash anywhere loses no accepted job and applies none twice:
+``u.forget`` checkpoints the new version and then publishes it; the version is appended to the
+deletion log; then, in one Redis transaction, the jobs are marked succeeded, their entries
+acknowledged and deleted, their ids released. Entries left unacknowledged by a crash are claimed
+again at start; a job whose ids the restored model has forgotten already was applied before the
+crash, and is only marked succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from service_core import SolverError, Unlearner, UnlearnError
+
+from .deletion_log import DeletionLog
+from .metrics import Metrics
+from .queue import Entry, Job, JobQueue, utc_now
+
+log = logging.getLogger(__name__)
+
+# Most jobs coalesced into one solve; the rest wait for the next one.
+MAX_BATCH_JOBS = 1000
+_BLOCK_MS = 250
+_RETRY_S = 2.0
+
+
+class Worker:
+    """Applies forget jobs to ``unlearner``, one batch at a time.
+
+    Arguments:
+      unlearner: the model; only this worker may call its ``forget``.
+      queue: the job queue.
+      checkpoint_dir: where ``forget`` saves each new version.
+      deletion_log: where each applied version is recorded.
+      metrics: job, solve and iteration metrics are recorded here, if given.
+    """
+
+    def __init__(
+        self,
+        unlearner: Unlearner,
+        queue: JobQueue,
+        checkpoint_dir: Path,
+        deletion_log: DeletionLog,
+        metrics: Metrics | None = None,
+    ):
+        self.unlearner = unlearner
+        self.queue = queue
+        self.checkpoint_dir = checkpoint_dir
+        self.deletion_log = deletion_log
+        self.metrics = metrics
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # Lifecycle.
+
+    def start(self) -> None:
+        """Run the worker loop in a daemon thread until ``stop()``."""
+        self._thread = threading.Thread(target=self.run, name="forget-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the loop to stop after the current batch, and wait up to ``timeout`` seconds.
+
+        A batch still running then is abandoned; its entries stay unacknowledged and are
+        claimed again at the next start.
+        """
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("worker still solving after %.0f s; leaving it to recovery", timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def request_stop(self) -> None:
+        """Make ``run()`` return after the current batch (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Recover unacknowledged jobs, then apply new ones until stopped.
+
+        Survives Redis outages: it waits, then recovers again, since a batch may have been cut
+        off between applying and acknowledging.
+        """
+        recovered = False
+        while not self._stop.is_set():
+            try:
+                if not recovered:
+                    self.queue.ensure_group()
+                    self.recover()
+                    recovered = True
+                self.run_once(_BLOCK_MS)
+            except redis.RedisError as e:
+                log.warning("queue unreachable (%s); retrying in %.0f s", e, _RETRY_S)
+                recovered = False
+                self._stop.wait(_RETRY_S)
+            except Exception:
+                log.exception("worker loop failed; retrying in %.0f s", _RETRY_S)
+                recovered = False
+                self._stop.wait(_RETRY_S)
+
+    # Work.
+
+    def recover(self) -> int:
+        """Apply (or confirm) every entry a previous worker left unacknowledged.
+
+        Returns:
+          The number of entries handled.
+        """
+        entries = self.queue.claim_unacknowledged(self.consumer)
+        self.queue.forget_idle_consumers(keep=self.consumer)
+        if entries:
+            log.info("recovering %d unacknowledged forget job(s)", len(entries))
+            self.process(entries)
+        return len(entries)
+
+    def run_once(self, block_ms: int = 0) -> int:
+        """Take every job queued now (waiting up to ``block_ms`` for one) and apply them.
+
+        Returns:
+          The number of entries handled.
+        """
+        entries = self.queue.read(self.consumer, block_ms, MAX_BATCH_JOBS)
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    def process(self, entries: list[Entry]) -> None:
+        """Apply the jobs of ``entries`` as one forget set (with one solve)."""
+        u = self.unlearner
+        outcomes: list[tuple[Entry, dict[str, Any]]] = []
+        todo: list[Entry] = []
+        forgotten = u.forgotten_ids()
+        for entry in entries:
+            job = entry.job
+            if job is None or job.status in ("succeeded", "failed"):
+                # Expired record, or finished but not acknowledged: only clean up.
+                outcomes.append((entry, {}))
+            elif forgotten.issuperset(job.ids):
+                outcomes.append((entry, self._applied_before(job)))
+            else:
+                todo.append(entry)
+        self.queue.mark_running([e.job for e in todo if e.job is not None])
+
+        # Validate job by job against the model and the jobs taken before it, so that a job
+        # that became invalid fails alone instead of failing the whole batch.
+        accepted: list[Entry] = []
+        taken: set[str] = set()
+        for entry in todo:
+            assert entry.job is not None
+            try:
+                u.validate_forget(entry.job.ids, pending=frozenset(taken))
+            except UnlearnError as e:
+                outcomes.append((entry, _failed(str(e))))
+                continue
+            accepted.append(entry)
+            taken.update(entry.job.ids)
+
+        if accepted:
+            outcomes += self._apply(accepted)
+        self.queue.finish(outcomes)
+        self._count(outcomes)
+
+    def _apply(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
+        jobs: list[Job] = [e.job for e in accepted]  # type: ignore[misc]
+        ids = [i for job in jobs for i in job.ids]
+        try:
+            result = self.unlearner.forget(ids, self.checkpoint_dir)
+        except (UnlearnError, SolverError) as e:
+            log.warning("forget of %d id(s) failed: %s", len(ids), e)
+            return [(entry, _failed(str(e))) for entry in accepted]
+        except Exception as e:
+            log.exception("forget of %d id(s) failed", len(ids))
+            if self.unlearner.forgotten_ids().issuperset(ids):
+                # It failed after publishing (e.g. in clean-up): the version stands.
+                return [
+                    (entry, _succeeded(self.unlearner.version, None, None)) for entry in accepted
+                ]
+            message = f"the solver failed ({type(e).__name__}: {e}); the model is unchanged"
+            return [(entry, _failed(message)) for entry in accepted]
+
+        solver = result.solve.to_dict()
+        refine = result.refine.to_dict() if result.refine is not None else None
+        self.deletion_log.append(
+            {
+                "version": result.version,
+                "timestamp": utc_now(),
+                "job_ids": [job.job_id for job in jobs],
+                "ids": ids,
+                "n_forgotten": self.unlearner.n_forgotten,
+                "n_train": self.unlearner.n_train,
+                "solver": solver,
+                "refine": refine,
+                "seconds": result.seconds,
+            }
+        )
+        log.info(
+            "version %d: forgot %d id(s) of %d job(s) in %.2f s (%s, %d iterations, residual %.2e)",
+            result.version,
+            len(ids),
+            len(jobs),
+            result.seconds,
+            result.solve.method,
+            result.solve.iterations,
+            result.solve.residual,
+        )
+        if self.metrics is not None:
+            self.metrics.batch_jobs.observe(len(jobs))
+            self.metrics.solve_seconds.observe(result.solve.seconds)
+            self.metrics.cg_iterations.observe(result.solve.iterations)
+        done = _succeeded(result.version, solver, refine)
+        return [(entry, done) for entry in accepted]
+
+    def _applied_before(self, job: Job) -> dict[str, Any]:
+        """The outcome of a job the restored model has applied already, before a crash."""
+        logged = self.deletion_log.find_job(job.job_id)
+        if logged is None:
+            # Checkpointed but not logged: the restored version is the one that applied it.
+            return _succeeded(self.unlearner.version, None, None)
+        return _succeeded(logged["version"], logged.get("solver"), logged.get("refine"))
+
+    def _count(self, outcomes: list[tuple[Entry, dict[str, Any]]]) -> None:
+        if self.metrics is None:
+            return
+        for _, fields in outcomes:
+            if "status" in fields:
+                self.metrics.jobs.labels(status=fields["status"]).inc()
+
+
+def _succeeded(version: int, solver: dict | None, refine: dict | None) -> dict[str, Any]:
+    return {
+        "status": "succeeded",
+        "model_version": version,
+        "finished_at": utc_now(),
+        "solver": solver,
+        "refine": refine,
+    }
+
+
+def _failed(error: str) -> dict[str, Any]:
+    return {"status": "failed", "error": error, "finished_at": utc_now()}

@@ -1,0 +1,149 @@
+"""Shared fixtures: a real Redis, a small model, and apps built on them.
+
+Redis comes from ``REDIS_URL`` (``make test`` starts one) or, when that is unset, from a private
+``redis-server`` started here. Each test gets its own key prefix, so tests never see each other's
+queues and a shared Redis is never flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.embedded_redis import EmbeddedRedis
+from app.main import create_app
+from service_core import Unlearner, load_dataset
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+# A small classification problem: fast to build, and every solver path (CE with refinement) runs.
+N_POINTS, N_FEATURES, N_CLASSES = 48, 4, 3
+MODEL = {
+    "model": "mlp",
+    "width": 64,
+    "depth": 2,
+    "loss": "ce",
+    "lam": 1e-2,
+    "dtype": "float64",
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ``.npz`` data set with ids ``r00`` … ``r47``."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=2.0, size=(N_CLASSES, N_FEATURES))
+    y = np.arange(N_POINTS) % N_CLASSES
+    x = centres[y] + rng.normal(size=(N_POINTS, N_FEATURES))
+    ids = np.array([f"r{i:02d}" for i in range(N_POINTS)])
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64), ids=ids)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory, dataset_file: Path) -> Path:
+    """Version 0 of the small model, built once per session and restored by each test."""
+    settings = Settings(dataset=f"npz:{dataset_file}", **MODEL)
+    u = Unlearner.build(
+        load_dataset(settings.dataset, settings.seed),
+        settings.to_model_config(),
+        settings.to_train_config(),
+        settings.to_solver_config(),
+        cache_dir=None,
+        progress=False,
+    )
+    directory = tmp_path_factory.mktemp("base") / "checkpoints"
+    u.save(directory)
+    return directory
+
+
+@pytest.fixture
+def unlearner(base_checkpoint: Path) -> Unlearner:
+    """A fresh copy of version 0 (its forgets checkpoint into the test's own data dir)."""
+    u = Unlearner.restore(base_checkpoint)
+    assert u is not None
+    return u
+
+
+@pytest.fixture
+def make_settings(
+    tmp_path: Path, dataset_file: Path, redis_url: str, redis_prefix: str
+) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        fields: dict[str, Any] = {
+            "dataset": f"npz:{dataset_file}",
+            **MODEL,
+            "data_dir": tmp_path / "data",
+            "api_token": "write-token",
+            "read_token": "read-token",
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+        }
+        fields.update(overrides)
+        return Settings(**fields)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def client(settings: Settings, unlearner: Unlearner) -> Iterator[TestClient]:
+    """The app serving a fresh small model, with its worker running."""
+    with TestClient(create_app(settings, unlearner)) as c:
+        yield c
+
+
+@pytest.fixture
+def wait_for_job() -> Callable[..., dict[str, Any]]:
+    """``wait_for_job(client, job_id)``: poll the job until it finished; return its body."""
+
+    def wait(client: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            body = client.get(f"/v1/jobs/{job_id}", headers=READ).json()
+            if body["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+                return body
+            time.sleep(0.05)
+
+    return wait

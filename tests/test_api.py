@@ -1,0 +1,294 @@
+"""The v1 HTTP contract, over a real app with its worker and a real Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+pytestmark = pytest.mark.redis
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+
+@pytest.fixture
+def x_probe(dataset_file: Path) -> list[list[float]]:
+    with np.load(dataset_file) as f:
+        return f["x"][:5].tolist()
+
+
+def _forget(client: TestClient, ids: list[str], **extra) -> dict:
+    r = client.post("/v1/forget", json={"ids": ids, **extra}, headers=WRITE)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def test_forget_applies_a_new_version(client, x_probe, wait_for_job):
+    before = client.get("/v1/model", headers=READ).json()
+    outputs_before = client.post("/v1/predict", json={"x": x_probe}, headers=READ).json()
+    assert outputs_before["model_version"] == 0
+
+    accepted = _forget(client, ["r03", "r07"])
+    assert accepted["status"] == "queued"
+    assert accepted["status_url"] == f"/v1/jobs/{accepted['job_id']}"
+    job = wait_for_job(client, accepted["job_id"])
+
+    assert job["status"] == "succeeded", job
+    assert job["model_version"] == 1
+    after = client.get("/v1/model", headers=READ).json()
+    assert after["version"] == 1
+    assert after["n_train"] == before["n_train"] - 2
+    assert after["n_forgotten"] == 2
+    ids = client.get("/v1/ids", headers=READ).json()
+    assert "r03" not in ids["ids"] and "r07" not in ids["ids"]
+    assert ids["total"] == before["n_train"] - 2
+    outputs_after = client.post("/v1/predict", json={"x": x_probe}, headers=READ).json()
+    assert outputs_after["model_version"] == 1
+    assert not np.allclose(outputs_after["outputs"], outputs_before["outputs"])
+
+
+def test_job_record_has_every_field(client, wait_for_job):
+    accepted = _forget(client, ["r01"])
+    job = wait_for_job(client, accepted["job_id"])
+    assert job["job_id"] == accepted["job_id"]
+    assert job["ids"] == ["r01"]
+    assert job["submitted_at"] <= job["finished_at"]
+    assert job["error"] is None
+    solver = job["solver"]
+    assert set(solver) >= {"method", "iterations", "residual", "seconds"}
+    assert solver["converged"] is True
+    assert solver["residual"] < 1e-6
+    assert job["refine"]["converged"] is True  # cross-entropy: Newton refinement ran
+
+
+def test_unknown_job_is_404(client):
+    r = client.get("/v1/jobs/nope", headers=READ)
+    assert r.status_code == 404
+    assert "nope" in r.json()["detail"]
+
+
+def test_forgetting_again_is_409(client, wait_for_job):
+    job = wait_for_job(client, _forget(client, ["r05"])["job_id"])
+    assert job["status"] == "succeeded"
+    r = client.post("/v1/forget", json={"ids": ["r06", "r05"]}, headers=WRITE)
+    assert r.status_code == 409
+    assert "r05" in r.json()["detail"] and "r06" not in r.json()["detail"]
+
+
+def test_ids_of_a_queued_job_are_409(make_settings, unlearner):
+    # No worker: the first job stays queued, holding its ids.
+    with TestClient(create_app(make_settings(worker=False), unlearner)) as client:
+        _forget(client, ["r10", "r11"])
+        r = client.post("/v1/forget", json={"ids": ["r11"]}, headers=WRITE)
+        assert r.status_code == 409
+        assert "r11" in r.json()["detail"]
+
+
+def test_unknown_ids_are_404_and_listed(client):
+    r = client.post("/v1/forget", json={"ids": ["r01", "ghost-1", "ghost-2"]}, headers=WRITE)
+    assert r.status_code == 404
+    detail = r.json()["detail"]
+    assert "ghost-1" in detail and "ghost-2" in detail and "r01" not in detail
+
+
+@pytest.mark.parametrize(
+    "ids, words",
+    [
+        ([], "non-empty"),
+        (["r01", "r02", "r01"], "duplicated"),
+        ([f"r{i:02d}" for i in range(48)], "every remaining"),
+    ],
+)
+def test_invalid_forget_sets_are_422(client, ids, words):
+    r = client.post("/v1/forget", json={"ids": ids}, headers=WRITE)
+    assert r.status_code == 422
+    assert words in r.json()["detail"]
+
+
+def test_forgetting_the_rest_with_queued_jobs_is_422(make_settings, unlearner):
+    with TestClient(create_app(make_settings(worker=False), unlearner)) as client:
+        _forget(client, [f"r{i:02d}" for i in range(40)])
+        r = client.post(
+            "/v1/forget", json={"ids": [f"r{i:02d}" for i in range(40, 48)]}, headers=WRITE
+        )
+        assert r.status_code == 422
+        assert "every remaining" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ('{"x": [[NaN, 1, 2, 3]]}', "NaN"),
+        ('{"x": [[1, Infinity, 2, 3]]}', "infinite"),
+        ('{"x": [[1, 2, 3, 1e999]]}', "infinite"),
+        ('{"x": [[1, 2, 3, 4], [1, 2]]}', "rectangular"),
+        ('{"x": [[1, 2, 3]]}', "shape"),
+        ('{"x": [1, 2, 3, 4]}', "rows"),
+        ('{"x": [[1, 2, "3", 4]]}', "numbers"),
+        ('{"x": []}', "non-empty"),
+        ('{"y": [[1, 2, 3, 4]]}', "x: Field required"),
+        ('{"x": [[1, 2, 3, 4]], "extra": 1}', "extra"),
+        ('{"x": [[1, 2, 3, 4]', "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_bad_predict_inputs_are_422_with_detail(client, body, words):
+    r = client.post(
+        "/v1/predict", content=body, headers={**READ, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str)
+    assert words.lower() in detail.lower()
+
+
+def test_predict_outputs(client, x_probe, unlearner):
+    r = client.post("/v1/predict", json={"x": x_probe}, headers=READ)
+    assert r.status_code == 200
+    body = r.json()
+    np.testing.assert_allclose(body["outputs"], unlearner.predict(np.array(x_probe)), rtol=1e-12)
+    assert np.shape(body["outputs"]) == (5, 3)
+
+
+def test_influence_estimates_without_changing_the_model(client, x_probe):
+    body = {"forget_ids": ["r02", "r04"], "x": x_probe, "y": [0, 1, 2, 0, 1]}
+    r = client.post("/v1/influence", json=body, headers=READ)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_version"] == 0
+    assert np.shape(out["delta_outputs"]) == (5, 3)
+    assert np.shape(out["delta_loss"]) == (5,)
+    assert np.any(np.abs(out["delta_outputs"]) > 0)
+    assert client.get("/v1/model", headers=READ).json()["version"] == 0
+
+
+@pytest.mark.parametrize(
+    "forget_ids, y, status, words",
+    [
+        (["ghost"], [0, 1, 2, 0, 1], 404, "ghost"),
+        (["r02"], [0, 1, 2, 0, 7], 422, "class labels"),
+        (["r02"], [0, 1], 422, "entries"),
+        (["r02"], [0.0, 1.0, float("nan"), 0.0, 1.0], 422, "NaN"),
+    ],
+)
+def test_bad_influence_requests(client, x_probe, forget_ids, y, status, words):
+    # json.dumps writes NaN as the bare literal, as a careless client would.
+    body = json.dumps({"forget_ids": forget_ids, "x": x_probe, "y": y})
+    r = client.post(
+        "/v1/influence", content=body, headers={**READ, "Content-Type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_ids_paging(client):
+    first = client.get("/v1/ids?limit=10", headers=READ).json()
+    second = client.get("/v1/ids?offset=10&limit=10", headers=READ).json()
+    everything = client.get("/v1/ids?limit=1000", headers=READ).json()
+    assert first["total"] == second["total"] == 48
+    assert first["ids"] == [f"r{i:02d}" for i in range(10)]
+    assert second["ids"] == [f"r{i:02d}" for i in range(10, 20)]
+    assert everything["ids"] == [f"r{i:02d}" for i in range(48)]
+    assert client.get("/v1/ids?offset=100", headers=READ).json() == {"ids": [], "total": 48}
+    r = client.get("/v1/ids?limit=0", headers=READ)
+    assert r.status_code == 422 and "limit" in r.json()["detail"]
+    assert client.get("/v1/ids?offset=-1", headers=READ).status_code == 422
+
+
+def test_model_info(client):
+    info = client.get("/v1/model", headers=READ).json()
+    assert info["version"] == 0
+    assert info["n_train"] == 48 and info["n_forgotten"] == 0 and info["output_dim"] == 3
+    assert info["loss"] == "ce" and info["lambda"] == pytest.approx(1e-2)
+    assert info["n_params"] > 0
+    assert set(info["kernel"]) >= {"shape", "bytes", "devices"}
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("get", "/v1/model", None),
+        ("get", "/v1/ids", None),
+        ("get", "/v1/jobs/x", None),
+        ("post", "/v1/predict", {"x": [[0, 0, 0, 0]]}),
+        ("post", "/v1/forget", {"ids": ["r01"]}),
+    ],
+)
+def test_missing_token_is_401_and_wrong_token_403(client, method, path, body):
+    kwargs = {"json": body} if body is not None else {}
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in r.json()["detail"]
+    r = getattr(client, method)(path, headers={"Authorization": "Bearer wrong"}, **kwargs)
+    assert r.status_code == 403
+    assert "rights" in r.json()["detail"]
+
+
+def test_read_token_cannot_forget(client):
+    r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=READ)
+    assert r.status_code == 403
+    assert "write" in r.json()["detail"]
+    assert client.get("/v1/model", headers=WRITE).status_code == 200  # write implies read
+
+
+def test_open_reads(make_settings, unlearner):
+    with TestClient(create_app(make_settings(open_reads=True), unlearner)) as client:
+        assert client.get("/v1/model").status_code == 200
+        assert client.post("/v1/forget", json={"ids": ["r01"]}).status_code == 401
+
+
+def test_idempotency_key_returns_the_same_job(client, wait_for_job):
+    first = _forget(client, ["r08"], idempotency_key="k-1")
+    again = _forget(client, ["r08"], idempotency_key="k-1")
+    assert again["job_id"] == first["job_id"]
+    wait_for_job(client, first["job_id"])
+    # Replayed after the job succeeded: still the same job, not a 409 for forgotten ids.
+    late = _forget(client, ["r08"], idempotency_key="k-1")
+    assert late["job_id"] == first["job_id"] and late["status"] == "succeeded"
+    r = client.post("/v1/forget", json={"ids": ["r09"], "idempotency_key": "k-1"}, headers=WRITE)
+    assert r.status_code == 409
+    assert "idempotency_key" in r.json()["detail"]
+    assert client.get("/v1/model", headers=READ).json()["version"] == 1
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "model_version": 0}
+
+
+def test_unreachable_redis_is_503_not_500(make_settings, unlearner):
+    # Nothing listens on port 1: every Redis call fails at once.
+    settings = make_settings(redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings, unlearner)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert "Redis" in r.json()["detail"]
+        r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
+        assert r.status_code == 503
+        assert "Redis" in r.json()["detail"]
+        # Reads of the model do not need the queue.
+        assert client.get("/v1/model", headers=READ).status_code == 200
+
+
+def test_metrics(client, wait_for_job):
+    wait_for_job(client, _forget(client, ["r12"])["job_id"])
+    client.get("/v1/jobs/does-not-exist", headers=READ)
+    text = client.get("/metrics").text
+    assert 'ntk_unlearn_forget_jobs_total{status="succeeded"} 1.0' in text
+    assert (
+        'ntk_unlearn_http_requests_total{method="POST",route="/v1/forget",status="202"} 1.0' in text
+    )
+    # Route templates, never raw paths, label requests.
+    assert 'route="/v1/jobs/{job_id}"' in text and "does-not-exist" not in text
+    assert "ntk_unlearn_solve_seconds_count 1.0" in text
+    assert "ntk_unlearn_solver_iterations_count 1.0" in text
+    assert "ntk_unlearn_model_version 1.0" in text
+    assert "ntk_unlearn_n_train 47.0" in text
+    assert "ntk_unlearn_http_request_seconds_bucket" in text

@@ -1,0 +1,227 @@
+"""Queue semantics on a real Redis: reservation, coalescing, failures, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.deletion_log import DeletionLog
+from app.main import create_app
+from app.queue import GROUP, JobQueue
+from app.service import make_worker
+from app.worker import Worker
+from service_core import AlreadyForgottenError, Unlearner
+
+pytestmark = pytest.mark.redis
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+
+@pytest.fixture
+def queue(redis_url: str, redis_prefix: str) -> Iterator[JobQueue]:
+    q = JobQueue(redis.Redis.from_url(redis_url, decode_responses=True), redis_prefix, ttl_s=600)
+    q.ensure_group()
+    yield q
+    q.client.close()
+
+
+@pytest.fixture
+def worker_for(queue: JobQueue, tmp_path: Path):
+    def make(u: Unlearner) -> Worker:
+        return Worker(u, queue, tmp_path / "checkpoints", DeletionLog(tmp_path / "deletions.log"))
+
+    return make
+
+
+def _redis_is_clean(queue: JobQueue) -> None:
+    """Nothing of a finished job is left but its record: no entry, no pending delivery, no ids."""
+    assert queue.client.xlen(queue.stream) == 0
+    assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0
+    assert queue.client.scard(queue.pending_key) == 0
+
+
+def test_queued_jobs_are_coalesced_into_one_solve(make_settings, unlearner):
+    settings = make_settings(worker=False)
+    app = create_app(settings, unlearner)
+    with TestClient(app) as client:
+        job_ids = [
+            client.post("/v1/forget", json={"ids": ids}, headers=WRITE).json()["job_id"]
+            for ids in (["r01"], ["r02", "r03"], ["r04"])
+        ]
+        state = app.state.service
+        worker = make_worker(settings, state.unlearner, state.queue, state.metrics)
+        assert worker.run_once() == 3
+
+        jobs = [client.get(f"/v1/jobs/{j}", headers=READ).json() for j in job_ids]
+        assert [j["status"] for j in jobs] == ["succeeded"] * 3
+        assert {j["model_version"] for j in jobs} == {1}
+        assert jobs[0]["solver"] == jobs[1]["solver"] == jobs[2]["solver"]
+        assert unlearner.version == 1 and unlearner.n_forgotten == 4
+        text = client.get("/metrics").text
+        assert "ntk_unlearn_forget_batch_jobs_count 1.0" in text
+        assert "ntk_unlearn_forget_batch_jobs_sum 3.0" in text
+        assert 'ntk_unlearn_forget_jobs_total{status="succeeded"} 3.0' in text
+    _redis_is_clean(state.queue)
+
+
+def test_a_job_invalid_at_apply_time_fails_alone(queue, worker_for, unlearner):
+    # Enqueued without the API's validation, as if the model changed after it.
+    good = queue.enqueue(["r01"])
+    bad = queue.enqueue(["r02", "ghost"])
+    also_good = queue.enqueue(["r03", "r04"])
+    worker_for(unlearner).run_once()
+
+    assert queue.get(good.job_id).status == "succeeded"
+    assert queue.get(also_good.job_id).status == "succeeded"
+    failed = queue.get(bad.job_id)
+    assert failed.status == "failed"
+    assert "ghost" in failed.error and failed.model_version is None
+    assert unlearner.version == 1
+    assert unlearner.forgotten_ids() == {"r01", "r03", "r04"}
+    _redis_is_clean(queue)
+
+
+def test_a_batch_that_would_empty_the_model_keeps_the_jobs_that_fit(queue, worker_for, unlearner):
+    first = queue.enqueue([f"r{i:02d}" for i in range(30)])
+    second = queue.enqueue([f"r{i:02d}" for i in range(30, 48)])
+    worker_for(unlearner).run_once()
+    assert queue.get(first.job_id).status == "succeeded"
+    assert "every remaining" in queue.get(second.job_id).error
+    assert unlearner.n_train == 18
+
+
+def test_enqueue_reserves_ids_atomically(queue):
+    outcomes: list[str] = []
+    start = threading.Barrier(8)
+
+    def submit(i: int) -> None:
+        start.wait()
+        try:
+            queue.enqueue(["r01", f"r{10 + i}"])
+            outcomes.append("queued")
+        except AlreadyForgottenError as e:
+            assert e.ids == ["r01"]
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict"] * 7 + ["queued"]
+    assert queue.client.xlen(queue.stream) == 1
+    assert len(queue.client.smembers(queue.pending_key)) == 2
+
+
+def test_finished_jobs_leave_only_their_record(queue, worker_for, unlearner):
+    job = queue.enqueue(["r05"])
+    worker_for(unlearner).run_once()
+    _redis_is_clean(queue)
+    assert 0 < queue.client.ttl(queue.job_key(job.job_id)) <= 600
+
+
+def test_deletion_log_records_each_version(queue, worker_for, unlearner, tmp_path):
+    first = queue.enqueue(["r01", "r02"])
+    worker = worker_for(unlearner)
+    worker.run_once()
+    second = queue.enqueue(["r03"])
+    worker.run_once()
+    lines = [json.loads(line) for line in (tmp_path / "deletions.log").read_text().splitlines()]
+    assert [entry["version"] for entry in lines] == [1, 2]
+    assert lines[0]["job_ids"] == [first.job_id] and lines[0]["ids"] == ["r01", "r02"]
+    assert lines[1]["job_ids"] == [second.job_id] and lines[1]["n_forgotten"] == 3
+    assert lines[1]["solver"]["converged"] is True
+
+
+def test_jobs_a_crashed_worker_took_are_run_by_the_next(queue, worker_for, unlearner):
+    job = queue.enqueue(["r06"])
+    # A worker takes the job and dies before applying it: the entry stays unacknowledged.
+    assert len(queue.read("dead-worker", block_ms=0, count=10)) == 1
+    assert queue.client.xpending(queue.stream, GROUP)["pending"] == 1
+
+    worker = worker_for(unlearner)
+    assert worker.recover() == 1
+    record = queue.get(job.job_id)
+    assert record.status == "succeeded" and record.model_version == 1
+    assert unlearner.forgotten_ids() == {"r06"}
+    _redis_is_clean(queue)
+    consumers = queue.client.xinfo_consumers(queue.stream, GROUP)
+    assert [c["name"] for c in consumers] == [worker.consumer]  # the dead one is gone
+
+
+@pytest.mark.parametrize("logged", [True, False], ids=["logged", "checkpointed-only"])
+def test_a_job_applied_before_a_crash_is_not_applied_twice(
+    queue, worker_for, unlearner, tmp_path, logged
+):
+    job = queue.enqueue(["r07", "r08"])
+    queue.read("dead-worker", block_ms=0, count=10)
+    # The dead worker got as far as the checkpoint (and maybe the deletion log), not the ack.
+    result = unlearner.forget(["r07", "r08"], tmp_path / "checkpoints")
+    if logged:
+        DeletionLog(tmp_path / "deletions.log").append(
+            {"version": result.version, "job_ids": [job.job_id], "solver": result.solve.to_dict()}
+        )
+
+    restarted = Unlearner.restore(tmp_path / "checkpoints")
+    assert restarted.version == 1
+    worker_for(restarted).recover()
+
+    record = queue.get(job.job_id)
+    assert record.status == "succeeded" and record.model_version == 1
+    assert (record.solver is not None) == logged
+    assert restarted.version == 1 and restarted.n_forgotten == 2
+    _redis_is_clean(queue)
+
+
+def test_an_entry_whose_record_expired_is_dropped(queue, worker_for, unlearner):
+    queue.client.xadd(queue.stream, {"job_id": "expired"})
+    assert worker_for(unlearner).run_once() == 1
+    assert unlearner.version == 0
+    _redis_is_clean(queue)
+
+
+def test_worker_thread_keeps_running_through_a_redis_outage(unlearner, tmp_path):
+    queue = JobQueue(redis.Redis.from_url("redis://127.0.0.1:1/0"), "down", ttl_s=60)
+    worker = Worker(unlearner, queue, tmp_path / "ck", DeletionLog(tmp_path / "log"))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert worker.running
+    finally:
+        worker.stop()
+    assert not worker.running
+
+
+def test_deletion_log_survives_a_torn_line(tmp_path):
+    log = DeletionLog(tmp_path / "deletions.log")
+    log.append({"version": 1, "job_ids": ["a"]})
+    with open(log.path, "a") as f:
+        f.write('{"version": 2, "job_ids": ["b"')  # a crash in the middle of a write
+    log.append({"version": 3, "job_ids": ["c"]})
+    assert log.find_job("a")["version"] == 1
+    assert log.find_job("b") is None
+    assert log.find_job("c")["version"] == 3
+
+
+def test_an_api_without_worker_follows_a_separate_worker(make_settings, base_checkpoint):
+    settings = make_settings(worker=False)
+    app = create_app(settings, Unlearner.restore(base_checkpoint))
+    with TestClient(app) as client:
+        client.post("/v1/forget", json={"ids": ["r09"]}, headers=WRITE)
+        # The worker of another process: its own model, the same data dir and Redis.
+        worker_model = Unlearner.restore(base_checkpoint)
+        make_worker(settings, worker_model, app.state.service.queue, None).run_once()
+        assert worker_model.version == 1
+        deadline = time.monotonic() + 30
+        while client.get("/v1/model", headers=READ).json()["version"] != 1:
+            assert time.monotonic() < deadline, "the API never loaded the worker's version"
+            time.sleep(0.1)
+        assert "r09" not in client.get("/v1/ids", headers=READ).json()["ids"]
