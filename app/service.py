@@ -48,7 +48,7 @@ def load_model(settings: Settings) -> Unlearner:
         )
         return u
     log.info("no checkpoint in %s: building the model", settings.checkpoint_dir)
-    dataset = load_dataset(settings.dataset, seed=settings.seed)
+    dataset = load_dataset(settings.dataset, seed=settings.seed, **settings.dataset_kwargs())
     log.info(
         "loaded data set %s: %d points of shape %s in %.2f s",
         settings.dataset,

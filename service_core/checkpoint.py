@@ -88,5 +88,6 @@ def restore(directory: Path, before_arrays=None) -> ModelState | None:
         history=tuple(meta["history"]),
         meta=meta["meta"],
         k=None,
+        theta=arrays.pop("theta", None),
         **arrays,
     )

@@ -30,6 +30,7 @@ from .errors import (
     SolverError,
     UnknownIdsError,
 )
+from .infinite import KernelModel
 from .models import Model, build_model
 from .ntk import cached_ntk, purge_cache
 from .solvers import SolveInfo, canonical_method, choose_method, largest_eigenvalue
@@ -92,9 +93,13 @@ class Unlearner:
         self._model = model
         self._cache_dir = cache_dir
         self._forget_lock = threading.Lock()
-        self._dtype = model.theta0.dtype
-        self._predict = jax.jit(model.f_lin)
-        self._vjp = jax.jit(model.vjp)
+        self._infinite = isinstance(model, KernelModel)
+        if self._infinite:  # no θ: predictions and Eq. 8 go through kernels (math.md, Eq. 14)
+            self._dtype = model.dtype
+        else:
+            self._dtype = model.theta0.dtype
+            self._predict = jax.jit(model.f_lin)
+            self._vjp = jax.jit(model.vjp)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -123,7 +128,9 @@ class Unlearner:
           SolverError: training did not reach ``train_cfg`` tolerance.
         """
         dtype = _dtype(train_cfg.dtype)
-        model = build_model(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
+        model = _model(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
+        if model_cfg.infinite and canonical_method(solver_cfg.method) == "theta-cg":
+            raise InvalidInputError(f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg")
         form = model_cfg.resolved_kernel_form()
         mesh = sharding.make_mesh(devices)
         cap = bucket(dataset.n, mesh.size)
@@ -135,7 +142,7 @@ class Unlearner:
 
     @classmethod
     def _build(cls, dataset, model, model_cfg, train_cfg, solver_cfg, cache_dir, progress, mesh, dtype, form, cap):
-        k, report = cached_ntk(model, dataset.x, form, cache_dir, dtype=dtype, progress=progress)
+        k, report = _kernel(model, dataset.x, form, cache_dir, dtype, progress)
         log.info(
             "NTK %s form %s: %.1f MiB in %.2f s (%s)",
             form, k.shape, report["bytes"] / 2**20, report["seconds"], "cache" if report["cached"] else "computed",
@@ -161,7 +168,7 @@ class Unlearner:
                 f"training stopped at relative stationarity residual {info.residual:.2e} after {info.steps} "
                 f"Newton steps (tolerance {train_cfg.resolved_tol():.0e}): raise lam or max_newton"
             )
-        theta = model.theta_p + model.vjp(x, alpha)
+        theta = None if model_cfg.infinite else model.theta_p + model.vjp(x, alpha)
         log.info("trained: %d Newton steps, %d CG iterations, residual %.2e, %.2f s", info.steps, info.cg_iterations, info.residual, info.seconds)
         meta = {
             "dataset": {
@@ -197,7 +204,7 @@ class Unlearner:
         dtype = _dtype(state.meta["train"]["dtype"])
         ds = state.meta["dataset"]
         d = ds["output_dim"]
-        model = build_model(ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), d, dtype)
+        model = _model(ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), d, dtype)
         mesh = sharding.make_mesh(devices)
         cap = -(-state.capacity // mesh.size) * mesh.size  # saved under another device count
         if cap != state.capacity:
@@ -205,7 +212,7 @@ class Unlearner:
                 state, ids=pad_rows(state.ids, cap), **{k: pad_rows(v, cap) for k, v in state.arrays().items() if k not in ("k", "theta")}
             )
         rows = np.flatnonzero(state.active)
-        k, report = cached_ntk(model, np.asarray(state.x)[rows], state.form, cache_dir, dtype=dtype, progress=progress)
+        k, report = _kernel(model, np.asarray(state.x)[rows], state.form, cache_dir, dtype, progress)
         if state.form == "full":
             rows = (rows[:, None] * d + np.arange(d)).ravel()
         side = state.capacity * d if state.form == "full" else state.capacity
@@ -281,7 +288,7 @@ class Unlearner:
                 "shape": list(st.k.shape),
                 "capacity": st.capacity,
                 "form": st.form,
-                "exact": st.form == "full" or self._model.config.kind == "linear",
+                "exact": st.form == "full" or self._model.config.kind == "linear" or self._infinite,
                 "bytes": int(st.k.nbytes),
                 "dtype": str(st.k.dtype),
                 "devices": [str(dev) for dev in st.k.devices()],
@@ -338,13 +345,24 @@ class Unlearner:
         Raises:
           InvalidInputError: wrong shape, empty, NaN or infinite values.
         """
-        state = self._state
-        return np.asarray(self._predict(state.theta, self._inputs(x)))
+        return self.predict_with_version(x)[1]
 
     def predict_with_version(self, x) -> tuple[int, np.ndarray]:
         """``(version, outputs)`` from one consistent state."""
         state = self._state
-        return state.version, np.asarray(self._predict(state.theta, self._inputs(x)))
+        return state.version, self._outputs(state, self._inputs(x))
+
+    def _outputs(self, state: ModelState, x: jax.Array) -> np.ndarray:
+        """f_lin(x; θ), or f(x) = K(x, X) α without θ (infinite width; f_0 = 0)."""
+        if self._infinite:
+            return self._kernel_apply(state, x, state.alpha)
+        return np.asarray(self._predict(state.theta, x))
+
+    def _kernel_apply(self, state: ModelState, x: jax.Array, alpha: jax.Array) -> np.ndarray:
+        """K(x, X_active) α_active, ``(n, d)`` (Eq. 8 with α := Δα)."""
+        rows = np.flatnonzero(state.active)
+        k_tx = self._model.cross_kernel(np.asarray(x), np.asarray(state.x)[rows])
+        return np.asarray(self._model.offset(x)) + k_tx @ np.asarray(alpha)[rows]
 
     # -- forget set validation ----------------------------------------------------------------
     def validate_forget(self, ids: Sequence[str], pending: frozenset[str] = frozenset()) -> None:
@@ -471,8 +489,13 @@ class Unlearner:
             delta, info = influence.influence_step(problem, state.alpha, mask, kwargs)
         if not info.converged:
             raise SolverError(f"influence solve stopped at relative residual {info.residual:.2e}: raise max_iter")
-        dtheta = self._vjp(state.x, delta)
-        df, dl = influence.test_point_changes(self._model, state.theta, dtheta, xt, yt, train.loss)
+        if self._infinite:
+            df = self._kernel_apply(state, xt, delta) - np.asarray(self._model.offset(xt))
+            g = losses.grad(train.loss, jnp.asarray(self._outputs(state, xt)), yt)
+            df, dl = jnp.asarray(df), jnp.sum(g * df, axis=-1)
+        else:
+            dtheta = self._vjp(state.x, delta)
+            df, dl = influence.test_point_changes(self._model, state.theta, dtheta, xt, yt, train.loss)
         return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
 
     def _validate_against(self, state: ModelState, ids: Sequence[str]) -> None:
@@ -544,7 +567,7 @@ class Unlearner:
         else:
             delta, step = influence.influence_step(problem, state.alpha, mask, kwargs)
             alpha_step = state.alpha + delta
-            theta_step = state.theta + self._vjp(state.x, delta)
+            theta_step = None if self._infinite else state.theta + self._vjp(state.x, delta)
         if not step.converged:
             raise SolverError(
                 f"influence solve ({step.method}) stopped at relative residual {step.residual:.2e} after "
@@ -561,7 +584,7 @@ class Unlearner:
                     f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
                     f"(tolerance {train.resolved_tol():.0e}): raise max_refine"
                 )
-            if refined.steps or method == "theta-cg":
+            if not self._infinite and (refined.steps or method == "theta-cg"):
                 # θ = θ_p + J(X)ᵀα (math.md, Dual representation) for the refined α; the θ-space
                 # step's own θ need not lie on that map when it is not optimal (cross-entropy)
                 theta_new = self._model.theta_p + self._vjp(state.x, alpha_new)
@@ -619,6 +642,22 @@ class Unlearner:
             alpha=pad_rows(alpha[rows], cap),
             theta=theta,
         )
+
+
+def _model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype) -> Model | KernelModel:
+    """A finite network to linearise, or an infinitely wide one (analytic NTK, ``infinite``)."""
+    if config.infinite:
+        return KernelModel(config, input_shape, output_dim, dtype)
+    return build_model(config, input_shape, output_dim, dtype)
+
+
+def _kernel(model, x: np.ndarray, form: str, cache_dir: Path | None, dtype, progress: bool) -> tuple[np.ndarray, dict]:
+    """K(X, X) in the engine layout: the empirical NTK (``ntk``) or the analytic one (``infinite``)."""
+    if isinstance(model, KernelModel):
+        if form != "trace":
+            raise InvalidInputError("the analytic NTK is exact in the trace form: use kernel_form 'trace' or 'auto'")
+        return model.cached_kernel(x, cache_dir, progress)
+    return cached_ntk(model, x, form, cache_dir, dtype=dtype, progress=progress)
 
 
 @partial(jax.jit, static_argnames=("full", "d"))

@@ -24,7 +24,8 @@ class ModelState:
       x: inputs ``(C, *input_shape)``; y: targets ``(C, d)`` (one-hot for labels).
       k: K over the active points, engine layout of ``form`` (``ntk`` module docstring).
       form: ``full`` or ``trace``.
-      f0: f_0 ``(N, d)``; alpha: α ``(N, d)``; theta: θ ``(P,)``.
+      f0: f_0 ``(C, d)``; alpha: α ``(C, d)``; theta: θ ``(P,)``, ``None`` for an infinitely wide
+        model (a kernel machine, math.md Eq. 14).
       residual: relative stationarity residual of α (the version's certificate).
       forgotten: ids forgotten so far (the deletion log keeps ids, never data).
       history: one dict per version: version, n_forgotten, solver info, timestamps.
@@ -62,7 +63,8 @@ class ModelState:
         return self.ids[self.active].tolist()
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {"x": self.x, "y": self.y, "k": self.k, "f0": self.f0, "alpha": self.alpha, "theta": self.theta}
+        arrays = {"x": self.x, "y": self.y, "k": self.k, "f0": self.f0, "alpha": self.alpha, "theta": self.theta}
+        return {name: a for name, a in arrays.items() if a is not None}
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service_core import ModelConfig, SolverConfig, TrainConfig
@@ -26,9 +26,17 @@ class Settings(BaseSettings):
 
     # Data set and model (saved with every checkpoint by the engine).
     dataset: str = Field(
-        "digits", description="'digits', 'mnist:DIR' (IDX files) or 'npz:FILE' (arrays x, y, ...)"
+        "digits",
+        description="'digits', 'mnist:DIR' (IDX files), 'cifar2:FILE.npz' (uint8 x (N,32,32,3), y) "
+        "or 'npz:FILE' (arrays x, y, ...)",
     )
-    model: Literal["linear", "mlp"] = Field(_MODEL.kind, description="network to linearise")
+    n_train: int | None = Field(
+        None, gt=0, description="training points to keep: per class × 10 for mnist (default 200 "
+        "per class), balanced for cifar2 (default all); not for digits or npz",
+    )
+    model: Literal["linear", "mlp", "cnn", "inf-mlp", "inf-cnn"] = Field(
+        _MODEL.kind, description="network to linearise, or an infinitely wide one (analytic NTK)"
+    )
     loss: Literal["ce", "mse"] = Field(_TRAIN.loss, description="cross-entropy or squared error")
     lam: float = Field(_TRAIN.lam, gt=0, description="L2 weight λ of the regularised risk")
     width: int = Field(_MODEL.width, gt=0, description="MLP hidden width")
@@ -73,6 +81,22 @@ class Settings(BaseSettings):
         "ntk-unlearn", min_length=1, description="key prefix of every Redis key of this model"
     )
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="seconds job records are kept")
+
+    @model_validator(mode="after")
+    def _n_train_applies(self) -> "Settings":
+        self.dataset_kwargs()
+        return self
+
+    def dataset_kwargs(self) -> dict:
+        """Loader arguments of ``service_core.load_dataset`` for ``n_train``."""
+        if self.n_train is None:
+            return {}
+        kind = self.dataset.partition(":")[0]
+        if kind == "mnist":
+            return {"train_per_class": max(1, self.n_train // 10)}
+        if kind == "cifar2":
+            return {"n_train": self.n_train}
+        raise ValueError(f"--n-train applies to mnist and cifar2 data sets, not {self.dataset!r}")
 
     @property
     def checkpoint_dir(self) -> Path:
