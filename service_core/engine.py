@@ -315,6 +315,9 @@ class Unlearner:
             )
         if not np.all(np.isfinite(arr)):
             raise InvalidInputError("x has NaN or infinite values")
+        limit = float(jnp.finfo(self._dtype).max) ** 0.5  # headroom for the network's products
+        if np.max(np.abs(arr)) > limit:
+            raise InvalidInputError(f"x has values beyond ±{limit:.1e}, too large for the model's {jnp.dtype(self._dtype).name}")
         return jnp.asarray(arr.reshape((arr.shape[0],) + shape), self._dtype)
 
     def validate_targets(self, y, n: int) -> jax.Array:
@@ -353,10 +356,18 @@ class Unlearner:
         return state.version, self._outputs(state, self._inputs(x))
 
     def _outputs(self, state: ModelState, x: jax.Array) -> np.ndarray:
-        """f_lin(x; θ), or f(x) = K(x, X) α without θ (infinite width; f_0 = 0)."""
+        """f_lin(x; θ), or f(x) = K(x, X) α without θ (infinite width; f_0 = 0).
+
+        Raises:
+          InvalidInputError: inputs so large that the outputs overflow.
+        """
         if self._infinite:
-            return self._kernel_apply(state, x, state.alpha)
-        return np.asarray(self._predict(state.theta, x))
+            out = self._kernel_apply(state, x, state.alpha)
+        else:
+            out = np.asarray(self._predict(state.theta, x))
+        if not np.all(np.isfinite(out)):
+            raise InvalidInputError("x is too large: the model's outputs overflow; scale inputs like the training data")
+        return out
 
     def _kernel_apply(self, state: ModelState, x: jax.Array, alpha: jax.Array) -> np.ndarray:
         """K(x, X_active) α_active, ``(n, d)`` (Eq. 8 with α := Δα)."""
@@ -488,7 +499,7 @@ class Unlearner:
         else:
             delta, info = influence.influence_step(problem, state.alpha, mask, kwargs)
         if not info.converged:
-            raise SolverError(f"influence solve stopped at relative residual {info.residual:.2e}: raise max_iter")
+            raise SolverError(_not_converged(info, solver_cfg.max_iter, train.dtype))
         if self._infinite:
             df = self._kernel_apply(state, xt, delta) - np.asarray(self._model.offset(xt))
             g = losses.grad(train.loss, jnp.asarray(self._outputs(state, xt)), yt)
@@ -569,10 +580,7 @@ class Unlearner:
             alpha_step = state.alpha + delta
             theta_step = None if self._infinite else state.theta + self._vjp(state.x, delta)
         if not step.converged:
-            raise SolverError(
-                f"influence solve ({step.method}) stopped at relative residual {step.residual:.2e} after "
-                f"{step.iterations} iterations: raise max_iter or use method 'alpha-cholesky'"
-            )
+            raise SolverError(_not_converged(step, solver_cfg.max_iter, train.dtype))
         retain_problem = problem._replace(mask=retain)
         refine_info = None
         alpha_new, theta_new = alpha_step, theta_step
@@ -642,6 +650,17 @@ class Unlearner:
             alpha=pad_rows(alpha[rows], cap),
             theta=theta,
         )
+
+
+def _not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:
+    """What to change when a solve missed its tolerance."""
+    head = f"influence solve ({info.method}) stopped at relative residual {info.residual:.2e} after {info.iterations} iterations"
+    if info.iterations >= max_iter:
+        return f"{head}, its limit: raise max_iter, or use the solver alpha-cholesky for a small retain set"
+    return (
+        f"{head}: CG stagnated at {dtype} precision; use a looser cg_tol, dtype float64, or the solver "
+        "alpha-cholesky for a small retain set"
+    )
 
 
 def _model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype) -> Model | KernelModel:
