@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import losses
 from .models import Model
@@ -62,7 +63,7 @@ def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Arra
     f_star = problem.f0 + kernel_matvec(problem.k, alpha_star * problem.mask[:, None], problem.form)
     w = losses.hessian(problem.loss, f_star, problem.y)
     s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
-    k_rf_alpha_f = m_r * kernel_matvec(problem.k, alpha_star * m_f, problem.form)
+    k_rf_alpha_f = m_r * _columns_matvec(problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star)
     b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
     c = problem.lam * n_retain
     if solver.get("method") == "alpha-paper":
@@ -70,6 +71,15 @@ def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Arra
     else:
         delta_r, info = solve_newton_system(problem.k, problem.form, s, retain, b, c, **solver)
     return delta_r * m_r - alpha_star * m_f, info
+
+
+def _columns_matvec(k: jax.Array, form: str, rows: np.ndarray, alpha: jax.Array) -> jax.Array:
+    """K[:, F] α_F for the points ``rows`` of F: reads N_F·d columns of K, not all of it."""
+    d = alpha.shape[1]
+    if form == "full":
+        cols = (rows[:, None] * d + np.arange(d)).ravel()
+        return jnp.matmul(k[:, cols], alpha[rows].reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(alpha.shape)
+    return jnp.matmul(k[:, rows], alpha[rows], precision=jax.lax.Precision.HIGHEST)
 
 
 def forget(

@@ -162,6 +162,8 @@ def test_validation_messages(small):
         small.predict([[np.nan] * 64])
     with pytest.raises(InvalidInputError, match="expected"):
         small.predict([[0.0] * 63])
+    with pytest.raises(InvalidInputError, match="too large"):
+        small.predict([[1e200] * 64])  # finite in JSON, beyond what the model's dtype can carry
     with pytest.raises(InvalidInputError, match="labels"):
         small.influence(ids[:2], [[0.0] * 64], [11])
     assert small.predict([[0.0] * 64, [1.0] * 64]).shape == (2, 10)
