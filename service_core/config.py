@@ -75,12 +75,17 @@ class TrainConfig(_Serialisable):
       lam: λ, the weight of (λ/2)‖θ − θ_p‖².
       tol: stationarity tolerance of Newton in α (relative residual, see ``training.residual``);
         ``None`` picks 1e-5 in float32 and 1e-10 in float64.
-      max_newton: most Newton steps.
+      trainer: ``newton`` (damped Newton in α, solves system (A) per step) or ``kgd`` (kernel
+        gradient descent, math.md Eq. 14: the paper's trainer for infinite width; same optimum,
+        many more, cheaper steps). Deletions are always refined by Newton.
+      max_newton: most Newton steps; max_kgd_steps: most KGD steps.
       dtype: floating point type of K, α, θ and every solve.
     """
 
     loss: LossName = "ce"
     lam: float = 1e-3
+    trainer: Literal["newton", "kgd"] = "newton"
+    max_kgd_steps: int = 100_000
     tol: float | None = None
     max_newton: int = 50
     dtype: DType = "float32"

@@ -35,7 +35,7 @@ from .models import Model, build_model
 from .ntk import cached_ntk, purge_cache
 from .solvers import SolveInfo, canonical_method, choose_method, largest_eigenvalue
 from .state import ModelState, bucket, pad_rows
-from .training import DualProblem, newton, stationarity
+from .training import DualProblem, kernel_gradient_descent, newton, stationarity
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +156,27 @@ class Unlearner:
         f0 = model.offset(x) * jnp.asarray(active, dtype)[:, None]
         lambda_max = largest_eigenvalue(k, form, cap, d)
         problem = DualProblem(k, form, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
-        alpha, info = newton(
-            problem,
-            jnp.zeros_like(y),
-            train_cfg.resolved_tol(),
-            train_cfg.max_newton,
-            cls._solver_kwargs(solver_cfg, train_cfg.dtype),
-        )
+        if train_cfg.trainer == "kgd":
+            alpha, info = kernel_gradient_descent(
+                problem, jnp.zeros_like(y), tol=train_cfg.resolved_tol(), max_steps=train_cfg.max_kgd_steps
+            )
+            limit = "max_kgd_steps (or use trainer newton)"
+        else:
+            alpha, info = newton(
+                problem,
+                jnp.zeros_like(y),
+                train_cfg.resolved_tol(),
+                train_cfg.max_newton,
+                cls._solver_kwargs(solver_cfg, train_cfg.dtype),
+            )
+            limit = "max_newton"
         if not info.converged:
             raise SolverError(
-                f"training stopped at relative stationarity residual {info.residual:.2e} after {info.steps} "
-                f"Newton steps (tolerance {train_cfg.resolved_tol():.0e}): raise lam or max_newton"
+                f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
+                f"{info.steps} steps (tolerance {train_cfg.resolved_tol():.0e}): raise lam or {limit}"
             )
         theta = None if model_cfg.infinite else model.theta_p + model.vjp(x, alpha)
-        log.info("trained: %d Newton steps, %d CG iterations, residual %.2e, %.2f s", info.steps, info.cg_iterations, info.residual, info.seconds)
+        log.info("trained (%s): %d steps, residual %.2e, %.2f s", train_cfg.trainer, info.steps, info.residual, info.seconds)
         meta = {
             "dataset": {
                 "name": dataset.name,
@@ -184,7 +191,7 @@ class Unlearner:
             "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
             "lambda_max": lambda_max,
         }
-        history = ({"version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "newton_steps": info.steps},)
+        history = ({"version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "steps": info.steps},)
         ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
         state = ModelState(0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta)
         return cls(state, model, cache_dir, mesh)

@@ -74,3 +74,14 @@ def test_cnn_through_the_engine():
     u.forget(list(ds.ids[:10]))
     assert np.allclose(est.delta_outputs, u.predict(ds.x_test[:4]) - before, atol=1e-8)
     assert u.predict(ds.x_test[:2].reshape(2, -1)).shape == (2, 10)  # flattened rows accepted
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_kgd_trainer_reaches_the_newton_optimum(loss):
+    ds = load_digits(seed=0).subset(slice(0, 80))
+    cfg = ModelConfig(kind="inf-mlp")
+    a = Unlearner.build(ds, cfg, TrainConfig(loss=loss, lam=0.1, dtype="float64"), SolverConfig(), progress=False)
+    b = Unlearner.build(ds, cfg, TrainConfig(loss=loss, lam=0.1, dtype="float64", trainer="kgd"), SolverConfig(), progress=False)
+    train = b.state.history[0]["train"]
+    assert train["method"] == "kgd" and train["converged"] and train["iterations"] > 10
+    assert np.linalg.norm(b.state.alpha - a.state.alpha) <= 1e-8 * np.linalg.norm(a.state.alpha)

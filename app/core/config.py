@@ -16,6 +16,8 @@ from service_core import ModelConfig, SolverConfig, TrainConfig
 _MODEL = ModelConfig()
 _TRAIN = TrainConfig()
 _SOLVER = SolverConfig()
+# (width, depth) by model kind when not given: the paper's CNN is 3 blocks of 128 channels.
+_KIND_DEFAULTS = {"cnn": (128, 3), "inf-cnn": (128, 3)}
 
 
 class Settings(BaseSettings):
@@ -39,8 +41,16 @@ class Settings(BaseSettings):
     )
     loss: Literal["ce", "mse"] = Field(_TRAIN.loss, description="cross-entropy or squared error")
     lam: float = Field(_TRAIN.lam, gt=0, description="L2 weight λ of the regularised risk")
-    width: int = Field(_MODEL.width, gt=0, description="MLP hidden width")
-    depth: int = Field(_MODEL.depth, ge=0, description="MLP hidden layers")
+    pool: bool = Field(
+        _MODEL.pool, description="cnn / inf-cnn: AvgPool(2×2) after each conv block (inf-cnn with "
+        "pooling costs ~0.1 s per pair of images: a few hundred points at most)",
+    )
+    width: int | None = Field(
+        None, gt=0, description="hidden width: MLP units or CNN channels (default: 512 for mlp, 128 for cnn)"
+    )
+    depth: int | None = Field(
+        None, ge=0, description="hidden layers or conv blocks (default: 2 for mlp, 3 for cnn, as the paper)"
+    )
     w_std: float = Field(_MODEL.w_std, gt=0, description="weight standard deviation (NTK param.)")
     b_std: float = Field(_MODEL.b_std, ge=0, description="bias standard deviation (NTK param.)")
     seed: int = Field(_MODEL.seed, description="seed of the data split and the initialisation")
@@ -70,6 +80,13 @@ class Settings(BaseSettings):
     )
     open_reads: bool = Field(False, description="serve reads without any token")
     worker: bool = Field(True, description="run the solver worker inside 'serve'")
+    # Request limits: one request must not tie the server up (a 300,000-row predict took 30 s).
+    max_rows: int = Field(
+        10_000, gt=0, description="most x rows in one /v1/predict or /v1/influence request"
+    )
+    max_body_bytes: int = Field(
+        64 * 2**20, gt=0, description="largest request body in bytes; larger ones get 413"
+    )
 
     # Queue.
     redis_url: str | None = Field(
@@ -82,6 +99,10 @@ class Settings(BaseSettings):
     )
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="seconds job records are kept")
 
+    def _cifar_targets(self) -> dict:
+        # Squared error on two classes: one output with ±1 targets, as the paper does.
+        return {"binary_pm1": True} if self.loss == "mse" else {}
+
     @model_validator(mode="after")
     def _n_train_applies(self) -> "Settings":
         self.dataset_kwargs()
@@ -89,13 +110,13 @@ class Settings(BaseSettings):
 
     def dataset_kwargs(self) -> dict:
         """Loader arguments of ``service_core.load_dataset`` for ``n_train``."""
-        if self.n_train is None:
-            return {}
         kind = self.dataset.partition(":")[0]
+        if self.n_train is None:
+            return self._cifar_targets() if kind == "cifar2" else {}
         if kind == "mnist":
             return {"train_per_class": max(1, self.n_train // 10)}
         if kind == "cifar2":
-            return {"n_train": self.n_train}
+            return {"n_train": self.n_train, **self._cifar_targets()}
         raise ValueError(f"--n-train applies to mnist and cifar2 data sets, not {self.dataset!r}")
 
     @property
@@ -115,13 +136,15 @@ class Settings(BaseSettings):
         return self.data_dir / "api_token"
 
     def to_model_config(self) -> ModelConfig:
+        width, depth = _KIND_DEFAULTS.get(self.model, (_MODEL.width, _MODEL.depth))
         return ModelConfig(
             kind=self.model,
-            width=self.width,
-            depth=self.depth,
+            width=self.width if self.width is not None else width,
+            depth=self.depth if self.depth is not None else depth,
             w_std=self.w_std,
             b_std=self.b_std,
             seed=self.seed,
+            pool=self.pool,
         )
 
     def to_train_config(self) -> TrainConfig:
