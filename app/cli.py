@@ -8,8 +8,10 @@ default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
+import socket
 import sys
 import types
 import typing
@@ -24,7 +26,18 @@ from .core.config import Settings
 log = logging.getLogger("ntk_unlearn")
 
 # Flags that mean nothing to a lone worker.
-_SERVE_ONLY = {"host", "port", "api_token", "read_token", "open_reads", "worker"}
+_SERVE_ONLY = {
+    "host",
+    "port",
+    "api_token",
+    "read_token",
+    "open_reads",
+    "worker",
+    "max_rows",
+    "max_body_bytes",
+}
+# What uvicorn exits with when the app fails to start.
+_STARTUP_FAILURE = 3
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -102,31 +115,90 @@ def _exit_after_shutdown(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-def serve(settings: Settings) -> None:
-    """Run the API (and, unless ``--no-worker``, the worker) until SIGINT or SIGTERM."""
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn, or a clear exit if that port is taken.
+
+    Done before anything slow (restoring or building the model can take minutes), so that a
+    port in use fails at once rather than after the model load. Bound as uvicorn would bind it
+    (``SO_REUSEADDR``, so a restart is not held up by connections in TIME_WAIT), but not yet
+    listening: until the model is loaded, connections are refused rather than left waiting.
+
+    Raises:
+      SystemExit: the address cannot be bound (in use, not a local address, ...).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(
+            f"ntk-unlearn serve: cannot listen on {host}:{port} ({e.strerror or e}): another "
+            "process may be using that port; stop it or choose another one with --port "
+            "(env NTK_UNLEARN_PORT)"
+        ) from None
+    return sock
+
+
+def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
+    """Serve ``app`` on the bound ``sock`` with uvicorn until it shuts down.
+
+    Raises:
+      SystemExit: the app failed to start (uvicorn has logged why).
+    """
     import uvicorn
 
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
+    server = uvicorn.Server(config)
+    # uvicorn names the address only when it binds the socket itself.
+    host, port = sock.getsockname()[:2]
+    log.info("HTTP API will listen on %s:%d once the model is loaded", host, port)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit(_STARTUP_FAILURE)
+
+
+def serve(settings: Settings) -> None:
+    """Run the API (and, unless ``--no-worker``, the worker) until SIGINT or SIGTERM.
+
+    Before anything slow or anything that touches the data dir's Redis, it claims what it must
+    not share (see ``app.locking``): the worker lock when it runs the worker, the embedded
+    Redis's lock when it runs that, and the HTTP port. A second ``serve`` on the same data dir
+    therefore exits at once with a message naming the process in the way, and leaves the
+    running one alone.
+    """
     from .embedded_redis import EmbeddedRedis
+    from .locking import DataDirInUseError, worker_lock
     from .main import create_app
 
-    settings = _with_api_token(settings)
-    # uvicorn shuts down gracefully on these, then raises them again: exit cleanly instead of
-    # dying of the signal, so that the embedded Redis below is stopped too.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _exit_after_shutdown)
-    embedded = None
-    if settings.redis_url is None:
-        embedded = EmbeddedRedis(settings.data_dir / "redis").start()
-        settings = settings.model_copy(update={"redis_url": embedded.url})
-    try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    with contextlib.ExitStack() as held:
+        try:
+            if settings.worker:
+                # Held until this process ends; the kernel releases it if we are killed.
+                held.enter_context(worker_lock(settings.data_dir, "serve"))
+            sock = held.enter_context(bind_http_socket(settings.host, settings.port))
+            settings = _with_api_token(settings)
+            # uvicorn shuts down gracefully on these, then raises them again: exit cleanly
+            # instead of dying of the signal, so that the embedded Redis below is stopped too.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, _exit_after_shutdown)
+            if settings.redis_url is None:
+                embedded = held.enter_context(EmbeddedRedis(settings.data_dir / "redis"))
+                settings = settings.model_copy(update={"redis_url": embedded.url})
+        except DataDirInUseError as e:
+            raise SystemExit(f"ntk-unlearn serve: {e}") from None
+        _run_http(create_app(settings), sock, settings)
 
 
 def worker(settings: Settings) -> None:
-    """Run the worker alone until SIGINT or SIGTERM; it needs the Redis the API uses."""
+    """Run the worker alone until SIGINT or SIGTERM; it needs the Redis the API uses.
+
+    It holds the data dir's worker lock while it runs: a second worker, or a ``serve`` with its
+    own worker, on the same data dir is refused (one worker per model). API processes started
+    with ``serve --no-worker`` take no lock and run beside it.
+    """
+    from .locking import DataDirInUseError, worker_lock
     from .main import connect_redis
     from .queue import JobQueue
     from .service import load_model, make_worker
@@ -136,18 +208,28 @@ def worker(settings: Settings) -> None:
             "ntk-unlearn worker: set REDIS_URL to the Redis the API processes use "
             "(the private Redis of 'serve' is not shared)"
         )
-    u = load_model(settings)
-    queue = JobQueue(connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s)
-    w = make_worker(settings, u, queue, metrics=None)
+    lock = worker_lock(settings.data_dir, "worker")
+    try:
+        lock.acquire()
+    except DataDirInUseError as e:
+        raise SystemExit(f"ntk-unlearn worker: {e}") from None
+    try:
+        u = load_model(settings)
+        queue = JobQueue(
+            connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+        )
+        w = make_worker(settings, u, queue, metrics=None)
 
-    def request_stop(signum: int, frame: Any) -> None:
-        log.info("signal %d: stopping after the current batch", signum)
-        w.request_stop()
+        def request_stop(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping after the current batch", signum)
+            w.request_stop()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    log.info("worker serving model version %d from %s", u.version, settings.data_dir)
-    w.run()
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        log.info("worker serving model version %d from %s", u.version, settings.data_dir)
+        w.run()
+    finally:
+        lock.release()
 
 
 def _configure_logging() -> None:

@@ -3,6 +3,10 @@
 It listens on a Unix socket under the data directory only (no TCP port), keeps an append-only
 file there so queued jobs survive a restart, and is stopped with its owner: on a clean exit by
 ``stop()``, and when the owner is killed outright by the kernel (``PR_SET_PDEATHSIG``).
+
+Its owner holds an exclusive lock on the directory (``app.locking``) from before it looks at
+anything there until the server is stopped, so a second process on the same directory fails at
+once instead of taking the live server for a leftover and stopping it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from .locking import DirLock
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,15 @@ def _is_redis(pid: int) -> bool:
         return False
 
 
+def _runs_in(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` works in ``directory``: redis-server changes into its ``--dir``,
+    so this tells our server from an unrelated one that got a recycled pid."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == directory
+    except OSError:
+        return False
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,13 +87,17 @@ class EmbeddedRedis:
     """A ``redis-server`` child process on a Unix socket in ``directory``.
 
     Arguments:
-      directory: holds the socket, the append-only file, the pid file and the log.
+      directory: holds the socket, the append-only file, the pid file, the log and the lock.
       binary: the server to run; default ``find_redis_server()``.
+      owner: the owner's command, written into the lock for the message a second one gets.
     """
 
-    def __init__(self, directory: Path, binary: str | None = None):
+    def __init__(self, directory: Path, binary: str | None = None, owner: str = "serve"):
         self.directory = Path(directory).resolve()
         self.binary = binary or find_redis_server()
+        self.lock = DirLock(
+            self.directory / ".lock", owner, f"the embedded Redis in {self.directory}"
+        )
         socket = self.directory / "redis.sock"
         if len(str(socket)) > _MAX_SOCKET_PATH:
             # The data dir is too deep for a Unix socket path: put only the socket elsewhere.
@@ -96,9 +115,21 @@ class EmbeddedRedis:
         """Start the server and wait until it answers PING.
 
         Raises:
+          DataDirInUseError: another live process owns the server of this directory; nothing
+            was touched.
           RuntimeError: the server exited or did not answer within ``timeout`` seconds.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        # First the lock: only with it held is a server found here certainly a leftover.
+        self.lock.acquire()
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         self._stop_leftover(timeout)
         cmd = [
             self.binary,
@@ -136,7 +167,6 @@ class EmbeddedRedis:
                     break
                 except redis.RedisError:
                     if time.monotonic() > deadline:
-                        self.stop()
                         raise RuntimeError(
                             f"redis-server did not answer within {timeout} s: see {self.logfile}"
                         ) from None
@@ -144,15 +174,18 @@ class EmbeddedRedis:
         finally:
             client.close()
         log.info("embedded Redis %s on %s (pid %d)", self.binary, self.socket, self._proc.pid)
-        return self
 
     def _stop_leftover(self, timeout: float) -> None:
-        """Stop a server left by an owner that was killed: two servers on one AOF corrupt it."""
+        """Stop a server left by an owner that was killed: two servers on one AOF corrupt it.
+
+        Called with the lock held, which proves the owner of any server found here is dead.
+        """
+        assert self.lock.held, "a live owner's server must never be taken for a leftover"
         try:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return
-        if not _is_redis(pid):
+        if not (_is_redis(pid) and _runs_in(pid, self.directory)):
             return
         log.warning("stopping leftover redis-server (pid %d) in %s", pid, self.directory)
         try:
@@ -164,17 +197,22 @@ class EmbeddedRedis:
             _wait_gone(pid, timeout)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Shut the server down (it flushes its append-only file first) and wait for it."""
+        """Shut the server down (it flushes its append-only file first), wait for it, and give
+        the directory's lock up."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.info("embedded Redis stopped")
+            if proc is None or proc.poll() is not None:
+                return
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.info("embedded Redis stopped")
+        finally:
+            # Only now: while the server lives, a new owner would take it for a leftover.
+            self.lock.release()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from service_core import Unlearner
 
 from .api.errors import install_error_handlers
+from .api.limits import BodySizeLimit
 from .api.routes import forget, health, model
 from .core.config import Settings
 from .metrics import Metrics
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     )
     app.state.service = state
     install_error_handlers(app)
+    # Added before the metrics middleware, so inside it: refused bodies are counted too.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def record_metrics(request: Request, call_next) -> Response:

@@ -5,11 +5,16 @@ Keys, all under the configured prefix ``P``:
 - ``P:forget``: the stream; each entry holds only a ``job_id`` (never record ids).
 - ``P:job:<job_id>``: the job record (a hash, with a TTL): status, ids, times, solver info.
 - ``P:pending-ids``: the ids of every queued or running job. Enqueueing checks and extends it in
-  one Lua script, so two concurrent requests can never both queue the same id.
+  one Lua script, so two concurrent requests can never both queue the same id, nor together
+  queue every remaining training point (each alone leaving some).
+- ``P:n-train``: the active training points of the model once every *finished* job is applied,
+  written by the worker in the same transaction that releases a batch's ids (and at its start).
+  With ``P:pending-ids`` it tells, atomically, how many points the queued jobs leave.
 - ``P:idempotency:<key>``: the job created for an idempotency key (same TTL as the job).
 
-A job is finished (record updated, entry acknowledged and deleted, ids released) in one
-MULTI/EXEC transaction, so after a crash either all of that happened or none of it did.
+A job is finished (record updated, entry acknowledged and deleted, ids released, ``P:n-train``
+updated) in one MULTI/EXEC transaction, so after a crash either all of that happened or none of
+it did.
 """
 
 from __future__ import annotations
@@ -23,24 +28,41 @@ from typing import Any, Literal
 
 import redis
 
-from service_core import AlreadyForgottenError
+from service_core import AlreadyForgottenError, InvalidForgetSetError
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 GROUP = "solvers"
 
-# KEYS: pending-ids set, stream, job hash, idempotency key (the job hash again when unused).
-# ARGV: job_id, ttl, submitted_at, ids as JSON, '1' when an idempotency key is given, ids...
+# KEYS: pending-ids set, stream, job hash, idempotency key (the job hash again when unused),
+#   n-train.
+# ARGV: job_id, ttl, submitted_at, ids as JSON, '1' when an idempotency key is given, the
+#   caller's n_train ('' for none), ids...
+#
+# The checks, in the order the engine's validation makes them: a replayed idempotency key; ids
+# another queued or running job holds (409); a forget set that, with every queued job, would
+# leave no training point (422). The last count uses n-train when the worker has written it: it
+# is consistent with pending-ids by construction (both change in the worker's finishing
+# transaction), while the caller's model may be a moment ahead of them (a batch published, its
+# ids not yet released) or behind (an API process following a separate worker).
 _ENQUEUE = """
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {'duplicate', existing} end
 end
+local first = 7
 local conflicts = {}
-for i = 6, #ARGV do
+for i = first, #ARGV do
   if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 1 then conflicts[#conflicts + 1] = ARGV[i] end
 end
 if #conflicts > 0 then return {'conflict', cjson.encode(conflicts)} end
-for i = 6, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
+local n_train = tonumber(redis.call('GET', KEYS[5]) or ARGV[6])
+if n_train then
+  local queued = redis.call('SCARD', KEYS[1])
+  if n_train - queued - (#ARGV - first + 1) < 1 then
+    return {'empties', cjson.encode({n_train, queued})}
+  end
+end
+for i = first, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
 redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'status', 'queued', 'ids', ARGV[4],
            'submitted_at', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -111,6 +133,7 @@ class JobQueue:
         self.ttl_s = ttl_s
         self.stream = f"{prefix}:forget"
         self.pending_key = f"{prefix}:pending-ids"
+        self.n_train_key = f"{prefix}:n-train"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
@@ -157,17 +180,29 @@ class JobQueue:
             )
         return job
 
-    def enqueue(self, ids: Sequence[str], idempotency_key: str | None = None) -> Job:
+    def enqueue(
+        self, ids: Sequence[str], idempotency_key: str | None = None, n_train: int | None = None
+    ) -> Job:
         """Reserve ``ids`` and queue a job to forget them, atomically.
 
-        Call after validating ``ids`` against the model and ``pending_ids()``; this repeats only
-        the check that can race: that no other queued or running job holds one of the ids.
+        Call after validating ``ids`` against the model and ``pending_ids()``; this repeats the
+        checks that can race with other requests: that no other queued or running job holds one
+        of the ids, and that the ids with those of every queued or running job leave at least
+        one training point.
+
+        Arguments:
+          ids: the record ids to forget.
+          idempotency_key: a retried request with this key gets the first request's job.
+          n_train: active training points of the model the caller validated against; counts
+            only until a worker has recorded the count (``record_n_train``). ``None``: skip the
+            count when no worker has recorded it either (the worker validates again anyway).
 
         Returns:
           The new job, or the existing one when ``idempotency_key`` was used already.
 
         Raises:
           AlreadyForgottenError: some ids are held by another queued or running job.
+          InvalidForgetSetError: with the queued jobs, no training point would remain.
           IdempotencyKeyReusedError: see ``find_idempotent``.
         """
         job_id = uuid.uuid4().hex
@@ -177,19 +212,34 @@ class JobQueue:
             self.stream,
             self.job_key(job_id),
             self._idem_prefix + idempotency_key if use_key else self.job_key(job_id),
+            self.n_train_key,
         ]
         submitted_at = utc_now()
-        args = [job_id, self.ttl_s, submitted_at, json.dumps(list(ids)), "1" if use_key else "0"]
+        args = [
+            job_id,
+            self.ttl_s,
+            submitted_at,
+            json.dumps(list(ids)),
+            "1" if use_key else "0",
+            "" if n_train is None else int(n_train),
+        ]
         outcome, value = self._enqueue(keys=keys, args=[*args, *ids])
         if outcome == "conflict":
             raise AlreadyForgottenError(json.loads(value), "Wait for the queued job to finish.")
+        if outcome == "empties":
+            remaining, queued = json.loads(value)
+            raise InvalidForgetSetError(
+                f"forgetting these {len(ids)} ids (with {queued} queued) would remove every "
+                f"remaining training point ({remaining} before the queued jobs); at least one "
+                "must remain"
+            )
         if outcome == "duplicate":
             job = self.find_idempotent(idempotency_key, ids)  # type: ignore[arg-type]
             if job is not None:
                 return job
             # The earlier job expired between the two calls: the key is free again.
             self.client.delete(self._idem_prefix + idempotency_key)  # type: ignore[operator]
-            return self.enqueue(ids, idempotency_key)
+            return self.enqueue(ids, idempotency_key, n_train)
         # Not read back: the worker may have taken it already, but it was queued when accepted.
         return Job(job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at)
 
@@ -247,12 +297,21 @@ class JobQueue:
             pipe.hset(self.job_key(job.job_id), "status", "running")
         pipe.execute()
 
-    def finish(self, outcomes: Sequence[tuple[Entry, dict[str, Any]]]) -> None:
+    def record_n_train(self, n_train: int) -> None:
+        """Record the active training points of the worker's model, with every finished job
+        applied (see ``P:n-train`` above). Called by the worker at start, once recovered."""
+        self.client.set(self.n_train_key, int(n_train), ex=self.ttl_s)
+
+    def finish(
+        self, outcomes: Sequence[tuple[Entry, dict[str, Any]]], n_train: int | None = None
+    ) -> None:
         """Record each job's outcome, acknowledge and delete its entry, and release its ids.
 
         Arguments:
           outcomes: ``(entry, fields)`` pairs; ``fields`` is what to record in the job (status,
             finished_at, ...; dicts are stored as JSON), empty for an entry without a job.
+          n_train: active training points of the model with these jobs applied; recorded in
+            the same transaction that releases their ids, so the two always agree.
         """
         if not outcomes:
             return
@@ -273,4 +332,6 @@ class JobQueue:
             pipe.xack(self.stream, GROUP, entry.entry_id)
             # Acknowledged entries serve no purpose; delete them rather than let the stream grow.
             pipe.xdel(self.stream, entry.entry_id)
+        if n_train is not None:
+            pipe.set(self.n_train_key, int(n_train), ex=self.ttl_s)
         pipe.execute()

@@ -125,6 +125,9 @@ class Worker:
         if entries:
             log.info("recovering %d unacknowledged forget job(s)", len(entries))
             self.process(entries)
+        # From here on every finished job is applied to this model, and only to it: its size is
+        # what enqueueing counts the queued jobs against (a restart may bring a new model).
+        self.queue.record_n_train(self.unlearner.n_train)
         return len(entries)
 
     def run_once(self, block_ms: int = 0) -> int:
@@ -171,7 +174,8 @@ class Worker:
 
         if accepted:
             outcomes += self._apply(accepted)
-        self.queue.finish(outcomes)
+        # The model's size goes with the released ids: the API admits new jobs against both.
+        self.queue.finish(outcomes, n_train=u.n_train)
         self._count(outcomes)
 
     def _apply(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
@@ -192,7 +196,8 @@ class Worker:
             message = f"the solver failed ({type(e).__name__}: {e}); the model is unchanged"
             return [(entry, _failed(message)) for entry in accepted]
 
-        solver = result.solve.to_dict()
+        # Why this method: the auto cost model's explanation, or that it was configured.
+        solver = {**result.solve.to_dict(), "reason": result.reason}
         refine = result.refine.to_dict() if result.refine is not None else None
         self.deletion_log.append(
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,9 @@ def test_job_record_has_every_field(client, wait_for_job):
     assert job["submitted_at"] <= job["finished_at"]
     assert job["error"] is None
     solver = job["solver"]
-    assert set(solver) >= {"method", "iterations", "residual", "seconds"}
+    assert set(solver) >= {"method", "iterations", "residual", "seconds", "reason"}
+    # Why the solver was chosen: the auto cost model's explanation, or "configured".
+    assert isinstance(solver["reason"], str) and solver["reason"]
     assert solver["converged"] is True
     assert solver["residual"] < 1e-6
     assert job["refine"]["converged"] is True  # cross-entropy: Newton refinement ran
@@ -97,6 +100,19 @@ def test_unknown_ids_are_404_and_listed(client):
     assert "ghost-1" in detail and "ghost-2" in detail and "r01" not in detail
 
 
+@pytest.mark.parametrize("field", ["ids", "forget_ids"])
+def test_empty_string_ids_are_422(client, x_probe, field):
+    if field == "ids":
+        r = client.post("/v1/forget", json={"ids": ["r01", ""]}, headers=WRITE)
+    else:
+        body = {"forget_ids": [""], "x": x_probe, "y": [0, 1, 2, 0, 1]}
+        r = client.post("/v1/influence", json=body, headers=READ)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "ids must be non-empty strings" in detail
+    assert "not in the training set" not in detail
+
+
 @pytest.mark.parametrize(
     "ids, words",
     [
@@ -119,6 +135,40 @@ def test_forgetting_the_rest_with_queued_jobs_is_422(make_settings, unlearner):
         )
         assert r.status_code == 422
         assert "every remaining" in r.json()["detail"]
+
+
+def test_concurrent_forgets_that_together_empty_the_model_are_refused(make_settings, unlearner):
+    """Each request leaves points, both together none: one is accepted, the other 422."""
+    app = create_app(make_settings(worker=False), unlearner)
+    halves = [[f"r{i:02d}" for i in range(24)], [f"r{i:02d}" for i in range(24, 48)]]
+    with TestClient(app) as client:
+        queue = app.state.service.queue
+        # Both requests read the queued ids (none) before either enqueues: the worst interleaving.
+        both_read = threading.Barrier(2, timeout=30)
+        read_pending = queue.pending_ids
+
+        def pending_ids_then_wait():
+            pending = read_pending()
+            both_read.wait()
+            return pending
+
+        queue.pending_ids = pending_ids_then_wait
+        answers: list = [None, None]
+
+        def submit(k: int) -> None:
+            answers[k] = client.post("/v1/forget", json={"ids": halves[k]}, headers=WRITE)
+
+        threads = [threading.Thread(target=submit, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [202, 422], [r.text for r in answers]
+        refused = next(r for r in answers if r.status_code == 422)
+        assert "every remaining" in refused.json()["detail"]
+        assert queue.client.xlen(queue.stream) == 1
+        assert queue.client.scard(queue.pending_key) == 24
 
 
 @pytest.mark.parametrize(
@@ -154,6 +204,48 @@ def test_predict_outputs(client, x_probe, unlearner):
     body = r.json()
     np.testing.assert_allclose(body["outputs"], unlearner.predict(np.array(x_probe)), rtol=1e-12)
     assert np.shape(body["outputs"]) == (5, 3)
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/influence"])
+def test_more_rows_than_max_rows_are_413(make_settings, unlearner, x_probe, path):
+    with TestClient(create_app(make_settings(max_rows=4), unlearner)) as client:
+        body = {"x": x_probe} if path == "/v1/predict" else {
+            "forget_ids": ["r02"], "x": x_probe, "y": [0, 1, 2, 0, 1]
+        }  # fmt: skip
+        r = client.post(path, json=body, headers=READ)
+        assert r.status_code == 413, r.text
+        detail = r.json()["detail"]
+        assert "5 rows" in detail and "4" in detail and "max_rows" in detail
+        # At the limit is fine.
+        trimmed = {**body, "x": x_probe[:4]}
+        if "y" in body:
+            trimmed["y"] = body["y"][:4]
+        assert client.post(path, json=trimmed, headers=READ).status_code == 200
+
+
+def test_a_body_over_max_body_bytes_is_413_before_it_is_read(make_settings, unlearner):
+    with TestClient(create_app(make_settings(max_body_bytes=1000), unlearner)) as client:
+        big = json.dumps({"x": [[0.0, 1.0, 2.0, 3.0]] * 200})
+        assert len(big) > 1000
+        r = client.post(
+            "/v1/predict", content=big, headers={**READ, "Content-Type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+        detail = r.json()["detail"]
+        assert "1000 bytes" in detail and "max_body_bytes" in detail
+
+        # Streamed without a Content-Length: cut off once the bytes read pass the limit.
+        def chunks():
+            for k in range(0, len(big), 100):
+                yield big[k : k + 100].encode()
+
+        r = client.post(
+            "/v1/predict", content=chunks(), headers={**READ, "Content-Type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+        assert "max_body_bytes" in r.json()["detail"]
+        small = {"x": [[0.0, 1.0, 2.0, 3.0]]}
+        assert client.post("/v1/predict", json=small, headers=READ).status_code == 200
 
 
 def test_influence_estimates_without_changing_the_model(client, x_probe):
@@ -220,15 +312,17 @@ def test_model_info(client):
         ("post", "/v1/forget", {"ids": ["r01"]}),
     ],
 )
-def test_missing_token_is_401_and_wrong_token_403(client, method, path, body):
+def test_missing_or_unknown_token_is_401(client, method, path, body):
     kwargs = {"json": body} if body is not None else {}
     r = getattr(client, method)(path, **kwargs)
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == "Bearer"
     assert "Authorization: Bearer" in r.json()["detail"]
+    # A token that is no token of this service fails authentication (401), not authorisation.
     r = getattr(client, method)(path, headers={"Authorization": "Bearer wrong"}, **kwargs)
-    assert r.status_code == 403
-    assert "rights" in r.json()["detail"]
+    assert r.status_code == 401, r.text
+    assert r.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert "invalid token" in r.json()["detail"]
 
 
 def test_read_token_cannot_forget(client):
@@ -261,6 +355,19 @@ def test_idempotency_key_returns_the_same_job(client, wait_for_job):
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "model_version": 0}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probes_answer_head(client, path):
+    r = client.head(path)
+    assert r.status_code == 200
+    assert r.content == b""
+
+
+def test_head_readyz_says_503_when_not_ready(make_settings, unlearner):
+    settings = make_settings(redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings, unlearner)) as client:
+        assert client.head("/readyz").status_code == 503
 
 
 def test_unreachable_redis_is_503_not_500(make_settings, unlearner):

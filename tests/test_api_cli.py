@@ -22,7 +22,9 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch):
     assert s.width == 32 and s.lam == 0.25 and s.w_std == 1.5
     assert s.refine is False and s.model == "linear"
     assert s.redis_url == "redis://example:6379/0"
-    assert s.depth == 2 and s.loss == "ce" and s.dataset == "digits"
+    assert s.loss == "ce" and s.dataset == "digits"
+    # Unset depth means the model kind's default (a148377): 2 hidden layers for linear/mlp.
+    assert s.depth is None and s.to_model_config().depth == 2
 
 
 def test_every_setting_is_a_flag(capsys):

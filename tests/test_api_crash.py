@@ -163,3 +163,31 @@ def test_a_killed_server_restarts_on_its_checkpoints(tmp_path: Path, dataset_fil
 
     versions = [line for line in (data / "deletions.log").read_text().splitlines() if line]
     assert len(versions) == 2
+
+
+def test_a_second_serve_on_the_same_data_dir_leaves_the_first_working(
+    tmp_path: Path, dataset_file: Path
+):
+    data = tmp_path / "data"
+    first = Server(data, dataset_file, tmp_path / "1.log", "float64")
+    try:
+        first.wait_ready()
+        started = time.monotonic()
+        second = Server(data, dataset_file, tmp_path / "2.log", "float64")
+        try:
+            second.proc.wait(60)
+        finally:
+            second.stop()
+        log2 = (tmp_path / "2.log").read_text()
+        assert second.proc.returncode != 0, log2
+        assert time.monotonic() - started < 30, "the second serve did not fail fast"
+        assert str(data.absolute()) in log2 and f"pid {first.proc.pid}" in log2, log2
+        assert "stopping leftover redis-server" not in log2
+
+        # The first one's queue still works: a job is accepted and applied.
+        assert first.get("/readyz")["status"] == "ready"
+        job = first.post("/v1/forget", {"ids": ["r01"]}, status=202)
+        assert first.wait_job(job["job_id"])["status"] == "succeeded"
+    finally:
+        first.stop()
+    assert first.proc.returncode == 0, (tmp_path / "1.log").read_text()

@@ -17,7 +17,7 @@ from app.main import create_app
 from app.queue import GROUP, JobQueue
 from app.service import make_worker
 from app.worker import Worker
-from service_core import AlreadyForgottenError, Unlearner
+from service_core import AlreadyForgottenError, InvalidForgetSetError, Unlearner
 
 pytestmark = pytest.mark.redis
 
@@ -119,6 +119,57 @@ def test_enqueue_reserves_ids_atomically(queue):
     assert sorted(outcomes) == ["conflict"] * 7 + ["queued"]
     assert queue.client.xlen(queue.stream) == 1
     assert len(queue.client.smembers(queue.pending_key)) == 2
+
+
+def test_enqueue_refuses_jobs_that_together_leave_no_point(queue):
+    # 8 racing requests of 6 ids each: every one alone leaves points, all 48 together none.
+    outcomes: list[str] = []
+    start = threading.Barrier(8)
+
+    def submit(i: int) -> None:
+        start.wait()
+        try:
+            queue.enqueue([f"r{6 * i + k:02d}" for k in range(6)], n_train=48)
+            outcomes.append("queued")
+        except InvalidForgetSetError as e:
+            assert "every remaining" in str(e)
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["queued"] * 7 + ["refused"]
+    assert queue.client.xlen(queue.stream) == 7
+    assert queue.client.scard(queue.pending_key) == 42
+
+
+def test_enqueue_counts_against_the_workers_size_not_a_newer_model(
+    queue, worker_for, unlearner, tmp_path
+):
+    """Between publishing a version and releasing its jobs' ids, the API's model has already
+    shrunk while the ids are still queued: counting both would refuse valid requests."""
+    worker = worker_for(unlearner)
+    worker.recover()  # records the model's size, as a starting worker does
+    assert queue.client.get(queue.n_train_key) == "48"
+    big = queue.enqueue([f"r{i:02d}" for i in range(40)], n_train=48)
+    # The worker applies (checkpoints and publishes) the job but has not finished it yet.
+    unlearner.forget([f"r{i:02d}" for i in range(40)], tmp_path / "checkpoints")
+    assert unlearner.n_train == 8 and queue.client.scard(queue.pending_key) == 40
+
+    # The API passes its (newer) size, 8; 40 queued + 1 must not count as emptying it.
+    queue.enqueue(["r40"], n_train=unlearner.n_train)
+    with pytest.raises(InvalidForgetSetError, match="every remaining"):
+        queue.enqueue([f"r{i:02d}" for i in range(41, 48)], n_train=unlearner.n_train)
+
+    # The worker finishes the batch: the size and the queued ids change together.
+    worker.run_once()
+    assert queue.get(big.job_id).status == "succeeded"
+    assert queue.client.get(queue.n_train_key) == str(unlearner.n_train)
+    with pytest.raises(InvalidForgetSetError, match="every remaining"):
+        queue.enqueue([f"r{i:02d}" for i in range(41, 48)], n_train=unlearner.n_train)
+    queue.enqueue([f"r{i:02d}" for i in range(41, 47)], n_train=unlearner.n_train)
 
 
 def test_finished_jobs_leave_only_their_record(queue, worker_for, unlearner):

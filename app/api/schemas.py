@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+)
 
 
 def _number_array(value: Any) -> np.ndarray:
@@ -49,7 +56,30 @@ Targets = Annotated[
         }
     ),
 ]
-Ids = Annotated[list[str], Field(description="training record ids (strings, never positions)")]
+
+
+def _non_empty_ids(ids: list[str]) -> list[str]:
+    """Refuse ``""``: no record has that id (the model uses it to mark erased rows), and the
+    engine's "not in the training set: ." for it says nothing useful."""
+    empty = [str(k) for k, i in enumerate(ids) if i == ""]
+    if empty:
+        raise ValueError(
+            f"ids must be non-empty strings (empty at position {', '.join(empty[:20])})"
+        )
+    return ids
+
+
+Ids = Annotated[
+    list[str],
+    AfterValidator(_non_empty_ids),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "description": "training record ids (non-empty strings, never positions)",
+        }
+    ),
+]
 
 
 class ErrorOut(BaseModel):
@@ -62,8 +92,14 @@ def errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 
 INVALID = {422: "the request does not match the schema, or values are out of range"}
-READ_AUTH = {401: "no bearer token", 403: "the token has no read rights"}
-WRITE_AUTH = {401: "no bearer token", 403: "the token has no write rights"}
+# 401: no token, or one that is no token of this service; 403: a valid token without the right
+# (every valid token may read, so reads never answer 403).
+READ_AUTH = {401: "missing or invalid bearer token"}
+WRITE_AUTH = {
+    401: "missing or invalid bearer token",
+    403: "the read token: deletion needs the write token",
+}
+TOO_LARGE = {413: "a request body over the setting max_body_bytes"}
 
 
 class _Body(BaseModel):
@@ -94,6 +130,14 @@ class SolverInfo(BaseModel):
     converged: bool | None = None
 
 
+class InfluenceSolverInfo(SolverInfo):
+    reason: str | None = Field(
+        None,
+        description="why this method was used: the 'auto' cost model's explanation, or that it "
+        "was configured (null for versions logged before this field existed)",
+    )
+
+
 class JobOut(BaseModel):
     job_id: str
     status: Literal["queued", "running", "succeeded", "failed"]
@@ -101,7 +145,9 @@ class JobOut(BaseModel):
     model_version: int | None = Field(None, description="the version that applied the job")
     submitted_at: str
     finished_at: str | None = None
-    solver: SolverInfo | None = Field(None, description="the influence solve of the job's batch")
+    solver: InfluenceSolverInfo | None = Field(
+        None, description="the influence solve of the job's batch"
+    )
     refine: SolverInfo | None = Field(None, description="the Newton refinement, if any")
     error: str | None = Field(None, description="why the job failed")
 

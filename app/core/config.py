@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     w_std: float = Field(_MODEL.w_std, gt=0, description="weight standard deviation (NTK param.)")
     b_std: float = Field(_MODEL.b_std, ge=0, description="bias standard deviation (NTK param.)")
     seed: int = Field(_MODEL.seed, description="seed of the data split and the initialisation")
+    trainer: Literal["newton", "kgd"] = Field(
+        _TRAIN.trainer, description="version 0's trainer: Newton in α, or kernel gradient descent (Eq. 14)"
+    )
     dtype: Literal["float32", "float64"] = Field(_TRAIN.dtype, description="floating point type")
 
     # Influence solver.
@@ -148,7 +151,7 @@ class Settings(BaseSettings):
         )
 
     def to_train_config(self) -> TrainConfig:
-        return TrainConfig(loss=self.loss, lam=self.lam, dtype=self.dtype)
+        return TrainConfig(loss=self.loss, lam=self.lam, dtype=self.dtype, trainer=self.trainer)
 
     def to_solver_config(self) -> SolverConfig:
         return SolverConfig(

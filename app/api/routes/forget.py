@@ -6,7 +6,16 @@ from fastapi import APIRouter, HTTPException, status
 
 from ...queue import Job
 from ..deps import ModelDep, QueueDep, ReadAccess, WriteAccess
-from ..schemas import INVALID, READ_AUTH, WRITE_AUTH, ForgetAccepted, ForgetRequest, JobOut, errors
+from ..schemas import (
+    INVALID,
+    READ_AUTH,
+    TOO_LARGE,
+    WRITE_AUTH,
+    ForgetAccepted,
+    ForgetRequest,
+    JobOut,
+    errors,
+)
 
 router = APIRouter(prefix="/v1", tags=["forget"])
 
@@ -24,7 +33,9 @@ def _accepted(job: Job) -> ForgetAccepted:
             **WRITE_AUTH,
             404: "ids not in the training set (listed)",
             409: "ids already forgotten or queued (listed), or an idempotency_key reused",
-            422: "empty or duplicated ids, or every remaining id",
+            422: "empty, duplicated or empty-string ids, or every remaining id (counting the "
+            "queued jobs)",
+            **TOO_LARGE,
             503: "the job queue (Redis) is unreachable",
         }
     ),
@@ -35,9 +46,11 @@ def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep) -> ForgetAccepted:
         earlier = queue.find_idempotent(body.idempotency_key, body.ids)
         if earlier is not None:
             return _accepted(earlier)
-    # The engine checks ids against the model; enqueue re-checks atomically against other jobs.
+    # The engine checks ids against the model; enqueue re-checks atomically what concurrent
+    # requests can change: ids taken by other jobs, and that all queued jobs together leave a
+    # training point (two requests, each leaving some, may together leave none).
     u.validate_forget(body.ids, pending=queue.pending_ids())
-    return _accepted(queue.enqueue(body.ids, body.idempotency_key))
+    return _accepted(queue.enqueue(body.ids, body.idempotency_key, n_train=u.n_train))
 
 
 @router.get(

@@ -12,13 +12,21 @@ from ..schemas import Readiness, errors
 router = APIRouter(tags=["operations"])
 
 
+# HEAD too: load balancers and uptime checkers often probe with it (FastAPI routes, unlike
+# Starlette's, do not answer HEAD for GET by themselves). Two routes, not one with two methods,
+# so that each gets its own OpenAPI operation id.
+@router.head("/healthz", summary="Healthz (HEAD)")
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=errors({503: "model not loaded, or the queue unreachable"}))
+_NOT_READY = {503: "model not loaded, or the queue unreachable"}
+
+
+@router.head("/readyz", responses=errors(_NOT_READY), summary="Readyz (HEAD)")
+@router.get("/readyz", responses=errors(_NOT_READY))
 def readyz(state: StateDep) -> Readiness:
     """Readiness: the model is loaded and the queue (Redis) answers PING."""
     if state.unlearner is None:

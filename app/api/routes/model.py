@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, status
 
-from ..deps import ModelDep, ReadAccess
+from ...core.config import Settings
+from ..deps import ModelDep, ReadAccess, SettingsDep
 from ..schemas import (
     INVALID,
     READ_AUTH,
+    TOO_LARGE,
     IdsOut,
     InfluenceOut,
     InfluenceRequest,
@@ -23,12 +26,31 @@ router = APIRouter(
     prefix="/v1", tags=["model"], dependencies=[ReadAccess], responses=errors(READ_AUTH)
 )
 
-_BAD_INPUT = {422: "inputs or targets of the wrong shape, or not finite"}
+_BAD_INPUT = {
+    422: "inputs or targets of the wrong shape, or not finite",
+    413: f"more x rows than the setting max_rows allows, or {TOO_LARGE[413]}",
+}
+
+
+def _check_rows(x: np.ndarray, settings: Settings) -> None:
+    """Refuse more rows than ``max_rows``: a request's cost grows with its rows, and one huge
+    request would hold the model (and every other client) up for as long as it takes.
+
+    Raises:
+      HTTPException: 413, saying the limit and the setting that raises it.
+    """
+    if len(x) > settings.max_rows:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"x has {len(x)} rows; one request may have at most {settings.max_rows}, the limit "
+            "of setting max_rows (flag --max-rows, env NTK_UNLEARN_MAX_ROWS): split the request",
+        )
 
 
 @router.post("/predict", responses=errors(_BAD_INPUT))
-def predict(body: PredictRequest, u: ModelDep) -> PredictOut:
-    """Outputs of the current model at `x`."""
+def predict(body: PredictRequest, u: ModelDep, settings: SettingsDep) -> PredictOut:
+    """Outputs of the current model at `x` (at most `max_rows` rows)."""
+    _check_rows(body.x, settings)
     version, outputs = u.predict_with_version(body.x)
     return PredictOut(model_version=version, outputs=outputs.tolist())
 
@@ -44,11 +66,12 @@ def predict(body: PredictRequest, u: ModelDep) -> PredictOut:
         }
     ),
 )
-def influence(body: InfluenceRequest, u: ModelDep) -> InfluenceOut:
+def influence(body: InfluenceRequest, u: ModelDep, settings: SettingsDep) -> InfluenceOut:
     """Estimated change of outputs and loss at `(x, y)` if `forget_ids` were removed.
 
-    An estimate only: the model does not change.
+    An estimate only: the model does not change. At most `max_rows` rows of `x`.
     """
+    _check_rows(body.x, settings)
     result = u.influence(body.forget_ids, body.x, body.y)
     return InfluenceOut(
         model_version=result.version,
