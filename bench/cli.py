@@ -1,0 +1,266 @@
+"""``ntk-unlearn bench``: the benchmarks of issue 3.
+
+Subcommands:
+
+* ``figure1`` (default): the paper's Figure 1 metrics on ``digits`` and ``mnist`` (``bench.figure1``);
+* ``ntk``: NTK precompute speed against JACOBIAN_CONTRACTION and the whole MNIST kernel (``bench.ntkbench``);
+* ``figure4``: ``bench.figure4.main`` when that module exists;
+* ``all``: ntk, figure1 (digits and mnist), figure4;
+* ``report``: no measurement; rebuild the Markdown, the figures and the combined ``BENCHMARKS.md``
+  from the JSON files already in ``--out``.
+
+Every run writes ``<out>/<name>.json`` (every number), ``<out>/<name>.md`` and PNG figures, then
+rebuilds the combined Markdown (``BENCHMARKS.md`` at the repository root for a full run into the
+default output folder, else ``<out>/BENCHMARKS.md``) from all JSON files in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results"
+COMMANDS = ("figure1", "ntk", "figure4", "all", "report")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.replace(" ", "").split(",") if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ntk-unlearn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="figure1", choices=COMMANDS)
+    ap.add_argument("--workload", choices=("digits", "mnist", "all"), default="all")
+    ap.add_argument("--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90")
+    ap.add_argument("--repeats", type=int, default=None, help="warm repeats for calls of at most 5 s (default 5; --quick 2)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default bench/results)")
+    ap.add_argument("--md", type=Path, default=None, help="combined Markdown (default: BENCHMARKS.md at the repository root "
+                    "for a full run into the default folder, else OUT/BENCHMARKS.md)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    ap.add_argument("--mnist-dir", type=Path, default=REPO / ".." / "shared" / "data" / "mnist")
+    ap.add_argument("--mnist-width", type=int, default=1024, help="hidden width of the MNIST FCNN (paper: 1024)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the forget sets and of the random baseline")
+    ap.add_argument("--cholesky-max-dim", type=int, default=16384,
+                    help="run alpha-cholesky only where the engine's factorised dimension (capacity·d) is at most this")
+    ap.add_argument("--engine-theta", choices=("auto", "first", "all", "none"), default="auto",
+                    help="fractions at which the engine's theta-cg (recompiles on every call) is run; auto: the first "
+                    "fraction on digits, none on MNIST (one call did not finish in 20 min there)")
+    ap.add_argument("--trajectory-fractions", type=_ints, default=None,
+                    help="fractions with CG-trajectory measurements (default: the first fraction)")
+    ap.add_argument("--cold", choices=("all", "alpha-cg", "none"), default=None,
+                    help="methods whose cold start is measured (default all; --quick: alpha-cg)")
+    ap.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,
+                    help="only these rows, e.g. alpha-cg,alpha-paper,retrain (default: all)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the warm-latency profile of alpha-cg")
+    ap.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
+    return ap
+
+
+def _log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _command_line(argv: list[str]) -> str:
+    return "ntk-unlearn bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def run_figure1(args, argv, machine, bandwidth) -> list[str]:
+    from . import figure1, report
+
+    written = []
+    workloads = ["digits", "mnist"] if args.workload == "all" else [args.workload]
+    for name in workloads:
+        wl = figure1.make_workload(name, args)
+        if isinstance(wl, str):
+            _log(f"\n== figure1 / {name}: {wl}")
+            continue
+        res = figure1.run_workload(wl, args, bandwidth, log=_log)
+        res["command"] = _command_line(argv)
+        res["machine"] = machine
+        res["quick"] = args.quick
+        stem = f"figure1-{name}"
+        _write_json(args.out / f"{stem}.json", res)
+        report.plot_figure1(res, args.out / f"{stem}.png")
+        report.plot_trajectories(res, args.out / f"convergence-{name}.png")
+        md = report.figure1_markdown(res)
+        (args.out / f"{stem}.md").write_text(md)
+        _log("\n" + md)
+        written.append(stem)
+    return written
+
+
+def run_ntk(args, argv, machine) -> None:
+    from . import ntkbench, report
+
+    res = ntkbench.run_ntk(args, log=_log)
+    res["command"] = _command_line(argv)
+    res["machine"] = machine
+    res["quick"] = args.quick
+    _write_json(args.out / "ntk.json", res)
+    md = report.ntk_markdown(res)
+    (args.out / "ntk.md").write_text(md)
+    _log("\n" + md)
+
+
+def run_figure4(rest: list[str], args=None) -> int:
+    if importlib.util.find_spec("bench.figure4") is None:
+        _log("figure4: not available (bench/figure4.py does not exist yet)")
+        return 0
+    mod = importlib.import_module("bench.figure4")
+    try:
+        rc = mod.main(rest)
+    except SystemExit as exc:  # its own argument parser
+        rc = exc.code if isinstance(exc.code, int) else 1
+    return int(rc or 0)
+
+
+def rebuild(out: Path) -> None:
+    """Per-workload Markdown and figures from the JSON files in ``out``."""
+    from . import report
+
+    for name in ("digits", "mnist"):
+        p = out / f"figure1-{name}.json"
+        if p.exists():
+            res = json.loads(p.read_text())
+            (out / f"figure1-{name}.md").write_text(report.figure1_markdown(res))
+            report.plot_figure1(res, out / f"figure1-{name}.png")
+            report.plot_trajectories(res, out / f"convergence-{name}.png")
+    if (out / "ntk.json").exists():
+        (out / "ntk.md").write_text(report.ntk_markdown(json.loads((out / "ntk.json").read_text())))
+
+
+def combined_markdown(out: Path) -> str:
+    from . import report
+
+    fig = {}
+    for name in ("digits", "mnist"):
+        p = out / f"figure1-{name}.json"
+        if p.exists():
+            fig[name] = json.loads(p.read_text())
+    ntk = json.loads((out / "ntk.json").read_text()) if (out / "ntk.json").exists() else None
+    docs = [d for d in [fig.get("mnist"), fig.get("digits"), ntk] if d]
+    if not docs:
+        return ""
+    m = max(docs, key=lambda d: d["machine"]["date_utc"])["machine"]
+    commands = []
+    for label, d in (("ntk", ntk), ("figure1 mnist", fig.get("mnist")), ("figure1 digits", fig.get("digits"))):
+        if d:
+            commands.append(f"- {label}: `{d['command']}` ({d['machine']['date_utc']})")
+    lines = [
+        "# Benchmarks",
+        "",
+        "Issue 3, item 7 (the paper's Figure 1 metrics on real data) and item 3 (NTK precompute), measured on the engine "
+        "in `service_core` by `bench/` (`ntk-unlearn bench`, `make bench ARGS=...`). Every number below is measured; "
+        "nothing is tuned for the report. Full data: `bench/results/*.json`.",
+        "",
+        "**Machine:** " + f"{m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
+        f"{m['memory_gib']:.1f} GiB memory, no accelerator ({', '.join(m['jax_devices'])}); Python {m['python']}, jax {m['jax']}, "
+        f"jaxlib {m['jaxlib']}, neural-tangents {m['neural_tangents']}, numpy {m['numpy']}. "
+        f"Load average at start {', '.join(f'{x:.1f}' for x in (m['loadavg_1_5_15'] or []))}.",
+        "",
+        "**Produced by:**",
+        *commands,
+        "",
+        "Timings are wall-clock on a shared 2-core machine where other people's tests ran at the same time: expect noise of "
+        "tens of per cent on any single number (medians are reported). Cold = first call after `jax.clear_caches()`.",
+        "",
+        report.acceptance_markdown(report.acceptance(fig, ntk)),
+    ]
+    if ntk:
+        lines.append(report.ntk_markdown(ntk))
+    for name in ("mnist", "digits"):
+        if name in fig:
+            lines.append(report.figure1_markdown(fig[name]))
+    if (out / "figure4.md").exists():
+        lines += ["## Figure 4 (bench/figure4.py, by its own run)", "", (out / "figure4.md").read_text(), ""]
+    from .figure1 import __doc__ as protocol
+
+    lines += ["## Protocol (bench/figure1.py)", "", "```", (protocol or "").strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "figure4":
+        return run_figure4(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.fractions = args.fractions or [10, 50]
+        args.repeats = args.repeats or 2
+        args.cold = args.cold or "alpha-cg"
+        if "--engine-theta" not in argv:
+            args.engine_theta = "none"
+    args.cold = args.cold or "all"
+    args.fractions = args.fractions or [10, 30, 50, 70, 90]
+    args.repeats = args.repeats or 5
+    args.trajectory_fractions = args.trajectory_fractions or args.fractions[:1]
+    args.mnist_dir = args.mnist_dir.resolve()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    from .machine import machine_info, memory_bandwidth
+
+    if args.command == "report":
+        rebuild(args.out)
+        md = combined_markdown(args.out)
+        target = args.md or (REPO / "BENCHMARKS.md" if args.out == DEFAULT_OUT.resolve() else args.out / "BENCHMARKS.md")
+        if md:
+            target.write_text(md)
+            _log(f"wrote {target}")
+        return 0
+
+    machine = machine_info()
+    _log(f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, {machine['memory_gib']:.1f} GiB, jax {machine['jax']}, "
+         f"load {machine['loadavg_1_5_15']}")
+    rc = 0
+    if args.command in ("ntk", "all"):
+        run_ntk(args, argv, machine)
+    if args.command in ("figure1", "all"):
+        bandwidth = None
+        if not args.no_bandwidth:
+            bandwidth = memory_bandwidth(gib=0.25 if args.quick else 1.0)
+            _log(f"memory bandwidth: numpy sum {bandwidth['numpy_sum']:.1f}, jnp.sum {bandwidth['jax_sum']:.1f}, "
+                 f"matvec {bandwidth['jax_matvec']:.1f} GB/s (best {bandwidth['best']:.1f})")
+        run_figure1(args, argv, machine, bandwidth)
+    if args.command == "all":
+        if args.quick:
+            _log("figure4: skipped with --quick (bench/figure4.py has no small mode)")
+        else:
+            rc = run_figure4(["--out-dir", str(args.out)])
+    md = combined_markdown(args.out)
+    if md:
+        target = args.md
+        if target is None:
+            target = REPO / "BENCHMARKS.md" if (args.out == DEFAULT_OUT.resolve() and not args.quick) else args.out / "BENCHMARKS.md"
+        target.write_text(md)
+        _log(f"\nwrote {target}")
+    _log(f"bench {args.command}: {time.perf_counter() - t0:.0f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""The paper's Figure 1 metrics, measured on the engine (``Unlearner.plan_forget``).
+
+For each removal fraction and method: cold-start and warm-start seconds, CG iterations, relative
+distance to exact retraining ‖Δθ_method − Δθ_retrain‖ / ‖Δθ_retrain‖, distance to the exact
+influence step (solver accuracy), forget-set and test-set accuracy after the update.
+
+Protocol (also printed with the results):
+
+* One trained state per workload; ``plan_forget`` computes each deletion without publishing it, so
+  every call starts from the same version 0.
+* Methods are run one after the other (method-outer, fraction-inner). **Cold**: the first call after
+  ``jax.clear_caches()`` (compilation included). **Warm**: the median of repeated calls on the same
+  state; 5 repeats (``--repeats``) when a call takes ≤ 5 s, 3 when ≤ 15 s, 1 above. A method whose cold
+  call exceeds 15 s ("slow") is cold-measured at the first fraction only: shapes are bucketed to the
+  state's capacity, so its compiled code is the same at every fraction and cold − warm there is its
+  compile cost.
+* Single influence step (``refine=False``) for the solver methods, as the paper compares; the row
+  ``alpha-cg+refine`` is the service's default path (step + Newton refinement).
+* ``retrain``: ``training.newton`` from α = 0 on the retain set with K_RR available (the service's
+  training tolerance), then θ = θ_p + J(X)ᵀα; the NTK precompute is reported separately.
+* ``random``: θ* + ρ with ρ a random direction scaled to ‖Δθ_retrain‖.
+* References (float64, see ``bench.reference``): exact retraining and the exact influence step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, losses
+from service_core.data import Dataset, load_digits, load_mnist
+from service_core.errors import SolverError
+from service_core.ntk import kernel_matvec
+from service_core.solvers import spd_operator
+from service_core.training import newton
+
+from . import instrument
+from .machine import peak_rss_gib
+from .reference import ReferenceSolver
+
+FAST_S = 5.0  # ≤: all repeats
+SLOW_S = 15.0  # ≤: 3 repeats; above: 1 repeat, and cold measured at the first fraction only
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    title: str
+    dataset: Dataset
+    model: ModelConfig
+    train: TrainConfig
+    notes: list
+
+
+def stratified_subset(ds: Dataset, per_class: int) -> Dataset:
+    idx = np.concatenate([np.flatnonzero(ds.y == c)[:per_class] for c in range(ds.output_dim)])
+    return ds.subset(np.sort(idx))
+
+
+def make_workload(name: str, args) -> Workload | str:
+    """The workload, or a message saying why it is skipped."""
+    lam = 1e-2
+    if name == "digits":
+        ds = load_digits(seed=0)
+        width, depth = 512, 2
+        notes = []
+        if args.quick:
+            ds = stratified_subset(ds, 10)
+            width = 32
+            notes.append("--quick: 10 points per class (N = 100), width 32")
+        title = f"digits, linearised MLP {depth}×{width}, cross-entropy, λ = {lam:g}, float32"
+        return Workload("digits", title, ds, ModelConfig(kind="mlp", width=width, depth=depth), TrainConfig(loss="ce", lam=lam), notes)
+    if name == "mnist":
+        directory = Path(args.mnist_dir)
+        if not directory.is_dir() or not any(directory.glob("t10k-images-idx3-ubyte*")):
+            return f"mnist skipped: no MNIST IDX files in {directory} (pass --mnist-dir)"
+        per_class = 20 if args.quick else 200
+        width = 64 if args.quick else args.mnist_width
+        ds = load_mnist(directory, seed=0, train_per_class=per_class, test_per_class=per_class)
+        notes = []
+        if width != 1024:
+            notes.append(f"hidden width {width} instead of the paper's 1024" + (" (--quick)" if args.quick else " (--mnist-width)"))
+        title = f"MNIST, linearised FCNN 3×{width}, {per_class} per class (N = {ds.n}), cross-entropy, λ = {lam:g}, float32, full-form K"
+        return Workload("mnist", title, ds, ModelConfig(kind="mlp", width=width, depth=3), TrainConfig(loss="ce", lam=lam), notes)
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def forget_ids(ids: list[str], labels: np.ndarray, fraction: float, seed: int) -> list[str]:
+    """A stratified random forget set: round(fraction·n_c) ids of each class c (seeded)."""
+    rng = np.random.default_rng([seed, int(round(fraction * 1000))])
+    ids = np.asarray(ids)
+    chosen = []
+    for c in np.unique(labels):
+        pool = ids[labels == c]
+        k = int(round(fraction * len(pool)))
+        chosen.extend(rng.choice(pool, size=k, replace=False).tolist())
+    return chosen
+
+
+def _median(xs):
+    return float(statistics.median(xs)) if xs else None
+
+
+class Context:
+    """The trained state and everything measured on it that every method row needs."""
+
+    def __init__(self, wl: Workload, u: Unlearner):
+        self.wl = wl
+        self.u = u
+        st = u.state
+        self.state = st
+        self.model = u.model
+        self.n = st.n
+        self.cap = st.capacity
+        self.d = u.output_dim
+        self.labels = np.asarray(wl.dataset.y)
+        assert list(st.ids[: self.n]) == list(wl.dataset.ids), "state ids are not in data set order"
+        self.predict = jax.jit(self.model.f_lin)
+        self.vjp = jax.jit(self.model.vjp)
+        self.kmv = jax.jit(partial(kernel_matvec, form=st.form))
+        self.x_test = jnp.asarray(wl.dataset.x_test, st.x.dtype)
+        self.y_test = np.asarray(wl.dataset.y_test)
+        self.index = {i: p for p, i in enumerate(st.ids.tolist()) if i}
+
+    def mask(self, ids) -> np.ndarray:
+        m = np.zeros(self.cap, bool)
+        m[[self.index[i] for i in ids]] = True
+        return m
+
+    def accuracy(self, theta, rows: np.ndarray | None = None) -> tuple[float | None, float]:
+        """(forget-set accuracy on ``rows``, test accuracy) of θ."""
+        fa = None
+        if rows is not None and rows.any():
+            out = np.asarray(self.predict(theta, self.state.x[np.flatnonzero(rows)]))
+            fa = float(np.mean(out.argmax(-1) == self.labels[np.flatnonzero(rows)]))
+        out = np.asarray(self.predict(theta, self.x_test))
+        return fa, float(np.mean(out.argmax(-1) == self.y_test))
+
+    def knorm(self, v: np.ndarray) -> float:
+        """‖J(X)ᵀ v‖ = sqrt(vᵀ K v) for v ``(C, d)`` (float32 product, float64 sum)."""
+        kv = np.asarray(self.kmv(self.state.k, jnp.asarray(v, self.state.k.dtype)), np.float64)
+        return math.sqrt(max(float(np.vdot(v, kv)), 0.0))
+
+
+def _call(un: Unlearner, ids, method, refine, rec: instrument.Recorder):
+    rec.reset()
+    t0 = time.perf_counter()
+    new_state, result = un.plan_forget(ids, method=method, refine=refine)
+    jax.block_until_ready((new_state.theta, new_state.alpha, new_state.k))
+    return time.perf_counter() - t0, new_state, result
+
+
+def _cold_ok(args, name: str) -> bool:
+    return args.cold == "all" or (args.cold == "alpha-cg" and name == "alpha-cg")
+
+
+def _n_warm(first: float, repeats: int) -> int:
+    if first <= FAST_S:
+        return repeats
+    if first <= SLOW_S:
+        return min(3, repeats)
+    return 1
+
+
+def time_method(run, fraction_index: int, slow_state: dict, repeats: int, cold_ok: bool = True):
+    """Cold and warm timings of ``run()`` (returns (seconds, payload)); see the module docstring."""
+    cold = None
+    payload = None
+    if cold_ok and (fraction_index == 0 or not slow_state.get("slow")):
+        jax.clear_caches()
+        instrument.clear_theta_cache()
+        cold, payload = run()
+        if fraction_index == 0 and cold > SLOW_S:
+            slow_state["slow"] = True
+    warm = []
+    extra = []
+    t, payload = run()
+    warm.append(t)
+    extra.append(payload)
+    for _ in range(_n_warm(t, repeats) - 1):
+        t, payload = run()
+        warm.append(t)
+        extra.append(payload)
+    return cold, warm, extra
+
+
+def k_pass_seconds(ctx: Context, repeats: int = 5) -> float:
+    v = jnp.ones((ctx.cap, ctx.d), ctx.state.k.dtype)
+    ctx.kmv(ctx.state.k, v).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ctx.kmv(ctx.state.k, v).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return float(statistics.median(ts))
+
+
+# -- CG trajectories (iterations to a given accuracy) ----------------------------------------------
+
+def _paper_operator(k, w, mask, c, n_total, form):
+    m = mask[:, None].astype(k.dtype)
+
+    def matvec(v):  # as service_core.solvers._paper_cg
+        kv = m * kernel_matvec(k, v * m, form)
+        return (m * kernel_matvec(k, m * losses.apply_blocks(w, kv), form)) / n_total + (c / n_total) * kv + (1 - m) * v
+
+    return matvec
+
+
+@partial(jax.jit, static_argnames=("form", "paper", "steps"))
+def _cg_steps(k, blocks, mask, c, n_total, st, form, paper, steps):
+    matvec = _paper_operator(k, blocks, mask, c, n_total, form) if paper else spd_operator(k, form, blocks, mask, c)
+
+    def body(_, st):  # the engine's CG iteration (solvers.cg)
+        x, r, p, rs = st
+        ap = matvec(p)
+        pap = jnp.vdot(p, ap).real
+        step = jnp.where(pap > 0, rs / pap, 0.0)
+        x = x + step * p
+        r = r - step * ap
+        rs_new = jnp.vdot(r, r).real
+        p = r + jnp.where(rs > 0, rs_new / rs, 0.0) * p
+        return x, r, p, rs_new
+
+    return jax.lax.fori_loop(0, steps, body, st)
+
+
+def trajectories(ctx: Context, forget: np.ndarray, ref_step: np.ndarray, cg_max: int, paper_max: int = 500, paper_stride: int = 5):
+    """Distance to the exact (float64) influence step after each CG iteration, for system (B)
+    (``alpha-cg``) and for the paper's premultiplied form (``alpha-paper``), both from 0, with the
+    engine's operators and CG recurrence. Distance: ‖J(X)ᵀ(Δα_k − Δα_exact)‖ / ‖J(X)ᵀΔα_exact‖."""
+    st = ctx.state
+    u = ctx.u
+    train = u.train_config
+    k, form, dtype = st.k, st.form, st.k.dtype
+    active = jnp.asarray(st.active)
+    fmask = jnp.asarray(forget)
+    retain = active & ~fmask
+    m_r = retain[:, None].astype(dtype)
+    m_f = fmask[:, None].astype(dtype)
+    n_f, n_r = int(forget.sum()), int(np.asarray(retain).sum())
+    alpha = st.alpha
+    f_star = st.f0 + kernel_matvec(k, alpha * active[:, None], form)
+    w = losses.hessian(train.loss, f_star, st.y)
+    s = losses.hessian_sqrt(train.loss, f_star, st.y)
+    b = train.lam * n_f * alpha * m_r + losses.apply_blocks(w, m_r * kernel_matvec(k, alpha * m_f, form)) * m_r
+    c = jnp.asarray(train.lam * n_r, dtype)
+    n_total = jnp.asarray(float(ctx.n), dtype)
+    ref_norm = ctx.knorm(ref_step)
+    alpha_np = np.asarray(alpha, np.float64)
+    mf_np, mr_np = np.asarray(m_f, np.float64), np.asarray(m_r, np.float64)
+
+    def err(delta_r):
+        da = np.asarray(delta_r, np.float64) * mr_np - alpha_np * mf_np
+        return ctx.knorm(da - ref_step) / ref_norm
+
+    out = {}
+    # system (B): rhs = M S K b; Δα_R = (b − S z)/c
+    rhs = m_r * losses.apply_blocks(s, kernel_matvec(k, b, form)) if s is not None else b
+    z0 = jnp.zeros_like(rhs)
+    state = (z0, rhs, rhs, jnp.vdot(rhs, rhs).real)
+    pts = []
+    t0 = time.perf_counter()
+    for it in range(1, cg_max + 1):
+        state = _cg_steps(k, s, retain, c, n_total, state, form=form, paper=False, steps=1)
+        z = state[0]
+        delta = (b - losses.apply_blocks(s, z) * m_r) / c if s is not None else z
+        pts.append((it, err(delta)))
+    out["alpha-cg"] = {"points": pts, "seconds": time.perf_counter() - t0}
+    # paper form: rhs = M K M b / N
+    rhs = m_r * kernel_matvec(k, b * m_r, form) / n_total
+    state = (jnp.zeros_like(rhs), rhs, rhs, jnp.vdot(rhs, rhs).real)
+    pts = []
+    t0 = time.perf_counter()
+    done = 0
+    schedule = [1, 2, 3, 4] + list(range(paper_stride, paper_max + 1, paper_stride))
+    for it in schedule:
+        state = _cg_steps(k, w, retain, c, n_total, state, form=form, paper=True, steps=it - done)
+        done = it
+        pts.append((it, err(state[0])))
+    out["alpha-paper"] = {"points": pts, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def iterations_to(points, target: float):
+    for it, e in points:
+        if e <= target:
+            return it
+    return None
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
+    t_start = time.perf_counter()
+    fractions = [f / 100.0 for f in args.fractions]
+    res: dict = {"workload": wl.name, "title": wl.title, "notes": list(wl.notes), "fractions": list(args.fractions)}
+    log(f"\n== figure1 / {wl.name}: {wl.title}")
+    t0 = time.perf_counter()
+    u = Unlearner.build(wl.dataset, wl.model, wl.train, SolverConfig(), cache_dir=None, progress=False)
+    build_s = time.perf_counter() - t0
+    ctx = Context(wl, u)
+    st = u.state
+    train_info = st.history[0]["train"]
+    res["setup"] = {
+        "n_train": ctx.n, "n_test": int(len(ctx.y_test)), "d": ctx.d, "n_params": u.model.n_params,
+        "capacity": ctx.cap, "kernel_form": st.form, "kernel_shape": list(st.k.shape), "kernel_bytes": int(st.k.nbytes),
+        "lam": wl.train.lam, "loss": wl.train.loss, "dtype": wl.train.dtype,
+        "width": wl.model.width, "depth": wl.model.depth,
+        "build_seconds": build_s, "ntk_seconds": st.meta["ntk"]["seconds"], "train": train_info,
+        "train_newton_steps": st.history[0].get("newton_steps", st.history[0].get("steps", train_info.get("iterations"))),
+        "solver_tol": u.solver_config.resolved_tol(wl.train.dtype), "train_tol": wl.train.resolved_tol(),
+    }
+    fa, ta = ctx.accuracy(st.theta)
+    train_acc, _ = ctx.accuracy(st.theta, st.active)
+    res["setup"]["accuracy_before"] = {"train": train_acc, "test": ta}
+    log(f"   built in {build_s:.1f} s (NTK {st.meta['ntk']['seconds']:.1f} s, training {train_info['seconds']:.1f} s, "
+        f"residual {train_info['residual']:.1e}); P = {u.model.n_params:,}, K {tuple(st.k.shape)} = {st.k.nbytes / 1e9:.2f} GB; "
+        f"train acc {train_acc:.3f}, test acc {ta:.3f}")
+    kpass = k_pass_seconds(ctx)
+    res["k_pass_seconds"] = kpass
+    res["k_pass_bandwidth_gbs"] = st.k.nbytes / kpass / 1e9
+    log(f"   one jitted K·v over the stored K ({st.k.nbytes / 1e9:.2f} GB): {kpass:.3f} s = {st.k.nbytes / kpass / 1e9:.1f} GB/s")
+
+    # -- references ------------------------------------------------------------------------------
+    ref = ReferenceSolver(st.k, st.form, st.f0, st.y, st.alpha, st.active, wl.train.lam, wl.train.loss)
+    theta_star = st.theta
+    per_frac = []
+    for fi, frac in enumerate(fractions):
+        ids = forget_ids(ctx.u.active_ids(), ctx.labels, frac, args.seed)
+        fmask = ctx.mask(ids)
+        step_ref, step_info = ref.exact_step(fmask)
+        retr_ref, retr_info = ref.retrain(fmask, step_ref)
+        dtheta_ref = ctx.vjp(st.x, jnp.asarray(retr_ref, st.x.dtype))
+        theta_ref = theta_star + dtheta_ref
+        # float32 map-back floor: the same Δθ by two routes that agree in exact arithmetic
+        alt = u.model.theta_p + ctx.vjp(st.x, jnp.asarray(ref.alpha * st.active[:, None] + retr_ref, st.x.dtype)) - theta_star
+        dref = np.asarray(dtheta_ref, np.float64)
+        floor = float(np.linalg.norm(np.asarray(alt, np.float64) - dref) / np.linalg.norm(dref))
+        step_vs_retrain = ctx.knorm(step_ref - retr_ref) / ctx.knorm(retr_ref)
+        facc, tacc = ctx.accuracy(theta_ref, fmask)
+        per_frac.append({
+            "ids": ids, "mask": fmask, "step_ref": step_ref, "retrain_ref": retr_ref, "dtheta_ref": dref,
+            "dtheta_ref_norm": float(np.linalg.norm(dref)), "retrain_knorm": ctx.knorm(retr_ref),
+        })
+        res.setdefault("reference", {})[str(args.fractions[fi])] = {
+            "n_forget": len(ids), "n_retain": ctx.n - len(ids),
+            "exact_step": step_info, "retrain": retr_info, "map_back_floor": floor,
+            "exact_step_distance_to_retraining": step_vs_retrain,
+            "forget_acc": facc, "test_acc": tacc,
+        }
+        log(f"   ref {args.fractions[fi]:>2d}%: N_F = {len(ids)}, exact step residual {step_info['residual']:.1e} "
+            f"({step_info['seconds']:.1f} s), retrain residual {retr_info['residual']:.1e} ({retr_info['steps']} Newton, "
+            f"{retr_info['seconds']:.1f} s); exact step is {step_vs_retrain:.2e} from retraining; map-back floor {floor:.1e}")
+
+    def distances(pf, theta_new=None, delta_alpha=None):
+        out = {}
+        if theta_new is not None:
+            dth = np.asarray(theta_new, np.float64) - np.asarray(theta_star, np.float64)
+            out["dist_retrain"] = float(np.linalg.norm(dth - pf["dtheta_ref"]) / pf["dtheta_ref_norm"])
+        if delta_alpha is not None:
+            da = np.asarray(delta_alpha, np.float64)
+            out["dist_retrain_alpha"] = ctx.knorm(da - pf["retrain_ref"]) / pf["retrain_knorm"]
+            out["dist_step"] = ctx.knorm(da - pf["step_ref"]) / ctx.knorm(pf["step_ref"])
+        return out
+
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    rec = instrument.Recorder()
+    paper_solver = dataclasses.replace(u.solver_config, max_iter=500)
+    u_paper = Unlearner(dataclasses.replace(st, meta={**st.meta, "solver": paper_solver.to_dict()}), u.model, mesh=getattr(u, "_mesh", None))
+    chol_dim = ctx.cap * ctx.d if st.form == "full" else ctx.cap
+    methods = []
+    if args.cold != "all":
+        res["notes"].append(f"cold start measured for {'alpha-cg only' if args.cold == 'alpha-cg' else 'no method'} (--cold {args.cold})")
+    if args.methods:
+        res["notes"].append(f"methods limited to {', '.join(args.methods)} (--methods)")
+    mode = args.engine_theta
+    if mode == "auto":
+        mode = "none" if wl.name == "mnist" and not args.quick else "first"
+    engine_theta_fracs = set(range(len(fractions))) if mode == "all" else ({0} if mode == "first" else set())
+    if engine_theta_fracs:
+        methods.append(("theta-cg (engine)", u, "theta-cg", False, False, engine_theta_fracs))
+    elif args.engine_theta == "auto":
+        skipped.append({"method": "theta-cg (engine)", "why": (
+            "`service_core.influence.theta_space_delta` as it is recompiles on every call, and XLA constant-folds the "
+            "forward pass over the captured X (2,048 × 784 → 1024 → 1024 → 1024) while compiling: one call on this "
+            "workload did not finish within 20 minutes when tried on this machine while preparing the benchmark "
+            "(`--engine-theta first` runs it anyway)")})
+    else:
+        skipped.append({"method": "theta-cg (engine)", "why": f"--engine-theta {args.engine_theta}"})
+    methods.append(("theta-cg (jit once)", u, "theta-cg", False, True, None))
+    methods.append(("alpha-paper", u_paper, "alpha-paper", False, False, None))
+    methods.append(("alpha-cg", u, "alpha-cg", False, False, None))
+    if chol_dim <= args.cholesky_max_dim:
+        methods.append(("alpha-cholesky", u, "alpha-cholesky", False, False, None))
+    else:
+        skipped.append({
+            "method": "alpha-cholesky",
+            "why": (f"the engine factorises the dense system over the whole padded capacity, C·d = {chol_dim:,} unknowns, "
+                    f"whatever N_R is: (C·d)³/3 = {chol_dim ** 3 / 3:.1e} flops and several dense {chol_dim ** 2 * 4 / 1e9:.1f} GB "
+                    f"copies per call (limit --cholesky-max-dim {args.cholesky_max_dim:,})"),
+        })
+    methods.append(("auto", u, "auto", False, False, None))
+    methods.append(("alpha-cg+refine", u, "alpha-cg", True, False, None))
+
+    if args.methods:
+        methods = [m for m in methods if m[0] in args.methods]
+    for name, un, method, refine, jit_once, only in methods:
+        slow_state: dict = {}
+        log(f"   -- {name}")
+        for fi, frac in enumerate(fractions):
+            if only is not None and fi not in only:
+                continue
+            pf = per_frac[fi]
+
+            def run():
+                with instrument.instrument(rec, allow_unconverged=True, theta_jit_once=jit_once):
+                    t, new_state, result = _call(un, pf["ids"], method, refine, rec)
+                payload = {
+                    "theta": new_state.theta, "result": result, "step": rec.step, "refine_cg": rec.refine_cg,
+                    "refine_inner": rec.refine.inner[-1].method if rec.refine is not None and rec.refine.inner else None,
+                    "delta_alpha": rec.delta_alpha if rec.delta_theta is None else None,
+                    "alpha_new": None,
+                }
+                if refine:
+                    # the refined α in capacity layout: map the compacted rows back
+                    keep = np.flatnonzero(np.asarray(ctx.state.active) & ~pf["mask"])
+                    a = np.zeros((ctx.cap, ctx.d))
+                    a[keep] = np.asarray(new_state.alpha, np.float64)[: len(keep)] if new_state.capacity != ctx.cap else np.asarray(new_state.alpha, np.float64)[keep]
+                    payload["alpha_new"] = a
+                del new_state
+                return t, payload
+
+            try:
+                pos = fi if only is None else sorted(only).index(fi)
+                cold, warm, payloads = time_method(run, pos, slow_state, args.repeats, cold_ok=_cold_ok(args, name))
+            except SolverError as exc:
+                rows.append({"method": name, "fraction": args.fractions[fi], "error": str(exc)})
+                log(f"      {args.fractions[fi]:>2d}%: error: {exc}")
+                continue
+            p = payloads[-1]
+            step = p["step"]
+            result = p["result"]
+            if p["alpha_new"] is not None:
+                da = p["alpha_new"] - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
+            else:
+                da = p["delta_alpha"]
+            dist = distances(pf, p["theta"], da)
+            if refine:
+                dist.pop("dist_step", None)  # a refined answer is not an influence step
+            facc, tacc = ctx.accuracy(p["theta"], pf["mask"])
+            row = {
+                "method": name, "fraction": args.fractions[fi], "n_forget": len(pf["ids"]),
+                "cold_s": cold, "warm_s": _median(warm), "warm_all_s": warm, "n_warm": len(warm),
+                "solve_s": _median([q["step"].seconds for q in payloads]),
+                "iterations": int(step.iterations), "residual": float(step.residual), "converged": bool(step.converged),
+                "step_method": step.method,
+                "refine_steps": int(result.refine.iterations) if result.refine else None,
+                "refine_cg": p["refine_cg"] if refine else None,
+                "refine_inner_method": p["refine_inner"] if refine else None,
+                "reason": result.reason if method == "auto" else None,
+                "forget_acc": facc, "test_acc": tacc, **dist,
+            }
+            rows.append(row)
+            log("      " + _row_line(row))
+        log(f"      peak RSS so far {peak_rss_gib():.1f} GiB")
+
+    # retrain from scratch (float32, the service's training path), NTK excluded
+    slow_state = {}
+    solver_kwargs = Unlearner._solver_kwargs(u.solver_config, wl.train.dtype)
+    problem = u._problem(st)
+    do_retrain = not args.methods or "retrain" in args.methods
+    if do_retrain:
+        log("   -- retrain")
+    for fi, frac in enumerate(fractions if do_retrain else []):
+        pf = per_frac[fi]
+        retain = jnp.asarray(np.asarray(st.active) & ~pf["mask"])
+        rp = problem._replace(mask=retain)
+
+        def run():
+            t0 = time.perf_counter()
+            alpha, info = newton(rp, jnp.zeros_like(st.alpha), wl.train.resolved_tol(), wl.train.max_newton, solver_kwargs)
+            theta = u.model.theta_p + ctx.vjp(st.x, alpha)
+            jax.block_until_ready(theta)
+            return time.perf_counter() - t0, {"alpha": alpha, "theta": theta, "info": info}
+
+        cold, warm, payloads = time_method(run, fi, slow_state, args.repeats, cold_ok=_cold_ok(args, "retrain"))
+        p = payloads[-1]
+        da = np.asarray(p["alpha"], np.float64) - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
+        dist = distances(pf, p["theta"], da)
+        dist.pop("dist_step", None)
+        facc, tacc = ctx.accuracy(p["theta"], pf["mask"])
+        info = p["info"]
+        row = {
+            "method": "retrain", "fraction": args.fractions[fi], "n_forget": len(pf["ids"]),
+            "cold_s": cold, "warm_s": _median(warm), "warm_all_s": warm, "n_warm": len(warm), "solve_s": None,
+            "iterations": int(info.cg_iterations), "newton_steps": int(info.steps), "residual": float(info.residual),
+            "inner_method": info.inner[-1].method if info.inner else None,
+            "converged": bool(info.converged), "forget_acc": facc, "test_acc": tacc, **dist,
+        }
+        rows.append(row)
+        log("      " + _row_line(row))
+
+    # random perturbation of the same norm as the true change
+    rng = np.random.default_rng(args.seed)
+    for fi, frac in enumerate(fractions):
+        pf = per_frac[fi]
+        g = rng.standard_normal(u.model.n_params)
+        rho = g / np.linalg.norm(g) * pf["dtheta_ref_norm"]
+        theta = theta_star + jnp.asarray(rho, theta_star.dtype)
+        dist = distances(pf, theta)
+        facc, tacc = ctx.accuracy(theta, pf["mask"])
+        rows.append({"method": "random", "fraction": args.fractions[fi], "n_forget": len(pf["ids"]), "forget_acc": facc, "test_acc": tacc, **dist})
+    for fi, frac in enumerate(fractions):
+        r = res["reference"][str(args.fractions[fi])]
+        rows.append({"method": "exact retraining (float64 reference)", "fraction": args.fractions[fi], "n_forget": r["n_forget"],
+                     "forget_acc": r["forget_acc"], "test_acc": r["test_acc"], "dist_retrain": 0.0})
+
+    # warm-latency profile of alpha-cg (plan_forget broken into its parts)
+    res["profile"] = {}
+    if not args.no_profile:
+        for fi in range(len(fractions)):
+            try:
+                res["profile"][str(args.fractions[fi])] = profile_plan_forget(ctx, per_frac[fi]["ids"], warmup=fi == 0)
+            except Exception as exc:  # private engine parts may change; the profile is optional
+                res["profile"][str(args.fractions[fi])] = {"error": f"{type(exc).__name__}: {exc}"}
+                break
+
+    # iterations to the same accuracy: CG trajectories on (B) and on the paper form
+    res["trajectories"] = {}
+    for fi, frac in enumerate(fractions):
+        if args.fractions[fi] not in args.trajectory_fractions:
+            continue
+        cg_rows = [r for r in rows if r["method"] == "alpha-cg" and r["fraction"] == args.fractions[fi]]
+        cg_max = max(10, 2 * cg_rows[0]["iterations"]) if cg_rows else 60
+        tr = trajectories(ctx, per_frac[fi]["mask"], per_frac[fi]["step_ref"], cg_max)
+        paper_rows = [r for r in rows if r["method"] == "alpha-paper" and r["fraction"] == args.fractions[fi]]
+        summary = {}
+        if paper_rows and cg_rows:
+            # target: the accuracy the paper form has after its 500 iterations (this trajectory's
+            # last point; the engine's alpha-paper row reaches the same value)
+            target = tr["alpha-paper"]["points"][-1][1]
+            summary = {
+                "target": target,
+                "alpha_paper_engine_500": paper_rows[0]["dist_step"],
+                "alpha_paper_iterations": iterations_to(tr["alpha-paper"]["points"], target),
+                "alpha_cg_iterations": iterations_to(tr["alpha-cg"]["points"], target),
+                "alpha_cg_final": cg_rows[0]["dist_step"], "alpha_cg_final_iterations": cg_rows[0]["iterations"],
+                "alpha_paper_best_500": min(e for _, e in tr["alpha-paper"]["points"]),
+                "alpha_paper_iterations_to_cg_final": iterations_to(tr["alpha-paper"]["points"], cg_rows[0]["dist_step"]),
+            }
+        tr["summary"] = summary
+        res["trajectories"][str(args.fractions[fi])] = tr
+        log(f"   trajectory {args.fractions[fi]}%: {summary}")
+
+    res["rows"] = rows
+    res["skipped"] = skipped
+    res["bandwidth"] = bandwidth
+    res["peak_rss_gib"] = peak_rss_gib()
+    res["seconds_total"] = time.perf_counter() - t_start
+    res["protocol"] = {
+        "fast_s": FAST_S, "slow_s": SLOW_S, "repeats": args.repeats,
+        "reference_tolerances": {"exact_step_relative_residual": 1e-13, "retrain_relative_stationarity": 1e-12},
+    }
+    log(f"   figure1/{wl.name} done in {res['seconds_total']:.0f} s")
+    return res
+
+
+def profile_plan_forget(ctx: Context, ids, repeats: int = 2, warmup: bool = True) -> dict:
+    """Warm ``plan_forget(method='alpha-cg', refine=False)`` split into its parts (medians of
+    ``repeats``, after one uncounted round if ``warmup``), by calling the engine's steps one by one
+    as ``plan_forget`` does."""
+    from service_core import influence
+    from service_core.training import stationarity
+
+    u, st = ctx.u, ctx.u.state
+    parts: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(out)
+        parts.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    skip = 1 if warmup else 0
+    for _ in range(repeats + skip):
+        timed("validate ids", lambda: u.validate_forget(ids))
+        mask = timed("mask + choose_solver", lambda: (u._mask(st, ids), u.choose_solver(st.n - len(ids), "alpha-cg"))[0])
+        retain = jnp.asarray(st.active) & ~mask
+        kwargs = Unlearner._solver_kwargs(u.solver_config, u.train_config.dtype, "alpha-cg")
+        problem = u._problem(st)
+        delta, info = timed("influence step (rhs + CG solve)", lambda: influence.influence_step(problem, st.alpha, mask, kwargs))
+        parts.setdefault("  of which CG solve (SolveInfo.seconds)", []).append(info.seconds)
+        alpha_new = st.alpha + delta
+        theta_new = timed("Δθ = J(X)ᵀΔα (VJP)", lambda: st.theta + u._vjp(st.x, delta))
+        timed("stationarity residual", lambda: stationarity(problem._replace(mask=retain), alpha_new)[1])
+        timed("new state (_without: erase/compact K)", lambda: u._without(st, mask, alpha_new, theta_new).k)
+    out = {name: float(statistics.median(ts[skip:])) for name, ts in parts.items()}
+    out["total"] = sum(v for k, v in out.items() if not k.startswith("  "))
+    out["cg_iterations"] = int(info.iterations)
+    return out
+
+
+def _fmt(x, spec=".3g"):
+    if x is None:
+        return "—"
+    return format(x, spec)
+
+
+def _row_line(r: dict) -> str:
+    return (f"{r['fraction']:>2d}% {r['method']:<20s} cold {_fmt(r.get('cold_s'), '.2f'):>7s}s warm {_fmt(r.get('warm_s'), '.2f'):>7s}s "
+            f"(n={r.get('n_warm')}) it {r.get('iterations')} dist {_fmt(r.get('dist_retrain'), '.2e')} "
+            f"step {_fmt(r.get('dist_step'), '.2e')} facc {_fmt(r.get('forget_acc'), '.3f')} tacc {_fmt(r.get('test_acc'), '.3f')}"
+            + ("" if r.get("converged", True) else " [NOT CONVERGED]"))
