@@ -71,6 +71,13 @@ def _command_line(argv: list[str]) -> str:
     return "ntk-unlearn bench " + " ".join(shlex.quote(a) for a in argv)
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, default=_json_default))
 
@@ -184,16 +191,25 @@ def combined_markdown(out: Path) -> str:
         "**Produced by:**",
         *commands,
         "",
+        "Wall time of these runs: " + ", ".join(
+            f"{label} {d['seconds_total'] / 60:.1f} min" for label, d in (("ntk", ntk), ("figure1 mnist", fig.get("mnist")), ("figure1 digits", fig.get("digits")))
+            if d and d.get("seconds_total")) + ".",
+        "",
         "Timings are wall-clock on a shared 2-core machine where other people's tests ran at the same time: expect noise of "
         "tens of per cent on any single number (medians are reported). Cold = first call after `jax.clear_caches()`.",
         "",
         report.acceptance_markdown(report.acceptance(fig, ntk)),
+        report.reading_markdown(fig),
     ]
     if ntk:
         lines.append(report.ntk_markdown(ntk))
     for name in ("mnist", "digits"):
         if name in fig:
             lines.append(report.figure1_markdown(fig[name]))
+            if (out / f"figure1-{name}.png").exists():
+                lines += [f"![Figure 1, {name}]({_rel(out / f'figure1-{name}.png')})", ""]
+            if (out / f"convergence-{name}.png").exists():
+                lines += [f"![CG convergence, {name}]({_rel(out / f'convergence-{name}.png')})", ""]
     if (out / "figure4.md").exists():
         lines += ["## Figure 4 (bench/figure4.py, by its own run)", "", (out / "figure4.md").read_text(), ""]
     from .figure1 import __doc__ as protocol

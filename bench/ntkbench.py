@@ -159,6 +159,7 @@ def full_kernel_child(args) -> None:
 
 def run_ntk(args, log=print) -> dict:
     """The ``ntk`` subcommand: block comparisons and the whole kernel for each workload."""
+    t_start = time.perf_counter()
     res = {"workloads": {}}
     workloads = ["mnist", "digits"] if args.workload == "all" else [args.workload]
     for wl in workloads:
@@ -191,6 +192,7 @@ def run_ntk(args, log=print) -> dict:
         blocks = [b for b in blocks if 2 * b <= len(x)]
         entry["blocks"] = [block_comparison(model, x, b, log=log) for b in blocks]
         res["workloads"][wl] = entry
+    res["seconds_total"] = time.perf_counter() - t_start
     return res
 
 
