@@ -244,12 +244,17 @@ def _configure_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ntk-unlearn`` command."""
-    args = build_parser().parse_args(argv)
-    if args.command == "bench":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # The benchmarks parse their own arguments (options may precede their subcommand); their
+        # exit status is ours.
         import bench.cli
 
-        bench.cli.main(args.args)
+        code = bench.cli.main(argv[1:])
+        if code:
+            raise SystemExit(code)
         return
+    args = build_parser().parse_args(argv)
     _configure_logging()
     settings = _settings(args)
     if args.command == "serve":

@@ -59,3 +59,11 @@ def test_given_token_wins_over_the_file(tmp_path, monkeypatch):
     s = parse("serve", "--data-dir", str(tmp_path), "--api-token", "from-flag")
     assert _with_api_token(s).api_token == "from-flag"
     assert not (tmp_path / "api_token").exists()
+
+
+def test_bench_hand_off_keeps_the_exit_status():
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "no-such-benchmark"])
+    assert exc.value.code == 2
