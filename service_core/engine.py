@@ -383,15 +383,17 @@ class Unlearner:
         return np.asarray(self._model.offset(x)) + k_tx @ np.asarray(alpha)[rows]
 
     # -- forget set validation ----------------------------------------------------------------
-    def validate_forget(self, ids: Sequence[str], pending: frozenset[str] = frozenset()) -> None:
-        """Check a forget request against the current version and the ids already queued.
+    def validate_forget(
+        self, ids: Sequence[str], pending: frozenset[str] = frozenset(), state: ModelState | None = None
+    ) -> None:
+        """Check a forget request against a version (default: the current one) and the ids queued.
 
         Raises:
           InvalidForgetSetError: empty, not strings, duplicated, or would leave no training point.
           UnknownIdsError: ids that were never in the training set.
           AlreadyForgottenError: ids forgotten already or in ``pending``.
         """
-        state = self._state
+        state = self._state if state is None else state
         if not isinstance(ids, (list, tuple)) or len(ids) == 0:
             raise InvalidForgetSetError("ids must be a non-empty list of training ids")
         if not all(isinstance(i, str) for i in ids):
@@ -487,8 +489,8 @@ class Unlearner:
             return self._influence(forget_ids, x, y, refine)
 
     def _influence(self, forget_ids, x, y, refine):
-        state = self._state
-        self._validate_against(state, forget_ids)
+        state = self._state  # one snapshot: a deletion published meanwhile does not affect this estimate
+        self.validate_forget(forget_ids, state=state)
         xt = self._inputs(x)
         yt = self.validate_targets(y, xt.shape[0])
         train = self.train_config
@@ -515,11 +517,6 @@ class Unlearner:
             dtheta = self._vjp(state.x, delta)
             df, dl = influence.test_point_changes(self._model, state.theta, dtheta, xt, yt, train.loss)
         return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
-
-    def _validate_against(self, state: ModelState, ids: Sequence[str]) -> None:
-        if state is not self._state:
-            raise RuntimeError("state changed during validation")
-        self.validate_forget(ids)
 
     # -- deletion -----------------------------------------------------------------------------
     def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None) -> ForgetResult:
@@ -563,7 +560,7 @@ class Unlearner:
     def _plan_forget(self, ids, method, refine):
         t0 = time.perf_counter()
         state = self._state
-        self.validate_forget(ids)
+        self.validate_forget(ids, state=state)
         train = self.train_config
         solver_cfg = self.solver_config
         refine = solver_cfg.refine if refine is None else refine

@@ -208,3 +208,13 @@ def test_erased_rows_are_zero_while_the_bucket_holds(digits):
     assert not np.any(np.asarray(st.k)[np.repeat(gone, 10)]) and not np.any(np.asarray(st.k)[:, np.repeat(gone, 10)])
     u.forget(u.active_ids()[:30])
     assert u.state.capacity < cap and u.state.n == 32
+
+
+def test_validation_against_a_snapshot(small):
+    """An estimate validates against the version it reads, not one published since (no 500 in a race)."""
+    old = small.state
+    gone = small.active_ids()[:2]
+    new_state, _ = small.plan_forget(gone)
+    small.validate_forget(gone, state=old)  # still valid for the snapshot
+    with pytest.raises(AlreadyForgottenError):
+        small.validate_forget(gone, state=new_state)
