@@ -32,7 +32,7 @@ from .errors import (
 )
 from .infinite import KernelModel
 from .models import Model, build_model
-from .ntk import cached_ntk, purge_cache
+from .ntk import cached_ntk, kernel_matvec, purge_cache
 from .solvers import SolveInfo, canonical_method, choose_method, largest_eigenvalue
 from .state import ModelState, bucket, pad_rows
 from .training import DualProblem, kernel_gradient_descent, newton, stationarity
@@ -50,6 +50,7 @@ class ForgetResult(NamedTuple):
       residual: relative stationarity residual of the new version.
       seconds: wall time of the whole deletion, checkpoint included.
       reason: why this solver method was used (the ``auto`` cost model, or "configured").
+      refine_cg_iterations: CG iterations of the refinement's inner solves, summed (0 if none).
     """
 
     version: int
@@ -58,6 +59,7 @@ class ForgetResult(NamedTuple):
     residual: float
     seconds: float
     reason: str = ""
+    refine_cg_iterations: int = 0
 
 
 class InfluenceResult(NamedTuple):
@@ -570,6 +572,11 @@ class Unlearner:
         method, reason = self.choose_solver(n_retain, method)
         kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
         problem = self._problem(state)
+        # The retained points first, compacted into their capacity bucket (or F erased in place):
+        # every solve below runs on K_RR, so its cost scales with N_R, not with the N it started from.
+        shell, rows = self._without(state, mask)
+        new_mask = jnp.asarray(shell.active)
+        new_problem = DualProblem(shell.k, state.form, shell.f0, shell.y, new_mask, train.lam, train.loss)
         if method == "theta-cg":
             dtheta, step = influence.theta_space_delta(
                 self._model, state.theta, state.x, state.y, mask, train.lam, train.loss,
@@ -577,20 +584,26 @@ class Unlearner:
             )
             theta_step = state.theta + dtheta
             # α of the θ-space answer: α_R = −g_R / (λ N_R) at its outputs (math.md, optimality)
-            out = self._predict(theta_step, state.x)
-            alpha_step = -losses.grad(train.loss, out, state.y) * retain[:, None] / (train.lam * n_retain)
+            out = self._predict(theta_step, shell.x)
+            alpha_step = -losses.grad(train.loss, out, shell.y) * new_mask[:, None] / (train.lam * n_retain)
         else:
-            delta, step = influence.influence_step(problem, state.alpha, mask, kwargs)
-            alpha_step = state.alpha + delta
-            theta_step = None if self._infinite else state.theta + self._vjp(state.x, delta)
+            system = influence.retain_system(problem, state.alpha, mask, self._f_star(state))
+            delta_r, step = influence.solve_retain(shell.k, state.form, system.take(rows, shell.capacity), new_mask, kwargs)
+            alpha_step = shell.alpha + delta_r
+            theta_step = None
+            if not self._infinite:  # Δθ = J(X)ᵀΔα over D, with Δα_F = −α*_F (math.md)
+                m_f = mask[:, None].astype(self._dtype)
+                spread = np.zeros(state.alpha.shape, np.asarray(delta_r).dtype)
+                spread[rows] = np.asarray(delta_r)[: len(rows)]
+                delta = jnp.asarray(spread) - state.alpha * m_f
+                theta_step = state.theta + self._vjp(state.x, delta)
         if not step.converged:
             raise SolverError(_not_converged(step, solver_cfg.max_iter, train.dtype))
-        retain_problem = problem._replace(mask=retain)
         refine_info = None
         alpha_new, theta_new = alpha_step, theta_step
         if refine:
             refine_kwargs = self._solver_kwargs(solver_cfg, train.dtype, "auto")
-            alpha_new, refined = newton(retain_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs)
+            alpha_new, refined = newton(new_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs)
             if not refined.converged:
                 raise SolverError(
                     f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
@@ -599,13 +612,15 @@ class Unlearner:
             if not self._infinite and (refined.steps or method == "theta-cg"):
                 # θ = θ_p + J(X)ᵀα (math.md, Dual representation) for the refined α; the θ-space
                 # step's own θ need not lie on that map when it is not optimal (cross-entropy)
-                theta_new = self._model.theta_p + self._vjp(state.x, alpha_new)
+                theta_new = self._model.theta_p + self._vjp(shell.x, alpha_new)
             refine_info = refined.as_solve_info()
-            residual = refined.residual
-        else:
-            _, residual = stationarity(retain_problem, alpha_new)
+        f_new = shell.f0 + kernel_matvec(shell.k, alpha_new * new_mask[:, None].astype(self._dtype), state.form)
+        _, residual = stationarity(new_problem, alpha_new, f_new)  # the published version's certificate
         new_state = dataclasses.replace(
-            self._without(state, mask, alpha_new, theta_new),
+            shell,
+            alpha=alpha_new,
+            theta=theta_new,
+            f_star=f_new,
             version=state.version + 1,
             residual=residual,
             forgotten=state.forgotten + tuple(ids),
@@ -618,48 +633,76 @@ class Unlearner:
                     "solve": step.to_dict(),
                     "reason": reason,
                     "refine": refine_info.to_dict() if refine_info else None,
+                    "refine_cg_iterations": refined.cg_iterations if refine_info else 0,
                     "residual": residual,
                 },
             ),
         )
-        return new_state, ForgetResult(new_state.version, step, refine_info, residual, time.perf_counter() - t0, reason)
+        result = ForgetResult(
+            new_state.version, step, refine_info, residual, time.perf_counter() - t0, reason,
+            refined.cg_iterations if refine_info else 0,
+        )
+        return new_state, result
 
-    def _without(self, state: ModelState, forget: jax.Array, alpha: jax.Array, theta: jax.Array) -> ModelState:
-        """``state`` with the rows of ``forget`` erased: zeroed in place while the capacity bucket
-        still fits, else every array compacted into the smaller bucket."""
+    def _f_star(self, state: ModelState) -> jax.Array:
+        """The trained outputs f* = f_0 + K α* of ``state`` (kept in the state after a deletion,
+        computed once after build or restore)."""
+        if state.f_star is not None:
+            return state.f_star
+        cached = getattr(self, "_f_star_cache", None)
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        m = jnp.asarray(state.active, self._dtype)[:, None]
+        f = state.f0 + kernel_matvec(state.k, state.alpha * m, state.form)
+        self._f_star_cache = (state, f)
+        return f
+
+    def _without(self, state: ModelState, forget: jax.Array) -> tuple[ModelState, np.ndarray]:
+        """``state`` with the rows of ``forget`` erased, and where each row came from.
+
+        While the capacity bucket still fits, rows of F are zeroed in place (``rows`` is the
+        identity); else every array is compacted into the smaller bucket and row i of the result
+        is row ``rows[i]`` of ``state``. α keeps α* on the retained rows (the caller adds Δα_R),
+        θ and f* are left for the caller.
+        """
         d = self.output_dim
         keep = state.active & ~np.asarray(forget)
         n_keep = int(keep.sum())
         cap = bucket(n_keep, self._mesh.size if self._mesh is not None else 1)
         if cap == state.capacity:
-            ids = np.where(keep, state.ids, "")
-            k = _erase(state.k, jnp.asarray(keep), state.form == "full", d)
             m = jnp.asarray(keep, state.x.dtype)
             x = state.x * m.reshape((-1,) + (1,) * (state.x.ndim - 1))
-            return dataclasses.replace(
-                state, ids=ids, x=x, y=state.y * m[:, None], k=k, f0=state.f0 * m[:, None], alpha=alpha * m[:, None], theta=theta
+            shell = dataclasses.replace(
+                state,
+                ids=np.where(keep, state.ids, ""),
+                x=x,
+                y=state.y * m[:, None],
+                k=_erase(state.k, jnp.asarray(keep), state.form == "full", d),
+                f0=state.f0 * m[:, None],
+                alpha=state.alpha * m[:, None],
+                f_star=None,
             )
+            return shell, np.arange(state.capacity)
         rows = np.flatnonzero(keep)
         krows = (rows[:, None] * d + np.arange(d)).ravel() if state.form == "full" else rows
         kside = cap * d if state.form == "full" else cap
         if self._mesh is None or self._mesh.size == 1:
-            # two takes: a fancy-index np.ix_ on a jax array took 5.9 of an 8 s forget (MNIST, 10 %)
-            r = jnp.asarray(krows)
-            block = jnp.take(jnp.take(state.k, r, axis=0), r, axis=1)
+            k = _compact(state.k, jnp.asarray(krows), kside)
         else:  # XLA's sharded gather fails its HLO verifier on the takes (jax 0.5.3)
             block = state.k[np.ix_(krows, krows)]
-        k = jnp.zeros((kside, kside), state.k.dtype).at[: len(krows), : len(krows)].set(block)
+            k = jnp.zeros((kside, kside), state.k.dtype).at[: len(krows), : len(krows)].set(block)
         k = sharding.place(k, self._mesh)
-        return dataclasses.replace(
+        shell = dataclasses.replace(
             state,
             ids=pad_rows(state.ids[rows], cap),
             x=pad_rows(state.x[rows], cap),
             y=pad_rows(state.y[rows], cap),
             k=k,
             f0=pad_rows(state.f0[rows], cap),
-            alpha=pad_rows(alpha[rows], cap),
-            theta=theta,
+            alpha=pad_rows(state.alpha[rows], cap),
+            f_star=None,
         )
+        return shell, rows
 
 
 def _not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:
@@ -687,6 +730,15 @@ def _kernel(model, x: np.ndarray, form: str, cache_dir: Path | None, dtype, prog
             raise InvalidInputError("the analytic NTK is exact in the trace form: use kernel_form 'trace' or 'auto'")
         return model.cached_kernel(x, cache_dir, progress)
     return cached_ntk(model, x, form, cache_dir, dtype=dtype, progress=progress)
+
+
+@partial(jax.jit, static_argnames=("side",))
+def _compact(k: jax.Array, rows: jax.Array, side: int) -> jax.Array:
+    """K[rows][:, rows] zero-padded to ``(side, side)``: two takes, one compiled program (a fancy-
+    index ``np.ix_`` on a jax array took 5.9 of an 8 s forget, MNIST 10 %)."""
+    block = jnp.take(jnp.take(k, rows, axis=0), rows, axis=1)
+    pad = side - rows.shape[0]
+    return jnp.pad(block, ((0, pad), (0, pad)))
 
 
 @partial(jax.jit, static_argnames=("full", "d"))

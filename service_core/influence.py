@@ -11,6 +11,7 @@ or, for a finite network, from J(X_t) Δθ, which is the same number.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -42,8 +43,89 @@ class Deletion(NamedTuple):
     residual: float
 
 
-def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array, solver: dict) -> tuple[jax.Array, SolveInfo]:
-    """Δα for removing ``forget`` from the model trained on ``problem`` (α* optimal there).
+class RetainSystem(NamedTuple):
+    """System (A) of math.md for removing F, assembled on the layout of the current state.
+
+    Attributes:
+      b: right-hand side λ N_F α*_R + W_R K_RF α*_F ``(N, d)``, zero off R.
+      w: W_i at the trained outputs ``(N, d, d)``, ``None`` for squared error (W = I).
+      s: S = W^{1/2} ``(N, d, d)`` or ``None``.
+      c: the shift λ N_R.
+      n_total: N, the size of the current training set (the paper form divides by it).
+    """
+
+    b: jax.Array
+    w: jax.Array | None
+    s: jax.Array | None
+    c: float
+    n_total: int
+
+    def take(self, rows: np.ndarray, capacity: int) -> RetainSystem:
+        """The same system on a compacted layout: row ``i`` of the result is row ``rows[i]`` of this
+        one, zero rows pad it to ``capacity``."""
+
+        def gather(a):  # on the host: these are N·d² values at most (a sharded take fails XLA's verifier)
+            if a is None:
+                return None
+            out = np.asarray(a)[rows]
+            return jnp.asarray(np.pad(out, [(0, capacity - len(rows))] + [(0, 0)] * (a.ndim - 1)))
+
+        return self._replace(b=gather(self.b), w=gather(self.w), s=gather(self.s))
+
+
+def retain_system(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array, f_star: jax.Array | None = None) -> RetainSystem:
+    """Assemble system (A) for removing ``forget`` from the model trained on ``problem``.
+
+    Reads only the N_F·d columns of K that belong to F (K_RF α*_F), plus one pass over K for the
+    trained outputs f* = f_0 + K α* unless ``f_star`` is given.
+
+    Arguments:
+      problem: the dual risk of the current training set D (its mask: the active points).
+      alpha_star: α* ``(N, d)``, optimal on D.
+      forget: bool ``(N,)``, F ⊂ D.
+      f_star: f* ``(N, d)`` if known.
+
+    Returns:
+      ``RetainSystem`` (math.md Eq. (A)).
+    """
+    dtype = alpha_star.dtype
+    retain = problem.mask & ~forget
+    m_r = retain[:, None].astype(dtype)
+    n_forget, n_retain = int(jnp.sum(forget)), int(jnp.sum(retain))
+    if f_star is None:
+        f_star = problem.f0 + kernel_matvec(problem.k, alpha_star * problem.mask[:, None], problem.form)
+    w = losses.hessian(problem.loss, f_star, problem.y)
+    s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
+    k_rf_alpha_f = m_r * _columns_matvec(problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star)
+    b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
+    return RetainSystem(b, w, s, problem.lam * n_retain, problem.n)
+
+
+def solve_retain(k: jax.Array, form: str, system: RetainSystem, retain: jax.Array, solver: dict) -> tuple[jax.Array, SolveInfo]:
+    """Δα_R from system (A): through its SPD form (B) (``solvers.solve_newton_system``), or the
+    paper's premultiplied form when ``solver['method']`` is ``alpha-paper``.
+
+    Arguments:
+      k: K in the layout of ``system`` (the current one, or K_RR compacted).
+      retain: bool ``(rows,)``, R in that layout.
+      solver: keyword arguments of ``solvers.solve_spd``.
+
+    Returns:
+      ``(Δα_R (rows, d), SolveInfo)``, zero off R.
+    """
+    m_r = retain[:, None].astype(system.b.dtype)
+    if solver.get("method") == "alpha-paper":
+        delta_r, info = solve_paper_form(k, form, system.w, retain, system.b, system.c, system.n_total, solver["tol"], solver["max_iter"])
+    else:
+        delta_r, info = solve_newton_system(k, form, system.s, retain, system.b, system.c, **solver)
+    return delta_r * m_r, info
+
+
+def influence_step(
+    problem: DualProblem, alpha_star: jax.Array, forget: jax.Array, solver: dict, f_star: jax.Array | None = None
+) -> tuple[jax.Array, SolveInfo]:
+    """Δα for removing ``forget`` from the model trained on ``problem`` (α* optimal there), solved
+    on the current layout (rows of F masked, not removed).
 
     Arguments:
       problem: the dual risk of the current training set D (its mask: the active points).
@@ -51,26 +133,14 @@ def influence_step(problem: DualProblem, alpha_star: jax.Array, forget: jax.Arra
       forget: bool ``(N,)``, F ⊂ D.
       solver: keyword arguments of ``solvers.solve_spd``; ``method`` ``alpha-paper`` solves the
         paper's premultiplied form instead of (A)/(B) (``solvers.solve_paper_form``).
+      f_star: the trained outputs f_0 + K α*, if known (saves one pass over K).
 
     Returns:
       ``(Δα, SolveInfo)``, Δα ``(N, d)`` with Δα_F = −α*_F (math.md Eq. (A)).
     """
-    dtype = alpha_star.dtype
-    retain = problem.mask & ~forget
-    m_r = retain[:, None].astype(dtype)
-    m_f = forget[:, None].astype(dtype)
-    n_forget, n_retain = int(jnp.sum(forget)), int(jnp.sum(retain))
-    f_star = problem.f0 + kernel_matvec(problem.k, alpha_star * problem.mask[:, None], problem.form)
-    w = losses.hessian(problem.loss, f_star, problem.y)
-    s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
-    k_rf_alpha_f = m_r * _columns_matvec(problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star)
-    b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
-    c = problem.lam * n_retain
-    if solver.get("method") == "alpha-paper":
-        delta_r, info = solve_paper_form(problem.k, problem.form, w, retain, b, c, problem.n, solver["tol"], solver["max_iter"])
-    else:
-        delta_r, info = solve_newton_system(problem.k, problem.form, s, retain, b, c, **solver)
-    return delta_r * m_r - alpha_star * m_f, info
+    system = retain_system(problem, alpha_star, forget, f_star)
+    delta_r, info = solve_retain(problem.k, problem.form, system, problem.mask & ~forget, solver)
+    return delta_r - alpha_star * forget[:, None].astype(alpha_star.dtype), info
 
 
 def _columns_matvec(k: jax.Array, form: str, rows: np.ndarray, alpha: jax.Array) -> jax.Array:
@@ -130,6 +200,33 @@ def test_point_changes(
     return df, jnp.sum(g * df, axis=-1)
 
 
+_THETA_SOLVERS: dict = {}
+
+
+def _theta_solve(apply_fn, unravel, loss, theta0, theta_p, theta_star, xf, y, m_f, m_r, lam, tol, x0, max_iter):
+    """One CG (re)start of the θ-space system, traced once per shape: data are arguments, so XLA
+    neither recompiles per call nor constant-folds the network over captured inputs."""
+    n = jnp.sum(m_f) + jnp.sum(m_r)
+
+    def f_lin(theta):
+        base, shift = jax.jvp(lambda t: apply_fn(unravel(t), xf), (theta0,), (theta - theta0,))
+        return base + shift
+
+    def point_risk(theta, weights):
+        reg = 0.5 * lam * jnp.sum((theta - theta_p) ** 2)
+        return jnp.sum(weights * (losses.value(loss, f_lin(theta), y) + reg)) / n
+
+    grad_r = jax.grad(point_risk)
+    rhs = grad_r(theta_star, m_f)
+
+    def hvp(v):  # forward-over-reverse: jvp of the retain gradient
+        return jax.jvp(lambda t: grad_r(t, m_r), (theta_star,), (v,))[1]
+
+    sol, it = cg(hvp, rhs, x0, tol, max_iter)
+    res = jnp.linalg.norm(rhs - hvp(sol)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    return sol, it, res
+
+
 def theta_space_delta(
     model: Model,
     theta_star: jax.Array,
@@ -146,6 +243,7 @@ def theta_space_delta(
 
     H_R = (1/N) Σ_{i∈R} J_iᵀ W_i J_i + (N_R/N) λ I, applied by Hessian-vector products
     (forward-over-reverse on the linearised retain risk), solved by CG, never materialised.
+    Compiled once per (model, loss, shapes); later calls with the same shapes reuse it.
 
     Arguments:
       theta_star: θ* ``(P,)``; x ``(C, ...)``; y targets ``(C, d)``; forget_mask bool ``(C,)``;
@@ -156,34 +254,24 @@ def theta_space_delta(
       ``(Δθ (P,), SolveInfo)``; θ after the deletion is θ* + Δθ.
     """
     t0 = time.perf_counter()
-    xf = model.flatten_inputs(x)
-    m_f = forget_mask.astype(theta_star.dtype)
-    m_r = (1.0 - m_f) if retain_mask is None else retain_mask.astype(theta_star.dtype)
-    n = jnp.sum(m_f) + jnp.sum(m_r)
-
-    def point_risk(theta, weights):
-        out = model.f_lin(theta, xf)
-        reg = 0.5 * lam * jnp.sum((theta - model.theta_p) ** 2)
-        return jnp.sum(weights * (losses.value(loss, out, y) + reg)) / n
-
-    rhs = jax.grad(point_risk)(theta_star, m_f)
-    grad_r = jax.grad(point_risk)
-
-    @jax.jit
-    def solve(theta, m_r, b, x0):
-        def hvp(v):  # forward-over-reverse: jvp of the retain gradient
-            return jax.jvp(lambda t: grad_r(t, m_r), (theta,), (v,))[1]
-
-        sol, it = cg(hvp, b, x0, tol, max_iter)
-        res = jnp.linalg.norm(b - hvp(sol)) / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
-        return sol, it, res
-
+    key = (id(model), loss, int(max_iter))
+    cached = _THETA_SOLVERS.get(key)
+    if cached is None or cached[0] is not model:
+        fn = jax.jit(partial(_theta_solve, model.apply_fn, model.unravel, loss, max_iter=int(max_iter)))
+        cached = _THETA_SOLVERS[key] = (model, fn)
+    fn = cached[1]
+    dtype = theta_star.dtype
+    m_f = forget_mask.astype(dtype)
+    m_r = (1.0 - m_f) if retain_mask is None else retain_mask.astype(dtype)
+    args = (model.theta0, model.theta_p, theta_star, model.flatten_inputs(x), y, m_f, m_r,
+            jnp.asarray(lam, dtype), jnp.asarray(tol, dtype))
     # CG's recursive residual drifts from the true one in float32: restart from the answer while
     # the true residual misses the tolerance (as solvers.solve_spd does for α-space CG).
-    sol, total = jnp.zeros_like(rhs), 0
+    sol, total = jnp.zeros_like(theta_star), 0
     for _ in range(4):
-        sol, it, res = solve(theta_star, m_r, rhs, sol)
+        sol, it, res = fn(*args, sol)
         total += int(it)
         if float(res) <= tol or int(it) >= max_iter:
             break
-    return sol, SolveInfo("theta-cg", total, float(res), bool(res <= tol), time.perf_counter() - t0)
+    res = float(res)
+    return sol, SolveInfo("theta-cg", total, res, bool(res <= tol), time.perf_counter() - t0)

@@ -30,6 +30,8 @@ class ModelState:
       forgotten: ids forgotten so far (the deletion log keeps ids, never data).
       history: one dict per version: version, n_forgotten, solver info, timestamps.
       meta: data set description and the configurations (model, train, solver) that made it.
+      f_star: the outputs f_0 + K α on the training rows ``(C, d)``, kept after a deletion so the
+        next one need not pass over K for them; ``None`` after build or restore (not checkpointed).
     """
 
     version: int
@@ -45,6 +47,7 @@ class ModelState:
     forgotten: tuple[str, ...]
     history: tuple[dict, ...]
     meta: dict[str, Any]
+    f_star: jax.Array | None = None
 
     @property
     def active(self) -> np.ndarray:
