@@ -112,6 +112,12 @@ class SolverConfig(_Serialisable):
         (cross-entropy; for squared error the step is already exact and refinement only checks).
       max_refine: most refinement steps.
       cholesky_max_dim: the ``auto`` threshold on the number of unknowns.
+      nystrom_rank: rank ℓ of the randomized Nyström approximation of K that preconditions CG
+        (``solvers.nystrom``; 0 turns preconditioning off). Same answers, fewer iterations: on
+        MNIST FCNN 3×1024 (N = 2,000, d = 10) 12 CG iterations become 4–6.
+      nystrom_refresh: recompute the approximation from the new K after each deletion, so that
+        nothing derived from forgotten points stays in memory (costs one pass over K with ℓ
+        columns, after the new version is published).
     """
 
     method: SolverMethod = "auto"
@@ -120,6 +126,8 @@ class SolverConfig(_Serialisable):
     refine: bool = True
     max_refine: int = 20
     cholesky_max_dim: int = 4096
+    nystrom_rank: int = 128
+    nystrom_refresh: bool = True
 
     def resolved_tol(self, dtype: str) -> float:
         if self.tol is not None:

@@ -33,7 +33,7 @@ from .errors import (
 from .infinite import KernelModel
 from .models import Model, build_model
 from .ntk import cached_ntk, kernel_matvec, purge_cache
-from .solvers import SolveInfo, canonical_method, choose_method, largest_eigenvalue
+from .solvers import SolveInfo, canonical_method, choose_method, largest_eigenvalue, nystrom
 from .state import ModelState, bucket, pad_rows
 from .training import DualProblem, kernel_gradient_descent, newton, stationarity
 
@@ -157,6 +157,7 @@ class Unlearner:
         active = np.arange(cap) < n
         f0 = model.offset(x) * jnp.asarray(active, dtype)[:, None]
         lambda_max = largest_eigenvalue(k, form, cap, d)
+        ny = _nystrom(k, solver_cfg, mesh)
         problem = DualProblem(k, form, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
         if train_cfg.trainer == "kgd":
             alpha, info = kernel_gradient_descent(
@@ -169,7 +170,7 @@ class Unlearner:
                 jnp.zeros_like(y),
                 train_cfg.resolved_tol(),
                 train_cfg.max_newton,
-                cls._solver_kwargs(solver_cfg, train_cfg.dtype),
+                {**cls._solver_kwargs(solver_cfg, train_cfg.dtype), "nystrom": ny},
             )
             limit = "max_newton"
         if not info.converged:
@@ -195,7 +196,7 @@ class Unlearner:
         }
         history = ({"version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "steps": info.steps},)
         ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
-        state = ModelState(0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta)
+        state = ModelState(0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta, nystrom=ny)
         return cls(state, model, cache_dir, mesh)
 
     @classmethod
@@ -228,7 +229,9 @@ class Unlearner:
         full = np.zeros((side, side), dtype=k.dtype)
         full[np.ix_(rows, rows)] = k
         log.info("restored version %d: K %s recomputed in %.2f s", state.version, full.shape, report["seconds"])
-        return cls(dataclasses.replace(state, k=sharding.place(full, mesh)), model, cache_dir, mesh)
+        k = sharding.place(full, mesh)
+        ny = _nystrom(k, SolverConfig.from_dict(state.meta["solver"]), mesh)
+        return cls(dataclasses.replace(state, k=k, nystrom=ny), model, cache_dir, mesh)
 
     def save(self, checkpoint_dir: Path) -> None:
         """Checkpoint the current version (atomic; older versions are deleted)."""
@@ -462,7 +465,10 @@ class Unlearner:
             return method, f"{method}: configured"
         train = self.train_config
         w_max = 1.0 if train.loss == "mse" else 0.5
-        kappa = 1.0 + state.meta.get("lambda_max", float("inf")) * w_max / (train.lam * n_retain)
+        top = state.meta.get("lambda_max", float("inf"))
+        if state.nystrom is not None:  # preconditioned: about the first eigenvalue the approximation leaves out
+            top = float(state.nystrom.lam[-1])
+        kappa = 1.0 + top * w_max / (train.lam * n_retain)
         est = choose_method(
             n_retain,
             self.output_dim,
@@ -503,12 +509,12 @@ class Unlearner:
         method, _ = self.choose_solver(state.n - len(forget_ids))
         if method == "theta-cg":  # estimates need Δα; the α-space step gives the same Δθ
             method = "alpha-cg"
-        kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
+        kwargs = {**self._solver_kwargs(solver_cfg, train.dtype, method), "nystrom": state.nystrom}
         if refine:
             deletion = influence.forget(problem, state.alpha, mask, kwargs, True, train.resolved_tol(), solver_cfg.max_refine)
             delta, info = deletion.delta_alpha, deletion.step
         else:
-            delta, info = influence.influence_step(problem, state.alpha, mask, kwargs)
+            delta, info = influence.influence_step(problem, state.alpha, mask, kwargs, self._f_star(state))
         if not info.converged:
             raise SolverError(_not_converged(info, solver_cfg.max_iter, train.dtype))
         if self._infinite:
@@ -538,7 +544,12 @@ class Unlearner:
                 checkpoint.save(checkpoint_dir, new_state)
             self._state = new_state
             purge_cache(self._cache_dir)
-        return result._replace(seconds=time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            if new_state.nystrom is not None and self.solver_config.nystrom_refresh:
+                # published already; from here on nothing derived from the forgotten points remains
+                with sharding.use_mesh(self._mesh):
+                    self._state = dataclasses.replace(new_state, nystrom=_nystrom(new_state.k, self.solver_config, self._mesh))
+        return result._replace(seconds=seconds)
 
     def plan_forget(
         self, ids: Sequence[str], method: str | None = None, refine: bool | None = None
@@ -588,6 +599,7 @@ class Unlearner:
             alpha_step = -losses.grad(train.loss, out, shell.y) * new_mask[:, None] / (train.lam * n_retain)
         else:
             system = influence.retain_system(problem, state.alpha, mask, self._f_star(state))
+            kwargs["nystrom"] = shell.nystrom
             delta_r, step = influence.solve_retain(shell.k, state.form, system.take(rows, shell.capacity), new_mask, kwargs)
             alpha_step = shell.alpha + delta_r
             theta_step = None
@@ -602,7 +614,7 @@ class Unlearner:
         refine_info = None
         alpha_new, theta_new = alpha_step, theta_step
         if refine:
-            refine_kwargs = self._solver_kwargs(solver_cfg, train.dtype, "auto")
+            refine_kwargs = {**self._solver_kwargs(solver_cfg, train.dtype, "auto"), "nystrom": shell.nystrom}
             alpha_new, refined = newton(new_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs)
             if not refined.converged:
                 raise SolverError(
@@ -681,6 +693,7 @@ class Unlearner:
                 f0=state.f0 * m[:, None],
                 alpha=state.alpha * m[:, None],
                 f_star=None,
+                nystrom=None if state.nystrom is None else state.nystrom.mask_rows(jnp.repeat(jnp.asarray(keep), d) if state.form == "full" else jnp.asarray(keep)),
             )
             return shell, np.arange(state.capacity)
         rows = np.flatnonzero(keep)
@@ -701,8 +714,28 @@ class Unlearner:
             f0=pad_rows(state.f0[rows], cap),
             alpha=pad_rows(state.alpha[rows], cap),
             f_star=None,
+            nystrom=None if state.nystrom is None else _take_nystrom(state.nystrom, krows, kside, self._mesh),
         )
         return shell, rows
+
+
+def _nystrom(k: jax.Array, cfg: SolverConfig, mesh):
+    """The CG preconditioner of ``k`` (``solvers.nystrom``), or ``None`` when turned off."""
+    if cfg.nystrom_rank <= 0:
+        return None
+    ny = nystrom(k, cfg.nystrom_rank)
+    if ny is not None:
+        log.info("Nyström preconditioner of rank %d: %.2f s", cfg.nystrom_rank, ny.seconds)
+    return ny
+
+
+def _take_nystrom(ny, krows: np.ndarray, side: int, mesh):
+    """The Nyström factor on the compacted rows (on the host when sharded: XLA's sharded gather
+    fails its verifier on jax 0.5.3)."""
+    if mesh is None or mesh.size == 1:
+        return ny.take_rows(krows, side)
+    u = np.asarray(ny.u)[krows]
+    return ny._replace(u=jnp.asarray(np.pad(u, ((0, side - u.shape[0]), (0, 0)))))
 
 
 def _not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:

@@ -32,6 +32,8 @@ class ModelState:
       meta: data set description and the configurations (model, train, solver) that made it.
       f_star: the outputs f_0 + K α on the training rows ``(C, d)``, kept after a deletion so the
         next one need not pass over K for them; ``None`` after build or restore (not checkpointed).
+      nystrom: the CG preconditioner of K (``solvers.Nystrom``) or ``None``; recomputed from K
+        after build, restore and (by default) each deletion; not checkpointed.
     """
 
     version: int
@@ -48,6 +50,7 @@ class ModelState:
     history: tuple[dict, ...]
     meta: dict[str, Any]
     f_star: jax.Array | None = None
+    nystrom: Any = None
 
     @property
     def active(self) -> np.ndarray:
