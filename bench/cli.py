@@ -48,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mnist-width", type=int, default=1024, help="hidden width of the MNIST FCNN (paper: 1024)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the forget sets and of the random baseline")
     ap.add_argument("--cholesky-max-dim", type=int, default=16384,
-                    help="run alpha-cholesky only where the engine's factorised dimension (capacity·d) is at most this")
-    ap.add_argument("--engine-theta", choices=("auto", "first", "all", "none"), default="auto",
-                    help="fractions at which the engine's theta-cg (recompiles on every call) is run; auto: the first "
-                    "fraction on digits, none on MNIST (one call did not finish in 20 min there)")
+                    help="run alpha-cholesky only where the engine's factorised dimension (bucket(N_R)·d) is at most this")
     ap.add_argument("--trajectory-fractions", type=_ints, default=None,
                     help="fractions with CG-trajectory measurements (default: the first fraction)")
     ap.add_argument("--cold", choices=("all", "alpha-cg", "none"), default=None,
@@ -227,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         args.fractions = args.fractions or [10, 50]
         args.repeats = args.repeats or 2
         args.cold = args.cold or "alpha-cg"
-        if "--engine-theta" not in argv:
-            args.engine_theta = "none"
     args.cold = args.cold or "all"
     args.fractions = args.fractions or [10, 30, 50, 70, 90]
     args.repeats = args.repeats or 5

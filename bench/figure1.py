@@ -17,7 +17,9 @@ Protocol (also printed with the results):
 * Single influence step (``refine=False``) for the solver methods, as the paper compares; the row
   ``alpha-cg+refine`` is the service's default path (step + Newton refinement).
 * ``retrain``: ``training.newton`` from α = 0 on the retain set with K_RR available (the service's
-  training tolerance), then θ = θ_p + J(X)ᵀα; the NTK precompute is reported separately.
+  training tolerance), then θ = θ_p + J(X)ᵀα; the NTK precompute is not counted (not from scratch).
+* ``retrain from scratch``: ``Unlearner.build`` on the retained points (empirical NTK of the retain
+  set, λ_max, preconditioner, Newton to the training tolerance), timed once per fraction.
 * ``random``: θ* + ρ with ρ a random direction scaled to ‖Δθ_retrain‖.
 * References (float64, see ``bench.reference``): exact retraining and the exact influence step.
 """
@@ -40,6 +42,7 @@ from service_core.data import Dataset, load_digits, load_mnist
 from service_core.errors import SolverError
 from service_core.ntk import kernel_matvec
 from service_core.solvers import spd_operator
+from service_core.state import bucket
 from service_core.training import newton
 
 from . import instrument
@@ -377,44 +380,35 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     rec = instrument.Recorder()
     paper_solver = dataclasses.replace(u.solver_config, max_iter=500)
     u_paper = Unlearner(dataclasses.replace(st, meta={**st.meta, "solver": paper_solver.to_dict()}), u.model, mesh=getattr(u, "_mesh", None))
-    chol_dim = ctx.cap * ctx.d if st.form == "full" else ctx.cap
+
+    def chol_unknowns(pf) -> int:
+        cap = bucket(int(np.asarray(st.active).sum()) - len(pf["ids"]))
+        return cap * ctx.d if (st.form == "full" or wl.train.loss != "mse") else cap
     methods = []
     if args.cold != "all":
         res["notes"].append(f"cold start measured for {'alpha-cg only' if args.cold == 'alpha-cg' else 'no method'} (--cold {args.cold})")
     if args.methods:
         res["notes"].append(f"methods limited to {', '.join(args.methods)} (--methods)")
-    mode = args.engine_theta
-    if mode == "auto":
-        mode = "none" if wl.name == "mnist" and not args.quick else "first"
-    engine_theta_fracs = set(range(len(fractions))) if mode == "all" else ({0} if mode == "first" else set())
-    if engine_theta_fracs:
-        methods.append(("theta-cg (engine)", u, "theta-cg", False, False, engine_theta_fracs))
-    elif args.engine_theta == "auto":
-        skipped.append({"method": "theta-cg (engine)", "why": (
-            "`service_core.influence.theta_space_delta` as it is recompiles on every call, and XLA constant-folds the "
-            "forward pass over the captured X (2,048 × 784 → 1024 → 1024 → 1024) while compiling: one call on this "
-            "workload did not finish within 20 minutes when tried on this machine while preparing the benchmark "
-            "(`--engine-theta first` runs it anyway)")})
-    else:
-        skipped.append({"method": "theta-cg (engine)", "why": f"--engine-theta {args.engine_theta}"})
-    methods.append(("theta-cg (jit once)", u, "theta-cg", False, True, None))
-    methods.append(("alpha-paper", u_paper, "alpha-paper", False, False, None))
-    methods.append(("alpha-cg", u, "alpha-cg", False, False, None))
-    if chol_dim <= args.cholesky_max_dim:
-        methods.append(("alpha-cholesky", u, "alpha-cholesky", False, False, None))
-    else:
+    methods.append(("theta-cg", u, "theta-cg", False, None))
+    methods.append(("alpha-paper", u_paper, "alpha-paper", False, None))
+    methods.append(("alpha-cg", u, "alpha-cg", False, None))
+    # the engine factorises the retained points' system, bucket(N_R)·d unknowns
+    chol_fracs = {fi for fi, pf in enumerate(per_frac) if chol_unknowns(pf) <= args.cholesky_max_dim}
+    if chol_fracs:
+        methods.append(("alpha-cholesky", u, "alpha-cholesky", False, chol_fracs))
+    left = [args.fractions[fi] for fi in range(len(fractions)) if fi not in chol_fracs]
+    if left:
         skipped.append({
             "method": "alpha-cholesky",
-            "why": (f"the engine factorises the dense system over the whole padded capacity, C·d = {chol_dim:,} unknowns, "
-                    f"whatever N_R is: (C·d)³/3 = {chol_dim ** 3 / 3:.1e} flops and several dense {chol_dim ** 2 * 4 / 1e9:.1f} GB "
-                    f"copies per call (limit --cholesky-max-dim {args.cholesky_max_dim:,})"),
+            "why": (f"at {', '.join(f'{q} %' for q in left)} removal: the dense system of the retained points has more than "
+                    f"--cholesky-max-dim {args.cholesky_max_dim:,} unknowns ((N_R·d)³/3 flops)"),
         })
-    methods.append(("auto", u, "auto", False, False, None))
-    methods.append(("alpha-cg+refine", u, "alpha-cg", True, False, None))
+    methods.append(("auto", u, "auto", False, None))
+    methods.append(("alpha-cg+refine", u, "alpha-cg", True, None))
 
     if args.methods:
         methods = [m for m in methods if m[0] in args.methods]
-    for name, un, method, refine, jit_once, only in methods:
+    for name, un, method, refine, only in methods:
         slow_state: dict = {}
         log(f"   -- {name}")
         for fi, frac in enumerate(fractions):
@@ -423,15 +417,14 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
             pf = per_frac[fi]
 
             def run():
-                with instrument.instrument(rec, allow_unconverged=True, theta_jit_once=jit_once):
+                with instrument.instrument(rec, allow_unconverged=True):
                     t, new_state, result = _call(un, pf["ids"], method, refine, rec)
                 payload = {
                     "theta": new_state.theta, "result": result, "step": rec.step, "refine_cg": rec.refine_cg,
                     "refine_inner": rec.refine.inner[-1].method if rec.refine is not None and rec.refine.inner else None,
-                    "delta_alpha": rec.delta_alpha if rec.delta_theta is None else None,
                     "alpha_new": None,
                 }
-                if refine:
+                if rec.delta_theta is None:  # an α method: Δα = α_new − α* in the capacity layout
                     # the refined α in capacity layout: map the compacted rows back
                     keep = np.flatnonzero(np.asarray(ctx.state.active) & ~pf["mask"])
                     a = np.zeros((ctx.cap, ctx.d))
@@ -450,10 +443,9 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
             p = payloads[-1]
             step = p["step"]
             result = p["result"]
+            da = None
             if p["alpha_new"] is not None:
                 da = p["alpha_new"] - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
-            else:
-                da = p["delta_alpha"]
             dist = distances(pf, p["theta"], da)
             if refine:
                 dist.pop("dist_step", None)  # a refined answer is not an influence step
@@ -507,6 +499,33 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
             "inner_method": info.inner[-1].method if info.inner else None,
             "converged": bool(info.converged), "forget_acc": facc, "test_acc": tacc, **dist,
         }
+        rows.append(row)
+        log("      " + _row_line(row))
+
+    # retraining from scratch: what a user without this service runs on the retained data (the
+    # service's own build: empirical NTK of the retain set, λ_max, preconditioner, Newton), timed once
+    do_scratch = not args.methods or "retrain from scratch" in args.methods
+    if do_scratch:
+        log("   -- retrain from scratch")
+    all_ids = np.asarray(wl.dataset.ids)
+    for fi, frac in enumerate(fractions if do_scratch else []):
+        pf = per_frac[fi]
+        ds_r = wl.dataset.subset(np.flatnonzero(~np.isin(all_ids, np.asarray(pf["ids"]))))
+        t0 = time.perf_counter()
+        fresh = Unlearner.build(ds_r, wl.model, wl.train, u.solver_config, cache_dir=None, progress=False)
+        jax.block_until_ready(fresh.state.theta)
+        seconds = time.perf_counter() - t0
+        theta = fresh.state.theta
+        dist = distances(pf, theta)
+        facc, tacc = ctx.accuracy(theta, pf["mask"])
+        hist = fresh.state.history[0]
+        row = {
+            "method": "retrain from scratch", "fraction": args.fractions[fi], "n_forget": len(pf["ids"]),
+            "cold_s": None, "warm_s": seconds, "warm_all_s": [seconds], "n_warm": 1, "solve_s": None,
+            "ntk_s": float(fresh.state.meta["ntk"]["seconds"]), "newton_steps": int(hist.get("steps", 0)),
+            "residual": float(fresh.state.residual), "converged": True, "forget_acc": facc, "test_acc": tacc, **dist,
+        }
+        del fresh
         rows.append(row)
         log("      " + _row_line(row))
 

@@ -598,7 +598,14 @@ class Unlearner:
             out = self._predict(theta_step, shell.x)
             alpha_step = -losses.grad(train.loss, out, shell.y) * new_mask[:, None] / (train.lam * n_retain)
         else:
-            system = influence.retain_system(problem, state.alpha, mask, self._f_star(state))
+            f_star = self._f_star(state)
+            k_rf_alpha_f = None
+            if len(ids) > n_retain:  # K_RF α*_F = (K α*)_R − K_RR α*_R: a pass over the small K_RR, not N_F·d columns
+                k_rr_alpha_r = kernel_matvec(shell.k, shell.alpha, state.form)
+                spread = np.zeros(state.alpha.shape, np.asarray(k_rr_alpha_r).dtype)
+                spread[rows] = np.asarray(k_rr_alpha_r)[: len(rows)]
+                k_rf_alpha_f = (f_star - state.f0) - jnp.asarray(spread)
+            system = influence.retain_system(problem, state.alpha, mask, f_star, k_rf_alpha_f)
             kwargs["nystrom"] = shell.nystrom
             delta_r, step = influence.solve_retain(shell.k, state.form, system.take(rows, shell.capacity), new_mask, kwargs)
             alpha_step = shell.alpha + delta_r

@@ -73,7 +73,13 @@ class RetainSystem(NamedTuple):
         return self._replace(b=gather(self.b), w=gather(self.w), s=gather(self.s))
 
 
-def retain_system(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array, f_star: jax.Array | None = None) -> RetainSystem:
+def retain_system(
+    problem: DualProblem,
+    alpha_star: jax.Array,
+    forget: jax.Array,
+    f_star: jax.Array | None = None,
+    k_rf_alpha_f: jax.Array | None = None,
+) -> RetainSystem:
     """Assemble system (A) for removing ``forget`` from the model trained on ``problem``.
 
     Reads only the N_F·d columns of K that belong to F (K_RF α*_F), plus one pass over K for the
@@ -84,6 +90,8 @@ def retain_system(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array
       alpha_star: α* ``(N, d)``, optimal on D.
       forget: bool ``(N,)``, F ⊂ D.
       f_star: f* ``(N, d)`` if known.
+      k_rf_alpha_f: K_RF α*_F ``(N, d)`` on R if the caller has it (``Unlearner`` computes it as
+        (f* − f_0)_R − K_RR α*_R when F is the larger set: a pass over K_RR instead of N_F·d columns).
 
     Returns:
       ``RetainSystem`` (math.md Eq. (A)).
@@ -96,7 +104,9 @@ def retain_system(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array
         f_star = problem.f0 + kernel_matvec(problem.k, alpha_star * problem.mask[:, None], problem.form)
     w = losses.hessian(problem.loss, f_star, problem.y)
     s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
-    k_rf_alpha_f = m_r * _columns_matvec(problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star)
+    if k_rf_alpha_f is None:
+        k_rf_alpha_f = _columns_matvec(problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star)
+    k_rf_alpha_f = m_r * k_rf_alpha_f
     b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
     return RetainSystem(b, w, s, problem.lam * n_retain, problem.n)
 
@@ -203,7 +213,7 @@ def test_point_changes(
 _THETA_SOLVERS: dict = {}
 
 
-def _theta_solve(apply_fn, unravel, loss, theta0, theta_p, theta_star, xf, y, m_f, m_r, lam, tol, x0, max_iter):
+def _theta_solve(apply_fn, unravel, loss, theta0, theta_p, theta_star, xf, y, m_f, m_r, lam, tol, x0, max_iter, zero_start=False):
     """One CG (re)start of the θ-space system, traced once per shape: data are arguments, so XLA
     neither recompiles per call nor constant-folds the network over captured inputs."""
     n = jnp.sum(m_f) + jnp.sum(m_r)
@@ -222,7 +232,7 @@ def _theta_solve(apply_fn, unravel, loss, theta0, theta_p, theta_star, xf, y, m_
     def hvp(v):  # forward-over-reverse: jvp of the retain gradient
         return jax.jvp(lambda t: grad_r(t, m_r), (theta_star,), (v,))[1]
 
-    sol, it = cg(hvp, rhs, x0, tol, max_iter)
+    sol, it = cg(hvp, rhs, None if zero_start else x0, tol, max_iter)
     res = jnp.linalg.norm(rhs - hvp(sol)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
     return sol, it, res
 
@@ -257,7 +267,7 @@ def theta_space_delta(
     key = (id(model), loss, int(max_iter))
     cached = _THETA_SOLVERS.get(key)
     if cached is None or cached[0] is not model:
-        fn = jax.jit(partial(_theta_solve, model.apply_fn, model.unravel, loss, max_iter=int(max_iter)))
+        fn = jax.jit(partial(_theta_solve, model.apply_fn, model.unravel, loss, max_iter=int(max_iter)), static_argnames=("zero_start",))
         cached = _THETA_SOLVERS[key] = (model, fn)
     fn = cached[1]
     dtype = theta_star.dtype
@@ -268,8 +278,8 @@ def theta_space_delta(
     # CG's recursive residual drifts from the true one in float32: restart from the answer while
     # the true residual misses the tolerance (as solvers.solve_spd does for α-space CG).
     sol, total = jnp.zeros_like(theta_star), 0
-    for _ in range(4):
-        sol, it, res = fn(*args, sol)
+    for attempt in range(4):
+        sol, it, res = fn(*args, sol, zero_start=attempt == 0)
         total += int(it)
         if float(res) <= tol or int(it) >= max_iter:
             break

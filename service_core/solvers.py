@@ -59,7 +59,8 @@ def cg(matvec, b: jax.Array, x0: jax.Array, tol: float, max_iter: int, precond=N
 
     Arguments:
       matvec: v ↦ A v on arrays shaped like ``b``.
-      b, x0: right-hand side and initial guess (any shape).
+      b, x0: right-hand side and initial guess (any shape); ``x0=None`` starts from 0 without
+        spending an operator product on it.
       tol: stop when the recursive residual ‖r‖ ≤ tol·‖b‖ (unpreconditioned norm, so the
         stopping rule is the same with or without ``precond``).
       max_iter: most iterations.
@@ -70,7 +71,10 @@ def cg(matvec, b: jax.Array, x0: jax.Array, tol: float, max_iter: int, precond=N
     """
     apply_p = (lambda r: r) if precond is None else precond
     bnorm2 = jnp.vdot(b, b).real
-    r0 = b - matvec(x0)
+    if x0 is None:
+        x0, r0 = jnp.zeros_like(b), b
+    else:
+        r0 = b - matvec(x0)
     z0 = apply_p(r0)
     thresh = (tol**2) * bnorm2
 
@@ -199,11 +203,11 @@ def spd_operator(k: jax.Array, form: str, s: jax.Array | None, mask: jax.Array, 
     return matvec
 
 
-@partial(jax.jit, static_argnames=("form", "max_iter"))
-def _cg_solve(k, s, mask, rhs, x0, c, tol, ny, form, max_iter):
+@partial(jax.jit, static_argnames=("form", "max_iter", "zero_start"))
+def _cg_solve(k, s, mask, rhs, x0, c, tol, ny, form, max_iter, zero_start=False):
     matvec = spd_operator(k, form, s, mask, c)
     precond = None if ny is None else nystrom_preconditioner(ny, form, s, mask, c)
-    x, it = cg(matvec, rhs, x0, tol, max_iter, precond)
+    x, it = cg(matvec, rhs, None if zero_start else x0, tol, max_iter, precond)
     res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
     return x, it, res
 
@@ -292,12 +296,14 @@ def solve_spd(
         return x, SolveInfo("alpha-cholesky", 0, res, bool(res <= tol), time.perf_counter() - t0)
     if method != "alpha-cg":
         raise ValueError(f"solve_spd takes 'alpha-cg', 'alpha-cholesky' or 'auto', not {method!r}")
+    zero_start = x0 is None
     x = jnp.zeros_like(rhs) if x0 is None else x0
     ny = nystrom if (nystrom is not None and (form == "full" or s is None)) else None
     ny = None if ny is None else ny._replace(seconds=0.0)  # a traced argument: no Python floats
     total = 0
     for _ in range(max_restarts + 1):
-        x, it, res = _cg_solve(k, s, mask, rhs, x, c, jnp.asarray(tol, k.dtype), ny, form, max_iter)
+        x, it, res = _cg_solve(k, s, mask, rhs, x, c, jnp.asarray(tol, k.dtype), ny, form, max_iter, zero_start)
+        zero_start = False
         total += int(it)
         res = float(res)
         if res <= tol or int(it) >= max_iter:

@@ -44,7 +44,7 @@ def test_numbers_are_sane(quick_run):
     res = json.loads((out / "figure1-digits.json").read_text())
     assert res["fractions"] == [10, 50]
     methods = {r["method"] for r in res["rows"]}
-    for m in ("theta-cg (jit once)", "alpha-paper", "alpha-cg", "auto", "alpha-cg+refine", "retrain", "random"):
+    for m in ("theta-cg", "alpha-paper", "alpha-cg", "auto", "alpha-cg+refine", "retrain", "retrain from scratch", "random"):
         assert m in methods, m
     for r in res["rows"]:
         assert "error" not in r, r
@@ -58,7 +58,7 @@ def test_numbers_are_sane(quick_run):
         cg = next(r for r in _rows(res, "alpha-cg") if r["fraction"] == frac)
         paper = next(r for r in _rows(res, "alpha-paper") if r["fraction"] == frac)
         refine = next(r for r in _rows(res, "alpha-cg+refine") if r["fraction"] == frac)
-        theta = next(r for r in _rows(res, "theta-cg (jit once)") if r["fraction"] == frac)
+        theta = next(r for r in _rows(res, "theta-cg") if r["fraction"] == frac)
         rnd = next(r for r in _rows(res, "random") if r["fraction"] == frac)
         retrain = next(r for r in _rows(res, "retrain") if r["fraction"] == frac)
         # alpha-cg solves the influence step to float32 accuracy; the step itself is not exact

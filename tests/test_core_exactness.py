@@ -154,6 +154,24 @@ def test_forget_equals_retraining_float32(digits, kind):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("rank", [0, 32])
+def test_forgetting_most_points_equals_retraining(digits, loss, rank):
+    """80 % removed: K_RF α*_F comes from (K α*)_R − K_RR α*_R, the solve runs on the compacted
+    K_RR; with and without the Nyström preconditioner (rank 0 turns it off)."""
+    u = build(digits, "mlp", loss, method="alpha-cg", nystrom_rank=rank)
+    assert (u.state.nystrom is None) == (rank == 0)
+    forget = np.flatnonzero(np.arange(N_TRAIN) % 5 != 0)
+    keep = np.setdiff1d(np.arange(N_TRAIN), forget)
+    result = u.forget([digits.ids[i] for i in forget])
+    assert result.solve.converged and result.solve.preconditioner == ("" if rank == 0 else f"nystrom-{rank}")
+    assert u.state.capacity < N_TRAIN  # compacted into a smaller bucket
+    theta_ret = retrain(u, digits.x[keep], digits.targets()[keep], loss)
+    theta_p = np.asarray(u.model.theta_p)
+    err = rel(u.state.theta, theta_ret, theta_ret - theta_p)
+    assert err < (1e-8 if loss == "mse" else 1e-6), err
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_sequential_deletions_stay_exact(digits, loss):
     u = build(digits, "mlp", loss)
     rng = np.random.default_rng(0)
