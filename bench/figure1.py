@@ -594,39 +594,27 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     return res
 
 
-def profile_plan_forget(ctx: Context, ids, repeats: int = 2, warmup: bool = True) -> dict:
-    """Warm ``plan_forget(method='alpha-cg', refine=False)`` split into its parts (medians of
-    ``repeats``, after one uncounted round if ``warmup``), by calling the engine's steps one by one
-    as ``plan_forget`` does."""
-    from service_core import influence
-    from service_core.training import stationarity
+PROFILE_PARTS = (
+    ("validate", "validate ids, mask, choose solver"),
+    ("compact", "compact K_RR and the preconditioner (or erase F in place)"),
+    ("rhs", "right-hand side of (A): K_RF α*_F"),
+    ("solve", "solve (SolveInfo.seconds: rhs of (B), PCG, true residual)"),
+    ("delta", "Δθ = J(X)ᵀΔα (VJP)"),
+    ("residual", "f of the new version + stationarity certificate"),
+)
 
-    u, st = ctx.u, ctx.u.state
-    parts: dict[str, list[float]] = {}
 
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(out)
-        parts.setdefault(name, []).append(time.perf_counter() - t0)
-        return out
-
-    skip = 1 if warmup else 0
-    for _ in range(repeats + skip):
-        timed("validate ids", lambda: u.validate_forget(ids))
-        mask = timed("mask + choose_solver", lambda: (u._mask(st, ids), u.choose_solver(st.n - len(ids), "alpha-cg"))[0])
-        retain = jnp.asarray(st.active) & ~mask
-        kwargs = Unlearner._solver_kwargs(u.solver_config, u.train_config.dtype, "alpha-cg")
-        problem = u._problem(st)
-        delta, info = timed("influence step (rhs + CG solve)", lambda: influence.influence_step(problem, st.alpha, mask, kwargs))
-        parts.setdefault("  of which CG solve (SolveInfo.seconds)", []).append(info.seconds)
-        alpha_new = st.alpha + delta
-        theta_new = timed("Δθ = J(X)ᵀΔα (VJP)", lambda: st.theta + u._vjp(st.x, delta))
-        timed("stationarity residual", lambda: stationarity(problem._replace(mask=retain), alpha_new)[1])
-        timed("new state (_without: erase/compact K)", lambda: u._without(st, mask, alpha_new, theta_new).k)
-    out = {name: float(statistics.median(ts[skip:])) for name, ts in parts.items()}
-    out["total"] = sum(v for k, v in out.items() if not k.startswith("  "))
-    out["cg_iterations"] = int(info.iterations)
+def profile_plan_forget(ctx: Context, ids, repeats: int = 3, warmup: bool = True) -> dict:
+    """Warm ``plan_forget(method='alpha-cg', refine=False)`` split into its parts: the medians of
+    ``ForgetResult.timings`` over ``repeats`` calls (after one uncounted call if ``warmup``)."""
+    runs = []
+    for _ in range(repeats + (1 if warmup else 0)):
+        _, result = ctx.u.plan_forget(ids, method="alpha-cg", refine=False)
+        runs.append(result)
+    runs = runs[1:] if warmup else runs
+    out = {label: float(statistics.median(r.timings.get(key, 0.0) for r in runs)) for key, label in PROFILE_PARTS}
+    out["total"] = float(statistics.median(r.seconds for r in runs))
+    out["cg_iterations"] = int(runs[-1].solve.iterations)
     return out
 
 

@@ -51,6 +51,10 @@ class ForgetResult(NamedTuple):
       seconds: wall time of the whole deletion, checkpoint included.
       reason: why this solver method was used (the ``auto`` cost model, or "configured").
       refine_cg_iterations: CG iterations of the refinement's inner solves, summed (0 if none).
+      timings: seconds per part of ``plan_forget``: ``validate``, ``compact`` (K_RR and the
+        preconditioner gathered, or F erased in place), ``rhs`` (system (A)'s right-hand side),
+        ``solve``, ``delta`` (Δθ = J(X)ᵀΔα, or α of the θ-space answer), ``refine``, ``residual``
+        (f and the stationarity certificate of the new version).
     """
 
     version: int
@@ -60,6 +64,7 @@ class ForgetResult(NamedTuple):
     seconds: float
     reason: str = ""
     refine_cg_iterations: int = 0
+    timings: dict | None = None
 
 
 class InfluenceResult(NamedTuple):
@@ -572,6 +577,16 @@ class Unlearner:
 
     def _plan_forget(self, ids, method, refine):
         t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        clock = [t0]
+
+        def lap(name: str, *arrays):
+            """Seconds of the part just done (its arrays computed, not just dispatched)."""
+            jax.block_until_ready(arrays)
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock[0]
+            clock[0] = now
+
         state = self._state
         self.validate_forget(ids, state=state)
         train = self.train_config
@@ -583,20 +598,24 @@ class Unlearner:
         method, reason = self.choose_solver(n_retain, method)
         kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
         problem = self._problem(state)
+        lap("validate")
         # The retained points first, compacted into their capacity bucket (or F erased in place):
         # every solve below runs on K_RR, so its cost scales with N_R, not with the N it started from.
         shell, rows = self._without(state, mask)
         new_mask = jnp.asarray(shell.active)
         new_problem = DualProblem(shell.k, state.form, shell.f0, shell.y, new_mask, train.lam, train.loss)
+        lap("compact", shell.k)
         if method == "theta-cg":
             dtheta, step = influence.theta_space_delta(
                 self._model, state.theta, state.x, state.y, mask, train.lam, train.loss,
                 kwargs["tol"], kwargs["max_iter"], retain_mask=retain,
             )
             theta_step = state.theta + dtheta
+            lap("solve", theta_step)
             # α of the θ-space answer: α_R = −g_R / (λ N_R) at its outputs (math.md, optimality)
             out = self._predict(theta_step, shell.x)
             alpha_step = -losses.grad(train.loss, out, shell.y) * new_mask[:, None] / (train.lam * n_retain)
+            lap("delta", alpha_step)
         else:
             f_star = self._f_star(state)
             k_rf_alpha_f = None
@@ -606,9 +625,11 @@ class Unlearner:
                 spread[rows] = np.asarray(k_rr_alpha_r)[: len(rows)]
                 k_rf_alpha_f = (f_star - state.f0) - jnp.asarray(spread)
             system = influence.retain_system(problem, state.alpha, mask, f_star, k_rf_alpha_f)
+            lap("rhs", system.b)
             kwargs["nystrom"] = shell.nystrom
             delta_r, step = influence.solve_retain(shell.k, state.form, system.take(rows, shell.capacity), new_mask, kwargs)
             alpha_step = shell.alpha + delta_r
+            lap("solve", alpha_step)
             theta_step = None
             if not self._infinite:  # Δθ = J(X)ᵀΔα over D, with Δα_F = −α*_F (math.md)
                 m_f = mask[:, None].astype(self._dtype)
@@ -616,6 +637,7 @@ class Unlearner:
                 spread[rows] = np.asarray(delta_r)[: len(rows)]
                 delta = jnp.asarray(spread) - state.alpha * m_f
                 theta_step = state.theta + self._vjp(state.x, delta)
+            lap("delta", theta_step)
         if not step.converged:
             raise SolverError(_not_converged(step, solver_cfg.max_iter, train.dtype))
         refine_info = None
@@ -633,8 +655,10 @@ class Unlearner:
                 # step's own θ need not lie on that map when it is not optimal (cross-entropy)
                 theta_new = self._model.theta_p + self._vjp(shell.x, alpha_new)
             refine_info = refined.as_solve_info()
+            lap("refine", alpha_new, theta_new)
         f_new = shell.f0 + kernel_matvec(shell.k, alpha_new * new_mask[:, None].astype(self._dtype), state.form)
         _, residual = stationarity(new_problem, alpha_new, f_new)  # the published version's certificate
+        lap("residual")
         new_state = dataclasses.replace(
             shell,
             alpha=alpha_new,
@@ -660,6 +684,7 @@ class Unlearner:
         result = ForgetResult(
             new_state.version, step, refine_info, residual, time.perf_counter() - t0, reason,
             refined.cg_iterations if refine_info else 0,
+            timings,
         )
         return new_state, result
 

@@ -72,7 +72,8 @@ def test_numbers_are_sane(quick_run):
         assert paper["dist_step"] < 0.1 and paper["dist_step"] > 10 * cg["dist_step"]
         assert abs(paper["test_acc"] - cg["test_acc"]) <= 0.02
         # refinement reaches retraining (float32); so does retraining itself
-        assert refine["dist_retrain"] < 1e-3 and retrain["dist_retrain"] < 1e-3
+        scratch = next(r for r in _rows(res, "retrain from scratch") if r["fraction"] == frac)
+        assert refine["dist_retrain"] < 1e-3 and retrain["dist_retrain"] < 1e-3 and scratch["dist_retrain"] < 1e-3
         assert refine["dist_retrain"] < cg["dist_retrain"]
         # a random change of the same norm is ~orthogonal to the true one: distance ≈ √2
         assert abs(rnd["dist_retrain"] - math.sqrt(2)) < 0.3
