@@ -197,7 +197,7 @@ class Worker:
             return [(entry, _failed(message)) for entry in accepted]
 
         # Why this method: the auto cost model's explanation, or that it was configured.
-        solver = {**result.solve.to_dict(), "reason": result.reason}
+        solver = {**result.solve.to_dict(), "reason": result.reason, "timings": result.timings}
         refine = result.refine.to_dict() if result.refine is not None else None
         self.deletion_log.append(
             {

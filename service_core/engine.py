@@ -619,7 +619,9 @@ class Unlearner:
         else:
             f_star = self._f_star(state)
             k_rf_alpha_f = None
-            if len(ids) > n_retain:  # K_RF α*_F = (K α*)_R − K_RR α*_R: a pass over the small K_RR, not N_F·d columns
+            # K_RF α*_F: from the N_F·d rows K[F, :] (read and copied), or as (K α*)_R − K_RR α*_R with
+            # one pass over the compacted K_RR, whichever touches fewer bytes
+            if n_retain**2 <= 2 * state.n * len(ids):
                 k_rr_alpha_r = kernel_matvec(shell.k, shell.alpha, state.form)
                 spread = np.zeros(state.alpha.shape, np.asarray(k_rr_alpha_r).dtype)
                 spread[rows] = np.asarray(k_rr_alpha_r)[: len(rows)]

@@ -154,12 +154,19 @@ def influence_step(
 
 
 def _columns_matvec(k: jax.Array, form: str, rows: np.ndarray, alpha: jax.Array) -> jax.Array:
-    """K[:, F] α_F for the points ``rows`` of F: reads N_F·d columns of K, not all of it."""
+    """K[:, F] α_F for the points ``rows`` of F: reads N_F·d columns of K, not all of it.
+
+    K is symmetric, so on one device this reads the rows K[F, :] instead (contiguous in memory,
+    several times faster than a strided column gather) and computes K[F, :]ᵀ α_F.
+    """
     d = alpha.shape[1]
-    if form == "full":
-        cols = (rows[:, None] * d + np.arange(d)).ravel()
-        return jnp.matmul(k[:, cols], alpha[rows].reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(alpha.shape)
-    return jnp.matmul(k[:, rows], alpha[rows], precision=jax.lax.Precision.HIGHEST)
+    idx = (rows[:, None] * d + np.arange(d)).ravel() if form == "full" else rows
+    a_f = alpha[rows].reshape(-1) if form == "full" else alpha[rows]
+    hi = jax.lax.Precision.HIGHEST
+    if len(k.sharding.device_set) == 1:
+        out = jnp.matmul(a_f.T, jnp.take(k, jnp.asarray(idx), axis=0), precision=hi)
+        return out.reshape(alpha.shape) if form == "full" else out.T
+    return jnp.matmul(k[:, idx], a_f, precision=hi).reshape(alpha.shape)
 
 
 def forget(

@@ -128,6 +128,9 @@ class SolverInfo(BaseModel):
     residual: float
     seconds: float
     converged: bool | None = None
+    preconditioner: str | None = Field(
+        None, description="'nystrom-<rank>' when CG was preconditioned by a Nyström approximation of K"
+    )
 
 
 class InfluenceSolverInfo(SolverInfo):
@@ -135,6 +138,10 @@ class InfluenceSolverInfo(SolverInfo):
         None,
         description="why this method was used: the 'auto' cost model's explanation, or that it "
         "was configured (null for versions logged before this field existed)",
+    )
+    timings: dict[str, float] | None = Field(
+        None,
+        description="seconds per part of the deletion: validate, compact, rhs, solve, delta, refine, residual",
     )
 
 

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     )
     max_iter: int = Field(_SOLVER.max_iter, gt=0, description="most CG iterations per solve")
     refine: bool = Field(_SOLVER.refine, description="Newton refinement after each deletion")
+    nystrom_rank: int = Field(
+        _SOLVER.nystrom_rank,
+        ge=0,
+        description="rank of the Nyström approximation of K that preconditions CG (0: off); refreshed after each deletion",
+    )
 
     # Service.
     data_dir: Path = Field(
@@ -155,5 +160,9 @@ class Settings(BaseSettings):
 
     def to_solver_config(self) -> SolverConfig:
         return SolverConfig(
-            method=self.solver, tol=self.cg_tol, max_iter=self.max_iter, refine=self.refine
+            method=self.solver,
+            tol=self.cg_tol,
+            max_iter=self.max_iter,
+            refine=self.refine,
+            nystrom_rank=self.nystrom_rank,
         )
