@@ -221,8 +221,17 @@ def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digit
     assert list((tmp_path / "cache").glob("ntk-*.npy"))
     u.save(tmp_path / "ckpt")
     gone = u.active_ids()[:5]
-    u.forget(gone, checkpoint_dir=tmp_path / "ckpt")
+    before = u.state.nystrom
+    result = u.forget(gone, checkpoint_dir=tmp_path / "ckpt")
     assert not list((tmp_path / "cache").glob("ntk-*.npy"))  # cached K held the forgotten rows
+    # the preconditioner was derived from the forgotten rows too: recomputed from the new K
+    assert before is not None and u.state.nystrom is not None and u.state.nystrom is not before
+    assert u.state.nystrom.u.shape[0] == u.state.k.shape[0]
+    inactive_rows = np.repeat(~u.state.active, 10)
+    assert np.abs(np.asarray(u.state.nystrom.u)[inactive_rows]).max(initial=0.0) <= 1e-6
+    # per-part seconds of the deletion, within its total
+    assert {"validate", "compact", "rhs", "solve", "delta", "residual"} <= set(result.timings)
+    assert all(v >= 0 for v in result.timings.values()) and sum(result.timings.values()) <= result.seconds
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
     back = Unlearner.restore(tmp_path / "ckpt")
     assert back.version == 1 and back.n_train == 45 and back.forgotten_ids() == frozenset(gone)
