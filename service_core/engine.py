@@ -162,7 +162,7 @@ class Unlearner:
         active = np.arange(cap) < n
         f0 = model.offset(x) * jnp.asarray(active, dtype)[:, None]
         lambda_max = largest_eigenvalue(k, form, cap, d)
-        ny = _nystrom(k, solver_cfg, mesh)
+        ny = _nystrom(k, solver_cfg, mesh, form, train_cfg.loss)
         problem = DualProblem(k, form, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
         if train_cfg.trainer == "kgd":
             alpha, info = kernel_gradient_descent(
@@ -235,7 +235,7 @@ class Unlearner:
         full[np.ix_(rows, rows)] = k
         log.info("restored version %d: K %s recomputed in %.2f s", state.version, full.shape, report["seconds"])
         k = sharding.place(full, mesh)
-        ny = _nystrom(k, SolverConfig.from_dict(state.meta["solver"]), mesh)
+        ny = _nystrom(k, SolverConfig.from_dict(state.meta["solver"]), mesh, state.form, state.meta["train"]["loss"])
         return cls(dataclasses.replace(state, k=k, nystrom=ny), model, cache_dir, mesh)
 
     def save(self, checkpoint_dir: Path) -> None:
@@ -471,6 +471,7 @@ class Unlearner:
         train = self.train_config
         w_max = 1.0 if train.loss == "mse" else 0.5
         top = state.meta.get("lambda_max", float("inf"))
+        kappa_theta = 1.0 + top * w_max / (train.lam * n_retain)  # θ-space CG is not preconditioned
         if state.nystrom is not None:  # preconditioned: about the first eigenvalue the approximation leaves out
             top = float(state.nystrom.lam[-1])
         kappa = 1.0 + top * w_max / (train.lam * n_retain)
@@ -483,6 +484,7 @@ class Unlearner:
             kappa,
             cfg.resolved_tol(train.dtype),
             cfg.cholesky_max_dim,
+            kappa_theta,
         )
         return est.method, est.reason
 
@@ -553,7 +555,7 @@ class Unlearner:
             if new_state.nystrom is not None and self.solver_config.nystrom_refresh:
                 # published already; from here on nothing derived from the forgotten points remains
                 with sharding.use_mesh(self._mesh):
-                    self._state = dataclasses.replace(new_state, nystrom=_nystrom(new_state.k, self.solver_config, self._mesh))
+                    self._state = dataclasses.replace(new_state, nystrom=_nystrom(new_state.k, self.solver_config, self._mesh, new_state.form, self.train_config.loss))
         return result._replace(seconds=seconds)
 
     def plan_forget(
@@ -596,6 +598,8 @@ class Unlearner:
         retain = jnp.asarray(state.active) & ~mask
         n_retain = state.n - len(ids)
         method, reason = self.choose_solver(n_retain, method)
+        if method == "theta-cg" and self._infinite:
+            raise InvalidInputError(f"{self._model.config.kind} has no parameters: theta-cg is not available, use alpha-cg")
         kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
         problem = self._problem(state)
         lap("validate")
@@ -753,9 +757,10 @@ class Unlearner:
         return shell, rows
 
 
-def _nystrom(k: jax.Array, cfg: SolverConfig, mesh):
-    """The CG preconditioner of ``k`` (``solvers.nystrom``), or ``None`` when turned off."""
-    if cfg.nystrom_rank <= 0:
+def _nystrom(k: jax.Array, cfg: SolverConfig, mesh, form: str, loss: str):
+    """The CG preconditioner of ``k`` (``solvers.nystrom``), or ``None`` when turned off or when the
+    solvers cannot use it (trace form with cross-entropy: ``solvers.nystrom_preconditioner``)."""
+    if cfg.nystrom_rank <= 0 or (form == "trace" and loss != "mse"):
         return None
     ny = nystrom(k, cfg.nystrom_rank)
     if ny is not None:

@@ -420,6 +420,7 @@ def choose_method(
     kappa: float,
     tol: float,
     cholesky_max_dim: int,
+    kappa_theta: float | None = None,
 ) -> CostEstimate:
     """Pick the cheapest exact solver for the influence system by a flop-count cost model.
 
@@ -431,7 +432,9 @@ def choose_method(
       same iteration estimate; only for models with parameters.
 
     Arguments:
-      kappa: an upper bound on κ(B) = 1 + λ_max(S K S)/c (from λ_max of the full K, by interlacing).
+      kappa: an upper bound on κ(B) = 1 + λ_max(S K S)/c (from λ_max of the full K, by interlacing),
+        or an estimate of the preconditioned κ when α-space CG is preconditioned.
+      kappa_theta: κ for θ-space CG (never preconditioned); default ``kappa``.
 
     Returns:
       ``CostEstimate(method, reason, flops)``.
@@ -445,7 +448,9 @@ def choose_method(
     if dim <= cholesky_max_dim:
         flops["alpha-cholesky"] = dim**3 / 3.0 + (dim**2 * d if form == "trace" else 0.0)
     if n_params is not None:
-        flops["theta-cg"] = iters * 8.0 * n_params * n_retain
+        k_t = kappa if kappa_theta is None else kappa_theta
+        iters_theta = max(1.0, 0.5 * math.sqrt(max(k_t, 1.0)) * math.log(2.0 / tol))
+        flops["theta-cg"] = iters_theta * 8.0 * n_params * n_retain
     best = min(flops, key=flops.get)
     ranked = ", ".join(f"{k} {v:.2g}" for k, v in sorted(flops.items(), key=lambda kv: kv[1]))
     reason = (

@@ -61,6 +61,11 @@ def test_theta_cg_is_refused_without_parameters():
     ds = load_digits(seed=0).subset(slice(0, 30))
     with pytest.raises(ValueError, match="no parameters"):
         Unlearner.build(ds, ModelConfig(kind="inf-mlp"), TrainConfig(), SolverConfig(method="theta-cg"), progress=False)
+    u = Unlearner.build(ds, ModelConfig(kind="inf-mlp"), TrainConfig(), SolverConfig(), progress=False)
+    assert u.state.nystrom is None  # trace form with cross-entropy: the preconditioner would not be used
+    with pytest.raises(ValueError, match="no parameters"):
+        u.plan_forget(ds.ids[:3].tolist(), method="theta-cg")
+    assert u.version == 0 and u.n_train == 30
 
 
 def test_cnn_through_the_engine():
