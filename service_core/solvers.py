@@ -456,7 +456,7 @@ def choose_method(
     reason = (
         f"{best}: fewest estimated flops ({ranked}) for N_R = {n_retain}, d = {d}, {form} form"
         + (f", P = {n_params}" if n_params is not None else "")
-        + f", κ ≤ {kappa:.3g} (≈{iters:.0f} CG iterations)"
+        + f", κ ≈ {kappa:.3g} (≈{iters:.0f} CG iterations)"
         + ("" if dim <= cholesky_max_dim else f"; Cholesky excluded above {cholesky_max_dim} unknowns")
     )
     return CostEstimate(best, reason, flops)
