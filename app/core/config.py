@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         ge=0,
         description="rank of the Nyström approximation of K that preconditions CG (0: off); refreshed after each deletion",
     )
+    spare_kernel: bool = Field(
+        _SOLVER.spare_kernel,
+        description="keep a second K-sized buffer, already mapped, for the next deletion to write its K into (faster small deletions, one more K of memory)",
+    )
 
     # Service.
     data_dir: Path = Field(
@@ -165,4 +169,5 @@ class Settings(BaseSettings):
             max_iter=self.max_iter,
             refine=self.refine,
             nystrom_rank=self.nystrom_rank,
+            spare_kernel=self.spare_kernel,
         )
