@@ -205,9 +205,10 @@ class Unlearner:
             raise SolverError(
                 f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
                 f"{info.steps} steps (tolerance {train_cfg.resolved_tol():.0e}): raise lam or {limit}"
+                + _floor_hint(getattr(info, "floor", 0.0), train_cfg.dtype)
             )
         theta = None if model_cfg.infinite else model.theta_p + model.vjp(x, alpha)
-        log.info("trained (%s): %d steps, residual %.2e, %.2f s", train_cfg.trainer, info.steps, info.residual, info.seconds)
+        log.info("trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s", train_cfg.trainer, info.steps, info.residual, getattr(info, "floor", 0.0), info.seconds)
         meta = {
             "dataset": {
                 "name": dataset.name,
@@ -222,7 +223,12 @@ class Unlearner:
             "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
             "lambda_max": lambda_max,
         }
-        history = ({"version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "steps": info.steps},)
+        history = (
+            {
+                "version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "steps": info.steps,
+                "rounding_floor": float(getattr(info, "floor", 0.0)),
+            },
+        )
         ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
         state = ModelState(0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta, nystrom=ny)
         return cls(state, model, cache_dir, mesh)
@@ -679,7 +685,7 @@ class Unlearner:
             if not refined.converged:
                 raise SolverError(
                     f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
-                    f"(tolerance {train.resolved_tol():.0e}): raise max_refine"
+                    f"(tolerance {train.resolved_tol():.0e}): raise max_refine" + _floor_hint(refined.floor, train.dtype)
                 )
             if not self._infinite and (refined.steps or method == "theta-cg"):
                 # θ = θ_p + J(X)ᵀα (math.md, Dual representation) for the refined α; the θ-space
@@ -708,6 +714,7 @@ class Unlearner:
                     "reason": reason,
                     "refine": refine_info.to_dict() if refine_info else None,
                     "refine_cg_iterations": refined.cg_iterations if refine_info else 0,
+                    "rounding_floor": float(refined.floor) if refine_info else 0.0,
                     "residual": residual,
                 },
             ),
@@ -810,6 +817,16 @@ def _take_nystrom(ny, krows: np.ndarray, side: int, mesh):
         return ny.take_rows(krows, side)
     u = np.asarray(ny.u)[krows]
     return ny._replace(u=jnp.asarray(np.pad(u, ((0, side - u.shape[0]), (0, 0)))))
+
+
+def _floor_hint(floor: float, dtype: str) -> str:
+    """What to change when Newton stagnated on the rounding floor of ``dtype`` (``training.rounding_floor``)."""
+    if not floor:
+        return ""
+    return (
+        f"; it stagnated: rounding α to {dtype} alone leaves about {floor:.1e}, so no {dtype} α can be "
+        "certified much closer: use dtype float64, a looser training tol, or a larger lam"
+    )
 
 
 def _not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:

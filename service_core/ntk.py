@@ -162,6 +162,27 @@ def kernel_matvec(k: jax.Array, v: jax.Array, form: str) -> jax.Array:
     return jnp.matmul(k, v.reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(v.shape)
 
 
+def kernel_abs_matvec(k: jax.Array, v: jax.Array, form: str) -> jax.Array:
+    """|K| v (entrywise absolute values of K) for v ``(N, d)``, by blocks of rows: no copy of K's
+    size. Used to bound rounding errors (``training.rounding_floor``). Returns ``(N, d)``."""
+    flat = v if form == "trace" else v.reshape(-1)
+    mesh = sharding.current_mesh()
+    if mesh is not None:
+        return sharding.matvec(k, flat, mesh, op=_abs_rows_matvec).reshape(v.shape)
+    return _abs_rows_matvec_jit(k, flat).reshape(v.shape)
+
+
+def _abs_rows_matvec(k: jax.Array, v: jax.Array) -> jax.Array:
+    rows = k.shape[0]
+    block = next(b for b in range(min(rows, 1024), 0, -1) if rows % b == 0)
+    blocks = k.reshape(rows // block, block, k.shape[1])
+    out = jax.lax.map(lambda kb: jnp.matmul(jnp.abs(kb), v, precision=jax.lax.Precision.HIGHEST), blocks)
+    return out.reshape((rows,) + v.shape[1:])
+
+
+_abs_rows_matvec_jit = jax.jit(_abs_rows_matvec)
+
+
 def kernel_to_4d(k: np.ndarray, n: int, d: int) -> np.ndarray:
     """Full-form matrix ``(N·d, N·d)`` → neural-tangents' ``(N, N, d, d)``."""
     return np.asarray(k).reshape(n, d, n, d).transpose(0, 2, 1, 3)

@@ -70,11 +70,12 @@ def place(k, mesh: Mesh | None) -> jax.Array:
     return jax.device_put(k, NamedSharding(mesh, P(AXIS, None)))
 
 
-def matvec(k: jax.Array, v: jax.Array, mesh: Mesh) -> jax.Array:
-    """K v with K's rows split over ``mesh``; v ``(rows,)`` or ``(rows, m)`` replicated."""
+def matvec(k: jax.Array, v: jax.Array, mesh: Mesh, op=None) -> jax.Array:
+    """K v with K's rows split over ``mesh``; v ``(rows,)`` or ``(rows, m)`` replicated. ``op(k_block,
+    v)`` replaces the product on each device's rows when given."""
     spec_out = P(AXIS) if v.ndim == 1 else P(AXIS, None)
     fn = shard_map(
-        lambda kb, vb: jax.numpy.matmul(kb, vb, precision=jax.lax.Precision.HIGHEST),
+        op or (lambda kb, vb: jax.numpy.matmul(kb, vb, precision=jax.lax.Precision.HIGHEST)),
         mesh=mesh,
         in_specs=(P(AXIS, None), P()),
         out_specs=spec_out,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from . import losses
-from .ntk import kernel_matvec
+from .ntk import kernel_abs_matvec, kernel_matvec
 from .solvers import SolveInfo, solve_newton_system
 
 
@@ -76,7 +76,10 @@ def dual_risk(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:
 
 class NewtonInfo(NamedTuple):
     """What a Newton solve did: steps, CG iterations summed over steps, final relative stationarity
-    residual, whether it met the tolerance, wall seconds, and each inner solve."""
+    residual (of the α returned, f recomputed from it), whether it met the tolerance, wall seconds,
+    each inner solve, and ``floor``: the estimated rounding floor (``rounding_floor``) when the
+    residual stagnated above the tolerance (0 otherwise); ``converged`` is then true if the residual
+    is within ``FLOOR_FACTOR`` of it."""
 
     steps: int
     cg_iterations: int
@@ -84,6 +87,7 @@ class NewtonInfo(NamedTuple):
     converged: bool
     seconds: float
     inner: tuple[SolveInfo, ...]
+    floor: float = 0.0
 
     def as_solve_info(self) -> SolveInfo:
         """As a ``SolveInfo``: method ``newton/<inner>``, iterations = Newton steps, residual = the
@@ -111,7 +115,9 @@ def newton(
         ``solver['tol']`` near the optimum.
 
     Returns:
-      ``(alpha, NewtonInfo)``. ``converged`` is false if ``tol`` was not met in ``max_steps``.
+      ``(alpha, NewtonInfo)``. The residual is that of the α returned (f recomputed from it near
+      the optimum). ``converged`` is false if ``tol`` was not met in ``max_steps``, unless the
+      residual stagnated within ``FLOOR_FACTOR`` of α's rounding floor (``NewtonInfo.floor``).
     """
     t0 = time.perf_counter()
     m = problem.mask[:, None].astype(alpha0.dtype)
@@ -121,33 +127,95 @@ def newton(
     c = problem.lam * problem.n
     inner: list[SolveInfo] = []
     steps = 0
+    floor = 0.0
+    direct = True  # f = f_0 + K α computed from α itself, not carried along by updates
     # Newton steps solve system (A) in its SPD form; the comparison-only methods fall back to CG.
     if solver.get("method") in ("alpha-paper", "theta-cg"):
         solver = {**solver, "method": "alpha-cg"}
     while rel > tol and steps < max_steps:
+        before = (alpha, f, r)
         s = losses.hessian_sqrt(problem.loss, f, problem.y)
         inner_tol = max(solver["tol"], min(1e-2, 0.1 * rel))
         delta, info = solve_newton_system(problem.k, problem.form, s, problem.mask, -r, c, **{**solver, "tol": inner_tol})
         inner.append(info)
-        kdelta = kernel_matvec(problem.k, delta, problem.form)
-        step = 1.0
-        # Far from the optimum a full cross-entropy step can overshoot; near it the float32 risk is
-        # too flat to compare, and full steps converge quadratically anyway.
         if problem.loss != "mse" and rel > 1e-3:
+            # Far from the optimum a full cross-entropy step can overshoot: backtrack on L_S, with
+            # f carried along (rounding does not matter yet).
+            kdelta = kernel_matvec(problem.k, delta, problem.form)
             base = dual_risk(problem, alpha, f)
             slope = float(jnp.vdot(kdelta, r)) / problem.n  # directional derivative: ∇L_S = K r / n
+            step = 1.0
             while step > 1e-8 and dual_risk(problem, alpha + step * delta, f + step * kdelta) > base + 1e-4 * step * slope:
                 step *= 0.5
-        alpha = alpha + step * delta
-        f = f + step * kdelta
+            alpha = alpha + step * delta
+            f = f + step * kdelta
+            direct = False
+        else:
+            # Near it full steps converge quadratically (squared error: at once), and f is recomputed
+            # from α (same one pass over K as K δ): the residual that stops the loop is that of the
+            # α returned, not of an f that drifted from it by rounding.
+            step = 1.0
+            alpha = alpha + delta
+            f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
+            direct = True
         r, new_rel = stationarity(problem, alpha, f)
         steps += 1
         if new_rel >= rel and step < 1e-6:
             rel = new_rel
             break
+        if direct and new_rel > 0.5 * rel:
+            # A full step near the optimum that does not even halve the residual: it sits on the
+            # rounding floor of α's dtype. Keep the better of the two.
+            if new_rel >= rel:
+                alpha, f, r = before
+            else:
+                rel = new_rel
+            floor = rounding_floor(problem, alpha, f)
+            break
         rel = new_rel
+    if not direct:
+        f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
+        r, rel = stationarity(problem, alpha, f)
+    converged = rel <= tol or (floor > 0.0 and rel <= FLOOR_FACTOR * floor)
     total_cg = sum(i.iterations for i in inner)
-    return alpha, NewtonInfo(steps, total_cg, rel, rel <= tol, time.perf_counter() - t0, tuple(inner))
+    return alpha, NewtonInfo(steps, total_cg, rel, converged, time.perf_counter() - t0, tuple(inner), floor)
+
+
+# How far above the estimated rounding floor (``rounding_floor``) a stagnated Newton solve may stop and
+# still count as converged: float32 Newton stagnated at 0.1-2.5 times the estimate on digits (mse and
+# ce, λ = 1e-2 to 1e-4, N = 200 and 1,437).
+FLOOR_FACTOR = 4.0
+
+
+def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:
+    """How precisely the relative stationarity residual can be computed in α's dtype (an estimate).
+
+    The residual r = g(f_0 + K α) + λ|S|α is evaluated in floating point with unit roundoff u
+    (2⁻²⁴ in float32); the first-order componentwise model of rounding in K α (Higham, *Accuracy
+    and Stability of Numerical Algorithms*, §3.5, without its dimension factor) bounds the error
+    of f by about u|K||α|, which W carries into g. So
+
+        floor = u ‖M (|W| |K| |α| + λ|S| |α|)‖ / (‖M g‖ + ‖λ|S| M α‖),
+
+    one pass over K. Near an optimum with a small λ the residual is a small difference of large
+    terms, and no solver working in this dtype can certify α much closer than this.
+
+    Arguments:
+      problem: the dual risk; alpha: α ``(N, d)``; f: f_0 + K α ``(N, d)``.
+
+    Returns:
+      the estimate (float, dimensionless: the scale of ``stationarity``'s relative residual).
+    """
+    m = problem.mask[:, None].astype(alpha.dtype)
+    u = float(jnp.finfo(alpha.dtype).eps) / 2
+    abs_alpha = jnp.abs(alpha) * m
+    w = losses.hessian(problem.loss, f, problem.y)
+    k_abs = kernel_abs_matvec(problem.k, abs_alpha, problem.form)
+    bound = m * (losses.apply_blocks(None if w is None else jnp.abs(w), k_abs) + problem.lam * problem.n * abs_alpha)
+    g = losses.grad(problem.loss, f, problem.y) * m
+    scale = jnp.linalg.norm(g) + jnp.linalg.norm(problem.lam * problem.n * alpha * m)
+    return float(u * jnp.linalg.norm(bound) / jnp.maximum(scale, jnp.finfo(alpha.dtype).tiny))
+
 
 
 class KGDInfo(NamedTuple):

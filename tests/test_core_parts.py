@@ -310,3 +310,34 @@ def test_validation_against_a_snapshot(small):
     small.validate_forget(gone, state=old)  # still valid for the snapshot
     with pytest.raises(AlreadyForgottenError):
         small.validate_forget(gone, state=new_state)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_certificates_are_the_residual_of_the_published_alpha(digits, loss):
+    """float32, λ = 1e-3: each version is published with the stationarity residual of its own α,
+    recomputed from K (Newton used to report that of an f carried along by its updates: 3.6e-8
+    against 1.5e-5 recomputed, mse). Above the training tolerance only when Newton stagnated, and then
+    within FLOOR_FACTOR of the rounding floor, which float64 puts about nine orders lower."""
+    from service_core.ntk import kernel_matvec
+    from service_core.training import FLOOR_FACTOR, rounding_floor, stationarity
+
+    ds = digits.subset(slice(0, 200))
+    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss=loss, lam=1e-3), SolverConfig(), progress=False)
+    tol = u.train_config.resolved_tol()
+    for version in range(3):
+        st = u.state
+        assert st.version == version
+        problem = u._problem(st)
+        _, direct = stationarity(problem, st.alpha)
+        assert st.residual == pytest.approx(direct, rel=1e-3), (st.residual, direct)
+        f = problem.f0 + kernel_matvec(problem.k, st.alpha, problem.form)
+        floor = rounding_floor(problem, st.alpha, f)
+        assert 0 < floor < 1e-3
+        record = st.history[-1]
+        if st.residual > tol:
+            assert record["rounding_floor"] > 0 and st.residual <= FLOOR_FACTOR * record["rounding_floor"]
+        u.forget(u.active_ids()[:5])
+    wide = Unlearner.build(ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss=loss, lam=1e-3, dtype="float64"), SolverConfig(), progress=False)
+    p64 = wide._problem(wide.state)
+    floor64 = rounding_floor(p64, wide.state.alpha, p64.f0 + kernel_matvec(p64.k, wide.state.alpha, p64.form))
+    assert floor64 < 1e-7 * floor and wide.state.residual <= wide.train_config.resolved_tol()
