@@ -681,7 +681,11 @@ class Unlearner:
         alpha_new, theta_new = alpha_step, theta_step
         if refine:
             refine_kwargs = {**self._solver_kwargs(solver_cfg, train.dtype, "auto"), "nystrom": shell.nystrom}
-            alpha_new, refined = newton(new_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs)
+            change = None
+            if train.loss != "mse":  # ‖Δα‖, F's part −α*_F included: refine until α's error is small against it
+                m_f = mask[:, None].astype(self._dtype)
+                change = float(jnp.sqrt(jnp.sum((alpha_step - shell.alpha) ** 2) + jnp.sum((state.alpha * m_f) ** 2)))
+            alpha_new, refined = newton(new_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs, change)
             if not refined.converged:
                 raise SolverError(
                     f"refinement stopped at relative stationarity residual {refined.residual:.2e} "

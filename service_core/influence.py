@@ -179,7 +179,8 @@ def forget(
     max_refine: int,
 ) -> Deletion:
     """The influence step and, if ``refine``, Newton on the retain risk until its relative
-    stationarity residual is at most ``refine_tol`` (math.md, Exactness beyond one step).
+    stationarity residual is at most ``refine_tol`` (math.md, Exactness beyond one step), and for
+    cross-entropy until α's error is below ``refine_tol`` relative to ‖Δα‖ (``training.newton``).
 
     For squared error the step alone equals exact retraining; refinement then only certifies it.
     """
@@ -188,7 +189,8 @@ def forget(
     alpha = alpha_star + delta
     refined = None
     if refine:
-        alpha, refined = newton(retain_problem, alpha, refine_tol, max_refine, solver)
+        change = None if problem.loss == "mse" else float(jnp.linalg.norm(delta))
+        alpha, refined = newton(retain_problem, alpha, refine_tol, max_refine, solver, change)
         residual = refined.residual
     else:
         _, residual = stationarity(retain_problem, alpha)

@@ -102,6 +102,7 @@ def newton(
     tol: float,
     max_steps: int,
     solver: dict,
+    change_norm: float | None = None,
 ) -> tuple[jax.Array, NewtonInfo]:
     """Minimise L_S over α (zero outside the mask) by damped Newton, to relative stationarity ``tol``.
 
@@ -113,11 +114,15 @@ def newton(
       solver: keyword arguments of ``solvers.solve_spd`` (method, tol, max_iter, cholesky_max_dim);
         inner solves are inexact early on (forcing term min(1e-2, 0.1·residual)) and as tight as
         ``solver['tol']`` near the optimum.
+      change_norm: ‖Δα‖ of a deletion being refined. Then also ‖r‖ ≤ tol · λ|S| · ‖Δα‖: α's error,
+        about ‖r‖/(λ|S|), small against the change itself and not only against α (a 1 % deletion
+        moves α by ~10 %, so the relative residual alone would let its error reach ~1e-4 of Δα).
 
     Returns:
       ``(alpha, NewtonInfo)``. The residual is that of the α returned (f recomputed from it near
-      the optimum). ``converged`` is false if ``tol`` was not met in ``max_steps``, unless the
-      residual stagnated within ``FLOOR_FACTOR`` of α's rounding floor (``NewtonInfo.floor``).
+      the optimum). ``converged`` is false if ``tol`` (and the ``change_norm`` criterion) was not met
+      in ``max_steps``, unless the residual stagnated within the tolerance or within ``FLOOR_FACTOR``
+      of α's rounding floor (``NewtonInfo.floor``): no α of this dtype does better.
     """
     t0 = time.perf_counter()
     m = problem.mask[:, None].astype(alpha0.dtype)
@@ -132,7 +137,12 @@ def newton(
     # Newton steps solve system (A) in its SPD form; the comparison-only methods fall back to CG.
     if solver.get("method") in ("alpha-paper", "theta-cg"):
         solver = {**solver, "method": "alpha-cg"}
-    while rel > tol and steps < max_steps:
+    def done(rel: float, r: jax.Array) -> bool:
+        if rel > tol:
+            return False
+        return change_norm is None or float(jnp.linalg.norm(r)) <= tol * c * change_norm
+
+    while not done(rel, r) and steps < max_steps:
         before = (alpha, f, r)
         s = losses.hessian_sqrt(problem.loss, f, problem.y)
         inner_tol = max(solver["tol"], min(1e-2, 0.1 * rel))
@@ -176,7 +186,7 @@ def newton(
     if not direct:
         f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
         r, rel = stationarity(problem, alpha, f)
-    converged = rel <= tol or (floor > 0.0 and rel <= FLOOR_FACTOR * floor)
+    converged = done(rel, r) or (floor > 0.0 and rel <= max(tol, FLOOR_FACTOR * floor))
     total_cg = sum(i.iterations for i in inner)
     return alpha, NewtonInfo(steps, total_cg, rel, converged, time.perf_counter() - t0, tuple(inner), floor)
 

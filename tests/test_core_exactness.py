@@ -140,6 +140,35 @@ def test_single_step_is_not_exact_for_ce_but_refinement_is(digits):
     assert 1e-6 < err_step < 1e-1, err_step  # one Newton step: close, not exact (math.md)
 
 
+def test_refinement_error_is_small_against_the_change_itself(digits):
+    """A one-point cross-entropy deletion in float32 under a loose training tolerance (2e-4): the
+    single step already meets the relative stationarity tolerance (its residual ~1.2e-4) but is
+    ~1e-3 of ‖Δα‖ from retraining; refinement continues until α's error is below the tolerance
+    relative to ‖Δα‖ (``training.newton``'s change criterion). Retraining: the float64 engine refined
+    to 1e-10 (itself checked against parameter-space retraining above)."""
+    tol = 2e-4
+    exact = build(digits, "mlp", "ce")
+    ids = exact.active_ids()[:1]
+    ref, _ = exact.plan_forget(ids, method="alpha-cg", refine=True)
+    alpha0 = np.asarray(exact.state.alpha, np.float64)
+    keep = np.asarray(exact.state.active) & ~np.isin(exact.state.ids, ids)
+    change = np.sqrt(np.sum((np.asarray(ref.alpha)[keep] - alpha0[keep]) ** 2) + np.sum(alpha0[~keep] ** 2))
+    u = Unlearner.build(
+        digits, ModelConfig(kind="mlp", width=16, depth=2, seed=1), TrainConfig(loss="ce", lam=LAM, dtype="float32", tol=tol),
+        SolverConfig(method="alpha-cg"), progress=False,
+    )
+    errors = {}
+    for refine in (False, True):
+        new, result = u.plan_forget(ids, refine=refine)
+        assert new.capacity == ref.capacity
+        errors[refine] = np.linalg.norm(np.asarray(new.alpha, np.float64)[keep] - np.asarray(ref.alpha)[keep]) / change
+        if not refine:
+            assert result.residual <= tol  # the old criterion alone would have stopped here
+        else:
+            assert result.refine.converged and result.refine.iterations >= 1
+    assert errors[False] > 2 * tol and errors[True] < tol, errors
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_forget_equals_retraining_float32(digits, kind):
     u = build(digits, kind, "mse", dtype="float32", method="alpha-cg")
