@@ -177,12 +177,14 @@ class Worker:
         # The model's size goes with the released ids: the API admits new jobs against both.
         self.queue.finish(outcomes, n_train=u.n_train)
         self._count(outcomes)
+        if accepted:  # after the jobs are reported: the spare K buffer holds no data, only speed
+            u.ready_next_deletion()
 
     def _apply(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
         jobs: list[Job] = [e.job for e in accepted]  # type: ignore[misc]
         ids = [i for job in jobs for i in job.ids]
         try:
-            result = self.unlearner.forget(ids, self.checkpoint_dir)
+            result = self.unlearner.forget(ids, self.checkpoint_dir, ready_next=False)
         except (UnlearnError, SolverError) as e:
             log.warning("forget of %d id(s) failed: %s", len(ids), e)
             return [(entry, _failed(str(e))) for entry in accepted]

@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
 COMMANDS = ("figure1", "ntk", "figure4", "all", "report")
+WORKLOADS = ("digits", "mnist", "cifar")
 
 
 def _ints(text: str) -> list[int]:
@@ -37,7 +38,7 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ntk-unlearn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", nargs="?", default="figure1", choices=COMMANDS)
-    ap.add_argument("--workload", choices=("digits", "mnist", "all"), default="all")
+    ap.add_argument("--workload", choices=("digits", "mnist", "cifar", "all"), default="all")
     ap.add_argument("--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90")
     ap.add_argument("--repeats", type=int, default=None, help="warm repeats for calls of at most 5 s (default 5; --quick 2)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default bench/results)")
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     ap.add_argument("--mnist-dir", type=Path, default=REPO / ".." / "shared" / "data" / "mnist")
     ap.add_argument("--mnist-width", type=int, default=1024, help="hidden width of the MNIST FCNN (paper: 1024)")
+    ap.add_argument("--cifar-dir", type=Path, default=REPO / ".." / "shared" / "data" / "cifar10")
+    ap.add_argument("--cifar-n", type=int, default=500, help="CIFAR-10 airplane/automobile training points (balanced; θ-space HVPs of the CNN are slow on 2 cores)")
+    ap.add_argument("--cifar-width", type=int, default=16, help="channels of each conv block of the CIFAR CNN")
     ap.add_argument("--seed", type=int, default=0, help="seed of the forget sets and of the random baseline")
     ap.add_argument("--cholesky-max-dim", type=int, default=16384,
                     help="run alpha-cholesky only where the engine's factorised dimension (bucket(N_R)·d) is at most this")
@@ -95,7 +99,7 @@ def run_figure1(args, argv, machine, bandwidth) -> list[str]:
     from . import figure1, report
 
     written = []
-    workloads = ["digits", "mnist"] if args.workload == "all" else [args.workload]
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for name in workloads:
         wl = figure1.make_workload(name, args)
         if isinstance(wl, str):
@@ -145,7 +149,7 @@ def rebuild(out: Path) -> None:
     """Per-workload Markdown and figures from the JSON files in ``out``."""
     from . import report
 
-    for name in ("digits", "mnist"):
+    for name in WORKLOADS:
         p = out / f"figure1-{name}.json"
         if p.exists():
             res = json.loads(p.read_text())
@@ -160,17 +164,18 @@ def combined_markdown(out: Path) -> str:
     from . import report
 
     fig = {}
-    for name in ("digits", "mnist"):
+    for name in WORKLOADS:
         p = out / f"figure1-{name}.json"
         if p.exists():
             fig[name] = json.loads(p.read_text())
     ntk = json.loads((out / "ntk.json").read_text()) if (out / "ntk.json").exists() else None
-    docs = [d for d in [fig.get("mnist"), fig.get("digits"), ntk] if d]
+    docs = [d for d in [*fig.values(), ntk] if d]
     if not docs:
         return ""
     m = max(docs, key=lambda d: d["machine"]["date_utc"])["machine"]
     commands = []
-    for label, d in (("ntk", ntk), ("figure1 mnist", fig.get("mnist")), ("figure1 digits", fig.get("digits"))):
+    runs = (("ntk", ntk), *((f"figure1 {name}", fig.get(name)) for name in ("mnist", "digits", "cifar")))
+    for label, d in runs:
         if d:
             commands.append(f"- {label}: `{d['command']}` ({d['machine']['date_utc']})")
     lines = [
@@ -189,8 +194,7 @@ def combined_markdown(out: Path) -> str:
         *commands,
         "",
         "Wall time of these runs: " + ", ".join(
-            f"{label} {d['seconds_total'] / 60:.1f} min" for label, d in (("ntk", ntk), ("figure1 mnist", fig.get("mnist")), ("figure1 digits", fig.get("digits")))
-            if d and d.get("seconds_total")) + ".",
+            f"{label} {d['seconds_total'] / 60:.1f} min" for label, d in runs if d and d.get("seconds_total")) + ".",
         "",
         "Timings are wall-clock on a shared 2-core machine where other people's tests ran at the same time: expect noise of "
         "tens of per cent on any single number (medians are reported). Cold = first call after `jax.clear_caches()`.",
@@ -200,7 +204,7 @@ def combined_markdown(out: Path) -> str:
     ]
     if ntk:
         lines.append(report.ntk_markdown(ntk))
-    for name in ("mnist", "digits"):
+    for name in ("mnist", "digits", "cifar"):
         if name in fig:
             lines.append(report.figure1_markdown(fig[name]))
             if (out / f"figure1-{name}.png").exists():
@@ -229,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or 5
     args.trajectory_fractions = args.trajectory_fractions or args.fractions[:1]
     args.mnist_dir = args.mnist_dir.resolve()
+    args.cifar_dir = args.cifar_dir.resolve()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

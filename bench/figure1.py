@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, losses
-from service_core.data import Dataset, load_digits, load_mnist
+from service_core.data import Dataset, load_cifar2, load_digits, load_mnist
 from service_core.errors import SolverError
 from service_core.ntk import kernel_matvec
 from service_core.solvers import spd_operator
@@ -62,6 +62,7 @@ class Workload:
     model: ModelConfig
     train: TrainConfig
     notes: list
+    forget_classes: tuple[int, ...] | None = None  # forget sets drawn from these classes only (None: all)
 
 
 def stratified_subset(ds: Dataset, per_class: int) -> Dataset:
@@ -94,15 +95,33 @@ def make_workload(name: str, args) -> Workload | str:
             notes.append(f"hidden width {width} instead of the paper's 1024" + (" (--quick)" if args.quick else " (--mnist-width)"))
         title = f"MNIST, linearised FCNN 3×{width}, {per_class} per class (N = {ds.n}), cross-entropy, λ = {lam:g}, float32, full-form K"
         return Workload("mnist", title, ds, ModelConfig(kind="mlp", width=width, depth=3), TrainConfig(loss="ce", lam=lam), notes)
+    if name == "cifar":
+        # The paper's CNN-CIFAR-10 pair: three blocks Conv(3×3) → ReLU → AvgPool(2×2), linearised at
+        # initialisation, squared error, points removed from one class (airplane).
+        directory = Path(args.cifar_dir)
+        train_path, test_path = directory / "airplane_automobile_train.npz", directory / "airplane_automobile.npz"
+        if not train_path.exists() or not test_path.exists():
+            return f"cifar skipped: no airplane_automobile(_train).npz in {directory} (pass --cifar-dir)"
+        n = 100 if args.quick else args.cifar_n
+        width = 8 if args.quick else args.cifar_width
+        ds = load_cifar2(train_path, seed=0, n_train=n, test_path=test_path, n_test=400)
+        notes = [f"CNN width {width} (channels; the paper's width is not in its text), two outputs with one-hot "
+                 "targets under squared error; forget sets drawn from class 0 (airplane) only, as in the paper"]
+        if args.quick:
+            notes.append("--quick: N = 100, width 8")
+        title = (f"CIFAR-10 airplane/automobile, linearised CNN 3×Conv({width}, 3×3)+ReLU+AvgPool, N = {ds.n}, "
+                 f"squared error, λ = {lam:g}, float32, full-form K")
+        return Workload("cifar", title, ds, ModelConfig(kind="cnn", width=width, depth=3), TrainConfig(loss="mse", lam=lam), notes, (0,))
     raise ValueError(f"unknown workload {name!r}")
 
 
-def forget_ids(ids: list[str], labels: np.ndarray, fraction: float, seed: int) -> list[str]:
-    """A stratified random forget set: round(fraction·n_c) ids of each class c (seeded)."""
+def forget_ids(ids: list[str], labels: np.ndarray, fraction: float, seed: int, classes=None) -> list[str]:
+    """A stratified random forget set: round(fraction·n_c) ids of each class c (seeded), of the
+    classes in ``classes`` only when given."""
     rng = np.random.default_rng([seed, int(round(fraction * 1000))])
     ids = np.asarray(ids)
     chosen = []
-    for c in np.unique(labels):
+    for c in np.unique(labels) if classes is None else classes:
         pool = ids[labels == c]
         k = int(round(fraction * len(pool)))
         chosen.extend(rng.choice(pool, size=k, replace=False).tolist())
@@ -340,7 +359,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     theta_star = st.theta
     per_frac = []
     for fi, frac in enumerate(fractions):
-        ids = forget_ids(ctx.u.active_ids(), ctx.labels, frac, args.seed)
+        ids = forget_ids(ctx.u.active_ids(), ctx.labels, frac, args.seed, wl.forget_classes)
         fmask = ctx.mask(ids)
         step_ref, step_info = ref.exact_step(fmask)
         retr_ref, retr_info = ref.retrain(fmask, step_ref)

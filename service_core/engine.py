@@ -99,7 +99,7 @@ class Unlearner:
         self._state = state
         self._model = model
         self._cache_dir = cache_dir
-        self._forget_lock = threading.Lock()
+        self._forget_lock = threading.RLock()
         self._infinite = isinstance(model, KernelModel)
         self._spare: jax.Array | None = None
         if self._infinite:  # no θ: predictions and Eq. 8 go through kernels (math.md, Eq. 14)
@@ -120,16 +120,17 @@ class Unlearner:
         Returns:
           seconds spent (the operating system mapping and zeroing K's bytes once).
         """
-        k = self._state.k
-        if not self.solver_config.spare_kernel or (self._mesh is not None and self._mesh.size > 1):
-            self._spare = None
-            return 0.0
-        if self._spare is not None and self._spare.shape == k.shape and self._spare.dtype == k.dtype:
-            return 0.0
-        t0 = time.perf_counter()
-        self._spare = None  # the old one is freed before the new one is mapped
-        self._spare = jax.block_until_ready(_touched(k.shape, k.dtype))
-        return time.perf_counter() - t0
+        with self._forget_lock:  # not while a deletion is being planned (it may consume the spare)
+            k = self._state.k
+            if not self.solver_config.spare_kernel or (self._mesh is not None and self._mesh.size > 1):
+                self._spare = None
+                return 0.0
+            if self._spare is not None and self._spare.shape == k.shape and self._spare.dtype == k.dtype:
+                return 0.0
+            t0 = time.perf_counter()
+            self._spare = None  # the old one is freed before the new one is mapped
+            self._spare = jax.block_until_ready(_touched(k.shape, k.dtype))
+            return time.perf_counter() - t0
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -563,10 +564,13 @@ class Unlearner:
         return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
 
     # -- deletion -----------------------------------------------------------------------------
-    def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None) -> ForgetResult:
+    def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None, ready_next: bool = True) -> ForgetResult:
         """Remove ``ids``: influence step (A), refinement, Δθ = J(X)ᵀΔα, then checkpoint, then publish.
 
         Nothing is published unless every solve converged and the checkpoint (if asked) is complete.
+        After publishing, the Nyström preconditioner is recomputed from the new K and, unless
+        ``ready_next`` is false (a caller that reports the deletion first and then calls
+        ``ready_next_deletion`` itself), the spare K buffer is made.
 
         Raises:
           InvalidForgetSetError, UnknownIdsError, AlreadyForgottenError: bad request (model unchanged).
@@ -586,7 +590,8 @@ class Unlearner:
                 with sharding.use_mesh(self._mesh):
                     self._state = dataclasses.replace(new_state, nystrom=_nystrom(new_state.k, self.solver_config, self._mesh, new_state.form, self.train_config.loss))
             del new_state
-            self.ready_next_deletion()
+            if ready_next:
+                self.ready_next_deletion()
         return result._replace(seconds=seconds)
 
     def plan_forget(

@@ -79,3 +79,22 @@ def test_numbers_are_sane(quick_run):
         assert abs(rnd["dist_retrain"] - math.sqrt(2)) < 0.3
     tr = res["trajectories"]["10"]["summary"]
     assert tr["alpha_cg_iterations"] is not None and tr["alpha_cg_iterations"] < tr["alpha_paper_iterations"]
+
+
+def test_cifar_workload_forgets_from_one_class(tmp_path):
+    """The CIFAR-10 workload (the paper's CNN pair): a linearised 3-block CNN under squared error, forget
+    sets drawn from class 0 only; skipped with a message where the files are absent."""
+    from bench import figure1
+
+    args = cli.build_parser().parse_args(["figure1", "--workload", "cifar", "--quick", "--cifar-dir", str(tmp_path)])
+    assert "cifar skipped" in figure1.make_workload("cifar", args)
+    shared = REPO.parent / "shared" / "data" / "cifar10"
+    if not (shared / "airplane_automobile_train.npz").exists():
+        pytest.skip("../shared/data/cifar10 is absent")
+    args.cifar_dir = shared
+    wl = figure1.make_workload("cifar", args)
+    assert wl.model.kind == "cnn" and wl.model.depth == 3 and wl.train.loss == "mse" and wl.forget_classes == (0,)
+    labels = wl.dataset.y
+    ids = figure1.forget_ids(list(wl.dataset.ids), labels, 0.3, 0, wl.forget_classes)
+    index = {i: p for p, i in enumerate(wl.dataset.ids)}
+    assert len(ids) == round(0.3 * (labels == 0).sum()) and all(labels[index[i]] == 0 for i in ids)
