@@ -120,7 +120,7 @@ class Unlearner:
         Returns:
           seconds spent (the operating system mapping and zeroing K's bytes once).
         """
-        with self._forget_lock:  # not while a deletion is being planned (it may consume the spare)
+        with self._forget_lock:  # not while a deletion is planned (it may take the spare)
             k = self._state.k
             if not self.solver_config.spare_kernel or (self._mesh is not None and self._mesh.size > 1):
                 self._spare = None
@@ -219,6 +219,7 @@ class Unlearner:
                 "n_initial": dataset.n,
             },
             "model": model_cfg.to_dict(),
+            "theta0_fingerprint": _fingerprint(model),
             "train": train_cfg.to_dict(),
             "solver": solver_cfg.to_dict(),
             "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
@@ -250,6 +251,14 @@ class Unlearner:
         ds = state.meta["dataset"]
         d = ds["output_dim"]
         model = _model(ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), d, dtype)
+        saved = state.meta.get("theta0_fingerprint")
+        if saved is not None and _fingerprint(model) is not None and not np.isclose(_fingerprint(model), saved, rtol=1e-6, atol=0):
+            # K is recomputed from this network: a different θ0 would silently give another model
+            raise SolverError(
+                f"{checkpoint_dir}: the network re-initialised from its ModelConfig differs from the one the checkpoint "
+                f"was trained with (‖θ0‖ {_fingerprint(model):.9g} against {saved:.9g}); restore with the jax/ntk-unlearn "
+                "versions that wrote it"
+            )
         mesh = sharding.make_mesh(devices)
         cap = -(-state.capacity // mesh.size) * mesh.size  # saved under another device count
         if cap != state.capacity:
@@ -610,7 +619,7 @@ class Unlearner:
         Raises:
           as ``forget``.
         """
-        with sharding.use_mesh(self._mesh):
+        with self._forget_lock, sharding.use_mesh(self._mesh):  # one plan at a time: it may take the spare K
             return self._plan_forget(ids, method, refine)
 
     def _plan_forget(self, ids, method, refine):
@@ -694,7 +703,9 @@ class Unlearner:
             if not refined.converged:
                 raise SolverError(
                     f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
-                    f"(tolerance {train.resolved_tol():.0e}): raise max_refine" + _floor_hint(refined.floor, train.dtype)
+                    f"(tolerance {train.resolved_tol():.0e})"
+                    + (": raise max_refine" if refined.steps >= solver_cfg.max_refine else f" after {refined.steps} Newton step(s)")
+                    + _floor_hint(refined.floor, train.dtype)
                 )
             if not self._infinite and (refined.steps or method == "theta-cg"):
                 # θ = θ_p + J(X)ᵀα (math.md, Dual representation) for the refined α; the θ-space
@@ -828,13 +839,19 @@ def _take_nystrom(ny, krows: np.ndarray, side: int, mesh):
     return ny._replace(u=jnp.asarray(np.pad(u, ((0, side - u.shape[0]), (0, 0)))))
 
 
+def _fingerprint(model) -> float | None:
+    """‖θ0‖ in float64 (``None`` for a kernel model): restore checks it before recomputing K."""
+    theta0 = getattr(model, "theta0", None)
+    return None if theta0 is None else float(np.linalg.norm(np.asarray(theta0, np.float64)))
+
+
 def _floor_hint(floor: float, dtype: str) -> str:
-    """What to change when Newton stagnated on the rounding floor of ``dtype`` (``training.rounding_floor``)."""
+    """What to change when Newton stagnated (``training.newton``; ``floor``: ``training.rounding_floor``)."""
     if not floor:
         return ""
     return (
-        f"; it stagnated: rounding α to {dtype} alone leaves about {floor:.1e}, so no {dtype} α can be "
-        "certified much closer: use dtype float64, a looser training tol, or a larger lam"
+        f"; it stagnated: no step lowers the residual in {dtype}, whose rounding alone leaves about {floor:.1e}: "
+        "use dtype float64, a looser training tol, or a larger lam"
     )
 
 

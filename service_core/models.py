@@ -6,10 +6,12 @@ vector θ of shape ``(P,)``; ``unravel`` maps it back to the stax pytree.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
 import jax
+from jax.experimental import disable_x64
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
@@ -191,7 +193,12 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: i
             return stax_apply(params, x.reshape((x.shape[0],) + net_shape), **kwargs)
     else:
         apply_fn = stax_apply
-    _, params = init_fn(jax.random.PRNGKey(config.seed), (-1,) + net_shape)
+    # A float32 network is drawn with x64 off whatever jax_enable_x64 says (a float64 engine turns it
+    # on for the whole process, and stax then draws different numbers from the same seed): the same
+    # ModelConfig is the same network in every process, which restoring a checkpoint relies on. A
+    # float64 network needs x64 on, so it is always drawn that way.
+    with disable_x64() if jnp.dtype(dtype) != jnp.float64 else contextlib.nullcontext():
+        _, params = init_fn(jax.random.PRNGKey(config.seed), (-1,) + net_shape)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     theta0, unravel = ravel_pytree(params)
     theta_p = jnp.zeros_like(theta0) if config.kind == "linear" else theta0

@@ -148,7 +148,8 @@ def newton(
         inner_tol = max(solver["tol"], min(1e-2, 0.1 * rel))
         delta, info = solve_newton_system(problem.k, problem.form, s, problem.mask, -r, c, **{**solver, "tol": inner_tol})
         inner.append(info)
-        if problem.loss != "mse" and rel > 1e-3:
+        near_step = not (problem.loss != "mse" and rel > 1e-3)
+        if not near_step:
             # Far from the optimum a full cross-entropy step can overshoot: backtrack on L_S, with
             # f carried along (rounding does not matter yet).
             kdelta = kernel_matvec(problem.k, delta, problem.form)
@@ -157,6 +158,14 @@ def newton(
             step = 1.0
             while step > 1e-8 and dual_risk(problem, alpha + step * delta, f + step * kdelta) > base + 1e-4 * step * slope:
                 step *= 0.5
+            if step < 1.0:
+                # In float32 the risk can be too flat to compare even here: a full step that halves the
+                # residual (the merit of Newton's method for r(α) = 0) is taken whatever the risk says.
+                _, full_rel = stationarity(problem, alpha + delta, f + kdelta)
+                if full_rel < 0.5 * rel:
+                    step = 1.0
+                elif step <= 1e-8:
+                    step = 1.0 if full_rel < rel else 0.0
             alpha = alpha + step * delta
             f = f + step * kdelta
             direct = False
@@ -170,16 +179,21 @@ def newton(
             direct = True
         r, new_rel = stationarity(problem, alpha, f)
         steps += 1
-        if new_rel >= rel and step < 1e-6:
-            rel = new_rel
-            break
-        if direct and new_rel > 0.5 * rel:
-            # A full step near the optimum that does not even halve the residual: it sits on the
-            # rounding floor of α's dtype. Keep the better of the two.
+        if not direct and done(new_rel, r):
+            # about to stop on a carried f: judge α by its own f instead (and go on if it falls short)
+            f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
+            r, new_rel = stationarity(problem, alpha, f)
+            direct = True
+        if step == 0.0 or (near_step and new_rel > 0.5 * rel):
+            # No step lowers the residual, or a full step near the optimum does not even halve it:
+            # it sits on the rounding floor of α's dtype. Keep the better of the two.
             if new_rel >= rel:
                 alpha, f, r = before
             else:
                 rel = new_rel
+            f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
+            r, rel = stationarity(problem, alpha, f)
+            direct = True
             floor = rounding_floor(problem, alpha, f)
             break
         rel = new_rel

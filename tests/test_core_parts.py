@@ -341,3 +341,30 @@ def test_certificates_are_the_residual_of_the_published_alpha(digits, loss):
     p64 = wide._problem(wide.state)
     floor64 = rounding_floor(p64, wide.state.alpha, p64.f0 + kernel_matvec(p64.k, wide.state.alpha, p64.form))
     assert floor64 < 1e-7 * floor and wide.state.residual <= wide.train_config.resolved_tol()
+
+
+def test_network_is_the_same_whatever_x64_says_and_restore_checks_it(tmp_path, digits, monkeypatch):
+    """A float64 engine turns on jax_enable_x64 for the whole process; θ0 of a float32 network must
+    not change with it (restore recomputes K from the re-initialised network), and a checkpoint whose
+    network cannot be re-created is refused instead of silently restored as another model."""
+    from service_core import SolverError
+    from service_core import engine as engine_module
+
+    cfg = ModelConfig(kind="mlp", width=16)
+    was = jax.config.jax_enable_x64
+    try:
+        thetas = []
+        for x64 in (False, True):
+            jax.config.update("jax_enable_x64", x64)
+            thetas.append(np.asarray(build_model(cfg, (64,), 10, jnp.float32).theta0))
+    finally:
+        jax.config.update("jax_enable_x64", was)
+    np.testing.assert_array_equal(thetas[0], thetas[1])
+    ds = digits.subset(slice(0, 40))
+    u = Unlearner.build(ds, cfg, TrainConfig(loss="mse"), SolverConfig(), progress=False)
+    u.save(tmp_path / "ck")
+    back = Unlearner.restore(tmp_path / "ck", progress=False)
+    np.testing.assert_array_equal(np.asarray(back.state.k), np.asarray(u.state.k))
+    monkeypatch.setattr(engine_module, "_fingerprint", lambda model: 1.0)
+    with pytest.raises(SolverError, match="differs from the one the checkpoint"):
+        Unlearner.restore(tmp_path / "ck", progress=False)
