@@ -142,26 +142,32 @@ def test_single_step_is_not_exact_for_ce_but_refinement_is(digits):
 
 def test_refinement_error_is_small_against_the_change_itself(digits):
     """A one-point cross-entropy deletion in float32 under a loose training tolerance (2e-4): the
-    single step already meets the relative stationarity tolerance (its residual ~1.2e-4) but is
-    ~1e-3 of ‖Δα‖ from retraining; refinement continues until α's error is below the tolerance
-    relative to ‖Δα‖ (``training.newton``'s change criterion). Retraining: the float64 engine refined
-    to 1e-10 (itself checked against parameter-space retraining above)."""
+    single step already meets the relative stationarity tolerance but is ~1e-3 of ‖Δα‖ from
+    retraining; refinement continues until α's error is below the tolerance relative to ‖Δα‖
+    (``training.newton``'s change criterion). Retraining: float64 Newton from α = 0 on the same
+    (float32) K, f0 and y, to 1e-13 (α-space retraining is checked against parameter space above)."""
+    from service_core.training import DualProblem, newton
+
     tol = 2e-4
-    exact = build(digits, "mlp", "ce")
-    ids = exact.active_ids()[:1]
-    ref, _ = exact.plan_forget(ids, method="alpha-cg", refine=True)
-    alpha0 = np.asarray(exact.state.alpha, np.float64)
-    keep = np.asarray(exact.state.active) & ~np.isin(exact.state.ids, ids)
-    change = np.sqrt(np.sum((np.asarray(ref.alpha)[keep] - alpha0[keep]) ** 2) + np.sum(alpha0[~keep] ** 2))
     u = Unlearner.build(
         digits, ModelConfig(kind="mlp", width=16, depth=2, seed=1), TrainConfig(loss="ce", lam=LAM, dtype="float32", tol=tol),
         SolverConfig(method="alpha-cg"), progress=False,
     )
+    st = u.state
+    ids = u.active_ids()[:1]
+    keep = np.asarray(st.active) & ~np.isin(st.ids, ids)
+    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+    retain = DualProblem(f64(st.k), st.form, f64(st.f0), f64(st.y), jnp.asarray(keep), LAM, "ce")
+    ref, info = newton(retain, jnp.zeros(st.alpha.shape, jnp.float64), 1e-13, 50,
+                       {"method": "alpha-cholesky", "tol": 1e-14, "max_iter": 2000, "cholesky_max_dim": 4096})
+    assert info.converged, info
+    alpha0 = np.asarray(st.alpha, np.float64)
+    change = np.sqrt(np.sum((np.asarray(ref)[keep] - alpha0[keep]) ** 2) + np.sum(alpha0[~keep & np.asarray(st.active)] ** 2))
     errors = {}
     for refine in (False, True):
         new, result = u.plan_forget(ids, refine=refine)
-        assert new.capacity == ref.capacity
-        errors[refine] = np.linalg.norm(np.asarray(new.alpha, np.float64)[keep] - np.asarray(ref.alpha)[keep]) / change
+        assert new.capacity == st.capacity
+        errors[refine] = np.linalg.norm(np.asarray(new.alpha, np.float64)[keep] - np.asarray(ref)[keep]) / change
         if not refine:
             assert result.residual <= tol  # the old criterion alone would have stopped here
         else:
