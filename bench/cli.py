@@ -188,7 +188,9 @@ def combined_markdown(out: Path) -> str:
         "**Machine:** " + f"{m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
         f"{m['memory_gib']:.1f} GiB memory, no accelerator ({', '.join(m['jax_devices'])}); Python {m['python']}, jax {m['jax']}, "
         f"jaxlib {m['jaxlib']}, neural-tangents {m['neural_tangents']}, numpy {m['numpy']}. "
-        f"Load average at start {', '.join(f'{x:.1f}' for x in (m['loadavg_1_5_15'] or []))}.",
+        f"Load average at start {', '.join(f'{x:.1f}' for x in (m['loadavg_1_5_15'] or []))}. "
+        + ("XLA's buffers on transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, set by `ntk-unlearn`)."
+           if m.get("malloc_huge_pages") else "XLA's buffers on 4 KiB pages (no `glibc.malloc.hugetlb`)."),
         "",
         "**Produced by:**",
         *commands,

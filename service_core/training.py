@@ -143,7 +143,7 @@ def newton(
         return change_norm is None or float(jnp.linalg.norm(r)) <= tol * c * change_norm
 
     while not done(rel, r) and steps < max_steps:
-        before = (alpha, f, r)
+        before = (alpha, f, r, direct)
         s = losses.hessian_sqrt(problem.loss, f, problem.y)
         inner_tol = max(solver["tol"], min(1e-2, 0.1 * rel))
         delta, info = solve_newton_system(problem.k, problem.form, s, problem.mask, -r, c, **{**solver, "tol": inner_tol})
@@ -188,12 +188,13 @@ def newton(
             # No step lowers the residual, or a full step near the optimum does not even halve it:
             # it sits on the rounding floor of α's dtype. Keep the better of the two.
             if new_rel >= rel:
-                alpha, f, r = before
+                alpha, f, r, direct = before
             else:
                 rel = new_rel
-            f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
-            r, rel = stationarity(problem, alpha, f)
-            direct = True
+            if not direct:  # the α kept is judged by its own f (one pass over K, only if not yet)
+                f = problem.f0 + kernel_matvec(problem.k, alpha, problem.form)
+                r, rel = stationarity(problem, alpha, f)
+                direct = True
             floor = rounding_floor(problem, alpha, f)
             break
         rel = new_rel

@@ -67,3 +67,49 @@ def test_bench_hand_off_keeps_the_exit_status():
     with pytest.raises(SystemExit) as exc:
         main(["bench", "no-such-benchmark"])
     assert exc.value.code == 2
+
+
+def test_huge_pages_env_adds_the_glibc_tunable_only_where_it_changes_something():
+    from app.cli import huge_pages_env
+
+    madvise = "always [madvise] never\n"
+    env = huge_pages_env({"PATH": "/bin"}, madvise, "glibc 2.36")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, madvise, "glibc 2.35")
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, madvise, "glibc 2.36") is None  # the user's choice
+    for off in ("0", "false", "OFF"):
+        assert huge_pages_env({"NTK_UNLEARN_HUGE_PAGES": off}, madvise, "glibc 2.36") is None
+    assert huge_pages_env({}, "[always] madvise never", "glibc 2.36") is None  # given without asking
+    assert huge_pages_env({}, "always madvise [never]", "glibc 2.36") is None
+    assert huge_pages_env({}, "", "glibc 2.36") is None  # no THP (not Linux)
+    assert huge_pages_env({}, madvise, "glibc 2.34") is None  # the tunable came in 2.35
+    assert huge_pages_env({}, madvise, "") is None  # musl and others
+
+
+def test_command_line_entry_re_executes_itself_with_huge_pages():
+    """What ``ntk-unlearn`` does before parsing: the process replaces itself, once, with the tunable set."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from app.cli import huge_pages_env
+
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (OSError, ValueError, AttributeError):
+        pytest.skip("no transparent huge pages here")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "NTK_UNLEARN_HUGE_PAGES")}
+    expected = huge_pages_env(env, mode, glibc)
+    code = "from app import cli; import os; print('run', os.getpid()); cli._reexec_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    if expected is None:
+        assert out[:2] == [out[0], "None"]
+    else:
+        assert out[0] == out[1] and out[0].startswith("run")  # ran twice in one process (exec keeps the pid)
+        assert out[2] == "glibc.malloc.hugetlb=1"
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "NTK_UNLEARN_HUGE_PAGES": "0"}, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split("\n")
+    assert off[1] == "None"

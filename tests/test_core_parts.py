@@ -368,3 +368,22 @@ def test_network_is_the_same_whatever_x64_says_and_restore_checks_it(tmp_path, d
     monkeypatch.setattr(engine_module, "_fingerprint", lambda model: 1.0)
     with pytest.raises(SolverError, match="differs from the one the checkpoint"):
         Unlearner.restore(tmp_path / "ck", progress=False)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_newton_stagnation_exit_reports_the_kept_alphas_own_residual(digits, loss):
+    """Asked for a tolerance float32 cannot reach, Newton stops on stagnation (not at its step
+    limit) with the better α, its residual recomputed from K α (the certificate), and a floor."""
+    from service_core.training import FLOOR_FACTOR, newton, stationarity
+
+    ds = digits.subset(slice(0, 200))
+    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss=loss, lam=1e-3), SolverConfig(), progress=False)
+    problem = u._problem(u.state)
+    _, start = stationarity(problem, u.state.alpha)
+    kwargs = u._solver_kwargs(u.solver_config, "float32", "auto")
+    alpha, info = newton(problem, u.state.alpha, 1e-12, 20, kwargs)
+    assert info.steps < 20 and info.floor > 0
+    _, direct = stationarity(problem, alpha)
+    assert info.residual == pytest.approx(direct, rel=1e-6)
+    assert info.residual <= start * (1 + 1e-6)  # never worse than where it started
+    assert info.converged == (info.residual <= FLOOR_FACTOR * info.floor)
