@@ -860,9 +860,10 @@ def _not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:
     head = f"influence solve ({info.method}) stopped at relative residual {info.residual:.2e} after {info.iterations} iterations"
     if info.iterations >= max_iter:
         return f"{head}, its limit: raise max_iter, or use the solver alpha-cholesky for a small retain set"
+    floor = f" (rounding in {dtype} alone leaves about {info.floor:.1e})" if info.floor else ""
     return (
-        f"{head}: CG stagnated at {dtype} precision; use a looser cg_tol, dtype float64, or the solver "
-        "alpha-cholesky for a small retain set"
+        f"{head}: CG stagnated at {dtype} precision{floor}; use a looser cg_tol, dtype float64, a larger lam, "
+        "or the solver alpha-cholesky for a small retain set"
     )
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from . import losses
 from .ntk import kernel_abs_matvec, kernel_matvec
-from .solvers import SolveInfo, solve_newton_system
+from .solvers import FLOOR_FACTOR, SolveInfo, solve_newton_system
 
 
 class DualProblem(NamedTuple):
@@ -93,7 +93,7 @@ class NewtonInfo(NamedTuple):
         """As a ``SolveInfo``: method ``newton/<inner>``, iterations = Newton steps, residual = the
         relative stationarity residual (CG iterations of the inner solves are in ``cg_iterations``)."""
         inner = self.inner[-1].method if self.inner else "none"
-        return SolveInfo(f"newton/{inner}", self.steps, self.residual, self.converged, self.seconds)
+        return SolveInfo(f"newton/{inner}", self.steps, self.residual, self.converged, self.seconds, "", self.floor)
 
 
 def newton(
@@ -206,10 +206,6 @@ def newton(
     return alpha, NewtonInfo(steps, total_cg, rel, converged, time.perf_counter() - t0, tuple(inner), floor)
 
 
-# How far above the estimated rounding floor (``rounding_floor``) a stagnated Newton solve may stop and
-# still count as converged: float32 Newton stagnated at 0.1-2.5 times the estimate on digits (mse and
-# ce, λ = 1e-2 to 1e-4, N = 200 and 1,437).
-FLOOR_FACTOR = 4.0
 
 
 def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:

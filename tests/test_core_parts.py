@@ -387,3 +387,41 @@ def test_newton_stagnation_exit_reports_the_kept_alphas_own_residual(digits, los
     assert info.residual == pytest.approx(direct, rel=1e-6)
     assert info.residual <= start * (1 + 1e-6)  # never worse than where it started
     assert info.converged == (info.residual <= FLOOR_FACTOR * info.floor)
+
+
+@pytest.mark.parametrize("form", ["trace", "full"])
+def test_cg_stagnation_on_the_rounding_floor(form):
+    """A float32 CG solve that cannot reach its tolerance stops on stagnation with the estimated
+    rounding floor of its residual (not "raise max_iter"): the floor is real (the float64 residual of
+    the float32 answer is not below it either), a miss that rounding explains and that is small is
+    accepted, a large one fails, and float64 reaches the same tolerance with no floor."""
+    from jax.experimental import enable_x64
+
+    from service_core.solvers import FLOOR_FACTOR, FLOOR_SLACK
+
+    rng = np.random.default_rng(0)
+    n, d, c = 120, 3, 0.1
+    rows = n if form == "trace" else n * d
+    g = rng.standard_normal((rows, rows // 2))
+    k64 = g @ g.T  # PSD, rank-deficient: x is large on K's null space, so K x and c x nearly cancel in rounding
+    rhs = rng.standard_normal((n, d))
+    mask = jnp.ones(n, bool)
+
+    def residual64(x):
+        x = np.asarray(x, np.float64)
+        kx = k64 @ x if form == "trace" else (k64 @ x.reshape(-1)).reshape(x.shape)
+        return np.linalg.norm(rhs - c * x - kx) / np.linalg.norm(rhs)
+
+    k32, b32 = jnp.asarray(k64, jnp.float32), jnp.asarray(rhs, jnp.float32)
+    x, info = solve_spd(k32, form, None, mask, b32, c, "alpha-cg", tol=1e-10, max_iter=2000)
+    assert not info.converged and info.floor > 0 and info.iterations < 4 * 2000  # stagnated, not out of iterations
+    assert info.floor / 10 <= info.residual <= FLOOR_FACTOR * info.floor
+    assert residual64(x) >= info.floor / 10
+    near = info.residual / (0.5 * FLOOR_SLACK)  # a tolerance the stagnated residual misses by ~5×
+    x, info = solve_spd(k32, form, None, mask, b32, c, "alpha-cg", tol=near, max_iter=2000)
+    assert info.residual > near and info.converged and info.floor > 0
+    assert info.to_dict()["rounding_floor"] == info.floor
+    with enable_x64():
+        x, info64 = solve_spd(jnp.asarray(k64), form, None, mask, jnp.asarray(rhs), c, "alpha-cg", tol=1e-10, max_iter=2000)
+        assert info64.converged and info64.floor == 0.0 and info64.residual <= 1e-10
+        assert residual64(x) <= 1e-9

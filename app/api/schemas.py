@@ -131,6 +131,12 @@ class SolverInfo(BaseModel):
     preconditioner: str | None = Field(
         None, description="'nystrom-<rank>' when CG was preconditioned by a Nyström approximation of K"
     )
+    rounding_floor: float | None = Field(
+        None,
+        description="the residual's estimated rounding floor in the model's dtype when the solve stagnated "
+        "above its tolerance (it then counts as converged within 4 times this floor and 10 times the "
+        "tolerance); 0 otherwise",
+    )
 
 
 class InfluenceSolverInfo(SolverInfo):
