@@ -275,7 +275,8 @@ def huge_pages_env(environ: typing.Mapping[str, str], thp_mode: str, glibc: str)
     """
     if environ.get("NTK_UNLEARN_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or "[madvise]" not in thp_mode:
+    named = re.search(r"(^|:)glibc\.malloc\.hugetlb(=|:|$)", environ.get("GLIBC_TUNABLES", ""), re.IGNORECASE)
+    if named or "[madvise]" not in thp_mode:
         return None
     match = re.fullmatch(r"glibc (\d+)\.(\d+).*", glibc.strip())
     if match is None or (int(match[1]), int(match[2])) < (2, 35):
@@ -293,10 +294,14 @@ def _reexec_with_huge_pages() -> None:
     except (OSError, ValueError, AttributeError):
         return
     env = huge_pages_env(os.environ, thp_mode, glibc)
-    if env is not None and getattr(sys, "orig_argv", None):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, env)
+    argv = getattr(sys, "orig_argv", None)
+    # a program read from stdin ("python -") cannot be read again after the exec
+    if env is None or not argv or "-" in argv[1:]:
+        return
+    for stream in (sys.stdout, sys.stderr):  # None when the descriptor is closed
+        if stream is not None:
+            stream.flush()
+    os.execve(sys.executable, argv, env)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

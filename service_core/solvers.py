@@ -283,6 +283,8 @@ def solve_spd(
     x0: jax.Array | None = None,
     max_restarts: int = 3,
     nystrom: Nystrom | None = None,
+    *,
+    _unit: bool = False,
 ) -> tuple[jax.Array, SolveInfo]:
     """Solve (c·I + M S K S M) x = rhs, system (B) of math.md restricted to ``mask``.
 
@@ -306,6 +308,17 @@ def solve_spd(
       ``(x, SolveInfo)``, x ``(N, d)``.
     """
     t0 = time.perf_counter()
+    if not _unit:
+        # The system is linear: solve it for rhs / max|rhs| and scale back, so that no squared norm (CG's
+        # stopping test, the true residual, the floor) underflows in float32 for a tiny rhs (at 1e-15 the
+        # residual read 0 while the float64 one was 3e-5; at 1e-20 CG returned x = 0 as converged).
+        scale = float(jnp.max(jnp.abs(rhs))) if rhs.size else 0.0
+        if 0.0 < scale < float("inf") and scale != 1.0:
+            x, info = solve_spd(
+                k, form, s, mask, rhs / scale, c, method, tol, max_iter, cholesky_max_dim,
+                None if x0 is None else x0 / scale, max_restarts, nystrom, _unit=True,
+            )
+            return x * scale, info._replace(seconds=time.perf_counter() - t0)
     n = mask.shape[0]
     method = ALIASES.get(method, method)
     if method == "auto":

@@ -425,3 +425,23 @@ def test_cg_stagnation_on_the_rounding_floor(form):
         x, info64 = solve_spd(jnp.asarray(k64), form, None, mask, jnp.asarray(rhs), c, "alpha-cg", tol=1e-10, max_iter=2000)
         assert info64.converged and info64.floor == 0.0 and info64.residual <= 1e-10
         assert residual64(x) <= 1e-9
+
+
+@pytest.mark.parametrize("method", ["alpha-cg", "alpha-cholesky"])
+def test_tiny_right_hand_sides_are_solved_and_certified(method):
+    """float32 squared norms of a 1e-15 rhs underflow: CG reported residual 0 for an answer whose
+    float64 residual was 3e-5, and returned x = 0 as converged at 1e-20. The system is solved for
+    rhs / max|rhs| and scaled back."""
+    rng = np.random.default_rng(1)
+    n, d, c = 30, 3, 1e-3
+    g = rng.standard_normal((n, 50)).astype(np.float32)
+    k = g @ g.T
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    a = c * np.eye(n) + k.astype(np.float64)
+    for scale in (1e-15, 1e-20, 1e-30):
+        rhs = base * np.float32(scale)
+        x, info = solve_spd(jnp.asarray(k), "trace", None, jnp.ones(n, bool), jnp.asarray(rhs), c, method, 1e-6, 300)
+        x = np.asarray(x, np.float64)
+        true = np.linalg.norm(rhs - a @ x) / np.linalg.norm(rhs.astype(np.float64))
+        assert info.converged and 0 < info.residual <= 1e-6 and true <= 2e-6, (scale, info, true)
+        assert info.residual == pytest.approx(true, rel=1.0)  # the certificate is the answer's, not an underflow
