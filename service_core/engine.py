@@ -205,8 +205,8 @@ class Unlearner:
         if not info.converged:
             raise SolverError(
                 f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
-                f"{info.steps} steps (tolerance {train_cfg.resolved_tol():.0e}): raise lam or {limit}"
-                + _floor_hint(getattr(info, "floor", 0.0), train_cfg.dtype)
+                f"{info.steps} steps (tolerance {train_cfg.resolved_tol():.0e})"
+                + (_floor_hint(info.floor, train_cfg.dtype) if getattr(info, "floor", 0.0) else f": raise lam or {limit}")
             )
         theta = None if model_cfg.infinite else model.theta_p + model.vjp(x, alpha)
         log.info("trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s", train_cfg.trainer, info.steps, info.residual, getattr(info, "floor", 0.0), info.seconds)

@@ -146,9 +146,15 @@ def newton(
         before = (alpha, f, r, direct)
         s = losses.hessian_sqrt(problem.loss, f, problem.y)
         inner_tol = max(solver["tol"], min(1e-2, 0.1 * rel))
-        delta, info = solve_newton_system(problem.k, problem.form, s, problem.mask, -r, c, **{**solver, "tol": inner_tol})
-        inner.append(info)
         near_step = not (problem.loss != "mse" and rel > 1e-3)
+        # Far from the optimum the forcing term is meant for (A) itself; (B)'s tolerance is tightened by
+        # how much δ = (b − S z)/c amplifies its residual (``solve_newton_system``). Near it the inner
+        # tolerance is already the solver's own.
+        a_tol = None if near_step else inner_tol
+        delta, info = solve_newton_system(
+            problem.k, problem.form, s, problem.mask, -r, c, a_tol=a_tol, min_tol=solver["tol"], **{**solver, "tol": inner_tol}
+        )
+        inner.append(info)
         if not near_step:
             # Far from the optimum a full cross-entropy step can overshoot: backtrack on L_S, with
             # f carried along (rounding does not matter yet).
