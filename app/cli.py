@@ -21,9 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
-from .core.config import Settings
+if typing.TYPE_CHECKING:  # imported where used: the huge-page re-exec comes first, before pydantic (~0.6 s)
+    from .core.config import Settings
 
 log = logging.getLogger("ntk_unlearn")
 
@@ -53,6 +52,8 @@ def _flag_type(annotation: Any) -> Any:
 
 def add_settings_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     """One flag per ``Settings`` field; a flag not given leaves the field to env and default."""
+    from .core.config import Settings
+
     for name, field in Settings.model_fields.items():
         if name in skip:
             continue
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError
+
+    from .core.config import Settings
+
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         return Settings(**overrides)
