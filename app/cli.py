@@ -252,7 +252,6 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-
 # glibc's malloc tunable (2.35+) that asks the kernel for transparent huge pages on its mmap'd chunks.
 _HUGETLB = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -263,8 +262,8 @@ def huge_pages_env(environ: typing.Mapping[str, str], thp_mode: str, glibc: str)
 
     Every new K-sized array (compacting K_RR after a deletion, the spare K buffer, the NTK blocks)
     is written into freshly mapped memory, and the kernel faults it in 4 KiB at a time: compacting
-    MNIST's K_RR (1.4 GB) took 0.52 s, 0.37 s with 2 MiB pages (bench/results; one deletion of 10 %
-    1.47 → 1.38 s). When the kernel gives transparent huge pages only on request (``[madvise]``),
+    MNIST's K_RR (1.4 GB) took 0.52 s, 0.37 s with 2 MiB pages (the bench's per-part profile of
+    ``plan_forget``; the whole 10 % deletion 1.47 → 1.38 s). When the kernel gives transparent huge pages only on request (``[madvise]``),
     glibc (≥ 2.35) makes that request for the large chunks it maps if ``GLIBC_TUNABLES`` says
     ``glibc.malloc.hugetlb=1``, read only at process start.
 

@@ -305,7 +305,10 @@ def solve_spd(
         it (``nystrom_preconditioner``), same answer in fewer iterations (``SolveInfo.preconditioner`` says so).
 
     Returns:
-      ``(x, SolveInfo)``, x ``(N, d)``.
+      ``(x, SolveInfo)``, x ``(N, d)``. The system is solved for rhs / max|rhs| and scaled back (no
+      float32 underflow for a tiny rhs). A solve that stagnates above ``tol`` (CG short of its
+      iteration limit, or Cholesky) reports ``SolveInfo.floor`` (``spd_rounding_floor``) and counts
+      as converged when ``floor_accepts``.
     """
     t0 = time.perf_counter()
     if not _unit:

@@ -212,8 +212,6 @@ def newton(
     return alpha, NewtonInfo(steps, total_cg, rel, converged, time.perf_counter() - t0, tuple(inner), floor)
 
 
-
-
 def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:
     """How precisely the relative stationarity residual can be computed in α's dtype (an estimate).
 
