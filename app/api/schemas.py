@@ -133,9 +133,10 @@ class SolverInfo(BaseModel):
     )
     rounding_floor: float | None = Field(
         None,
-        description="the residual's estimated rounding floor in the model's dtype when the solve stagnated "
-        "above its tolerance (it then counts as converged within 4 times this floor and 10 times the "
-        "tolerance); 0 otherwise",
+        description="the residual's estimated rounding floor in the model's dtype when the solve stopped on "
+        "stagnation; 0 otherwise. A linear solve stagnating above its tolerance counts as converged within "
+        "4 times this floor and 10 times the tolerance; Newton refinement may also stop on stagnation "
+        "below its tolerance, and then reports the floor too",
     )
 
 
