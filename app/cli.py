@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-if typing.TYPE_CHECKING:  # imported where used: the huge-page re-exec comes first, before pydantic (~0.6 s)
+if (
+    typing.TYPE_CHECKING
+):  # imported where used: the huge-page re-exec comes first, before pydantic (~0.6 s)
     from .core.config import Settings
 
 log = logging.getLogger("ntk_unlearn")
@@ -180,7 +182,10 @@ def serve(settings: Settings) -> None:
     from .main import create_app
 
     if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-        log.info("XLA's buffers on transparent huge pages (GLIBC_TUNABLES=%s)", os.environ["GLIBC_TUNABLES"])
+        log.info(
+            "XLA's buffers on transparent huge pages (GLIBC_TUNABLES=%s)",
+            os.environ["GLIBC_TUNABLES"],
+        )
 
     with contextlib.ExitStack() as held:
         try:
@@ -257,7 +262,9 @@ _HUGETLB = "glibc.malloc.hugetlb=1"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def huge_pages_env(environ: typing.Mapping[str, str], thp_mode: str, glibc: str) -> dict[str, str] | None:
+def huge_pages_env(
+    environ: typing.Mapping[str, str], thp_mode: str, glibc: str
+) -> dict[str, str] | None:
     """The environment to re-execute with so that XLA's buffers are backed by huge pages, or ``None``.
 
     Every new K-sized array (compacting K_RR after a deletion, the spare K buffer, the NTK blocks)
@@ -279,7 +286,9 @@ def huge_pages_env(environ: typing.Mapping[str, str], thp_mode: str, glibc: str)
     """
     if environ.get("NTK_UNLEARN_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    named = re.search(r"(^|:)glibc\.malloc\.hugetlb(=|:|$)", environ.get("GLIBC_TUNABLES", ""), re.IGNORECASE)
+    named = re.search(
+        r"(^|:)glibc\.malloc\.hugetlb(=|:|$)", environ.get("GLIBC_TUNABLES", ""), re.IGNORECASE
+    )
     if named or "[madvise]" not in thp_mode:
         return None
     match = re.fullmatch(r"glibc (\d+)\.(\d+).*", glibc.strip())

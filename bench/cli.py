@@ -36,31 +36,80 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ntk-unlearn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="ntk-unlearn bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("command", nargs="?", default="figure1", choices=COMMANDS)
     ap.add_argument("--workload", choices=("digits", "mnist", "cifar", "all"), default="all")
-    ap.add_argument("--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90")
-    ap.add_argument("--repeats", type=int, default=None, help="warm repeats for calls of at most 5 s (default 5; --quick 2)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default bench/results)")
-    ap.add_argument("--md", type=Path, default=None, help="combined Markdown (default: BENCHMARKS.md at the repository root "
-                    "for a full run into the default folder, else OUT/BENCHMARKS.md)")
+    ap.add_argument(
+        "--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="warm repeats for calls of at most 5 s (default 5; --quick 2)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default bench/results)"
+    )
+    ap.add_argument(
+        "--md",
+        type=Path,
+        default=None,
+        help="combined Markdown (default: BENCHMARKS.md at the repository root "
+        "for a full run into the default folder, else OUT/BENCHMARKS.md)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     ap.add_argument("--mnist-dir", type=Path, default=REPO / ".." / "shared" / "data" / "mnist")
-    ap.add_argument("--mnist-width", type=int, default=1024, help="hidden width of the MNIST FCNN (paper: 1024)")
+    ap.add_argument(
+        "--mnist-width", type=int, default=1024, help="hidden width of the MNIST FCNN (paper: 1024)"
+    )
     ap.add_argument("--cifar-dir", type=Path, default=REPO / ".." / "shared" / "data" / "cifar10")
-    ap.add_argument("--cifar-n", type=int, default=500, help="CIFAR-10 airplane/automobile training points (balanced; θ-space HVPs of the CNN are slow on 2 cores)")
-    ap.add_argument("--cifar-width", type=int, default=16, help="channels of each conv block of the CIFAR CNN")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the forget sets and of the random baseline")
-    ap.add_argument("--cholesky-max-dim", type=int, default=16384,
-                    help="run alpha-cholesky only where the engine's factorised dimension (bucket(N_R)·d) is at most this")
-    ap.add_argument("--trajectory-fractions", type=_ints, default=None,
-                    help="fractions with CG-trajectory measurements (default: the first fraction)")
-    ap.add_argument("--cold", choices=("all", "alpha-cg", "none"), default=None,
-                    help="methods whose cold start is measured (default all; --quick: alpha-cg)")
-    ap.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,
-                    help="only these rows, e.g. alpha-cg,alpha-paper,retrain (default: all)")
-    ap.add_argument("--no-profile", action="store_true", help="skip the warm-latency profile of alpha-cg")
-    ap.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
+    ap.add_argument(
+        "--cifar-n",
+        type=int,
+        default=500,
+        help="CIFAR-10 airplane/automobile training points (balanced; θ-space HVPs of the CNN are slow on 2 cores)",
+    )
+    ap.add_argument(
+        "--cifar-width", type=int, default=16, help="channels of each conv block of the CIFAR CNN"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the forget sets and of the random baseline"
+    )
+    ap.add_argument(
+        "--cholesky-max-dim",
+        type=int,
+        default=16384,
+        help="run alpha-cholesky only where the engine's factorised dimension (bucket(N_R)·d) is at most this",
+    )
+    ap.add_argument(
+        "--trajectory-fractions",
+        type=_ints,
+        default=None,
+        help="fractions with CG-trajectory measurements (default: the first fraction)",
+    )
+    ap.add_argument(
+        "--cold",
+        choices=("all", "alpha-cg", "none"),
+        default=None,
+        help="methods whose cold start is measured (default all; --quick: alpha-cg)",
+    )
+    ap.add_argument(
+        "--methods",
+        type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
+        default=None,
+        help="only these rows, e.g. alpha-cg,alpha-paper,retrain (default: all)",
+    )
+    ap.add_argument(
+        "--no-profile", action="store_true", help="skip the warm-latency profile of alpha-cg"
+    )
+    ap.add_argument(
+        "--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement"
+    )
     return ap
 
 
@@ -174,7 +223,10 @@ def combined_markdown(out: Path) -> str:
         return ""
     m = max(docs, key=lambda d: d["machine"]["date_utc"])["machine"]
     commands = []
-    runs = (("ntk", ntk), *((f"figure1 {name}", fig.get(name)) for name in ("mnist", "digits", "cifar")))
+    runs = (
+        ("ntk", ntk),
+        *((f"figure1 {name}", fig.get(name)) for name in ("mnist", "digits", "cifar")),
+    )
     for label, d in runs:
         if d:
             commands.append(f"- {label}: `{d['command']}` ({d['machine']['date_utc']})")
@@ -185,18 +237,27 @@ def combined_markdown(out: Path) -> str:
         "in `service_core` by `bench/` (`ntk-unlearn bench`, `make bench ARGS=...`). Every number below is measured; "
         "nothing is tuned for the report. Full data: `bench/results/*.json`.",
         "",
-        "**Machine:** " + f"{m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
+        "**Machine:** "
+        + f"{m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
         f"{m['memory_gib']:.1f} GiB memory, no accelerator ({', '.join(m['jax_devices'])}); Python {m['python']}, jax {m['jax']}, "
         f"jaxlib {m['jaxlib']}, neural-tangents {m['neural_tangents']}, numpy {m['numpy']}. "
         f"Load average at start {', '.join(f'{x:.1f}' for x in (m['loadavg_1_5_15'] or []))}. "
-        + ("XLA's buffers on transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, set by `ntk-unlearn`)."
-           if m.get("malloc_huge_pages") else "XLA's buffers on 4 KiB pages (no `glibc.malloc.hugetlb`)."),
+        + (
+            "XLA's buffers on transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, set by `ntk-unlearn`)."
+            if m.get("malloc_huge_pages")
+            else "XLA's buffers on 4 KiB pages (no `glibc.malloc.hugetlb`)."
+        ),
         "",
         "**Produced by:**",
         *commands,
         "",
-        "Wall time of these runs: " + ", ".join(
-            f"{label} {d['seconds_total'] / 60:.1f} min" for label, d in runs if d and d.get("seconds_total")) + ".",
+        "Wall time of these runs: "
+        + ", ".join(
+            f"{label} {d['seconds_total'] / 60:.1f} min"
+            for label, d in runs
+            if d and d.get("seconds_total")
+        )
+        + ".",
         "",
         "Timings are wall-clock on a shared 2-core machine where other people's tests ran at the same time: expect noise of "
         "tens of per cent on any single number (medians are reported). Cold = first call after `jax.clear_caches()`.",
@@ -214,7 +275,12 @@ def combined_markdown(out: Path) -> str:
             if (out / f"convergence-{name}.png").exists():
                 lines += [f"![CG convergence, {name}]({_rel(out / f'convergence-{name}.png')})", ""]
     if (out / "figure4.md").exists():
-        lines += ["## Figure 4 (bench/figure4.py, by its own run)", "", (out / "figure4.md").read_text(), ""]
+        lines += [
+            "## Figure 4 (bench/figure4.py, by its own run)",
+            "",
+            (out / "figure4.md").read_text(),
+            "",
+        ]
     from .figure1 import __doc__ as protocol
 
     lines += ["## Protocol (bench/figure1.py)", "", "```", (protocol or "").strip(), "```", ""]
@@ -245,15 +311,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         rebuild(args.out)
         md = combined_markdown(args.out)
-        target = args.md or (REPO / "BENCHMARKS.md" if args.out == DEFAULT_OUT.resolve() else args.out / "BENCHMARKS.md")
+        target = args.md or (
+            REPO / "BENCHMARKS.md"
+            if args.out == DEFAULT_OUT.resolve()
+            else args.out / "BENCHMARKS.md"
+        )
         if md:
             target.write_text(md)
             _log(f"wrote {target}")
         return 0
 
     machine = machine_info()
-    _log(f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, {machine['memory_gib']:.1f} GiB, jax {machine['jax']}, "
-         f"load {machine['loadavg_1_5_15']}")
+    _log(
+        f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, {machine['memory_gib']:.1f} GiB, jax {machine['jax']}, "
+        f"load {machine['loadavg_1_5_15']}"
+    )
     rc = 0
     if args.command in ("ntk", "all"):
         run_ntk(args, argv, machine)
@@ -261,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = None
         if not args.no_bandwidth:
             bandwidth = memory_bandwidth(gib=0.25 if args.quick else 1.0)
-            _log(f"memory bandwidth: numpy sum {bandwidth['numpy_sum']:.1f}, jnp.sum {bandwidth['jax_sum']:.1f}, "
-                 f"matvec {bandwidth['jax_matvec']:.1f} GB/s (best {bandwidth['best']:.1f})")
+            _log(
+                f"memory bandwidth: numpy sum {bandwidth['numpy_sum']:.1f}, jnp.sum {bandwidth['jax_sum']:.1f}, "
+                f"matvec {bandwidth['jax_matvec']:.1f} GB/s (best {bandwidth['best']:.1f})"
+            )
         run_figure1(args, argv, machine, bandwidth)
     if args.command == "all":
         if args.quick:
@@ -273,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     if md:
         target = args.md
         if target is None:
-            target = REPO / "BENCHMARKS.md" if (args.out == DEFAULT_OUT.resolve() and not args.quick) else args.out / "BENCHMARKS.md"
+            target = (
+                REPO / "BENCHMARKS.md"
+                if (args.out == DEFAULT_OUT.resolve() and not args.quick)
+                else args.out / "BENCHMARKS.md"
+            )
         target.write_text(md)
         _log(f"\nwrote {target}")
     _log(f"bench {args.command}: {time.perf_counter() - t0:.0f} s")

@@ -62,7 +62,9 @@ class Workload:
     model: ModelConfig
     train: TrainConfig
     notes: list
-    forget_classes: tuple[int, ...] | None = None  # forget sets drawn from these classes only (None: all)
+    forget_classes: tuple[int, ...] | None = (
+        None  # forget sets drawn from these classes only (None: all)
+    )
 
 
 def stratified_subset(ds: Dataset, per_class: int) -> Dataset:
@@ -82,7 +84,14 @@ def make_workload(name: str, args) -> Workload | str:
             width = 32
             notes.append("--quick: 10 points per class (N = 100), width 32")
         title = f"digits, linearised MLP {depth}×{width}, cross-entropy, λ = {lam:g}, float32"
-        return Workload("digits", title, ds, ModelConfig(kind="mlp", width=width, depth=depth), TrainConfig(loss="ce", lam=lam), notes)
+        return Workload(
+            "digits",
+            title,
+            ds,
+            ModelConfig(kind="mlp", width=width, depth=depth),
+            TrainConfig(loss="ce", lam=lam),
+            notes,
+        )
     if name == "mnist":
         directory = Path(args.mnist_dir)
         if not directory.is_dir() or not any(directory.glob("t10k-images-idx3-ubyte*")):
@@ -92,30 +101,57 @@ def make_workload(name: str, args) -> Workload | str:
         ds = load_mnist(directory, seed=0, train_per_class=per_class, test_per_class=per_class)
         notes = []
         if width != 1024:
-            notes.append(f"hidden width {width} instead of the paper's 1024" + (" (--quick)" if args.quick else " (--mnist-width)"))
+            notes.append(
+                f"hidden width {width} instead of the paper's 1024"
+                + (" (--quick)" if args.quick else " (--mnist-width)")
+            )
         title = f"MNIST, linearised FCNN 3×{width}, {per_class} per class (N = {ds.n}), cross-entropy, λ = {lam:g}, float32, full-form K"
-        return Workload("mnist", title, ds, ModelConfig(kind="mlp", width=width, depth=3), TrainConfig(loss="ce", lam=lam), notes)
+        return Workload(
+            "mnist",
+            title,
+            ds,
+            ModelConfig(kind="mlp", width=width, depth=3),
+            TrainConfig(loss="ce", lam=lam),
+            notes,
+        )
     if name == "cifar":
         # The paper's CNN-CIFAR-10 pair: three blocks Conv(3×3) → ReLU → AvgPool(2×2), linearised at
         # initialisation, squared error, points removed from one class (airplane).
         directory = Path(args.cifar_dir)
-        train_path, test_path = directory / "airplane_automobile_train.npz", directory / "airplane_automobile.npz"
+        train_path, test_path = (
+            directory / "airplane_automobile_train.npz",
+            directory / "airplane_automobile.npz",
+        )
         if not train_path.exists() or not test_path.exists():
             return f"cifar skipped: no airplane_automobile(_train).npz in {directory} (pass --cifar-dir)"
         n = 100 if args.quick else args.cifar_n
         width = 8 if args.quick else args.cifar_width
         ds = load_cifar2(train_path, seed=0, n_train=n, test_path=test_path, n_test=400)
-        notes = [f"CNN width {width} (channels; the paper's width is not in its text), two outputs with one-hot "
-                 "targets under squared error; forget sets drawn from class 0 (airplane) only, as in the paper"]
+        notes = [
+            f"CNN width {width} (channels; the paper's width is not in its text), two outputs with one-hot "
+            "targets under squared error; forget sets drawn from class 0 (airplane) only, as in the paper"
+        ]
         if args.quick:
             notes.append("--quick: N = 100, width 8")
-        title = (f"CIFAR-10 airplane/automobile, linearised CNN 3×Conv({width}, 3×3)+ReLU+AvgPool, N = {ds.n}, "
-                 f"squared error, λ = {lam:g}, float32, full-form K")
-        return Workload("cifar", title, ds, ModelConfig(kind="cnn", width=width, depth=3), TrainConfig(loss="mse", lam=lam), notes, (0,))
+        title = (
+            f"CIFAR-10 airplane/automobile, linearised CNN 3×Conv({width}, 3×3)+ReLU+AvgPool, N = {ds.n}, "
+            f"squared error, λ = {lam:g}, float32, full-form K"
+        )
+        return Workload(
+            "cifar",
+            title,
+            ds,
+            ModelConfig(kind="cnn", width=width, depth=3),
+            TrainConfig(loss="mse", lam=lam),
+            notes,
+            (0,),
+        )
     raise ValueError(f"unknown workload {name!r}")
 
 
-def forget_ids(ids: list[str], labels: np.ndarray, fraction: float, seed: int, classes=None) -> list[str]:
+def forget_ids(
+    ids: list[str], labels: np.ndarray, fraction: float, seed: int, classes=None
+) -> list[str]:
     """A stratified random forget set: round(fraction·n_c) ids of each class c (seeded), of the
     classes in ``classes`` only when given."""
     rng = np.random.default_rng([seed, int(round(fraction * 1000))])
@@ -229,19 +265,28 @@ def k_pass_seconds(ctx: Context, repeats: int = 5) -> float:
 
 # -- CG trajectories (iterations to a given accuracy) ----------------------------------------------
 
+
 def _paper_operator(k, w, mask, c, n_total, form):
     m = mask[:, None].astype(k.dtype)
 
     def matvec(v):  # as service_core.solvers._paper_cg
         kv = m * kernel_matvec(k, v * m, form)
-        return (m * kernel_matvec(k, m * losses.apply_blocks(w, kv), form)) / n_total + (c / n_total) * kv + (1 - m) * v
+        return (
+            (m * kernel_matvec(k, m * losses.apply_blocks(w, kv), form)) / n_total
+            + (c / n_total) * kv
+            + (1 - m) * v
+        )
 
     return matvec
 
 
 @partial(jax.jit, static_argnames=("form", "paper", "steps"))
 def _cg_steps(k, blocks, mask, c, n_total, st, form, paper, steps):
-    matvec = _paper_operator(k, blocks, mask, c, n_total, form) if paper else spd_operator(k, form, blocks, mask, c)
+    matvec = (
+        _paper_operator(k, blocks, mask, c, n_total, form)
+        if paper
+        else spd_operator(k, form, blocks, mask, c)
+    )
 
     def body(_, st):  # the engine's CG iteration (solvers.cg)
         x, r, p, rs = st
@@ -257,7 +302,14 @@ def _cg_steps(k, blocks, mask, c, n_total, st, form, paper, steps):
     return jax.lax.fori_loop(0, steps, body, st)
 
 
-def trajectories(ctx: Context, forget: np.ndarray, ref_step: np.ndarray, cg_max: int, paper_max: int = 500, paper_stride: int = 5):
+def trajectories(
+    ctx: Context,
+    forget: np.ndarray,
+    ref_step: np.ndarray,
+    cg_max: int,
+    paper_max: int = 500,
+    paper_stride: int = 5,
+):
     """Distance to the exact (float64) influence step after each CG iteration, for system (B)
     (``alpha-cg``) and for the paper's premultiplied form (``alpha-paper``), both from 0, with the
     engine's operators and CG recurrence. Distance: ‖J(X)ᵀ(Δα_k − Δα_exact)‖ / ‖J(X)ᵀΔα_exact‖."""
@@ -275,7 +327,10 @@ def trajectories(ctx: Context, forget: np.ndarray, ref_step: np.ndarray, cg_max:
     f_star = st.f0 + kernel_matvec(k, alpha * active[:, None], form)
     w = losses.hessian(train.loss, f_star, st.y)
     s = losses.hessian_sqrt(train.loss, f_star, st.y)
-    b = train.lam * n_f * alpha * m_r + losses.apply_blocks(w, m_r * kernel_matvec(k, alpha * m_f, form)) * m_r
+    b = (
+        train.lam * n_f * alpha * m_r
+        + losses.apply_blocks(w, m_r * kernel_matvec(k, alpha * m_f, form)) * m_r
+    )
     c = jnp.asarray(train.lam * n_r, dtype)
     n_total = jnp.asarray(float(ctx.n), dtype)
     ref_norm = ctx.knorm(ref_step)
@@ -323,39 +378,67 @@ def iterations_to(points, target: float):
 
 # -- the run -----------------------------------------------------------------------------------------
 
+
 def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     t_start = time.perf_counter()
     fractions = [f / 100.0 for f in args.fractions]
-    res: dict = {"workload": wl.name, "title": wl.title, "notes": list(wl.notes), "fractions": list(args.fractions)}
+    res: dict = {
+        "workload": wl.name,
+        "title": wl.title,
+        "notes": list(wl.notes),
+        "fractions": list(args.fractions),
+    }
     log(f"\n== figure1 / {wl.name}: {wl.title}")
     t0 = time.perf_counter()
-    u = Unlearner.build(wl.dataset, wl.model, wl.train, SolverConfig(), cache_dir=None, progress=False)
+    u = Unlearner.build(
+        wl.dataset, wl.model, wl.train, SolverConfig(), cache_dir=None, progress=False
+    )
     build_s = time.perf_counter() - t0
     ctx = Context(wl, u)
     st = u.state
     train_info = st.history[0]["train"]
     res["setup"] = {
-        "n_train": ctx.n, "n_test": int(len(ctx.y_test)), "d": ctx.d, "n_params": u.model.n_params,
-        "capacity": ctx.cap, "kernel_form": st.form, "kernel_shape": list(st.k.shape), "kernel_bytes": int(st.k.nbytes),
-        "lam": wl.train.lam, "loss": wl.train.loss, "dtype": wl.train.dtype,
-        "width": wl.model.width, "depth": wl.model.depth,
-        "build_seconds": build_s, "ntk_seconds": st.meta["ntk"]["seconds"], "train": train_info,
-        "train_newton_steps": st.history[0].get("newton_steps", st.history[0].get("steps", train_info.get("iterations"))),
-        "solver_tol": u.solver_config.resolved_tol(wl.train.dtype), "train_tol": wl.train.resolved_tol(),
+        "n_train": ctx.n,
+        "n_test": int(len(ctx.y_test)),
+        "d": ctx.d,
+        "n_params": u.model.n_params,
+        "capacity": ctx.cap,
+        "kernel_form": st.form,
+        "kernel_shape": list(st.k.shape),
+        "kernel_bytes": int(st.k.nbytes),
+        "lam": wl.train.lam,
+        "loss": wl.train.loss,
+        "dtype": wl.train.dtype,
+        "width": wl.model.width,
+        "depth": wl.model.depth,
+        "build_seconds": build_s,
+        "ntk_seconds": st.meta["ntk"]["seconds"],
+        "train": train_info,
+        "train_newton_steps": st.history[0].get(
+            "newton_steps", st.history[0].get("steps", train_info.get("iterations"))
+        ),
+        "solver_tol": u.solver_config.resolved_tol(wl.train.dtype),
+        "train_tol": wl.train.resolved_tol(),
     }
     fa, ta = ctx.accuracy(st.theta)
     train_acc, _ = ctx.accuracy(st.theta, st.active)
     res["setup"]["accuracy_before"] = {"train": train_acc, "test": ta}
-    log(f"   built in {build_s:.1f} s (NTK {st.meta['ntk']['seconds']:.1f} s, training {train_info['seconds']:.1f} s, "
+    log(
+        f"   built in {build_s:.1f} s (NTK {st.meta['ntk']['seconds']:.1f} s, training {train_info['seconds']:.1f} s, "
         f"residual {train_info['residual']:.1e}); P = {u.model.n_params:,}, K {tuple(st.k.shape)} = {st.k.nbytes / 1e9:.2f} GB; "
-        f"train acc {train_acc:.3f}, test acc {ta:.3f}")
+        f"train acc {train_acc:.3f}, test acc {ta:.3f}"
+    )
     kpass = k_pass_seconds(ctx)
     res["k_pass_seconds"] = kpass
     res["k_pass_bandwidth_gbs"] = st.k.nbytes / kpass / 1e9
-    log(f"   one jitted K·v over the stored K ({st.k.nbytes / 1e9:.2f} GB): {kpass:.3f} s = {st.k.nbytes / kpass / 1e9:.1f} GB/s")
+    log(
+        f"   one jitted K·v over the stored K ({st.k.nbytes / 1e9:.2f} GB): {kpass:.3f} s = {st.k.nbytes / kpass / 1e9:.1f} GB/s"
+    )
 
     # -- references ------------------------------------------------------------------------------
-    ref = ReferenceSolver(st.k, st.form, st.f0, st.y, st.alpha, st.active, wl.train.lam, wl.train.loss)
+    ref = ReferenceSolver(
+        st.k, st.form, st.f0, st.y, st.alpha, st.active, wl.train.lam, wl.train.loss
+    )
     theta_star = st.theta
     per_frac = []
     for fi, frac in enumerate(fractions):
@@ -366,30 +449,49 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
         dtheta_ref = ctx.vjp(st.x, jnp.asarray(retr_ref, st.x.dtype))
         theta_ref = theta_star + dtheta_ref
         # float32 map-back floor: the same Δθ by two routes that agree in exact arithmetic
-        alt = u.model.theta_p + ctx.vjp(st.x, jnp.asarray(ref.alpha * st.active[:, None] + retr_ref, st.x.dtype)) - theta_star
+        alt = (
+            u.model.theta_p
+            + ctx.vjp(st.x, jnp.asarray(ref.alpha * st.active[:, None] + retr_ref, st.x.dtype))
+            - theta_star
+        )
         dref = np.asarray(dtheta_ref, np.float64)
         floor = float(np.linalg.norm(np.asarray(alt, np.float64) - dref) / np.linalg.norm(dref))
         step_vs_retrain = ctx.knorm(step_ref - retr_ref) / ctx.knorm(retr_ref)
         facc, tacc = ctx.accuracy(theta_ref, fmask)
-        per_frac.append({
-            "ids": ids, "mask": fmask, "step_ref": step_ref, "retrain_ref": retr_ref, "dtheta_ref": dref,
-            "dtheta_ref_norm": float(np.linalg.norm(dref)), "retrain_knorm": ctx.knorm(retr_ref),
-        })
+        per_frac.append(
+            {
+                "ids": ids,
+                "mask": fmask,
+                "step_ref": step_ref,
+                "retrain_ref": retr_ref,
+                "dtheta_ref": dref,
+                "dtheta_ref_norm": float(np.linalg.norm(dref)),
+                "retrain_knorm": ctx.knorm(retr_ref),
+            }
+        )
         res.setdefault("reference", {})[str(args.fractions[fi])] = {
-            "n_forget": len(ids), "n_retain": ctx.n - len(ids),
-            "exact_step": step_info, "retrain": retr_info, "map_back_floor": floor,
+            "n_forget": len(ids),
+            "n_retain": ctx.n - len(ids),
+            "exact_step": step_info,
+            "retrain": retr_info,
+            "map_back_floor": floor,
             "exact_step_distance_to_retraining": step_vs_retrain,
-            "forget_acc": facc, "test_acc": tacc,
+            "forget_acc": facc,
+            "test_acc": tacc,
         }
-        log(f"   ref {args.fractions[fi]:>2d}%: N_F = {len(ids)}, exact step residual {step_info['residual']:.1e} "
+        log(
+            f"   ref {args.fractions[fi]:>2d}%: N_F = {len(ids)}, exact step residual {step_info['residual']:.1e} "
             f"({step_info['seconds']:.1f} s), retrain residual {retr_info['residual']:.1e} ({retr_info['steps']} Newton, "
-            f"{retr_info['seconds']:.1f} s); exact step is {step_vs_retrain:.2e} from retraining; map-back floor {floor:.1e}")
+            f"{retr_info['seconds']:.1f} s); exact step is {step_vs_retrain:.2e} from retraining; map-back floor {floor:.1e}"
+        )
 
     def distances(pf, theta_new=None, delta_alpha=None):
         out = {}
         if theta_new is not None:
             dth = np.asarray(theta_new, np.float64) - np.asarray(theta_star, np.float64)
-            out["dist_retrain"] = float(np.linalg.norm(dth - pf["dtheta_ref"]) / pf["dtheta_ref_norm"])
+            out["dist_retrain"] = float(
+                np.linalg.norm(dth - pf["dtheta_ref"]) / pf["dtheta_ref_norm"]
+            )
         if delta_alpha is not None:
             da = np.asarray(delta_alpha, np.float64)
             out["dist_retrain_alpha"] = ctx.knorm(da - pf["retrain_ref"]) / pf["retrain_knorm"]
@@ -400,30 +502,43 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     skipped: list[dict] = []
     rec = instrument.Recorder()
     paper_solver = dataclasses.replace(u.solver_config, max_iter=500)
-    u_paper = Unlearner(dataclasses.replace(st, meta={**st.meta, "solver": paper_solver.to_dict()}), u.model, mesh=getattr(u, "_mesh", None))
+    u_paper = Unlearner(
+        dataclasses.replace(st, meta={**st.meta, "solver": paper_solver.to_dict()}),
+        u.model,
+        mesh=getattr(u, "_mesh", None),
+    )
 
     def chol_unknowns(pf) -> int:
         cap = bucket(int(np.asarray(st.active).sum()) - len(pf["ids"]))
         return cap * ctx.d if (st.form == "full" or wl.train.loss != "mse") else cap
+
     methods = []
     if args.cold != "all":
-        res["notes"].append(f"cold start measured for {'alpha-cg only' if args.cold == 'alpha-cg' else 'no method'} (--cold {args.cold})")
+        res["notes"].append(
+            f"cold start measured for {'alpha-cg only' if args.cold == 'alpha-cg' else 'no method'} (--cold {args.cold})"
+        )
     if args.methods:
         res["notes"].append(f"methods limited to {', '.join(args.methods)} (--methods)")
     methods.append(("theta-cg", u, "theta-cg", False, None))
     methods.append(("alpha-paper", u_paper, "alpha-paper", False, None))
     methods.append(("alpha-cg", u, "alpha-cg", False, None))
     # the engine factorises the retained points' system, bucket(N_R)·d unknowns
-    chol_fracs = {fi for fi, pf in enumerate(per_frac) if chol_unknowns(pf) <= args.cholesky_max_dim}
+    chol_fracs = {
+        fi for fi, pf in enumerate(per_frac) if chol_unknowns(pf) <= args.cholesky_max_dim
+    }
     if chol_fracs:
         methods.append(("alpha-cholesky", u, "alpha-cholesky", False, chol_fracs))
     left = [args.fractions[fi] for fi in range(len(fractions)) if fi not in chol_fracs]
     if left:
-        skipped.append({
-            "method": "alpha-cholesky",
-            "why": (f"at {', '.join(f'{q} %' for q in left)} removal: the dense system of the retained points has more than "
-                    f"--cholesky-max-dim {args.cholesky_max_dim:,} unknowns ((N_R·d)³/3 flops)"),
-        })
+        skipped.append(
+            {
+                "method": "alpha-cholesky",
+                "why": (
+                    f"at {', '.join(f'{q} %' for q in left)} removal: the dense system of the retained points has more than "
+                    f"--cholesky-max-dim {args.cholesky_max_dim:,} unknowns ((N_R·d)³/3 flops)"
+                ),
+            }
+        )
     methods.append(("auto", u, "auto", False, None))
     methods.append(("alpha-cg+refine", u, "alpha-cg", True, None))
 
@@ -441,22 +556,33 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
                 with instrument.instrument(rec, allow_unconverged=True):
                     t, new_state, result = _call(un, pf["ids"], method, refine, rec)
                 payload = {
-                    "theta": new_state.theta, "result": result, "step": rec.step, "refine_cg": rec.refine_cg,
-                    "refine_inner": rec.refine.inner[-1].method if rec.refine is not None and rec.refine.inner else None,
+                    "theta": new_state.theta,
+                    "result": result,
+                    "step": rec.step,
+                    "refine_cg": rec.refine_cg,
+                    "refine_inner": rec.refine.inner[-1].method
+                    if rec.refine is not None and rec.refine.inner
+                    else None,
                     "alpha_new": None,
                 }
                 if rec.delta_theta is None:  # an α method: Δα = α_new − α* in the capacity layout
                     # the refined α in capacity layout: map the compacted rows back
                     keep = np.flatnonzero(np.asarray(ctx.state.active) & ~pf["mask"])
                     a = np.zeros((ctx.cap, ctx.d))
-                    a[keep] = np.asarray(new_state.alpha, np.float64)[: len(keep)] if new_state.capacity != ctx.cap else np.asarray(new_state.alpha, np.float64)[keep]
+                    a[keep] = (
+                        np.asarray(new_state.alpha, np.float64)[: len(keep)]
+                        if new_state.capacity != ctx.cap
+                        else np.asarray(new_state.alpha, np.float64)[keep]
+                    )
                     payload["alpha_new"] = a
                 del new_state
                 return t, payload
 
             try:
                 pos = fi if only is None else sorted(only).index(fi)
-                cold, warm, payloads = time_method(run, pos, slow_state, args.repeats, cold_ok=_cold_ok(args, name))
+                cold, warm, payloads = time_method(
+                    run, pos, slow_state, args.repeats, cold_ok=_cold_ok(args, name)
+                )
             except SolverError as exc:
                 rows.append({"method": name, "fraction": args.fractions[fi], "error": str(exc)})
                 log(f"      {args.fractions[fi]:>2d}%: error: {exc}")
@@ -466,22 +592,34 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
             result = p["result"]
             da = None
             if p["alpha_new"] is not None:
-                da = p["alpha_new"] - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
+                da = (
+                    p["alpha_new"]
+                    - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
+                )
             dist = distances(pf, p["theta"], da)
             if refine:
                 dist.pop("dist_step", None)  # a refined answer is not an influence step
             facc, tacc = ctx.accuracy(p["theta"], pf["mask"])
             row = {
-                "method": name, "fraction": args.fractions[fi], "n_forget": len(pf["ids"]),
-                "cold_s": cold, "warm_s": _median(warm), "warm_all_s": warm, "n_warm": len(warm),
+                "method": name,
+                "fraction": args.fractions[fi],
+                "n_forget": len(pf["ids"]),
+                "cold_s": cold,
+                "warm_s": _median(warm),
+                "warm_all_s": warm,
+                "n_warm": len(warm),
                 "solve_s": _median([q["step"].seconds for q in payloads]),
-                "iterations": int(step.iterations), "residual": float(step.residual), "converged": bool(step.converged),
+                "iterations": int(step.iterations),
+                "residual": float(step.residual),
+                "converged": bool(step.converged),
                 "step_method": step.method,
                 "refine_steps": int(result.refine.iterations) if result.refine else None,
                 "refine_cg": p["refine_cg"] if refine else None,
                 "refine_inner_method": p["refine_inner"] if refine else None,
                 "reason": result.reason if method == "auto" else None,
-                "forget_acc": facc, "test_acc": tacc, **dist,
+                "forget_acc": facc,
+                "test_acc": tacc,
+                **dist,
             }
             rows.append(row)
             log("      " + _row_line(row))
@@ -501,24 +639,46 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
 
         def run():
             t0 = time.perf_counter()
-            alpha, info = newton(rp, jnp.zeros_like(st.alpha), wl.train.resolved_tol(), wl.train.max_newton, solver_kwargs)
+            alpha, info = newton(
+                rp,
+                jnp.zeros_like(st.alpha),
+                wl.train.resolved_tol(),
+                wl.train.max_newton,
+                solver_kwargs,
+            )
             theta = u.model.theta_p + ctx.vjp(st.x, alpha)
             jax.block_until_ready(theta)
             return time.perf_counter() - t0, {"alpha": alpha, "theta": theta, "info": info}
 
-        cold, warm, payloads = time_method(run, fi, slow_state, args.repeats, cold_ok=_cold_ok(args, "retrain"))
+        cold, warm, payloads = time_method(
+            run, fi, slow_state, args.repeats, cold_ok=_cold_ok(args, "retrain")
+        )
         p = payloads[-1]
-        da = np.asarray(p["alpha"], np.float64) - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
+        da = (
+            np.asarray(p["alpha"], np.float64)
+            - np.asarray(st.alpha, np.float64) * np.asarray(st.active)[:, None]
+        )
         dist = distances(pf, p["theta"], da)
         dist.pop("dist_step", None)
         facc, tacc = ctx.accuracy(p["theta"], pf["mask"])
         info = p["info"]
         row = {
-            "method": "retrain", "fraction": args.fractions[fi], "n_forget": len(pf["ids"]),
-            "cold_s": cold, "warm_s": _median(warm), "warm_all_s": warm, "n_warm": len(warm), "solve_s": None,
-            "iterations": int(info.cg_iterations), "newton_steps": int(info.steps), "residual": float(info.residual),
+            "method": "retrain",
+            "fraction": args.fractions[fi],
+            "n_forget": len(pf["ids"]),
+            "cold_s": cold,
+            "warm_s": _median(warm),
+            "warm_all_s": warm,
+            "n_warm": len(warm),
+            "solve_s": None,
+            "iterations": int(info.cg_iterations),
+            "newton_steps": int(info.steps),
+            "residual": float(info.residual),
             "inner_method": info.inner[-1].method if info.inner else None,
-            "converged": bool(info.converged), "forget_acc": facc, "test_acc": tacc, **dist,
+            "converged": bool(info.converged),
+            "forget_acc": facc,
+            "test_acc": tacc,
+            **dist,
         }
         rows.append(row)
         log("      " + _row_line(row))
@@ -533,7 +693,9 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
         pf = per_frac[fi]
         ds_r = wl.dataset.subset(np.flatnonzero(~np.isin(all_ids, np.asarray(pf["ids"]))))
         t0 = time.perf_counter()
-        fresh = Unlearner.build(ds_r, wl.model, wl.train, u.solver_config, cache_dir=None, progress=False)
+        fresh = Unlearner.build(
+            ds_r, wl.model, wl.train, u.solver_config, cache_dir=None, progress=False
+        )
         jax.block_until_ready(fresh.state.theta)
         seconds = time.perf_counter() - t0
         theta = fresh.state.theta
@@ -541,10 +703,21 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
         facc, tacc = ctx.accuracy(theta, pf["mask"])
         hist = fresh.state.history[0]
         row = {
-            "method": "retrain from scratch", "fraction": args.fractions[fi], "n_forget": len(pf["ids"]),
-            "cold_s": None, "warm_s": seconds, "warm_all_s": [seconds], "n_warm": 1, "solve_s": None,
-            "ntk_s": float(fresh.state.meta["ntk"]["seconds"]), "newton_steps": int(hist.get("steps", 0)),
-            "residual": float(fresh.state.residual), "converged": True, "forget_acc": facc, "test_acc": tacc, **dist,
+            "method": "retrain from scratch",
+            "fraction": args.fractions[fi],
+            "n_forget": len(pf["ids"]),
+            "cold_s": None,
+            "warm_s": seconds,
+            "warm_all_s": [seconds],
+            "n_warm": 1,
+            "solve_s": None,
+            "ntk_s": float(fresh.state.meta["ntk"]["seconds"]),
+            "newton_steps": int(hist.get("steps", 0)),
+            "residual": float(fresh.state.residual),
+            "converged": True,
+            "forget_acc": facc,
+            "test_acc": tacc,
+            **dist,
         }
         del fresh
         rows.append(row)
@@ -559,18 +732,37 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
         theta = theta_star + jnp.asarray(rho, theta_star.dtype)
         dist = distances(pf, theta)
         facc, tacc = ctx.accuracy(theta, pf["mask"])
-        rows.append({"method": "random", "fraction": args.fractions[fi], "n_forget": len(pf["ids"]), "forget_acc": facc, "test_acc": tacc, **dist})
+        rows.append(
+            {
+                "method": "random",
+                "fraction": args.fractions[fi],
+                "n_forget": len(pf["ids"]),
+                "forget_acc": facc,
+                "test_acc": tacc,
+                **dist,
+            }
+        )
     for fi, frac in enumerate(fractions):
         r = res["reference"][str(args.fractions[fi])]
-        rows.append({"method": "exact retraining (float64 reference)", "fraction": args.fractions[fi], "n_forget": r["n_forget"],
-                     "forget_acc": r["forget_acc"], "test_acc": r["test_acc"], "dist_retrain": 0.0})
+        rows.append(
+            {
+                "method": "exact retraining (float64 reference)",
+                "fraction": args.fractions[fi],
+                "n_forget": r["n_forget"],
+                "forget_acc": r["forget_acc"],
+                "test_acc": r["test_acc"],
+                "dist_retrain": 0.0,
+            }
+        )
 
     # warm-latency profile of alpha-cg (plan_forget broken into its parts)
     res["profile"] = {}
     if not args.no_profile:
         for fi in range(len(fractions)):
             try:
-                res["profile"][str(args.fractions[fi])] = profile_plan_forget(ctx, per_frac[fi]["ids"], warmup=fi == 0)
+                res["profile"][str(args.fractions[fi])] = profile_plan_forget(
+                    ctx, per_frac[fi]["ids"], warmup=fi == 0
+                )
             except Exception as exc:  # private engine parts may change; the profile is optional
                 res["profile"][str(args.fractions[fi])] = {"error": f"{type(exc).__name__}: {exc}"}
                 break
@@ -580,10 +772,14 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     for fi, frac in enumerate(fractions):
         if args.fractions[fi] not in args.trajectory_fractions:
             continue
-        cg_rows = [r for r in rows if r["method"] == "alpha-cg" and r["fraction"] == args.fractions[fi]]
+        cg_rows = [
+            r for r in rows if r["method"] == "alpha-cg" and r["fraction"] == args.fractions[fi]
+        ]
         cg_max = max(10, 2 * cg_rows[0]["iterations"]) if cg_rows else 60
         tr = trajectories(ctx, per_frac[fi]["mask"], per_frac[fi]["step_ref"], cg_max)
-        paper_rows = [r for r in rows if r["method"] == "alpha-paper" and r["fraction"] == args.fractions[fi]]
+        paper_rows = [
+            r for r in rows if r["method"] == "alpha-paper" and r["fraction"] == args.fractions[fi]
+        ]
         summary = {}
         if paper_rows and cg_rows:
             # target: the accuracy the paper form has after its 500 iterations (this trajectory's
@@ -594,9 +790,12 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
                 "alpha_paper_engine_500": paper_rows[0]["dist_step"],
                 "alpha_paper_iterations": iterations_to(tr["alpha-paper"]["points"], target),
                 "alpha_cg_iterations": iterations_to(tr["alpha-cg"]["points"], target),
-                "alpha_cg_final": cg_rows[0]["dist_step"], "alpha_cg_final_iterations": cg_rows[0]["iterations"],
+                "alpha_cg_final": cg_rows[0]["dist_step"],
+                "alpha_cg_final_iterations": cg_rows[0]["iterations"],
                 "alpha_paper_best_500": min(e for _, e in tr["alpha-paper"]["points"]),
-                "alpha_paper_iterations_to_cg_final": iterations_to(tr["alpha-paper"]["points"], cg_rows[0]["dist_step"]),
+                "alpha_paper_iterations_to_cg_final": iterations_to(
+                    tr["alpha-paper"]["points"], cg_rows[0]["dist_step"]
+                ),
             }
         tr["summary"] = summary
         res["trajectories"][str(args.fractions[fi])] = tr
@@ -608,8 +807,13 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     res["peak_rss_gib"] = peak_rss_gib()
     res["seconds_total"] = time.perf_counter() - t_start
     res["protocol"] = {
-        "fast_s": FAST_S, "slow_s": SLOW_S, "repeats": args.repeats,
-        "reference_tolerances": {"exact_step_relative_residual": 1e-13, "retrain_relative_stationarity": 1e-12},
+        "fast_s": FAST_S,
+        "slow_s": SLOW_S,
+        "repeats": args.repeats,
+        "reference_tolerances": {
+            "exact_step_relative_residual": 1e-13,
+            "retrain_relative_stationarity": 1e-12,
+        },
     }
     log(f"   figure1/{wl.name} done in {res['seconds_total']:.0f} s")
     return res
@@ -634,7 +838,10 @@ def profile_plan_forget(ctx: Context, ids, repeats: int = 3, warmup: bool = True
         _, result = ctx.u.plan_forget(ids, method="alpha-cg", refine=False)
         runs.append(result)
     runs = runs[1:] if warmup else runs
-    out = {label: float(statistics.median(r.timings.get(key, 0.0) for r in runs)) for key, label in PROFILE_PARTS}
+    out = {
+        label: float(statistics.median(r.timings.get(key, 0.0) for r in runs))
+        for key, label in PROFILE_PARTS
+    }
     out["total"] = float(statistics.median(r.seconds for r in runs))
     out["cg_iterations"] = int(runs[-1].solve.iterations)
     return out
@@ -647,7 +854,9 @@ def _fmt(x, spec=".3g"):
 
 
 def _row_line(r: dict) -> str:
-    return (f"{r['fraction']:>2d}% {r['method']:<20s} cold {_fmt(r.get('cold_s'), '.2f'):>7s}s warm {_fmt(r.get('warm_s'), '.2f'):>7s}s "
-            f"(n={r.get('n_warm')}) it {r.get('iterations')} dist {_fmt(r.get('dist_retrain'), '.2e')} "
-            f"step {_fmt(r.get('dist_step'), '.2e')} facc {_fmt(r.get('forget_acc'), '.3f')} tacc {_fmt(r.get('test_acc'), '.3f')}"
-            + ("" if r.get("converged", True) else " [NOT CONVERGED]"))
+    return (
+        f"{r['fraction']:>2d}% {r['method']:<20s} cold {_fmt(r.get('cold_s'), '.2f'):>7s}s warm {_fmt(r.get('warm_s'), '.2f'):>7s}s "
+        f"(n={r.get('n_warm')}) it {r.get('iterations')} dist {_fmt(r.get('dist_retrain'), '.2e')} "
+        f"step {_fmt(r.get('dist_step'), '.2e')} facc {_fmt(r.get('forget_acc'), '.3f')} tacc {_fmt(r.get('test_acc'), '.3f')}"
+        + ("" if r.get("converged", True) else " [NOT CONVERGED]")
+    )

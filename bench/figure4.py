@@ -55,24 +55,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=["mnist", "cifar"], help="run one experiment (default: both)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--mnist-dir", type=Path, default=SHARED / "mnist")
-    p.add_argument("--cifar-train", type=Path, default=SHARED / "cifar10" / "airplane_automobile_train.npz")
-    p.add_argument("--cifar-test", type=Path, default=SHARED / "cifar10" / "airplane_automobile.npz")
     p.add_argument(
-        "--mnist-train-per-class", type=int, default=1000,
+        "--cifar-train", type=Path, default=SHARED / "cifar10" / "airplane_automobile_train.npz"
+    )
+    p.add_argument(
+        "--cifar-test", type=Path, default=SHARED / "cifar10" / "airplane_automobile.npz"
+    )
+    p.add_argument(
+        "--mnist-train-per-class",
+        type=int,
+        default=1000,
         help="training images per class, capped at what the data allow beside the test images",
     )
     p.add_argument("--mnist-test-per-class", type=int, default=200)
     p.add_argument("--cifar-n-train", type=int, default=1000)
     p.add_argument("--cifar-test-per-class", type=int, default=200)
-    p.add_argument("--cnn-pool", action="store_true", help="AvgPool(2×2) in each CNN block (about 1,000× dearer kernel)")
+    p.add_argument(
+        "--cnn-pool",
+        action="store_true",
+        help="AvgPool(2×2) in each CNN block (about 1,000× dearer kernel)",
+    )
     p.add_argument("--depth-mlp", type=int, default=3)
     p.add_argument("--depth-cnn", type=int, default=3)
     p.add_argument("--lam", type=float, default=1e-1)
     p.add_argument("--remove-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    p.add_argument("--tol", type=float, default=None, help="Newton stationarity tolerance (default 1e-10 / 1e-5)")
-    p.add_argument("--no-kgd", action="store_true", help="skip the kernel-gradient-descent check of the optimum")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="Newton stationarity tolerance (default 1e-10 / 1e-5)",
+    )
+    p.add_argument(
+        "--no-kgd",
+        action="store_true",
+        help="skip the kernel-gradient-descent check of the optimum",
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
@@ -125,7 +144,12 @@ def run(
     """
     dtype = km.dtype
     tol = args.tol if args.tol is not None else (1e-10 if dtype == np.float64 else 1e-5)
-    solver = {"method": "auto", "tol": 1e-12 if dtype == np.float64 else 1e-6, "max_iter": 2000, "cholesky_max_dim": 4096}
+    solver = {
+        "method": "auto",
+        "tol": 1e-12 if dtype == np.float64 else 1e-6,
+        "max_iter": 2000,
+        "cholesky_max_dim": 4096,
+    }
     t: dict[str, float] = {}
     n, d = y.shape
 
@@ -135,7 +159,14 @@ def run(
     t0 = time.perf_counter()
     kt = km.cross_kernel(xt, x, progress=args.progress)
     t["kernel_test_s"] = time.perf_counter() - t0
-    log.info("%s: K %s in %.1f s, K(X_t, X) %s in %.1f s", name, k.shape, t["kernel_train_s"], kt.shape, t["kernel_test_s"])
+    log.info(
+        "%s: K %s in %.1f s, K(X_t, X) %s in %.1f s",
+        name,
+        k.shape,
+        t["kernel_train_s"],
+        kt.shape,
+        t["kernel_test_s"],
+    )
 
     kj, ktj = jnp.asarray(k), jnp.asarray(kt)
     yj, ytj = jnp.asarray(y, dtype), jnp.asarray(yt, dtype)
@@ -145,16 +176,29 @@ def run(
     t["train_s"] = time.perf_counter() - t0
     if not info.converged:
         raise RuntimeError(f"{name}: training stopped at residual {info.residual:.1e}")
-    record: dict = {"train": {"newton_steps": info.steps, "cg_iterations": info.cg_iterations, "residual": info.residual}}
+    record: dict = {
+        "train": {
+            "newton_steps": info.steps,
+            "cg_iterations": info.cg_iterations,
+            "residual": info.residual,
+        }
+    }
 
     if not args.no_kgd:
         t0 = time.perf_counter()
-        alpha_kgd, kinfo = kernel_gradient_descent(problem, jnp.zeros_like(yj), tol=tol, max_steps=100_000)
+        alpha_kgd, kinfo = kernel_gradient_descent(
+            problem, jnp.zeros_like(yj), tol=tol, max_steps=100_000
+        )
         t["kgd_s"] = time.perf_counter() - t0
         record["kgd"] = {
-            "steps": kinfo.steps, "residual": kinfo.residual, "converged": kinfo.converged, "lr": kinfo.lr,
+            "steps": kinfo.steps,
+            "residual": kinfo.residual,
+            "converged": kinfo.converged,
+            "lr": kinfo.lr,
             "top_eigenvalue": kinfo.top_eigenvalue,
-            "rel_distance_to_newton": float(jnp.linalg.norm(alpha_kgd - alpha) / jnp.linalg.norm(alpha)),
+            "rel_distance_to_newton": float(
+                jnp.linalg.norm(alpha_kgd - alpha) / jnp.linalg.norm(alpha)
+            ),
         }
 
     forget = forget_half(labels, args.remove_fraction, args.seed)
@@ -163,7 +207,9 @@ def run(
     delta, step_info = influence.influence_step(problem, alpha, fmask, solver)
     t["influence_step_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    alpha_r, rinfo = newton(problem._replace(mask=jnp.asarray(~forget)), jnp.zeros_like(yj), tol, 50, solver)
+    alpha_r, rinfo = newton(
+        problem._replace(mask=jnp.asarray(~forget)), jnp.zeros_like(yj), tol, 50, solver
+    )
     t["retrain_s"] = time.perf_counter() - t0
     if not rinfo.converged:
         raise RuntimeError(f"{name}: retraining stopped at residual {rinfo.residual:.1e}")
@@ -173,7 +219,10 @@ def run(
     df_act = np.asarray(ktj @ alpha_r) - f_old
     g_t = np.asarray(losses.grad(loss, jnp.asarray(f_old), ytj))
     dl_est = np.sum(g_t * df_est, axis=-1)  # Eq. 9
-    dl_act = np.asarray(losses.value(loss, jnp.asarray(f_old + df_act), ytj) - losses.value(loss, jnp.asarray(f_old), ytj))
+    dl_act = np.asarray(
+        losses.value(loss, jnp.asarray(f_old + df_act), ytj)
+        - losses.value(loss, jnp.asarray(f_old), ytj)
+    )
     if d > 1:
         acc_old = float(np.mean(f_old.argmax(1) == yt.argmax(1)))
         acc_new = float(np.mean((f_old + df_act).argmax(1) == yt.argmax(1)))
@@ -193,7 +242,11 @@ def run(
             "output_dim": d,
             "kernel_bytes": int(k.nbytes),
             "influence_step": step_info.to_dict(),
-            "retrain": {"newton_steps": rinfo.steps, "cg_iterations": rinfo.cg_iterations, "residual": rinfo.residual},
+            "retrain": {
+                "newton_steps": rinfo.steps,
+                "cg_iterations": rinfo.cg_iterations,
+                "residual": rinfo.residual,
+            },
             "test_accuracy": {"before": acc_old, "after_retraining": acc_new},
             "outputs": metrics(df_est, df_act),
             "loss_change": metrics(dl_est, dl_act),
@@ -212,9 +265,16 @@ def mnist_experiment(args: argparse.Namespace, dtype) -> dict:
     # disjoint draws from them, so a class gives at most (its count − test_per_class) for training.
     counts = mnist_class_counts(args.mnist_dir)
     per_class = min(args.mnist_train_per_class, int(counts.min()) - args.mnist_test_per_class)
-    ds = load_mnist(args.mnist_dir, seed=args.seed, train_per_class=per_class, test_per_class=args.mnist_test_per_class)
+    ds = load_mnist(
+        args.mnist_dir,
+        seed=args.seed,
+        train_per_class=per_class,
+        test_per_class=args.mnist_test_per_class,
+    )
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=args.depth_mlp), ds.input_shape, 10, dtype)
-    record = run("mnist-inf-fcnn", km, ds.x, ds.targets(), ds.y, ds.x_test, ds.targets(ds.y_test), "ce", args)
+    record = run(
+        "mnist-inf-fcnn", km, ds.x, ds.targets(), ds.y, ds.x_test, ds.targets(ds.y_test), "ce", args
+    )
     record["train_per_class"] = per_class
     record["train_per_class_asked"] = args.mnist_train_per_class
     return record
@@ -223,10 +283,19 @@ def mnist_experiment(args: argparse.Namespace, dtype) -> dict:
 def cifar_experiment(args: argparse.Namespace, dtype) -> dict:
     """Infinite-width CNN on CIFAR-10 airplane/automobile with squared error on ±1 targets."""
     ds = load_cifar2(
-        args.cifar_train, seed=args.seed, n_train=args.cifar_n_train, test_path=args.cifar_test,
-        n_test=2 * args.cifar_test_per_class, binary_pm1=True,
+        args.cifar_train,
+        seed=args.seed,
+        n_train=args.cifar_n_train,
+        test_path=args.cifar_test,
+        n_test=2 * args.cifar_test_per_class,
+        binary_pm1=True,
     )
-    km = KernelModel(ModelConfig(kind="inf-cnn", depth=args.depth_cnn, pool=args.cnn_pool), ds.input_shape, 1, dtype)
+    km = KernelModel(
+        ModelConfig(kind="inf-cnn", depth=args.depth_cnn, pool=args.cnn_pool),
+        ds.input_shape,
+        1,
+        dtype,
+    )
     labels = (ds.y[:, 0] > 0).astype(int)
     return run("cifar2-inf-cnn", km, ds.x, ds.y, labels, ds.x_test, ds.y_test, "mse", args)
 
@@ -255,7 +324,10 @@ def plot(record: dict, path: Path) -> None:
         ax.ticklabel_format(style="sci", scilimits=(-2, 3))
         ax.set_xlabel("actual (retrained)")
         ax.set_ylabel("estimated (one influence step)")
-        ax.set_title(f"{title}\nr = {m['pearson']:.5f}, rel. err. = {m['rel_error']:.1e}, slope = {m['slope']:.4f}", fontsize=9)
+        ax.set_title(
+            f"{title}\nr = {m['pearson']:.5f}, rel. err. = {m['rel_error']:.1e}, slope = {m['slope']:.4f}",
+            fontsize=9,
+        )
     fig.suptitle(
         f"{record['name']}: N = {record['n_train']}, {record['n_removed']} removed, "
         f"{record['n_test']} test points, {record['loss']}, λ = {record['lam']}",
@@ -286,10 +358,13 @@ def table(records: list[dict]) -> str:
     ]
     for r in records:
         s, mdl = r["seconds"], r["model"]
-        arch = f"{mdl['kind']} depth {mdl['depth']}" + (f", pool={mdl['pool']}" if mdl["kind"] == "inf-cnn" else "")
+        arch = f"{mdl['kind']} depth {mdl['depth']}" + (
+            f", pool={mdl['pool']}" if mdl["kind"] == "inf-cnn" else ""
+        )
         kgd = (
             f"{r['kgd']['steps']} steps, {s['kgd_s']:.1f} s, ‖α_KGD − α_Newton‖/‖α‖ = {r['kgd']['rel_distance_to_newton']:.1e}"
-            if "kgd" in r else "skipped"
+            if "kgd" in r
+            else "skipped"
         )
         lines.append(
             f"| {r['name']} | {arch} | {r['loss']}, {r['lam']} | {r['kernel_bytes'] / 2**20:.0f} MiB; "
@@ -337,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "argv": sys.argv[1:] if argv is None else list(argv),
         "total_seconds": total,
-        "machine": {"python": platform.python_version(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+        "machine": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+        },
         "experiments": [{k: v for k, v in r.items() if k != "_arrays"} for r in records],
     }
     (args.out_dir / "figure4.json").write_text(json.dumps(meta, indent=2, default=str))

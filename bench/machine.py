@@ -59,7 +59,7 @@ def machine_info() -> dict:
         "neural_tangents": _version("neural-tangents"),
         "numpy": _version("numpy"),
         "jax_devices": [str(d) for d in jax.devices()],
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         # app.cli.huge_pages_env: glibc asks for transparent huge pages for XLA's buffers

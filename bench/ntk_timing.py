@@ -38,9 +38,13 @@ def _timed(fn, *args) -> tuple[np.ndarray, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ntk_timing", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=SHARED / "cifar10" / "airplane_automobile_train.npz")
+    p.add_argument(
+        "--data", type=Path, default=SHARED / "cifar10" / "airplane_automobile_train.npz"
+    )
     p.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--pooled-block", type=int, default=8, help="block side for the pooled analytic CNN kernel")
+    p.add_argument(
+        "--pooled-block", type=int, default=8, help="block side for the pooled analytic CNN kernel"
+    )
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--output-dim", type=int, default=1)
@@ -48,15 +52,20 @@ def main(argv: list[str] | None = None) -> int:
 
     need = 2 * max(args.blocks + [args.pooled_block])
     x = load_cifar2(args.data, seed=0, n_train=need, test_path=False).x
-    rows = ["| kernel | block | first call (compile) s | steady s | per pair ms | rel. diff SD vs JC |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| kernel | block | first call (compile) s | steady s | per pair ms | rel. diff SD vs JC |",
+        "|---|---|---|---|---|---|",
+    ]
 
-    model = build_model(ModelConfig(kind="cnn", width=args.width, depth=args.depth), x.shape[1:], args.output_dim)
+    model = build_model(
+        ModelConfig(kind="cnn", width=args.width, depth=args.depth), x.shape[1:], args.output_dim
+    )
     xf = np.asarray(model.flatten_inputs(x))
     fns = {
         impl: jax.jit(
-            lambda a, b, f=nt.empirical_ntk_fn(
-                model.apply_fn, trace_axes=(), vmap_axes=0, implementation=getattr(nt.NtkImplementation, impl)
-            ): f(a, b, model.params0)
+            lambda a, b, f=nt.empirical_ntk_fn(model.apply_fn, trace_axes=(), vmap_axes=0, implementation=getattr(nt.NtkImplementation, impl)): (
+                f(a, b, model.params0)
+            )
         )
         for impl in ("STRUCTURED_DERIVATIVES", "JACOBIAN_CONTRACTION")
     }
@@ -75,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(rows[-1], flush=True)
 
-    for kind, pool, bs in (("inf-cnn", False, max(args.blocks)), ("inf-cnn", True, args.pooled_block), ("inf-mlp", True, max(args.blocks))):
+    for kind, pool, bs in (
+        ("inf-cnn", False, max(args.blocks)),
+        ("inf-cnn", True, args.pooled_block),
+        ("inf-mlp", True, max(args.blocks)),
+    ):
         km = KernelModel(ModelConfig(kind=kind, depth=args.depth, pool=pool), x.shape[1:], 1)
         a, b = km.inputs(x[:bs]), km.inputs(x[bs : 2 * bs])
         _, first, steady = _timed(km._kernel_fn, a, b)
         label = f"{kind} d{args.depth}" + (f" pool={pool}" if kind == "inf-cnn" else "")
-        rows.append(f"| {label} (analytic) | {bs}×{bs} | {first:.2f} | {steady:.2f} | {1e3 * steady / bs**2:.2f} | |")
+        rows.append(
+            f"| {label} (analytic) | {bs}×{bs} | {first:.2f} | {steady:.2f} | {1e3 * steady / bs**2:.2f} | |"
+        )
         print(rows[-1], flush=True)
     print("\n".join(rows))
     return 0

@@ -87,19 +87,33 @@ def block_comparison(model, x, block: int, log=print) -> dict:
         sd = ntk_mod._block_fn(model, "full")  # exactly the engine's block function
         out["sd_source"] = "service_core.ntk._block_fn"
     except AttributeError:
-        fn = nt.empirical_ntk_fn(model.apply_fn, trace_axes=(), vmap_axes=0, implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES)
+        fn = nt.empirical_ntk_fn(
+            model.apply_fn,
+            trace_axes=(),
+            vmap_axes=0,
+            implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+        )
         sd = jax.jit(lambda a, b: fn(a, b, model.params0))
         out["sd_source"] = "neural_tangents STRUCTURED_DERIVATIVES"
     first, med, n, k_sd = _time(lambda: sd(a, b), 5)
     out.update(sd_first_s=first, sd_s=med, sd_repeats=n)
-    jc_bytes = block * d * p * 4  # one Jacobian; measured peak here: 3.1 GB at 32 points of the 2.9M-parameter FCNN
+    jc_bytes = (
+        block * d * p * 4
+    )  # one Jacobian; measured peak here: 3.1 GB at 32 points of the 2.9M-parameter FCNN
     out["jc_jacobian_bytes"] = jc_bytes
     if jc_bytes > 0.35 * _mem_available_bytes():
-        out["jc_skipped"] = (f"its Jacobian of {block}·{d} × {p:,} float32 = {jc_bytes / 1e9:.1f} GB exceeds 35 % of the "
-                             f"memory available now ({_mem_available_bytes() / 1e9:.1f} GB, machine shared)")
+        out["jc_skipped"] = (
+            f"its Jacobian of {block}·{d} × {p:,} float32 = {jc_bytes / 1e9:.1f} GB exceeds 35 % of the "
+            f"memory available now ({_mem_available_bytes() / 1e9:.1f} GB, machine shared)"
+        )
         log(f"      block {block}: SD {med:.4f} s; JC skipped: {out['jc_skipped']}")
         return out
-    fn = nt.empirical_ntk_fn(model.apply_fn, trace_axes=(), vmap_axes=0, implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+    fn = nt.empirical_ntk_fn(
+        model.apply_fn,
+        trace_axes=(),
+        vmap_axes=0,
+        implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION,
+    )
     jc = jax.jit(lambda a, b: fn(a, b, model.params0))
     t0 = time.perf_counter()
     k_jc = jax.block_until_ready(jc(a, b))
@@ -108,14 +122,18 @@ def block_comparison(model, x, block: int, log=print) -> dict:
     _, jc_med, jc_n, k_jc = _time(lambda: jc(a, b), reps)
     k_sd, k_jc = np.asarray(k_sd, np.float64), np.asarray(k_jc, np.float64)
     out.update(
-        jc_first_s=jc_first, jc_s=jc_med, jc_repeats=jc_n,
+        jc_first_s=jc_first,
+        jc_s=jc_med,
+        jc_repeats=jc_n,
         speedup=jc_med / med,
         max_abs_diff_rel=float(np.max(np.abs(k_sd - k_jc)) / np.max(np.abs(k_jc))),
         fro_diff_rel=float(np.linalg.norm(k_sd - k_jc) / np.linalg.norm(k_jc)),
         shape=list(k_sd.shape),
     )
-    log(f"      block {block}×{block} (full form {tuple(k_sd.shape)}): SD {med:.4f} s, JC {jc_med:.2f} s → {out['speedup']:.0f}×; "
-        f"max|ΔK|/max|K| {out['max_abs_diff_rel']:.1e}, ‖ΔK‖/‖K‖ {out['fro_diff_rel']:.1e}")
+    log(
+        f"      block {block}×{block} (full form {tuple(k_sd.shape)}): SD {med:.4f} s, JC {jc_med:.2f} s → {out['speedup']:.0f}×; "
+        f"max|ΔK|/max|K| {out['max_abs_diff_rel']:.1e}, ‖ΔK‖/‖K‖ {out['fro_diff_rel']:.1e}"
+    )
     return out
 
 
@@ -148,13 +166,25 @@ def full_kernel_child(args) -> None:
     seconds = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(json.dumps({
-        "description": desc, "n": int(len(x)), "d": model.output_dim, "n_params": model.n_params,
-        "shape": list(k.shape), "bytes": int(k.nbytes), "seconds": seconds, "block_size": args.block_size,
-        "peak_rss_gib": _peak_rss_gib(),
-        "rss_before_gib": rss_before, "tracemalloc_peak_gib": traced_peak / 2**30,
-        "finite": bool(np.isfinite(k).all()), "symmetric_max_diff": float(np.max(np.abs(k[:200, :200] - k[:200, :200].T))),
-    }))
+    print(
+        json.dumps(
+            {
+                "description": desc,
+                "n": int(len(x)),
+                "d": model.output_dim,
+                "n_params": model.n_params,
+                "shape": list(k.shape),
+                "bytes": int(k.nbytes),
+                "seconds": seconds,
+                "block_size": args.block_size,
+                "peak_rss_gib": _peak_rss_gib(),
+                "rss_before_gib": rss_before,
+                "tracemalloc_peak_gib": traced_peak / 2**30,
+                "finite": bool(np.isfinite(k).all()),
+                "symmetric_max_diff": float(np.max(np.abs(k[:200, :200] - k[:200, :200].T))),
+            }
+        )
+    )
 
 
 def run_ntk(args, log=print) -> dict:
@@ -169,13 +199,37 @@ def run_ntk(args, log=print) -> dict:
             res["workloads"][wl] = {"skipped": loaded}
             continue
         model, x, desc = loaded
-        log(f"\n== ntk / {wl}: {desc}, N = {len(x)}, P = {model.n_params:,}, d = {model.output_dim}")
-        entry = {"description": desc, "n": int(len(x)), "n_params": model.n_params, "d": model.output_dim}
+        log(
+            f"\n== ntk / {wl}: {desc}, N = {len(x)}, P = {model.n_params:,}, d = {model.output_dim}"
+        )
+        entry = {
+            "description": desc,
+            "n": int(len(x)),
+            "n_params": model.n_params,
+            "d": model.output_dim,
+        }
         # the whole kernel first, in a child process (clean peak memory)
-        cmd = [sys.executable, "-m", "bench.ntkbench", "child", "--workload", wl, "--mnist-dir", str(args.mnist_dir),
-               "--mnist-width", str(args.mnist_width), "--block-size", "128"] + (["--quick"] if args.quick else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.ntkbench",
+            "child",
+            "--workload",
+            wl,
+            "--mnist-dir",
+            str(args.mnist_dir),
+            "--mnist-width",
+            str(args.mnist_width),
+            "--block-size",
+            "128",
+        ] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         wall = time.perf_counter() - t0
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -185,9 +239,11 @@ def run_ntk(args, log=print) -> dict:
             full = json.loads(lines[-1])
             full["child_wall_s"] = wall
             entry["full"] = full
-            log(f"   whole kernel {tuple(full['shape'])} ({full['bytes'] / 1e9:.2f} GB): {full['seconds']:.1f} s "
+            log(
+                f"   whole kernel {tuple(full['shape'])} ({full['bytes'] / 1e9:.2f} GB): {full['seconds']:.1f} s "
                 f"(child process {wall:.1f} s with imports); peak RSS {full['peak_rss_gib']:.2f} GiB, numpy peak (tracemalloc) "
-                f"{full['tracemalloc_peak_gib']:.2f} GiB")
+                f"{full['tracemalloc_peak_gib']:.2f} GiB"
+            )
         blocks = [16] if args.quick else ([32, 64, 128] if wl == "mnist" else [64, 128])
         blocks = [b for b in blocks if 2 * b <= len(x)]
         entry["blocks"] = [block_comparison(model, x, b, log=log) for b in blocks]

@@ -60,7 +60,9 @@ def loss_terms(loss: str, f: np.ndarray, y: np.ndarray):
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     values = -np.sum(y * logp, axis=-1)
     g = p * scale[:, None] - y
-    w = (np.einsum("na,ab->nab", p, np.eye(f.shape[-1])) - p[:, :, None] * p[:, None, :]) * scale[:, None, None]
+    w = (np.einsum("na,ab->nab", p, np.eye(f.shape[-1])) - p[:, :, None] * p[:, None, :]) * scale[
+        :, None, None
+    ]
     return values, g, w
 
 
@@ -98,7 +100,9 @@ class ReferenceSolver:
         self.loss = loss
         self.f_star = self.f0 + self.kern.matvec(self.alpha * self.active[:, None])
 
-    def _solve32(self, s: np.ndarray | None, retain: np.ndarray, rhs: np.ndarray, c: float, tol: float = 1e-6):
+    def _solve32(
+        self, s: np.ndarray | None, retain: np.ndarray, rhs: np.ndarray, c: float, tol: float = 1e-6
+    ):
         """Approximate solution of (W K + c I) δ = rhs on ``retain`` by the engine's float32 CG."""
         scale = float(np.max(np.abs(rhs)))
         if scale == 0.0:
@@ -106,8 +110,16 @@ class ReferenceSolver:
         dtype = jnp.float32
         s32 = None if s is None else jnp.asarray(s, dtype)
         delta, info = solve_newton_system(
-            jnp.asarray(self.k32), self.form, s32, jnp.asarray(retain), jnp.asarray(rhs / scale, dtype), c,
-            method="alpha-cg", tol=tol, max_iter=5000, cholesky_max_dim=0,
+            jnp.asarray(self.k32),
+            self.form,
+            s32,
+            jnp.asarray(retain),
+            jnp.asarray(rhs / scale, dtype),
+            c,
+            method="alpha-cg",
+            tol=tol,
+            max_iter=5000,
+            cholesky_max_dim=0,
         )
         return np.asarray(delta, np.float64) * scale, int(info.iterations)
 
@@ -117,7 +129,9 @@ class ReferenceSolver:
         kd = self.kern.matvec(delta * m)
         return m * (apply_blocks(w, kd) + c * delta)
 
-    def solve_a(self, w, s, retain, b, c, rtol: float = 1e-13, max_rounds: int = 8) -> tuple[np.ndarray, dict]:
+    def solve_a(
+        self, w, s, retain, b, c, rtol: float = 1e-13, max_rounds: int = 8
+    ) -> tuple[np.ndarray, dict]:
         """Iterative refinement for (W K_RR + c I) δ = b; returns δ and {rounds, residual, cg}."""
         m = retain[:, None].astype(np.float64)
         b = b * m
@@ -168,9 +182,13 @@ class ReferenceSolver:
     def risk(self, alpha, retain, f, values) -> float:
         m = retain.astype(np.float64)
         n_r = m.sum()
-        return float(np.sum(values * m) / n_r + 0.5 * self.lam * np.sum(alpha * m[:, None] * (f - self.f0)))
+        return float(
+            np.sum(values * m) / n_r + 0.5 * self.lam * np.sum(alpha * m[:, None] * (f - self.f0))
+        )
 
-    def retrain(self, forget: np.ndarray, start: np.ndarray, tol: float = 1e-12, max_steps: int = 30) -> tuple[np.ndarray, dict]:
+    def retrain(
+        self, forget: np.ndarray, start: np.ndarray, tol: float = 1e-12, max_steps: int = 30
+    ) -> tuple[np.ndarray, dict]:
         """α minimising the retain risk (float64 Newton with backtracking), started at α* + ``start``.
 
         Returns Δα = α_retrain − α* ``(C, d)`` and {steps, residual, seconds}.
@@ -199,7 +217,10 @@ class ReferenceSolver:
                 while step > 1e-8:
                     f_try = f + step * kd
                     v_try, _, _ = loss_terms(self.loss, f_try, self.y)
-                    if self.risk(alpha + step * delta, retain, f_try, v_try) <= base + 1e-4 * step * slope:
+                    if (
+                        self.risk(alpha + step * delta, retain, f_try, v_try)
+                        <= base + 1e-4 * step * slope
+                    ):
                         break
                     step *= 0.5
             alpha = alpha + step * delta
@@ -214,4 +235,8 @@ class ReferenceSolver:
             rel = new_rel
         # one fresh residual from scratch (f accumulated step by step drifts at 1e-16 only)
         _, rel, _, _, _ = self.stationarity(alpha, retain)
-        return alpha - self.alpha * self.active[:, None], {"steps": steps, "residual": rel, "seconds": time.perf_counter() - t0}
+        return alpha - self.alpha * self.active[:, None], {
+            "steps": steps,
+            "residual": rel,
+            "seconds": time.perf_counter() - t0,
+        }

@@ -49,5 +49,3 @@ __all__ = [
     "load_mnist",
     "load_npz",
 ]
-
-

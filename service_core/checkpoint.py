@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 def _manager(directory: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False
+        ),
     )
 
 
@@ -40,7 +42,9 @@ def save(directory: Path, state: ModelState) -> Path:
         mngr.save(
             state.version,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in state.arrays().items() if k != "k"}),
+                arrays=ocp.args.StandardSave(
+                    {k: np.asarray(v) for k, v in state.arrays().items() if k != "k"}
+                ),
                 meta=ocp.args.JsonSave(state.metadata()),
             ),
             force=True,

@@ -10,7 +10,9 @@ ModelKind = Literal["linear", "mlp", "cnn", "inf-mlp", "inf-cnn"]
 LossName = Literal["mse", "ce"]
 DType = Literal["float32", "float64"]
 KernelForm = Literal["auto", "full", "trace"]
-SolverMethod = Literal["auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"]
+SolverMethod = Literal[
+    "auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"
+]
 
 
 class _Serialisable:

@@ -152,10 +152,18 @@ def load_mnist(
       DatasetError: files missing or malformed, or too few images per class.
     """
     directory = Path(directory)
-    t10k_x, t10k_y = _find(directory, "t10k-images-idx3-ubyte"), _find(directory, "t10k-labels-idx1-ubyte")
-    tr_x, tr_y = _find(directory, "train-images-idx3-ubyte"), _find(directory, "train-labels-idx1-ubyte")
+    t10k_x, t10k_y = (
+        _find(directory, "t10k-images-idx3-ubyte"),
+        _find(directory, "t10k-labels-idx1-ubyte"),
+    )
+    tr_x, tr_y = (
+        _find(directory, "train-images-idx3-ubyte"),
+        _find(directory, "train-labels-idx1-ubyte"),
+    )
     if t10k_x is None or t10k_y is None:
-        raise DatasetError(f"{directory} has no t10k-images-idx3-ubyte(.gz) / t10k-labels-idx1-ubyte(.gz)")
+        raise DatasetError(
+            f"{directory} has no t10k-images-idx3-ubyte(.gz) / t10k-labels-idx1-ubyte(.gz)"
+        )
     rng = np.random.default_rng(seed)
 
     def pick(labels: np.ndarray, per_class: int | None, exclude: np.ndarray) -> np.ndarray:
@@ -164,7 +172,7 @@ def load_mnist(
             pool = np.setdiff1d(np.flatnonzero(labels == c), exclude)
             if per_class is not None and per_class > len(pool):
                 raise DatasetError(f"class {c} has {len(pool)} images, {per_class} asked for")
-            chosen.append(rng.permutation(pool)[: per_class] if per_class is not None else pool)
+            chosen.append(rng.permutation(pool)[:per_class] if per_class is not None else pool)
         return np.sort(np.concatenate(chosen))
 
     xt = _read_idx(t10k_x).reshape(-1, 784).astype(np.float32) / 255.0
@@ -175,11 +183,22 @@ def load_mnist(
         train = pick(ys, train_per_class, np.array([], dtype=np.int64))
         test = pick(yt, test_per_class, np.array([], dtype=np.int64))
         ids = np.array([f"mnist-train-{i:05d}" for i in train])
-        return Dataset(f"mnist:{directory}", ids, xs[train], ys[train], "classification", 10, xt[test], yt[test])
+        return Dataset(
+            f"mnist:{directory}",
+            ids,
+            xs[train],
+            ys[train],
+            "classification",
+            10,
+            xt[test],
+            yt[test],
+        )
     train = pick(yt, train_per_class, np.array([], dtype=np.int64))
     test = pick(yt, test_per_class, train)
     ids = np.array([f"mnist-t10k-{i:05d}" for i in train])
-    return Dataset(f"mnist:{directory}", ids, xt[train], yt[train], "classification", 10, xt[test], yt[test])
+    return Dataset(
+        f"mnist:{directory}", ids, xt[train], yt[train], "classification", 10, xt[test], yt[test]
+    )
 
 
 def load_npz(path: str | os.PathLike) -> Dataset:
@@ -213,7 +232,11 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     else:
         raise DatasetError("'y' must be int labels of shape (N,) or float targets of shape (N, d)")
     ids = arrays.get("ids")
-    ids = np.array([f"{path.stem}-{i:06d}" for i in range(len(x))]) if ids is None else ids.astype(str)
+    ids = (
+        np.array([f"{path.stem}-{i:06d}" for i in range(len(x))])
+        if ids is None
+        else ids.astype(str)
+    )
     x_test, y_test = arrays.get("x_test"), arrays.get("y_test")
     if x_test is not None:
         x_test = x_test.astype(np.float32)
@@ -247,9 +270,13 @@ def _read_cifar2(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DatasetError(f"{path} must hold arrays 'x' and 'y' (it has {sorted(f.files)})")
         x, y = f["x"], f["y"]
     if x.dtype != np.uint8 or x.ndim != 4:
-        raise DatasetError(f"{path}: 'x' must be uint8 images (N, H, W, C), got {x.dtype} {list(x.shape)}")
+        raise DatasetError(
+            f"{path}: 'x' must be uint8 images (N, H, W, C), got {x.dtype} {list(x.shape)}"
+        )
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-        raise DatasetError(f"{path}: 'y' must be integer labels of shape ({len(x)},), got {y.dtype} {list(y.shape)}")
+        raise DatasetError(
+            f"{path}: 'y' must be integer labels of shape ({len(x)},), got {y.dtype} {list(y.shape)}"
+        )
     return x, y.astype(np.int64)
 
 
@@ -287,7 +314,9 @@ def load_cifar2(
     rng = np.random.default_rng(seed)
     n_classes = int(y.max()) + 1 if len(y) else 0
     if len(y) == 0 or y.min() < 0 or set(np.unique(y).tolist()) != set(range(n_classes)):
-        raise DatasetError(f"{path}: labels must be the integers 0…C−1, got {sorted(set(y.tolist()))[:10]}")
+        raise DatasetError(
+            f"{path}: labels must be the integers 0…C−1, got {sorted(set(y.tolist()))[:10]}"
+        )
     if binary_pm1 and n_classes != 2:
         raise DatasetError(f"binary_pm1 needs two classes, {path} has {n_classes}")
     train = _stratified_take(y, rng.permutation(len(y)), n_train)
@@ -300,7 +329,9 @@ def load_cifar2(
     if test_path is not None:
         xt, yt = _read_cifar2(Path(test_path))
         if xt.shape[1:] != x.shape[1:]:
-            raise DatasetError(f"{test_path} holds images {list(xt.shape[1:])}, {path} {list(x.shape[1:])}")
+            raise DatasetError(
+                f"{test_path} holds images {list(xt.shape[1:])}, {path} {list(x.shape[1:])}"
+            )
         if yt.min() < 0 or yt.max() >= n_classes:
             raise DatasetError(f"{test_path} has labels outside 0…{n_classes - 1}")
         test = _stratified_take(yt, rng.permutation(len(yt)), n_test)
@@ -340,4 +371,6 @@ def load_dataset(spec: str, seed: int = 0, **kwargs) -> Dataset:
         return load_cifar2(arg, seed=seed, **kwargs)
     if kind == "npz" and arg:
         return load_npz(arg)
-    raise DatasetError(f"unknown dataset {spec!r}: use 'digits', 'mnist:DIR', 'cifar2:FILE' or 'npz:FILE'")
+    raise DatasetError(
+        f"unknown dataset {spec!r}: use 'digits', 'mnist:DIR', 'cifar2:FILE' or 'npz:FILE'"
+    )

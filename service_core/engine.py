@@ -122,10 +122,16 @@ class Unlearner:
         """
         with self._forget_lock:  # not while a deletion is planned (it may take the spare)
             k = self._state.k
-            if not self.solver_config.spare_kernel or (self._mesh is not None and self._mesh.size > 1):
+            if not self.solver_config.spare_kernel or (
+                self._mesh is not None and self._mesh.size > 1
+            ):
                 self._spare = None
                 return 0.0
-            if self._spare is not None and self._spare.shape == k.shape and self._spare.dtype == k.dtype:
+            if (
+                self._spare is not None
+                and self._spare.shape == k.shape
+                and self._spare.dtype == k.dtype
+            ):
                 return 0.0
             t0 = time.perf_counter()
             self._spare = None  # the old one is freed before the new one is mapped
@@ -161,22 +167,57 @@ class Unlearner:
         dtype = _dtype(train_cfg.dtype)
         model = _model(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
         if model_cfg.infinite and canonical_method(solver_cfg.method) == "theta-cg":
-            raise InvalidInputError(f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg")
+            raise InvalidInputError(
+                f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg"
+            )
         form = model_cfg.resolved_kernel_form()
         mesh = sharding.make_mesh(devices)
         cap = bucket(dataset.n, mesh.size)
         rows = cap * dataset.output_dim if form == "full" else cap
-        plan = sharding.plan_memory(rows, np.dtype(dtype).itemsize, list(mesh.devices.flat), memory_budget)
-        sharding.check_fits(plan, f"K for {dataset.n} points, d = {dataset.output_dim} ({form} form)")
+        plan = sharding.plan_memory(
+            rows, np.dtype(dtype).itemsize, list(mesh.devices.flat), memory_budget
+        )
+        sharding.check_fits(
+            plan, f"K for {dataset.n} points, d = {dataset.output_dim} ({form} form)"
+        )
         with sharding.use_mesh(mesh):
-            return cls._build(dataset, model, model_cfg, train_cfg, solver_cfg, cache_dir, progress, mesh, dtype, form, cap)
+            return cls._build(
+                dataset,
+                model,
+                model_cfg,
+                train_cfg,
+                solver_cfg,
+                cache_dir,
+                progress,
+                mesh,
+                dtype,
+                form,
+                cap,
+            )
 
     @classmethod
-    def _build(cls, dataset, model, model_cfg, train_cfg, solver_cfg, cache_dir, progress, mesh, dtype, form, cap):
+    def _build(
+        cls,
+        dataset,
+        model,
+        model_cfg,
+        train_cfg,
+        solver_cfg,
+        cache_dir,
+        progress,
+        mesh,
+        dtype,
+        form,
+        cap,
+    ):
         k, report = _kernel(model, dataset.x, form, cache_dir, dtype, progress)
         log.info(
             "NTK %s form %s: %.1f MiB in %.2f s (%s)",
-            form, k.shape, report["bytes"] / 2**20, report["seconds"], "cache" if report["cached"] else "computed",
+            form,
+            k.shape,
+            report["bytes"] / 2**20,
+            report["seconds"],
+            "cache" if report["cached"] else "computed",
         )
         n, d = dataset.n, dataset.output_dim
         x = jnp.asarray(pad_rows(dataset.x, cap), dtype)
@@ -190,7 +231,10 @@ class Unlearner:
         problem = DualProblem(k, form, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
         if train_cfg.trainer == "kgd":
             alpha, info = kernel_gradient_descent(
-                problem, jnp.zeros_like(y), tol=train_cfg.resolved_tol(), max_steps=train_cfg.max_kgd_steps
+                problem,
+                jnp.zeros_like(y),
+                tol=train_cfg.resolved_tol(),
+                max_steps=train_cfg.max_kgd_steps,
             )
             limit = "max_kgd_steps (or use trainer newton)"
         else:
@@ -206,10 +250,21 @@ class Unlearner:
             raise SolverError(
                 f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
                 f"{info.steps} steps (tolerance {train_cfg.resolved_tol():.0e})"
-                + (_floor_hint(info.floor, train_cfg.dtype) if getattr(info, "floor", 0.0) else f": raise lam or {limit}")
+                + (
+                    _floor_hint(info.floor, train_cfg.dtype)
+                    if getattr(info, "floor", 0.0)
+                    else f": raise lam or {limit}"
+                )
             )
         theta = None if model_cfg.infinite else model.theta_p + model.vjp(x, alpha)
-        log.info("trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s", train_cfg.trainer, info.steps, info.residual, getattr(info, "floor", 0.0), info.seconds)
+        log.info(
+            "trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s",
+            train_cfg.trainer,
+            info.steps,
+            info.residual,
+            getattr(info, "floor", 0.0),
+            info.seconds,
+        )
         meta = {
             "dataset": {
                 "name": dataset.name,
@@ -222,37 +277,59 @@ class Unlearner:
             "theta0_fingerprint": _fingerprint(model),
             "train": train_cfg.to_dict(),
             "solver": solver_cfg.to_dict(),
-            "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
+            "ntk": {
+                "seconds": report["seconds"],
+                "bytes": report["bytes"],
+                "cached": report["cached"],
+            },
             "lambda_max": lambda_max,
         }
         history = (
             {
-                "version": 0, "n_forgotten": 0, "time": time.time(), "train": info.as_solve_info().to_dict(), "steps": info.steps,
+                "version": 0,
+                "n_forgotten": 0,
+                "time": time.time(),
+                "train": info.as_solve_info().to_dict(),
+                "steps": info.steps,
                 "rounding_floor": float(getattr(info, "floor", 0.0)),
             },
         )
         ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
-        state = ModelState(0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta, nystrom=ny)
+        state = ModelState(
+            0, ids, x, y, k, form, f0, alpha, theta, info.residual, (), history, meta, nystrom=ny
+        )
         return cls(state, model, cache_dir, mesh)
 
     @classmethod
     def restore(
-        cls, checkpoint_dir: Path, cache_dir: Path | None = None, progress: bool = True, devices: list | None = None
+        cls,
+        checkpoint_dir: Path,
+        cache_dir: Path | None = None,
+        progress: bool = True,
+        devices: list | None = None,
     ) -> Unlearner | None:
         """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
         K is recomputed from the checkpointed active inputs (``checkpoint`` module docstring), or
         read from ``cache_dir`` when it holds the kernel of exactly these inputs.
         """
-        state = checkpoint.restore(checkpoint_dir, before_arrays=lambda meta: _dtype(meta["meta"]["train"]["dtype"]))
+        state = checkpoint.restore(
+            checkpoint_dir, before_arrays=lambda meta: _dtype(meta["meta"]["train"]["dtype"])
+        )
         if state is None:
             return None
         dtype = _dtype(state.meta["train"]["dtype"])
         ds = state.meta["dataset"]
         d = ds["output_dim"]
-        model = _model(ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), d, dtype)
+        model = _model(
+            ModelConfig.from_dict(state.meta["model"]), tuple(ds["input_shape"]), d, dtype
+        )
         saved = state.meta.get("theta0_fingerprint")
-        if saved is not None and _fingerprint(model) is not None and not np.isclose(_fingerprint(model), saved, rtol=1e-6, atol=0):
+        if (
+            saved is not None
+            and _fingerprint(model) is not None
+            and not np.isclose(_fingerprint(model), saved, rtol=1e-6, atol=0)
+        ):
             # K is recomputed from this network: a different θ0 would silently give another model
             raise SolverError(
                 f"{checkpoint_dir}: the network re-initialised from its ModelConfig differs from the one the checkpoint "
@@ -263,18 +340,37 @@ class Unlearner:
         cap = -(-state.capacity // mesh.size) * mesh.size  # saved under another device count
         if cap != state.capacity:
             state = dataclasses.replace(
-                state, ids=pad_rows(state.ids, cap), **{k: pad_rows(v, cap) for k, v in state.arrays().items() if k not in ("k", "theta")}
+                state,
+                ids=pad_rows(state.ids, cap),
+                **{
+                    k: pad_rows(v, cap)
+                    for k, v in state.arrays().items()
+                    if k not in ("k", "theta")
+                },
             )
         rows = np.flatnonzero(state.active)
-        k, report = _kernel(model, np.asarray(state.x)[rows], state.form, cache_dir, dtype, progress)
+        k, report = _kernel(
+            model, np.asarray(state.x)[rows], state.form, cache_dir, dtype, progress
+        )
         if state.form == "full":
             rows = (rows[:, None] * d + np.arange(d)).ravel()
         side = state.capacity * d if state.form == "full" else state.capacity
         full = np.zeros((side, side), dtype=k.dtype)
         full[np.ix_(rows, rows)] = k
-        log.info("restored version %d: K %s recomputed in %.2f s", state.version, full.shape, report["seconds"])
+        log.info(
+            "restored version %d: K %s recomputed in %.2f s",
+            state.version,
+            full.shape,
+            report["seconds"],
+        )
         k = sharding.place(full, mesh)
-        ny = _nystrom(k, SolverConfig.from_dict(state.meta["solver"]), mesh, state.form, state.meta["train"]["loss"])
+        ny = _nystrom(
+            k,
+            SolverConfig.from_dict(state.meta["solver"]),
+            mesh,
+            state.form,
+            state.meta["train"]["loss"],
+        )
         return cls(dataclasses.replace(state, k=k, nystrom=ny), model, cache_dir, mesh)
 
     def save(self, checkpoint_dir: Path) -> None:
@@ -364,7 +460,9 @@ class Unlearner:
         shape = self.input_shape
         flat = int(np.prod(shape))
         if arr.ndim < 2 or arr.shape[0] == 0:
-            raise InvalidInputError(f"x must be a non-empty list of rows, each of shape {list(shape)} or {flat} values")
+            raise InvalidInputError(
+                f"x must be a non-empty list of rows, each of shape {list(shape)} or {flat} values"
+            )
         if arr.shape[1:] != shape and arr.shape[1:] != (flat,):
             raise InvalidInputError(
                 f"x rows have shape {list(arr.shape[1:])}; expected {list(shape)} (or {flat} values flattened)"
@@ -373,7 +471,9 @@ class Unlearner:
             raise InvalidInputError("x has NaN or infinite values")
         limit = float(jnp.finfo(self._dtype).max) ** 0.5  # headroom for the network's products
         if np.max(np.abs(arr)) > limit:
-            raise InvalidInputError(f"x has values beyond ±{limit:.1e}, too large for the model's {jnp.dtype(self._dtype).name}")
+            raise InvalidInputError(
+                f"x has values beyond ±{limit:.1e}, too large for the model's {jnp.dtype(self._dtype).name}"
+            )
         return jnp.asarray(arr.reshape((arr.shape[0],) + shape), self._dtype)
 
     def validate_targets(self, y, n: int) -> jax.Array:
@@ -387,15 +487,23 @@ class Unlearner:
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"y must be numeric: {exc}") from None
         if arr.shape[:1] != (n,):
-            raise InvalidInputError(f"y has {arr.shape[0] if arr.ndim else 0} entries; x has {n} rows")
+            raise InvalidInputError(
+                f"y has {arr.shape[0] if arr.ndim else 0} entries; x has {n} rows"
+            )
         if not np.all(np.isfinite(arr)):
             raise InvalidInputError("y has NaN or infinite values")
         if self.task == "classification":
             if arr.ndim != 1 or np.any(arr != np.round(arr)) or np.any(arr < 0) or np.any(arr >= d):
-                raise InvalidInputError(f"y must be class labels: integers in [0, {d - 1}], one per row of x")
-            return jnp.asarray(targets_matrix(arr.astype(np.int64), "classification", d), self._dtype)
+                raise InvalidInputError(
+                    f"y must be class labels: integers in [0, {d - 1}], one per row of x"
+                )
+            return jnp.asarray(
+                targets_matrix(arr.astype(np.int64), "classification", d), self._dtype
+            )
         if arr.shape != (n, d):
-            raise InvalidInputError(f"y must have shape [{n}, {d}] (one target vector per row of x)")
+            raise InvalidInputError(
+                f"y must have shape [{n}, {d}] (one target vector per row of x)"
+            )
         return jnp.asarray(arr, self._dtype)
 
     def predict(self, x) -> np.ndarray:
@@ -422,7 +530,9 @@ class Unlearner:
         else:
             out = np.asarray(self._predict(state.theta, x))
         if not np.all(np.isfinite(out)):
-            raise InvalidInputError("x is too large: the model's outputs overflow; scale inputs like the training data")
+            raise InvalidInputError(
+                "x is too large: the model's outputs overflow; scale inputs like the training data"
+            )
         return out
 
     def _kernel_apply(self, state: ModelState, x: jax.Array, alpha: jax.Array) -> np.ndarray:
@@ -433,7 +543,10 @@ class Unlearner:
 
     # -- forget set validation ----------------------------------------------------------------
     def validate_forget(
-        self, ids: Sequence[str], pending: frozenset[str] = frozenset(), state: ModelState | None = None
+        self,
+        ids: Sequence[str],
+        pending: frozenset[str] = frozenset(),
+        state: ModelState | None = None,
     ) -> None:
         """Check a forget request against a version (default: the current one) and the ids queued.
 
@@ -446,14 +559,18 @@ class Unlearner:
         if not isinstance(ids, (list, tuple)) or len(ids) == 0:
             raise InvalidForgetSetError("ids must be a non-empty list of training ids")
         if not all(isinstance(i, str) for i in ids):
-            raise InvalidForgetSetError("ids must be strings (the data set's record ids, not positions)")
+            raise InvalidForgetSetError(
+                "ids must be strings (the data set's record ids, not positions)"
+            )
         seen, dup = set(), []
         for i in ids:
             if i in seen and i not in dup:
                 dup.append(i)
             seen.add(i)
         if dup:
-            raise InvalidForgetSetError(f"ids are duplicated: {', '.join(dup[:20])}. List each id once.")
+            raise InvalidForgetSetError(
+                f"ids are duplicated: {', '.join(dup[:20])}. List each id once."
+            )
         active = self._index(state)
         forgotten = set(state.forgotten)
         unknown = [i for i in ids if i not in active and i not in forgotten]
@@ -485,7 +602,9 @@ class Unlearner:
 
     def _problem(self, state: ModelState) -> DualProblem:
         train = self.train_config
-        return DualProblem(state.k, state.form, state.f0, state.y, jnp.asarray(state.active), train.lam, train.loss)
+        return DualProblem(
+            state.k, state.form, state.f0, state.y, jnp.asarray(state.active), train.lam, train.loss
+        )
 
     @staticmethod
     def _solver_kwargs(cfg: SolverConfig, dtype: str, method: str | None = None) -> dict:
@@ -511,7 +630,9 @@ class Unlearner:
         w_max = 1.0 if train.loss == "mse" else 0.5
         top = state.meta.get("lambda_max", float("inf"))
         kappa_theta = 1.0 + top * w_max / (train.lam * n_retain)  # θ-space CG is not preconditioned
-        if state.nystrom is not None:  # preconditioned: about the first eigenvalue the approximation leaves out
+        if (
+            state.nystrom is not None
+        ):  # preconditioned: about the first eigenvalue the approximation leaves out
             top = float(state.nystrom.lam[-1])
         kappa = 1.0 + top * w_max / (train.lam * n_retain)
         est = choose_method(
@@ -543,7 +664,9 @@ class Unlearner:
             return self._influence(forget_ids, x, y, refine)
 
     def _influence(self, forget_ids, x, y, refine):
-        state = self._state  # one snapshot: a deletion published meanwhile does not affect this estimate
+        state = (
+            self._state
+        )  # one snapshot: a deletion published meanwhile does not affect this estimate
         self.validate_forget(forget_ids, state=state)
         xt = self._inputs(x)
         yt = self.validate_targets(y, xt.shape[0])
@@ -557,10 +680,20 @@ class Unlearner:
             method = "alpha-cg"
         kwargs = {**self._solver_kwargs(solver_cfg, train.dtype, method), "nystrom": state.nystrom}
         if refine:
-            deletion = influence.forget(problem, state.alpha, mask, kwargs, True, train.resolved_tol(), solver_cfg.max_refine)
+            deletion = influence.forget(
+                problem,
+                state.alpha,
+                mask,
+                kwargs,
+                True,
+                train.resolved_tol(),
+                solver_cfg.max_refine,
+            )
             delta, info = deletion.delta_alpha, deletion.step
         else:
-            delta, info = influence.influence_step(problem, state.alpha, mask, kwargs, self._f_star(state))
+            delta, info = influence.influence_step(
+                problem, state.alpha, mask, kwargs, self._f_star(state)
+            )
         if not info.converged:
             raise SolverError(_not_converged(info, solver_cfg.max_iter, train.dtype))
         if self._infinite:
@@ -569,11 +702,15 @@ class Unlearner:
             df, dl = jnp.asarray(df), jnp.sum(g * df, axis=-1)
         else:
             dtheta = self._vjp(state.x, delta)
-            df, dl = influence.test_point_changes(self._model, state.theta, dtheta, xt, yt, train.loss)
+            df, dl = influence.test_point_changes(
+                self._model, state.theta, dtheta, xt, yt, train.loss
+            )
         return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
 
     # -- deletion -----------------------------------------------------------------------------
-    def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None, ready_next: bool = True) -> ForgetResult:
+    def forget(
+        self, ids: Sequence[str], checkpoint_dir: Path | None = None, ready_next: bool = True
+    ) -> ForgetResult:
         """Remove ``ids``: influence step (A), refinement, Δθ = J(X)ᵀΔα, then checkpoint, then publish.
 
         Nothing is published unless every solve converged and the checkpoint (if asked) is complete.
@@ -597,7 +734,16 @@ class Unlearner:
             if new_state.nystrom is not None and self.solver_config.nystrom_refresh:
                 # published already; from here on nothing derived from the forgotten points remains
                 with sharding.use_mesh(self._mesh):
-                    self._state = dataclasses.replace(new_state, nystrom=_nystrom(new_state.k, self.solver_config, self._mesh, new_state.form, self.train_config.loss))
+                    self._state = dataclasses.replace(
+                        new_state,
+                        nystrom=_nystrom(
+                            new_state.k,
+                            self.solver_config,
+                            self._mesh,
+                            new_state.form,
+                            self.train_config.loss,
+                        ),
+                    )
             del new_state
             if ready_next:
                 self.ready_next_deletion()
@@ -619,7 +765,10 @@ class Unlearner:
         Raises:
           as ``forget``.
         """
-        with self._forget_lock, sharding.use_mesh(self._mesh):  # one plan at a time: it may take the spare K
+        with (
+            self._forget_lock,
+            sharding.use_mesh(self._mesh),
+        ):  # one plan at a time: it may take the spare K
             return self._plan_forget(ids, method, refine)
 
     def _plan_forget(self, ids, method, refine):
@@ -644,7 +793,9 @@ class Unlearner:
         n_retain = state.n - len(ids)
         method, reason = self.choose_solver(n_retain, method)
         if method == "theta-cg" and self._infinite:
-            raise InvalidInputError(f"{self._model.config.kind} has no parameters: theta-cg is not available, use alpha-cg")
+            raise InvalidInputError(
+                f"{self._model.config.kind} has no parameters: theta-cg is not available, use alpha-cg"
+            )
         kwargs = self._solver_kwargs(solver_cfg, train.dtype, method)
         problem = self._problem(state)
         lap("validate")
@@ -652,18 +803,30 @@ class Unlearner:
         # every solve below runs on K_RR, so its cost scales with N_R, not with the N it started from.
         shell, rows = self._without(state, mask)
         new_mask = jnp.asarray(shell.active)
-        new_problem = DualProblem(shell.k, state.form, shell.f0, shell.y, new_mask, train.lam, train.loss)
+        new_problem = DualProblem(
+            shell.k, state.form, shell.f0, shell.y, new_mask, train.lam, train.loss
+        )
         lap("compact", shell.k)
         if method == "theta-cg":
             dtheta, step = influence.theta_space_delta(
-                self._model, state.theta, state.x, state.y, mask, train.lam, train.loss,
-                kwargs["tol"], kwargs["max_iter"], retain_mask=retain,
+                self._model,
+                state.theta,
+                state.x,
+                state.y,
+                mask,
+                train.lam,
+                train.loss,
+                kwargs["tol"],
+                kwargs["max_iter"],
+                retain_mask=retain,
             )
             theta_step = state.theta + dtheta
             lap("solve", theta_step)
             # α of the θ-space answer: α_R = −g_R / (λ N_R) at its outputs (math.md, optimality)
             out = self._predict(theta_step, shell.x)
-            alpha_step = -losses.grad(train.loss, out, shell.y) * new_mask[:, None] / (train.lam * n_retain)
+            alpha_step = (
+                -losses.grad(train.loss, out, shell.y) * new_mask[:, None] / (train.lam * n_retain)
+            )
             lap("delta", alpha_step)
         else:
             f_star = self._f_star(state)
@@ -678,7 +841,9 @@ class Unlearner:
             system = influence.retain_system(problem, state.alpha, mask, f_star, k_rf_alpha_f)
             lap("rhs", system.b)
             kwargs["nystrom"] = shell.nystrom
-            delta_r, step = influence.solve_retain(shell.k, state.form, system.take(rows, shell.capacity), new_mask, kwargs)
+            delta_r, step = influence.solve_retain(
+                shell.k, state.form, system.take(rows, shell.capacity), new_mask, kwargs
+            )
             alpha_step = shell.alpha + delta_r
             lap("solve", alpha_step)
             theta_step = None
@@ -694,17 +859,37 @@ class Unlearner:
         refine_info = None
         alpha_new, theta_new = alpha_step, theta_step
         if refine:
-            refine_kwargs = {**self._solver_kwargs(solver_cfg, train.dtype, "auto"), "nystrom": shell.nystrom}
+            refine_kwargs = {
+                **self._solver_kwargs(solver_cfg, train.dtype, "auto"),
+                "nystrom": shell.nystrom,
+            }
             change = None
-            if train.loss != "mse":  # ‖Δα‖, F's part −α*_F included: refine until α's error is small against it
+            if (
+                train.loss != "mse"
+            ):  # ‖Δα‖, F's part −α*_F included: refine until α's error is small against it
                 m_f = mask[:, None].astype(self._dtype)
-                change = float(jnp.sqrt(jnp.sum((alpha_step - shell.alpha) ** 2) + jnp.sum((state.alpha * m_f) ** 2)))
-            alpha_new, refined = newton(new_problem, alpha_step, train.resolved_tol(), solver_cfg.max_refine, refine_kwargs, change)
+                change = float(
+                    jnp.sqrt(
+                        jnp.sum((alpha_step - shell.alpha) ** 2) + jnp.sum((state.alpha * m_f) ** 2)
+                    )
+                )
+            alpha_new, refined = newton(
+                new_problem,
+                alpha_step,
+                train.resolved_tol(),
+                solver_cfg.max_refine,
+                refine_kwargs,
+                change,
+            )
             if not refined.converged:
                 raise SolverError(
                     f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
                     f"(tolerance {train.resolved_tol():.0e})"
-                    + (": raise max_refine" if refined.steps >= solver_cfg.max_refine else f" after {refined.steps} Newton step(s)")
+                    + (
+                        ": raise max_refine"
+                        if refined.steps >= solver_cfg.max_refine
+                        else f" after {refined.steps} Newton step(s)"
+                    )
                     + _floor_hint(refined.floor, train.dtype)
                 )
             if not self._infinite and (refined.steps or method == "theta-cg"):
@@ -713,8 +898,12 @@ class Unlearner:
                 theta_new = self._model.theta_p + self._vjp(shell.x, alpha_new)
             refine_info = refined.as_solve_info()
             lap("refine", alpha_new, theta_new)
-        f_new = shell.f0 + kernel_matvec(shell.k, alpha_new * new_mask[:, None].astype(self._dtype), state.form)
-        _, residual = stationarity(new_problem, alpha_new, f_new)  # the published version's certificate
+        f_new = shell.f0 + kernel_matvec(
+            shell.k, alpha_new * new_mask[:, None].astype(self._dtype), state.form
+        )
+        _, residual = stationarity(
+            new_problem, alpha_new, f_new
+        )  # the published version's certificate
         lap("residual")
         new_state = dataclasses.replace(
             shell,
@@ -740,7 +929,12 @@ class Unlearner:
             ),
         )
         result = ForgetResult(
-            new_state.version, step, refine_info, residual, time.perf_counter() - t0, reason,
+            new_state.version,
+            step,
+            refine_info,
+            residual,
+            time.perf_counter() - t0,
+            reason,
             refined.cg_iterations if refine_info else 0,
             timings,
         )
@@ -772,9 +966,19 @@ class Unlearner:
         keep = state.active & ~np.asarray(forget)
         n_keep = int(keep.sum())
         cap = bucket(n_keep, self._mesh.size if self._mesh is not None else 1)
-        spare = self._spare if self._spare is not None and self._spare.shape == state.k.shape and self._spare.dtype == state.k.dtype else None
-        if cap == state.capacity or (spare is not None and cap * cap >= _ERASE_MIN_FILL * state.capacity**2):
-            if spare is not None:  # written into memory that is mapped already (SolverConfig.spare_kernel)
+        spare = (
+            self._spare
+            if self._spare is not None
+            and self._spare.shape == state.k.shape
+            and self._spare.dtype == state.k.dtype
+            else None
+        )
+        if cap == state.capacity or (
+            spare is not None and cap * cap >= _ERASE_MIN_FILL * state.capacity**2
+        ):
+            if (
+                spare is not None
+            ):  # written into memory that is mapped already (SolverConfig.spare_kernel)
                 self._spare = None
                 k = _erase_into(spare, state.k, jnp.asarray(keep), state.form == "full", d)
             else:
@@ -790,10 +994,16 @@ class Unlearner:
                 f0=state.f0 * m[:, None],
                 alpha=state.alpha * m[:, None],
                 f_star=None,
-                nystrom=None if state.nystrom is None else state.nystrom.mask_rows(jnp.repeat(jnp.asarray(keep), d) if state.form == "full" else jnp.asarray(keep)),
+                nystrom=None
+                if state.nystrom is None
+                else state.nystrom.mask_rows(
+                    jnp.repeat(jnp.asarray(keep), d) if state.form == "full" else jnp.asarray(keep)
+                ),
             )
             return shell, np.arange(state.capacity)
-        self._spare = None  # its shape will not fit the new K: freed first, so that K, the new K and
+        self._spare = (
+            None  # its shape will not fit the new K: freed first, so that K, the new K and
+        )
         # the solver's working set stay within the memory plan's two copies of K
         del spare
         rows = np.flatnonzero(keep)
@@ -814,7 +1024,9 @@ class Unlearner:
             f0=pad_rows(state.f0[rows], cap),
             alpha=pad_rows(state.alpha[rows], cap),
             f_star=None,
-            nystrom=None if state.nystrom is None else _take_nystrom(state.nystrom, krows, kside, self._mesh),
+            nystrom=None
+            if state.nystrom is None
+            else _take_nystrom(state.nystrom, krows, kside, self._mesh),
         )
         return shell, rows
 
@@ -867,18 +1079,24 @@ def _not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:
     )
 
 
-def _model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype) -> Model | KernelModel:
+def _model(
+    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype
+) -> Model | KernelModel:
     """A finite network to linearise, or an infinitely wide one (analytic NTK, ``infinite``)."""
     if config.infinite:
         return KernelModel(config, input_shape, output_dim, dtype)
     return build_model(config, input_shape, output_dim, dtype)
 
 
-def _kernel(model, x: np.ndarray, form: str, cache_dir: Path | None, dtype, progress: bool) -> tuple[np.ndarray, dict]:
+def _kernel(
+    model, x: np.ndarray, form: str, cache_dir: Path | None, dtype, progress: bool
+) -> tuple[np.ndarray, dict]:
     """K(X, X) in the engine layout: the empirical NTK (``ntk``) or the analytic one (``infinite``)."""
     if isinstance(model, KernelModel):
         if form != "trace":
-            raise InvalidInputError("the analytic NTK is exact in the trace form: use kernel_form 'trace' or 'auto'")
+            raise InvalidInputError(
+                "the analytic NTK is exact in the trace form: use kernel_form 'trace' or 'auto'"
+            )
         return model.cached_kernel(x, cache_dir, progress)
     return cached_ntk(model, x, form, cache_dir, dtype=dtype, progress=progress)
 

@@ -53,7 +53,9 @@ class KernelModel:
     kernel_form = "trace"
     n_params = None
 
-    def __init__(self, config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32):
+    def __init__(
+        self, config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+    ):
         if config.kind == "inf-mlp":
             self._net_shape: tuple[int, ...] = (int(np.prod(input_shape)),)
             layers = mlp_layers(config, output_dim)
@@ -109,7 +111,9 @@ class KernelModel:
             if symmetric and i == j:
                 block = np.asarray(self._kernel_fn_self(pad_a[i * bs : (i + 1) * bs]))
             else:
-                block = np.asarray(self._kernel_fn(pad_a[i * bs : (i + 1) * bs], pad_b[j * bs : (j + 1) * bs]))
+                block = np.asarray(
+                    self._kernel_fn(pad_a[i * bs : (i + 1) * bs], pad_b[j * bs : (j + 1) * bs])
+                )
             r0, r1, c0, c1 = i * bs, min((i + 1) * bs, n1), j * bs, min((j + 1) * bs, n2)
             out[r0:r1, c0:c1] = block[: r1 - r0, : c1 - c0]
             if symmetric and i != j:
@@ -140,17 +144,29 @@ class KernelModel:
             path = Path(cache_dir) / f"ntk-analytic-{self.cache_key(x)}.npy"
             if path.exists():
                 k = np.load(path)
-                return k, {"seconds": time.perf_counter() - t0, "bytes": k.nbytes, "cached": True, "path": str(path)}
+                return k, {
+                    "seconds": time.perf_counter() - t0,
+                    "bytes": k.nbytes,
+                    "cached": True,
+                    "path": str(path),
+                }
         k = self.kernel(x, block_size=block_size, progress=progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, k)
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written kernel behind
-        report = {"seconds": time.perf_counter() - t0, "bytes": k.nbytes, "cached": False, "path": str(path) if path else None}
+        report = {
+            "seconds": time.perf_counter() - t0,
+            "bytes": k.nbytes,
+            "cached": False,
+            "path": str(path) if path else None,
+        }
         return k, report
 
-    def cross_kernel(self, x_test, x_train, block_size: int = 256, progress: bool = False) -> np.ndarray:
+    def cross_kernel(
+        self, x_test, x_train, block_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
         """K(X_t, X), trace form ``(n_t, N)``."""
         return self.kernel(x_test, x_train, block_size=block_size, progress=progress)
 
@@ -164,5 +180,7 @@ class KernelModel:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
         h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        h.update(json.dumps(["analytic", self.dtype.name, list(np.shape(x)), self.output_dim]).encode())
+        h.update(
+            json.dumps(["analytic", self.dtype.name, list(np.shape(x)), self.output_dim]).encode()
+        )
         return h.hexdigest()[:24]

@@ -64,7 +64,9 @@ class RetainSystem(NamedTuple):
         """The same system on a compacted layout: row ``i`` of the result is row ``rows[i]`` of this
         one, zero rows pad it to ``capacity``."""
 
-        def gather(a):  # on the host: these are N·d² values at most (a sharded take fails XLA's verifier)
+        def gather(
+            a,
+        ):  # on the host: these are N·d² values at most (a sharded take fails XLA's verifier)
             if a is None:
                 return None
             out = np.asarray(a)[rows]
@@ -101,17 +103,23 @@ def retain_system(
     m_r = retain[:, None].astype(dtype)
     n_forget, n_retain = int(jnp.sum(forget)), int(jnp.sum(retain))
     if f_star is None:
-        f_star = problem.f0 + kernel_matvec(problem.k, alpha_star * problem.mask[:, None], problem.form)
+        f_star = problem.f0 + kernel_matvec(
+            problem.k, alpha_star * problem.mask[:, None], problem.form
+        )
     w = losses.hessian(problem.loss, f_star, problem.y)
     s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
     if k_rf_alpha_f is None:
-        k_rf_alpha_f = _columns_matvec(problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star)
+        k_rf_alpha_f = _columns_matvec(
+            problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star
+        )
     k_rf_alpha_f = m_r * k_rf_alpha_f
     b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
     return RetainSystem(b, w, s, problem.lam * n_retain, problem.n)
 
 
-def solve_retain(k: jax.Array, form: str, system: RetainSystem, retain: jax.Array, solver: dict) -> tuple[jax.Array, SolveInfo]:
+def solve_retain(
+    k: jax.Array, form: str, system: RetainSystem, retain: jax.Array, solver: dict
+) -> tuple[jax.Array, SolveInfo]:
     """Δα_R from system (A): through its SPD form (B) (``solvers.solve_newton_system``), or the
     paper's premultiplied form when ``solver['method']`` is ``alpha-paper``.
 
@@ -125,14 +133,28 @@ def solve_retain(k: jax.Array, form: str, system: RetainSystem, retain: jax.Arra
     """
     m_r = retain[:, None].astype(system.b.dtype)
     if solver.get("method") == "alpha-paper":
-        delta_r, info = solve_paper_form(k, form, system.w, retain, system.b, system.c, system.n_total, solver["tol"], solver["max_iter"])
+        delta_r, info = solve_paper_form(
+            k,
+            form,
+            system.w,
+            retain,
+            system.b,
+            system.c,
+            system.n_total,
+            solver["tol"],
+            solver["max_iter"],
+        )
     else:
         delta_r, info = solve_newton_system(k, form, system.s, retain, system.b, system.c, **solver)
     return delta_r * m_r, info
 
 
 def influence_step(
-    problem: DualProblem, alpha_star: jax.Array, forget: jax.Array, solver: dict, f_star: jax.Array | None = None
+    problem: DualProblem,
+    alpha_star: jax.Array,
+    forget: jax.Array,
+    solver: dict,
+    f_star: jax.Array | None = None,
 ) -> tuple[jax.Array, SolveInfo]:
     """Δα for removing ``forget`` from the model trained on ``problem`` (α* optimal there), solved
     on the current layout (rows of F masked, not removed).
@@ -203,7 +225,12 @@ def delta_theta(model: Model, x: jax.Array, delta_alpha: jax.Array) -> jax.Array
 
 
 def test_point_changes(
-    model: Model, theta: jax.Array, dtheta: jax.Array, x_test: jax.Array, y_test: jax.Array, loss: str
+    model: Model,
+    theta: jax.Array,
+    dtheta: jax.Array,
+    x_test: jax.Array,
+    y_test: jax.Array,
+    loss: str,
 ) -> tuple[jax.Array, jax.Array]:
     """Eqs. 8–9: Δf(X_t) = J(X_t) Δθ (= K(X_t, X) Δα) and Δℓ_t ≈ g_tᵀ Δf(x_t).
 
@@ -222,7 +249,23 @@ def test_point_changes(
 _THETA_SOLVERS: dict = {}
 
 
-def _theta_solve(apply_fn, unravel, loss, theta0, theta_p, theta_star, xf, y, m_f, m_r, lam, tol, x0, max_iter, zero_start=False):
+def _theta_solve(
+    apply_fn,
+    unravel,
+    loss,
+    theta0,
+    theta_p,
+    theta_star,
+    xf,
+    y,
+    m_f,
+    m_r,
+    lam,
+    tol,
+    x0,
+    max_iter,
+    zero_start=False,
+):
     """One CG (re)start of the θ-space system, traced once per shape: data are arguments, so XLA
     neither recompiles per call nor constant-folds the network over captured inputs."""
     n = jnp.sum(m_f) + jnp.sum(m_r)
@@ -242,7 +285,9 @@ def _theta_solve(apply_fn, unravel, loss, theta0, theta_p, theta_star, xf, y, m_
         return jax.jvp(lambda t: grad_r(t, m_r), (theta_star,), (v,))[1]
 
     sol, it = cg(hvp, rhs, None if zero_start else x0, tol, max_iter)
-    res = jnp.linalg.norm(rhs - hvp(sol)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    res = jnp.linalg.norm(rhs - hvp(sol)) / jnp.maximum(
+        jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny
+    )
     return sol, it, res
 
 
@@ -276,14 +321,26 @@ def theta_space_delta(
     key = (id(model), loss, int(max_iter))
     cached = _THETA_SOLVERS.get(key)
     if cached is None or cached[0] is not model:
-        fn = jax.jit(partial(_theta_solve, model.apply_fn, model.unravel, loss, max_iter=int(max_iter)), static_argnames=("zero_start",))
+        fn = jax.jit(
+            partial(_theta_solve, model.apply_fn, model.unravel, loss, max_iter=int(max_iter)),
+            static_argnames=("zero_start",),
+        )
         cached = _THETA_SOLVERS[key] = (model, fn)
     fn = cached[1]
     dtype = theta_star.dtype
     m_f = forget_mask.astype(dtype)
     m_r = (1.0 - m_f) if retain_mask is None else retain_mask.astype(dtype)
-    args = (model.theta0, model.theta_p, theta_star, model.flatten_inputs(x), y, m_f, m_r,
-            jnp.asarray(lam, dtype), jnp.asarray(tol, dtype))
+    args = (
+        model.theta0,
+        model.theta_p,
+        theta_star,
+        model.flatten_inputs(x),
+        y,
+        m_f,
+        m_r,
+        jnp.asarray(lam, dtype),
+        jnp.asarray(tol, dtype),
+    )
     # CG's recursive residual drifts from the true one in float32: restart from the answer while
     # the true residual misses the tolerance (as solvers.solve_spd does for α-space CG).
     sol, total = jnp.zeros_like(theta_star), 0

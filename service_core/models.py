@@ -11,9 +11,9 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-from jax.experimental import disable_x64
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import disable_x64
 from jax.flatten_util import ravel_pytree
 
 from ._nt import stax
@@ -138,7 +138,9 @@ def cnn_layers(config: ModelConfig, output_dim: int, dtype=None) -> list:
     layers = []
     for _ in range(config.depth):
         layers += [
-            stax.Conv(config.width, (3, 3), padding="SAME", W_std=w, b_std=b, parameterization="ntk"),
+            stax.Conv(
+                config.width, (3, 3), padding="SAME", W_std=w, b_std=b, parameterization="ntk"
+            ),
             stax.Relu(),
         ]
         if config.pool:
@@ -157,7 +159,9 @@ def mlp_layers(config: ModelConfig, output_dim: int) -> list:
     return layers
 
 
-def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32) -> Model:
+def build_model(
+    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+) -> Model:
     """Build ``linear``, ``mlp`` or ``cnn`` (design.md, Command line) and draw θ_0 from ``config.seed``.
 
     Arguments:
@@ -182,7 +186,9 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: i
         net_shape = image_shape(input_shape)
         layers = cnn_layers(config, output_dim, dtype)
     elif config.kind in ("inf-mlp", "inf-cnn"):
-        raise ValueError(f"{config.kind!r} is infinitely wide and has no parameters: use service_core.infinite.KernelModel")
+        raise ValueError(
+            f"{config.kind!r} is infinitely wide and has no parameters: use service_core.infinite.KernelModel"
+        )
     else:
         raise ValueError(f"unknown model kind {config.kind!r}: use 'linear', 'mlp' or 'cnn'")
     init_fn, stax_apply, _ = stax.serial(*layers)
@@ -202,4 +208,6 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_dim: i
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     theta0, unravel = ravel_pytree(params)
     theta_p = jnp.zeros_like(theta0) if config.kind == "linear" else theta0
-    return Model(config, apply_fn, params, theta0, theta_p, unravel, input_dim, output_dim, net_shape)
+    return Model(
+        config, apply_fn, params, theta0, theta_p, unravel, input_dim, output_dim, net_shape
+    )

@@ -127,14 +127,24 @@ def cached_ntk(
         path = cache_dir / f"ntk-{cache_key(model, x, form, dtype)}.npy"
         if path.exists():
             k = np.load(path)
-            return k, {"seconds": time.perf_counter() - t0, "bytes": k.nbytes, "cached": True, "path": str(path)}
+            return k, {
+                "seconds": time.perf_counter() - t0,
+                "bytes": k.nbytes,
+                "cached": True,
+                "path": str(path),
+            }
     k = empirical_ntk(model, x, form=form, dtype=dtype, progress=progress)
     if path is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, k)
         os.replace(tmp, path)
-    return k, {"seconds": time.perf_counter() - t0, "bytes": k.nbytes, "cached": False, "path": str(path) if path else None}
+    return k, {
+        "seconds": time.perf_counter() - t0,
+        "bytes": k.nbytes,
+        "cached": False,
+        "path": str(path) if path else None,
+    }
 
 
 def purge_cache(cache_dir: Path | None) -> int:
@@ -176,7 +186,9 @@ def _abs_rows_matvec(k: jax.Array, v: jax.Array) -> jax.Array:
     rows = k.shape[0]
     block = next(b for b in range(min(rows, 1024), 0, -1) if rows % b == 0)
     blocks = k.reshape(rows // block, block, k.shape[1])
-    out = jax.lax.map(lambda kb: jnp.matmul(jnp.abs(kb), v, precision=jax.lax.Precision.HIGHEST), blocks)
+    out = jax.lax.map(
+        lambda kb: jnp.matmul(jnp.abs(kb), v, precision=jax.lax.Precision.HIGHEST), blocks
+    )
     return out.reshape((rows,) + v.shape[1:])
 
 

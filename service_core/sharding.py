@@ -140,13 +140,22 @@ class MemoryPlan:
         )
 
 
-def plan_memory(rows: int, itemsize: int, devices: list | None = None, budget: float = 0.6) -> MemoryPlan:
+def plan_memory(
+    rows: int, itemsize: int, devices: list | None = None, budget: float = 0.6
+) -> MemoryPlan:
     """Plan K of ``rows`` × ``rows`` values of ``itemsize`` bytes over ``devices``."""
     devices = jax.local_devices() if devices is None else devices
     n = len(devices)
     total = rows * rows * itemsize
     per = total // n
-    return MemoryPlan(total, per, 2 * per + 16 * rows * itemsize, min(device_memory_bytes(d) for d in devices), n, budget)
+    return MemoryPlan(
+        total,
+        per,
+        2 * per + 16 * rows * itemsize,
+        min(device_memory_bytes(d) for d in devices),
+        n,
+        budget,
+    )
 
 
 def check_fits(plan: MemoryPlan, what: str) -> None:

@@ -74,7 +74,9 @@ def floor_accepts(residual: float, tol: float, floor: float) -> bool:
     return floor > 0.0 and residual <= FLOOR_FACTOR * floor and residual <= FLOOR_SLACK * tol
 
 
-def cg(matvec, b: jax.Array, x0: jax.Array, tol: float, max_iter: int, precond=None) -> tuple[jax.Array, jax.Array]:
+def cg(
+    matvec, b: jax.Array, x0: jax.Array, tol: float, max_iter: int, precond=None
+) -> tuple[jax.Array, jax.Array]:
     """Conjugate gradients for an SPD operator (Hestenes–Stiefel; preconditioned when ``precond``
     is given), traceable under ``jit``.
 
@@ -229,7 +231,9 @@ def _cg_solve(k, s, mask, rhs, x0, c, tol, ny, form, max_iter, zero_start=False)
     matvec = spd_operator(k, form, s, mask, c)
     precond = None if ny is None else nystrom_preconditioner(ny, form, s, mask, c)
     x, it = cg(matvec, rhs, None if zero_start else x0, tol, max_iter, precond)
-    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(
+        jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny
+    )
     return x, it, res
 
 
@@ -257,7 +261,9 @@ def _cholesky_solve(k, s, mask, rhs, c, form):
     factor = jsl.cho_factor(a, lower=True)
     x = jsl.cho_solve(factor, flat).reshape(rhs.shape)
     matvec = spd_operator(k, form, s, mask, c)
-    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(
+        jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny
+    )
     return x, res
 
 
@@ -318,8 +324,20 @@ def solve_spd(
         scale = float(jnp.max(jnp.abs(rhs))) if rhs.size else 0.0
         if 0.0 < scale < float("inf") and scale != 1.0:
             x, info = solve_spd(
-                k, form, s, mask, rhs / scale, c, method, tol, max_iter, cholesky_max_dim,
-                None if x0 is None else x0 / scale, max_restarts, nystrom, _unit=True,
+                k,
+                form,
+                s,
+                mask,
+                rhs / scale,
+                c,
+                method,
+                tol,
+                max_iter,
+                cholesky_max_dim,
+                None if x0 is None else x0 / scale,
+                max_restarts,
+                nystrom,
+                _unit=True,
             )
             return x * scale, info._replace(seconds=time.perf_counter() - t0)
     n = mask.shape[0]
@@ -332,7 +350,9 @@ def solve_spd(
         res = float(res)
         floor = spd_rounding_floor(k, form, s, mask, c, x, rhs) if res > tol else 0.0
         converged = res <= tol or floor_accepts(res, tol, floor)
-        return x, SolveInfo("alpha-cholesky", 0, res, bool(converged), time.perf_counter() - t0, "", floor)
+        return x, SolveInfo(
+            "alpha-cholesky", 0, res, bool(converged), time.perf_counter() - t0, "", floor
+        )
     if method != "alpha-cg":
         raise ValueError(f"solve_spd takes 'alpha-cg', 'alpha-cholesky' or 'auto', not {method!r}")
     zero_start = x0 is None
@@ -341,7 +361,9 @@ def solve_spd(
     ny = None if ny is None else ny._replace(seconds=0.0)  # a traced argument: no Python floats
     total = 0
     for _ in range(max_restarts + 1):
-        x, it, res = _cg_solve(k, s, mask, rhs, x, c, jnp.asarray(tol, k.dtype), ny, form, max_iter, zero_start)
+        x, it, res = _cg_solve(
+            k, s, mask, rhs, x, c, jnp.asarray(tol, k.dtype), ny, form, max_iter, zero_start
+        )
         zero_start = False
         total += int(it)
         res = float(res)
@@ -353,10 +375,14 @@ def solve_spd(
         # stagnated, not out of iterations: is the tolerance below what this dtype can certify?
         floor = spd_rounding_floor(k, form, s, mask, c, x, rhs)
     converged = res <= tol or floor_accepts(res, tol, floor)
-    return x, SolveInfo("alpha-cg", total, res, bool(converged), time.perf_counter() - t0, pre, floor)
+    return x, SolveInfo(
+        "alpha-cg", total, res, bool(converged), time.perf_counter() - t0, pre, floor
+    )
 
 
-def spd_rounding_floor(k: jax.Array, form: str, s: jax.Array | None, mask: jax.Array, c, x: jax.Array, rhs: jax.Array) -> float:
+def spd_rounding_floor(
+    k: jax.Array, form: str, s: jax.Array | None, mask: jax.Array, c, x: jax.Array, rhs: jax.Array
+) -> float:
     """How small the true relative residual of system (B) can be computed in K's dtype (an estimate).
 
     The residual rhs − (c I + M S K S M) x is evaluated with unit roundoff u (2⁻²⁴ in float32); the
@@ -379,8 +405,14 @@ def spd_rounding_floor(k: jax.Array, form: str, s: jax.Array | None, mask: jax.A
     u = float(jnp.finfo(k.dtype).eps) / 2
     abs_s = None if s is None else jnp.abs(s)
     ax = jnp.abs(x) * m
-    bound = c * ax + m * apply_blocks(abs_s, kernel_abs_matvec(k, apply_blocks(abs_s, ax), form)) + jnp.abs(rhs)
-    return float(u * jnp.linalg.norm(bound) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(k.dtype).tiny))
+    bound = (
+        c * ax
+        + m * apply_blocks(abs_s, kernel_abs_matvec(k, apply_blocks(abs_s, ax), form))
+        + jnp.abs(rhs)
+    )
+    return float(
+        u * jnp.linalg.norm(bound) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(k.dtype).tiny)
+    )
 
 
 def solve_newton_system(
@@ -434,10 +466,16 @@ def _paper_cg(k, w, mask, rhs, x0, n_total, c, tol, form, max_iter):
 
     def matvec(v):
         kv = m * kernel_matvec(k, v * m, form)
-        return (m * kernel_matvec(k, m * apply_blocks(w, kv), form)) / n_total + (c / n_total) * kv + (1 - m) * v
+        return (
+            (m * kernel_matvec(k, m * apply_blocks(w, kv), form)) / n_total
+            + (c / n_total) * kv
+            + (1 - m) * v
+        )
 
     x, it = cg(matvec, rhs, x0, tol, max_iter)
-    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    res = jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(
+        jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny
+    )
     return x, it, res
 
 
@@ -471,7 +509,16 @@ def solve_paper_form(
     m = mask[:, None].astype(b.dtype)
     rhs = m * kernel_matvec(k, b * m, form) / n_total
     x, it, res = _paper_cg(
-        k, w, mask, rhs, jnp.zeros_like(rhs), float(n_total), jnp.asarray(c, k.dtype), jnp.asarray(tol, k.dtype), form, max_iter
+        k,
+        w,
+        mask,
+        rhs,
+        jnp.zeros_like(rhs),
+        float(n_total),
+        jnp.asarray(c, k.dtype),
+        jnp.asarray(tol, k.dtype),
+        form,
+        max_iter,
     )
     res = float(res)
     return x * m, SolveInfo("alpha-paper", int(it), res, bool(res <= tol), time.perf_counter() - t0)
@@ -543,12 +590,18 @@ def choose_method(
         f"{best}: fewest estimated flops ({ranked}) for N_R = {n_retain}, d = {d}, {form} form"
         + (f", P = {n_params}" if n_params is not None else "")
         + f", κ ≈ {kappa:.3g} (≈{iters:.0f} CG iterations)"
-        + ("" if dim <= cholesky_max_dim else f"; Cholesky excluded above {cholesky_max_dim} unknowns")
+        + (
+            ""
+            if dim <= cholesky_max_dim
+            else f"; Cholesky excluded above {cholesky_max_dim} unknowns"
+        )
     )
     return CostEstimate(best, reason, flops)
 
 
-def largest_eigenvalue(k: jax.Array, form: str, n: int, d: int, iterations: int = 30, seed: int = 0) -> float:
+def largest_eigenvalue(
+    k: jax.Array, form: str, n: int, d: int, iterations: int = 30, seed: int = 0
+) -> float:
     """λ_max(K) by power iteration (an estimate from below; 1 % above it is returned as a bound)."""
     v = jax.random.normal(jax.random.PRNGKey(seed), (n, d if form == "full" else 1), k.dtype)
     if form == "trace":

@@ -69,7 +69,14 @@ class ModelState:
         return self.ids[self.active].tolist()
 
     def arrays(self) -> dict[str, jax.Array]:
-        arrays = {"x": self.x, "y": self.y, "k": self.k, "f0": self.f0, "alpha": self.alpha, "theta": self.theta}
+        arrays = {
+            "x": self.x,
+            "y": self.y,
+            "k": self.k,
+            "f0": self.f0,
+            "alpha": self.alpha,
+            "theta": self.theta,
+        }
         return {name: a for name, a in arrays.items() if a is not None}
 
     def metadata(self) -> dict[str, Any]:

@@ -49,7 +49,9 @@ class DualProblem(NamedTuple):
         return int(jnp.sum(self.mask))
 
 
-def stationarity(problem: DualProblem, alpha: jax.Array, f: jax.Array | None = None) -> tuple[jax.Array, float]:
+def stationarity(
+    problem: DualProblem, alpha: jax.Array, f: jax.Array | None = None
+) -> tuple[jax.Array, float]:
     """The residual r = M(g + λ|S| α) ``(N, d)`` and its relative size ‖r‖ / (‖M g‖ + ‖λ|S| M α‖).
 
     The relative residual is 0 exactly at the optimum and 1 at α = 0; it is the certificate a
@@ -93,7 +95,15 @@ class NewtonInfo(NamedTuple):
         """As a ``SolveInfo``: method ``newton/<inner>``, iterations = Newton steps, residual = the
         relative stationarity residual (CG iterations of the inner solves are in ``cg_iterations``)."""
         inner = self.inner[-1].method if self.inner else "none"
-        return SolveInfo(f"newton/{inner}", self.steps, self.residual, self.converged, self.seconds, "", self.floor)
+        return SolveInfo(
+            f"newton/{inner}",
+            self.steps,
+            self.residual,
+            self.converged,
+            self.seconds,
+            "",
+            self.floor,
+        )
 
 
 def newton(
@@ -137,6 +147,7 @@ def newton(
     # Newton steps solve system (A) in its SPD form; the comparison-only methods fall back to CG.
     if solver.get("method") in ("alpha-paper", "theta-cg"):
         solver = {**solver, "method": "alpha-cg"}
+
     def done(rel: float, r: jax.Array) -> bool:
         if rel > tol:
             return False
@@ -152,7 +163,15 @@ def newton(
         # tolerance is already the solver's own.
         a_tol = None if near_step else inner_tol
         delta, info = solve_newton_system(
-            problem.k, problem.form, s, problem.mask, -r, c, a_tol=a_tol, min_tol=solver["tol"], **{**solver, "tol": inner_tol}
+            problem.k,
+            problem.form,
+            s,
+            problem.mask,
+            -r,
+            c,
+            a_tol=a_tol,
+            min_tol=solver["tol"],
+            **{**solver, "tol": inner_tol},
         )
         inner.append(info)
         if not near_step:
@@ -162,7 +181,11 @@ def newton(
             base = dual_risk(problem, alpha, f)
             slope = float(jnp.vdot(kdelta, r)) / problem.n  # directional derivative: ∇L_S = K r / n
             step = 1.0
-            while step > 1e-8 and dual_risk(problem, alpha + step * delta, f + step * kdelta) > base + 1e-4 * step * slope:
+            while (
+                step > 1e-8
+                and dual_risk(problem, alpha + step * delta, f + step * kdelta)
+                > base + 1e-4 * step * slope
+            ):
                 step *= 0.5
             if step < 1.0:
                 # In float32 the risk can be too flat to compare even here: a full step that halves the
@@ -209,7 +232,9 @@ def newton(
         r, rel = stationarity(problem, alpha, f)
     converged = done(rel, r) or (floor > 0.0 and rel <= max(tol, FLOOR_FACTOR * floor))
     total_cg = sum(i.iterations for i in inner)
-    return alpha, NewtonInfo(steps, total_cg, rel, converged, time.perf_counter() - t0, tuple(inner), floor)
+    return alpha, NewtonInfo(
+        steps, total_cg, rel, converged, time.perf_counter() - t0, tuple(inner), floor
+    )
 
 
 def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:
@@ -236,11 +261,13 @@ def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> floa
     abs_alpha = jnp.abs(alpha) * m
     w = losses.hessian(problem.loss, f, problem.y)
     k_abs = kernel_abs_matvec(problem.k, abs_alpha, problem.form)
-    bound = m * (losses.apply_blocks(None if w is None else jnp.abs(w), k_abs) + problem.lam * problem.n * abs_alpha)
+    bound = m * (
+        losses.apply_blocks(None if w is None else jnp.abs(w), k_abs)
+        + problem.lam * problem.n * abs_alpha
+    )
     g = losses.grad(problem.loss, f, problem.y) * m
     scale = jnp.linalg.norm(g) + jnp.linalg.norm(problem.lam * problem.n * alpha * m)
     return float(u * jnp.linalg.norm(bound) / jnp.maximum(scale, jnp.finfo(alpha.dtype).tiny))
-
 
 
 class KGDInfo(NamedTuple):
@@ -268,7 +295,9 @@ class KGDInfo(NamedTuple):
         return SolveInfo("kgd", self.steps, self.residual, self.converged, self.seconds)
 
 
-def top_eigenvalue(problem: DualProblem, iters: int = 200, rtol: float = 1e-6, seed: int = 0) -> float:
+def top_eigenvalue(
+    problem: DualProblem, iters: int = 200, rtol: float = 1e-6, seed: int = 0
+) -> float:
     """μ_max of K restricted to the masked points, by power iteration (K is PSD).
 
     Arguments:
@@ -328,8 +357,18 @@ def kernel_gradient_descent(
         big = w_max * mu_max / n + problem.lam
         lr = 2.0 / (big + problem.lam)
     alpha, steps, rel = _kgd_loop(
-        problem.k, problem.f0, problem.y, problem.mask, alpha0, problem.lam, n, lr, tol, max_steps,
-        form=problem.form, loss=problem.loss,
+        problem.k,
+        problem.f0,
+        problem.y,
+        problem.mask,
+        alpha0,
+        problem.lam,
+        n,
+        lr,
+        tol,
+        max_steps,
+        form=problem.form,
+        loss=problem.loss,
     )
     rel = float(rel)
     return alpha, KGDInfo(int(steps), rel, rel <= tol, time.perf_counter() - t0, float(lr), mu_max)

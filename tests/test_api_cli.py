@@ -77,13 +77,21 @@ def test_huge_pages_env_adds_the_glibc_tunable_only_where_it_changes_something()
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     kept = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, madvise, "glibc 2.35")
     assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, madvise, "glibc 2.36") is None  # the user's choice
-    assert huge_pages_env({"GLIBC_TUNABLES": "GLIBC.MALLOC.HUGETLB=0"}, madvise, "glibc 2.36") is None
-    other = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlbx=1"}, madvise, "glibc 2.36")  # another name
+    assert (
+        huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, madvise, "glibc 2.36") is None
+    )  # the user's choice
+    assert (
+        huge_pages_env({"GLIBC_TUNABLES": "GLIBC.MALLOC.HUGETLB=0"}, madvise, "glibc 2.36") is None
+    )
+    other = huge_pages_env(
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlbx=1"}, madvise, "glibc 2.36"
+    )  # another name
     assert other["GLIBC_TUNABLES"] == "glibc.malloc.hugetlbx=1:glibc.malloc.hugetlb=1"
     for off in ("0", "false", "OFF"):
         assert huge_pages_env({"NTK_UNLEARN_HUGE_PAGES": off}, madvise, "glibc 2.36") is None
-    assert huge_pages_env({}, "[always] madvise never", "glibc 2.36") is None  # given without asking
+    assert (
+        huge_pages_env({}, "[always] madvise never", "glibc 2.36") is None
+    )  # given without asking
     assert huge_pages_env({}, "always madvise [never]", "glibc 2.36") is None
     assert huge_pages_env({}, "", "glibc 2.36") is None  # no THP (not Linux)
     assert huge_pages_env({}, madvise, "glibc 2.34") is None  # the tunable came in 2.35
@@ -104,22 +112,53 @@ def test_command_line_entry_re_executes_itself_with_huge_pages():
         glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (OSError, ValueError, AttributeError):
         pytest.skip("no transparent huge pages here")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "NTK_UNLEARN_HUGE_PAGES")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "NTK_UNLEARN_HUGE_PAGES")
+    }
     expected = huge_pages_env(env, mode, glibc)
     code = "from app import cli; import os; print('run', os.getpid()); cli._reexec_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split("\n")
     if expected is None:
         assert out[:2] == [out[0], "None"]
     else:
-        assert out[0] == out[1] and out[0].startswith("run")  # ran twice in one process (exec keeps the pid)
+        assert out[0] == out[1] and out[0].startswith(
+            "run"
+        )  # ran twice in one process (exec keeps the pid)
         assert out[2] == "glibc.malloc.hugetlb=1"
-    off = subprocess.run([sys.executable, "-c", code], env={**env, "NTK_UNLEARN_HUGE_PAGES": "0"}, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.split("\n")
+    off = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "NTK_UNLEARN_HUGE_PAGES": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split("\n")
     assert off[1] == "None"
     # stdout closed (a daemon's launcher): sys.stdout is None, and the exec must not trip over it
     quiet = "import sys; from app import cli; cli._reexec_with_huge_pages(); sys.stderr.write('ok')"
-    closed = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -c "{quiet}" >&-'], env=env, capture_output=True, text=True, timeout=120)
+    closed = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -c "{quiet}" >&-'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert closed.returncode == 0 and closed.stderr.endswith("ok"), closed.stderr
     # a program read from stdin cannot be run twice: no exec
-    piped = subprocess.run([sys.executable, "-"], input=code, env=env, capture_output=True, text=True, timeout=120, check=True)
+    piped = subprocess.run(
+        [sys.executable, "-"],
+        input=code,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert piped.stdout.split("\n")[1] == "None"

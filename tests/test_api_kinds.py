@@ -17,16 +17,30 @@ HEADERS = {"Authorization": "Bearer write-token"}
 
 KINDS = [
     pytest.param(
-        {"dataset": f"mnist:{SHARED / 'mnist'}", "model": "inf-mlp", "n_train": 100, "loss": "ce", "depth": 3},
-        marks=pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="../shared/data/mnist is absent"),
+        {
+            "dataset": f"mnist:{SHARED / 'mnist'}",
+            "model": "inf-mlp",
+            "n_train": 100,
+            "loss": "ce",
+            "depth": 3,
+        },
+        marks=pytest.mark.skipif(
+            not (SHARED / "mnist").exists(), reason="../shared/data/mnist is absent"
+        ),
         id="inf-mlp-mnist",
     ),
     pytest.param(
         {
             "dataset": f"cifar2:{SHARED / 'cifar10' / 'airplane_automobile_train.npz'}",
-            "model": "cnn", "n_train": 40, "width": 4, "depth": 2, "loss": "mse",
+            "model": "cnn",
+            "n_train": 40,
+            "width": 4,
+            "depth": 2,
+            "loss": "mse",
         },
-        marks=pytest.mark.skipif(not (SHARED / "cifar10").exists(), reason="../shared/data/cifar10 is absent"),
+        marks=pytest.mark.skipif(
+            not (SHARED / "cifar10").exists(), reason="../shared/data/cifar10 is absent"
+        ),
         id="cnn-cifar2",
     ),
 ]
@@ -45,7 +59,11 @@ def test_serve_forget_predict(fields, make_settings, wait_for_job):
         assert (model["n_params"] is None) == fields["model"].startswith("inf-")
         before = client.post("/v1/predict", json={"x": x}, headers=HEADERS).json()["outputs"]
         gone = client.get("/v1/ids?limit=10", headers=HEADERS).json()["ids"]
-        est = client.post("/v1/influence", json={"forget_ids": gone, "x": x, "y": data.y_test[:3].tolist()}, headers=HEADERS)
+        est = client.post(
+            "/v1/influence",
+            json={"forget_ids": gone, "x": x, "y": data.y_test[:3].tolist()},
+            headers=HEADERS,
+        )
         assert est.status_code == 200, est.text
         job = client.post("/v1/forget", json={"ids": gone}, headers=HEADERS).json()
         done = wait_for_job(client, job["job_id"], timeout=300)
@@ -54,4 +72,6 @@ def test_serve_forget_predict(fields, make_settings, wait_for_job):
         assert after["model_version"] == 1 and not np.allclose(after["outputs"], before)
         assert client.get("/v1/model", headers=HEADERS).json()["n_train"] == len(data.ids) - 10
         if fields["loss"] == "mse":  # Eq. 8 is exact for squared error
-            assert np.allclose(est.json()["delta_outputs"], np.subtract(after["outputs"], before), atol=1e-4)
+            assert np.allclose(
+                est.json()["delta_outputs"], np.subtract(after["outputs"], before), atol=1e-4
+            )

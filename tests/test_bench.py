@@ -31,10 +31,18 @@ def _rows(res, method):
 def test_outputs_written(quick_run):
     out, rc, root_untouched = quick_run
     assert rc == 0
-    for name in ("figure1-digits.json", "figure1-digits.md", "figure1-digits.png", "convergence-digits.png", "BENCHMARKS.md"):
+    for name in (
+        "figure1-digits.json",
+        "figure1-digits.md",
+        "figure1-digits.png",
+        "convergence-digits.png",
+        "BENCHMARKS.md",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "figure1-digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert root_untouched, "a --quick run into another folder must not rewrite the repository's BENCHMARKS.md"
+    assert root_untouched, (
+        "a --quick run into another folder must not rewrite the repository's BENCHMARKS.md"
+    )
     md = (out / "BENCHMARKS.md").read_text()
     assert "Acceptance criteria" in md and "| removal | method |" in md and "Machine:" in md
 
@@ -44,7 +52,16 @@ def test_numbers_are_sane(quick_run):
     res = json.loads((out / "figure1-digits.json").read_text())
     assert res["fractions"] == [10, 50]
     methods = {r["method"] for r in res["rows"]}
-    for m in ("theta-cg", "alpha-paper", "alpha-cg", "auto", "alpha-cg+refine", "retrain", "retrain from scratch", "random"):
+    for m in (
+        "theta-cg",
+        "alpha-paper",
+        "alpha-cg",
+        "auto",
+        "alpha-cg+refine",
+        "retrain",
+        "retrain from scratch",
+        "random",
+    ):
         assert m in methods, m
     for r in res["rows"]:
         assert "error" not in r, r
@@ -73,12 +90,19 @@ def test_numbers_are_sane(quick_run):
         assert abs(paper["test_acc"] - cg["test_acc"]) <= 0.02
         # refinement reaches retraining (float32); so does retraining itself
         scratch = next(r for r in _rows(res, "retrain from scratch") if r["fraction"] == frac)
-        assert refine["dist_retrain"] < 1e-3 and retrain["dist_retrain"] < 1e-3 and scratch["dist_retrain"] < 1e-3
+        assert (
+            refine["dist_retrain"] < 1e-3
+            and retrain["dist_retrain"] < 1e-3
+            and scratch["dist_retrain"] < 1e-3
+        )
         assert refine["dist_retrain"] < cg["dist_retrain"]
         # a random change of the same norm is ~orthogonal to the true one: distance ≈ √2
         assert abs(rnd["dist_retrain"] - math.sqrt(2)) < 0.3
     tr = res["trajectories"]["10"]["summary"]
-    assert tr["alpha_cg_iterations"] is not None and tr["alpha_cg_iterations"] < tr["alpha_paper_iterations"]
+    assert (
+        tr["alpha_cg_iterations"] is not None
+        and tr["alpha_cg_iterations"] < tr["alpha_paper_iterations"]
+    )
 
 
 def test_cifar_workload_forgets_from_one_class(tmp_path):
@@ -86,14 +110,21 @@ def test_cifar_workload_forgets_from_one_class(tmp_path):
     sets drawn from class 0 only; skipped with a message where the files are absent."""
     from bench import figure1
 
-    args = cli.build_parser().parse_args(["figure1", "--workload", "cifar", "--quick", "--cifar-dir", str(tmp_path)])
+    args = cli.build_parser().parse_args(
+        ["figure1", "--workload", "cifar", "--quick", "--cifar-dir", str(tmp_path)]
+    )
     assert "cifar skipped" in figure1.make_workload("cifar", args)
     shared = REPO.parent / "shared" / "data" / "cifar10"
     if not (shared / "airplane_automobile_train.npz").exists():
         pytest.skip("../shared/data/cifar10 is absent")
     args.cifar_dir = shared
     wl = figure1.make_workload("cifar", args)
-    assert wl.model.kind == "cnn" and wl.model.depth == 3 and wl.train.loss == "mse" and wl.forget_classes == (0,)
+    assert (
+        wl.model.kind == "cnn"
+        and wl.model.depth == 3
+        and wl.train.loss == "mse"
+        and wl.forget_classes == (0,)
+    )
     labels = wl.dataset.y
     ids = figure1.forget_ids(list(wl.dataset.ids), labels, 0.3, 0, wl.forget_classes)
     index = {i: p for p, i in enumerate(wl.dataset.ids)}

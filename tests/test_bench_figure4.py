@@ -16,7 +16,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def test_metrics_and_forget_set():
     act = np.array([1.0, -2.0, 3.0, 0.5])
     m = figure4.metrics(2.0 * act, act)
-    assert m["pearson"] == pytest.approx(1.0) and m["rel_error"] == pytest.approx(1.0) and m["slope"] == pytest.approx(2.0)
+    assert (
+        m["pearson"] == pytest.approx(1.0)
+        and m["rel_error"] == pytest.approx(1.0)
+        and m["slope"] == pytest.approx(2.0)
+    )
     labels = np.repeat(np.arange(3), [4, 6, 10])
     mask = figure4.forget_half(labels, 0.5, seed=0)
     assert [int(mask[labels == c].sum()) for c in range(3)] == [2, 3, 5]
@@ -24,13 +28,24 @@ def test_metrics_and_forget_set():
 
 
 @pytest.mark.skipif(
-    not (SHARED / "mnist").exists() or not (SHARED / "cifar10" / "airplane_automobile_train.npz").exists(),
+    not (SHARED / "mnist").exists()
+    or not (SHARED / "cifar10" / "airplane_automobile_train.npz").exists(),
     reason="../shared/data/mnist or cifar10 is absent",
 )
 def test_figure4_small_run(tmp_path):
     argv = [
-        "--out-dir", str(tmp_path), "--mnist-train-per-class", "8", "--mnist-test-per-class", "4",
-        "--cifar-n-train", "16", "--cifar-test-per-class", "4", "--depth-cnn", "2",
+        "--out-dir",
+        str(tmp_path),
+        "--mnist-train-per-class",
+        "8",
+        "--mnist-test-per-class",
+        "4",
+        "--cifar-n-train",
+        "16",
+        "--cifar-test-per-class",
+        "4",
+        "--depth-cnn",
+        "2",
     ]
     assert figure4.main(argv) == 0
     meta = json.loads((tmp_path / "figure4.json").read_text())

@@ -17,7 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from service_core import Dataset, DatasetError, ModelConfig, SolverConfig, TrainConfig, Unlearner, build_model, influence
+from service_core import (
+    Dataset,
+    DatasetError,
+    ModelConfig,
+    SolverConfig,
+    TrainConfig,
+    Unlearner,
+    build_model,
+    influence,
+)
 from service_core._nt import nt, stax
 from service_core.data import load_cifar2, load_dataset
 from service_core.ntk import empirical_ntk
@@ -46,11 +55,21 @@ def oracle_network(config: ModelConfig, d: int):
     layers = []
     for _ in range(config.depth):
         layers += [
-            stax.Conv(config.width, (3, 3), padding="SAME", W_std=math.sqrt(2.0), b_std=0.1, parameterization="ntk"),
+            stax.Conv(
+                config.width,
+                (3, 3),
+                padding="SAME",
+                W_std=math.sqrt(2.0),
+                b_std=0.1,
+                parameterization="ntk",
+            ),
             stax.Relu(),
             stax.AvgPool((2, 2), strides=(2, 2)),
         ]
-    layers += [stax.Flatten(), stax.Dense(d, W_std=math.sqrt(2.0), b_std=0.1, parameterization="ntk")]
+    layers += [
+        stax.Flatten(),
+        stax.Dense(d, W_std=math.sqrt(2.0), b_std=0.1, parameterization="ntk"),
+    ]
     return stax.serial(*layers)[1]
 
 
@@ -71,7 +90,9 @@ def retrain_mse(model, x, y, lam=LAM):
     fx0, jac = jacobian_oracle(model, x)
     n, p = len(x), jac.shape[1]
     base = fx0.reshape(-1) + jac @ (theta_p - theta0)
-    return theta_p + np.linalg.solve(jac.T @ jac / n + lam * np.eye(p), jac.T @ (y.reshape(-1) - base) / n)
+    return theta_p + np.linalg.solve(
+        jac.T @ jac / n + lam * np.eye(p), jac.T @ (y.reshape(-1) - base) / n
+    )
 
 
 def rel(a, b, ref):
@@ -110,10 +131,15 @@ def test_structured_derivatives_equal_jacobian_contraction(images, dtype, tol, c
     x = x[:20]
     model = build_model(CFG, (SIDE, SIDE, CHANNELS), 2, dtype)
     t0 = time.perf_counter()
-    k = empirical_ntk(model, x, form="full", block_size=8, dtype=dtype, progress=False)  # 3×3 blocks
+    k = empirical_ntk(
+        model, x, form="full", block_size=8, dtype=dtype, progress=False
+    )  # 3×3 blocks
     t_sd = time.perf_counter() - t0
     jc = nt.empirical_ntk_fn(
-        model.apply_fn, trace_axes=(), vmap_axes=0, implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION
+        model.apply_fn,
+        trace_axes=(),
+        vmap_axes=0,
+        implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION,
     )
     t0 = time.perf_counter()
     k4 = np.asarray(jc(model.flatten_inputs(x.astype(dtype)), None, model.params0))
@@ -122,11 +148,15 @@ def test_structured_derivatives_equal_jacobian_contraction(images, dtype, tol, c
     assert k.shape == (40, 40) and k.dtype == dtype
     assert rel(k, k_jc, k_jc) < tol
     with capsys.disabled():
-        print(f"\n  CNN NTK 20 points, {np.dtype(dtype).name}: SD (blocks of 8) {t_sd:.2f} s, JC {t_jc:.2f} s (compile included)")
+        print(
+            f"\n  CNN NTK 20 points, {np.dtype(dtype).name}: SD (blocks of 8) {t_sd:.2f} s, JC {t_jc:.2f} s (compile included)"
+        )
     if dtype == jnp.float64:
         _, jac = jacobian_oracle(model, x)
         assert rel(k, jac @ jac.T, jac @ jac.T) < 1e-12
-        assert np.abs(k_jc - np.diag(np.diag(k_jc))).max() > 1e-3  # off-output blocks: the full form matters
+        assert (
+            np.abs(k_jc - np.diag(np.diag(k_jc))).max() > 1e-3
+        )  # off-output blocks: the full form matters
 
 
 # -- forgetting equals retraining ----------------------------------------------------------------
@@ -134,12 +164,20 @@ def test_structured_derivatives_equal_jacobian_contraction(images, dtype, tol, c
 def test_alpha_space_forget_equals_retraining_of_the_linearised_cnn(images, d):
     x, xt = images
     rng = np.random.default_rng(d)
-    y = rng.normal(size=(N_TRAIN, d)) if d > 1 else np.where(rng.uniform(size=(N_TRAIN, 1)) < 0.5, -1.0, 1.0)
+    y = (
+        rng.normal(size=(N_TRAIN, d))
+        if d > 1
+        else np.where(rng.uniform(size=(N_TRAIN, 1)) < 0.5, -1.0, 1.0)
+    )
     model = build_model(CFG, (SIDE, SIDE, CHANNELS), d, jnp.float64)
     assert model.n_params > N_TRAIN * d  # J(X) can have full row rank
-    k = jnp.asarray(empirical_ntk(model, x, form="full", block_size=16, dtype=np.float64, progress=False))
+    k = jnp.asarray(
+        empirical_ntk(model, x, form="full", block_size=16, dtype=np.float64, progress=False)
+    )
     xj = jnp.asarray(x)
-    problem = DualProblem(k, "full", model.offset(xj), jnp.asarray(y), jnp.ones(N_TRAIN, bool), LAM, "mse")
+    problem = DualProblem(
+        k, "full", model.offset(xj), jnp.asarray(y), jnp.ones(N_TRAIN, bool), LAM, "mse"
+    )
     alpha, info = newton(problem, jnp.zeros_like(problem.y), 1e-12, 5, SOLVER)
     assert info.converged
     theta = model.theta_p + model.vjp(xj, alpha)
@@ -169,7 +207,9 @@ def test_kernel_gradient_descent_on_the_full_form(images):
     model = build_model(CFG, (SIDE, SIDE, CHANNELS), 2, jnp.float64)
     k = jnp.asarray(empirical_ntk(model, x, form="full", dtype=np.float64, progress=False))
     y = jnp.asarray(np.random.default_rng(5).normal(size=(N_TRAIN, 2)))
-    problem = DualProblem(k, "full", model.offset(jnp.asarray(x)), y, jnp.ones(N_TRAIN, bool), 1e-1, "mse")
+    problem = DualProblem(
+        k, "full", model.offset(jnp.asarray(x)), y, jnp.ones(N_TRAIN, bool), 1e-1, "mse"
+    )
     alpha_n, _ = newton(problem, jnp.zeros_like(y), 1e-12, 5, SOLVER)
     alpha_k, info = kernel_gradient_descent(problem, jnp.zeros_like(y), tol=1e-11, max_steps=50_000)
     assert info.converged and rel(alpha_k, alpha_n, alpha_n) < 1e-8
@@ -181,8 +221,12 @@ def test_unlearner_serves_a_cnn(images):
     rng = np.random.default_rng(7)
     y = np.where(rng.uniform(size=(N_TRAIN, 1)) < 0.5, -1.0, 1.0).astype(np.float32)
     ids = np.array([f"img-{i:02d}" for i in range(N_TRAIN)])
-    ds = Dataset("images", ids, x.astype(np.float32), y, "regression", 1, xt.astype(np.float32), None)
-    u = Unlearner.build(ds, CFG, TrainConfig(loss="mse", lam=LAM, dtype="float64"), SolverConfig(), progress=False)
+    ds = Dataset(
+        "images", ids, x.astype(np.float32), y, "regression", 1, xt.astype(np.float32), None
+    )
+    u = Unlearner.build(
+        ds, CFG, TrainConfig(loss="mse", lam=LAM, dtype="float64"), SolverConfig(), progress=False
+    )
     forget = list(ids[::4])
     u.forget(forget)
     keep = ~np.isin(ids, forget)
@@ -190,7 +234,9 @@ def test_unlearner_serves_a_cnn(images):
     out = u.predict(xt)
     expect = np.asarray(u.model.f_lin(jnp.asarray(theta_ret), jnp.asarray(xt)))
     assert np.allclose(out, expect, rtol=0, atol=1e-8)
-    assert np.allclose(u.predict(xt.reshape(len(xt), -1)), out, rtol=0, atol=0)  # flattened rows too
+    assert np.allclose(
+        u.predict(xt.reshape(len(xt), -1)), out, rtol=0, atol=0
+    )  # flattened rows too
 
 
 # -- cifar2 loader --------------------------------------------------------------------------
@@ -205,15 +251,32 @@ def test_cifar2_loader(tmp_path):
     assert ds.x.dtype == np.float32 and 0.0 <= ds.x.min() and ds.x.max() <= 1.0
     assert np.bincount(ds.y).tolist() == [5, 5]  # balanced over the classes
     index = np.array([int(i.rsplit("-", 1)[1]) for i in ds.ids])
-    assert ds.ids[0].startswith("cifar2-toy_train-") and np.allclose(ds.x, x[index] / 255.0) and np.array_equal(ds.y, y[index])
+    assert (
+        ds.ids[0].startswith("cifar2-toy_train-")
+        and np.allclose(ds.x, x[index] / 255.0)
+        and np.array_equal(ds.y, y[index])
+    )
     assert not np.array_equal(index, np.sort(index))  # shuffled
     assert ds.x_test.shape == (10, 4, 4, 3)  # the sibling toy.npz is the test set
     assert load_cifar2(tmp_path / "toy_train.npz", test_path=False).x_test is None
     same = load_cifar2(tmp_path / "toy_train.npz", seed=3, n_train=10)
     assert np.array_equal(same.ids, ds.ids)
-    assert not np.array_equal(load_cifar2(tmp_path / "toy_train.npz", seed=4, n_train=10).ids, ds.ids)
-    pm = load_cifar2(tmp_path / "toy_train.npz", seed=3, n_train=10, binary_pm1=True, test_path=tmp_path / "toy.npz")
-    assert pm.task == "regression" and pm.output_dim == 1 and pm.y.shape == (10, 1) and pm.y.dtype == np.float32
+    assert not np.array_equal(
+        load_cifar2(tmp_path / "toy_train.npz", seed=4, n_train=10).ids, ds.ids
+    )
+    pm = load_cifar2(
+        tmp_path / "toy_train.npz",
+        seed=3,
+        n_train=10,
+        binary_pm1=True,
+        test_path=tmp_path / "toy.npz",
+    )
+    assert (
+        pm.task == "regression"
+        and pm.output_dim == 1
+        and pm.y.shape == (10, 1)
+        and pm.y.dtype == np.float32
+    )
     assert np.array_equal(pm.y[:, 0], 2.0 * ds.y - 1.0) and set(np.unique(pm.y_test)) == {-1.0, 1.0}
     assert np.array_equal(pm.targets(), pm.y)
     np.savez(tmp_path / "three.npz", x=x, y=np.arange(30) % 3)
@@ -228,11 +291,18 @@ def test_cifar2_loader(tmp_path):
         load_cifar2(tmp_path / "absent.npz")
 
 
-@pytest.mark.skipif(not (CIFAR / "airplane_automobile_train.npz").exists(), reason="../shared/data/cifar10 is absent")
+@pytest.mark.skipif(
+    not (CIFAR / "airplane_automobile_train.npz").exists(),
+    reason="../shared/data/cifar10 is absent",
+)
 def test_cifar2_real_files():
-    ds = load_cifar2(CIFAR / "airplane_automobile_train.npz", seed=0, n_train=100, n_test=40, binary_pm1=True)
+    ds = load_cifar2(
+        CIFAR / "airplane_automobile_train.npz", seed=0, n_train=100, n_test=40, binary_pm1=True
+    )
     assert ds.x.shape == (100, 32, 32, 3) and ds.x_test.shape == (40, 32, 32, 3)
-    assert ds.name.startswith("cifar2:") and ds.ids[0].startswith("cifar2-airplane_automobile_train-")
+    assert ds.name.startswith("cifar2:") and ds.ids[0].startswith(
+        "cifar2-airplane_automobile_train-"
+    )
     assert (ds.y == 1).sum() == 50 and (ds.y_test == -1).sum() == 20
     full = load_dataset(f"cifar2:{CIFAR / 'airplane_automobile_train.npz'}")
     assert full.n == 2000 and full.x_test.shape == (2000, 32, 32, 3) and len(set(full.ids)) == 2000

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, load_digits
-from service_core import influence
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, influence, load_digits
 from service_core._nt import nt
 
 jax.config.update("jax_enable_x64", True)
@@ -57,6 +56,7 @@ def retrain(u: Unlearner, x: np.ndarray, y: np.ndarray, loss: str, lam: float = 
         a = jac.T @ jac / n + lam * np.eye(p)
         v = np.linalg.solve(a, jac.T @ (y.reshape(-1) - base) / n)
         return theta_p + v
+
     def risk(v):
         z = (base + jac @ v).reshape(n, d)
         z = z - z.max(axis=1, keepdims=True)
@@ -118,14 +118,20 @@ def test_forget_equals_retraining_float64(digits, kind, loss, method):
     keep = np.setdiff1d(np.arange(N_TRAIN), forget)
     result = u.forget([digits.ids[i] for i in forget])
     assert result.version == 1 and result.solve.converged
-    assert result.solve.method == method if method != "auto" else "fewest estimated flops" in result.reason
+    assert (
+        result.solve.method == method
+        if method != "auto"
+        else "fewest estimated flops" in result.reason
+    )
     theta_ret = retrain(u, digits.x[keep], y[keep], loss)
     err = rel(u.state.theta, theta_ret, theta_ret - theta_p)
     assert err < (1e-8 if loss == "mse" else 1e-6), err
     # and it moved: the retrained model differs from the old one by far more than the error
     assert rel(theta_full, theta_ret, theta_ret - theta_p) > 1e3 * err
     out = u.predict(digits.x_test[:16])
-    expect = np.asarray(u.model.f_lin(jnp.asarray(theta_ret), jnp.asarray(digits.x_test[:16], jnp.float64)))
+    expect = np.asarray(
+        u.model.f_lin(jnp.asarray(theta_ret), jnp.asarray(digits.x_test[:16], jnp.float64))
+    )
     assert np.allclose(out, expect, rtol=0, atol=1e-7)
     assert u.n_train == len(keep) and set(u.active_ids()) == {digits.ids[i] for i in keep}
 
@@ -150,24 +156,37 @@ def test_refinement_error_is_small_against_the_change_itself(digits):
 
     tol = 2e-4
     u = Unlearner.build(
-        digits, ModelConfig(kind="mlp", width=16, depth=2, seed=1), TrainConfig(loss="ce", lam=LAM, dtype="float32", tol=tol),
-        SolverConfig(method="alpha-cg"), progress=False,
+        digits,
+        ModelConfig(kind="mlp", width=16, depth=2, seed=1),
+        TrainConfig(loss="ce", lam=LAM, dtype="float32", tol=tol),
+        SolverConfig(method="alpha-cg"),
+        progress=False,
     )
     st = u.state
     ids = u.active_ids()[:1]
     keep = np.asarray(st.active) & ~np.isin(st.ids, ids)
     f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
     retain = DualProblem(f64(st.k), st.form, f64(st.f0), f64(st.y), jnp.asarray(keep), LAM, "ce")
-    ref, info = newton(retain, jnp.zeros(st.alpha.shape, jnp.float64), 1e-13, 50,
-                       {"method": "alpha-cholesky", "tol": 1e-14, "max_iter": 2000, "cholesky_max_dim": 4096})
+    ref, info = newton(
+        retain,
+        jnp.zeros(st.alpha.shape, jnp.float64),
+        1e-13,
+        50,
+        {"method": "alpha-cholesky", "tol": 1e-14, "max_iter": 2000, "cholesky_max_dim": 4096},
+    )
     assert info.converged, info
     alpha0 = np.asarray(st.alpha, np.float64)
-    change = np.sqrt(np.sum((np.asarray(ref)[keep] - alpha0[keep]) ** 2) + np.sum(alpha0[~keep & np.asarray(st.active)] ** 2))
+    change = np.sqrt(
+        np.sum((np.asarray(ref)[keep] - alpha0[keep]) ** 2)
+        + np.sum(alpha0[~keep & np.asarray(st.active)] ** 2)
+    )
     errors = {}
     for refine in (False, True):
         new, result = u.plan_forget(ids, refine=refine)
         assert new.capacity == st.capacity
-        errors[refine] = np.linalg.norm(np.asarray(new.alpha, np.float64)[keep] - np.asarray(ref)[keep]) / change
+        errors[refine] = (
+            np.linalg.norm(np.asarray(new.alpha, np.float64)[keep] - np.asarray(ref)[keep]) / change
+        )
         if not refine:
             assert result.residual <= tol  # the old criterion alone would have stopped here
         else:
@@ -198,7 +217,9 @@ def test_forgetting_most_points_equals_retraining(digits, loss, rank):
     forget = np.flatnonzero(np.arange(N_TRAIN) % 5 != 0)
     keep = np.setdiff1d(np.arange(N_TRAIN), forget)
     result = u.forget([digits.ids[i] for i in forget])
-    assert result.solve.converged and result.solve.preconditioner == ("" if rank == 0 else f"nystrom-{rank}")
+    assert result.solve.converged and result.solve.preconditioner == (
+        "" if rank == 0 else f"nystrom-{rank}"
+    )
     assert u.state.capacity < N_TRAIN  # compacted into a smaller bucket
     theta_ret = retrain(u, digits.x[keep], digits.targets()[keep], loss)
     theta_p = np.asarray(u.model.theta_p)
@@ -231,10 +252,14 @@ def test_theta_space_equals_alpha_space(digits, loss):
     assert u.model.n_params > st.n * u.output_dim  # full row rank is possible
     mask = jnp.asarray(np.isin(np.arange(st.capacity), np.arange(0, st.n, 5)))
     retain = jnp.asarray(st.active) & ~mask
-    delta_alpha, info = influence.influence_step(u._problem(st), st.alpha, mask, u._solver_kwargs(u.solver_config, "float64"))
+    delta_alpha, info = influence.influence_step(
+        u._problem(st), st.alpha, mask, u._solver_kwargs(u.solver_config, "float64")
+    )
     assert info.converged
     dtheta_alpha = influence.delta_theta(u.model, st.x, delta_alpha)
-    dtheta_theta, tinfo = influence.theta_space_delta(u.model, st.theta, st.x, st.y, mask, LAM, loss, tol=1e-12, retain_mask=retain)
+    dtheta_theta, tinfo = influence.theta_space_delta(
+        u.model, st.theta, st.x, st.y, mask, LAM, loss, tol=1e-12, retain_mask=retain
+    )
     assert tinfo.converged and tinfo.iterations > 0
     assert rel(dtheta_alpha, dtheta_theta, dtheta_theta) < 1e-8
 
@@ -251,8 +276,12 @@ def test_test_point_estimates_equal_actual_changes_for_mse(digits, kind):
     u_st = u.state
     # the same Δf through kernels, with neural-tangents' own empirical NTK (JACOBIAN_CONTRACTION)
     mask = jnp.asarray(np.isin(u_st.ids, forget))
-    delta_alpha, _ = influence.influence_step(u._problem(u_st), u_st.alpha, mask, u._solver_kwargs(u.solver_config, "float64"))
-    ntk = nt.empirical_ntk_fn(u.model.apply_fn, trace_axes=(), implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+    delta_alpha, _ = influence.influence_step(
+        u._problem(u_st), u_st.alpha, mask, u._solver_kwargs(u.solver_config, "float64")
+    )
+    ntk = nt.empirical_ntk_fn(
+        u.model.apply_fn, trace_axes=(), implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION
+    )
     k_tx = np.asarray(ntk(jnp.asarray(xt, jnp.float64), u_st.x, u.model.params0))  # (n_t, N, d, d)
     df_kernel = np.einsum("ijab,jb->ia", k_tx, np.asarray(delta_alpha))
     assert np.allclose(est.delta_outputs, df_kernel, rtol=0, atol=1e-9)

@@ -34,7 +34,12 @@ SOLVER = {"tol": 1e-12, "max_iter": 2000, "cholesky_max_dim": 4096}
 @pytest.fixture(scope="module")
 def digits():
     ds = load_digits(seed=0)
-    return ds.x[:N_TRAIN].astype(np.float64), ds.y[:N_TRAIN], ds.x_test[:25].astype(np.float64), ds.y_test[:25]
+    return (
+        ds.x[:N_TRAIN].astype(np.float64),
+        ds.y[:N_TRAIN],
+        ds.x_test[:25].astype(np.float64),
+        ds.y_test[:25],
+    )
 
 
 def stax_mlp_ntk(x1, x2, depth=3):
@@ -98,8 +103,13 @@ def rel(a, b):
 def problem_for(km: KernelModel, k, y, loss, mask=None):
     n = len(k)
     return DualProblem(
-        jnp.asarray(k), "trace", km.offset(np.zeros((n, 1))), jnp.asarray(y),
-        jnp.ones(n, bool) if mask is None else jnp.asarray(mask), LAM, loss,
+        jnp.asarray(k),
+        "trace",
+        km.offset(np.zeros((n, 1))),
+        jnp.asarray(y),
+        jnp.ones(n, bool) if mask is None else jnp.asarray(mask),
+        LAM,
+        loss,
     )
 
 
@@ -107,7 +117,9 @@ def test_kernel_model_basics(digits, tmp_path):
     x, _, xt, _ = digits
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 10, jnp.float64)
     assert km.n_params is None and km.kernel_form == "trace" and km.output_dim == 10
-    k, report = km.cached_kernel(x, cache_dir=tmp_path, progress=False, block_size=32)  # 3×3 blocks, padded
+    k, report = km.cached_kernel(
+        x, cache_dir=tmp_path, progress=False, block_size=32
+    )  # 3×3 blocks, padded
     assert not report["cached"] and k.shape == (N_TRAIN, N_TRAIN) and k.dtype == np.float64
     # Not to 1e-12: near the diagonal the ReLU arc-cosine (arccos(1 − δ) ≈ √(2δ)) turns rounding
     # differences of the cosine between jit-fused and eager evaluation into ~1e-9 relative ones.
@@ -117,12 +129,19 @@ def test_kernel_model_basics(digits, tmp_path):
     assert report["cached"] and np.array_equal(again, k)
     assert purge_cache(tmp_path) == 1 and not list(tmp_path.glob("*.npy"))
     cross = km.cross_kernel(xt, x, block_size=16)
-    assert cross.shape == (25, N_TRAIN) and np.allclose(cross, stax_mlp_ntk(xt, x), rtol=1e-7, atol=0)
+    assert cross.shape == (25, N_TRAIN) and np.allclose(
+        cross, stax_mlp_ntk(xt, x), rtol=1e-7, atol=0
+    )
     assert np.array_equal(np.asarray(km.offset(xt)), np.zeros((25, 10)))
     # the analytic NTK ignores width and seed; depth changes it
-    wide = KernelModel(ModelConfig(kind="inf-mlp", depth=3, width=7, seed=5), (64,), 10, jnp.float64)
+    wide = KernelModel(
+        ModelConfig(kind="inf-mlp", depth=3, width=7, seed=5), (64,), 10, jnp.float64
+    )
     assert np.allclose(wide.kernel(x[:10]), k[:10, :10], rtol=1e-12, atol=0)
-    assert not np.allclose(KernelModel(ModelConfig(kind="inf-mlp", depth=1), (64,), 10, jnp.float64).kernel(x[:10]), k[:10, :10])
+    assert not np.allclose(
+        KernelModel(ModelConfig(kind="inf-mlp", depth=1), (64,), 10, jnp.float64).kernel(x[:10]),
+        k[:10, :10],
+    )
     with pytest.raises(ValueError, match="inf-mlp"):
         KernelModel(ModelConfig(kind="mlp"), (64,), 10)
 
@@ -149,7 +168,9 @@ def test_inf_mlp_mse_training_and_forgets_equal_kernel_ridge(digits, method):
         forget[forget_index] = True
         forget &= active
         before = km.predict(alpha, xt, x)
-        delta_step, step_info = influence.influence_step(problem, alpha, jnp.asarray(forget), solver)
+        delta_step, step_info = influence.influence_step(
+            problem, alpha, jnp.asarray(forget), solver
+        )
         deletion = influence.forget(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 5)
         assert step_info.converged and deletion.residual <= 1e-12
         active &= ~forget
@@ -188,7 +209,9 @@ def test_inf_mlp_ce_refined_forget_equals_retrained_kernel_machine(digits):
     alpha_o[retain] = dual_newton_ce(k_o[np.ix_(retain, retain)], y[retain], LAM)
     step_only = influence.forget(problem, alpha, jnp.asarray(forget), solver, False, 1e-12, 0)
     refined = influence.forget(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 10)
-    assert 1e-6 < rel(step_only.alpha, alpha_o) < 1e-1  # one Newton step: close, not exact (math.md)
+    assert (
+        1e-6 < rel(step_only.alpha, alpha_o) < 1e-1
+    )  # one Newton step: close, not exact (math.md)
     assert refined.refine.converged and refined.residual <= 1e-12
     assert rel(refined.alpha, alpha_o) < 1e-6
     kt_o = stax_mlp_ntk(xt, x)
@@ -204,7 +227,10 @@ def test_inf_cnn_kernel_and_mse_training(pool):
     km = KernelModel(cfg, (8, 8, 3), 1, jnp.float64)
     layers = []
     for _ in range(2):
-        layers += [stax.Conv(1, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD, parameterization="ntk"), stax.Relu()]
+        layers += [
+            stax.Conv(1, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD, parameterization="ntk"),
+            stax.Relu(),
+        ]
         if pool:
             layers.append(stax.AvgPool((2, 2), strides=(2, 2)))
     layers += [stax.Flatten(), stax.Dense(1, W_std=W_STD, b_std=B_STD, parameterization="ntk")]
@@ -213,7 +239,9 @@ def test_inf_cnn_kernel_and_mse_training(pool):
     assert np.allclose(k, k_o, rtol=1e-7, atol=0)  # see test_kernel_model_basics for the tolerance
     assert np.array_equal(km.kernel(x.reshape(24, -1), block_size=10), k)  # flat rows are reshaped
     problem = problem_for(km, k, y, "mse")
-    alpha, info = newton(problem, jnp.zeros_like(problem.y), 1e-12, 5, {**SOLVER, "method": "cholesky"})
+    alpha, info = newton(
+        problem, jnp.zeros_like(problem.y), 1e-12, 5, {**SOLVER, "method": "cholesky"}
+    )
     assert info.converged and rel(alpha, krr(k_o, y, LAM)) < 1e-8
     with pytest.raises(ValueError, match="image inputs"):
         KernelModel(cfg, (192,), 1)
@@ -227,10 +255,16 @@ def test_kernel_gradient_descent_reaches_the_newton_optimum(digits, loss, capsys
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 10, jnp.float64)
     k = km.train_kernel(x, progress=False)
     problem = problem_for(km, k, y, loss)._replace(lam=lam)
-    alpha_n, info_n = newton(problem, jnp.zeros_like(problem.y), 1e-12, 50, {**SOLVER, "method": "cholesky"})
-    alpha_k, info_k = kernel_gradient_descent(problem, jnp.zeros_like(problem.y), tol=1e-11, max_steps=20_000)
+    alpha_n, info_n = newton(
+        problem, jnp.zeros_like(problem.y), 1e-12, 50, {**SOLVER, "method": "cholesky"}
+    )
+    alpha_k, info_k = kernel_gradient_descent(
+        problem, jnp.zeros_like(problem.y), tol=1e-11, max_steps=20_000
+    )
     assert info_n.converged and info_k.converged and info_k.residual <= 1e-11
-    assert abs(info_k.residual - stationarity(problem, alpha_k)[1]) < 1e-13  # the reported residual is true
+    assert (
+        abs(info_k.residual - stationarity(problem, alpha_k)[1]) < 1e-13
+    )  # the reported residual is true
     assert rel(alpha_k, alpha_n) < 1e-8
     # the default step is 2/(L + λ) from the top eigenvalue of K; the step count respects the
     # contraction bound ((L − λ)/(L + λ))^t of the K-metric analysis
@@ -247,9 +281,13 @@ def test_kernel_gradient_descent_reaches_the_newton_optimum(digits, loss, capsys
     # and on a retain set: KGD retraining after a forget equals the refined deletion
     forget = np.zeros(N_TRAIN, bool)
     forget[::3] = True
-    deletion = influence.forget(problem, alpha_n, jnp.asarray(forget), {**SOLVER, "method": "cholesky"}, True, 1e-12, 10)
+    deletion = influence.forget(
+        problem, alpha_n, jnp.asarray(forget), {**SOLVER, "method": "cholesky"}, True, 1e-12, 10
+    )
     retain_problem = problem._replace(mask=jnp.asarray(~forget))
-    alpha_r, info_r = kernel_gradient_descent(retain_problem, jnp.zeros_like(problem.y), tol=1e-11, max_steps=20_000)
+    alpha_r, info_r = kernel_gradient_descent(
+        retain_problem, jnp.zeros_like(problem.y), tol=1e-11, max_steps=20_000
+    )
     assert info_r.converged and rel(alpha_r, deletion.alpha) < 1e-8
     assert np.all(np.asarray(alpha_r)[forget] == 0)
 

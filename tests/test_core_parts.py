@@ -57,7 +57,9 @@ def test_digits_split_and_ids(digits):
 
 def test_npz_loader(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
-    np.savez(tmp_path / "labels.npz", x=x, y=np.array([0, 1, 2, 0, 1, 2]), ids=np.array(list("abcdef")))
+    np.savez(
+        tmp_path / "labels.npz", x=x, y=np.array([0, 1, 2, 0, 1, 2]), ids=np.array(list("abcdef"))
+    )
     ds = load_npz(tmp_path / "labels.npz")
     assert ds.task == "classification" and ds.output_dim == 3 and ds.ids.tolist() == list("abcdef")
     np.savez(tmp_path / "reg.npz", x=x, y=np.ones((6, 2), np.float64))
@@ -93,7 +95,9 @@ def test_full_ntk_equals_jacobian_products(digits):
     assert k.shape == (370, 370)
     assert np.allclose(k, jac @ jac.T, rtol=1e-10, atol=1e-10)
     # neural-tangents' JACOBIAN_CONTRACTION, in its own (N, N, d, d) layout
-    ref = nt.empirical_ntk_fn(model.apply_fn, trace_axes=(), implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+    ref = nt.empirical_ntk_fn(
+        model.apply_fn, trace_axes=(), implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION
+    )
     ref = np.asarray(ref(jnp.asarray(x), None, model.params0))
     assert np.allclose(kernel_to_4d(k, 37, 10), ref, rtol=1e-10, atol=1e-10)
 
@@ -156,13 +160,20 @@ def test_nystrom_preconditioned_cg_gives_the_same_answer_in_fewer_iterations(for
     rhs = jnp.asarray(rng.normal(size=(n, d))) * mask[:, None]
     c = 2.0
     ny = nystrom(k, 20)
-    assert ny is not None and ny.u.shape == (side, 20) and np.all(np.diff(np.asarray(ny.lam)) <= 1e-9)
+    assert (
+        ny is not None and ny.u.shape == (side, 20) and np.all(np.diff(np.asarray(ny.lam)) <= 1e-9)
+    )
     dense = np.asarray(dense_operator(k, form, s, mask, c))
     flat = np.asarray(rhs).reshape(-1) if dense.shape[0] == n * d else np.asarray(rhs)
     exact = np.linalg.solve(dense, flat).reshape(rhs.shape)
     x_cg, plain = solve_spd(k, form, s, mask, rhs, c, "cg", 1e-10, 1000)
     x_pcg, pre = solve_spd(k, form, s, mask, rhs, c, "cg", 1e-10, 1000, nystrom=ny)
-    assert plain.converged and pre.converged and pre.preconditioner == "nystrom-20" and plain.preconditioner == ""
+    assert (
+        plain.converged
+        and pre.converged
+        and pre.preconditioner == "nystrom-20"
+        and plain.preconditioner == ""
+    )
     assert np.abs(np.asarray(x_pcg) - exact).max() <= 1e-8 * np.abs(exact).max()
     assert np.abs(np.asarray(x_cg) - exact).max() <= 1e-8 * np.abs(exact).max()
     assert pre.iterations * 2 <= plain.iterations, (pre.iterations, plain.iterations)
@@ -173,7 +184,9 @@ def test_nystrom_preconditioned_cg_gives_the_same_answer_in_fewer_iterations(for
     k_rr = k[np.ix_(rows, rows)]
     sub = ny.take_rows(rows, len(rows))
     s_r = None if s is None else s[keep]
-    x_sub, info = solve_spd(k_rr, form, s_r, jnp.ones(len(keep), bool), rhs[keep], c, "cg", 1e-10, 1000, nystrom=sub)
+    x_sub, info = solve_spd(
+        k_rr, form, s_r, jnp.ones(len(keep), bool), rhs[keep], c, "cg", 1e-10, 1000, nystrom=sub
+    )
     assert info.converged and info.iterations * 2 <= plain.iterations
     assert np.abs(np.asarray(x_sub) - exact[keep]).max() <= 1e-8 * np.abs(exact).max()
 
@@ -187,7 +200,11 @@ def scipy_sqrtm(w: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small(digits):
     return Unlearner.build(
-        digits.subset(slice(0, 60)), ModelConfig(kind="mlp", width=16), TrainConfig(loss="ce", dtype="float64"), SolverConfig(), progress=False
+        digits.subset(slice(0, 60)),
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="ce", dtype="float64"),
+        SolverConfig(),
+        progress=False,
     )
 
 
@@ -217,7 +234,14 @@ def test_validation_messages(small):
 
 def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digits):
     ds = digits.subset(slice(0, 50))
-    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=16), TrainConfig(loss="mse", dtype="float64"), SolverConfig(), cache_dir=tmp_path / "cache", progress=False)
+    u = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="mse", dtype="float64"),
+        SolverConfig(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     assert list((tmp_path / "cache").glob("ntk-*.npy"))
     u.save(tmp_path / "ckpt")
     gone = u.active_ids()[:5]
@@ -231,7 +255,10 @@ def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digit
     assert np.abs(np.asarray(u.state.nystrom.u)[inactive_rows]).max(initial=0.0) <= 1e-6
     # per-part seconds of the deletion, within its total
     assert {"validate", "compact", "rhs", "solve", "delta", "residual"} <= set(result.timings)
-    assert all(v >= 0 for v in result.timings.values()) and sum(result.timings.values()) <= result.seconds
+    assert (
+        all(v >= 0 for v in result.timings.values())
+        and sum(result.timings.values()) <= result.seconds
+    )
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
     back = Unlearner.restore(tmp_path / "ckpt")
     assert back.version == 1 and back.n_train == 45 and back.forgotten_ids() == frozenset(gone)
@@ -253,17 +280,24 @@ def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digit
 def test_erased_rows_are_zero_while_the_bucket_holds(digits):
     """Within a capacity bucket forgotten rows are zeroed, not just masked; below it, compacted."""
     ds = digits.subset(slice(0, 64))
-    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=16), TrainConfig(loss="mse", dtype="float64"), SolverConfig(), progress=False)
+    u = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="mse", dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
     cap = u.state.capacity
     u.forget(u.active_ids()[:2])
     st = u.state
     assert st.capacity == cap and st.n == 62
     gone = ~st.active
     assert not np.any(np.asarray(st.x)[gone]) and not np.any(np.asarray(st.alpha)[gone])
-    assert not np.any(np.asarray(st.k)[np.repeat(gone, 10)]) and not np.any(np.asarray(st.k)[:, np.repeat(gone, 10)])
+    assert not np.any(np.asarray(st.k)[np.repeat(gone, 10)]) and not np.any(
+        np.asarray(st.k)[:, np.repeat(gone, 10)]
+    )
     u.forget(u.active_ids()[:30])
     assert u.state.capacity < cap and u.state.n == 32
-
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
@@ -274,8 +308,11 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
     ds = digits.subset(slice(0, 256))
     engines = {
         spare: Unlearner.build(
-            ds, ModelConfig(kind="mlp", width=16), TrainConfig(loss=loss, dtype="float64"),
-            SolverConfig(method="alpha-cg", spare_kernel=spare), progress=False,
+            ds,
+            ModelConfig(kind="mlp", width=16),
+            TrainConfig(loss=loss, dtype="float64"),
+            SolverConfig(method="alpha-cg", spare_kernel=spare),
+            progress=False,
         )
         for spare in (True, False)
     }
@@ -284,7 +321,11 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
     assert without._spare is None
     cap = with_spare.state.capacity
     assert cap == 256
-    for n_forget in (10, 16, 100):  # 246 (same bucket), 230 (bucket 240: erased in place only with the spare), 130: compacted
+    for n_forget in (
+        10,
+        16,
+        100,
+    ):  # 246 (same bucket), 230 (bucket 240: erased in place only with the spare), 130: compacted
         ids = with_spare.active_ids()[:n_forget]
         spare = with_spare._spare
         results = [u.forget(ids) for u in (with_spare, without)]
@@ -300,8 +341,15 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
         ka, kb = np.asarray(a.k), np.asarray(b.k)
         ia, ib = ((np.flatnonzero(s.active)[:, None] * 10 + np.arange(10)).ravel() for s in (a, b))
         np.testing.assert_array_equal(ka[np.ix_(ia, ia)], kb[np.ix_(ib, ib)])
-        np.testing.assert_allclose(np.asarray(a.theta), np.asarray(b.theta), rtol=0, atol=1e-10 * np.abs(np.asarray(b.theta)).max())
+        np.testing.assert_allclose(
+            np.asarray(a.theta),
+            np.asarray(b.theta),
+            rtol=0,
+            atol=1e-10 * np.abs(np.asarray(b.theta)).max(),
+        )
         assert list(a.ids[a.active]) == list(b.ids[b.active])
+
+
 def test_validation_against_a_snapshot(small):
     """An estimate validates against the version it reads, not one published since (no 500 in a race)."""
     old = small.state
@@ -322,7 +370,13 @@ def test_certificates_are_the_residual_of_the_published_alpha(digits, loss):
     from service_core.training import FLOOR_FACTOR, rounding_floor, stationarity
 
     ds = digits.subset(slice(0, 200))
-    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss=loss, lam=1e-3), SolverConfig(), progress=False)
+    u = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=64),
+        TrainConfig(loss=loss, lam=1e-3),
+        SolverConfig(),
+        progress=False,
+    )
     tol = u.train_config.resolved_tol()
     for version in range(3):
         st = u.state
@@ -335,11 +389,22 @@ def test_certificates_are_the_residual_of_the_published_alpha(digits, loss):
         assert 0 < floor < 1e-3
         record = st.history[-1]
         if st.residual > tol:
-            assert record["rounding_floor"] > 0 and st.residual <= FLOOR_FACTOR * record["rounding_floor"]
+            assert (
+                record["rounding_floor"] > 0
+                and st.residual <= FLOOR_FACTOR * record["rounding_floor"]
+            )
         u.forget(u.active_ids()[:5])
-    wide = Unlearner.build(ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss=loss, lam=1e-3, dtype="float64"), SolverConfig(), progress=False)
+    wide = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=64),
+        TrainConfig(loss=loss, lam=1e-3, dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
     p64 = wide._problem(wide.state)
-    floor64 = rounding_floor(p64, wide.state.alpha, p64.f0 + kernel_matvec(p64.k, wide.state.alpha, p64.form))
+    floor64 = rounding_floor(
+        p64, wide.state.alpha, p64.f0 + kernel_matvec(p64.k, wide.state.alpha, p64.form)
+    )
     assert floor64 < 1e-7 * floor and wide.state.residual <= wide.train_config.resolved_tol()
 
 
@@ -377,7 +442,13 @@ def test_newton_stagnation_exit_reports_the_kept_alphas_own_residual(digits, los
     from service_core.training import FLOOR_FACTOR, newton, stationarity
 
     ds = digits.subset(slice(0, 200))
-    u = Unlearner.build(ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss=loss, lam=1e-3), SolverConfig(), progress=False)
+    u = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=64),
+        TrainConfig(loss=loss, lam=1e-3),
+        SolverConfig(),
+        progress=False,
+    )
     problem = u._problem(u.state)
     _, start = stationarity(problem, u.state.alpha)
     kwargs = u._solver_kwargs(u.solver_config, "float32", "auto")
@@ -403,7 +474,9 @@ def test_cg_stagnation_on_the_rounding_floor(form):
     n, d, c = 120, 3, 0.1
     rows = n if form == "trace" else n * d
     g = rng.standard_normal((rows, rows // 2))
-    k64 = g @ g.T  # PSD, rank-deficient: x is large on K's null space, so K x and c x nearly cancel in rounding
+    k64 = (
+        g @ g.T
+    )  # PSD, rank-deficient: x is large on K's null space, so K x and c x nearly cancel in rounding
     rhs = rng.standard_normal((n, d))
     mask = jnp.ones(n, bool)
 
@@ -414,7 +487,9 @@ def test_cg_stagnation_on_the_rounding_floor(form):
 
     k32, b32 = jnp.asarray(k64, jnp.float32), jnp.asarray(rhs, jnp.float32)
     x, info = solve_spd(k32, form, None, mask, b32, c, "alpha-cg", tol=1e-10, max_iter=2000)
-    assert not info.converged and info.floor > 0 and info.iterations < 4 * 2000  # stagnated, not out of iterations
+    assert (
+        not info.converged and info.floor > 0 and info.iterations < 4 * 2000
+    )  # stagnated, not out of iterations
     assert info.floor / 10 <= info.residual <= FLOOR_FACTOR * info.floor
     assert residual64(x) >= info.floor / 10
     near = info.residual / (0.5 * FLOOR_SLACK)  # a tolerance the stagnated residual misses by ~5×
@@ -422,7 +497,17 @@ def test_cg_stagnation_on_the_rounding_floor(form):
     assert info.residual > near and info.converged and info.floor > 0
     assert info.to_dict()["rounding_floor"] == info.floor
     with enable_x64():
-        x, info64 = solve_spd(jnp.asarray(k64), form, None, mask, jnp.asarray(rhs), c, "alpha-cg", tol=1e-10, max_iter=2000)
+        x, info64 = solve_spd(
+            jnp.asarray(k64),
+            form,
+            None,
+            mask,
+            jnp.asarray(rhs),
+            c,
+            "alpha-cg",
+            tol=1e-10,
+            max_iter=2000,
+        )
         assert info64.converged and info64.floor == 0.0 and info64.residual <= 1e-10
         assert residual64(x) <= 1e-9
 
@@ -440,11 +525,15 @@ def test_tiny_right_hand_sides_are_solved_and_certified(method):
     a = c * np.eye(n) + k.astype(np.float64)
     for scale in (1e-15, 1e-20, 1e-30):
         rhs = base * np.float32(scale)
-        x, info = solve_spd(jnp.asarray(k), "trace", None, jnp.ones(n, bool), jnp.asarray(rhs), c, method, 1e-6, 300)
+        x, info = solve_spd(
+            jnp.asarray(k), "trace", None, jnp.ones(n, bool), jnp.asarray(rhs), c, method, 1e-6, 300
+        )
         x = np.asarray(x, np.float64)
         true = np.linalg.norm(rhs - a @ x) / np.linalg.norm(rhs.astype(np.float64))
         assert info.converged and 0 < info.residual <= 1e-6 and true <= 2e-6, (scale, info, true)
-        assert info.residual == pytest.approx(true, rel=1.0)  # the certificate is the answer's, not an underflow
+        assert info.residual == pytest.approx(
+            true, rel=1.0
+        )  # the certificate is the answer's, not an underflow
 
 
 def test_inexact_newton_with_cg_inner_solves_converges_for_a_small_lambda(digits):
@@ -454,8 +543,11 @@ def test_inexact_newton_with_cg_inner_solves_converges_for_a_small_lambda(digits
     max_newton"). (B)'s tolerance is now divided by that amplification."""
     ds = digits.subset(slice(0, 300))
     u = Unlearner.build(
-        ds, ModelConfig(kind="mlp", width=64), TrainConfig(loss="ce", lam=1e-5, tol=1e-3, max_newton=20),
-        SolverConfig(method="alpha-cg"), progress=False,
+        ds,
+        ModelConfig(kind="mlp", width=64),
+        TrainConfig(loss="ce", lam=1e-5, tol=1e-3, max_newton=20),
+        SolverConfig(method="alpha-cg"),
+        progress=False,
     )
     info = u.state.history[0]["train"]
     assert info["converged"] and u.state.residual <= 1e-3 and info["iterations"] <= 12, info

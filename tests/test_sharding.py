@@ -17,7 +17,14 @@ from pathlib import Path
 import jax
 import pytest
 
-from service_core import ModelConfig, ResourceError, SolverConfig, TrainConfig, Unlearner, load_digits
+from service_core import (
+    ModelConfig,
+    ResourceError,
+    SolverConfig,
+    TrainConfig,
+    Unlearner,
+    load_digits,
+)
 from service_core.sharding import MemoryPlan, check_fits, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,19 +67,37 @@ CHILD = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,loss,form,method",
-    [("mlp", "ce", "full", "alpha-cg"), ("mlp", "mse", "full", "alpha-cholesky"), ("linear", "ce", "trace", "alpha-cg"), ("mlp", "mse", "full", "theta-cg")],
+    [
+        ("mlp", "ce", "full", "alpha-cg"),
+        ("mlp", "mse", "full", "alpha-cholesky"),
+        ("linear", "ce", "trace", "alpha-cg"),
+        ("mlp", "mse", "full", "theta-cg"),
+    ],
 )
 def test_sharded_equals_unsharded_on_4_cpu_devices(kind, loss, form, method):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, loss, form, method], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CHILD, kind, loss, form, method],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     one, four = out["1"], out["4"]
     assert len(one["devices"]) == 1 and len(four["devices"]) == 4
     sizes = list(four["per_device"].values())
-    assert len(sizes) == 4 and len(set(sizes)) == 1 and sum(sizes) == list(one["per_device"].values())[0]
+    assert (
+        len(sizes) == 4
+        and len(set(sizes)) == 1
+        and sum(sizes) == list(one["per_device"].values())[0]
+    )
     import numpy as np
 
     for key in ("theta", "after", "estimate"):
@@ -82,7 +107,13 @@ def test_sharded_equals_unsharded_on_4_cpu_devices(kind, loss, form, method):
 
 
 def test_planner_refuses_what_does_not_fit():
-    plan = MemoryPlan(kernel_bytes=8 << 30, per_device_bytes=2 << 30, working_bytes=5 << 30, device_bytes=4 << 30, n_devices=4)
+    plan = MemoryPlan(
+        kernel_bytes=8 << 30,
+        per_device_bytes=2 << 30,
+        working_bytes=5 << 30,
+        device_bytes=4 << 30,
+        n_devices=4,
+    )
     assert not plan.fits
     with pytest.raises(ResourceError, match="more than 60%"):
         check_fits(plan, "K for 40000 points")
@@ -93,12 +124,21 @@ def test_planner_refuses_what_does_not_fit():
 def test_build_refuses_a_kernel_larger_than_memory():
     ds = load_digits(seed=0).subset(slice(0, 40))
     with pytest.raises(ResourceError, match="per device"):
-        Unlearner.build(ds, ModelConfig(kind="mlp", width=8), TrainConfig(), SolverConfig(), progress=False, memory_budget=1e-9)
+        Unlearner.build(
+            ds,
+            ModelConfig(kind="mlp", width=8),
+            TrainConfig(),
+            SolverConfig(),
+            progress=False,
+            memory_budget=1e-9,
+        )
 
 
 def test_model_info_reports_devices_and_bytes():
     ds = load_digits(seed=0).subset(slice(0, 40))
-    u = Unlearner.build(ds, ModelConfig(kind="linear"), TrainConfig(loss="mse"), SolverConfig(), progress=False)
+    u = Unlearner.build(
+        ds, ModelConfig(kind="linear"), TrainConfig(loss="mse"), SolverConfig(), progress=False
+    )
     info = u.info()["kernel"]
     assert info["devices"] == [str(d) for d in jax.devices()[:1]]
     assert sum(info["bytes_per_device"].values()) == info["bytes"]

@@ -129,7 +129,8 @@ class SolverInfo(BaseModel):
     seconds: float
     converged: bool | None = None
     preconditioner: str | None = Field(
-        None, description="'nystrom-<rank>' when CG was preconditioned by a Nyström approximation of K"
+        None,
+        description="'nystrom-<rank>' when CG was preconditioned by a Nyström approximation of K",
     )
     rounding_floor: float | None = Field(
         None,

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         "or 'npz:FILE' (arrays x, y, ...)",
     )
     n_train: int | None = Field(
-        None, gt=0, description="training points to keep: per class × 10 for mnist (default 200 "
+        None,
+        gt=0,
+        description="training points to keep: per class × 10 for mnist (default 200 "
         "per class), balanced for cifar2 (default all); not for digits or npz",
     )
     model: Literal["linear", "mlp", "cnn", "inf-mlp", "inf-cnn"] = Field(
@@ -42,25 +44,33 @@ class Settings(BaseSettings):
     loss: Literal["ce", "mse"] = Field(_TRAIN.loss, description="cross-entropy or squared error")
     lam: float = Field(_TRAIN.lam, gt=0, description="L2 weight λ of the regularised risk")
     pool: bool = Field(
-        _MODEL.pool, description="cnn / inf-cnn: AvgPool(2×2) after each conv block (inf-cnn with "
+        _MODEL.pool,
+        description="cnn / inf-cnn: AvgPool(2×2) after each conv block (inf-cnn with "
         "pooling costs ~0.1 s per pair of images: a few hundred points at most)",
     )
     width: int | None = Field(
-        None, gt=0, description="hidden width: MLP units or CNN channels (default: 512 for mlp, 128 for cnn)"
+        None,
+        gt=0,
+        description="hidden width: MLP units or CNN channels (default: 512 for mlp, 128 for cnn)",
     )
     depth: int | None = Field(
-        None, ge=0, description="hidden layers or conv blocks (default: 2 for mlp, 3 for cnn, as the paper)"
+        None,
+        ge=0,
+        description="hidden layers or conv blocks (default: 2 for mlp, 3 for cnn, as the paper)",
     )
     w_std: float = Field(_MODEL.w_std, gt=0, description="weight standard deviation (NTK param.)")
     b_std: float = Field(_MODEL.b_std, ge=0, description="bias standard deviation (NTK param.)")
     seed: int = Field(_MODEL.seed, description="seed of the data split and the initialisation")
     trainer: Literal["newton", "kgd"] = Field(
-        _TRAIN.trainer, description="version 0's trainer: Newton in α, or kernel gradient descent (Eq. 14)"
+        _TRAIN.trainer,
+        description="version 0's trainer: Newton in α, or kernel gradient descent (Eq. 14)",
     )
     dtype: Literal["float32", "float64"] = Field(_TRAIN.dtype, description="floating point type")
 
     # Influence solver.
-    solver: Literal["auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"] = Field(
+    solver: Literal[
+        "auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"
+    ] = Field(
         _SOLVER.method, description="influence solver; 'auto' picks the cheapest by a cost model"
     )
     cg_tol: float | None = Field(
@@ -116,7 +126,7 @@ class Settings(BaseSettings):
         return {"binary_pm1": True} if self.loss == "mse" else {}
 
     @model_validator(mode="after")
-    def _n_train_applies(self) -> "Settings":
+    def _n_train_applies(self) -> Settings:
         self.dataset_kwargs()
         return self
 
