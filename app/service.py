@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 
-from service_core import Unlearner, latest_version, load_dataset
+from service_core import Unlearner, load_dataset
 
 from .core.config import Settings
 from .deletion_log import DeletionLog
@@ -84,7 +84,9 @@ class ModelFollower:
     """Keeps an API process without a worker (``serve --no-worker``) on the newest version.
 
     The worker of another process checkpoints every version in the shared data dir; this polls
-    for a newer one and swaps it in, so reads lag the worker by about ``interval_s``.
+    for a newer one and follows it (``Unlearner.follow_checkpoint``: the forgotten rows are erased
+    from the K this process holds, never recomputed), so reads lag the worker by about
+    ``interval_s``.
     """
 
     def __init__(self, state: ServiceState, interval_s: float = 1.0):
@@ -102,15 +104,9 @@ class ModelFollower:
 
     def poll(self) -> bool:
         """Swap in a newer checkpointed version if there is one. Returns whether it did."""
-        checkpoint_dir = self.state.settings.checkpoint_dir
-        current = self.state.unlearner
-        newest = latest_version(checkpoint_dir)
-        if current is None or newest is None or newest <= current.version:
+        u = self.state.unlearner
+        if u is None or not u.follow_checkpoint(self.state.settings.checkpoint_dir):
             return False
-        u = Unlearner.restore(checkpoint_dir, progress=False)
-        if u is None or u.version <= current.version:
-            return False
-        self.state.unlearner = u
         log.info("following the worker: now serving version %d", u.version)
         return True
 

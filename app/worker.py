@@ -1,11 +1,13 @@
 """The solver worker: takes forget jobs off the queue and applies them to the model.
 
-Order of a batch, chosen so that a crash anywhere loses no accepted job and applies none twice:
-``u.forget`` checkpoints the new version and then publishes it; the version is appended to the
-deletion log; then, in one Redis transaction, the jobs are marked succeeded, their entries
-acknowledged and deleted, their ids released. Entries left unacknowledged by a crash are claimed
-again at start; a job whose ids the restored model has forgotten already was applied before the
-crash, and is only marked succeeded.
+Order of a batch, in one direction, chosen so that a crash anywhere loses no accepted job and
+applies none twice (docs/design.md, The order of a deletion): ``u.forget`` computes the new
+version, checkpoints it and publishes it; the version is appended to the deletion log; then, in one
+Redis transaction, the jobs are marked succeeded, their entries acknowledged and deleted, their ids
+released; only then ``u.after_publish`` refreshes the preconditioner, purges the kernel cache and
+makes the spare K buffer. Entries left unacknowledged by a crash are claimed again at start; a job
+whose ids the restored model has forgotten already was applied before the crash, and is only
+marked succeeded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,14 +180,17 @@ class Worker:
         # The model's size goes with the released ids: the API admits new jobs against both.
         self.queue.finish(outcomes, n_train=u.n_train)
         self._count(outcomes)
-        if accepted:  # after the jobs are reported: the spare K buffer holds no data, only speed
-            u.ready_next_deletion()
+        if accepted:  # after the jobs are reported: post-publish work is off their latency
+            seconds = u.after_publish()
+            log.info(
+                "after publishing: %s", ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+            )
 
     def _apply(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
         jobs: list[Job] = [e.job for e in accepted]  # type: ignore[misc]
         ids = [i for job in jobs for i in job.ids]
         try:
-            result = self.unlearner.forget(ids, self.checkpoint_dir, ready_next=False)
+            result = self.unlearner.forget(ids, self.checkpoint_dir)
         except (UnlearnError, SolverError) as e:
             log.warning("forget of %d id(s) failed: %s", len(ids), e)
             return [(entry, _failed(str(e))) for entry in accepted]
@@ -199,8 +205,10 @@ class Worker:
             return [(entry, _failed(message)) for entry in accepted]
 
         # Why this method: the auto cost model's explanation, or that it was configured.
-        solver = {**result.solve.to_dict(), "reason": result.reason, "timings": result.timings}
+        timings = dict(result.timings or {})
+        solver = {**result.solve.to_dict(), "reason": result.reason, "timings": timings}
         refine = result.refine.to_dict() if result.refine is not None else None
+        started = time.perf_counter()
         self.deletion_log.append(
             {
                 "version": result.version,
@@ -214,6 +222,9 @@ class Worker:
                 "seconds": result.seconds,
             }
         )
+        # the log record is written before the job is reported: part of the job's time
+        timings["log"] = time.perf_counter() - started
+        timings["total"] = result.seconds + timings["log"]
         log.info(
             "version %d: forgot %d id(s) of %d job(s) in %.2f s (%s, %d iterations, residual %.2e)",
             result.version,

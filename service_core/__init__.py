@@ -4,9 +4,19 @@ Pure JAX and numpy; no web imports. The public surface is what this module expor
 """
 
 from .checkpoint import latest_version
-from .config import ModelConfig, SolverConfig, TrainConfig
+from .config import (
+    DTYPES,
+    LOSSES,
+    MODEL_KINDS,
+    SOLVER_ALIASES,
+    SOLVER_METHODS,
+    ModelConfig,
+    SolverConfig,
+    TrainConfig,
+)
 from .data import Dataset, load_dataset, load_digits, load_mnist, load_npz
-from .engine import ForgetResult, InfluenceResult, Unlearner
+from .deletion import ForgetResult
+from .engine import InfluenceResult, Unlearner
 from .errors import (
     AlreadyForgottenError,
     DatasetError,
@@ -17,12 +27,16 @@ from .errors import (
     UnknownIdsError,
     UnlearnError,
 )
-from .models import Model, build_model
-from .ntk import empirical_ntk
-from .solvers import SolveInfo
+from .linalg import SolveInfo
+from .models import KernelModel, Model, build_model
 from .state import ModelState
 
 __all__ = [
+    "DTYPES",
+    "LOSSES",
+    "MODEL_KINDS",
+    "SOLVER_ALIASES",
+    "SOLVER_METHODS",
     "AlreadyForgottenError",
     "Dataset",
     "DatasetError",
@@ -30,6 +44,7 @@ __all__ = [
     "InfluenceResult",
     "InvalidForgetSetError",
     "InvalidInputError",
+    "KernelModel",
     "Model",
     "ModelConfig",
     "ModelState",
@@ -42,7 +57,6 @@ __all__ = [
     "UnlearnError",
     "Unlearner",
     "build_model",
-    "empirical_ntk",
     "latest_version",
     "load_dataset",
     "load_digits",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .layout import KernelLayout
 from .state import ModelState
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,7 @@ def save(directory: Path, state: ModelState) -> Path:
         mngr.save(
             state.version,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(
-                    {k: np.asarray(v) for k, v in state.arrays().items() if k != "k"}
-                ),
+                arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in state.arrays().items()}),
                 meta=ocp.args.JsonSave(state.metadata()),
             ),
             force=True,
@@ -86,7 +85,7 @@ def restore(directory: Path, before_arrays=None) -> ModelState | None:
     return ModelState(
         version=int(meta["version"]),
         ids=np.array(meta["ids"], dtype=str),
-        form=meta["form"],
+        layout=KernelLayout(meta["form"], int(meta["meta"]["dataset"]["output_dim"])),
         residual=float(meta["residual"]),
         forgotten=tuple(meta["forgotten"]),
         history=tuple(meta["history"]),

@@ -6,13 +6,31 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-ModelKind = Literal["linear", "mlp", "cnn", "inf-mlp", "inf-cnn"]
-LossName = Literal["mse", "ce"]
-DType = Literal["float32", "float64"]
-KernelForm = Literal["auto", "full", "trace"]
-SolverMethod = Literal[
-    "auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"
-]
+import jax
+import jax.numpy as jnp
+
+# The one list of each: the app's settings and every validation read these.
+MODEL_KINDS = ("linear", "mlp", "cnn", "inf-mlp", "inf-cnn")
+LOSSES = ("mse", "ce")
+DTYPES = ("float32", "float64")
+KERNEL_FORMS = ("auto", "full", "trace")
+TRAINERS = ("newton", "kgd")
+SOLVER_METHODS = ("auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg")
+SOLVER_ALIASES = {"cg": "alpha-cg", "cholesky": "alpha-cholesky", "paper": "alpha-paper"}
+# The settings of ModelConfig that shape each kind (the rest mean nothing for it).
+KIND_SETTINGS = {
+    "linear": ("w_std", "b_std", "seed", "kernel_form"),
+    "mlp": ("width", "depth", "w_std", "b_std", "seed", "kernel_form"),
+    "cnn": ("width", "depth", "w_std", "b_std", "seed", "kernel_form", "pool"),
+    "inf-mlp": ("depth", "w_std", "b_std"),
+    "inf-cnn": ("depth", "w_std", "b_std", "pool"),
+}
+
+ModelKind = Literal[MODEL_KINDS]
+LossName = Literal[LOSSES]
+DType = Literal[DTYPES]
+KernelForm = Literal[KERNEL_FORMS]
+SolverMethod = Literal[SOLVER_METHODS + tuple(SOLVER_ALIASES)]
 
 
 class _Serialisable:
@@ -62,6 +80,10 @@ class ModelConfig(_Serialisable):
         """Whether the model is infinitely wide (analytic NTK, no θ)."""
         return self.kind.startswith("inf-")
 
+    def shaping(self) -> dict[str, Any]:
+        """The settings that shape this kind of model (``KIND_SETTINGS``), with the kind."""
+        return {"kind": self.kind, **{k: getattr(self, k) for k in KIND_SETTINGS[self.kind]}}
+
     def resolved_kernel_form(self) -> Literal["full", "trace"]:
         if self.kernel_form != "auto":
             return self.kernel_form
@@ -86,7 +108,7 @@ class TrainConfig(_Serialisable):
 
     loss: LossName = "ce"
     lam: float = 1e-3
-    trainer: Literal["newton", "kgd"] = "newton"
+    trainer: Literal[TRAINERS] = "newton"
     max_kgd_steps: int = 100_000
     tol: float | None = None
     max_newton: int = 50
@@ -141,3 +163,17 @@ class SolverConfig(_Serialisable):
         if self.tol is not None:
             return self.tol
         return 1e-6 if dtype == "float32" else 1e-12
+
+
+def jax_dtype(name: str):
+    """The JAX dtype of a ``DType`` name.
+
+    float64 needs ``jax_enable_x64``: this is the one place the engine turns it on, for the whole
+    process (JAX has no per-array switch), when a float64 model is built or restored. float32
+    models are unaffected: their networks are drawn with x64 off (``models.build_model``) and every
+    array they hold is float32 by construction.
+    """
+    if name == "float64":
+        jax.config.update("jax_enable_x64", True)
+        return jnp.float64
+    return jnp.float32

@@ -1,17 +1,16 @@
-"""Influence of removing a forget set F, in α-space (the product) and θ-space (the baseline).
+"""Influence of removing a forget set F in α-space: system (A), its solve, refinement, estimates.
 
-math.md, Influence of removing F in α-space (Eqs. 5, 10–12): Δα_F = −α*_F and Δα_R solves
+docs/maths.md, Influence of removing F (Eqs. 5, 10–12): Δα_F = −α*_F and Δα_R solves
 
     (W_R K_RR + λ N_R I) Δα_R = λ N_F α*_R + W_R K_RF α*_F                (A)
 
-through its SPD form (B). Δθ = J(X)ᵀ Δα (one VJP). Test-point changes (Eqs. 8–9) come from kernels
-or, for a finite network, from J(X_t) Δθ, which is the same number.
+through its SPD form (B). ``deletion_step`` is the one implementation of a deletion's computation
+in α: the influence step, then (optionally) Newton refinement on the retain risk. The engine runs
+it on the compacted retain layout (``deletion.plan``), estimates on the current one.
 """
 
 from __future__ import annotations
 
-import time
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -19,37 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import losses
-from .models import Model
-from .ntk import kernel_matvec
-from .solvers import SolveInfo, cg, solve_newton_system, solve_paper_form
-from .training import DualProblem, NewtonInfo, newton, stationarity
-
-
-class Deletion(NamedTuple):
-    """The result of removing F from a trained dual model.
-
-    Attributes:
-      alpha: α after the deletion ``(N, d)`` (rows of F are 0; N counts F still).
-      delta_alpha: Δα ``(N, d)``, including Δα_F = −α*_F.
-      step: the influence solve of system (A).
-      refine: Newton refinement on the retain risk, or ``None`` if not run.
-      residual: relative stationarity residual of ``alpha`` on the retain risk.
-    """
-
-    alpha: jax.Array
-    delta_alpha: jax.Array
-    step: SolveInfo
-    refine: NewtonInfo | None
-    residual: float
+from .dual import DualProblem, NewtonInfo, newton, stationarity
+from .errors import SolverError
+from .layout import pad_rows, spread
+from .linalg import SolveInfo, SolveOptions, SPDSystem, solve_paper_form, solve_system_a
 
 
 class RetainSystem(NamedTuple):
-    """System (A) of math.md for removing F, assembled on the layout of the current state.
+    """System (A) for removing F, assembled on the layout of the current state.
 
     Attributes:
-      b: right-hand side λ N_F α*_R + W_R K_RF α*_F ``(N, d)``, zero off R.
-      w: W_i at the trained outputs ``(N, d, d)``, ``None`` for squared error (W = I).
-      s: S = W^{1/2} ``(N, d, d)`` or ``None``.
+      b: right-hand side λ N_F α*_R + W_R K_RF α*_F ``(C, d)``, zero off R.
+      w: W_i at the trained outputs ``(C, d, d)``, ``None`` for squared error (W = I).
+      s: S = W^{1/2} ``(C, d, d)`` or ``None``.
       c: the shift λ N_R.
       n_total: N, the size of the current training set (the paper form divides by it).
     """
@@ -61,16 +42,12 @@ class RetainSystem(NamedTuple):
     n_total: int
 
     def take(self, rows: np.ndarray, capacity: int) -> RetainSystem:
-        """The same system on a compacted layout: row ``i`` of the result is row ``rows[i]`` of this
-        one, zero rows pad it to ``capacity``."""
+        """The same system on a compacted layout: row ``i`` is row ``rows[i]`` of this one, zero rows
+        pad it to ``capacity`` (gathered on the host: N·d² values at most, and a sharded take fails
+        XLA's verifier on jax 0.5.3)."""
 
-        def gather(
-            a,
-        ):  # on the host: these are N·d² values at most (a sharded take fails XLA's verifier)
-            if a is None:
-                return None
-            out = np.asarray(a)[rows]
-            return jnp.asarray(np.pad(out, [(0, capacity - len(rows))] + [(0, 0)] * (a.ndim - 1)))
+        def gather(a):
+            return None if a is None else jnp.asarray(pad_rows(np.asarray(a)[rows], capacity))
 
         return self._replace(b=gather(self.b), w=gather(self.w), s=gather(self.s))
 
@@ -79,275 +56,264 @@ def retain_system(
     problem: DualProblem,
     alpha_star: jax.Array,
     forget: jax.Array,
-    f_star: jax.Array | None = None,
+    f_star: jax.Array,
     k_rf_alpha_f: jax.Array | None = None,
 ) -> RetainSystem:
     """Assemble system (A) for removing ``forget`` from the model trained on ``problem``.
 
-    Reads only the N_F·d columns of K that belong to F (K_RF α*_F), plus one pass over K for the
-    trained outputs f* = f_0 + K α* unless ``f_star`` is given.
-
     Arguments:
       problem: the dual risk of the current training set D (its mask: the active points).
-      alpha_star: α* ``(N, d)``, optimal on D.
-      forget: bool ``(N,)``, F ⊂ D.
-      f_star: f* ``(N, d)`` if known.
-      k_rf_alpha_f: K_RF α*_F ``(N, d)`` on R if the caller has it (``Unlearner`` computes it as
-        (f* − f_0)_R − K_RR α*_R when F is the larger set: a pass over K_RR instead of N_F·d columns).
+      alpha_star: α* ``(C, d)``, optimal on D.
+      forget: bool ``(C,)``, F ⊂ D.
+      f_star: the trained outputs f* = f_0 + K α* ``(C, d)``.
+      k_rf_alpha_f: K_RF α*_F ``(C, d)`` on R if the caller has it; else read from the N_F·d
+        columns of K that belong to F (``KernelLayout.columns_matvec``).
 
     Returns:
-      ``RetainSystem`` (math.md Eq. (A)).
+      ``RetainSystem`` (docs/maths.md, Eq. (A)).
     """
-    dtype = alpha_star.dtype
     retain = problem.mask & ~forget
-    m_r = retain[:, None].astype(dtype)
+    m_r = retain[:, None].astype(alpha_star.dtype)
     n_forget, n_retain = int(jnp.sum(forget)), int(jnp.sum(retain))
-    if f_star is None:
-        f_star = problem.f0 + kernel_matvec(
-            problem.k, alpha_star * problem.mask[:, None], problem.form
-        )
     w = losses.hessian(problem.loss, f_star, problem.y)
     s = losses.hessian_sqrt(problem.loss, f_star, problem.y)
     if k_rf_alpha_f is None:
-        k_rf_alpha_f = _columns_matvec(
-            problem.k, problem.form, np.flatnonzero(np.asarray(forget)), alpha_star
-        )
+        points = np.flatnonzero(np.asarray(forget))
+        k_rf_alpha_f = problem.layout.columns_matvec(problem.k, points, alpha_star)
     k_rf_alpha_f = m_r * k_rf_alpha_f
     b = problem.lam * n_forget * alpha_star * m_r + losses.apply_blocks(w, k_rf_alpha_f) * m_r
     return RetainSystem(b, w, s, problem.lam * n_retain, problem.n)
 
 
 def solve_retain(
-    k: jax.Array, form: str, system: RetainSystem, retain: jax.Array, solver: dict
+    retained: DualProblem, system: RetainSystem, options: SolveOptions
 ) -> tuple[jax.Array, SolveInfo]:
-    """Δα_R from system (A): through its SPD form (B) (``solvers.solve_newton_system``), or the
-    paper's premultiplied form when ``solver['method']`` is ``alpha-paper``.
-
-    Arguments:
-      k: K in the layout of ``system`` (the current one, or K_RR compacted).
-      retain: bool ``(rows,)``, R in that layout.
-      solver: keyword arguments of ``solvers.solve_spd``.
+    """Δα_R from system (A) on the retain problem's layout: through its SPD form (B)
+    (``linalg.solve_system_a``), or the paper's premultiplied form for ``alpha-paper``.
 
     Returns:
-      ``(Δα_R (rows, d), SolveInfo)``, zero off R.
+      ``(Δα_R (C, d), SolveInfo)``, zero off R.
     """
-    m_r = retain[:, None].astype(system.b.dtype)
-    if solver.get("method") == "alpha-paper":
-        delta_r, info = solve_paper_form(
-            k,
-            form,
-            system.w,
-            retain,
-            system.b,
-            system.c,
-            system.n_total,
-            solver["tol"],
-            solver["max_iter"],
-        )
+    spd = SPDSystem.make(retained.k, retained.layout, system.s, retained.mask, system.c)
+    if options.method == "alpha-paper":
+        delta_r, info = solve_paper_form(spd, system.w, system.b, system.n_total, options)
     else:
-        delta_r, info = solve_newton_system(k, form, system.s, retain, system.b, system.c, **solver)
-    return delta_r * m_r, info
+        delta_r, info = solve_system_a(spd, system.b, options)
+    return delta_r * retained.m, info
+
+
+class Retained(NamedTuple):
+    """The retain set R on the layout its solves run on (compacted by ``deletion.plan``, or the
+    current layout with F masked).
+
+    Attributes:
+      problem: the dual risk on R (K_RR, f_0, y, mask of R) in that layout.
+      rows: row ``i`` of that layout is row ``rows[i]`` of the current one.
+      alpha: α*_R in that layout.
+    """
+
+    problem: DualProblem
+    rows: np.ndarray
+    alpha: jax.Array
+
+
+class Deletion(NamedTuple):
+    """A deletion computed in α.
+
+    Attributes:
+      alpha: α after the deletion, on the retain layout (``Retained``).
+      alpha_step: α after the influence step alone, on the retain layout.
+      delta_alpha: Δα of the influence step on the current layout ``(C, d)``, Δα_F = −α*_F.
+      step: the influence solve of system (A).
+      refine: Newton refinement on the retain risk, or ``None`` if not run.
+      residual: relative stationarity residual of ``alpha`` on the retain risk (the certificate).
+      f: f_0 + K α on the retain layout (the certificate's outputs), ``None`` if not certified.
+    """
+
+    alpha: jax.Array
+    alpha_step: jax.Array
+    delta_alpha: jax.Array
+    step: SolveInfo
+    refine: NewtonInfo | None
+    residual: float
+    f: jax.Array | None
+
+
+class Refinement(NamedTuple):
+    """Newton refinement after the influence step: relative stationarity ``tol``, at most
+    ``max_steps`` steps, inner solves by ``options`` (docs/maths.md, Exactness beyond one step)."""
+
+    tol: float
+    max_steps: int
+    options: SolveOptions
+
+
+def retained_in_place(problem: DualProblem, alpha_star: jax.Array, forget: jax.Array) -> Retained:
+    """R on the current layout: F masked, not removed."""
+    retain = problem.mask & ~forget
+    rows = np.arange(problem.mask.shape[0])
+    return Retained(problem._replace(mask=retain), rows, alpha_star * retain[:, None])
+
+
+class Step(NamedTuple):
+    """The influence step (A) alone.
+
+    Attributes:
+      alpha: α*_R + Δα_R on the retain layout.
+      delta_alpha: Δα on the current layout ``(C, d)``, with Δα_F = −α*_F.
+      change: ‖Δα‖ (F's part included).
+      info: the solve of system (A).
+    """
+
+    alpha: jax.Array
+    delta_alpha: jax.Array
+    change: float
+    info: SolveInfo
 
 
 def influence_step(
     problem: DualProblem,
     alpha_star: jax.Array,
     forget: jax.Array,
-    solver: dict,
-    f_star: jax.Array | None = None,
-) -> tuple[jax.Array, SolveInfo]:
-    """Δα for removing ``forget`` from the model trained on ``problem`` (α* optimal there), solved
-    on the current layout (rows of F masked, not removed).
+    options: SolveOptions,
+    retained: Retained,
+    f_star: jax.Array,
+    lap=None,
+) -> Step:
+    """Δα of removing ``forget`` (system (A)), solved on the retain layout ``retained``.
 
     Arguments:
-      problem: the dual risk of the current training set D (its mask: the active points).
-      alpha_star: α* ``(N, d)``.
-      forget: bool ``(N,)``, F ⊂ D.
-      solver: keyword arguments of ``solvers.solve_spd``; ``method`` ``alpha-paper`` solves the
-        paper's premultiplied form instead of (A)/(B) (``solvers.solve_paper_form``).
-      f_star: the trained outputs f_0 + K α*, if known (saves one pass over K).
+      problem: the dual risk of the current training set D; alpha_star: α* ``(C, d)`` optimal on D.
+      forget: bool ``(C,)``, F ⊂ D.
+      options: the solve (``alpha-paper`` solves the paper's form).
+      retained: R on the layout to solve on (``retained_in_place``, or compacted).
+      f_star: f* = f_0 + K α* ``(C, d)``.
+      lap: ``lap(part, *arrays)`` is called after the right-hand side and after the solve (timings).
+    """
+    lap = lap or (lambda *_: None)
+    rp, rows = retained.problem, retained.rows
+    capacity, n, n_retain = problem.mask.shape[0], problem.n, rp.n
+    k_rf_alpha_f = None
+    if n_retain**2 <= 2 * n * (n - n_retain):
+        # K_RF α*_F as (K α*)_R − K_RR α*_R: one pass over the (compacted) K_RR instead of reading
+        # the N_F·d rows of F, when that touches fewer bytes
+        k_rr_alpha_r = rp.layout.matvec(rp.k, retained.alpha)
+        k_rf_alpha_f = (f_star - problem.f0) - spread(k_rr_alpha_r, rows, capacity)
+    system = retain_system(problem, alpha_star, forget, f_star, k_rf_alpha_f)
+    if rp.mask.shape[0] != capacity or not np.array_equal(rows, np.arange(capacity)):
+        system = system.take(rows, rp.mask.shape[0])
+    lap("rhs", system.b)
+    delta_r, info = solve_retain(rp, system, options)
+    alpha_step = retained.alpha + delta_r
+    lap("solve", alpha_step)
+    m_f = forget[:, None].astype(alpha_star.dtype)
+    delta_alpha = spread(delta_r, rows, capacity) - alpha_star * m_f
+    step_change = jnp.sum((alpha_step - retained.alpha) ** 2)
+    change = float(jnp.sqrt(step_change + jnp.sum((alpha_star * m_f) ** 2)))
+    return Step(alpha_step, delta_alpha, change, info)
+
+
+def refine_and_certify(
+    retained: DualProblem, alpha_step: jax.Array, refine: Refinement | None, change: float | None
+) -> tuple[jax.Array, NewtonInfo | None, jax.Array, float]:
+    """Newton on the retain risk from the influence step (with ``refine``; for cross-entropy also
+    until α's error is below ``refine.tol`` relative to ``change`` = ‖Δα‖, ``dual.newton``), then
+    the certificate: the relative stationarity residual of the α returned, f recomputed from it.
 
     Returns:
-      ``(Δα, SolveInfo)``, Δα ``(N, d)`` with Δα_F = −α*_F (math.md Eq. (A)).
+      ``(alpha, NewtonInfo or None, f = f_0 + K α, residual)``.
     """
-    system = retain_system(problem, alpha_star, forget, f_star)
-    delta_r, info = solve_retain(problem.k, problem.form, system, problem.mask & ~forget, solver)
-    return delta_r - alpha_star * forget[:, None].astype(alpha_star.dtype), info
+    alpha, refined = alpha_step, None
+    if refine is not None:
+        change = None if retained.loss == "mse" else change
+        alpha, refined = newton(
+            retained, alpha_step, refine.tol, refine.max_steps, refine.options, change
+        )
+    f = retained.outputs(alpha)
+    _, residual = stationarity(retained, alpha, f)
+    return alpha, refined, f, residual
 
 
-def _columns_matvec(k: jax.Array, form: str, rows: np.ndarray, alpha: jax.Array) -> jax.Array:
-    """K[:, F] α_F for the points ``rows`` of F: reads N_F·d columns of K, not all of it.
-
-    K is symmetric, so on one device this reads the rows K[F, :] instead (contiguous in memory,
-    several times faster than a strided column gather) and computes K[F, :]ᵀ α_F.
-    """
-    d = alpha.shape[1]
-    idx = (rows[:, None] * d + np.arange(d)).ravel() if form == "full" else rows
-    a_f = alpha[rows].reshape(-1) if form == "full" else alpha[rows]
-    hi = jax.lax.Precision.HIGHEST
-    if len(k.sharding.device_set) == 1:
-        out = jnp.matmul(a_f.T, jnp.take(k, jnp.asarray(idx), axis=0), precision=hi)
-        return out.reshape(alpha.shape) if form == "full" else out.T
-    return jnp.matmul(k[:, idx], a_f, precision=hi).reshape(alpha.shape)
-
-
-def forget(
+def deletion_step(
     problem: DualProblem,
     alpha_star: jax.Array,
-    forget_mask: jax.Array,
-    solver: dict,
-    refine: bool,
-    refine_tol: float,
-    max_refine: int,
+    forget: jax.Array,
+    options: SolveOptions,
+    refine: Refinement | None = None,
+    *,
+    f_star: jax.Array | None = None,
+    retained: Retained | None = None,
+    certify: bool = True,
 ) -> Deletion:
-    """The influence step and, if ``refine``, Newton on the retain risk until its relative
-    stationarity residual is at most ``refine_tol`` (math.md, Exactness beyond one step), and for
-    cross-entropy until α's error is below ``refine_tol`` relative to ‖Δα‖ (``training.newton``).
-
-    For squared error the step alone equals exact retraining; refinement then only certifies it.
-    """
-    delta, step = influence_step(problem, alpha_star, forget_mask, solver)
-    retain_problem = problem._replace(mask=problem.mask & ~forget_mask)
-    alpha = alpha_star + delta
-    refined = None
-    if refine:
-        change = None if problem.loss == "mse" else float(jnp.linalg.norm(delta))
-        alpha, refined = newton(retain_problem, alpha, refine_tol, max_refine, solver, change)
-        residual = refined.residual
-    else:
-        _, residual = stationarity(retain_problem, alpha)
-    return Deletion(alpha, alpha - alpha_star, step, refined, residual)
-
-
-def delta_theta(model: Model, x: jax.Array, delta_alpha: jax.Array) -> jax.Array:
-    """Δθ = J(X)ᵀ Δα by one VJP; x ``(N, ...)``, Δα ``(N, d)`` → ``(P,)``."""
-    return model.vjp(x, delta_alpha)
-
-
-def test_point_changes(
-    model: Model,
-    theta: jax.Array,
-    dtheta: jax.Array,
-    x_test: jax.Array,
-    y_test: jax.Array,
-    loss: str,
-) -> tuple[jax.Array, jax.Array]:
-    """Eqs. 8–9: Δf(X_t) = J(X_t) Δθ (= K(X_t, X) Δα) and Δℓ_t ≈ g_tᵀ Δf(x_t).
+    """Remove ``forget`` from the model trained on ``problem``: the influence step (A)
+    (``influence_step``), then, with ``refine``, Newton refinement and the certificate
+    (``refine_and_certify``). For squared error the step alone equals exact retraining; refinement
+    then only certifies it. This is the computation of every deletion: ``deletion.plan`` runs it on
+    the compacted retain layout, estimates on the current one.
 
     Arguments:
-      theta: current θ ``(P,)``; dtheta: Δθ ``(P,)``; x_test ``(n, ...)``; y_test targets ``(n, d)``.
+      problem: the dual risk of the current training set D; alpha_star: α* ``(C, d)`` optimal on D.
+      forget: bool ``(C,)``, F ⊂ D.
+      options: the influence solve.
+      refine: refinement settings, or ``None`` for the single step.
+      f_star: f* = f_0 + K α* if known (saves a pass over K).
+      retained: R on the layout to solve on (default ``retained_in_place``).
+      certify: compute the certificate (``Deletion.residual`` and ``f``; NaN and ``None`` without).
 
     Returns:
-      ``(Δf (n, d), Δℓ (n,))``; g_t is taken at the current outputs f_lin(x_t; θ).
+      ``Deletion``; when the step missed its tolerance (``step.converged`` false) no refinement runs.
     """
-    base, shift = model.f0_and_jvp(x_test, theta - model.theta0)
-    _, df = model.f0_and_jvp(x_test, dtheta)
-    g = losses.grad(loss, base + shift, y_test)
-    return df, jnp.sum(g * df, axis=-1)
-
-
-_THETA_SOLVERS: dict = {}
-
-
-def _theta_solve(
-    apply_fn,
-    unravel,
-    loss,
-    theta0,
-    theta_p,
-    theta_star,
-    xf,
-    y,
-    m_f,
-    m_r,
-    lam,
-    tol,
-    x0,
-    max_iter,
-    zero_start=False,
-):
-    """One CG (re)start of the θ-space system, traced once per shape: data are arguments, so XLA
-    neither recompiles per call nor constant-folds the network over captured inputs."""
-    n = jnp.sum(m_f) + jnp.sum(m_r)
-
-    def f_lin(theta):
-        base, shift = jax.jvp(lambda t: apply_fn(unravel(t), xf), (theta0,), (theta - theta0,))
-        return base + shift
-
-    def point_risk(theta, weights):
-        reg = 0.5 * lam * jnp.sum((theta - theta_p) ** 2)
-        return jnp.sum(weights * (losses.value(loss, f_lin(theta), y) + reg)) / n
-
-    grad_r = jax.grad(point_risk)
-    rhs = grad_r(theta_star, m_f)
-
-    def hvp(v):  # forward-over-reverse: jvp of the retain gradient
-        return jax.jvp(lambda t: grad_r(t, m_r), (theta_star,), (v,))[1]
-
-    sol, it = cg(hvp, rhs, None if zero_start else x0, tol, max_iter)
-    res = jnp.linalg.norm(rhs - hvp(sol)) / jnp.maximum(
-        jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny
-    )
-    return sol, it, res
-
-
-def theta_space_delta(
-    model: Model,
-    theta_star: jax.Array,
-    x: jax.Array,
-    y: jax.Array,
-    forget_mask: jax.Array,
-    lam: float,
-    loss: str,
-    tol: float = 1e-10,
-    max_iter: int = 5000,
-    retain_mask: jax.Array | None = None,
-) -> tuple[jax.Array, SolveInfo]:
-    """The parameter-space baseline (math.md Eqs. 1–4): H_R Δθ = (1/N) Σ_{i∈F} ∇θ[ℓ_i + (λ/2)‖θ − θ_p‖²],
-
-    H_R = (1/N) Σ_{i∈R} J_iᵀ W_i J_i + (N_R/N) λ I, applied by Hessian-vector products
-    (forward-over-reverse on the linearised retain risk), solved by CG, never materialised.
-    Compiled once per (model, loss, shapes); later calls with the same shapes reuse it.
-
-    Arguments:
-      theta_star: θ* ``(P,)``; x ``(C, ...)``; y targets ``(C, d)``; forget_mask bool ``(C,)``;
-      retain_mask: bool ``(C,)``, default every row not in F (pass it when rows are padding).
-      tol: relative residual of CG (true residual recomputed); max_iter: most CG iterations.
-
-    Returns:
-      ``(Δθ (P,), SolveInfo)``; θ after the deletion is θ* + Δθ.
-    """
-    t0 = time.perf_counter()
-    key = (id(model), loss, int(max_iter))
-    cached = _THETA_SOLVERS.get(key)
-    if cached is None or cached[0] is not model:
-        fn = jax.jit(
-            partial(_theta_solve, model.apply_fn, model.unravel, loss, max_iter=int(max_iter)),
-            static_argnames=("zero_start",),
+    f_star = problem.outputs(alpha_star) if f_star is None else f_star
+    retained = retained_in_place(problem, alpha_star, forget) if retained is None else retained
+    step = influence_step(problem, alpha_star, forget, options, retained, f_star)
+    alpha, refined, f, residual = step.alpha, None, None, float("nan")
+    if certify and step.info.converged:
+        alpha, refined, f, residual = refine_and_certify(
+            retained.problem, step.alpha, refine, step.change
         )
-        cached = _THETA_SOLVERS[key] = (model, fn)
-    fn = cached[1]
-    dtype = theta_star.dtype
-    m_f = forget_mask.astype(dtype)
-    m_r = (1.0 - m_f) if retain_mask is None else retain_mask.astype(dtype)
-    args = (
-        model.theta0,
-        model.theta_p,
-        theta_star,
-        model.flatten_inputs(x),
-        y,
-        m_f,
-        m_r,
-        jnp.asarray(lam, dtype),
-        jnp.asarray(tol, dtype),
+    return Deletion(alpha, step.alpha, step.delta_alpha, step.info, refined, residual, f)
+
+
+def estimate(
+    state, model, forget_ids, x: jax.Array, y: jax.Array, refine: bool = False
+) -> tuple[jax.Array, jax.Array, SolveInfo]:
+    """Δf and Δℓ at test points ``x`` ``(n, ...)``, targets ``y`` ``(n, d)``, if ``forget_ids``
+    were removed from ``state`` (Eqs. (8)–(9)), by the influence step on the current layout (and,
+    with ``refine``, Newton to the retain optimum); the state does not change.
+
+    Returns:
+      ``(Δf (n, d), Δℓ (n,), SolveInfo of the step)``.
+
+    Raises:
+      SolverError: the step missed its tolerance.
+    """
+    from .deletion import choose_solver, not_converged, problem_of
+    from .lifecycle import solve_options
+
+    method, _ = choose_solver(state, model, state.n - len(forget_ids))
+    method = "alpha-cg" if method == "theta-cg" else method  # estimates need Δα: same Δθ
+    train, cfg = state.train_config, state.solver_config
+    options = solve_options(cfg, train.dtype, method).replace(nystrom=state.nystrom)
+    refinement = Refinement(train.resolved_tol(), cfg.max_refine, options) if refine else None
+    mask = jnp.asarray(state.mask(forget_ids))
+    step = deletion_step(
+        problem_of(state),
+        state.alpha,
+        mask,
+        options,
+        refinement,
+        f_star=state.f_star,
+        certify=refine,
     )
-    # CG's recursive residual drifts from the true one in float32: restart from the answer while
-    # the true residual misses the tolerance (as solvers.solve_spd does for α-space CG).
-    sol, total = jnp.zeros_like(theta_star), 0
-    for attempt in range(4):
-        sol, it, res = fn(*args, sol, zero_start=attempt == 0)
-        total += int(it)
-        if float(res) <= tol or int(it) >= max_iter:
-            break
-    res = float(res)
-    return sol, SolveInfo("theta-cg", total, res, bool(res <= tol), time.perf_counter() - t0)
+    if not step.step.converged:
+        raise SolverError(not_converged(step.step, cfg.max_iter, train.dtype))
+    # Δα on the current layout; refined: α_R − α*_R on R and −α*_F on F (α_new is 0 there)
+    delta = step.alpha - state.alpha * state.active[:, None] if refine else step.delta_alpha
+    df = model.delta_outputs(state, delta, x)
+    return df, loss_changes(train.loss, model.outputs(state, x), y, df), step.step
+
+
+def loss_changes(loss: str, f: jax.Array, y: jax.Array, df: jax.Array) -> jax.Array:
+    """Eq. (9): the first-order change of each test point's loss, Δℓ_t ≈ g_tᵀ Δf_t, g_t at the
+    current outputs ``f``; all ``(n, d)`` → ``(n,)``."""
+    return jnp.sum(losses.grad(loss, f, y) * df, axis=-1)

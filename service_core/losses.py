@@ -1,6 +1,6 @@
 """Losses in model outputs: value ℓ, gradient g = ∂ℓ/∂f, Hessian W = ∂²ℓ/∂f² and S = W^{1/2}.
 
-math.md, Notation: squared error ℓ = ½‖f − y‖² (W = I, S = I, returned as ``None``) and softmax
+docs/maths.md, Notation: squared error ℓ = ½‖f − y‖² (W = I, S = I, returned as ``None``) and softmax
 cross-entropy ℓ = −Σ_a y_a log p_a (W = diag(p) − p pᵀ for targets summing to one).
 Shapes: f, y ``(n, d)``; values ``(n,)``; g ``(n, d)``; W, S ``(n, d, d)``.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-LOSSES = ("mse", "ce")
 
 
 def value(loss: str, f: jax.Array, y: jax.Array) -> jax.Array:
@@ -44,6 +42,14 @@ def hessian_sqrt(loss: str, f: jax.Array, y: jax.Array) -> jax.Array | None:
     evals, evecs = jnp.linalg.eigh(w)
     root = jnp.sqrt(jnp.clip(evals, 0.0, None))
     return jnp.einsum("nab,nb,ncb->nac", evecs, root, evecs)
+
+
+def hessian_bound(loss: str, y: jax.Array) -> float:
+    """w_max ≥ ‖W_i‖₂ for every point: 1 for squared error, ½·max_i Σ_a y_ia for softmax
+    cross-entropy (½ for one-hot targets)."""
+    if loss == "mse":
+        return 1.0
+    return 0.5 * float(jnp.max(jnp.sum(y, axis=-1)))
 
 
 def apply_blocks(blocks: jax.Array | None, v: jax.Array) -> jax.Array:

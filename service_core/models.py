@@ -1,14 +1,26 @@
-"""Networks in neural-tangents ``stax`` (NTK parameterisation) and their linearisation.
+"""The networks the engine serves, behind one protocol (``Network``).
 
-``f_lin(x; θ) = f(x; θ_0) + J(x)(θ − θ_0)`` (math.md, Notation). Parameters are handled as one flat
-vector θ of shape ``(P,)``; ``unravel`` maps it back to the stax pytree.
+* ``Model``: a finite network in neural-tangents ``stax`` (NTK parameterisation) and its
+  linearisation ``f_lin(x; θ) = f(x; θ_0) + J(x)(θ − θ_0)`` (docs/maths.md, Notation). Parameters
+  are one flat vector θ ``(P,)``; ``unravel`` maps it back to the stax pytree. Its kernel is the
+  empirical NTK at θ_0.
+* ``KernelModel``: the infinitely wide limit of the same architectures (``inf-mlp``, ``inf-cnn``),
+  a kernel machine f(x) = f_0(x) + K(x, X) α with f_0 = 0 and the analytic NTK (Eq. (14)); no θ.
+  Its NTK is k ⊗ I_d exactly, so K is kept in the trace form.
+
+The engine asks a network only what the protocol says: its offset f_0, its kernel, its outputs for
+a version, the change of outputs for a Δα (Eq. (8)) and θ for an α (Eq. (T)); "is it infinitely
+wide?" is never asked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +28,34 @@ import numpy as np
 from jax.experimental import disable_x64
 from jax.flatten_util import ravel_pytree
 
+from . import kernels
 from ._nt import stax
 from .config import ModelConfig
+
+
+class Network(Protocol):
+    """What the engine needs of a network (``Model`` or ``KernelModel``).
+
+    ``n_params`` is ``None`` for a network without θ (then ``theta`` returns ``None`` and the
+    θ-space baseline does not apply).
+    """
+
+    config: ModelConfig
+    output_dim: int
+    n_params: int | None
+    kernel_form: str | None
+
+    def offset(self, x) -> jax.Array: ...
+
+    def train_kernel(
+        self, x, form: str, cache_dir: Path | None, progress: bool
+    ) -> tuple[np.ndarray, dict]: ...
+
+    def theta(self, x, alpha, delta: bool = False) -> jax.Array | None: ...
+
+    def outputs(self, state, x) -> jax.Array: ...
+
+    def delta_outputs(self, state, delta_alpha, x) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +87,69 @@ class Model:
     output_dim: int
     input_shape: tuple[int, ...] = ()
 
+    kernel_form = None  # full or trace, as configured
+
     @property
     def n_params(self) -> int:
         return int(self.theta0.shape[0])
+
+    @functools.cached_property
+    def compiled(self) -> dict:
+        """Compiled functions of this network, kept with it (e.g. the θ-space solver)."""
+        return {}
+
+    @functools.cached_property
+    def _jit_f_lin(self):
+        return jax.jit(self.f_lin)
+
+    @functools.cached_property
+    def _jit_vjp(self):
+        return jax.jit(self.vjp)
+
+    def train_kernel(
+        self,
+        x,
+        form: str,
+        cache_dir: Path | None = None,
+        progress: bool = True,
+        block_size: int = 128,
+    ) -> tuple[np.ndarray, dict]:
+        """The empirical NTK K(X, X) at θ_0 in the engine layout of ``form`` (``layout``), cached
+        under ``cache_dir`` (``kernels.cached``).
+
+        Returns:
+          ``(K, report)``: K numpy ``(N·d, N·d)`` or ``(N, N)``, report ``{"seconds", "bytes",
+          "cached", "path"}``.
+        """
+        dtype = self.theta0.dtype
+        xf = np.asarray(self.flatten_inputs(x), dtype=dtype)
+        key = kernels.cache_key(
+            self.config.to_dict(), xf, form, np.dtype(dtype).name, self.output_dim
+        )
+
+        def compute():
+            fn = kernels.empirical_block_fn(self.apply_fn, self.params0, form)
+            return kernels.blocked(fn, xf, block_size=block_size, dtype=dtype, progress=progress)
+
+        return kernels.cached(cache_dir, key, compute)
+
+    def theta(self, x, alpha, delta: bool = False) -> jax.Array:
+        """θ = θ_p + J(X)ᵀα (Eq. (T)), or Δθ = J(X)ᵀΔα with ``delta``; x ``(C, ...)``, α ``(C, d)``."""
+        j_t_alpha = self._jit_vjp(x, alpha)
+        return j_t_alpha if delta else self.theta_p + j_t_alpha
+
+    def outputs_at(self, theta, x) -> jax.Array:
+        """f_lin(x; θ) ``(n, d)``, compiled once per shape."""
+        return self._jit_f_lin(theta, x)
+
+    def outputs(self, state, x) -> jax.Array:
+        """f_lin(x; θ) of a version (``state.theta``); ``(n, d)``."""
+        return self._jit_f_lin(state.theta, x)
+
+    def delta_outputs(self, state, delta_alpha, x) -> jax.Array:
+        """Δf(x) = J(x) J(X)ᵀ Δα = K(x, X) Δα (Eq. (8)) over the version's training rows
+        (``state.x``, Δα ``(C, d)``), by one VJP and one JVP; ``(n, d)``."""
+        return self.f0_and_jvp(x, self.theta(state.x, delta_alpha, delta=True))[1]
 
     def flatten_inputs(self, x) -> jax.Array:
         """Inputs ``(n, ...)`` → the layout ``apply_fn`` takes: rows flattened, ``(n, n_in)``.
@@ -91,6 +189,103 @@ class Model:
         """f_0 = f(x; θ_0) + J(x)(θ_p − θ_0), the linearised output at θ = θ_p; ``(n, d)``."""
         base, shift = self.f0_and_jvp(x, self.theta_p - self.theta0)
         return base + shift
+
+
+class KernelModel:
+    """An infinitely wide ``inf-mlp`` or ``inf-cnn``: f(x) = K(x, X) α, K the analytic NTK.
+
+    Attributes:
+      config: the ``ModelConfig`` (``kind`` ``inf-mlp`` or ``inf-cnn``; ``depth``, ``w_std``,
+        ``b_std`` and, for the CNN, ``pool`` shape the kernel; ``width`` and ``seed`` do not).
+      input_shape: per-example input shape of the data, e.g. ``(784,)`` or ``(32, 32, 3)``.
+      output_dim: d.
+      dtype: dtype of the kernels returned (float64 needs ``jax_enable_x64``).
+      kernel_form: always ``'trace'``: the analytic NTK is k ⊗ I_d exactly.
+      n_params: ``None``, there is no θ.
+
+    Cost: the analytic MLP kernel is a few operations per pair (10⁷ pairs per minute here). The CNN
+    kernel with pooling tracks the full spatial covariance of every pair, (H·W)² numbers: about
+    0.1 s per pair on 2 CPU cores. Without pooling only per-pixel variances are needed: about 10⁴
+    pairs per second.
+    """
+
+    kernel_form = "trace"
+    n_params = None
+
+    def __init__(
+        self, config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+    ):
+        if config.kind == "inf-mlp":
+            self._net_shape: tuple[int, ...] = (int(np.prod(input_shape)),)
+            layers = mlp_layers(config, output_dim)
+        elif config.kind == "inf-cnn":
+            self._net_shape = image_shape(input_shape)
+            layers = cnn_layers(config, output_dim)
+        else:
+            raise ValueError(f"KernelModel needs kind 'inf-mlp' or 'inf-cnn', got {config.kind!r}")
+        self.config = config
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.output_dim = int(output_dim)
+        self.dtype = jnp.dtype(dtype)
+        _, _, kernel_fn = stax.serial(*layers)
+        self._kernel_fn = jax.jit(lambda a, b: kernel_fn(a, b, "ntk"))
+        # Diagonal blocks pass x2 = None: stax then knows the pairs (i, i) are identical and
+        # evaluates the arc-cosine at exactly 1, instead of at a cosine rounded below 1 (a 1e-8
+        # relative error on the diagonal in float64).
+        self._kernel_fn_self = jax.jit(lambda a: kernel_fn(a, None, "ntk"))
+
+    def inputs(self, x) -> np.ndarray:
+        """Inputs ``(n, ...)`` → ``(n, *network shape)`` in ``dtype``: flat rows for the MLP,
+        ``(n, H, W, C)`` for the CNN."""
+        x = np.asarray(x, dtype=self.dtype)
+        return x.reshape((x.shape[0],) + self._net_shape)
+
+    def offset(self, x) -> jax.Array:
+        """f_0(x) = 0, ``(n, d)`` (Eq. (14), f_0 = 0 as in the paper)."""
+        return jnp.zeros((np.shape(x)[0], self.output_dim), self.dtype)
+
+    def kernel(self, x1, x2=None, block_size: int = 256, progress: bool = False) -> np.ndarray:
+        """The analytic NTK k(X1, X2), trace form, ``(n1, n2)`` numpy in ``dtype``, in blocks
+        (``kernels.blocked``; ``x2=None``: X2 = X1, symmetric)."""
+        a = self.inputs(x1)
+        b = None if x2 is None else self.inputs(x2)
+        return kernels.blocked(
+            self._kernel_fn, a, b, block_size=block_size, dtype=self.dtype, progress=progress,
+            self_block_fn=self._kernel_fn_self, pad_with_first=True,
+        )  # fmt: skip
+
+    def train_kernel(
+        self, x, form: str = "trace", cache_dir: Path | None = None, progress: bool = True,
+        block_size: int = 256,
+    ) -> tuple[np.ndarray, dict]:  # fmt: skip
+        """K = k(X, X), trace form ``(N, N)``, cached under ``cache_dir`` (``kernels.cached``).
+
+        Raises:
+          ValueError: ``form`` is not ``trace`` (the analytic NTK is exact in the trace form).
+        """
+        if form != "trace":
+            raise ValueError(
+                "the analytic NTK is exact in the trace form: use kernel_form 'trace' or 'auto'"
+            )
+        config = {**self.config.to_dict(), "width": None, "seed": None}  # they do not shape it
+        key = kernels.cache_key(config, x, "analytic", self.dtype.name, self.output_dim)
+        return kernels.cached(
+            cache_dir, key, lambda: self.kernel(x, block_size=block_size, progress=progress)
+        )
+
+    def theta(self, x, alpha, delta: bool = False) -> None:
+        """There is no θ."""
+        return None
+
+    def outputs(self, state, x) -> jax.Array:
+        """f(x) = f_0 + K(x, X) α of a version (its active points); ``(n, d)``."""
+        return self.offset(x) + self.delta_outputs(state, state.alpha, x)
+
+    def delta_outputs(self, state, delta_alpha, x) -> jax.Array:
+        """Δf(x) = K(x, X) Δα (Eq. (8)) over the version's active points, Δα ``(C, d)``; ``(n, d)``."""
+        rows = np.flatnonzero(state.active)
+        k = self.kernel(x, np.asarray(state.x)[rows])
+        return jnp.asarray(k @ np.asarray(delta_alpha, self.dtype)[rows])
 
 
 def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -172,7 +367,7 @@ def build_model(
       dtype: dtype of θ.
 
     Raises:
-      ValueError: an unknown model kind (the ``inf-*`` kinds have no θ: ``infinite.KernelModel``),
+      ValueError: an unknown model kind (the ``inf-*`` kinds have no θ: ``KernelModel``),
         or flat inputs for ``cnn``.
     """
     w, b = config.w_std, config.b_std
@@ -187,7 +382,7 @@ def build_model(
         layers = cnn_layers(config, output_dim, dtype)
     elif config.kind in ("inf-mlp", "inf-cnn"):
         raise ValueError(
-            f"{config.kind!r} is infinitely wide and has no parameters: use service_core.infinite.KernelModel"
+            f"{config.kind!r} is infinitely wide and has no parameters: use service_core.models.KernelModel"
         )
     else:
         raise ValueError(f"unknown model kind {config.kind!r}: use 'linear', 'mlp' or 'cnn'")
@@ -211,3 +406,12 @@ def build_model(
     return Model(
         config, apply_fn, params, theta0, theta_p, unravel, input_dim, output_dim, net_shape
     )
+
+
+def make_network(
+    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+) -> Model | KernelModel:
+    """A finite network to linearise (``build_model``), or an infinitely wide one (``KernelModel``)."""
+    if config.infinite:
+        return KernelModel(config, input_shape, output_dim, dtype)
+    return build_model(config, input_shape, output_dim, dtype)

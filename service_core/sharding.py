@@ -1,20 +1,19 @@
 """K across the devices of one host: a 1-D device mesh, rows of K split over it.
 
-K (engine layout, ``ntk`` module docstring) is placed with ``NamedSharding(mesh, P("rows", None))``:
+K (``layout`` module docstring) is placed with ``NamedSharding(mesh, P("rows", None))``:
 each device holds a contiguous block of rows. Kernel-vector products run under ``shard_map``:
 every device multiplies its row block by the (replicated) vector, and the row blocks of the result
 are gathered. Row counts are made divisible by the device count by the capacity buckets
 (``state.bucket(n, multiple=n_devices)``), whose padding rows are zero.
 
-The mesh in use is process-wide (``use_mesh``): one model per process, as the service runs.
+The mesh is part of K's layout (``layout.KernelLayout``), passed to every product, never read from
+global state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import threading
 
 import jax
 import numpy as np
@@ -25,36 +24,12 @@ from jax.sharding import PartitionSpec as P
 from .errors import ResourceError
 
 AXIS = "rows"
-_local = threading.local()
-_global: list[Mesh | None] = [None]
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
     """A 1-D mesh named ``rows`` over ``devices`` (default: every local device)."""
     devices = jax.local_devices() if devices is None else devices
     return Mesh(np.array(devices), (AXIS,))
-
-
-def current_mesh() -> Mesh | None:
-    """The mesh kernel products use, or ``None`` for a single device."""
-    mesh = getattr(_local, "mesh", None) or _global[0]
-    return mesh if mesh is not None and mesh.size > 1 else None
-
-
-def set_mesh(mesh: Mesh | None) -> None:
-    """Use ``mesh`` for every kernel product of this process from now on."""
-    _global[0] = mesh
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh | None):
-    """Use ``mesh`` for kernel products in this thread within the block."""
-    old = getattr(_local, "mesh", None)
-    _local.mesh = mesh
-    try:
-        yield
-    finally:
-        _local.mesh = old
 
 
 def place(k, mesh: Mesh | None) -> jax.Array:

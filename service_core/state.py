@@ -1,12 +1,51 @@
-"""The model state: one immutable value per version (design.md, Model state and versions)."""
+"""The model state: one immutable value per version (docs/design.md, Model state and versions)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from . import sharding
+from .config import ModelConfig, SolverConfig, TrainConfig
+from .layout import KernelLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionRecord:
+    """What made one version: the training of version 0, or a deletion.
+
+    Attributes:
+      version: the version number.
+      n_forgotten: records forgotten by this version (0 for training).
+      solve: the version's main solve (training, or the deletion's influence step) as
+        ``SolveInfo.to_dict()``.
+      refine: the Newton refinement of a deletion, or ``None``.
+      reason: why this solver method (the ``auto`` cost model, or "configured").
+      residual: the published certificate (relative stationarity residual of α).
+      rounding_floor: estimated rounding floor of the last Newton solve (0 if it met its tolerance).
+      newton_steps: Newton steps (training, or refinement).
+      refine_cg_iterations: CG iterations of the refinement's inner solves, summed.
+      time: Unix time it was computed.
+    """
+
+    version: int
+    n_forgotten: int
+    solve: dict
+    residual: float
+    refine: dict | None = None
+    reason: str = ""
+    rounding_floor: float = 0.0
+    newton_steps: int = 0
+    refine_cg_iterations: int = 0
+    time: float = dataclasses.field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,18 +61,16 @@ class ModelState:
       version: 0 for the trained model, +1 per applied deletion.
       ids: str ``(C,)``, active ids in data-set order, ``""`` on inactive rows.
       x: inputs ``(C, *input_shape)``; y: targets ``(C, d)`` (one-hot for labels).
-      k: K over the active points, engine layout of ``form`` (``ntk`` module docstring).
-      form: ``full`` or ``trace``.
+      k: K over the active points, in ``layout``.
+      layout: K's layout (``layout.KernelLayout``: form, d, devices).
       f0: f_0 ``(C, d)``; alpha: α ``(C, d)``; theta: θ ``(P,)``, ``None`` for an infinitely wide
-        model (a kernel machine, math.md Eq. 14).
+        model (a kernel machine, docs/maths.md Eq. (14)).
       residual: relative stationarity residual of α (the version's certificate).
       forgotten: ids forgotten so far (the deletion log keeps ids, never data).
-      history: one dict per version: version, n_forgotten, solver info, timestamps.
+      history: ``VersionRecord.to_dict()`` of every version.
       meta: data set description and the configurations (model, train, solver) that made it.
-      f_star: the outputs f_0 + K α on the training rows ``(C, d)``, kept after a deletion so the
-        next one need not pass over K for them; ``None`` after build or restore (not checkpointed).
-      nystrom: the CG preconditioner of K (``solvers.Nystrom``) or ``None``; recomputed from K
-        after build, restore and (by default) each deletion; not checkpointed.
+      f_star: the outputs f_0 + K α on the training rows ``(C, d)`` (not checkpointed).
+      nystrom: the CG preconditioner of K (``linalg.Nystrom``) or ``None`` (not checkpointed).
     """
 
     version: int
@@ -41,16 +78,20 @@ class ModelState:
     x: jax.Array
     y: jax.Array
     k: jax.Array
-    form: str
+    layout: KernelLayout
     f0: jax.Array
     alpha: jax.Array
-    theta: jax.Array
+    theta: jax.Array | None
     residual: float
     forgotten: tuple[str, ...]
     history: tuple[dict, ...]
     meta: dict[str, Any]
     f_star: jax.Array | None = None
     nystrom: Any = None
+
+    @property
+    def form(self) -> str:
+        return self.layout.form
 
     @property
     def active(self) -> np.ndarray:
@@ -65,18 +106,54 @@ class ModelState:
     def capacity(self) -> int:
         return int(self.ids.shape[0])
 
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Row of each active id."""
+        return {i: p for p, i in enumerate(self.ids.tolist()) if i}
+
+    @functools.cached_property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.meta["model"])
+
+    @functools.cached_property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.meta["train"])
+
+    @functools.cached_property
+    def solver_config(self) -> SolverConfig:
+        return SolverConfig.from_dict(self.meta["solver"])
+
+    def kernel_summary(self) -> dict[str, Any]:
+        """K as held: shape, capacity (points), form, whether the form is exact for this model
+        (full form, one Dense layer, or the analytic NTK), bytes (total and per device), dtype,
+        devices."""
+        cfg = self.model_config
+        return {
+            "shape": list(self.k.shape),
+            "capacity": self.capacity,
+            "form": self.form,
+            "exact": self.form == "full" or cfg.kind == "linear" or cfg.infinite,
+            "bytes": int(self.k.nbytes),
+            "dtype": str(self.k.dtype),
+            "devices": [str(dev) for dev in self.k.devices()],
+            "bytes_per_device": sharding.bytes_per_device(self.k),
+        }
+
+    def mask(self, ids) -> np.ndarray:
+        """bool ``(C,)``: the rows of the active ``ids``."""
+        mask = np.zeros(self.capacity, bool)
+        mask[[self.index[i] for i in ids]] = True
+        return mask
+
     def active_ids(self) -> list[str]:
         return self.ids[self.active].tolist()
 
+    def replace(self, **changes) -> ModelState:
+        """A new state (the cached index and configs are not carried over)."""
+        return dataclasses.replace(self, **changes)
+
     def arrays(self) -> dict[str, jax.Array]:
-        arrays = {
-            "x": self.x,
-            "y": self.y,
-            "k": self.k,
-            "f0": self.f0,
-            "alpha": self.alpha,
-            "theta": self.theta,
-        }
+        arrays = {"x": self.x, "y": self.y, "f0": self.f0, "alpha": self.alpha, "theta": self.theta}
         return {name: a for name, a in arrays.items() if a is not None}
 
     def metadata(self) -> dict[str, Any]:
@@ -97,15 +174,3 @@ def bucket(n: int, multiple: int = 1) -> int:
     step = max(16, (1 << max(n.bit_length() - 1, 0)) // 16)
     step = int(np.lcm(step, multiple))
     return -(-n // step) * step
-
-
-def pad_rows(a, capacity: int):
-    """``a`` with zero rows appended up to ``capacity`` rows (numpy or jax)."""
-    extra = capacity - a.shape[0]
-    if extra == 0:
-        return a
-    widths = [(0, extra)] + [(0, 0)] * (a.ndim - 1)
-    if isinstance(a, np.ndarray):
-        fill = "" if a.dtype.kind in "US" else 0
-        return np.pad(a, widths, constant_values=fill)
-    return jax.numpy.pad(a, widths)

@@ -147,3 +147,13 @@ def wait_for_job() -> Callable[..., dict[str, Any]]:
             time.sleep(0.05)
 
     return wait
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """float64 on for the whole session, before collection: float64 engines need
+    ``jax_enable_x64``, and JAX has no per-array switch, so it is set once here instead of by
+    whichever test module happens to be imported first (results never depend on test order). float32
+    engines are unaffected: their networks are drawn with x64 off and their arrays are float32."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)

@@ -25,20 +25,23 @@ from service_core import (
     TrainConfig,
     Unlearner,
     build_model,
-    influence,
 )
 from service_core._nt import nt, stax
 from service_core.data import load_cifar2, load_dataset
-from service_core.ntk import empirical_ntk
-from service_core.training import DualProblem, kernel_gradient_descent, newton
-
-jax.config.update("jax_enable_x64", True)
+from service_core.dual import DualProblem, kernel_gradient_descent, newton
+from service_core.influence import Refinement, deletion_step
+from service_core.layout import KernelLayout
+from service_core.linalg import SolveOptions
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 LAM = 1e-2
 N_TRAIN, SIDE, CHANNELS = 40, 8, 3
 CFG = ModelConfig(kind="cnn", width=6, depth=2, seed=3)
-SOLVER = {"method": "cholesky", "tol": 1e-12, "max_iter": 2000, "cholesky_max_dim": 4096}
+SOLVER = SolveOptions("alpha-cholesky", 1e-12, 2000, 4096)
+
+
+def empirical_ntk(model, x, form, block_size=128, progress=False):
+    return model.train_kernel(x, form, None, progress, block_size)[0]
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +134,7 @@ def test_structured_derivatives_equal_jacobian_contraction(images, dtype, tol, c
     x = x[:20]
     model = build_model(CFG, (SIDE, SIDE, CHANNELS), 2, dtype)
     t0 = time.perf_counter()
-    k = empirical_ntk(
-        model, x, form="full", block_size=8, dtype=dtype, progress=False
-    )  # 3×3 blocks
+    k = empirical_ntk(model, x, "full", block_size=8)  # 3×3 blocks
     t_sd = time.perf_counter() - t0
     jc = nt.empirical_ntk_fn(
         model.apply_fn,
@@ -171,12 +172,16 @@ def test_alpha_space_forget_equals_retraining_of_the_linearised_cnn(images, d):
     )
     model = build_model(CFG, (SIDE, SIDE, CHANNELS), d, jnp.float64)
     assert model.n_params > N_TRAIN * d  # J(X) can have full row rank
-    k = jnp.asarray(
-        empirical_ntk(model, x, form="full", block_size=16, dtype=np.float64, progress=False)
-    )
+    k = jnp.asarray(empirical_ntk(model, x, "full", block_size=16))
     xj = jnp.asarray(x)
     problem = DualProblem(
-        k, "full", model.offset(xj), jnp.asarray(y), jnp.ones(N_TRAIN, bool), LAM, "mse"
+        k,
+        KernelLayout("full", d),
+        model.offset(xj),
+        jnp.asarray(y),
+        jnp.ones(N_TRAIN, bool),
+        LAM,
+        "mse",
     )
     alpha, info = newton(problem, jnp.zeros_like(problem.y), 1e-12, 5, SOLVER)
     assert info.converged
@@ -187,9 +192,10 @@ def test_alpha_space_forget_equals_retraining_of_the_linearised_cnn(images, d):
 
     forget = np.zeros(N_TRAIN, bool)
     forget[::4] = True
-    deletion = influence.forget(problem, alpha, jnp.asarray(forget), SOLVER, True, 1e-12, 5)
-    step, _ = influence.influence_step(problem, alpha, jnp.asarray(forget), SOLVER)
-    dtheta = influence.delta_theta(model, xj, step)
+    deletion = deletion_step(
+        problem, alpha, jnp.asarray(forget), SOLVER, Refinement(1e-12, 5, SOLVER)
+    )
+    dtheta = model.theta(xj, deletion.delta_alpha, delta=True)
     theta_ret = retrain_mse(model, x[~forget], y[~forget])
     err = rel(theta + dtheta, theta_ret, theta_ret - theta_p)
     assert err < 1e-8, err  # the single α-space step is exact retraining for squared error
@@ -197,7 +203,7 @@ def test_alpha_space_forget_equals_retraining_of_the_linearised_cnn(images, d):
     assert rel(model.theta_p + model.vjp(xj, deletion.alpha), theta_ret, theta_ret - theta_p) < 1e-8
     # Eq. 8 at test points: Δf = J(X_t) Δθ is the actual change of the retrained model
     xtj = jnp.asarray(xt)
-    df, _ = influence.test_point_changes(model, theta, dtheta, xtj, jnp.zeros((len(xt), d)), "mse")
+    df = model.f0_and_jvp(xtj, dtheta)[1]
     actual = model.f_lin(jnp.asarray(theta_ret), xtj) - model.f_lin(jnp.asarray(theta_full), xtj)
     assert np.allclose(df, actual, rtol=0, atol=1e-9) and np.abs(actual).max() > 1e-3
 
@@ -205,10 +211,16 @@ def test_alpha_space_forget_equals_retraining_of_the_linearised_cnn(images, d):
 def test_kernel_gradient_descent_on_the_full_form(images):
     x, _ = images
     model = build_model(CFG, (SIDE, SIDE, CHANNELS), 2, jnp.float64)
-    k = jnp.asarray(empirical_ntk(model, x, form="full", dtype=np.float64, progress=False))
+    k = jnp.asarray(empirical_ntk(model, x, "full"))
     y = jnp.asarray(np.random.default_rng(5).normal(size=(N_TRAIN, 2)))
     problem = DualProblem(
-        k, "full", model.offset(jnp.asarray(x)), y, jnp.ones(N_TRAIN, bool), 1e-1, "mse"
+        k,
+        KernelLayout("full", 2),
+        model.offset(jnp.asarray(x)),
+        y,
+        jnp.ones(N_TRAIN, bool),
+        1e-1,
+        "mse",
     )
     alpha_n, _ = newton(problem, jnp.zeros_like(y), 1e-12, 5, SOLVER)
     alpha_k, info = kernel_gradient_descent(problem, jnp.zeros_like(y), tol=1e-11, max_steps=50_000)

@@ -12,10 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, influence, load_digits
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, load_digits
 from service_core._nt import nt
+from service_core.deletion import problem_of
+from service_core.influence import deletion_step
+from service_core.lifecycle import solve_options
+from service_core.linalg import SolveOptions
+from service_core.theta_space import theta_space_delta
 
-jax.config.update("jax_enable_x64", True)
+
+def influence_step(u: Unlearner, mask):
+    """Δα of the influence step alone on the current layout, and its solve."""
+    st = u.state
+    step = deletion_step(
+        problem_of(st), st.alpha, mask, solve_options(u.solver_config, "float64"), certify=False
+    )
+    return step.delta_alpha, step.step
+
 
 N_TRAIN = 120
 LAM = 1e-2
@@ -150,9 +163,9 @@ def test_refinement_error_is_small_against_the_change_itself(digits):
     """A one-point cross-entropy deletion in float32 under a loose training tolerance (2e-4): the
     single step already meets the relative stationarity tolerance but is ~1e-3 of ‖Δα‖ from
     retraining; refinement continues until α's error is below the tolerance relative to ‖Δα‖
-    (``training.newton``'s change criterion). Retraining: float64 Newton from α = 0 on the same
+    (``dual.newton``'s change criterion). Retraining: float64 Newton from α = 0 on the same
     (float32) K, f0 and y, to 1e-13 (α-space retraining is checked against parameter space above)."""
-    from service_core.training import DualProblem, newton
+    from service_core.dual import DualProblem, newton
 
     tol = 2e-4
     u = Unlearner.build(
@@ -166,13 +179,13 @@ def test_refinement_error_is_small_against_the_change_itself(digits):
     ids = u.active_ids()[:1]
     keep = np.asarray(st.active) & ~np.isin(st.ids, ids)
     f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
-    retain = DualProblem(f64(st.k), st.form, f64(st.f0), f64(st.y), jnp.asarray(keep), LAM, "ce")
+    retain = DualProblem(f64(st.k), st.layout, f64(st.f0), f64(st.y), jnp.asarray(keep), LAM, "ce")
     ref, info = newton(
         retain,
         jnp.zeros(st.alpha.shape, jnp.float64),
         1e-13,
         50,
-        {"method": "alpha-cholesky", "tol": 1e-14, "max_iter": 2000, "cholesky_max_dim": 4096},
+        SolveOptions("alpha-cholesky", 1e-14, 2000, 4096),
     )
     assert info.converged, info
     alpha0 = np.asarray(st.alpha, np.float64)
@@ -252,12 +265,10 @@ def test_theta_space_equals_alpha_space(digits, loss):
     assert u.model.n_params > st.n * u.output_dim  # full row rank is possible
     mask = jnp.asarray(np.isin(np.arange(st.capacity), np.arange(0, st.n, 5)))
     retain = jnp.asarray(st.active) & ~mask
-    delta_alpha, info = influence.influence_step(
-        u._problem(st), st.alpha, mask, u._solver_kwargs(u.solver_config, "float64")
-    )
+    delta_alpha, info = influence_step(u, mask)
     assert info.converged
-    dtheta_alpha = influence.delta_theta(u.model, st.x, delta_alpha)
-    dtheta_theta, tinfo = influence.theta_space_delta(
+    dtheta_alpha = u.model.theta(st.x, delta_alpha, delta=True)
+    dtheta_theta, tinfo = theta_space_delta(
         u.model, st.theta, st.x, st.y, mask, LAM, loss, tol=1e-12, retain_mask=retain
     )
     assert tinfo.converged and tinfo.iterations > 0
@@ -276,9 +287,7 @@ def test_test_point_estimates_equal_actual_changes_for_mse(digits, kind):
     u_st = u.state
     # the same Δf through kernels, with neural-tangents' own empirical NTK (JACOBIAN_CONTRACTION)
     mask = jnp.asarray(np.isin(u_st.ids, forget))
-    delta_alpha, _ = influence.influence_step(
-        u._problem(u_st), u_st.alpha, mask, u._solver_kwargs(u.solver_config, "float64")
-    )
+    delta_alpha, _ = influence_step(u, mask)
     ntk = nt.empirical_ntk_fn(
         u.model.apply_fn, trace_axes=(), implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION
     )

@@ -1,34 +1,33 @@
 """Infinitely wide models (``inf-mlp``, ``inf-cnn``) and kernel gradient descent, in float64.
 
 Oracles are computed from scratch: the analytic NTK straight from a stax ``kernel_fn`` built here
-(not through ``service_core.infinite``), kernel ridge regression by scipy's dense solve for squared
+(not through ``service_core.models.KernelModel``), kernel ridge regression by scipy's dense solve for squared
 error, and a numpy damped Newton with Armijo line search on the dual risk of math.md for
-cross-entropy. Training and forgetting go through the engine's ``training.newton``,
-``influence.influence_step`` and ``influence.forget`` on a trace-form ``DualProblem``.
+cross-entropy. Training and forgetting go through the engine's ``dual.newton`` and
+``influence.deletion_step`` on a trace-form ``DualProblem``.
 """
 
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
-from service_core import ModelConfig, influence, load_digits
+from service_core import KernelModel, ModelConfig, load_digits
 from service_core._nt import stax
-from service_core.infinite import KernelModel
-from service_core.ntk import purge_cache
-from service_core.training import DualProblem, kernel_gradient_descent, newton, stationarity
-
-jax.config.update("jax_enable_x64", True)
+from service_core.dual import DualProblem, kernel_gradient_descent, newton, stationarity
+from service_core.influence import Refinement, deletion_step
+from service_core.kernels import purge_cache
+from service_core.layout import KernelLayout
+from service_core.linalg import SolveOptions, canonical_method
 
 LAM = 1e-2
 N_TRAIN = 90
 W_STD, B_STD = math.sqrt(2.0), 0.1
-SOLVER = {"tol": 1e-12, "max_iter": 2000, "cholesky_max_dim": 4096}
+SOLVER = SolveOptions("auto", 1e-12, 2000, 4096)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +99,26 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
+def predict(km: KernelModel, alpha, xt, x):
+    """f(X_t) = f_0 + K(X_t, X) α of the kernel machine (Eq. 14; with α := Δα, Eq. 8)."""
+    return np.asarray(km.offset(xt)) + km.kernel(xt, x) @ np.asarray(alpha)
+
+
+def train_kernel(km: KernelModel, x, **kwargs):
+    return km.train_kernel(x, **kwargs)[0]
+
+
+def forget_step(problem, alpha, forget_mask, solver, refine: bool, tol: float, max_steps: int):
+    """The engine's deletion step on the current layout (F masked), refined when asked."""
+    refinement = Refinement(tol, max_steps, solver) if refine else None
+    return deletion_step(problem, alpha, forget_mask, solver, refinement)
+
+
 def problem_for(km: KernelModel, k, y, loss, mask=None):
     n = len(k)
     return DualProblem(
         jnp.asarray(k),
-        "trace",
+        KernelLayout("trace", np.shape(y)[1]),
         km.offset(np.zeros((n, 1))),
         jnp.asarray(y),
         jnp.ones(n, bool) if mask is None else jnp.asarray(mask),
@@ -117,7 +131,7 @@ def test_kernel_model_basics(digits, tmp_path):
     x, _, xt, _ = digits
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 10, jnp.float64)
     assert km.n_params is None and km.kernel_form == "trace" and km.output_dim == 10
-    k, report = km.cached_kernel(
+    k, report = km.train_kernel(
         x, cache_dir=tmp_path, progress=False, block_size=32
     )  # 3×3 blocks, padded
     assert not report["cached"] and k.shape == (N_TRAIN, N_TRAIN) and k.dtype == np.float64
@@ -125,10 +139,10 @@ def test_kernel_model_basics(digits, tmp_path):
     # differences of the cosine between jit-fused and eager evaluation into ~1e-9 relative ones.
     assert np.allclose(k, stax_mlp_ntk(x, x), rtol=1e-7, atol=0)
     assert np.array_equal(k, k.T)  # mirrored blocks
-    again, report = km.cached_kernel(x, cache_dir=tmp_path, progress=False)
+    again, report = km.train_kernel(x, cache_dir=tmp_path, progress=False)
     assert report["cached"] and np.array_equal(again, k)
     assert purge_cache(tmp_path) == 1 and not list(tmp_path.glob("*.npy"))
-    cross = km.cross_kernel(xt, x, block_size=16)
+    cross = km.kernel(xt, x, block_size=16)
     assert cross.shape == (25, N_TRAIN) and np.allclose(
         cross, stax_mlp_ntk(xt, x), rtol=1e-7, atol=0
     )
@@ -151,15 +165,15 @@ def test_inf_mlp_mse_training_and_forgets_equal_kernel_ridge(digits, method):
     x, labels, xt, _ = digits
     y = np.eye(10)[labels]
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 10, jnp.float64)
-    k = km.train_kernel(x, progress=False, block_size=32)
+    k = train_kernel(km, x, progress=False, block_size=32)
     k_o, kt_o = stax_mlp_ntk(x, x), stax_mlp_ntk(xt, x)  # the oracle's own kernels
-    solver = {**SOLVER, "method": method}
+    solver = SOLVER.replace(method=canonical_method(method))
     problem = problem_for(km, k, y, "mse")
     alpha, info = newton(problem, jnp.zeros_like(problem.y), 1e-12, 50, solver)
     assert info.converged
     alpha_o = krr(k_o, y, LAM)
     assert rel(alpha, alpha_o) < 1e-8
-    assert rel(km.predict(alpha, xt, x), kt_o @ alpha_o) < 1e-8
+    assert rel(predict(km, alpha, xt, x), kt_o @ alpha_o) < 1e-8
 
     # two sequential forgets, each checked against kernel ridge regression on what remains
     active = np.ones(N_TRAIN, bool)
@@ -167,11 +181,9 @@ def test_inf_mlp_mse_training_and_forgets_equal_kernel_ridge(digits, method):
         forget = np.zeros(N_TRAIN, bool)
         forget[forget_index] = True
         forget &= active
-        before = km.predict(alpha, xt, x)
-        delta_step, step_info = influence.influence_step(
-            problem, alpha, jnp.asarray(forget), solver
-        )
-        deletion = influence.forget(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 5)
+        before = predict(km, alpha, xt, x)
+        deletion = forget_step(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 5)
+        delta_step, step_info = deletion.delta_alpha, deletion.step
         assert step_info.converged and deletion.residual <= 1e-12
         active &= ~forget
         alpha_o = np.zeros_like(y)
@@ -180,9 +192,9 @@ def test_inf_mlp_mse_training_and_forgets_equal_kernel_ridge(digits, method):
         assert rel(alpha + delta_step, alpha_o) < 1e-8  # squared error: the single step is exact
         assert np.all(np.asarray(deletion.alpha)[~active] == 0)
         after_o = kt_o @ alpha_o
-        assert rel(km.predict(deletion.alpha, xt, x), after_o) < 1e-8
+        assert rel(predict(km, deletion.alpha, xt, x), after_o) < 1e-8
         # Eq. 8: Δf(X_t) = K(X_t, X) Δα is the actual change
-        assert rel(km.predict(delta_step, xt, x), after_o - before) < 1e-8
+        assert rel(predict(km, delta_step, xt, x), after_o - before) < 1e-8
         assert rel(before, after_o) > 1e-3  # and the forget moved the model
         alpha, problem = deletion.alpha, problem._replace(mask=jnp.asarray(active))
 
@@ -194,9 +206,9 @@ def test_inf_mlp_ce_refined_forget_equals_retrained_kernel_machine(digits):
     n = len(x)
     y = np.eye(3)[labels]
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 3, jnp.float64)
-    k = km.train_kernel(x, progress=False)
+    k = train_kernel(km, x, progress=False)
     k_o = stax_mlp_ntk(x, x)
-    solver = {**SOLVER, "method": "cholesky"}
+    solver = SOLVER.replace(method="alpha-cholesky")
     problem = problem_for(km, k, y, "ce")
     alpha, info = newton(problem, jnp.zeros_like(problem.y), 1e-12, 50, solver)
     assert info.converged
@@ -207,15 +219,15 @@ def test_inf_mlp_ce_refined_forget_equals_retrained_kernel_machine(digits):
     retain = ~forget
     alpha_o = np.zeros_like(y)
     alpha_o[retain] = dual_newton_ce(k_o[np.ix_(retain, retain)], y[retain], LAM)
-    step_only = influence.forget(problem, alpha, jnp.asarray(forget), solver, False, 1e-12, 0)
-    refined = influence.forget(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 10)
+    step_only = forget_step(problem, alpha, jnp.asarray(forget), solver, False, 1e-12, 0)
+    refined = forget_step(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 10)
     assert (
         1e-6 < rel(step_only.alpha, alpha_o) < 1e-1
     )  # one Newton step: close, not exact (math.md)
     assert refined.refine.converged and refined.residual <= 1e-12
     assert rel(refined.alpha, alpha_o) < 1e-6
     kt_o = stax_mlp_ntk(xt, x)
-    assert rel(km.predict(refined.alpha, xt, x), kt_o @ alpha_o) < 1e-6
+    assert rel(predict(km, refined.alpha, xt, x), kt_o @ alpha_o) < 1e-6
 
 
 @pytest.mark.parametrize("pool", [True, False])
@@ -235,12 +247,12 @@ def test_inf_cnn_kernel_and_mse_training(pool):
             layers.append(stax.AvgPool((2, 2), strides=(2, 2)))
     layers += [stax.Flatten(), stax.Dense(1, W_std=W_STD, b_std=B_STD, parameterization="ntk")]
     k_o = np.asarray(stax.serial(*layers)[2](x, x, "ntk"))
-    k = km.train_kernel(x, progress=False, block_size=10)
+    k = train_kernel(km, x, progress=False, block_size=10)
     assert np.allclose(k, k_o, rtol=1e-7, atol=0)  # see test_kernel_model_basics for the tolerance
     assert np.array_equal(km.kernel(x.reshape(24, -1), block_size=10), k)  # flat rows are reshaped
     problem = problem_for(km, k, y, "mse")
     alpha, info = newton(
-        problem, jnp.zeros_like(problem.y), 1e-12, 5, {**SOLVER, "method": "cholesky"}
+        problem, jnp.zeros_like(problem.y), 1e-12, 5, SOLVER.replace(method="alpha-cholesky")
     )
     assert info.converged and rel(alpha, krr(k_o, y, LAM)) < 1e-8
     with pytest.raises(ValueError, match="image inputs"):
@@ -253,10 +265,10 @@ def test_kernel_gradient_descent_reaches_the_newton_optimum(digits, loss, capsys
     y = np.eye(10)[labels]
     lam = 1e-1
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 10, jnp.float64)
-    k = km.train_kernel(x, progress=False)
+    k = train_kernel(km, x, progress=False)
     problem = problem_for(km, k, y, loss)._replace(lam=lam)
     alpha_n, info_n = newton(
-        problem, jnp.zeros_like(problem.y), 1e-12, 50, {**SOLVER, "method": "cholesky"}
+        problem, jnp.zeros_like(problem.y), 1e-12, 50, SOLVER.replace(method="alpha-cholesky")
     )
     alpha_k, info_k = kernel_gradient_descent(
         problem, jnp.zeros_like(problem.y), tol=1e-11, max_steps=20_000
@@ -281,8 +293,14 @@ def test_kernel_gradient_descent_reaches_the_newton_optimum(digits, loss, capsys
     # and on a retain set: KGD retraining after a forget equals the refined deletion
     forget = np.zeros(N_TRAIN, bool)
     forget[::3] = True
-    deletion = influence.forget(
-        problem, alpha_n, jnp.asarray(forget), {**SOLVER, "method": "cholesky"}, True, 1e-12, 10
+    deletion = forget_step(
+        problem,
+        alpha_n,
+        jnp.asarray(forget),
+        SOLVER.replace(method="alpha-cholesky"),
+        True,
+        1e-12,
+        10,
     )
     retain_problem = problem._replace(mask=jnp.asarray(~forget))
     alpha_r, info_r = kernel_gradient_descent(
@@ -295,7 +313,7 @@ def test_kernel_gradient_descent_reaches_the_newton_optimum(digits, loss, capsys
 def test_kernel_gradient_descent_reports_non_convergence(digits):
     x, labels, _, _ = digits
     km = KernelModel(ModelConfig(kind="inf-mlp", depth=3), (64,), 10, jnp.float64)
-    problem = problem_for(km, km.train_kernel(x, progress=False), np.eye(10)[labels], "ce")
+    problem = problem_for(km, train_kernel(km, x, progress=False), np.eye(10)[labels], "ce")
     _, info = kernel_gradient_descent(problem, jnp.zeros_like(problem.y), tol=1e-12, max_steps=5)
     assert info.steps == 5 and not info.converged and info.residual > 1e-12
     assert info.as_solve_info().method == "kgd"

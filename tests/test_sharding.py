@@ -49,7 +49,7 @@ CHILD = textwrap.dedent(
         est = u.influence(u.active_ids()[:7], ds.x_test[:8], ds.y_test[:8])
         res = u.forget(u.active_ids()[3:20])
         u.forget(u.active_ids()[:40])  # crosses a capacity bucket: compaction keeps the sharding
-        info = u.info()["kernel"]
+        info = u.state.kernel_summary()
         out[n_dev] = {
             "theta": np.asarray(u.state.theta).tolist(),
             "before": before.tolist(),
@@ -139,6 +139,6 @@ def test_model_info_reports_devices_and_bytes():
     u = Unlearner.build(
         ds, ModelConfig(kind="linear"), TrainConfig(loss="mse"), SolverConfig(), progress=False
     )
-    info = u.info()["kernel"]
+    info = u.state.kernel_summary()
     assert info["devices"] == [str(d) for d in jax.devices()[:1]]
     assert sum(info["bytes_per_device"].values()) == info["bytes"]

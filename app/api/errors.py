@@ -43,7 +43,12 @@ def _detail(status_code: int, message: str, headers: dict[str, str] | None = Non
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:
     for kind, code in _STATUS:
         if isinstance(exc, kind):
-            return _detail(code, str(exc))
+            hint = (
+                " Use GET /v1/ids for the active training ids."
+                if isinstance(exc, UnknownIdsError)
+                else ""
+            )
+            return _detail(code, str(exc) + hint)
     raise exc  # pragma: no cover - only registered for the kinds above
 
 

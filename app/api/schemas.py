@@ -14,6 +14,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from ..queue import JobStatus
+
 
 def _number_array(value: Any) -> np.ndarray:
     """A JSON array of numbers (nested to any depth) as a finite float or int array."""
@@ -118,7 +120,7 @@ class ForgetRequest(_Body):
 
 class ForgetAccepted(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: JobStatus
     status_url: str
 
 
@@ -155,7 +157,7 @@ class InfluenceSolverInfo(SolverInfo):
 
 class JobOut(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: JobStatus
     ids: list[str]
     model_version: int | None = Field(None, description="the version that applied the job")
     submitted_at: str

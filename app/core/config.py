@@ -12,6 +12,14 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service_core import ModelConfig, SolverConfig, TrainConfig
+from service_core.config import (
+    DTYPES,
+    LOSSES,
+    MODEL_KINDS,
+    SOLVER_ALIASES,
+    SOLVER_METHODS,
+    TRAINERS,
+)
 
 _MODEL = ModelConfig()
 _TRAIN = TrainConfig()
@@ -38,10 +46,10 @@ class Settings(BaseSettings):
         description="training points to keep: per class × 10 for mnist (default 200 "
         "per class), balanced for cifar2 (default all); not for digits or npz",
     )
-    model: Literal["linear", "mlp", "cnn", "inf-mlp", "inf-cnn"] = Field(
+    model: Literal[MODEL_KINDS] = Field(
         _MODEL.kind, description="network to linearise, or an infinitely wide one (analytic NTK)"
     )
-    loss: Literal["ce", "mse"] = Field(_TRAIN.loss, description="cross-entropy or squared error")
+    loss: Literal[LOSSES] = Field(_TRAIN.loss, description="cross-entropy or squared error")
     lam: float = Field(_TRAIN.lam, gt=0, description="L2 weight λ of the regularised risk")
     pool: bool = Field(
         _MODEL.pool,
@@ -61,16 +69,14 @@ class Settings(BaseSettings):
     w_std: float = Field(_MODEL.w_std, gt=0, description="weight standard deviation (NTK param.)")
     b_std: float = Field(_MODEL.b_std, ge=0, description="bias standard deviation (NTK param.)")
     seed: int = Field(_MODEL.seed, description="seed of the data split and the initialisation")
-    trainer: Literal["newton", "kgd"] = Field(
+    trainer: Literal[TRAINERS] = Field(
         _TRAIN.trainer,
         description="version 0's trainer: Newton in α, or kernel gradient descent (Eq. 14)",
     )
-    dtype: Literal["float32", "float64"] = Field(_TRAIN.dtype, description="floating point type")
+    dtype: Literal[DTYPES] = Field(_TRAIN.dtype, description="floating point type")
 
     # Influence solver.
-    solver: Literal[
-        "auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg", "cg", "cholesky"
-    ] = Field(
+    solver: Literal[SOLVER_METHODS + tuple(SOLVER_ALIASES)] = Field(
         _SOLVER.method, description="influence solver; 'auto' picks the cheapest by a cost model"
     )
     cg_tol: float | None = Field(

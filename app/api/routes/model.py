@@ -94,4 +94,21 @@ def ids(
 @router.get("/model")
 def model(u: ModelDep) -> ModelInfo:
     """Version, sizes, loss, λ and kernel layout of the served model."""
-    return ModelInfo.model_validate(u.info())
+    st = u.state  # one version throughout
+    train = st.train_config
+    return ModelInfo.model_validate(
+        {
+            "version": st.version,
+            "n_train": st.n,
+            "n_forgotten": len(st.forgotten),
+            "output_dim": st.layout.d,
+            "n_params": u.model.n_params,
+            "loss": train.loss,
+            "lambda": train.lam,
+            "kernel": st.kernel_summary(),
+            "model": st.model_config.shaping(),
+            "dataset": st.meta["dataset"],
+            "dtype": train.dtype,
+            "residual": st.residual,
+        }
+    )

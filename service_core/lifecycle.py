@@ -1,0 +1,231 @@
+"""How a model comes to be: built and trained (version 0), or restored from its newest checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint, sharding
+from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
+from .data import Dataset
+from .dual import DualProblem, kernel_gradient_descent, newton
+from .errors import InvalidInputError, SolverError
+from .layout import KernelLayout, pad_rows
+from .linalg import Nystrom, SolveOptions, canonical_method, nystrom, power_iteration
+from .models import Network, make_network
+from .state import ModelState, VersionRecord, bucket
+
+log = logging.getLogger(__name__)
+
+
+def build(
+    dataset: Dataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    solver_cfg: SolverConfig,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    devices: list | None = None,
+    memory_budget: float = 0.6,
+) -> tuple[ModelState, Network]:
+    """The model of ``model_cfg`` on ``dataset``, its kernel, trained to the optimum: version 0.
+
+    Arguments:
+      dataset, model_cfg, train_cfg, solver_cfg: what to build.
+      cache_dir: kernel cache directory (``None``: no cache).
+      progress: progress bar for the kernel.
+      devices: devices K's rows are split over (default: every local device; ``sharding``).
+      memory_budget: fraction of each device's memory K and the solver's working copy may use.
+
+    Raises:
+      InvalidInputError: a setting that does not apply to this model (theta-cg without θ).
+      ResourceError: K would not fit the devices (checked before computing it).
+      SolverError: training did not reach ``train_cfg``'s tolerance.
+    """
+    dtype = jax_dtype(train_cfg.dtype)
+    model = make_network(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
+    if model.n_params is None and canonical_method(solver_cfg.method) == "theta-cg":
+        raise InvalidInputError(
+            f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg"
+        )
+    mesh = sharding.make_mesh(devices)
+    layout = KernelLayout(model_cfg.resolved_kernel_form(), dataset.output_dim, mesh)
+    cap = bucket(dataset.n, mesh.size)
+    plan = sharding.plan_memory(
+        layout.side(cap), np.dtype(dtype).itemsize, list(mesh.devices.flat), memory_budget
+    )
+    sharding.check_fits(
+        plan, f"K for {dataset.n} points, d = {dataset.output_dim} ({layout.form} form)"
+    )
+    k, report = _kernel(model, dataset.x, layout.form, cache_dir, progress)
+    log.info(
+        "NTK %s form %s: %.1f MiB in %.2f s (%s)", layout.form, k.shape, report["bytes"] / 2**20,
+        report["seconds"], "cache" if report["cached"] else "computed",
+    )  # fmt: skip
+    k = layout.embed(k, np.arange(dataset.n), cap)
+    x = jnp.asarray(pad_rows(dataset.x, cap), dtype)
+    y = jnp.asarray(pad_rows(dataset.targets(), cap), dtype)
+    active = np.arange(cap) < dataset.n
+    f0 = model.offset(x) * jnp.asarray(active, dtype)[:, None]
+    v0 = jax.random.normal(
+        jax.random.PRNGKey(0), (cap, layout.d if layout.form == "full" else 1), k.dtype
+    )
+    lambda_max = 1.01 * power_iteration(lambda v: layout.matvec(k, v), v0, 30)
+    ny = preconditioner(k, solver_cfg, layout.form, train_cfg.loss)
+    problem = DualProblem(k, layout, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
+    alpha, record = train(problem, train_cfg, solver_cfg, ny)
+    theta = model.theta(x, alpha)
+    meta = {
+        "dataset": {
+            "name": dataset.name,
+            "task": dataset.task,
+            "output_dim": dataset.output_dim,
+            "input_shape": list(dataset.input_shape),
+            "n_initial": dataset.n,
+        },
+        "model": model_cfg.to_dict(),
+        "theta0_fingerprint": fingerprint(model),
+        "train": train_cfg.to_dict(),
+        "solver": solver_cfg.to_dict(),
+        "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
+        "lambda_max": lambda_max,
+    }
+    ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
+    state = ModelState(
+        0, ids, x, y, k, layout, f0, alpha, theta, record.residual, (), (record.to_dict(),), meta,
+        f_star=problem.outputs(alpha), nystrom=ny,
+    )  # fmt: skip
+    return state, model
+
+
+def train(
+    problem: DualProblem, train_cfg: TrainConfig, solver_cfg: SolverConfig, ny: Nystrom | None
+) -> tuple[jax.Array, VersionRecord]:
+    """α* of ``problem`` by Newton (``dual.newton``) or kernel gradient descent, and the record of
+    version 0.
+
+    Raises:
+      SolverError: the tolerance was not met; the message says what to change.
+    """
+    tol = train_cfg.resolved_tol()
+    if train_cfg.trainer == "kgd":
+        start = jnp.zeros_like(problem.y)
+        alpha, info = kernel_gradient_descent(
+            problem, start, tol=tol, max_steps=train_cfg.max_kgd_steps
+        )
+        limit, floor, steps = "max_kgd_steps (or use trainer newton)", 0.0, info.steps
+    else:
+        options = solve_options(solver_cfg, train_cfg.dtype).replace(nystrom=ny)
+        alpha, info = newton(problem, jnp.zeros_like(problem.y), tol, train_cfg.max_newton, options)
+        limit, floor, steps = "max_newton", info.floor, info.steps
+    if not info.converged:
+        raise SolverError(
+            f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
+            f"{info.steps} steps (tolerance {tol:.0e})"
+            + (floor_hint(floor, train_cfg.dtype) if floor else f": raise lam or {limit}")
+        )
+    log.info(
+        "trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s",
+        train_cfg.trainer, info.steps, info.residual, floor, info.seconds,
+    )  # fmt: skip
+    solve = info.as_solve_info().to_dict()
+    return alpha, VersionRecord(
+        0, 0, solve, info.residual, rounding_floor=floor, newton_steps=steps
+    )
+
+
+def restore(
+    checkpoint_dir: Path,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    devices: list | None = None,
+) -> tuple[ModelState, Network] | None:
+    """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
+
+    K is recomputed from the checkpointed active inputs (``checkpoint`` module docstring), or
+    read from ``cache_dir`` when it holds the kernel of exactly these inputs.
+
+    Raises:
+      SolverError: the network rebuilt from the checkpoint's configuration is not the one it was
+        trained with (another θ0).
+    """
+    state = checkpoint.restore(
+        checkpoint_dir, before_arrays=lambda meta: jax_dtype(meta["meta"]["train"]["dtype"])
+    )
+    if state is None:
+        return None
+    dtype = jax_dtype(state.train_config.dtype)
+    ds = state.meta["dataset"]
+    model = make_network(state.model_config, tuple(ds["input_shape"]), ds["output_dim"], dtype)
+    saved, now = state.meta.get("theta0_fingerprint"), fingerprint(model)
+    if saved is not None and now is not None and not np.isclose(now, saved, rtol=1e-6, atol=0):
+        # K is recomputed from this network: a different θ0 would silently give another model
+        raise SolverError(
+            f"{checkpoint_dir}: the network re-initialised from its ModelConfig differs from the one the checkpoint "
+            f"was trained with (‖θ0‖ {now:.9g} against {saved:.9g}); restore with the jax/ntk-unlearn "
+            "versions that wrote it"
+        )
+    mesh = sharding.make_mesh(devices)
+    layout = KernelLayout(state.form, int(ds["output_dim"]), mesh)
+    cap = -(-state.capacity // mesh.size) * mesh.size  # saved under another device count
+    if cap != state.capacity:
+        padded = {name: pad_rows(a, cap) for name, a in state.arrays().items() if name != "theta"}
+        state = state.replace(ids=pad_rows(state.ids, cap), **padded)
+    points = np.flatnonzero(state.active)
+    k, report = _kernel(model, np.asarray(state.x)[points], layout.form, cache_dir, progress)
+    k = layout.embed(k, points, state.capacity)
+    log.info(
+        "restored version %d: K %s recomputed in %.2f s", state.version, k.shape, report["seconds"]
+    )
+    ny = preconditioner(k, state.solver_config, layout.form, state.train_config.loss)
+    state = state.replace(k=k, layout=layout, nystrom=ny)
+    m = jnp.asarray(state.active, k.dtype)[:, None]
+    return state.replace(f_star=state.f0 + layout.matvec(k, state.alpha * m)), model
+
+
+def solve_options(cfg: SolverConfig, dtype: str, method: str | None = None) -> SolveOptions:
+    """The linear solves' options from the solver configuration (``method`` overrides its method)."""
+    return SolveOptions(
+        method=canonical_method(method or cfg.method),
+        tol=cfg.resolved_tol(dtype),
+        max_iter=cfg.max_iter,
+        cholesky_max_dim=cfg.cholesky_max_dim,
+    )
+
+
+def preconditioner(k: jax.Array, cfg: SolverConfig, form: str, loss: str) -> Nystrom | None:
+    """The CG preconditioner of ``k`` (``linalg.nystrom``), or ``None`` when turned off or when the
+    solvers cannot use it (trace form with cross-entropy: ``linalg.nystrom.usable``)."""
+    if cfg.nystrom_rank <= 0 or (form == "trace" and loss != "mse"):
+        return None
+    ny, seconds = nystrom(k, cfg.nystrom_rank)
+    if ny is not None:
+        log.info("Nyström preconditioner of rank %d: %.2f s", cfg.nystrom_rank, seconds)
+    return ny
+
+
+def fingerprint(model: Network) -> float | None:
+    """‖θ0‖ in float64 (``None`` without θ): restore checks it before recomputing K."""
+    theta0 = getattr(model, "theta0", None)
+    return None if theta0 is None else float(np.linalg.norm(np.asarray(theta0, np.float64)))
+
+
+def floor_hint(floor: float, dtype: str) -> str:
+    """What to change when Newton stagnated on its rounding floor (``dual.newton``)."""
+    if not floor:
+        return ""
+    return (
+        f"; it stagnated: no step lowers the residual in {dtype}, whose rounding alone leaves about {floor:.1e}: "
+        "use dtype float64, a looser training tol, or a larger lam"
+    )
+
+
+def _kernel(model: Network, x: np.ndarray, form: str, cache_dir: Path | None, progress: bool):
+    try:
+        return model.train_kernel(x, form, cache_dir, progress)
+    except ValueError as e:  # a form the network's kernel is not exact in
+        raise InvalidInputError(str(e)) from None

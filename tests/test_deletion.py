@@ -1,0 +1,88 @@
+"""A deletion's layout: forgotten rows erased or compacted, and the spare K buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, load_digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+def test_erased_rows_are_zero_while_the_bucket_holds(digits):
+    """Within a capacity bucket forgotten rows are zeroed, not just masked; below it, compacted."""
+    ds = digits.subset(slice(0, 64))
+    u = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="mse", dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
+    cap = u.state.capacity
+    u.forget(u.active_ids()[:2])
+    st = u.state
+    assert st.capacity == cap and st.n == 62
+    gone = ~st.active
+    assert not np.any(np.asarray(st.x)[gone]) and not np.any(np.asarray(st.alpha)[gone])
+    assert not np.any(np.asarray(st.k)[np.repeat(gone, 10)]) and not np.any(
+        np.asarray(st.k)[:, np.repeat(gone, 10)]
+    )
+    u.forget(u.active_ids()[:30])
+    assert u.state.capacity < cap and u.state.n == 32
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
+    """With a spare K buffer the erased K is written into it (and F is erased in place while the
+    smaller bucket would keep ≥ 85 % of the entries); the published versions equal those of an
+    engine without one, the spare is consumed by a deletion and made again after publication."""
+    ds = digits.subset(slice(0, 256))
+    engines = {
+        spare: Unlearner.build(
+            ds,
+            ModelConfig(kind="mlp", width=16),
+            TrainConfig(loss=loss, dtype="float64"),
+            SolverConfig(method="alpha-cg", spare_kernel=spare),
+            progress=False,
+        )
+        for spare in (True, False)
+    }
+    with_spare, without = engines[True], engines[False]
+    assert with_spare._spare is not None and with_spare._spare.shape == with_spare.state.k.shape
+    assert without._spare is None
+    cap = with_spare.state.capacity
+    assert cap == 256
+    for n_forget in (
+        10,
+        16,
+        100,
+    ):  # 246 (same bucket), 230 (bucket 240: erased in place only with the spare), 130: compacted
+        ids = with_spare.active_ids()[:n_forget]
+        spare = with_spare._spare
+        results = [u.forget(ids) for u in (with_spare, without)]
+        for u in (with_spare, without):
+            u.after_publish()
+        a, b = with_spare.state, without.state
+        assert a.n == b.n and all(r.solve.converged for r in results)
+        if n_forget < 100:
+            assert a.capacity == cap and spare.is_deleted()  # erased in place into the spare
+            assert b.capacity == (cap if n_forget == 10 else 240)
+            assert not np.any(np.asarray(a.k)[np.repeat(~a.active, 10)])
+        else:
+            assert a.capacity < cap
+        assert with_spare._spare is not None and with_spare._spare.shape == a.k.shape  # made again
+        ka, kb = np.asarray(a.k), np.asarray(b.k)
+        ia, ib = ((np.flatnonzero(s.active)[:, None] * 10 + np.arange(10)).ravel() for s in (a, b))
+        np.testing.assert_array_equal(ka[np.ix_(ia, ia)], kb[np.ix_(ib, ib)])
+        np.testing.assert_allclose(
+            np.asarray(a.theta),
+            np.asarray(b.theta),
+            rtol=0,
+            atol=1e-10 * np.abs(np.asarray(b.theta)).max(),
+        )
+        assert list(a.ids[a.active]) == list(b.ids[b.active])

@@ -1,0 +1,144 @@
+"""The engine's façade: validation, checkpoints and restore, snapshots."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from service_core import (
+    AlreadyForgottenError,
+    InvalidForgetSetError,
+    InvalidInputError,
+    ModelConfig,
+    SolverConfig,
+    TrainConfig,
+    UnknownIdsError,
+    Unlearner,
+    build_model,
+    checkpoint,
+    load_digits,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    return Unlearner.build(
+        digits.subset(slice(0, 60)),
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="ce", dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
+
+
+def test_validation_messages(small):
+    ids = small.active_ids()
+    with pytest.raises(InvalidForgetSetError, match="non-empty"):
+        small.validate_forget([])
+    with pytest.raises(InvalidForgetSetError, match="duplicated"):
+        small.validate_forget([ids[0], ids[0]])
+    with pytest.raises(UnknownIdsError) as err:
+        small.validate_forget([ids[0], "nope"])
+    assert err.value.ids == ["nope"]
+    with pytest.raises(AlreadyForgottenError):
+        small.validate_forget([ids[1]], pending=frozenset({ids[1]}))
+    with pytest.raises(InvalidForgetSetError, match="every remaining"):
+        small.validate_forget(ids)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        small.predict([[np.nan] * 64])
+    with pytest.raises(InvalidInputError, match="expected"):
+        small.predict([[0.0] * 63])
+    with pytest.raises(InvalidInputError, match="too large"):
+        small.predict([[1e200] * 64])  # finite in JSON, beyond what the model's dtype can carry
+    with pytest.raises(InvalidInputError, match="labels"):
+        small.influence(ids[:2], [[0.0] * 64], [11])
+    assert small.predict([[0.0] * 64, [1.0] * 64]).shape == (2, 10)
+
+
+def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digits):
+    ds = digits.subset(slice(0, 50))
+    u = Unlearner.build(
+        ds,
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="mse", dtype="float64"),
+        SolverConfig(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    assert list((tmp_path / "cache").glob("ntk-*.npy"))
+    u.save(tmp_path / "ckpt")
+    gone = u.active_ids()[:5]
+    before = u.state.nystrom
+    result = u.forget(gone, checkpoint_dir=tmp_path / "ckpt")
+    u.after_publish()
+    assert not list((tmp_path / "cache").glob("ntk-*.npy"))  # cached K held the forgotten rows
+    # the preconditioner was derived from the forgotten rows too: recomputed from the new K
+    assert before is not None and u.state.nystrom is not None and u.state.nystrom is not before
+    assert u.state.nystrom.u.shape[0] == u.state.k.shape[0]
+    inactive_rows = np.repeat(~u.state.active, 10)
+    assert np.abs(np.asarray(u.state.nystrom.u)[inactive_rows]).max(initial=0.0) <= 1e-6
+    # per-part seconds of the deletion, within its total
+    assert {"validate", "compact", "rhs", "solve", "delta", "residual"} <= set(result.timings)
+    assert (
+        all(v >= 0 for v in result.timings.values())
+        and sum(result.timings.values()) <= result.seconds
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
+    back = Unlearner.restore(tmp_path / "ckpt")
+    assert back.version == 1 and back.n_train == 45 and back.forgotten_ids() == frozenset(gone)
+    assert np.array_equal(back.predict(ds.x_test[:5]), u.predict(ds.x_test[:5]))
+    restored = checkpoint.restore(tmp_path / "ckpt")
+    assert restored.n == 45 and not set(gone) & set(restored.ids.tolist())
+    assert restored.k is None  # K is recomputed from the active inputs, never written
+    inactive = np.repeat(~back.state.active, 10)
+    assert back.state.k.shape[0] >= 450 and not np.any(np.asarray(back.state.k)[inactive])
+    assert np.allclose(back.state.k, u.state.k, atol=1e-12)
+    xs = np.asarray(restored.x)
+    for i in range(5):
+        assert not np.any(np.all(np.isclose(xs, ds.x[i]), axis=1))
+    with pytest.raises(AlreadyForgottenError):
+        back.forget(gone[:1])
+    assert Unlearner.restore(tmp_path / "nothing") is None
+
+
+def test_validation_against_a_snapshot(small):
+    """An estimate validates against the version it reads, not one published since (no 500 in a race)."""
+    old = small.state
+    gone = small.active_ids()[:2]
+    new_state, _ = small.plan_forget(gone)
+    small.validate_forget(gone, state=old)  # still valid for the snapshot
+    with pytest.raises(AlreadyForgottenError):
+        small.validate_forget(gone, state=new_state)
+
+
+def test_network_is_the_same_whatever_x64_says_and_restore_checks_it(tmp_path, digits, monkeypatch):
+    """A float64 engine turns on jax_enable_x64 for the whole process; θ0 of a float32 network must
+    not change with it (restore recomputes K from the re-initialised network), and a checkpoint whose
+    network cannot be re-created is refused instead of silently restored as another model."""
+    from service_core import SolverError, lifecycle
+
+    cfg = ModelConfig(kind="mlp", width=16)
+    was = jax.config.jax_enable_x64
+    try:
+        thetas = []
+        for x64 in (False, True):
+            jax.config.update("jax_enable_x64", x64)
+            thetas.append(np.asarray(build_model(cfg, (64,), 10, jnp.float32).theta0))
+    finally:
+        jax.config.update("jax_enable_x64", was)
+    np.testing.assert_array_equal(thetas[0], thetas[1])
+    ds = digits.subset(slice(0, 40))
+    u = Unlearner.build(ds, cfg, TrainConfig(loss="mse"), SolverConfig(), progress=False)
+    u.save(tmp_path / "ck")
+    back = Unlearner.restore(tmp_path / "ck", progress=False)
+    np.testing.assert_array_equal(np.asarray(back.state.k), np.asarray(u.state.k))
+    monkeypatch.setattr(lifecycle, "fingerprint", lambda model: 1.0)
+    with pytest.raises(SolverError, match="differs from the one the checkpoint"):
+        Unlearner.restore(tmp_path / "ck", progress=False)

@@ -1,0 +1,169 @@
+"""Linear algebra of system (B): CG and Cholesky, Nyström preconditioning, rounding floors."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from service_core.layout import KernelLayout
+from service_core.linalg import SolveOptions, SPDSystem, canonical_method, nystrom
+from service_core.linalg import solve_spd as _solve_spd
+
+
+def solve_spd(k, form, s, mask, rhs, c, method, tol, max_iter, max_restarts=3, nystrom=None):
+    """System (B) (c·I + M S K S M) x = rhs by the engine's solver, K given as a matrix."""
+    d = rhs.shape[1]
+    layout = KernelLayout(form, d)
+    system = SPDSystem.make(k, layout, s, mask, c)
+    options = SolveOptions(
+        canonical_method(method), tol, max_iter, max_restarts=max_restarts, nystrom=nystrom
+    )
+    return _solve_spd(system, rhs, options)
+
+
+def test_cg_and_cholesky_agree_and_cg_reports_non_convergence():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 200))
+    k = jnp.asarray(a @ a.T)  # trace form (N, N), N = 60
+    s = jnp.asarray(np.stack([np.diag(rng.uniform(0.1, 1, 3)) for _ in range(60)]))
+    mask = jnp.asarray(rng.uniform(size=60) < 0.8)
+    rhs = jnp.asarray(rng.normal(size=(60, 3))) * mask[:, None]
+    x_ch, i_ch = solve_spd(k, "trace", s, mask, rhs, 0.5, "cholesky", 1e-12, 100)
+    x_cg, i_cg = solve_spd(k, "trace", s, mask, rhs, 0.5, "cg", 1e-12, 1000)
+    assert i_ch.converged and i_cg.converged and i_cg.iterations > 0
+    assert np.allclose(x_ch, x_cg, atol=1e-9)
+    assert np.all(np.asarray(x_cg)[~np.asarray(mask)] == 0)
+    _, bad = solve_spd(k, "trace", s, mask, rhs, 0.5, "cg", 1e-12, 2, max_restarts=0)
+    assert not bad.converged and bad.iterations == 2 and bad.residual > 1e-12
+
+
+@pytest.mark.parametrize("form", ["full", "trace"])
+def test_nystrom_preconditioned_cg_gives_the_same_answer_in_fewer_iterations(form):
+    """PCG with the Nyström preconditioner (Frangella et al.) against a dense float64 solve of the
+    same system (B), with a spectrum like an NTK's (a few large eigenvalues, then a decaying tail)."""
+    rng = np.random.default_rng(1)
+    n, d = (80, 3) if form == "full" else (200, 3)
+    side = n * d if form == "full" else n
+    q, _ = np.linalg.qr(rng.normal(size=(side, side)))
+    spectrum = np.concatenate([[400.0, 250, 120, 80, 60], 30.0 * 0.9 ** np.arange(side - 5)])
+    k = jnp.asarray((q * spectrum) @ q.T)
+    s = None
+    if form == "full":  # cross-entropy-like blocks W^{1/2}, PSD
+        p = rng.dirichlet(np.ones(d), size=n)
+        w = np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
+        s = jnp.asarray(np.stack([scipy_sqrtm(wi) for wi in w]))
+    mask = jnp.asarray(rng.uniform(size=n) < 0.85)
+    rhs = jnp.asarray(rng.normal(size=(n, d))) * mask[:, None]
+    c = 2.0
+    ny, _ = nystrom(k, 20)
+    assert (
+        ny is not None and ny.u.shape == (side, 20) and np.all(np.diff(np.asarray(ny.lam)) <= 1e-9)
+    )
+    dense = np.asarray(SPDSystem.make(k, KernelLayout(form, d), s, mask, c).dense())
+    flat = np.asarray(rhs).reshape(-1) if dense.shape[0] == n * d else np.asarray(rhs)
+    exact = np.linalg.solve(dense, flat).reshape(rhs.shape)
+    x_cg, plain = solve_spd(k, form, s, mask, rhs, c, "cg", 1e-10, 1000)
+    x_pcg, pre = solve_spd(k, form, s, mask, rhs, c, "cg", 1e-10, 1000, nystrom=ny)
+    assert (
+        plain.converged
+        and pre.converged
+        and pre.preconditioner == "nystrom-20"
+        and plain.preconditioner == ""
+    )
+    assert np.abs(np.asarray(x_pcg) - exact).max() <= 1e-8 * np.abs(exact).max()
+    assert np.abs(np.asarray(x_cg) - exact).max() <= 1e-8 * np.abs(exact).max()
+    assert pre.iterations * 2 <= plain.iterations, (pre.iterations, plain.iterations)
+    # rows outside the mask stay exactly zero, and a compacted factor preconditions the compacted K
+    assert np.all(np.asarray(x_pcg)[~np.asarray(mask)] == 0)
+    keep = np.flatnonzero(np.asarray(mask))
+    rows = (keep[:, None] * d + np.arange(d)).ravel() if form == "full" else keep
+    k_rr = k[np.ix_(rows, rows)]
+    sub = ny._replace(u=KernelLayout(form, d).take_factor_rows(ny.u, keep, len(keep)))
+    s_r = None if s is None else s[keep]
+    x_sub, info = solve_spd(
+        k_rr, form, s_r, jnp.ones(len(keep), bool), rhs[keep], c, "cg", 1e-10, 1000, nystrom=sub
+    )
+    assert info.converged and info.iterations * 2 <= plain.iterations
+    assert np.abs(np.asarray(x_sub) - exact[keep]).max() <= 1e-8 * np.abs(exact).max()
+
+
+def scipy_sqrtm(w: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(w)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+@pytest.mark.parametrize("form", ["trace", "full"])
+def test_cg_stagnation_on_the_rounding_floor(form):
+    """A float32 CG solve that cannot reach its tolerance stops on stagnation with the estimated
+    rounding floor of its residual (not "raise max_iter"): the floor is real (the float64 residual of
+    the float32 answer is not below it either), a miss that rounding explains and that is small is
+    accepted, a large one fails, and float64 reaches the same tolerance with no floor."""
+    from jax.experimental import enable_x64
+
+    from service_core.linalg import FLOOR_FACTOR, FLOOR_SLACK
+
+    rng = np.random.default_rng(0)
+    n, d, c = 120, 3, 0.1
+    rows = n if form == "trace" else n * d
+    g = rng.standard_normal((rows, rows // 2))
+    k64 = (
+        g @ g.T
+    )  # PSD, rank-deficient: x is large on K's null space, so K x and c x nearly cancel in rounding
+    rhs = rng.standard_normal((n, d))
+    mask = jnp.ones(n, bool)
+
+    def residual64(x):
+        x = np.asarray(x, np.float64)
+        kx = k64 @ x if form == "trace" else (k64 @ x.reshape(-1)).reshape(x.shape)
+        return np.linalg.norm(rhs - c * x - kx) / np.linalg.norm(rhs)
+
+    k32, b32 = jnp.asarray(k64, jnp.float32), jnp.asarray(rhs, jnp.float32)
+    x, info = solve_spd(k32, form, None, mask, b32, c, "alpha-cg", tol=1e-10, max_iter=2000)
+    assert (
+        not info.converged and info.floor > 0 and info.iterations < 4 * 2000
+    )  # stagnated, not out of iterations
+    assert info.floor / 10 <= info.residual <= FLOOR_FACTOR * info.floor
+    assert residual64(x) >= info.floor / 10
+    near = info.residual / (0.5 * FLOOR_SLACK)  # a tolerance the stagnated residual misses by ~5×
+    x, info = solve_spd(k32, form, None, mask, b32, c, "alpha-cg", tol=near, max_iter=2000)
+    assert info.residual > near and info.converged and info.floor > 0
+    assert info.to_dict()["rounding_floor"] == info.floor
+    with enable_x64():
+        x, info64 = solve_spd(
+            jnp.asarray(k64),
+            form,
+            None,
+            mask,
+            jnp.asarray(rhs),
+            c,
+            "alpha-cg",
+            tol=1e-10,
+            max_iter=2000,
+        )
+        assert info64.converged and info64.floor == 0.0 and info64.residual <= 1e-10
+        assert residual64(x) <= 1e-9
+
+
+@pytest.mark.parametrize("method", ["alpha-cg", "alpha-cholesky"])
+def test_tiny_right_hand_sides_are_solved_and_certified(method):
+    """float32 squared norms of a 1e-15 rhs underflow: CG reported residual 0 for an answer whose
+    float64 residual was 3e-5, and returned x = 0 as converged at 1e-20. The system is solved for
+    rhs / max|rhs| and scaled back."""
+    rng = np.random.default_rng(1)
+    n, d, c = 30, 3, 1e-3
+    g = rng.standard_normal((n, 50)).astype(np.float32)
+    k = g @ g.T
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    a = c * np.eye(n) + k.astype(np.float64)
+    for scale in (1e-15, 1e-20, 1e-30):
+        rhs = base * np.float32(scale)
+        x, info = solve_spd(
+            jnp.asarray(k), "trace", None, jnp.ones(n, bool), jnp.asarray(rhs), c, method, 1e-6, 300
+        )
+        x = np.asarray(x, np.float64)
+        true = np.linalg.norm(rhs - a @ x) / np.linalg.norm(rhs.astype(np.float64))
+        assert info.converged and 0 < info.residual <= 1e-6 and true <= 2e-6, (scale, info, true)
+        assert info.residual == pytest.approx(
+            true, rel=1.0
+        )  # the certificate is the answer's, not an underflow
