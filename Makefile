@@ -36,6 +36,7 @@ test: venv
 	bash scripts/with-redis.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 openapi: venv

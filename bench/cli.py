@@ -5,6 +5,8 @@ Subcommands:
 * ``figure1`` (default): the paper's Figure 1 metrics on ``digits`` and ``mnist`` (``bench.figure1``);
 * ``ntk``: NTK precompute speed against JACOBIAN_CONTRACTION and the whole MNIST kernel (``bench.ntkbench``);
 * ``figure4``: ``bench.figure4.main`` when that module exists;
+* ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
+  the engine's own time from the job record (``bench.e2e``; workloads digits and mnist);
 * ``all``: ntk, figure1 (digits and mnist), figure4;
 * ``report``: no measurement; rebuild the Markdown, the figures and the combined ``BENCHMARKS.md``
   from the JSON files already in ``--out``.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
-COMMANDS = ("figure1", "ntk", "figure4", "all", "report")
+COMMANDS = ("figure1", "ntk", "figure4", "e2e", "all", "report")
 WORKLOADS = ("digits", "mnist", "cifar")
 
 
@@ -110,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement"
     )
+    e2e = ap.add_argument_group("e2e")
+    e2e.add_argument("--forgets", type=int, default=5, help="timed forgets after the warm-up")
+    e2e.add_argument(
+        "--percent", type=float, default=1.0, help="ids per forget, %% of the initial ids"
+    )
+    e2e.add_argument("--poll-ms", type=int, default=20, help="job polling interval")
+    e2e.add_argument(
+        "--pause",
+        type=float,
+        default=0.5,
+        help="seconds between forgets once the worker's post-publish work is logged",
+    )
+    e2e.add_argument(
+        "--mnist-per-class", type=int, default=200, help="MNIST training points per class"
+    )
+    e2e.add_argument(
+        "--ready-timeout", type=float, default=1200, help="seconds to wait for /readyz"
+    )
+    e2e.add_argument("--job-timeout", type=float, default=300, help="seconds to wait for a job")
     return ap
 
 
@@ -281,6 +302,10 @@ def combined_markdown(out: Path) -> str:
             (out / "figure4.md").read_text(),
             "",
         ]
+    # sections written by their own runs (bench/e2e.py) or by hand from two runs (before/after)
+    for name in ("engine-reshape-digits.md", "e2e.md"):
+        if (out / name).exists():
+            lines += [(out / name).read_text(), ""]
     from .figure1 import __doc__ as protocol
 
     lines += ["## Protocol (bench/figure1.py)", "", "```", (protocol or "").strip(), "```", ""]
@@ -322,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     machine = machine_info()
+    if args.command == "e2e":
+        from . import e2e
+
+        return e2e.main(args, argv, machine, log=_log)
     _log(
         f"machine: {machine['cpu_model']}, {machine['usable_cores']} cores, {machine['memory_gib']:.1f} GiB, jax {machine['jax']}, "
         f"load {machine['loadavg_1_5_15']}"

@@ -7,8 +7,11 @@ influence step (solver accuracy), forget-set and test-set accuracy after the upd
 Protocol (also printed with the results):
 
 * One trained state per workload; ``plan_forget`` computes each deletion without publishing it, so
-  every call starts from the same version 0. Before each call (untimed) ``ready_next_deletion``
-  makes the spare K buffer, as the service does after publishing a deletion.
+  every call starts from the same version 0. Before each call (untimed) ``ready_spare`` makes the
+  spare K buffer, as the service does after publishing a deletion (``Unlearner.after_publish``).
+  Everything a row reports comes from the engine's public results: ``ForgetResult`` (its solve,
+  refinement, inner solves, per-part timings, Δθ of the step) and the new state; ``plan_forget``
+  runs with ``strict=False`` so that ``alpha-paper``'s fixed 500 iterations are reported, not raised.
 * Methods are run one after the other (method-outer, fraction-inner). **Cold**: the first call after
   ``jax.clear_caches()`` (compilation included). **Warm**: the median of repeated calls on the same
   state; 5 repeats (``--repeats``) when a call takes ≤ 5 s, 3 when ≤ 15 s, 1 above. A method whose cold
@@ -17,7 +20,7 @@ Protocol (also printed with the results):
   compile cost.
 * Single influence step (``refine=False``) for the solver methods, as the paper compares; the row
   ``alpha-cg+refine`` is the service's default path (step + Newton refinement).
-* ``retrain``: ``training.newton`` from α = 0 on the retain set with K_RR available (the service's
+* ``retrain``: ``dual.newton`` from α = 0 on the retain set with K_RR available (the service's
   training tolerance), then θ = θ_p + J(X)ᵀα; the NTK precompute is not counted (not from scratch).
 * ``retrain from scratch``: ``Unlearner.build`` on the retained points (empirical NTK of the retain
   set, λ_max, preconditioner, Newton to the training tolerance), timed once per fraction.
@@ -40,13 +43,14 @@ import numpy as np
 
 from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, losses
 from service_core.data import Dataset, load_cifar2, load_digits, load_mnist
+from service_core.deletion import problem_of
+from service_core.dual import newton
 from service_core.errors import SolverError
-from service_core.ntk import kernel_matvec
-from service_core.solvers import spd_operator
+from service_core.layout import KernelLayout
+from service_core.lifecycle import solve_options
+from service_core.linalg import SPDSystem
 from service_core.state import bucket
-from service_core.training import newton
 
-from . import instrument
 from .machine import peak_rss_gib
 from .reference import ReferenceSolver
 
@@ -179,28 +183,28 @@ class Context:
         self.model = u.model
         self.n = st.n
         self.cap = st.capacity
-        self.d = u.output_dim
+        self.d = st.layout.d
         self.labels = np.asarray(wl.dataset.y)
         assert list(st.ids[: self.n]) == list(wl.dataset.ids), "state ids are not in data set order"
-        self.predict = jax.jit(self.model.f_lin)
-        self.vjp = jax.jit(self.model.vjp)
-        self.kmv = jax.jit(partial(kernel_matvec, form=st.form))
+        self.layout = st.layout
+        self.kmv = jax.jit(st.layout.matvec)
         self.x_test = jnp.asarray(wl.dataset.x_test, st.x.dtype)
         self.y_test = np.asarray(wl.dataset.y_test)
-        self.index = {i: p for p, i in enumerate(st.ids.tolist()) if i}
 
     def mask(self, ids) -> np.ndarray:
-        m = np.zeros(self.cap, bool)
-        m[[self.index[i] for i in ids]] = True
-        return m
+        return self.state.mask(ids)
+
+    def theta(self, alpha, delta: bool = False) -> jax.Array:
+        """θ_p + J(X)ᵀα over the state's rows (Δθ = J(X)ᵀα with ``delta``)."""
+        return self.model.theta(self.state.x, jnp.asarray(alpha, self.state.x.dtype), delta=delta)
 
     def accuracy(self, theta, rows: np.ndarray | None = None) -> tuple[float | None, float]:
         """(forget-set accuracy on ``rows``, test accuracy) of θ."""
         fa = None
         if rows is not None and rows.any():
-            out = np.asarray(self.predict(theta, self.state.x[np.flatnonzero(rows)]))
+            out = np.asarray(self.model.outputs_at(theta, self.state.x[np.flatnonzero(rows)]))
             fa = float(np.mean(out.argmax(-1) == self.labels[np.flatnonzero(rows)]))
-        out = np.asarray(self.predict(theta, self.x_test))
+        out = np.asarray(self.model.outputs_at(theta, self.x_test))
         return fa, float(np.mean(out.argmax(-1) == self.y_test))
 
     def knorm(self, v: np.ndarray) -> float:
@@ -209,11 +213,11 @@ class Context:
         return math.sqrt(max(float(np.vdot(v, kv)), 0.0))
 
 
-def _call(un: Unlearner, ids, method, refine, rec: instrument.Recorder):
-    rec.reset()
-    un.ready_next_deletion()  # what the service does after publishing, off the latency (untimed)
+def _call(un: Unlearner, ids, method, refine):
+    un.ready_spare()  # what the service does after publishing, off the latency (untimed)
     t0 = time.perf_counter()
-    new_state, result = un.plan_forget(ids, method=method, refine=refine)
+    # strict=False: alpha-paper's fixed 500 iterations miss the service tolerance; report, not raise
+    new_state, result = un.plan_forget(ids, method=method, refine=refine, strict=False)
     jax.block_until_ready((new_state.theta, new_state.alpha, new_state.k))
     return time.perf_counter() - t0, new_state, result
 
@@ -230,13 +234,17 @@ def _n_warm(first: float, repeats: int) -> int:
     return 1
 
 
-def time_method(run, fraction_index: int, slow_state: dict, repeats: int, cold_ok: bool = True):
-    """Cold and warm timings of ``run()`` (returns (seconds, payload)); see the module docstring."""
+def time_method(
+    run, fraction_index: int, slow_state: dict, repeats: int, cold_ok: bool = True, unlearners=()
+):
+    """Cold and warm timings of ``run()`` (returns (seconds, payload)); see the module docstring.
+    A cold call also drops the compiled code the ``unlearners``' models keep."""
     cold = None
     payload = None
     if cold_ok and (fraction_index == 0 or not slow_state.get("slow")):
         jax.clear_caches()
-        instrument.clear_theta_cache()
+        for un in unlearners:  # the engine's compiled θ-space solvers, kept per model
+            un.model.compiled.clear()
         cold, payload = run()
         if fraction_index == 0 and cold > SLOW_S:
             slow_state["slow"] = True
@@ -266,13 +274,13 @@ def k_pass_seconds(ctx: Context, repeats: int = 5) -> float:
 # -- CG trajectories (iterations to a given accuracy) ----------------------------------------------
 
 
-def _paper_operator(k, w, mask, c, n_total, form):
+def _paper_operator(k, w, mask, c, n_total, layout: KernelLayout):
     m = mask[:, None].astype(k.dtype)
 
-    def matvec(v):  # as service_core.solvers._paper_cg
-        kv = m * kernel_matvec(k, v * m, form)
+    def matvec(v):  # the operator of service_core.linalg.solve_paper_form
+        kv = m * layout.matvec(k, v * m)
         return (
-            (m * kernel_matvec(k, m * losses.apply_blocks(w, kv), form)) / n_total
+            (m * layout.matvec(k, m * losses.apply_blocks(w, kv))) / n_total
             + (c / n_total) * kv
             + (1 - m) * v
         )
@@ -280,15 +288,15 @@ def _paper_operator(k, w, mask, c, n_total, form):
     return matvec
 
 
-@partial(jax.jit, static_argnames=("form", "paper", "steps"))
-def _cg_steps(k, blocks, mask, c, n_total, st, form, paper, steps):
+@partial(jax.jit, static_argnames=("layout", "paper", "steps"))
+def _cg_steps(k, blocks, mask, c, n_total, st, layout, paper, steps):
     matvec = (
-        _paper_operator(k, blocks, mask, c, n_total, form)
+        _paper_operator(k, blocks, mask, c, n_total, layout)
         if paper
-        else spd_operator(k, form, blocks, mask, c)
+        else SPDSystem.make(k, layout, blocks, mask, c).matvec
     )
 
-    def body(_, st):  # the engine's CG iteration (solvers.cg)
+    def body(_, st):  # the engine's CG iteration (linalg.cg, unpreconditioned)
         x, r, p, rs = st
         ap = matvec(p)
         pap = jnp.vdot(p, ap).real
@@ -316,7 +324,7 @@ def trajectories(
     st = ctx.state
     u = ctx.u
     train = u.train_config
-    k, form, dtype = st.k, st.form, st.k.dtype
+    k, layout, dtype = st.k, st.layout, st.k.dtype
     active = jnp.asarray(st.active)
     fmask = jnp.asarray(forget)
     retain = active & ~fmask
@@ -324,12 +332,12 @@ def trajectories(
     m_f = fmask[:, None].astype(dtype)
     n_f, n_r = int(forget.sum()), int(np.asarray(retain).sum())
     alpha = st.alpha
-    f_star = st.f0 + kernel_matvec(k, alpha * active[:, None], form)
+    f_star = st.f0 + layout.matvec(k, alpha * active[:, None])
     w = losses.hessian(train.loss, f_star, st.y)
     s = losses.hessian_sqrt(train.loss, f_star, st.y)
     b = (
         train.lam * n_f * alpha * m_r
-        + losses.apply_blocks(w, m_r * kernel_matvec(k, alpha * m_f, form)) * m_r
+        + losses.apply_blocks(w, m_r * layout.matvec(k, alpha * m_f)) * m_r
     )
     c = jnp.asarray(train.lam * n_r, dtype)
     n_total = jnp.asarray(float(ctx.n), dtype)
@@ -343,26 +351,28 @@ def trajectories(
 
     out = {}
     # system (B): rhs = M S K b; Δα_R = (b − S z)/c
-    rhs = m_r * losses.apply_blocks(s, kernel_matvec(k, b, form)) if s is not None else b
+    rhs = m_r * losses.apply_blocks(s, layout.matvec(k, b)) if s is not None else b
     z0 = jnp.zeros_like(rhs)
     state = (z0, rhs, rhs, jnp.vdot(rhs, rhs).real)
     pts = []
     t0 = time.perf_counter()
     for it in range(1, cg_max + 1):
-        state = _cg_steps(k, s, retain, c, n_total, state, form=form, paper=False, steps=1)
+        state = _cg_steps(k, s, retain, c, n_total, state, layout=layout, paper=False, steps=1)
         z = state[0]
         delta = (b - losses.apply_blocks(s, z) * m_r) / c if s is not None else z
         pts.append((it, err(delta)))
     out["alpha-cg"] = {"points": pts, "seconds": time.perf_counter() - t0}
     # paper form: rhs = M K M b / N
-    rhs = m_r * kernel_matvec(k, b * m_r, form) / n_total
+    rhs = m_r * layout.matvec(k, b * m_r) / n_total
     state = (jnp.zeros_like(rhs), rhs, rhs, jnp.vdot(rhs, rhs).real)
     pts = []
     t0 = time.perf_counter()
     done = 0
     schedule = [1, 2, 3, 4] + list(range(paper_stride, paper_max + 1, paper_stride))
     for it in schedule:
-        state = _cg_steps(k, w, retain, c, n_total, state, form=form, paper=True, steps=it - done)
+        state = _cg_steps(
+            k, w, retain, c, n_total, state, layout=layout, paper=True, steps=it - done
+        )
         done = it
         pts.append((it, err(state[0])))
     out["alpha-paper"] = {"points": pts, "seconds": time.perf_counter() - t0}
@@ -396,7 +406,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     build_s = time.perf_counter() - t0
     ctx = Context(wl, u)
     st = u.state
-    train_info = st.history[0]["train"]
+    train_info = st.history[0]["solve"]
     res["setup"] = {
         "n_train": ctx.n,
         "n_test": int(len(ctx.y_test)),
@@ -414,9 +424,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
         "build_seconds": build_s,
         "ntk_seconds": st.meta["ntk"]["seconds"],
         "train": train_info,
-        "train_newton_steps": st.history[0].get(
-            "newton_steps", st.history[0].get("steps", train_info.get("iterations"))
-        ),
+        "train_newton_steps": st.history[0]["newton_steps"],
         "solver_tol": u.solver_config.resolved_tol(wl.train.dtype),
         "train_tol": wl.train.resolved_tol(),
     }
@@ -437,7 +445,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
 
     # -- references ------------------------------------------------------------------------------
     ref = ReferenceSolver(
-        st.k, st.form, st.f0, st.y, st.alpha, st.active, wl.train.lam, wl.train.loss
+        st.k, st.layout, st.f0, st.y, st.alpha, st.active, wl.train.lam, wl.train.loss
     )
     theta_star = st.theta
     per_frac = []
@@ -446,14 +454,10 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
         fmask = ctx.mask(ids)
         step_ref, step_info = ref.exact_step(fmask)
         retr_ref, retr_info = ref.retrain(fmask, step_ref)
-        dtheta_ref = ctx.vjp(st.x, jnp.asarray(retr_ref, st.x.dtype))
+        dtheta_ref = ctx.theta(retr_ref, delta=True)
         theta_ref = theta_star + dtheta_ref
         # float32 map-back floor: the same Δθ by two routes that agree in exact arithmetic
-        alt = (
-            u.model.theta_p
-            + ctx.vjp(st.x, jnp.asarray(ref.alpha * st.active[:, None] + retr_ref, st.x.dtype))
-            - theta_star
-        )
+        alt = ctx.theta(ref.alpha * st.active[:, None] + retr_ref) - theta_star
         dref = np.asarray(dtheta_ref, np.float64)
         floor = float(np.linalg.norm(np.asarray(alt, np.float64) - dref) / np.linalg.norm(dref))
         step_vs_retrain = ctx.knorm(step_ref - retr_ref) / ctx.knorm(retr_ref)
@@ -500,13 +504,8 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
 
     rows: list[dict] = []
     skipped: list[dict] = []
-    rec = instrument.Recorder()
     paper_solver = dataclasses.replace(u.solver_config, max_iter=500)
-    u_paper = Unlearner(
-        dataclasses.replace(st, meta={**st.meta, "solver": paper_solver.to_dict()}),
-        u.model,
-        mesh=getattr(u, "_mesh", None),
-    )
+    u_paper = Unlearner(st.replace(meta={**st.meta, "solver": paper_solver.to_dict()}), u.model)
 
     def chol_unknowns(pf) -> int:
         cap = bucket(int(np.asarray(st.active).sum()) - len(pf["ids"]))
@@ -547,25 +546,22 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     for name, un, method, refine, only in methods:
         slow_state: dict = {}
         log(f"   -- {name}")
-        for fi, frac in enumerate(fractions):
+        for fi, _frac in enumerate(fractions):
             if only is not None and fi not in only:
                 continue
             pf = per_frac[fi]
 
-            def run():
-                with instrument.instrument(rec, allow_unconverged=True):
-                    t, new_state, result = _call(un, pf["ids"], method, refine, rec)
+            def run(un=un, pf=pf, method=method, refine=refine):
+                t, new_state, result = _call(un, pf["ids"], method, refine)
                 payload = {
                     "theta": new_state.theta,
                     "result": result,
-                    "step": rec.step,
-                    "refine_cg": rec.refine_cg,
-                    "refine_inner": rec.refine.inner[-1].method
-                    if rec.refine is not None and rec.refine.inner
-                    else None,
+                    "step": result.solve,
+                    "refine_cg": result.refine_cg_iterations,
+                    "refine_inner": result.refine_inner[-1].method if result.refine_inner else None,
                     "alpha_new": None,
                 }
-                if rec.delta_theta is None:  # an α method: Δα = α_new − α* in the capacity layout
+                if method != "theta-cg":  # an α method: Δα = α_new − α* in the capacity layout
                     # the refined α in capacity layout: map the compacted rows back
                     keep = np.flatnonzero(np.asarray(ctx.state.active) & ~pf["mask"])
                     a = np.zeros((ctx.cap, ctx.d))
@@ -581,7 +577,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
             try:
                 pos = fi if only is None else sorted(only).index(fi)
                 cold, warm, payloads = time_method(
-                    run, pos, slow_state, args.repeats, cold_ok=_cold_ok(args, name)
+                    run, pos, slow_state, args.repeats, _cold_ok(args, name), (u, u_paper)
                 )
             except SolverError as exc:
                 rows.append({"method": name, "fraction": args.fractions[fi], "error": str(exc)})
@@ -627,31 +623,31 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
 
     # retrain from scratch (float32, the service's training path), NTK excluded
     slow_state = {}
-    solver_kwargs = Unlearner._solver_kwargs(u.solver_config, wl.train.dtype)
-    problem = u._problem(st)
+    options = solve_options(u.solver_config, wl.train.dtype)
+    problem = problem_of(st)
     do_retrain = not args.methods or "retrain" in args.methods
     if do_retrain:
         log("   -- retrain")
-    for fi, frac in enumerate(fractions if do_retrain else []):
+    for fi, _frac in enumerate(fractions if do_retrain else []):
         pf = per_frac[fi]
         retain = jnp.asarray(np.asarray(st.active) & ~pf["mask"])
         rp = problem._replace(mask=retain)
 
-        def run():
+        def run(rp=rp):
             t0 = time.perf_counter()
             alpha, info = newton(
                 rp,
                 jnp.zeros_like(st.alpha),
                 wl.train.resolved_tol(),
                 wl.train.max_newton,
-                solver_kwargs,
+                options,
             )
-            theta = u.model.theta_p + ctx.vjp(st.x, alpha)
+            theta = ctx.theta(alpha)
             jax.block_until_ready(theta)
             return time.perf_counter() - t0, {"alpha": alpha, "theta": theta, "info": info}
 
         cold, warm, payloads = time_method(
-            run, fi, slow_state, args.repeats, cold_ok=_cold_ok(args, "retrain")
+            run, fi, slow_state, args.repeats, _cold_ok(args, "retrain"), (u, u_paper)
         )
         p = payloads[-1]
         da = (
@@ -689,7 +685,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
     if do_scratch:
         log("   -- retrain from scratch")
     all_ids = np.asarray(wl.dataset.ids)
-    for fi, frac in enumerate(fractions if do_scratch else []):
+    for fi, _frac in enumerate(fractions if do_scratch else []):
         pf = per_frac[fi]
         ds_r = wl.dataset.subset(np.flatnonzero(~np.isin(all_ids, np.asarray(pf["ids"]))))
         t0 = time.perf_counter()
@@ -712,7 +708,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
             "n_warm": 1,
             "solve_s": None,
             "ntk_s": float(fresh.state.meta["ntk"]["seconds"]),
-            "newton_steps": int(hist.get("steps", 0)),
+            "newton_steps": int(hist["newton_steps"]),
             "residual": float(fresh.state.residual),
             "converged": True,
             "forget_acc": facc,
@@ -725,7 +721,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
 
     # random perturbation of the same norm as the true change
     rng = np.random.default_rng(args.seed)
-    for fi, frac in enumerate(fractions):
+    for fi, _frac in enumerate(fractions):
         pf = per_frac[fi]
         g = rng.standard_normal(u.model.n_params)
         rho = g / np.linalg.norm(g) * pf["dtheta_ref_norm"]
@@ -742,7 +738,7 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
                 **dist,
             }
         )
-    for fi, frac in enumerate(fractions):
+    for fi, _frac in enumerate(fractions):
         r = res["reference"][str(args.fractions[fi])]
         rows.append(
             {
@@ -763,13 +759,13 @@ def run_workload(wl: Workload, args, bandwidth: dict, log=print) -> dict:
                 res["profile"][str(args.fractions[fi])] = profile_plan_forget(
                     ctx, per_frac[fi]["ids"], warmup=fi == 0
                 )
-            except Exception as exc:  # private engine parts may change; the profile is optional
+            except Exception as exc:  # the profile is optional: record why it stopped
                 res["profile"][str(args.fractions[fi])] = {"error": f"{type(exc).__name__}: {exc}"}
                 break
 
     # iterations to the same accuracy: CG trajectories on (B) and on the paper form
     res["trajectories"] = {}
-    for fi, frac in enumerate(fractions):
+    for fi, _frac in enumerate(fractions):
         if args.fractions[fi] not in args.trajectory_fractions:
             continue
         cg_rows = [
@@ -834,7 +830,7 @@ def profile_plan_forget(ctx: Context, ids, repeats: int = 3, warmup: bool = True
     ``ForgetResult.timings`` over ``repeats`` calls (after one uncounted call if ``warmup``)."""
     runs = []
     for _ in range(repeats + (1 if warmup else 0)):
-        ctx.u.ready_next_deletion()
+        ctx.u.ready_spare()
         _, result = ctx.u.plan_forget(ids, method="alpha-cg", refine=False)
         runs.append(result)
     runs = runs[1:] if warmup else runs

@@ -8,12 +8,12 @@ Two experiments (paper §4.4):
 * ``cifar``: infinite-width CNN (3 conv layers with ReLU; analytic NTK) on CIFAR-10 airplane vs
   automobile, squared error with ±1 targets, λ = 0.1, d = 1.
 
-For each: train α* to the optimum (``training.newton``, math.md Dual representation), remove 50 %
+For each: train α* to the optimum (``dual.newton``, docs/maths.md Dual representation), remove 50 %
 of each class (seeded), then
 
-* estimated: one influence step Δα (system (A), ``influence.influence_step``), Δf(X_t) =
+* estimated: one influence step Δα (system (A), ``influence.deletion_step`` without refinement), Δf(X_t) =
   K(X_t, X) Δα (Eq. 8) and Δℓ_t ≈ g_tᵀ Δf(x_t) (Eq. 9);
-* actual: retrain on the retain set to the optimum from α = 0 (``training.newton``) and take the
+* actual: retrain on the retain set to the optimum from α = 0 (``dual.newton``) and take the
   differences of outputs and of losses at the test points.
 
 Reported per quantity: Pearson r, relative error ‖est − act‖ / ‖act‖ and the least-squares slope of
@@ -41,8 +41,10 @@ import numpy as np
 from service_core import influence, losses
 from service_core.config import ModelConfig
 from service_core.data import load_cifar2, load_mnist, mnist_class_counts
-from service_core.infinite import KernelModel
-from service_core.training import DualProblem, kernel_gradient_descent, newton
+from service_core.dual import DualProblem, kernel_gradient_descent, newton
+from service_core.layout import KernelLayout
+from service_core.linalg import SolveOptions
+from service_core.models import KernelModel
 
 log = logging.getLogger("bench.figure4")
 
@@ -144,20 +146,20 @@ def run(
     """
     dtype = km.dtype
     tol = args.tol if args.tol is not None else (1e-10 if dtype == np.float64 else 1e-5)
-    solver = {
-        "method": "auto",
-        "tol": 1e-12 if dtype == np.float64 else 1e-6,
-        "max_iter": 2000,
-        "cholesky_max_dim": 4096,
-    }
+    solver = SolveOptions(
+        method="auto",
+        tol=1e-12 if dtype == np.float64 else 1e-6,
+        max_iter=2000,
+        cholesky_max_dim=4096,
+    )
     t: dict[str, float] = {}
     n, d = y.shape
 
     t0 = time.perf_counter()
-    k = km.train_kernel(x, progress=args.progress)
+    k, _ = km.train_kernel(x, progress=args.progress)
     t["kernel_train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kt = km.cross_kernel(xt, x, progress=args.progress)
+    kt = km.kernel(xt, x, progress=args.progress)
     t["kernel_test_s"] = time.perf_counter() - t0
     log.info(
         "%s: K %s in %.1f s, K(X_t, X) %s in %.1f s",
@@ -170,7 +172,8 @@ def run(
 
     kj, ktj = jnp.asarray(k), jnp.asarray(kt)
     yj, ytj = jnp.asarray(y, dtype), jnp.asarray(yt, dtype)
-    problem = DualProblem(kj, "trace", km.offset(x), yj, jnp.ones(n, bool), args.lam, loss)
+    layout = KernelLayout("trace", d)
+    problem = DualProblem(kj, layout, km.offset(x), yj, jnp.ones(n, bool), args.lam, loss)
     t0 = time.perf_counter()
     alpha, info = newton(problem, jnp.zeros_like(yj), tol, 50, solver)
     t["train_s"] = time.perf_counter() - t0
@@ -204,7 +207,8 @@ def run(
     forget = forget_half(labels, args.remove_fraction, args.seed)
     fmask = jnp.asarray(forget)
     t0 = time.perf_counter()
-    delta, step_info = influence.influence_step(problem, alpha, fmask, solver)
+    step = influence.deletion_step(problem, alpha, fmask, solver, certify=False)
+    delta, step_info = step.delta_alpha, step.step
     t["influence_step_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     alpha_r, rinfo = newton(
@@ -375,7 +379,7 @@ def table(records: list[dict]) -> str:
         )
     lines += [
         "",
-        "Estimated: one influence step in α-space (math.md system (A)), Δf = K(X_t, X) Δα (Eq. 8), "
+        "Estimated: one influence step in α-space (docs/maths.md system (A)), Δf = K(X_t, X) Δα (Eq. 8), "
         "Δℓ ≈ g_tᵀ Δf (Eq. 9). Actual: retrained to the optimum on the retain set (Newton from α = 0). "
         "Slope: least-squares fit of estimated on actual, with intercept. "
         + "; ".join(

@@ -1,9 +1,11 @@
 """Per-block kernel timings for the image models on CIFAR-2 (one 32×32×3 block pair per row).
 
 * ``cnn`` (width 128, depth 3, d = 1 by default): the empirical NTK in full form by neural-tangents'
-  STRUCTURED_DERIVATIVES (what ``ntk.empirical_ntk`` uses) and JACOBIAN_CONTRACTION, with their
+  STRUCTURED_DERIVATIVES (``kernels.empirical_block_fn``, what ``Model.train_kernel`` uses) and
+  JACOBIAN_CONTRACTION, with their
   relative difference;
-* ``inf-cnn`` with and without pooling, and ``inf-mlp``: the analytic NTK (``infinite.KernelModel``).
+* ``inf-cnn`` with and without pooling, and ``inf-mlp``: the analytic NTK (``models.KernelModel.kernel``
+  on one block pair, compiled by its first call).
 
 Each timing is the second call of a jitted block function on an off-diagonal block pair (the first
 compiles). Run: ``python -m bench.ntk_timing [--blocks 32 64 128] [--pooled-block 8]``.
@@ -19,10 +21,10 @@ import jax
 import numpy as np
 
 from service_core import build_model
-from service_core._nt import nt
 from service_core.config import ModelConfig
 from service_core.data import load_cifar2
-from service_core.infinite import KernelModel
+from service_core.kernels import empirical_block_fn
+from service_core.models import KernelModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -61,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         ModelConfig(kind="cnn", width=args.width, depth=args.depth), x.shape[1:], args.output_dim
     )
     xf = np.asarray(model.flatten_inputs(x))
+    import neural_tangents as nt  # after service_core: its import fixes are in place
+
+    jc = nt.empirical_ntk_fn(
+        model.apply_fn,
+        trace_axes=(),
+        vmap_axes=0,
+        implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION,
+    )
     fns = {
-        impl: jax.jit(
-            lambda a, b, f=nt.empirical_ntk_fn(model.apply_fn, trace_axes=(), vmap_axes=0, implementation=getattr(nt.NtkImplementation, impl)): (
-                f(a, b, model.params0)
-            )
-        )
-        for impl in ("STRUCTURED_DERIVATIVES", "JACOBIAN_CONTRACTION")
+        "STRUCTURED_DERIVATIVES": empirical_block_fn(model.apply_fn, model.params0, "full"),
+        "JACOBIAN_CONTRACTION": jax.jit(lambda a, b: jc(a, b, model.params0)),
     }
     for bs in args.blocks:
         a, b = xf[:bs], xf[bs : 2 * bs]
@@ -90,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         ("inf-mlp", True, max(args.blocks)),
     ):
         km = KernelModel(ModelConfig(kind=kind, depth=args.depth, pool=pool), x.shape[1:], 1)
-        a, b = km.inputs(x[:bs]), km.inputs(x[bs : 2 * bs])
-        _, first, steady = _timed(km._kernel_fn, a, b)
+        a, b = x[:bs], x[bs : 2 * bs]
+        _, first, steady = _timed(lambda a, b, km=km, bs=bs: km.kernel(a, b, block_size=bs), a, b)
         label = f"{kind} d{args.depth}" + (f" pool={pool}" if kind == "inf-cnn" else "")
         rows.append(
             f"| {label} (analytic) | {bs}×{bs} | {first:.2f} | {steady:.2f} | {1e3 * steady / bs**2:.2f} | |"

@@ -1,4 +1,4 @@
-"""NTK precompute speed: neural-tangents STRUCTURED_DERIVATIVES (what ``service_core.ntk`` uses)
+"""NTK precompute speed: neural-tangents STRUCTURED_DERIVATIVES (what ``service_core.kernels`` uses)
 against JACOBIAN_CONTRACTION on the same blocks, and the whole full-form kernel of a workload.
 
 The whole kernel is computed in a child process (``python -m bench.ntkbench child ...``) so that its
@@ -77,24 +77,15 @@ def _time(fn, reps):
 
 def block_comparison(model, x, block: int, log=print) -> dict:
     """One off-diagonal block (points [0, b) × [b, 2b)) of the full form by both implementations."""
-    from service_core import ntk as ntk_mod
-    from service_core._nt import nt
+    from service_core.kernels import empirical_block_fn
 
     d, p = model.output_dim, model.n_params
+    import neural_tangents as nt  # after service_core.kernels: its import fixes are in place
+
     a, b = x[:block], x[block : 2 * block]
     out = {"block": block, "n_params": p, "d": d}
-    try:
-        sd = ntk_mod._block_fn(model, "full")  # exactly the engine's block function
-        out["sd_source"] = "service_core.ntk._block_fn"
-    except AttributeError:
-        fn = nt.empirical_ntk_fn(
-            model.apply_fn,
-            trace_axes=(),
-            vmap_axes=0,
-            implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES,
-        )
-        sd = jax.jit(lambda a, b: fn(a, b, model.params0))
-        out["sd_source"] = "neural_tangents STRUCTURED_DERIVATIVES"
+    sd = empirical_block_fn(model.apply_fn, model.params0, "full")  # the engine's block function
+    out["sd_source"] = "service_core.kernels.empirical_block_fn"
     first, med, n, k_sd = _time(lambda: sd(a, b), 5)
     out.update(sd_first_s=first, sd_s=med, sd_repeats=n)
     jc_bytes = (
@@ -151,18 +142,16 @@ def _peak_rss_gib() -> float:
 
 
 def full_kernel_child(args) -> None:
-    """Child process: the whole full-form kernel via ``service_core.ntk.empirical_ntk``; prints JSON."""
+    """Child process: the whole full-form kernel via ``Model.train_kernel`` (no cache); prints JSON."""
     loaded = load_inputs(args.workload, args.quick, args.mnist_dir, args.mnist_width)
     if isinstance(loaded, str):
         print(json.dumps({"skipped": loaded}))
         return
     model, x, desc = loaded
-    from service_core.ntk import empirical_ntk
-
     rss_before = _peak_rss_gib()
     tracemalloc.start()
     t0 = time.perf_counter()
-    k = empirical_ntk(model, x, form="full", block_size=args.block_size, progress=False)
+    k, _ = model.train_kernel(x, "full", cache_dir=None, progress=False, block_size=args.block_size)
     seconds = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

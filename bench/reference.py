@@ -1,6 +1,6 @@
 """Float64 references for a deletion, computed on the engine's own (float32) K, α*, f_0 and y.
 
-Two references per forget set F (math.md):
+Two references per forget set F (docs/maths.md):
 
 * the **exact influence step**: the solution of system (A),
   (W_R K_RR + λ N_R I) Δα_R = λ N_F α*_R + W_R K_RF α*_F, Δα_F = −α*_F, to a float64 relative
@@ -10,7 +10,7 @@ Two references per forget set F (math.md):
 
 Both are solved by mixed-precision iterative refinement: residuals in float64 (K's float32 entries
 are exact in float64; products in row chunks so K is never copied whole), corrections by the engine's
-float32 CG solver of (A) (``solvers.solve_newton_system``), which gains about six digits per round.
+float32 CG solver of (A) (``linalg.solve_system_a``), which gains about six digits per round.
 None of this is timed as a method: it is the yardstick.
 """
 
@@ -21,7 +21,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from service_core.solvers import solve_newton_system
+from service_core.layout import KernelLayout
+from service_core.linalg import SolveOptions, SPDSystem, solve_system_a
 
 
 class Float64Kernel:
@@ -82,20 +83,21 @@ class ReferenceSolver:
     """Float64 solves of system (A) and of the retain risk for one trained state.
 
     Arguments:
-      k: K (jax or numpy, float32, engine layout); form: ``full`` or ``trace``.
+      k: K (jax or numpy, float32, engine layout); layout: its ``KernelLayout`` (form, d).
       f0, y, alpha: ``(C, d)`` (capacity rows; inactive rows are zero); active: bool ``(C,)``.
       lam, loss: as trained.
     """
 
-    def __init__(self, k, form, f0, y, alpha, active, lam: float, loss: str):
+    def __init__(self, k, layout: KernelLayout, f0, y, alpha, active, lam: float, loss: str):
         self.k32 = k
-        self.form = form
+        self.layout = layout
+        self.form = layout.form
         self.f0 = np.asarray(f0, np.float64)
         self.y = np.asarray(y, np.float64)
         self.alpha = np.asarray(alpha, np.float64)
         self.active = np.asarray(active, bool)
         self.d = self.y.shape[1]
-        self.kern = Float64Kernel(k, form, self.d)
+        self.kern = Float64Kernel(k, self.form, self.d)
         self.lam = float(lam)
         self.loss = loss
         self.f_star = self.f0 + self.kern.matvec(self.alpha * self.active[:, None])
@@ -109,18 +111,9 @@ class ReferenceSolver:
             return np.zeros_like(rhs), 0
         dtype = jnp.float32
         s32 = None if s is None else jnp.asarray(s, dtype)
-        delta, info = solve_newton_system(
-            jnp.asarray(self.k32),
-            self.form,
-            s32,
-            jnp.asarray(retain),
-            jnp.asarray(rhs / scale, dtype),
-            c,
-            method="alpha-cg",
-            tol=tol,
-            max_iter=5000,
-            cholesky_max_dim=0,
-        )
+        system = SPDSystem.make(jnp.asarray(self.k32), self.layout, s32, jnp.asarray(retain), c)
+        options = SolveOptions(method="alpha-cg", tol=tol, max_iter=5000, cholesky_max_dim=0)
+        delta, info = solve_system_a(system, jnp.asarray(rhs / scale, dtype), options)
         return np.asarray(delta, np.float64) * scale, int(info.iterations)
 
     def _apply_a(self, w, retain, delta, c):
@@ -139,7 +132,8 @@ class ReferenceSolver:
         delta = np.zeros_like(b)
         rounds, cg_total, rel = 0, 0, 1.0
         best = np.inf
-        for rounds in range(1, max_rounds + 1):
+        while rounds < max_rounds:
+            rounds += 1
             r = b - self._apply_a(w, retain, delta, c)
             rel = float(np.linalg.norm(r) / bnorm) if bnorm > 0 else 0.0
             if rel <= rtol or rel >= best:

@@ -258,7 +258,7 @@ def ntk_markdown(res: dict) -> str:
         if "seconds" in full:
             out.append("")
             out.append(
-                f"Whole kernel via `service_core.ntk.empirical_ntk` (blocks of {full['block_size']}, upper triangle, mirrored): "
+                f"Whole kernel via `Model.train_kernel` (blocks of {full['block_size']}, upper triangle, mirrored): "
                 f"{tuple(full['shape'])} = {full['bytes'] / 1e9:.2f} GB in **{full['seconds']:.1f} s** ({full['seconds'] / 60:.1f} min); "
                 f"peak resident memory of the process (VmHWM) {full['peak_rss_gib']:.2f} GiB (after imports and data: {full['rss_before_gib']:.2f} GiB), "
                 f"numpy peak (tracemalloc) {full['tracemalloc_peak_gib']:.2f} GiB."

@@ -1,6 +1,6 @@
 """Import neural-tangents 0.6.5 on a lean install (no TensorFlow) beside JAX 0.5.3.
 
-Two fixes, both deliberate and documented in design.md:
+Two fixes, both deliberate and documented in docs/design.md:
 
 * ``neural_tangents/__init__`` imports ``neural_tangents.experimental`` (TF interop), which needs
   TensorFlow and tf2jax (about 2 GB). We never use it, so a placeholder module is registered in its
@@ -21,7 +21,9 @@ from jax._src import source_info_util as _source_info_util
 
 if "neural_tangents.experimental" not in sys.modules:
     _placeholder = types.ModuleType("neural_tangents.experimental")
-    _placeholder.__doc__ = "Placeholder: TF interop is not installed (lean install, see design.md)."
+    _placeholder.__doc__ = (
+        "Placeholder: TF interop is not installed (lean install, see docs/design.md)."
+    )
     _placeholder.__path__ = []  # a package, so submodule imports fail cleanly
     sys.modules["neural_tangents.experimental"] = _placeholder
 

@@ -94,3 +94,12 @@ def restore(directory: Path, before_arrays=None) -> ModelState | None:
         theta=arrays.pop("theta", None),
         **arrays,
     )
+
+
+def restore_newer(directory: Path, version: int) -> ModelState | None:
+    """``restore`` when the newest complete version is newer than ``version``, else ``None``."""
+    newest = latest_version(directory)
+    if newest is None or newest <= version:
+        return None
+    state = restore(directory)
+    return state if state is not None and state.version > version else None

@@ -59,7 +59,7 @@ class ModelConfig(_Serialisable):
       w_std, b_std: weight and bias standard deviations of the NTK parameterisation.
       seed: PRNG seed of the initialisation θ_0 (and of nothing else).
       kernel_form: ``full`` (N, N, d, d), ``trace`` (N, N) or ``auto``: trace where it is exact
-        (the linear model and the analytic NTK of the ``inf-*`` kinds), full otherwise (math.md,
+        (the linear model and the analytic NTK of the ``inf-*`` kinds), full otherwise (docs/maths.md,
         Notation).
       pool: ``cnn`` and ``inf-cnn`` only: the AvgPool(2×2) of each block. Without it the analytic
         CNN kernel needs only per-pixel variances and is about 1,000× cheaper to compute (the
@@ -92,7 +92,7 @@ class ModelConfig(_Serialisable):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_Serialisable):
-    """The regularised risk L_S of math.md and how its optimum is found.
+    """The regularised risk L_S of docs/maths.md and how its optimum is found.
 
     Attributes:
       loss: ``mse`` (ℓ = ½‖f − y‖², one-hot targets for labels) or ``ce`` (softmax cross-entropy).
@@ -100,7 +100,7 @@ class TrainConfig(_Serialisable):
       tol: stationarity tolerance of Newton in α (relative residual, see ``training.residual``);
         ``None`` picks 1e-5 in float32 and 1e-10 in float64.
       trainer: ``newton`` (damped Newton in α, solves system (A) per step) or ``kgd`` (kernel
-        gradient descent, math.md Eq. 14: the paper's trainer for infinite width; same optimum,
+        gradient descent, docs/maths.md Eq. 14: the paper's trainer for infinite width; same optimum,
         many more, cheaper steps). Deletions are always refined by Newton.
       max_newton: most Newton steps; max_kgd_steps: most KGD steps.
       dtype: floating point type of K, α, θ and every solve.
@@ -122,7 +122,7 @@ class TrainConfig(_Serialisable):
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig(_Serialisable):
-    """How the α-space influence system (A)/(B) of math.md is solved.
+    """How the α-space influence system (A)/(B) of docs/maths.md is solved.
 
     Attributes:
       method: ``alpha-cg`` (matrix-free CG on the SPD form (B)), ``alpha-cholesky`` (direct),

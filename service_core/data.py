@@ -355,7 +355,7 @@ def load_cifar2(
 
 
 def load_dataset(spec: str, seed: int = 0, **kwargs) -> Dataset:
-    """Load ``digits``, ``mnist:DIR``, ``cifar2:FILE`` or ``npz:FILE`` (design.md, Command line).
+    """Load ``digits``, ``mnist:DIR``, ``cifar2:FILE`` or ``npz:FILE`` (docs/design.md, Command line).
 
     ``kwargs`` go to the loader (e.g. ``n_train``, ``binary_pm1`` for ``cifar2``).
 

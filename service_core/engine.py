@@ -11,37 +11,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint, deletion, influence, lifecycle, validation
 from .config import ModelConfig, SolverConfig, TrainConfig
 from .data import Dataset
 from .deletion import ForgetResult
+from .influence import InfluenceResult
 from .kernels import purge_cache
-from .linalg import SolveInfo
+from .layout import SpareBuffer
 from .models import Network
 from .state import ModelState
-
-
-class InfluenceResult(NamedTuple):
-    """Estimated changes at test points if a forget set were removed (docs/maths.md, Eqs. (8)–(9)).
-
-    Attributes:
-      version: model version the estimate is for.
-      delta_outputs: Δf ``(n, d)``; delta_loss: Δℓ ``(n,)`` (first order, Eq. (9));
-      solve: the influence solve.
-    """
-
-    version: int
-    delta_outputs: np.ndarray
-    delta_loss: np.ndarray
-    solve: SolveInfo
 
 
 class Unlearner:
@@ -55,7 +38,7 @@ class Unlearner:
         self._model = model
         self._cache_dir = cache_dir
         self._forget_lock = threading.RLock()
-        self._spare: jax.Array | None = None
+        self._spare = SpareBuffer()
         self.ready_spare()
 
     @classmethod
@@ -75,17 +58,9 @@ class Unlearner:
         Raises:
           InvalidInputError, ResourceError, SolverError: as ``lifecycle.build``.
         """
-        args = (
-            dataset,
-            model_cfg,
-            train_cfg,
-            solver_cfg,
-            cache_dir,
-            progress,
-            devices,
-            memory_budget,
-        )
-        return cls(*lifecycle.build(*args), cache_dir)
+        configs = (model_cfg, train_cfg, solver_cfg)
+        built = lifecycle.build(dataset, *configs, cache_dir, progress, devices, memory_budget)
+        return cls(*built, cache_dir)
 
     @classmethod
     def restore(
@@ -125,18 +100,6 @@ class Unlearner:
         return len(self._state.forgotten)
 
     @property
-    def output_dim(self) -> int:
-        return self._state.layout.d
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self._state.meta["dataset"]["input_shape"])
-
-    @property
-    def task(self) -> str:
-        return self._state.meta["dataset"]["task"]
-
-    @property
     def train_config(self) -> TrainConfig:
         return self._state.train_config
 
@@ -164,7 +127,7 @@ class Unlearner:
         return state.version, self._outputs(state, self._inputs(x))
 
     def _inputs(self, x) -> jax.Array:
-        return validation.inputs(x, self.input_shape, self._state.x.dtype)
+        return validation.inputs(x, self._state.input_shape, self._state.x.dtype)
 
     def _outputs(self, state: ModelState, x: jax.Array) -> np.ndarray:
         out = np.asarray(self._model.outputs(state, x))
@@ -199,7 +162,7 @@ class Unlearner:
         state = self._state  # one snapshot: a deletion published meanwhile changes nothing here
         validation.forget_set(state, forget_ids)
         xt = self._inputs(x)
-        yt = validation.targets(y, xt.shape[0], self.task, self.output_dim, xt.dtype)
+        yt = validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
         df, dl, info = influence.estimate(state, self._model, forget_ids, xt, yt, refine)
         return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
 
@@ -219,7 +182,7 @@ class Unlearner:
         t0 = time.perf_counter()
         with self._forget_lock:
             new_state, result = deletion.plan(
-                self._state, self._model, ids, spare=self._take_spare()
+                self._state, self._model, ids, spare=self._spare.take()
             )
             t1 = time.perf_counter()
             if checkpoint_dir is not None:
@@ -241,7 +204,7 @@ class Unlearner:
         ``deletion.plan`` on the current state, with the spare K buffer."""
         with self._forget_lock:  # one plan at a time: it may take the spare K
             return deletion.plan(
-                self._state, self._model, ids, method, refine, self._take_spare(), strict
+                self._state, self._model, ids, method, refine, self._spare.take(), strict
             )
 
     def after_publish(self) -> dict[str, float]:
@@ -277,7 +240,7 @@ class Unlearner:
           ValueError: ``newer`` is not a later version of this model.
         """
         with self._forget_lock:
-            self._state = deletion.follow(self._state, newer, self._take_spare())
+            self._state = deletion.follow(self._state, newer, self._spare.take())
         self.ready_spare()
 
     def follow_checkpoint(self, checkpoint_dir: Path) -> bool:
@@ -286,46 +249,17 @@ class Unlearner:
         Returns:
           whether a newer version is now served.
         """
-        newest = checkpoint.latest_version(checkpoint_dir)
-        if newest is None or newest <= self._state.version:
-            return False
-        newer = checkpoint.restore(checkpoint_dir)
-        if newer is None or newer.version <= self._state.version:
-            return False
-        self.follow(newer)
-        return True
+        newer = checkpoint.restore_newer(checkpoint_dir, self._state.version)
+        if newer is not None:
+            self.follow(newer)
+        return newer is not None
 
     def ready_spare(self) -> float:
-        """Make the spare K buffer the next deletion erases K into (``SolverConfig.spare_kernel``).
-
-        No-op when turned off, sharded over several devices, or already there.
+        """Make the spare K buffer the next deletion erases K into (``layout.SpareBuffer``).
 
         Returns:
           seconds spent (the operating system mapping and zeroing K's bytes once).
         """
         with self._forget_lock:  # not while a deletion is planned (it may take the spare)
-            k = self._state.k
-            if not self.solver_config.spare_kernel or self._state.layout.sharded:
-                self._spare = None
-                return 0.0
-            if (
-                self._spare is not None
-                and self._spare.shape == k.shape
-                and self._spare.dtype == k.dtype
-            ):
-                return 0.0
-            t0 = time.perf_counter()
-            self._spare = None  # the old one is freed before the new one is mapped
-            self._spare = jax.block_until_ready(_touched(k.shape, k.dtype))
-            return time.perf_counter() - t0
-
-    def _take_spare(self) -> jax.Array | None:
-        """The spare buffer, handed over: the engine keeps no reference (a deletion may consume it)."""
-        spare, self._spare = self._spare, None
-        return spare
-
-
-@partial(jax.jit, static_argnames=("shape", "dtype"))
-def _touched(shape: tuple[int, ...], dtype) -> jax.Array:
-    """A zero array of ``shape`` whose memory has been written once (mapped by the OS)."""
-    return jnp.zeros(shape, dtype)
+            st = self._state
+            return self._spare.ready(st.k, st.solver_config.spare_kernel and not st.layout.sharded)

@@ -274,6 +274,21 @@ def deletion_step(
     return Deletion(alpha, step.alpha, step.delta_alpha, step.info, refined, residual, f)
 
 
+class InfluenceResult(NamedTuple):
+    """Estimated changes at test points if a forget set were removed (docs/maths.md, Eqs. (8)–(9)).
+
+    Attributes:
+      version: model version the estimate is for.
+      delta_outputs: Δf ``(n, d)``; delta_loss: Δℓ ``(n,)`` (first order, Eq. (9));
+      solve: the influence solve.
+    """
+
+    version: int
+    delta_outputs: jax.Array
+    delta_loss: jax.Array
+    solve: SolveInfo
+
+
 def estimate(
     state, model, forget_ids, x: jax.Array, y: jax.Array, refine: bool = False
 ) -> tuple[jax.Array, jax.Array, SolveInfo]:

@@ -180,7 +180,7 @@ class Model:
         return jax.jvp(lambda t: self.f(t, x), (self.theta0,), (tangent,))
 
     def vjp(self, x: jax.Array, cotangent: jax.Array) -> jax.Array:
-        """J(x)ᵀ cotangent, cotangent ``(n, d)`` → ``(P,)`` (math.md, Back to parameters)."""
+        """J(x)ᵀ cotangent, cotangent ``(n, d)`` → ``(P,)`` (docs/maths.md, Back to parameters)."""
         x = self.flatten_inputs(x)
         _, pullback = jax.vjp(lambda t: self.f(t, x), self.theta0)
         return pullback(cotangent)[0]
@@ -357,7 +357,7 @@ def mlp_layers(config: ModelConfig, output_dim: int) -> list:
 def build_model(
     config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
 ) -> Model:
-    """Build ``linear``, ``mlp`` or ``cnn`` (design.md, Command line) and draw θ_0 from ``config.seed``.
+    """Build ``linear``, ``mlp`` or ``cnn`` (docs/design.md, Command line) and draw θ_0 from ``config.seed``.
 
     Arguments:
       config: model kind and sizes.

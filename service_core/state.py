@@ -94,6 +94,16 @@ class ModelState:
         return self.layout.form
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-example input shape of the data set."""
+        return tuple(self.meta["dataset"]["input_shape"])
+
+    @property
+    def task(self) -> str:
+        """``classification`` (labels) or ``regression`` (target vectors)."""
+        return self.meta["dataset"]["task"]
+
+    @property
     def active(self) -> np.ndarray:
         """bool ``(C,)``: rows holding a training point."""
         return self.ids != ""

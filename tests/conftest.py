@@ -157,3 +157,18 @@ def pytest_configure(config: pytest.Config) -> None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that talks to a Redis server carries the ``redis`` marker, whether it asks for one
+    through the ``redis_url`` fixture (directly or through another fixture) or its module starts
+    servers that run their own (``REDIS_SERVER_MODULES``)."""
+    for item in items:
+        if "redis_url" in getattr(item, "fixturenames", ()) or item.module.__name__.endswith(
+            REDIS_SERVER_MODULES
+        ):
+            item.add_marker(pytest.mark.redis)
+
+
+# Modules whose tests start `ntk-unlearn serve` (with its embedded Redis) or a redis-server.
+REDIS_SERVER_MODULES = ("test_api_crash", "test_api_locking", "test_api_cli")

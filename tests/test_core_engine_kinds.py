@@ -13,7 +13,7 @@ LAM = 1e-2
 
 
 def krr(k: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    """Kernel ridge regression's dual weights for the risk of math.md: (K + λ n I) α = y (f_0 = 0)."""
+    """Kernel ridge regression's dual weights for the risk of docs/maths.md: (K + λ n I) α = y (f_0 = 0)."""
     return np.linalg.solve(k + lam * len(y) * np.eye(len(y)), y)
 
 

@@ -1,6 +1,6 @@
 """α-space forgetting against exact retraining computed independently, in θ-space with numpy.
 
-The oracle materialises the Jacobian J(X) (N·d × P) and solves the retain risk of math.md in
+The oracle materialises the Jacobian J(X) (N·d × P) and solves the retain risk of docs/maths.md in
 parameter space: closed-form normal equations for squared error, float64 Newton with a dense
 Hessian for cross-entropy. Nothing in it uses the engine's kernels, dual variables or solvers.
 """
@@ -119,7 +119,7 @@ METHOD_CASES = [(k, loss, m) for k, loss in CASES for m in ("alpha-cg", "alpha-c
 
 @pytest.mark.parametrize("kind,loss,method", METHOD_CASES)
 def test_forget_equals_retraining_float64(digits, kind, loss, method):
-    # the paper form is too ill-conditioned for 1e-12 (math.md): a looser solve, then refinement
+    # the paper form is too ill-conditioned for 1e-12 (docs/maths.md): a looser solve, then refinement
     extra = {"tol": 1e-7, "max_iter": 20000} if method == "alpha-paper" else {}
     u = build(digits, kind, loss, method=method, **extra)
     theta_p = np.asarray(u.model.theta_p)
@@ -156,7 +156,7 @@ def test_single_step_is_not_exact_for_ce_but_refinement_is(digits):
     theta_ret = retrain(u, digits.x[30:], digits.targets()[30:], "ce")
     theta_p = np.asarray(u.model.theta_p)
     err_step = rel(u.state.theta, theta_ret, theta_ret - theta_p)
-    assert 1e-6 < err_step < 1e-1, err_step  # one Newton step: close, not exact (math.md)
+    assert 1e-6 < err_step < 1e-1, err_step  # one Newton step: close, not exact (docs/maths.md)
 
 
 def test_refinement_error_is_small_against_the_change_itself(digits):

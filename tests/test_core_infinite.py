@@ -2,7 +2,7 @@
 
 Oracles are computed from scratch: the analytic NTK straight from a stax ``kernel_fn`` built here
 (not through ``service_core.models.KernelModel``), kernel ridge regression by scipy's dense solve for squared
-error, and a numpy damped Newton with Armijo line search on the dual risk of math.md for
+error, and a numpy damped Newton with Armijo line search on the dual risk of docs/maths.md for
 cross-entropy. Training and forgetting go through the engine's ``dual.newton`` and
 ``influence.deletion_step`` on a trace-form ``DualProblem``.
 """
@@ -223,7 +223,7 @@ def test_inf_mlp_ce_refined_forget_equals_retrained_kernel_machine(digits):
     refined = forget_step(problem, alpha, jnp.asarray(forget), solver, True, 1e-12, 10)
     assert (
         1e-6 < rel(step_only.alpha, alpha_o) < 1e-1
-    )  # one Newton step: close, not exact (math.md)
+    )  # one Newton step: close, not exact (docs/maths.md)
     assert refined.refine.converged and refined.residual <= 1e-12
     assert rel(refined.alpha, alpha_o) < 1e-6
     kt_o = stax_mlp_ntk(xt, x)

@@ -53,8 +53,11 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
         for spare in (True, False)
     }
     with_spare, without = engines[True], engines[False]
-    assert with_spare._spare is not None and with_spare._spare.shape == with_spare.state.k.shape
-    assert without._spare is None
+    assert (
+        with_spare._spare.buffer is not None
+        and with_spare._spare.buffer.shape == with_spare.state.k.shape
+    )
+    assert without._spare.buffer is None
     cap = with_spare.state.capacity
     assert cap == 256
     for n_forget in (
@@ -63,7 +66,7 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
         100,
     ):  # 246 (same bucket), 230 (bucket 240: erased in place only with the spare), 130: compacted
         ids = with_spare.active_ids()[:n_forget]
-        spare = with_spare._spare
+        spare = with_spare._spare.buffer
         results = [u.forget(ids) for u in (with_spare, without)]
         for u in (with_spare, without):
             u.after_publish()
@@ -75,7 +78,9 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
             assert not np.any(np.asarray(a.k)[np.repeat(~a.active, 10)])
         else:
             assert a.capacity < cap
-        assert with_spare._spare is not None and with_spare._spare.shape == a.k.shape  # made again
+        assert (
+            with_spare._spare.buffer is not None and with_spare._spare.buffer.shape == a.k.shape
+        )  # made again
         ka, kb = np.asarray(a.k), np.asarray(b.k)
         ia, ib = ((np.flatnonzero(s.active)[:, None] * 10 + np.arange(10)).ravel() for s in (a, b))
         np.testing.assert_array_equal(ka[np.ix_(ia, ia)], kb[np.ix_(ib, ib)])

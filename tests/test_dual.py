@@ -30,7 +30,7 @@ def test_certificates_are_the_residual_of_the_published_alpha(digits, loss):
         SolverConfig(),
         progress=False,
     )
-    tol = u.train_config.resolved_tol()
+    tol = u.state.train_config.resolved_tol()
     for version in range(3):
         st = u.state
         assert st.version == version
@@ -76,7 +76,7 @@ def test_newton_stagnation_exit_reports_the_kept_alphas_own_residual(digits, los
     )
     problem = problem_of(u.state)
     _, start = stationarity(problem, u.state.alpha)
-    kwargs = solve_options(u.solver_config, "float32", "auto")
+    kwargs = solve_options(u.state.solver_config, "float32", "auto")
     alpha, info = newton(problem, u.state.alpha, 1e-12, 20, kwargs)
     assert info.steps < 20 and info.floor > 0
     _, direct = stationarity(problem, alpha)

@@ -174,12 +174,12 @@ def test_enqueue_counts_against_the_workers_size_not_a_newer_model(
 
 def test_finished_jobs_leave_only_their_record(queue, worker_for, unlearner):
     job = queue.enqueue(["r05"])
-    assert unlearner._spare is not None
+    assert unlearner._spare.buffer is not None
     worker_for(unlearner).run_once()
     _redis_is_clean(queue)
     assert 0 < queue.client.ttl(queue.job_key(job.job_id)) <= 600
     # the job was reported first; then the next deletion's spare K buffer was made again
-    spare = unlearner._spare
+    spare = unlearner._spare.buffer
     assert spare is not None and not spare.is_deleted() and spare.shape == unlearner.state.k.shape
 
 

@@ -1,5 +1,5 @@
 """Randomized Nyström preconditioning of system (B) (Frangella, Tropp & Udell, "Randomized Nyström
-preconditioning", SIAM J. Matrix Anal. Appl. 44(2), 2023, Alg. 2.1; docs/maths.md, Nyström)."""
+preconditioning", SIAM J. Matrix Anal. Appl. 44(2), 2023, Alg. 2.1; docs/maths.md, Nyström preconditioning)."""
 
 from __future__ import annotations
 

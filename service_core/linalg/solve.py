@@ -154,7 +154,7 @@ def _paper_cg(system: SPDSystem, w, rhs, n_total, tol, max_iter):
 def solve_paper_form(
     system: SPDSystem, w: jax.Array | None, b: jax.Array, n_total: int, options: SolveOptions
 ) -> tuple[jax.Array, SolveInfo]:
-    """The paper's premultiplied system (docs/maths.md, paper form; the paper's Eq. 12), by CG:
+    """The paper's premultiplied system (docs/maths.md, Eq. (P); the paper's Eq. 12), by CG:
 
         H_RR = (1/N)(K_RR W_R K_RR) + (N_R/N) λ K_RR,   rhs = K_RR b / N,
 

@@ -87,7 +87,7 @@ class SPDSystem:
         The residual is evaluated with unit roundoff u (2⁻²⁴ in float32); the first-order
         componentwise model of rounding in a product (Higham, *Accuracy and Stability of Numerical
         Algorithms*, §3.5, without its dimension factor) bounds its error by about
-        u (c|x| + M|S||K||S|M|x| + |rhs|), so (docs/maths.md, Rounding floors)
+        u (c|x| + M|S||K||S|M|x| + |rhs|), so (docs/maths.md, Eq. (F2))
 
             floor = u ‖c|x| + M|S||K||S|M|x| + |rhs|‖ / ‖rhs‖,
 
