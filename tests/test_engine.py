@@ -142,3 +142,36 @@ def test_network_is_the_same_whatever_x64_says_and_restore_checks_it(tmp_path, d
     monkeypatch.setattr(lifecycle, "fingerprint", lambda model: 1.0)
     with pytest.raises(SolverError, match="differs from the one the checkpoint"):
         Unlearner.restore(tmp_path / "ck", progress=False)
+
+
+@pytest.mark.parametrize("n_forget", [3, 40])
+def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, digits, n_forget):
+    """A process without the worker follows each new checkpoint by erasing (3 ids: same bucket) or
+    compacting (40 ids: smaller bucket) the K it holds: it never computes a kernel, and serves
+    exactly what the worker published."""
+    ds = digits.subset(slice(0, 80))
+    cfg = (
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="ce", dtype="float64"),
+        SolverConfig(),
+    )
+    worker = Unlearner.build(ds, *cfg, progress=False)
+    worker.save(tmp_path / "ck")
+    follower = Unlearner.restore(tmp_path / "ck", progress=False)
+    assert not follower.follow_checkpoint(tmp_path / "ck")  # nothing newer yet
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("a follower must not compute a kernel")
+
+    object.__setattr__(follower.model, "train_kernel", no_kernels)
+    gone = worker.active_ids()[:n_forget]
+    worker.forget(gone, checkpoint_dir=tmp_path / "ck")
+    assert follower.follow_checkpoint(tmp_path / "ck")
+    a, b = worker.state, follower.state
+    assert b.version == a.version == 1 and b.capacity == a.capacity and list(b.ids) == list(a.ids)
+    np.testing.assert_array_equal(np.asarray(b.k), np.asarray(a.k))
+    np.testing.assert_allclose(np.asarray(b.f_star), np.asarray(a.f_star), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5]))
+    assert not set(gone) & set(follower.active_ids())
+    with pytest.raises(AlreadyForgottenError):
+        follower.validate_forget(gone[:1])

@@ -280,3 +280,27 @@ def test_an_api_without_worker_follows_a_separate_worker(make_settings, base_che
             assert time.monotonic() < deadline, "the API never loaded the worker's version"
             time.sleep(0.1)
         assert "r09" not in client.get("/v1/ids", headers=READ).json()["ids"]
+
+
+def test_post_publish_work_runs_after_the_job_is_reported(queue, worker_for, unlearner):
+    """One direction: compute, checkpoint, publish, log, report (succeeded + XACK), and only then
+    the post-publish work (preconditioner, cache purge, spare buffer). The job record carries the
+    parts that ran before it was reported, and their total."""
+    job = queue.enqueue(["r07"])
+    seen: list[str] = []
+    original = unlearner.after_publish
+
+    def after_publish():
+        seen.append(queue.get(job.job_id).status)
+        assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0  # acknowledged already
+        return original()
+
+    unlearner.after_publish = after_publish
+    worker_for(unlearner).run_once()
+    assert seen == ["succeeded"]
+    timings = queue.get(job.job_id).solver["timings"]
+    parts = {"validate", "compact", "solve", "residual", "checkpoint", "publish", "log"}
+    assert parts <= set(timings)
+    assert timings["total"] == pytest.approx(
+        sum(v for k, v in timings.items() if k != "total"), rel=0.05
+    )
