@@ -22,7 +22,7 @@ from .dual import DualProblem
 from .errors import InvalidInputError, SolverError
 from .influence import Refinement, Retained, influence_step, refine_and_certify
 from .layout import pad_rows
-from .lifecycle import floor_hint, preconditioner, solve_options
+from .lifecycle import finite, floor_hint, non_finite, preconditioner, solve_options
 from .linalg import SolveInfo, canonical_method, choose_method
 from .models import Network
 from .state import ModelState, VersionRecord, bucket
@@ -204,6 +204,8 @@ def plan(
             else state.theta + model.theta(state.x, st.delta_alpha, delta=True)
         )
         clock.lap("delta", theta_step)
+    if not finite(alpha_step, theta_step, step.residual):
+        raise SolverError(non_finite("the influence solve", train))
     if not step.converged and strict:
         raise SolverError(not_converged(step, cfg.max_iter, train.dtype))
     refinement = None
@@ -225,6 +227,8 @@ def plan(
             # that map when it is not optimal (cross-entropy)
             theta = model.theta(shell.x, alpha)
         clock.lap("refine", alpha, theta)
+    if not finite(alpha, theta, f, residual):
+        raise SolverError(non_finite("the refinement", train))
     clock.lap("residual")
     refine_info = None if refined is None else refined.as_solve_info()
     record = VersionRecord(

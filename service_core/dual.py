@@ -247,7 +247,7 @@ def newton(
     steps, floor = 0, 0.0
 
     def done(it: _Iterate) -> bool:
-        if it.rel > tol:
+        if not it.rel <= tol:  # NaN never meets a tolerance
             return False
         return change_norm is None or float(jnp.linalg.norm(it.r)) <= tol * c * change_norm
 
@@ -280,6 +280,7 @@ def newton(
             break
     it = _judged(problem, it)
     converged = done(it) or (floor > 0.0 and it.rel <= max(tol, FLOOR_FACTOR * floor))
+    converged = converged and bool(jnp.all(jnp.isfinite(it.alpha)))
     total_cg = sum(i.iterations for i in inner)
     seconds = time.perf_counter() - t0
     return it.alpha, NewtonInfo(steps, total_cg, it.rel, converged, seconds, tuple(inner), floor)

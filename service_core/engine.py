@@ -163,8 +163,9 @@ class Unlearner:
         validation.forget_set(state, forget_ids)
         xt = self._inputs(x)
         yt = validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
-        df, dl, info = influence.estimate(state, self._model, forget_ids, xt, yt, refine)
-        return InfluenceResult(state.version, np.asarray(df), np.asarray(dl), info)
+        result = influence.estimate(state, self._model, forget_ids, xt, yt, refine)
+        arrays = ("delta_outputs", "delta_loss", "delta_loss_first_order")
+        return result._replace(**{name: np.asarray(getattr(result, name)) for name in arrays})
 
     # -- deletion -------------------------------------------------------------------------------
     def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None) -> ForgetResult:

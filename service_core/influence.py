@@ -279,25 +279,29 @@ class InfluenceResult(NamedTuple):
 
     Attributes:
       version: model version the estimate is for.
-      delta_outputs: Δf ``(n, d)``; delta_loss: Δℓ ``(n,)`` (first order, Eq. (9));
+      delta_outputs: Δf ``(n, d)``.
+      delta_loss: Δℓ ``(n,)``: exact for squared error (Eq. (9-mse)), second order for
+        cross-entropy (Eq. (9-ce)), given Δf.
       solve: the influence solve.
+      delta_loss_first_order: g_tᵀΔf ``(n,)``, the paper's Eq. 9 (Eq. (9)).
     """
 
     version: int
     delta_outputs: jax.Array
     delta_loss: jax.Array
     solve: SolveInfo
+    delta_loss_first_order: jax.Array | None = None
 
 
 def estimate(
     state, model, forget_ids, x: jax.Array, y: jax.Array, refine: bool = False
-) -> tuple[jax.Array, jax.Array, SolveInfo]:
+) -> InfluenceResult:
     """Δf and Δℓ at test points ``x`` ``(n, ...)``, targets ``y`` ``(n, d)``, if ``forget_ids``
     were removed from ``state`` (Eqs. (8)–(9)), by the influence step on the current layout (and,
     with ``refine``, Newton to the retain optimum); the state does not change.
 
     Returns:
-      ``(Δf (n, d), Δℓ (n,), SolveInfo of the step)``.
+      ``InfluenceResult`` (jax arrays).
 
     Raises:
       SolverError: the step missed its tolerance.
@@ -325,10 +329,24 @@ def estimate(
     # Δα on the current layout; refined: α_R − α*_R on R and −α*_F on F (α_new is 0 there)
     delta = step.alpha - state.alpha * state.active[:, None] if refine else step.delta_alpha
     df = model.delta_outputs(state, delta, x)
-    return df, loss_changes(train.loss, model.outputs(state, x), y, df), step.step
+    second, first = loss_changes(train.loss, model.outputs(state, x), y, df)
+    return InfluenceResult(state.version, df, second, step.step, first)
 
 
-def loss_changes(loss: str, f: jax.Array, y: jax.Array, df: jax.Array) -> jax.Array:
-    """Eq. (9): the first-order change of each test point's loss, Δℓ_t ≈ g_tᵀ Δf_t, g_t at the
-    current outputs ``f``; all ``(n, d)`` → ``(n,)``."""
-    return jnp.sum(losses.grad(loss, f, y) * df, axis=-1)
+def loss_changes(
+    loss: str, f: jax.Array, y: jax.Array, df: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The change of each test point's loss when its outputs move from ``f`` by ``df``, all
+    ``(n, d)`` → ``(n,)``:
+
+    * first order, the paper's Eq. 9 (docs/maths.md, Eq. (9)): g_tᵀΔf_t, g_t at the current outputs;
+    * with the second-order term ½ Δf_tᵀ W_t Δf_t: exact for squared error (W = I, Eq. (9-mse)),
+      second order for cross-entropy (Eq. (9-ce)).
+
+    Returns:
+      ``(second order (exact for squared error), first order)``.
+    """
+    first = jnp.sum(losses.grad(loss, f, y) * df, axis=-1)
+    w = losses.hessian(loss, f, y)
+    curvature = jnp.sum(df * losses.apply_blocks(w, df), axis=-1)
+    return first + 0.5 * curvature, first

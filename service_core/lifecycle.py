@@ -122,6 +122,8 @@ def train(
         options = solve_options(solver_cfg, train_cfg.dtype).replace(nystrom=ny)
         alpha, info = newton(problem, jnp.zeros_like(problem.y), tol, train_cfg.max_newton, options)
         limit, floor, steps = "max_newton", info.floor, info.steps
+    if not finite(alpha, info.residual):
+        raise SolverError(non_finite("training", train_cfg))
     if not info.converged:
         raise SolverError(
             f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
@@ -212,6 +214,21 @@ def fingerprint(model: Network) -> float | None:
     """‖θ0‖ in float64 (``None`` without θ): restore checks it before recomputing K."""
     theta0 = getattr(model, "theta0", None)
     return None if theta0 is None else float(np.linalg.norm(np.asarray(theta0, np.float64)))
+
+
+def finite(*values) -> bool:
+    """Whether every array or number in ``values`` is finite (``None`` counts as finite)."""
+    return all(v is None or bool(jnp.all(jnp.isfinite(jnp.asarray(v)))) for v in values)
+
+
+def non_finite(what: str, train_cfg: TrainConfig) -> str:
+    """The message for a solve that produced NaN or inf: nothing is published."""
+    return (
+        f"{what} produced non-finite values (NaN or inf): the kernel system is too ill-conditioned "
+        f"for {train_cfg.dtype} at lam = {train_cfg.lam:g}; raise lam"
+        + (" or use dtype float64" if train_cfg.dtype != "float64" else "")
+        + "; nothing was published"
+    )
 
 
 def floor_hint(floor: float, dtype: str) -> str:

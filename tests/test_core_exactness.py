@@ -298,5 +298,10 @@ def test_test_point_estimates_equal_actual_changes_for_mse(digits, kind):
     actual = u.predict(xt) - before
     assert np.allclose(est.delta_outputs, actual, rtol=0, atol=1e-8)
     g = before - np.eye(10)[yt]
-    assert np.allclose(est.delta_loss, np.sum(g * actual, axis=1), rtol=0, atol=1e-9)
+    assert np.allclose(est.delta_loss_first_order, np.sum(g * actual, axis=1), rtol=0, atol=1e-9)
+    # squared error: gᵀΔf + ½‖Δf‖² is the exact change of ½‖f − y‖² (docs/maths.md, Eq. (9-mse))
+    loss = lambda f: 0.5 * np.sum((f - np.eye(10)[yt]) ** 2, axis=1)  # noqa: E731
+    exact = loss(u.predict(xt)) - loss(before)
+    assert np.abs(est.delta_loss - exact).max() <= 1e-8 * np.abs(exact).max()
+    assert np.abs(est.delta_loss_first_order - exact).max() > 1e-4 * np.abs(exact).max()
     assert np.max(np.abs(actual)) > 1e-3

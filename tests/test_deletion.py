@@ -91,3 +91,27 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
             atol=1e-10 * np.abs(np.asarray(b.theta)).max(),
         )
         assert list(a.ids[a.active]) == list(b.ids[b.active])
+
+
+def test_nan_in_a_solve_fails_the_deletion_and_leaves_the_version(digits, monkeypatch):
+    """NaN injected into the influence solve: the deletion raises, nothing is published."""
+    from service_core import SolverError, influence
+
+    u = Unlearner.build(
+        digits.subset(slice(0, 40)),
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="ce", dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
+    before = u.state
+    original = influence.solve_retain
+
+    def poisoned(*args, **kwargs):
+        delta, info = original(*args, **kwargs)
+        return delta * np.nan, info
+
+    monkeypatch.setattr(influence, "solve_retain", poisoned)
+    with pytest.raises(SolverError, match="non-finite"):
+        u.forget(u.active_ids()[:3])
+    assert u.state is before and u.version == 0

@@ -178,7 +178,13 @@ class InfluenceRequest(_Body):
 class InfluenceOut(BaseModel):
     model_version: int
     delta_outputs: list[list[float]] = Field(description="change of outputs, shape (n, d)")
-    delta_loss: list[float] = Field(description="change of loss, shape (n,)")
+    delta_loss: list[float] = Field(
+        description="change of each row's loss, shape (n,): exact for squared error "
+        "(gᵀΔf + ½‖Δf‖²), second order for cross-entropy (gᵀΔf + ½ΔfᵀWΔf), given delta_outputs"
+    )
+    delta_loss_first_order: list[float] = Field(
+        description="the paper's Eq. 9, first order: gᵀΔf at the current outputs, shape (n,)"
+    )
 
 
 class PredictRequest(_Body):

@@ -77,6 +77,7 @@ def influence(body: InfluenceRequest, u: ModelDep, settings: SettingsDep) -> Inf
         model_version=result.version,
         delta_outputs=result.delta_outputs.tolist(),
         delta_loss=result.delta_loss.tolist(),
+        delta_loss_first_order=result.delta_loss_first_order.tolist(),
     )
 
 

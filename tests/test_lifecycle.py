@@ -1,0 +1,48 @@
+"""Building and training version 0: nothing non-finite is ever published."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service_core import Dataset, ModelConfig, SolverConfig, SolverError, TrainConfig, Unlearner
+from service_core.linalg import FLOOR_FACTOR
+
+
+def rank_deficient(n: int = 600, features: int = 10) -> Dataset:
+    """A linear model's kernel on 10 features has rank ≤ 11 for 600 points: singular."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = rng.integers(0, 3, size=n)
+    ids = np.array([f"p{i:03d}" for i in range(n)])
+    return Dataset("singular", ids, x, y, "classification", 3, x[:20], y[:20])
+
+
+def test_a_singular_float32_system_is_never_published():
+    """float32, λ = 1e-8, squared error, a rank-deficient kernel: training produced NaN and was
+    published as converged (residual nan, 608 NaN in α). It now fails, saying what to change."""
+    with pytest.raises(SolverError, match="lam") as caught:
+        Unlearner.build(
+            rank_deficient(),
+            ModelConfig(kind="linear"),
+            TrainConfig(loss="mse", lam=1e-8, dtype="float32"),
+            SolverConfig(),
+            progress=False,
+        )
+    assert "float64" in str(caught.value)
+
+
+def test_the_same_system_in_float64_is_finite_and_certified_to_its_floor():
+    u = Unlearner.build(
+        rank_deficient(),
+        ModelConfig(kind="linear"),
+        TrainConfig(loss="mse", lam=1e-8, dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
+    assert np.all(np.isfinite(np.asarray(u.state.alpha))) and np.all(np.isfinite(u.state.theta))
+    record = u.state.history[0]
+    tol = u.state.train_config.resolved_tol()
+    # at λ = 1e-8 even float64 stagnates on its rounding floor: reported with it, never NaN
+    assert u.state.residual <= tol or u.state.residual <= FLOOR_FACTOR * record["rounding_floor"]
+    assert u.state.residual < 1e-8
