@@ -189,21 +189,12 @@ def plan(
     shell, rows = without(state, state.active & ~mask, spare)
     retained = Retained(problem_of(shell), rows, shell.alpha)
     clock.lap("compact", shell.k)
-    problem, mask_j = problem_of(state), jnp.asarray(mask)
     if method == "theta-cg":
         alpha_step, theta_step, step, change = _theta_step(state, shell, model, mask, clock)
     else:
-        options = solve_options(cfg, train.dtype, method).replace(nystrom=shell.nystrom)
-        st = influence_step(
-            problem, state.alpha, mask_j, options, retained, _f_star(state), clock.lap
+        alpha_step, theta_step, step, change = _alpha_step(
+            state, model, mask, method, retained, shell.nystrom, clock
         )
-        alpha_step, step, change = st.alpha, st.info, st.change
-        theta_step = (
-            None
-            if state.theta is None
-            else state.theta + model.theta(state.x, st.delta_alpha, delta=True)
-        )
-        clock.lap("delta", theta_step)
     if not finite(alpha_step, theta_step, step.residual):
         raise SolverError(non_finite("the influence solve", train))
     if not step.converged and strict:
@@ -230,6 +221,14 @@ def plan(
     if not finite(alpha, theta, f, residual):
         raise SolverError(non_finite("the refinement", train))
     clock.lap("residual")
+    delta_theta = None if theta_step is None or state.theta is None else theta_step - state.theta
+    step_parts = (step, reason, delta_theta)
+    return _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refined, clock)
+
+
+def _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refined, clock):
+    """The new state (with its ``VersionRecord``) and the ``ForgetResult`` of a computed deletion."""
+    step, reason, delta_theta = step_parts
     refine_info = None if refined is None else refined.as_solve_info()
     record = VersionRecord(
         state.version + 1, len(ids), step.to_dict(), residual,
@@ -242,12 +241,31 @@ def plan(
         alpha=alpha, theta=theta, f_star=f, version=state.version + 1, residual=residual,
         forgotten=state.forgotten + tuple(ids), history=state.history + (record.to_dict(),),
     )  # fmt: skip
-    delta_theta = None if theta_step is None or state.theta is None else theta_step - state.theta
     result = ForgetResult(
         new_state.version, step, refine_info, residual, clock.total(), reason,
         record.refine_cg_iterations, clock.timings, refined.inner if refined else (), delta_theta,
     )  # fmt: skip
     return new_state, result
+
+
+def _alpha_step(state, model, mask, method, retained, nystrom, clock):
+    """The α-space influence step (system (A) on the retain layout) and θ after it (Eq. (T))."""
+    train, cfg = state.train_config, state.solver_config
+    options = solve_options(cfg, train.dtype, method).replace(nystrom=nystrom)
+    st = influence_step(
+        problem_of(state),
+        state.alpha,
+        jnp.asarray(mask),
+        options,
+        retained,
+        _f_star(state),
+        clock.lap,
+    )
+    theta_step = None
+    if state.theta is not None:
+        theta_step = state.theta + model.theta(state.x, st.delta_alpha, delta=True)
+    clock.lap("delta", theta_step)
+    return st.alpha, theta_step, st.info, st.change
 
 
 def _theta_step(state: ModelState, shell: ModelState, model: Network, mask: np.ndarray, clock):

@@ -35,7 +35,7 @@ class Unlearner:
 
     def __init__(self, state: ModelState, model: Network, cache_dir: Path | None = None):
         self._state = state
-        self._model = model
+        self.model = model  # the network never changes; its state does
         self._cache_dir = cache_dir
         self._forget_lock = threading.RLock()
         self._spare = SpareBuffer()
@@ -81,19 +81,23 @@ class Unlearner:
     # -- read side ------------------------------------------------------------------------------
     @property
     def state(self) -> ModelState:
+        """The served version: one immutable value (read it once per request)."""
         return self._state
-
-    @property
-    def model(self) -> Network:
-        return self._model
 
     @property
     def version(self) -> int:
         return self._state.version
 
+    def active_ids(self) -> list[str]:
+        return self._state.active_ids()
+
     @property
     def n_train(self) -> int:
+        """Active training points."""
         return self._state.n
+
+    def forgotten_ids(self) -> frozenset[str]:
+        return frozenset(self._state.forgotten)
 
     @property
     def n_forgotten(self) -> int:
@@ -101,17 +105,12 @@ class Unlearner:
 
     @property
     def train_config(self) -> TrainConfig:
+        """The risk and how version 0 was trained (saved with every checkpoint)."""
         return self._state.train_config
 
     @property
     def solver_config(self) -> SolverConfig:
         return self._state.solver_config
-
-    def active_ids(self) -> list[str]:
-        return self._state.active_ids()
-
-    def forgotten_ids(self) -> frozenset[str]:
-        return frozenset(self._state.forgotten)
 
     def predict(self, x) -> np.ndarray:
         """Outputs of the current version; x ``(n, *input_shape)`` or flattened → ``(n, d)``.
@@ -130,7 +129,7 @@ class Unlearner:
         return validation.inputs(x, self._state.input_shape, self._state.x.dtype)
 
     def _outputs(self, state: ModelState, x: jax.Array) -> np.ndarray:
-        out = np.asarray(self._model.outputs(state, x))
+        out = np.asarray(self.model.outputs(state, x))
         if not np.all(np.isfinite(out)):
             raise validation.InvalidInputError(
                 "x is too large: the model's outputs overflow; scale inputs like the training data"
@@ -163,7 +162,7 @@ class Unlearner:
         validation.forget_set(state, forget_ids)
         xt = self._inputs(x)
         yt = validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
-        result = influence.estimate(state, self._model, forget_ids, xt, yt, refine)
+        result = influence.estimate(state, self.model, forget_ids, xt, yt, refine)
         arrays = ("delta_outputs", "delta_loss", "delta_loss_first_order")
         return result._replace(**{name: np.asarray(getattr(result, name)) for name in arrays})
 
@@ -183,7 +182,7 @@ class Unlearner:
         t0 = time.perf_counter()
         with self._forget_lock:
             new_state, result = deletion.plan(
-                self._state, self._model, ids, spare=self._spare.take()
+                self._state, self.model, ids, spare=self._spare.take()
             )
             t1 = time.perf_counter()
             if checkpoint_dir is not None:
@@ -205,7 +204,7 @@ class Unlearner:
         ``deletion.plan`` on the current state, with the spare K buffer."""
         with self._forget_lock:  # one plan at a time: it may take the spare K
             return deletion.plan(
-                self._state, self._model, ids, method, refine, self._spare.take(), strict
+                self._state, self.model, ids, method, refine, self._spare.take(), strict
             )
 
     def after_publish(self) -> dict[str, float]:
