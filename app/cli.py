@@ -38,6 +38,10 @@ _SERVE_ONLY = {
     "worker",
     "max_rows",
     "max_body_bytes",
+    "large_body_bytes",
+    "max_large_bodies",
+    "redis_timeout_s",
+    "redis_retry_s",
 }
 # What uvicorn exits with when the app fails to start.
 _STARTUP_FAILURE = 3
@@ -214,8 +218,8 @@ def worker(settings: Settings) -> None:
     with ``serve --no-worker`` take no lock and run beside it.
     """
     from .locking import DataDirInUseError, worker_lock
-    from .main import connect_redis
     from .queue import JobQueue
+    from .redis_client import connect_worker
     from .service import load_model, make_worker
 
     if settings.redis_url is None:
@@ -231,7 +235,7 @@ def worker(settings: Settings) -> None:
     try:
         u = load_model(settings)
         queue = JobQueue(
-            connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+            connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
         )
         w = make_worker(settings, u, queue, metrics=None)
 

@@ -13,12 +13,15 @@ from fastapi import FastAPI, Request, Response
 
 from service_core import Unlearner
 
+from .api import contract
 from .api.errors import install_error_handlers
+from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
 from .api.routes import forget, health, model
 from .core.config import Settings
 from .metrics import Metrics
 from .queue import JobQueue
+from .redis_client import connect_api, connect_worker
 from .service import ModelFollower, ServiceState, load_model, make_worker
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     install_error_handlers(app)
     # Added before the metrics middleware, so inside it: refused bodies are counted too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outside the size limit: a request without the right token is refused before anything else.
+    app.add_middleware(RequestGate, settings=settings)
 
     @app.middleware("http")
     async def record_metrics(request: Request, call_next) -> Response:
@@ -76,14 +81,16 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     app.include_router(forget.router)
     app.include_router(model.router)
     app.include_router(health.router)
+
+    generate = app.openapi
+
+    def openapi() -> dict:
+        fresh = app.openapi_schema is None
+        schema = generate()
+        return contract.complete(schema) if fresh else schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-def connect_redis(url: str) -> redis.Redis:
-    """A client for the queue; its timeouts keep probes quick when Redis is gone."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
-    )
 
 
 def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
@@ -93,7 +100,9 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
             "no Redis configured: set REDIS_URL (ntk-unlearn serve starts a private one otherwise)"
         )
     state.queue = JobQueue(
-        connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+        connect_api(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s),
+        settings.redis_prefix,
+        settings.job_ttl_s,
     )
     try:
         state.queue.ensure_group()
@@ -102,7 +111,11 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
         log.warning("Redis unreachable at start-up: %s", e)
     state.unlearner = unlearner if unlearner is not None else load_model(settings)
     if settings.worker:
-        state.worker = make_worker(settings, state.unlearner, state.queue, state.metrics)
+        # Its own client: the API's gives up quickly, the worker blocks on the stream.
+        worker_queue = JobQueue(
+            connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+        )
+        state.worker = make_worker(settings, state.unlearner, worker_queue, state.metrics)
         state.worker.start()
     else:
         state.follower = ModelFollower(state)
@@ -112,6 +125,7 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
 def _stop(state: ServiceState) -> None:
     if state.worker is not None:
         state.worker.stop()
+        state.worker.queue.client.close()
     if state.follower is not None:
         state.follower.stop()
     if state.queue is not None:

@@ -109,6 +109,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 2**20, gt=0, description="largest request body in bytes; larger ones get 413"
     )
+    large_body_bytes: int = Field(
+        2**20,
+        ge=0,
+        description="a body over this many bytes (or chunked, of unknown length) is large: "
+        "see max_large_bodies",
+    )
+    max_large_bodies: int = Field(
+        2,
+        gt=0,
+        description="most requests with large bodies served at once (parsing one takes "
+        "memory several times its size); more get 503 with Retry-After",
+    )
 
     # Queue.
     redis_url: str | None = Field(
@@ -120,6 +132,18 @@ class Settings(BaseSettings):
         "ntk-unlearn", min_length=1, description="key prefix of every Redis key of this model"
     )
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="seconds job records are kept")
+    redis_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        description="the API's wait for a Redis answer; a Redis that does not answer within it "
+        "is taken as down (503) for redis_retry_s",
+    )
+    redis_retry_s: float = Field(
+        2.0,
+        gt=0,
+        description="after Redis failed, the API answers 503 at once for this long, then tries "
+        "Redis again (circuit breaker)",
+    )
 
     def _cifar_targets(self) -> dict:
         # Squared error on two classes: one output with ±1 targets, as the paper does.
