@@ -463,7 +463,10 @@ class Unlearner:
             raise InvalidInputError(
                 f"x must be a non-empty list of rows, each of shape {list(shape)} or {flat} values"
             )
-        if arr.shape[1:] != shape and arr.shape[1:] != (flat,):
+        # Flat training inputs take rows of any shape with as many values, flattened row-major
+        # as the loaders flatten them: MNIST's 28 × 28 images are stored as 784 values.
+        reshapable = len(shape) == 1 and int(np.prod(arr.shape[1:])) == flat
+        if arr.shape[1:] != shape and arr.shape[1:] != (flat,) and not reshapable:
             raise InvalidInputError(
                 f"x rows have shape {list(arr.shape[1:])}; expected {list(shape)} (or {flat} values flattened)"
             )
@@ -500,6 +503,8 @@ class Unlearner:
             return jnp.asarray(
                 targets_matrix(arr.astype(np.int64), "classification", d), self._dtype
             )
+        if arr.shape == (n,) and d == 1:
+            arr = arr.reshape(n, 1)  # one output: a number per row, as the loaders take it
         if arr.shape != (n, d):
             raise InvalidInputError(
                 f"y must have shape [{n}, {d}] (one target vector per row of x)"
