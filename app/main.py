@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import redis
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
 from service_core import Unlearner
 
 from .api import contract
+from .api.deps import reject_unknown_query
 from .api.errors import install_error_handlers
 from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
@@ -53,7 +54,11 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
             await anyio.to_thread.run_sync(_stop, state)
 
     app = FastAPI(
-        title="ntk-unlearn", version=API_VERSION, description=_DESCRIPTION, lifespan=lifespan
+        title="ntk-unlearn",
+        version=API_VERSION,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
     )
     app.state.service = state
     install_error_handlers(app)

@@ -70,6 +70,14 @@ def test_rows_in_any_shape_of_the_training_inputs(client, x_probe):
     assert r.status_code == 422 and "expected [4]" in r.json()["detail"], r.text
 
 
+def test_an_unknown_query_parameter_is_422(client):
+    r = client.get("/v1/ids", params={"limt": 5}, headers=READ)
+    assert r.status_code == 422, r.text
+    assert "'limt'" in r.json()["detail"] and "limit, offset" in r.json()["detail"]
+    assert client.get("/v1/ids", params={"limit": 5}, headers=READ).status_code == 200
+    assert client.get("/healthz", params={"x": 1}).status_code == 422
+
+
 @pytest.fixture
 def x_probe(dataset_file: Path) -> list[list[float]]:
     return np.load(dataset_file)["x"][:5].tolist()

@@ -1,6 +1,7 @@
 """The answers that the app's middleware and handlers give on every operation of a kind, added
 to the OpenAPI document (routes declare only their own).
 
+- every operation: 422 for a query parameter it does not take (``deps.reject_unknown_query``);
 - every operation with a body: 400 (not JSON at all), 413 (over ``max_body_bytes``);
 - every ``/v1`` operation: 503 with ``Retry-After`` (the model not loaded yet, the queue
   unreachable, or too many large bodies at once: ``app.api.gate``).
@@ -24,6 +25,7 @@ _APP_WIDE_503 = (
     "the model is not loaded yet, the job queue (Redis) is unreachable, or too many requests "
     "with large bodies are being served (setting max_large_bodies): retry after Retry-After s"
 )
+_UNKNOWN_QUERY = "a query parameter this endpoint does not take"
 _BODY_ANSWERS = {
     "400": "the body is not JSON (or not UTF-8)",
     "413": "a request body over the setting max_body_bytes",
@@ -42,6 +44,7 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
+            responses.setdefault("422", _error(_UNKNOWN_QUERY))
             if "requestBody" in operation:
                 for code, text in _BODY_ANSWERS.items():
                     responses.setdefault(code, _error(text))
