@@ -95,10 +95,21 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_token: str | None = Field(
-        None, description="bearer token with write rights (default: generated in the data dir)"
+        None,
+        description="bearer token with write rights (default: generated in the data dir); as a "
+        "flag it is visible to every local user (ps, /proc/PID/cmdline): prefer the env or "
+        "--api-token-file",
+    )
+    api_token_file: Path | None = Field(
+        None, description="file holding the write token (instead of --api-token)"
     )
     read_token: str | None = Field(
-        None, description="bearer token for reads (default: the write token)"
+        None,
+        description="bearer token for reads (default: the write token); as a flag visible to "
+        "every local user: prefer the env or --read-token-file",
+    )
+    read_token_file: Path | None = Field(
+        None, description="file holding the read token (instead of --read-token)"
     )
     open_reads: bool = Field(False, description="serve reads without any token")
     worker: bool = Field(True, description="run the solver worker inside 'serve'")
@@ -178,7 +189,8 @@ class Settings(BaseSettings):
         return self.data_dir / "deletions.log"
 
     @property
-    def api_token_file(self) -> Path:
+    def generated_token_file(self) -> Path:
+        """Where the write token is kept when none is given."""
         return self.data_dir / "api_token"
 
     def to_model_config(self) -> ModelConfig:
