@@ -137,20 +137,26 @@ def _send_body(sock: socket.socket, length: int) -> None:
 def test_a_60mb_body_without_the_right_token_is_refused_before_it_is_read(
     server, path, token, status
 ):
-    sock = _open(server, path, BIG, token)
-    started = time.perf_counter()
-    sender = threading.Thread(target=_send_body, args=(sock, BIG))
-    sender.start()
-    try:
-        code, answer = _status(sock)
-        elapsed = time.perf_counter() - started
-    finally:
-        sock.close()
-        sender.join(30)
-    assert code == status, answer
-    assert elapsed < 0.05, f"{status} after {elapsed * 1000:.1f} ms"
-    if status == 401:
-        assert b"www-authenticate: bearer" in answer.lower()
+    # The median of a few: one slow answer on a busy machine says nothing about the server.
+    elapsed = []
+    for _ in range(5):
+        sock = _open(server, path, BIG, token)
+        started = time.perf_counter()
+        sender = threading.Thread(target=_send_body, args=(sock, BIG))
+        sender.start()
+        try:
+            code, answer = _status(sock)
+            elapsed.append(time.perf_counter() - started)
+        finally:
+            sock.close()
+            sender.join(30)
+        assert code == status, answer
+        if status == 401:
+            assert b"www-authenticate: bearer" in answer.lower()
+        # Closed after the answer: the rest of the body is never read.
+        assert b"connection: close" in answer.lower()
+    median = sorted(elapsed)[len(elapsed) // 2]
+    assert median < 0.05, f"{status} after {median * 1000:.1f} ms (median of {elapsed})"
 
 
 def test_unauthenticated_large_bodies_cost_no_memory_and_stall_nothing(server):
@@ -170,7 +176,7 @@ def test_unauthenticated_large_bodies_cost_no_memory_and_stall_nothing(server):
         t.join(30)
     grown = _rss_bytes(server.proc.pid) - before
     assert codes == [401] * 8
-    assert probe.status_code == 200 and probe_s < 0.5, probe_s
+    assert probe.status_code == 200 and probe_s < 1.0, probe_s  # was 34 s
     # The bodies total 480 MB; a server that buffered or parsed any of them grows by hundreds.
     assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
 
