@@ -175,6 +175,34 @@ def _exit_after_shutdown(signum: int, frame: Any) -> None:
     raise _Signalled(0)
 
 
+def _exit_now() -> typing.NoReturn:
+    """Exit 0 at once, once everything this process holds is released. Skips the interpreter's
+    own teardown, which waits for the XLA computation in flight, if any (seconds mid-build)."""
+    log.info("stopped by a signal")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(0)
+
+
+def _stop_on_signal(release: typing.Callable[[], None]) -> None:
+    """Until the next ``signal.signal``, SIGTERM and SIGINT call ``release`` and exit at once.
+
+    For loading the model (minutes for a first build): an exception raised from a handler is
+    lost when the signal arrives inside a garbage-collection callback (JAX has one), so this
+    handler does the work itself rather than raise.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("signal %d while loading the model: stopping", signum)
+        release()
+        _exit_now()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
 def bind_http_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` for uvicorn, or a clear exit if that port is taken.
 
@@ -254,13 +282,15 @@ def serve(settings: Settings) -> None:
                 settings = settings.model_copy(update={"redis_url": embedded.url})
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
-        # Here, not in the app's start-up: uvicorn holds SIGTERM and SIGINT back until its
-        # start-up is over, which the first build (minutes) would be part of. In this thread,
-        # the handler above ends the build at once (between two steps of it).
         # uvicorn names the address only when it binds the socket itself.
         host, port = sock.getsockname()[:2]
         log.info("HTTP API will listen on %s:%d once the model is loaded", host, port)
+        # Here, not in the app's start-up: uvicorn holds SIGTERM and SIGINT back until its
+        # start-up is over, which the first build (minutes) would be part of.
+        _stop_on_signal(held.close)
         unlearner = load_model(settings)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit_after_shutdown)
         _run_http(create_app(settings, unlearner), sock, settings)
 
 
@@ -282,16 +312,15 @@ def worker(settings: Settings) -> None:
             "(the private Redis of 'serve' is not shared)"
         )
     _private_data_dir(settings)
-    # Until the worker runs (and stops after its batch instead), a signal ends the build or
-    # restore at once, releasing the lock on the way out.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _exit_after_shutdown)
     lock = worker_lock(settings.data_dir, "worker")
     try:
         lock.acquire()
     except DataDirInUseError as e:
         raise SystemExit(f"ntk-unlearn worker: {e}") from None
     try:
+        # Until the worker runs (and then stops after its batch), a signal ends the build or
+        # restore at once.
+        _stop_on_signal(lock.release)
         u = load_model(settings)
         queue = JobQueue(
             connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
@@ -407,15 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             worker(settings)
     except _Signalled:
-        # Everything this process holds was released while unwinding. Left is the interpreter's
-        # own teardown, which waits for the XLA computation in flight, if any: seconds when a
-        # signal cut the first build short.
-        log.info("stopped by a signal")
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        os._exit(0)
+        _exit_now()  # everything this process held was released while unwinding
 
 
 if __name__ == "__main__":

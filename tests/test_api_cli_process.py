@@ -30,11 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(log: Path, *argv: str) -> subprocess.Popen:
+def _start(log: Path, *argv: str, command: str = "serve", **env_extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "NTK_UNLEARN"))}
+    env.update(env_extra)
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", *argv],
+            [sys.executable, "-m", "app", command, *argv],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -157,3 +158,23 @@ def test_sigterm_during_the_first_build_stops_it_at_once(tmp_path: Path):
     text = log.read_text()
     assert "embedded Redis stopped" in text and "stopped by a signal" in text
     assert not list((tmp_path / "data" / "checkpoints").glob("*")), "no model was saved"
+
+
+@pytest.mark.redis
+def test_sigterm_during_a_lone_workers_first_build_stops_it_at_once(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+):
+    log = tmp_path / "worker.log"
+    proc = _start(
+        log, "--dataset", "digits", "--data-dir", str(tmp_path / "data"),
+        "--redis-prefix", redis_prefix, command="worker", REDIS_URL=redis_url,
+    )  # fmt: skip
+    try:
+        _wait_for(log, "building the model", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None, log.read_text()
+    finally:
+        code, seconds = _stop(proc)
+    assert code == 0, log.read_text()
+    assert seconds < 10, f"exited {seconds:.1f} s after SIGTERM"
+    assert "stopped by a signal" in log.read_text()
