@@ -33,11 +33,17 @@ _SERVE_ONLY = {
     "host",
     "port",
     "api_token",
+    "api_token_file",
     "read_token",
+    "read_token_file",
     "open_reads",
     "worker",
     "max_rows",
     "max_body_bytes",
+    "large_body_bytes",
+    "max_large_bodies",
+    "redis_timeout_s",
+    "redis_retry_s",
 }
 # What uvicorn exits with when the app fails to start.
 _STARTUP_FAILURE = 3
@@ -105,23 +111,96 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"ntk-unlearn: invalid settings: {problems}") from None
 
 
-def _with_api_token(settings: Settings) -> Settings:
-    """Settings with a write token: the flag's or the env's, else one kept in the data dir."""
+def _with_tokens(settings: Settings) -> Settings:
+    """Settings with their tokens: from ``--api-token-file`` / ``--read-token-file`` when given,
+    and a write token in any case (the flag's or the env's, else one kept in the data dir).
+
+    Raises:
+      SystemExit: a token given both ways, or a token file that cannot be read or is empty.
+    """
     from .core.security import ensure_token_file
 
+    updates = {}
+    for name in ("api_token", "read_token"):
+        path = getattr(settings, f"{name}_file")
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if getattr(settings, name):
+            raise SystemExit(
+                f"ntk-unlearn: {flag} (or NTK_UNLEARN_{name.upper()}) and {flag}-file both "
+                "given: give one"
+            )
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"ntk-unlearn: cannot read {flag}-file {path}: {e.strerror}") from None
+        if not token:
+            raise SystemExit(f"ntk-unlearn: {flag}-file {path} is empty: write the token in it")
+        if Path(path).stat().st_mode & 0o077:
+            log.warning("%s is readable by others than its owner: chmod 600 it", path)
+        updates[name] = token
+    settings = settings.model_copy(update=updates)
     if settings.api_token:
         return settings
-    token, created = ensure_token_file(settings.api_token_file)
+    token, created = ensure_token_file(settings.generated_token_file)
     log.info(
         "write token %s %s (mode 0600); send it as 'Authorization: Bearer <token>'",
         "generated in" if created else "read from",
-        settings.api_token_file,
+        settings.generated_token_file,
     )
     return settings.model_copy(update={"api_token": token})
 
 
+def _private_data_dir(settings: Settings) -> None:
+    """Make what this process writes its owner's alone: files 0600 and directories 0700
+    (umask 077: checkpoints, NTK cache, deletion log, token, the embedded Redis's files), and
+    the data directory itself 0700 even if it existed with wider rights."""
+    os.umask(0o077)
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:
+        try:
+            data_dir.chmod(0o700)
+            log.info("data directory %s made private (mode 0700)", data_dir)
+        except OSError as e:
+            log.warning("cannot make the data directory %s private: %s", data_dir, e)
+
+
+class _Signalled(SystemExit):
+    """SIGTERM or SIGINT: unwind (stopping the embedded Redis, releasing locks), then exit 0."""
+
+
 def _exit_after_shutdown(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
+    raise _Signalled(0)
+
+
+def _exit_now() -> typing.NoReturn:
+    """Exit 0 at once, once everything this process holds is released. Skips the interpreter's
+    own teardown, which waits for the XLA computation in flight, if any (seconds mid-build)."""
+    log.info("stopped by a signal")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(0)
+
+
+def _stop_on_signal(release: typing.Callable[[], None]) -> None:
+    """Until the next ``signal.signal``, SIGTERM and SIGINT call ``release`` and exit at once.
+
+    For loading the model (minutes for a first build): an exception raised from a handler is
+    lost when the signal arrives inside a garbage-collection callback (JAX has one), so this
+    handler does the work itself rather than raise.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("signal %d while loading the model: stopping", signum)
+        release()
+        _exit_now()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:
@@ -160,9 +239,6 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
     server = uvicorn.Server(config)
-    # uvicorn names the address only when it binds the socket itself.
-    host, port = sock.getsockname()[:2]
-    log.info("HTTP API will listen on %s:%d once the model is loaded", host, port)
     server.run(sockets=[sock])
     if not server.started:
         raise SystemExit(_STARTUP_FAILURE)
@@ -180,6 +256,9 @@ def serve(settings: Settings) -> None:
     from .embedded_redis import EmbeddedRedis
     from .locking import DataDirInUseError, worker_lock
     from .main import create_app
+    from .service import load_model
+
+    _private_data_dir(settings)
 
     if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
         log.info(
@@ -193,7 +272,7 @@ def serve(settings: Settings) -> None:
                 # Held until this process ends; the kernel releases it if we are killed.
                 held.enter_context(worker_lock(settings.data_dir, "serve"))
             sock = held.enter_context(bind_http_socket(settings.host, settings.port))
-            settings = _with_api_token(settings)
+            settings = _with_tokens(settings)
             # uvicorn shuts down gracefully on these, then raises them again: exit cleanly
             # instead of dying of the signal, so that the embedded Redis below is stopped too.
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -203,7 +282,16 @@ def serve(settings: Settings) -> None:
                 settings = settings.model_copy(update={"redis_url": embedded.url})
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
-        _run_http(create_app(settings), sock, settings)
+        # uvicorn names the address only when it binds the socket itself.
+        host, port = sock.getsockname()[:2]
+        log.info("HTTP API will listen on %s:%d once the model is loaded", host, port)
+        # Here, not in the app's start-up: uvicorn holds SIGTERM and SIGINT back until its
+        # start-up is over, which the first build (minutes) would be part of.
+        _stop_on_signal(held.close)
+        unlearner = load_model(settings)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit_after_shutdown)
+        _run_http(create_app(settings, unlearner), sock, settings)
 
 
 def worker(settings: Settings) -> None:
@@ -214,8 +302,8 @@ def worker(settings: Settings) -> None:
     with ``serve --no-worker`` take no lock and run beside it.
     """
     from .locking import DataDirInUseError, worker_lock
-    from .main import connect_redis
     from .queue import JobQueue
+    from .redis_client import connect_worker
     from .service import load_model, make_worker
 
     if settings.redis_url is None:
@@ -223,15 +311,19 @@ def worker(settings: Settings) -> None:
             "ntk-unlearn worker: set REDIS_URL to the Redis the API processes use "
             "(the private Redis of 'serve' is not shared)"
         )
+    _private_data_dir(settings)
     lock = worker_lock(settings.data_dir, "worker")
     try:
         lock.acquire()
     except DataDirInUseError as e:
         raise SystemExit(f"ntk-unlearn worker: {e}") from None
     try:
+        # Until the worker runs (and then stops after its batch), a signal ends the build or
+        # restore at once.
+        _stop_on_signal(lock.release)
         u = load_model(settings)
         queue = JobQueue(
-            connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+            connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
         )
         w = make_worker(settings, u, queue, metrics=None)
 
@@ -338,10 +430,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _configure_logging()
     settings = _settings(args)
-    if args.command == "serve":
-        serve(settings)
-    else:
-        worker(settings)
+    try:
+        if args.command == "serve":
+            serve(settings)
+        else:
+            worker(settings)
+    except _Signalled:
+        _exit_now()  # everything this process held was released while unwinding
 
 
 if __name__ == "__main__":

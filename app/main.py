@@ -9,16 +9,20 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import redis
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
 from service_core import Unlearner
 
+from .api import contract
+from .api.deps import reject_unknown_query
 from .api.errors import install_error_handlers
+from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
 from .api.routes import forget, health, model
 from .core.config import Settings
 from .metrics import Metrics
 from .queue import JobQueue
+from .redis_client import connect_api, connect_worker
 from .service import ModelFollower, ServiceState, load_model, make_worker
 
 log = logging.getLogger(__name__)
@@ -50,12 +54,18 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
             await anyio.to_thread.run_sync(_stop, state)
 
     app = FastAPI(
-        title="ntk-unlearn", version=API_VERSION, description=_DESCRIPTION, lifespan=lifespan
+        title="ntk-unlearn",
+        version=API_VERSION,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
     )
     app.state.service = state
     install_error_handlers(app)
     # Added before the metrics middleware, so inside it: refused bodies are counted too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outside the size limit: a request without the right token is refused before anything else.
+    app.add_middleware(RequestGate, settings=settings)
 
     @app.middleware("http")
     async def record_metrics(request: Request, call_next) -> Response:
@@ -76,14 +86,16 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     app.include_router(forget.router)
     app.include_router(model.router)
     app.include_router(health.router)
+
+    generate = app.openapi
+
+    def openapi() -> dict:
+        fresh = app.openapi_schema is None
+        schema = generate()
+        return contract.complete(schema) if fresh else schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-def connect_redis(url: str) -> redis.Redis:
-    """A client for the queue; its timeouts keep probes quick when Redis is gone."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
-    )
 
 
 def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
@@ -93,7 +105,9 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
             "no Redis configured: set REDIS_URL (ntk-unlearn serve starts a private one otherwise)"
         )
     state.queue = JobQueue(
-        connect_redis(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+        connect_api(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s),
+        settings.redis_prefix,
+        settings.job_ttl_s,
     )
     try:
         state.queue.ensure_group()
@@ -102,7 +116,11 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
         log.warning("Redis unreachable at start-up: %s", e)
     state.unlearner = unlearner if unlearner is not None else load_model(settings)
     if settings.worker:
-        state.worker = make_worker(settings, state.unlearner, state.queue, state.metrics)
+        # Its own client: the API's gives up quickly, the worker blocks on the stream.
+        worker_queue = JobQueue(
+            connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+        )
+        state.worker = make_worker(settings, state.unlearner, worker_queue, state.metrics)
         state.worker.start()
     else:
         state.follower = ModelFollower(state)
@@ -112,6 +130,7 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
 def _stop(state: ServiceState) -> None:
     if state.worker is not None:
         state.worker.stop()
+        state.worker.queue.client.close()
     if state.follower is not None:
         state.follower.stop()
     if state.queue is not None:

@@ -29,7 +29,10 @@ def inputs(x, input_shape: tuple[int, ...], dtype) -> jax.Array:
         raise InvalidInputError(
             f"x must be a non-empty list of rows, each of shape {list(input_shape)} or {flat} values"
         )
-    if arr.shape[1:] != tuple(input_shape) and arr.shape[1:] != (flat,):
+    # Flat training inputs take rows of any shape with as many values, flattened row-major as the
+    # loaders flatten them: MNIST's 28 × 28 images are stored as 784 values.
+    reshapable = len(input_shape) == 1 and int(np.prod(arr.shape[1:])) == flat
+    if arr.shape[1:] != tuple(input_shape) and arr.shape[1:] != (flat,) and not reshapable:
         raise InvalidInputError(
             f"x rows have shape {list(arr.shape[1:])}; expected {list(input_shape)} (or {flat} values flattened)"
         )
@@ -66,6 +69,8 @@ def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:
                 f"y must be class labels: integers in [0, {d - 1}], one per row of x"
             )
         return jnp.asarray(targets_matrix(arr.astype(np.int64), "classification", d), dtype)
+    if arr.shape == (n,) and d == 1:
+        arr = arr.reshape(n, 1)  # one output: a number per row, as the loaders take it
     if arr.shape != (n, d):
         raise InvalidInputError(f"y must have shape [{n}, {d}] (one target vector per row of x)")
     return jnp.asarray(arr, dtype)

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from app.cli import _settings, _with_api_token, build_parser
+from app.cli import _settings, _with_tokens, build_parser
 from app.core.config import Settings
 
 
@@ -46,18 +46,18 @@ def test_invalid_settings_exit_with_a_message():
 def test_write_token_is_generated_once_with_mode_0600(tmp_path, monkeypatch):
     monkeypatch.delenv("NTK_UNLEARN_API_TOKEN", raising=False)
     s = parse("serve", "--data-dir", str(tmp_path))
-    first = _with_api_token(s)
+    first = _with_tokens(s)
     path = tmp_path / "api_token"
     assert first.api_token and path.read_text().strip() == first.api_token
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert _with_api_token(s).api_token == first.api_token  # reused, not regenerated
+    assert _with_tokens(s).api_token == first.api_token  # reused, not regenerated
 
 
 def test_given_token_wins_over_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("NTK_UNLEARN_API_TOKEN", "from-env")
-    assert _with_api_token(parse("serve", "--data-dir", str(tmp_path))).api_token == "from-env"
+    assert _with_tokens(parse("serve", "--data-dir", str(tmp_path))).api_token == "from-env"
     s = parse("serve", "--data-dir", str(tmp_path), "--api-token", "from-flag")
-    assert _with_api_token(s).api_token == "from-flag"
+    assert _with_tokens(s).api_token == "from-flag"
     assert not (tmp_path / "api_token").exists()
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service_core import Unlearner
 
 from ..core.config import Settings
-from ..core.security import token_matches
+from ..core.security import Right, check_access
 from ..queue import JobQueue
 from ..service import ServiceState
+
+# Every 503 says when to come back (the OpenAPI document promises it: ``app.api.contract``).
+RETRY_LATER = {"Retry-After": "2"}
 
 _bearer = HTTPBearer(auto_error=False, description="write token, or read token for reads")
 
@@ -26,13 +30,21 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 def get_unlearner(state: StateDep) -> Unlearner:
     if state.unlearner is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the model is not loaded yet")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the model is not loaded yet: retry in a few seconds",
+            headers=RETRY_LATER,
+        )
     return state.unlearner
 
 
 def get_queue(state: StateDep) -> JobQueue:
     if state.queue is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is not set up yet")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the job queue is not set up yet: retry in a few seconds",
+            headers=RETRY_LATER,
+        )
     return state.queue
 
 
@@ -46,50 +58,53 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
-def _unauthorized(message: str, error: str | None = None) -> HTTPException:
-    """401 with the challenge RFC 6750 asks for (``error="invalid_token"`` for a bad token)."""
-    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
-    return HTTPException(
-        status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": challenge}
+def _enforce(request: Request, state: ServiceState, need: Right) -> None:
+    settings = state.settings
+    denied = check_access(
+        request.headers.get("authorization"),
+        need,
+        settings.api_token,
+        settings.read_token,
+        settings.open_reads,
     )
+    if denied is not None:
+        raise HTTPException(denied.status, denied.detail, headers=denied.headers)
 
 
-def _authenticate(credentials: Credentials, settings: Settings) -> str:
-    """Which token the request carries: ``"write"`` or ``"read"``.
-
-    Raises:
-      HTTPException: 401 when there is no token, or it is neither configured token. A token
-        that is no token of this service is an authentication failure (401), never a matter
-        of rights (403): 403 is for a valid token without the rights the route needs.
-    """
-    if credentials is None:
-        raise _unauthorized("missing bearer token: send the header 'Authorization: Bearer <token>'")
-    given = credentials.credentials
-    if token_matches(given, settings.api_token):
-        return "write"
-    if token_matches(given, settings.read_token):
-        return "read"
-    raise _unauthorized(
-        "invalid token: the bearer token is not a token of this service; send the write token "
-        "(--api-token) or the read token (--read-token)",
-        error="invalid_token",
-    )
-
-
-def require_read(state: StateDep, credentials: Credentials) -> None:
+# ``app.api.gate.RequestGate`` makes the same checks before a body byte is read; these
+# dependencies repeat them (at no cost) so that the rights stay declared on each route and in
+# the OpenAPI schema, and hold for an app run without the gate.
+def require_read(request: Request, state: StateDep, credentials: Credentials) -> None:
     """Reads need the read token or the write token, unless the operator opened them."""
-    if not state.settings.open_reads:
-        _authenticate(credentials, state.settings)
+    _enforce(request, state, "read")
 
 
-def require_write(state: StateDep, credentials: Credentials) -> None:
+def require_write(request: Request, state: StateDep, credentials: Credentials) -> None:
     """Deletion needs the write token; the read token is valid but lacks the right (403)."""
-    if _authenticate(credentials, state.settings) != "write":
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            "this bearer token has no write rights: deletion needs the write token (--api-token)",
-        )
+    _enforce(request, state, "write")
 
 
 ReadAccess = Depends(require_read)
 WriteAccess = Depends(require_write)
+
+
+def reject_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not take: a misspelt ``?limt=5`` would
+    otherwise be ignored without a word (every route's own parameters are checked by FastAPI).
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    known: set[str] = set()
+    pending = [route.dependant]
+    while pending:
+        dependant = pending.pop()
+        known.update(param.alias for param in dependant.query_params)
+        pending.extend(dependant.dependencies)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))} for this endpoint; {takes}",
+        )

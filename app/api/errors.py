@@ -9,8 +9,10 @@ import logging
 
 import redis
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service_core import (
     AlreadyForgottenError,
@@ -22,6 +24,7 @@ from service_core import (
 )
 
 from ..queue import IdempotencyKeyReusedError
+from .schemas import NonFiniteResultError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (IdempotencyKeyReusedError, status.HTTP_409_CONFLICT),
     (InvalidForgetSetError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (InvalidInputError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (NonFiniteResultError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (UnlearnError, status.HTTP_422_UNPROCESSABLE_CONTENT),
 ]
 
@@ -73,13 +77,19 @@ def _location(loc: tuple) -> str:
     return ".".join(where) or "body"
 
 
+_NOT_JSON = (
+    "the body is not valid JSON{why}: send UTF-8 JSON text, with 'Content-Type: application/json'"
+)
+
+
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """422 for a body that does not match the schema; 400 for one that is not JSON at all."""
     assert isinstance(exc, RequestValidationError)
     problems = []
     for error in exc.errors():
         if error.get("type") == "json_invalid":
-            problems.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', '')})")
-            continue
+            why = error.get("ctx", {}).get("error", "")
+            return _detail(status.HTTP_400_BAD_REQUEST, _NOT_JSON.format(why=f" ({why})"))
         if tuple(error.get("loc", ())) == ("body",):
             problems.append(
                 "the body must be a JSON object with the fields this endpoint takes, "
@@ -91,6 +101,18 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems))
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    # FastAPI's own answer to a body it cannot decode (e.g. bytes that are not UTF-8) says
+    # nothing of what to fix.
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and exc.detail == _FASTAPI_BAD_BODY:
+        return _detail(status.HTTP_400_BAD_REQUEST, _NOT_JSON.format(why=""))
+    return await http_exception_handler(request, exc)
+
+
+_FASTAPI_BAD_BODY = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register every handler on ``app``."""
     for kind, _ in _STATUS:
@@ -98,3 +120,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SolverError, _solver_error)
     app.add_exception_handler(redis.RedisError, _queue_down)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -42,8 +42,11 @@ class BodySizeLimit:
             return
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
+            # Closed after the answer, so that the body stays unread (see ``gate._CLOSE``).
             response = JSONResponse(
-                {"detail": self.message}, status_code=status.HTTP_413_CONTENT_TOO_LARGE
+                {"detail": self.message},
+                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+                headers={"Connection": "close"},
             )
             await response(scope, receive, send)
             return

@@ -101,10 +101,21 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_token: str | None = Field(
-        None, description="bearer token with write rights (default: generated in the data dir)"
+        None,
+        description="bearer token with write rights (default: generated in the data dir); as a "
+        "flag it is visible to every local user (ps, /proc/PID/cmdline): prefer the env or "
+        "--api-token-file",
+    )
+    api_token_file: Path | None = Field(
+        None, description="file holding the write token (instead of --api-token)"
     )
     read_token: str | None = Field(
-        None, description="bearer token for reads (default: the write token)"
+        None,
+        description="bearer token for reads (default: the write token); as a flag visible to "
+        "every local user: prefer the env or --read-token-file",
+    )
+    read_token_file: Path | None = Field(
+        None, description="file holding the read token (instead of --read-token)"
     )
     open_reads: bool = Field(False, description="serve reads without any token")
     worker: bool = Field(True, description="run the solver worker inside 'serve'")
@@ -114,6 +125,18 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         64 * 2**20, gt=0, description="largest request body in bytes; larger ones get 413"
+    )
+    large_body_bytes: int = Field(
+        2**20,
+        ge=0,
+        description="a body over this many bytes (or chunked, of unknown length) is large: "
+        "see max_large_bodies",
+    )
+    max_large_bodies: int = Field(
+        2,
+        gt=0,
+        description="most requests with large bodies served at once (parsing one takes "
+        "memory several times its size); more get 503 with Retry-After",
     )
 
     # Queue.
@@ -126,6 +149,18 @@ class Settings(BaseSettings):
         "ntk-unlearn", min_length=1, description="key prefix of every Redis key of this model"
     )
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="seconds job records are kept")
+    redis_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        description="the API's wait for a Redis answer; a Redis that does not answer within it "
+        "is taken as down (503) for redis_retry_s",
+    )
+    redis_retry_s: float = Field(
+        2.0,
+        gt=0,
+        description="after Redis failed, the API answers 503 at once for this long, then tries "
+        "Redis again (circuit breaker)",
+    )
 
     def _cifar_targets(self) -> dict:
         # Squared error on two classes: one output with ±1 targets, as the paper does.
@@ -160,7 +195,8 @@ class Settings(BaseSettings):
         return self.data_dir / "deletions.log"
 
     @property
-    def api_token_file(self) -> Path:
+    def generated_token_file(self) -> Path:
+        """Where the write token is kept when none is given."""
         return self.data_dir / "api_token"
 
     def to_model_config(self) -> ModelConfig:

@@ -1,11 +1,15 @@
-"""Bearer tokens: where the write token comes from, and a constant-time comparison."""
+"""Bearer tokens: where they come from, a constant-time comparison, and who may do what."""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
+
+Right = Literal["read", "write"]
 
 
 def ensure_token_file(path: Path) -> tuple[str, bool]:
@@ -33,3 +37,62 @@ def ensure_token_file(path: Path) -> tuple[str, bool]:
 def token_matches(given: str, expected: str | None) -> bool:
     """Whether ``given`` equals ``expected``, in time independent of where they differ."""
     return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Denied:
+    """Why a request may not go on: the HTTP status, the message, and its headers."""
+
+    status: int
+    detail: str
+    headers: dict[str, str] | None = None
+
+
+def _unauthorized(message: str, error: str | None = None) -> Denied:
+    """401 with the challenge RFC 6750 asks for (``error="invalid_token"`` for a bad token)."""
+    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
+    return Denied(401, message, {"WWW-Authenticate": challenge})
+
+
+def check_access(
+    authorization: str | None,
+    need: Right,
+    api_token: str | None,
+    read_token: str | None,
+    open_reads: bool,
+) -> Denied | None:
+    """Whether a request with this ``Authorization`` header may do what ``need`` says.
+
+    A token that is no token of this service is an authentication failure (401), never a matter
+    of rights (403): 403 is for a valid token without the rights the route needs. Reads accept
+    the read token or the write token, or nothing at all when the operator opened them.
+
+    Arguments:
+      authorization: the header's value, ``None`` when absent.
+      need: ``"read"`` or ``"write"``.
+
+    Returns:
+      ``None`` when allowed, else what to answer.
+    """
+    if need == "read" and open_reads:
+        return None
+    scheme, _, given = (authorization or "").partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        return _unauthorized(
+            "missing bearer token: send the header 'Authorization: Bearer <token>'"
+        )
+    if token_matches(given, api_token):
+        return None
+    if token_matches(given, read_token):
+        if need == "read":
+            return None
+        return Denied(
+            403,
+            "this bearer token has no write rights: deletion needs the write token (--api-token)",
+        )
+    return _unauthorized(
+        "invalid token: the bearer token is not a token of this service; send the write token "
+        "(--api-token) or the read token (--read-token)",
+        error="invalid_token",
+    )

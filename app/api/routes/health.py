@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import redis
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Response, status
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import StateDep
-from ..schemas import Readiness, errors
+from ..deps import RETRY_LATER, StateDep
+from ..schemas import NotReady, Readiness
 
 router = APIRouter(tags=["operations"])
 
@@ -22,26 +23,40 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-_NOT_READY = {503: "model not loaded, or the queue unreachable"}
+_NOT_READY = {
+    503: {
+        "model": NotReady,
+        "description": "not ready: the model is not loaded, or the queue (Redis) does not "
+        "answer; the body says which, and why",
+    }
+}
 
 
-@router.head("/readyz", responses=errors(_NOT_READY), summary="Readyz (HEAD)")
-@router.get("/readyz", responses=errors(_NOT_READY))
-def readyz(state: StateDep) -> Readiness:
-    """Readiness: the model is loaded and the queue (Redis) answers PING."""
-    if state.unlearner is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the model is not loaded yet")
+@router.head("/readyz", response_model=Readiness, responses=_NOT_READY, summary="Readyz (HEAD)")
+@router.get("/readyz", response_model=Readiness, responses=_NOT_READY)
+def readyz(state: StateDep) -> Readiness | JSONResponse:
+    """Readiness: the model is loaded and the queue (Redis) answers PING (within the setting
+    redis_timeout_s; after a failure, not tried again for redis_retry_s)."""
+    model = "loaded" if state.unlearner is not None else "loading"
     if state.queue is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is not set up yet")
-    try:
-        state.queue.ping()
-    except redis.RedisError as e:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"the job queue is unreachable: Redis ({type(e).__name__}: {e}); "
-            "check REDIS_URL and that Redis runs",
-        ) from None
-    return Readiness(status="ready", model_version=state.unlearner.version)
+        queue = "not set up yet"
+    else:
+        try:
+            state.queue.ping()
+            queue = "ok"
+        except redis.RedisError as e:
+            queue = f"unreachable ({type(e).__name__}: {e})"
+    if model == "loaded" and queue == "ok":
+        return Readiness(status="ready", model_version=state.unlearner.version)
+    problems = []
+    if model != "loaded":
+        problems.append("the model is not loaded yet")
+    if queue != "ok":
+        problems.append(f"the job queue (Redis) is {queue}: check REDIS_URL and that Redis runs")
+    body = NotReady(detail="not ready: " + "; ".join(problems), model=model, queue=queue)
+    return JSONResponse(
+        body.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=RETRY_LATER
+    )
 
 
 @router.get("/metrics", response_class=Response)

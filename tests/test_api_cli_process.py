@@ -1,0 +1,180 @@
+"""``ntk-unlearn serve`` as a real process: tokens from files (never on its command line),
+everything it writes private to its owner, and SIGTERM honoured at any time, the first build
+included."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.cli import _settings, _with_tokens, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse(*argv: str):
+    return _settings(build_parser().parse_args(list(argv)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(log: Path, *argv: str, command: str = "serve", **env_extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "NTK_UNLEARN"))}
+    env.update(env_extra)
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app", command, *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, float]:
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, time.perf_counter() - started
+
+
+def test_tokens_from_files(tmp_path):
+    (tmp_path / "w").write_text("write-secret\n")
+    (tmp_path / "r").write_text("read-secret")
+    s = _with_tokens(
+        _parse(
+            "serve",
+            "--api-token-file",
+            str(tmp_path / "w"),
+            "--read-token-file",
+            str(tmp_path / "r"),
+        )
+    )
+    assert (s.api_token, s.read_token) == ("write-secret", "read-secret")
+    with pytest.raises(SystemExit, match="both"):
+        _with_tokens(_parse("serve", "--api-token", "x", "--api-token-file", str(tmp_path / "w")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="empty"):
+        _with_tokens(_parse("serve", "--api-token-file", str(tmp_path / "empty")))
+    with pytest.raises(SystemExit, match="cannot read"):
+        _with_tokens(_parse("serve", "--api-token-file", str(tmp_path / "missing")))
+
+
+def test_tokens_from_file_env(tmp_path, monkeypatch):
+    (tmp_path / "w").write_text("from-a-file")
+    monkeypatch.setenv("NTK_UNLEARN_API_TOKEN_FILE", str(tmp_path / "w"))
+    assert _with_tokens(_parse("serve", "--data-dir", str(tmp_path))).api_token == "from-a-file"
+
+
+def test_everything_written_is_private_and_no_token_on_the_command_line(
+    tmp_path: Path, dataset_file: Path
+):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)  # an existing, world-readable data dir is made private
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    token_file.chmod(0o600)
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    proc = _start(
+        log,
+        "--dataset", f"npz:{dataset_file}", "--model", "mlp", "--width", "32", "--depth", "1",
+        "--data-dir", str(data), "--port", str(port), "--api-token-file", str(token_file),
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": "Bearer file-token"}
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert b"file-token" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        # A deletion writes a checkpoint and the deletion log too.
+        job = httpx.post(f"{url}/v1/forget", json={"ids": ["r03"]}, headers=auth).json()
+        while job["status"] not in ("succeeded", "failed"):
+            time.sleep(0.1)
+            job = httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=auth).json()
+        assert job["status"] == "succeeded", job
+        written = [data, *data.rglob("*")]
+        kinds = {p.relative_to(data).parts[0] for p in written if p != data}
+        assert {"checkpoints", "ntk-cache", "deletions.log", "redis"} <= kinds, kinds
+        public = {
+            str(p.relative_to(data)): oct(p.lstat().st_mode & 0o777)
+            for p in written
+            if not p.is_symlink() and p.lstat().st_mode & 0o077
+        }
+        assert not public, public
+    finally:
+        code, _ = _stop(proc)
+    assert code == 0, log.read_text()
+
+
+def test_sigterm_during_the_first_build_stops_it_at_once(tmp_path: Path):
+    """The digits MLP takes minutes to build here; before, SIGTERM waited for all of it."""
+    log = tmp_path / "serve.log"
+    proc = _start(
+        log, "--dataset", "digits", "--data-dir", str(tmp_path / "data"),
+        "--port", str(_free_port()), "--api-token", "t",
+    )  # fmt: skip
+    try:
+        _wait_for(log, "building the model", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None, log.read_text()
+    finally:
+        code, seconds = _stop(proc)
+    assert code == 0, log.read_text()
+    assert seconds < 10, f"exited {seconds:.1f} s after SIGTERM"
+    text = log.read_text()
+    assert "embedded Redis stopped" in text and "stopped by a signal" in text
+    assert not list((tmp_path / "data" / "checkpoints").glob("*")), "no model was saved"
+
+
+@pytest.mark.redis
+def test_sigterm_during_a_lone_workers_first_build_stops_it_at_once(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+):
+    log = tmp_path / "worker.log"
+    proc = _start(
+        log, "--dataset", "digits", "--data-dir", str(tmp_path / "data"),
+        "--redis-prefix", redis_prefix, command="worker", REDIS_URL=redis_url,
+    )  # fmt: skip
+    try:
+        _wait_for(log, "building the model", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None, log.read_text()
+    finally:
+        code, seconds = _stop(proc)
+    assert code == 0, log.read_text()
+    assert seconds < 10, f"exited {seconds:.1f} s after SIGTERM"
+    assert "stopped by a signal" in log.read_text()

@@ -1,0 +1,150 @@
+"""The contract at its edges: what is refused and how (400 for a body that is not JSON, 422
+for booleans or nulls among numbers, 422 rather than ``null`` for a result that overflows), and
+what is accepted (rows of x in the training inputs' shape, flattened or not; a 1-D ``y`` for a
+model with one regression output)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.main import create_app
+from service_core import Unlearner, load_dataset
+
+pytestmark = pytest.mark.redis
+
+READ = {"Authorization": "Bearer read-token"}
+JSON = {**READ, "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b'{"x": [[1, 2, 3, 4]]', "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b'{"x": [[1, 2, 3, 4]]} trailing', "not valid JSON"),
+    ],
+)
+def test_a_body_that_is_not_json_is_400(client, body, words):
+    r = client.post("/v1/predict", content=body, headers=JSON)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["detail"] and "application/json" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "x, found",
+    [
+        ([[True, 1, 2, 3]], "booleans"),
+        ([[1, 2, 3, False]], "booleans"),
+        ([[1.5, 2, None, 3]], "nulls"),
+        ([[[True, 1], [2, 3]]], "booleans"),
+        ([[1, 2, 3, 4], [1, 2, 3, [4]]], "rectangular"),
+    ],
+)
+def test_numbers_mean_numbers(client, x, found):
+    r = client.post("/v1/predict", json={"x": x}, headers=READ)
+    assert r.status_code == 422, r.text
+    assert found in r.json()["detail"]
+
+
+def test_labels_that_are_booleans_are_refused(client, x_probe):
+    body = {"forget_ids": ["r01"], "x": x_probe[:2], "y": [True, 0]}
+    r = client.post("/v1/influence", json=body, headers=READ)
+    assert r.status_code == 422 and "booleans" in r.json()["detail"], r.text
+
+
+def test_rows_in_any_shape_of_the_training_inputs(client, x_probe):
+    """The test model's inputs are 4 numbers: rows of 2 × 2 are the same points."""
+    flat = client.post("/v1/predict", json={"x": x_probe}, headers=READ)
+    square = client.post(
+        "/v1/predict", json={"x": np.reshape(x_probe, (-1, 2, 2)).tolist()}, headers=READ
+    )
+    assert flat.status_code == square.status_code == 200, square.text
+    np.testing.assert_array_equal(square.json()["outputs"], flat.json()["outputs"])
+    r = client.post("/v1/predict", json={"x": [[1, 2, 3]]}, headers=READ)
+    assert r.status_code == 422 and "expected [4]" in r.json()["detail"], r.text
+
+
+def test_an_unknown_query_parameter_is_422(client):
+    r = client.get("/v1/ids", params={"limt": 5}, headers=READ)
+    assert r.status_code == 422, r.text
+    assert "'limt'" in r.json()["detail"] and "limit, offset" in r.json()["detail"]
+    assert client.get("/v1/ids", params={"limit": 5}, headers=READ).status_code == 200
+    assert client.get("/healthz", params={"x": 1}).status_code == 422
+
+
+@pytest.fixture
+def x_probe(dataset_file: Path) -> list[list[float]]:
+    return np.load(dataset_file)["x"][:5].tolist()
+
+
+def _regression(tmp: Path, outputs: int) -> tuple[Path, Unlearner]:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 4)).astype(np.float32)
+    y = rng.normal(size=(24, outputs) if outputs > 1 else 24).astype(np.float32)
+    path = tmp / f"regression-{outputs}.npz"
+    np.savez(path, x=x, y=y, ids=np.array([f"q{i:02d}" for i in range(24)]))
+    settings = Settings(dataset=f"npz:{path}", model="linear", loss="mse", lam=1e-2)
+    u = Unlearner.build(
+        load_dataset(settings.dataset, settings.seed),
+        settings.to_model_config(),
+        settings.to_train_config(),
+        settings.to_solver_config(),
+        cache_dir=None,
+        progress=False,
+    )
+    return path, u
+
+
+@pytest.fixture
+def regression_client(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> Callable[[int], TestClient]:
+    clients: list[TestClient] = []
+
+    def make(outputs: int) -> TestClient:
+        path, u = _regression(tmp_path, outputs)
+        settings = make_settings(dataset=f"npz:{path}", model="linear", loss="mse")
+        client = TestClient(create_app(settings, u))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_an_overflowing_estimate_is_422_not_null(regression_client):
+    client = regression_client(3)
+    x = [[0.1, 0.2, 0.3, 0.4]]
+    ok = client.post(
+        "/v1/influence", json={"forget_ids": ["q01"], "x": x, "y": [[1, 0, 0]]}, headers=READ
+    )
+    assert ok.status_code == 200 and None not in ok.json()["delta_loss"], ok.text
+    # 1e39 is a finite JSON number, beyond float32: the loss change is not a number.
+    r = client.post(
+        "/v1/influence", json={"forget_ids": ["q01"], "x": x, "y": [[1e39, 0, 0]]}, headers=READ
+    )
+    assert r.status_code == 422, r.text
+    assert "overflows" in r.json()["detail"] and "null" not in r.text
+
+
+def test_one_regression_output_takes_a_1d_y(regression_client):
+    client = regression_client(1)
+    x = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.0, 0.2]]
+    flat = client.post(
+        "/v1/influence", json={"forget_ids": ["q03"], "x": x, "y": [0.5, -1.0]}, headers=READ
+    )
+    column = client.post(
+        "/v1/influence", json={"forget_ids": ["q03"], "x": x, "y": [[0.5], [-1.0]]}, headers=READ
+    )
+    assert flat.status_code == column.status_code == 200, flat.text
+    assert flat.json() == column.json()
+    r = client.post("/v1/influence", json={"forget_ids": ["q03"], "x": x, "y": [0.5]}, headers=READ)
+    assert r.status_code == 422, r.text

@@ -1,0 +1,120 @@
+"""Redis hangs or dies under a running app: requests that need it answer 503 in milliseconds
+(not after a 10 s socket timeout), ``/readyz`` says why, and all recovers once Redis is back.
+
+The Redis is a real ``redis-server`` the test starts, stops with SIGSTOP (a hung server: the
+socket stays open and nothing answers), resumes with SIGCONT, kills, and starts again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.embedded_redis import EmbeddedRedis
+from app.main import create_app
+
+pytestmark = pytest.mark.redis
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+TIMEOUT_S, RETRY_S = 0.3, 0.5
+
+
+def _timed(call) -> tuple[float, object]:
+    started = time.perf_counter()
+    r = call()
+    return time.perf_counter() - started, r
+
+
+def _assert_down(r, reason: str) -> None:
+    assert r.status_code == 503, r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    assert "Redis" in r.json()["detail"], r.text
+    if reason:
+        assert reason in r.json()["detail"], r.text
+
+
+def _wait_until(call, ok, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = call()
+        if ok(r) or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
+def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
+    tmp_path: Path, make_settings, unlearner, wait_for_job
+):
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    pid = int(server.pidfile.read_text())
+    settings = make_settings(redis_url=server.url, redis_timeout_s=TIMEOUT_S, redis_retry_s=RETRY_S)
+    stopped = False
+    try:
+        with TestClient(create_app(settings, unlearner)) as client:
+
+            def readyz():
+                return client.get("/readyz")
+
+            def forget(ids):
+                return lambda: client.post("/v1/forget", json={"ids": ids}, headers=WRITE)
+
+            assert readyz().status_code == 200
+
+            # Hung: the first call waits for the timeout once; the breaker answers the rest.
+            os.kill(pid, signal.SIGSTOP)
+            stopped = True
+            first, r = _timed(readyz)
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["model"] == "loaded" and body["queue"].startswith("unreachable"), body
+            assert "Redis" in body["detail"] and "Retry-After" in r.headers
+            assert first < TIMEOUT_S + 0.5, f"first /readyz took {first:.2f} s"
+            times = []
+            for k in range(20):
+                seconds, r = _timed(forget([f"r{k:02d}"]) if k % 2 else readyz)
+                assert r.status_code == 503, r.text
+                times.append(seconds)
+            _assert_down(r, "")
+            # With the breaker open no call reaches the socket; the rare one let through to
+            # retry (every RETRY_S) waits TIMEOUT_S.
+            fast = sorted(times)[len(times) // 2]
+            assert fast < 0.05, f"median {fast * 1000:.1f} ms: {times}"
+            assert max(times) < TIMEOUT_S + 0.5, times
+            # Reads of the model never needed Redis.
+            assert client.get("/v1/model", headers=READ).status_code == 200
+
+            os.kill(pid, signal.SIGCONT)
+            stopped = False
+            r = _wait_until(readyz, lambda r: r.status_code == 200)
+            assert r.status_code == 200, r.text
+            r = _wait_until(forget(["r01"]), lambda r: r.status_code != 503)
+            assert r.status_code == 202, r.text
+            assert wait_for_job(client, r.json()["job_id"])["status"] == "succeeded"
+
+            # Dead: connections are refused; the breaker keeps even that from the socket.
+            server.stop()
+            for _ in range(5):
+                seconds, r = _timed(forget(["r02"]))
+                _assert_down(r, "")
+                assert seconds < 0.05 + TIMEOUT_S
+            seconds, r = _timed(readyz)
+            assert r.status_code == 503 and r.json()["queue"].startswith("unreachable"), r.text
+
+            # Restarted on its data (append-only file): the accepted job is still there.
+            server = EmbeddedRedis(tmp_path / "redis").start()
+            r = _wait_until(readyz, lambda r: r.status_code == 200)
+            assert r.status_code == 200, r.text
+            r = _wait_until(forget(["r02"]), lambda r: r.status_code != 503)
+            assert r.status_code == 202, r.text
+            assert wait_for_job(client, r.json()["job_id"], timeout=60)["status"] == "succeeded"
+            assert client.get("/v1/model", headers=READ).json()["version"] == 2
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
