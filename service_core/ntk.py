@@ -198,3 +198,46 @@ _abs_rows_matvec_jit = jax.jit(_abs_rows_matvec)
 def kernel_to_4d(k: np.ndarray, n: int, d: int) -> np.ndarray:
     """Full-form matrix ``(N·d, N·d)`` → neural-tangents' ``(N, N, d, d)``."""
     return np.asarray(k).reshape(n, d, n, d).transpose(0, 2, 1, 3)
+
+
+def cross_ntk(
+    model: Model,
+    x_test: np.ndarray,
+    x_train: np.ndarray,
+    form: str = "full",
+    block_size: int = 128,
+    dtype=np.float32,
+) -> np.ndarray:
+    """K(X_t, X) of ``model`` at θ_0 between test and training points, in blocks of ``block_size``.
+
+    Both sets are padded to whole blocks, so one compiled function serves every request size.
+
+    Arguments:
+      x_test: ``(n_t, ...)``; x_train: ``(N, ...)``; form, dtype: as ``empirical_ntk``.
+
+    Returns:
+      numpy ``(n_t·d, N·d)`` (full: row t·d + a, column j·d + b holds K(x_t, x_j)[a, b]) or
+      ``(n_t, N)`` (trace).
+    """
+    xt = np.asarray(model.flatten_inputs(x_test), dtype=dtype)
+    xs = np.asarray(model.flatten_inputs(x_train), dtype=dtype)
+    n_t, n, d = len(xt), len(xs), model.output_dim
+    fn = _block_fn(model, form)
+
+    def padded(a):
+        out = np.zeros((-(-len(a) // block_size) * block_size, a.shape[1]), dtype=dtype)
+        out[: len(a)] = a
+        return out
+
+    xt_p, xs_p = padded(xt), padded(xs)
+    blocks = []
+    for i in range(0, len(xt_p), block_size):
+        row = [
+            np.asarray(fn(xt_p[i : i + block_size], xs_p[j : j + block_size]), dtype=dtype)
+            for j in range(0, len(xs_p), block_size)
+        ]
+        blocks.append(np.concatenate(row, axis=1))
+    k = np.concatenate(blocks, axis=0)[:n_t, :n]
+    if form == "full":
+        k = k.transpose(0, 2, 1, 3).reshape(n_t * d, n * d)
+    return np.ascontiguousarray(k)
