@@ -200,6 +200,9 @@ def kernel_to_4d(k: np.ndarray, n: int, d: int) -> np.ndarray:
     return np.asarray(k).reshape(n, d, n, d).transpose(0, 2, 1, 3)
 
 
+_CROSS_FNS: dict = {}
+
+
 def cross_ntk(
     model: Model,
     x_test: np.ndarray,
@@ -222,13 +225,17 @@ def cross_ntk(
     xt = np.asarray(model.flatten_inputs(x_test), dtype=dtype)
     xs = np.asarray(model.flatten_inputs(x_train), dtype=dtype)
     n_t, n, d = len(xt), len(xs), model.output_dim
-    fn = _block_fn(model, form)
 
     def padded(a):
         out = np.zeros((-(-len(a) // block_size) * block_size, a.shape[1]), dtype=dtype)
         out[: len(a)] = a
         return out
 
+    key = (id(model), form)
+    cached = _CROSS_FNS.get(key)
+    if cached is None or cached[0] is not model:  # compiled once per model, not per request
+        cached = _CROSS_FNS[key] = (model, _block_fn(model, form))
+    fn = cached[1]
     xt_p, xs_p = padded(xt), padded(xs)
     blocks = []
     for i in range(0, len(xt_p), block_size):
