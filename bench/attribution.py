@@ -363,7 +363,7 @@ def run_cost(args, log) -> dict:
     mnist_dir = Path(args.mnist_dir)
     if not any(mnist_dir.glob("t10k-images-idx3-ubyte*")):
         return {"skipped": f"no MNIST IDX files in {mnist_dir}"}
-    per = 20 if args.quick else 200
+    per = 20 if args.quick else args.cost_per_class
     ds = load_mnist(mnist_dir, seed=0, train_per_class=per, test_per_class=10)
     t0 = time.perf_counter()
     u = build(ds, "mlp", "ce", width=args.mnist_width, depth=3)
@@ -400,7 +400,9 @@ PARTS = ("loo", "lds", "mislabel", "mia", "cost")
 def run(args, log=print) -> dict:
     t0 = time.perf_counter()
     res = {
-        "settings": {k: v for k, v in vars(args).items() if k.startswith(("attr", "lds", "mis"))}
+        "settings": {
+            k: v for k, v in vars(args).items() if k.startswith(("attr", "lds", "mis", "cost"))
+        }
     }
     res["settings"].update(lam=LAM, seed=args.seed, mnist_width=args.mnist_width)
     for part in args.parts:

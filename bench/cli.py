@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60,
         help="attribution: training points per class of the mislabel workloads",
     )
+    ap.add_argument(
+        "--cost-per-class",
+        type=int,
+        default=200,
+        help="attribution: MNIST training points per class of the cost part (200: the FCNN workload, N = 2,000)",
+    )
     return ap
 
 

@@ -24,6 +24,7 @@ from service_core import (
     influence,
     load_digits,
 )
+from service_core.ntk import kernel_matvec
 
 jax.config.update("jax_enable_x64", True)
 
@@ -213,10 +214,12 @@ def test_cross_entropy_exact_equals_retraining(digits, kind, n):
         close(si.self_influence, d_self[[index[i] for i in si.ids]], 1e-5)
 
 
-def test_cross_entropy_first_order_is_the_influence_step(digits):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_cross_entropy_first_order_is_the_influence_step(digits, kind):
     """The default for cross-entropy is one Newton step on the retain risk: system (A) with F = {i}
-    as the engine's deletion solves it, here for a few records and the test points."""
-    u, test, d_test, d_self = setting(digits, "mlp", "ce", 24)
+    as the engine's deletion solves it, here for a few records, at the test points and at the
+    record itself (self-influence)."""
+    u, test, d_test, d_self = setting(digits, kind, "ce", 24)
     st = u.state
     a = u.attribute(test.x, test.y, k=24)
     assert not a.exact
@@ -224,6 +227,8 @@ def test_cross_entropy_first_order_is_the_influence_step(digits):
     solver = {"method": "alpha-cholesky", "tol": 1e-12, "max_iter": 100, "cholesky_max_dim": 10_000}
     xt = jnp.asarray(test.x, jnp.float64)
     theta = st.theta
+    self_first = u.self_influence()
+    f_star = np.asarray(st.f0 + kernel_matvec(st.k, st.alpha, st.form))
     for row in (0, 7, 23):
         mask = np.zeros(st.capacity, bool)
         mask[row] = True
@@ -234,8 +239,13 @@ def test_cross_entropy_first_order_is_the_influence_step(digits):
         for t in range(N_TEST):
             pos = list(a.helpful_ids[t]).index(st.ids[row])
             close(a.helpful.delta_outputs[t, pos], np.asarray(df)[t], 1e-8)
+        own = np.asarray(kernel_matvec(st.k, delta, st.form))[row]
+        y = np.asarray(st.y)[row]
+        want = loss_value("ce", f_star[row] + own, y) - loss_value("ce", f_star[row], y)
+        got = dict(zip(self_first.ids, self_first.self_influence, strict=True))[st.ids[row]]
+        assert got == pytest.approx(want, rel=1e-8)
     # first order is close to retraining on this small set, and ranks alike
-    si = u.self_influence()
+    si = self_first
     index = {i: p for p, i in enumerate(u.active_ids())}
     first = np.empty(len(index))
     first[[index[i] for i in si.ids]] = si.self_influence
