@@ -18,7 +18,7 @@ from .api.deps import reject_unknown_query
 from .api.errors import install_error_handlers
 from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
-from .api.routes import forget, health, model
+from .api.routes import attribution, forget, health, model
 from .core.config import Settings
 from .metrics import Metrics
 from .queue import JobQueue
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
 
     app.include_router(forget.router)
     app.include_router(model.router)
+    app.include_router(attribution.router)
     app.include_router(health.router)
 
     generate = app.openapi

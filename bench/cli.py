@@ -7,6 +7,8 @@ Subcommands:
 * ``figure4``: ``bench.figure4.main`` when that module exists;
 * ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
   the engine's own time from the job record (``bench.e2e``; workloads digits and mnist);
+* ``attribution``: leave-one-out attribution, LDS, mislabel detection, membership inference and cost
+  (``bench.attribution``, issue 14); not part of ``all``;
 * ``all``: ntk, figure1 (digits and mnist), figure4;
 * ``report``: no measurement; rebuild the Markdown, the figures and the combined ``BENCHMARKS.md``
   from the JSON files already in ``--out``.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
-COMMANDS = ("figure1", "ntk", "figure4", "e2e", "all", "report")
+COMMANDS = ("figure1", "ntk", "figure4", "e2e", "attribution", "all", "report")
 WORKLOADS = ("digits", "mnist", "cifar")
 
 
@@ -131,6 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=1200, help="seconds to wait for /readyz"
     )
     e2e.add_argument("--job-timeout", type=float, default=300, help="seconds to wait for a job")
+    ap.add_argument(
+        "--parts",
+        type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
+        default=None,
+        help="attribution: parts to run, of loo,lds,mislabel,mia,cost (default: all)",
+    )
+    ap.add_argument(
+        "--attr-tests", type=int, default=50, help="attribution: test points (loo, lds)"
+    )
+    ap.add_argument(
+        "--attr-records", type=int, default=200, help="attribution: random records (loo)"
+    )
+    ap.add_argument(
+        "--attr-per-class",
+        type=int,
+        default=30,
+        help="attribution: training points per class of the loo, lds and mia workloads",
+    )
+    ap.add_argument(
+        "--lds-subsets", type=int, default=100, help="attribution: random 50 %% subsets (lds)"
+    )
+    ap.add_argument(
+        "--mislabel-per-class",
+        type=int,
+        default=60,
+        help="attribution: training points per class of the mislabel workloads",
+    )
+    ap.add_argument(
+        "--cost-per-class",
+        type=int,
+        default=200,
+        help="attribution: MNIST training points per class of the cost part (200: the FCNN workload, N = 2,000)",
+    )
     return ap
 
 
@@ -200,6 +235,43 @@ def run_ntk(args, argv, machine) -> None:
     _write_json(args.out / "ntk.json", res)
     md = report.ntk_markdown(res)
     (args.out / "ntk.md").write_text(md)
+    _log("\n" + md)
+
+
+def run_attribution(args, argv, machine) -> None:
+    import subprocess
+
+    from . import attribution
+    from .attribution import PARTS
+
+    args.parts = args.parts or list(PARTS)
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if args.quick:
+        args.attr_tests, args.attr_records, args.lds_subsets = 5, 10, 10
+        args.attr_per_class, args.mislabel_per_class = 5, 10
+    res = attribution.run(args, log=_log)
+    res["command"] = _command_line(argv)
+    res["machine"] = machine
+    res["quick"] = args.quick
+    res["commit"] = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    path = args.out / "attribution.json"
+    if path.exists() and not args.quick:  # a run of some parts keeps the others' results
+        old = json.loads(path.read_text())
+        if not old.get("quick"):
+            runs = old.get("runs", [{k: old.get(k) for k in ("command", "commit")}])
+            res = {
+                **old,
+                **res,
+                "runs": runs + [{"command": res["command"], "commit": res["commit"]}],
+            }
+    _write_json(path, res)
+    attribution.scatter(res, args.out / "attribution-loo.png")
+    md = attribution.markdown(res)
+    (args.out / "attribution.md").write_text(md)
     _log("\n" + md)
 
 
@@ -295,6 +367,8 @@ def combined_markdown(out: Path) -> str:
                 lines += [f"![Figure 1, {name}]({_rel(out / f'figure1-{name}.png')})", ""]
             if (out / f"convergence-{name}.png").exists():
                 lines += [f"![CG convergence, {name}]({_rel(out / f'convergence-{name}.png')})", ""]
+    if (out / "attribution.md").exists():
+        lines += [(out / "attribution.md").read_text(), ""]
     if (out / "figure4.md").exists():
         lines += [
             "## Figure 4 (bench/figure4.py, by its own run)",
@@ -358,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     if args.command in ("ntk", "all"):
         run_ntk(args, argv, machine)
+    if args.command == "attribution":
+        run_attribution(args, argv, machine)
     if args.command in ("figure1", "all"):
         bandwidth = None
         if not args.no_bandwidth:

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import checkpoint, deletion, influence, lifecycle, validation
+from . import attribution, checkpoint, deletion, influence, lifecycle, validation
 from .config import ModelConfig, SolverConfig, TrainConfig
 from .data import Dataset
 from .deletion import ForgetResult
@@ -39,6 +39,7 @@ class Unlearner:
         self._cache_dir = cache_dir
         self._forget_lock = threading.RLock()
         self._spare = SpareBuffer()
+        self._loo = attribution.FactorCache()
         self.ready_spare()
 
     @classmethod
@@ -165,6 +166,39 @@ class Unlearner:
         result = influence.estimate(state, self.model, forget_ids, xt, yt, refine)
         arrays = ("delta_outputs", "delta_loss", "delta_loss_first_order")
         return result._replace(**{name: np.asarray(getattr(result, name)) for name in arrays})
+
+    def attribute(
+        self, x, y, k: int = 10, exact: bool = False, of: str = "loss"
+    ) -> attribution.Attribution:
+        """The k training records whose removal alone would raise (helpful) and lower (harmful) the
+        loss at each test point most; the model does not change (``attribution.attribute``).
+
+        Arguments:
+          x: test inputs ``(n, *input_shape)`` or flattened; y: labels ``(n,)`` or targets ``(n, d)``.
+          k: records per side, 1 ≤ k ≤ N.
+          exact: cross-entropy: refine the candidates to the retrained optimum (one Newton solve each).
+          of: ``loss`` (Δℓ, loss units) or ``output`` (the change of the labelled class's output).
+
+        Returns:
+          ``attribution.Attribution``: ids ``(n, k)``, Δℓ ``(n, k)`` and Δf ``(n, k, d)`` per side.
+
+        Raises:
+          InvalidInputError: k out of range, unknown ``of``, inputs or targets of the wrong shape.
+          SolverError: the factorisation or a refinement failed.
+        """
+        state = self._state
+        xt = self._inputs(x)
+        yt = validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
+        return attribution.attribute(state, self.model, self._loo, xt, np.asarray(yt), k, exact, of)
+
+    def self_influence(self, exact: bool = False) -> attribution.SelfInfluence:
+        """Each active record's own loss after retraining without it minus its loss now, sorted
+        descending (``attribution.self_influence``): ids ``(N,)``, values ``(N,)`` in loss units.
+
+        Raises:
+          SolverError: the factorisation or a refinement failed.
+        """
+        return attribution.self_influence(self._state, self._loo, exact)
 
     # -- deletion -------------------------------------------------------------------------------
     def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None) -> ForgetResult:

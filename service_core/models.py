@@ -57,6 +57,8 @@ class Network(Protocol):
 
     def delta_outputs(self, state, delta_alpha, x) -> jax.Array: ...
 
+    def cross_kernel(self, x, x_train, form: str) -> np.ndarray: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -132,6 +134,17 @@ class Model:
             return kernels.blocked(fn, xf, block_size=block_size, dtype=dtype, progress=progress)
 
         return kernels.cached(cache_dir, key, compute)
+
+    def cross_kernel(self, x, x_train, form: str, block_size: int = 128) -> np.ndarray:
+        """The empirical NTK K(X_t, X) at θ_0 between test and training points, in ``form``'s layout:
+        ``(n_t·d, N·d)`` or ``(n_t, N)`` (``kernels.blocked``; compiled once per network and form)."""
+        dtype = self.theta0.dtype
+        key = ("cross-ntk", form)
+        if key not in self.compiled:
+            self.compiled[key] = kernels.empirical_block_fn(self.apply_fn, self.params0, form)
+        a = np.asarray(self.flatten_inputs(x), dtype=dtype)
+        b = np.asarray(self.flatten_inputs(x_train), dtype=dtype)
+        return kernels.blocked(self.compiled[key], a, b, block_size=block_size, dtype=dtype)
 
     def theta(self, x, alpha, delta: bool = False) -> jax.Array:
         """θ = θ_p + J(X)ᵀα (Eq. (T)), or Δθ = J(X)ᵀΔα with ``delta``; x ``(C, ...)``, α ``(C, d)``."""
@@ -272,6 +285,10 @@ class KernelModel:
         return kernels.cached(
             cache_dir, key, lambda: self.kernel(x, block_size=block_size, progress=progress)
         )
+
+    def cross_kernel(self, x, x_train, form: str = "trace") -> np.ndarray:
+        """K(X_t, X) in the trace form ``(n_t, N)`` (the analytic NTK is k ⊗ I_d)."""
+        return self.kernel(x, x_train)
 
     def theta(self, x, alpha, delta: bool = False) -> None:
         """There is no θ."""

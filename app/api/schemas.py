@@ -296,3 +296,66 @@ class NotReady(ErrorOut):
     queue: str = Field(
         description="'ok', or why the job queue is not: 'not set up yet', 'unreachable (...)'"
     )
+
+
+class AttributeRequest(_Body):
+    x: Inputs
+    y: Targets
+    k: int = Field(
+        10,
+        description="records per side: from 1 to the number of active training records",
+    )
+    exact: bool = Field(
+        False,
+        description="cross-entropy: refine the returned records to the optimum retrained without "
+        "each (Newton); squared error is exact either way",
+    )
+    of: Literal["loss", "output"] = Field(
+        "loss",
+        description="rank by the change of the loss, or of the output the label names (the labelled "
+        "class, or a regression model's only output)",
+    )
+
+
+class AttributedRecord(BaseModel):
+    id: str
+    delta_loss: float = Field(
+        description="loss at this point after retraining without the record, minus the loss now"
+    )
+    delta_outputs: list[float] = Field(description="change of the outputs, shape (d,)")
+
+
+class AttributionRow(BaseModel):
+    helpful: list[AttributedRecord] = Field(
+        description="at most k records whose removal raises the loss most (delta_loss > 0), "
+        "largest first; with of='output', that lower the ranked output most"
+    )
+    harmful: list[AttributedRecord] = Field(
+        description="at most k records whose removal lowers the loss most (delta_loss < 0), "
+        "most negative first; with of='output', that raise the ranked output most"
+    )
+
+
+class AttributeOut(BaseModel):
+    model_version: int
+    exact: bool = Field(
+        description="true when the changes are exact leave-one-out retraining (squared error, or "
+        "exact=true), false for cross-entropy's influence step"
+    )
+    results: list[AttributionRow] = Field(description="one per row of x")
+
+
+class SelfInfluenceRecord(BaseModel):
+    id: str
+    self_influence: float = Field(
+        description="the record's own loss after retraining without it, minus its loss now"
+    )
+
+
+class SelfInfluenceOut(BaseModel):
+    model_version: int
+    total: int = Field(description="number of active training records")
+    exact: bool = Field(
+        description="exact leave-one-out (squared error) or cross-entropy's influence step"
+    )
+    records: list[SelfInfluenceRecord] = Field(description="sorted by self_influence, descending")

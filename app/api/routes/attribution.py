@@ -1,0 +1,104 @@
+"""Which training records drive a prediction: leave-one-out attribution and self-influence.
+
+Reads only: the model does not change. Both come from one leave-one-out factorisation per model
+version (``service_core.attribution``), computed on the first request after a version is published.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query
+
+from service_core.attribution import RankedRecords
+
+from ..deps import ModelDep, ReadAccess, SettingsDep
+from ..schemas import (
+    INVALID,
+    READ_AUTH,
+    AttributedRecord,
+    AttributeOut,
+    AttributeRequest,
+    AttributionRow,
+    SelfInfluenceOut,
+    SelfInfluenceRecord,
+    errors,
+)
+from .model import _BAD_INPUT, _check_rows
+
+router = APIRouter(
+    prefix="/v1", tags=["attribution"], dependencies=[ReadAccess], responses=errors(READ_AUTH)
+)
+
+
+def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: str) -> list:
+    """The ranked records of test row ``t``; for ``of="loss"`` only those whose Δℓ has ``sign``."""
+    out = []
+    for j, rid in enumerate(ids[t]):
+        dl = float(ranked.delta_loss[t, j])
+        if of == "loss" and not dl * sign > 0:
+            continue
+        out.append(
+            AttributedRecord(
+                id=str(rid), delta_loss=dl, delta_outputs=ranked.delta_outputs[t, j].tolist()
+            )
+        )
+    return out
+
+
+@router.post(
+    "/attribute",
+    responses=errors(
+        {
+            **_BAD_INPUT,
+            422: "inputs or targets of the wrong shape or not finite, k outside 1 … the number of "
+            "active records, or of='output' for a regression model with several outputs",
+            500: "the leave-one-out factorisation or a refinement failed",
+        }
+    ),
+)
+def attribute(body: AttributeRequest, u: ModelDep, settings: SettingsDep) -> AttributeOut:
+    """For each row of `x`: the `k` training records whose removal alone would raise its loss most
+    (`helpful`) and lower it most (`harmful`).
+
+    `delta_loss` is the loss after retraining without that one record (risk normalised by 1/(N − 1),
+    as a forget) minus the loss now. Exact for squared error; for cross-entropy the influence step,
+    or with `exact: true` the returned records refined to the retrained optimum. At most `max_rows`
+    rows. The first request after a new version factors the leave-one-out system (cached).
+    """
+    _check_rows(body.x, settings)
+    a = u.attribute(body.x, body.y, k=body.k, exact=body.exact, of=body.of)
+    results = [
+        AttributionRow(
+            helpful=_records(a.helpful_ids, a.helpful, t, 1.0, a.of),
+            harmful=_records(a.harmful_ids, a.harmful, t, -1.0, a.of),
+        )
+        for t in range(a.helpful_ids.shape[0])
+    ]
+    return AttributeOut(model_version=a.version, exact=a.exact, results=results)
+
+
+@router.get(
+    "/self-influence",
+    responses=errors({**INVALID, 500: "the leave-one-out factorisation failed"}),
+)
+def self_influence(
+    u: ModelDep,
+    offset: Annotated[int, Query(ge=0, description="records to skip")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="most records to return")] = 100,
+) -> SelfInfluenceOut:
+    """Every active record's own loss after retraining without it minus its loss now, descending:
+    the usual signal of mislabelled or anomalous records.
+
+    Exact for squared error, the influence step for cross-entropy. Computed once per version.
+    """
+    si = u.self_influence()
+    page = slice(offset, offset + limit)
+    records = [
+        SelfInfluenceRecord(id=str(i), self_influence=float(v))
+        for i, v in zip(si.ids[page], si.self_influence[page], strict=True)
+    ]
+    return SelfInfluenceOut(
+        model_version=si.version, total=len(si.ids), exact=si.exact, records=records
+    )

@@ -1,0 +1,111 @@
+"""POST /v1/attribute and GET /v1/self-influence over a real app with its worker and a real Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+pytestmark = pytest.mark.redis
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+
+@pytest.fixture
+def probe(dataset_file: Path) -> dict:
+    with np.load(dataset_file) as f:
+        return {"x": f["x"][:3].tolist(), "y": f["y"][:3].tolist()}
+
+
+def _all_self_influence(client: TestClient) -> dict:
+    first = client.get("/v1/self-influence?limit=20", headers=READ).json()
+    records = list(first["records"])
+    while len(records) < first["total"]:
+        page = client.get(f"/v1/self-influence?offset={len(records)}&limit=20", headers=READ)
+        assert page.status_code == 200, page.text
+        records += page.json()["records"]
+    return {**first, "records": records}
+
+
+def test_attribute_answers_for_the_current_version(client, probe):
+    r = client.post("/v1/attribute", json={**probe, "k": 5}, headers=READ)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == 0 and body["exact"] is False  # cross-entropy: the step
+    assert len(body["results"]) == 3
+    ids = set(client.get("/v1/ids?limit=100", headers=READ).json()["ids"])
+    for row in body["results"]:
+        assert 1 <= len(row["helpful"]) <= 5 and 1 <= len(row["harmful"]) <= 5
+        helpful = [e["delta_loss"] for e in row["helpful"]]
+        harmful = [e["delta_loss"] for e in row["harmful"]]
+        assert all(v > 0 for v in helpful) and helpful == sorted(helpful, reverse=True)
+        assert all(v < 0 for v in harmful) and harmful == sorted(harmful)
+        assert {e["id"] for e in row["helpful"] + row["harmful"]} <= ids
+        assert all(len(e["delta_outputs"]) == 3 for e in row["helpful"])
+    refined = client.post("/v1/attribute", json={**probe, "k": 2, "exact": True}, headers=READ)
+    assert refined.status_code == 200, refined.text
+    assert refined.json()["exact"] is True
+    by_output = client.post("/v1/attribute", json={**probe, "k": 2, "of": "output"}, headers=READ)
+    assert by_output.status_code == 200, by_output.text
+
+
+def test_self_influence_pages_sorted_descending(client):
+    body = _all_self_influence(client)
+    assert body["model_version"] == 0 and body["total"] == 48
+    values = [r["self_influence"] for r in body["records"]]
+    assert values == sorted(values, reverse=True)
+    assert len({r["id"] for r in body["records"]}) == 48
+    assert values[0] > 0  # a record's own loss rises without it
+
+
+def test_a_forgotten_record_never_appears(client, probe, wait_for_job):
+    before = _all_self_influence(client)
+    top = before["records"][0]["id"]
+    r = client.post("/v1/forget", json={"ids": [top, "r07"]}, headers=WRITE)
+    assert r.status_code == 202, r.text
+    assert wait_for_job(client, r.json()["job_id"])["status"] == "succeeded"
+    after = _all_self_influence(client)
+    assert after["model_version"] == 1 and after["total"] == 46
+    assert not {top, "r07"} & {rec["id"] for rec in after["records"]}
+    body = client.post("/v1/attribute", json={**probe, "k": 46}, headers=READ).json()
+    assert body["model_version"] == 1
+    seen = {e["id"] for row in body["results"] for e in row["helpful"] + row["harmful"]}
+    assert seen and not {top, "r07"} & seen
+    r = client.post("/v1/attribute", json={**probe, "k": 47}, headers=READ)
+    assert r.status_code == 422 and "from 1 to 46" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"k": 0}, "from 1 to 48"),
+        ({"k": 49}, "from 1 to 48"),
+        ({"k": -3}, "from 1 to 48"),
+        ({"of": "gradient"}, "of"),
+        ({"y": [0, 1, 7]}, "class labels"),
+        ({"y": [0, 1]}, "y has 2 entries"),
+        ({"x": [[1.0, 2.0]] * 3}, "x rows have shape"),
+        ({"exact": "maybe"}, "exact"),
+    ],
+)
+def test_bad_attribution_requests_are_422(client, probe, change, fragment):
+    r = client.post("/v1/attribute", json={**probe, **change}, headers=READ)
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["detail"]
+    assert client.get("/v1/model", headers=READ).json()["version"] == 0
+
+
+def test_attribution_limits_and_auth(make_settings, unlearner, probe):
+    with TestClient(create_app(make_settings(max_rows=2), unlearner)) as client:
+        r = client.post("/v1/attribute", json=probe, headers=READ)
+        assert r.status_code == 413 and "max_rows" in r.json()["detail"]
+        assert client.post("/v1/attribute", json=probe).status_code == 401
+        assert client.get("/v1/self-influence").status_code == 401
+        r = client.get("/v1/self-influence?limit=0", headers=READ)
+        assert r.status_code == 422 and "limit" in r.json()["detail"]
+        assert client.get("/v1/model", headers=READ).json()["version"] == 0
