@@ -13,6 +13,9 @@ from bench import cli
 
 REPO = Path(__file__).resolve().parent.parent
 
+# runs the benchmark end to end on a tiny workload (about a minute)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
