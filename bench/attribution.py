@@ -169,7 +169,7 @@ def predicted_changes(u: Unlearner, x_test, y_test) -> attribution.LooChanges:
     st = u.state
     xt = _inputs(st, x_test)
     yt = np.asarray(_targets(st, y_test))
-    factor = attribution.factor(st, u._loo)
+    factor = u.loo_factor()
     return attribution.test_changes(
         factor, attribution.cross_kernel(st, u.model, xt), u.predict(x_test), yt, st.k
     )
@@ -397,7 +397,7 @@ def run_cost(args, log) -> dict:
         out[f"topk_{label}_s"] = time.perf_counter() - t
         log(f"cost: top-10 for {len(xt)} test points {label} {out[f'topk_{label}_s']:.1f} s")
     out["tests"] = len(xt)
-    out["factor_s"] = float(attribution.factor(u.state, u._loo).seconds)
+    out["factor_s"] = float(u.loo_factor().seconds)
     out["peak_rss_gib"] = peak_rss_gib()
     out["kernel_gib"] = u.state.k.nbytes / 2**30
     return out

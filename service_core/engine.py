@@ -129,6 +129,10 @@ class Unlearner:
     def _inputs(self, x) -> jax.Array:
         return validation.inputs(x, self._state.input_shape, self._state.x.dtype)
 
+    def _test_points(self, state: ModelState, x, y) -> tuple[jax.Array, jax.Array]:
+        xt = validation.inputs(x, state.input_shape, state.x.dtype)
+        return xt, validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
+
     def _outputs(self, state: ModelState, x: jax.Array) -> np.ndarray:
         out = np.asarray(self.model.outputs(state, x))
         if not np.all(np.isfinite(out)):
@@ -161,8 +165,7 @@ class Unlearner:
         """
         state = self._state  # one snapshot: a deletion published meanwhile changes nothing here
         validation.forget_set(state, forget_ids)
-        xt = self._inputs(x)
-        yt = validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
+        xt, yt = self._test_points(state, x, y)
         result = influence.estimate(state, self.model, forget_ids, xt, yt, refine)
         arrays = ("delta_outputs", "delta_loss", "delta_loss_first_order")
         return result._replace(**{name: np.asarray(getattr(result, name)) for name in arrays})
@@ -170,25 +173,11 @@ class Unlearner:
     def attribute(
         self, x, y, k: int = 10, exact: bool = False, of: str = "loss"
     ) -> attribution.Attribution:
-        """The k training records whose removal alone would raise (helpful) and lower (harmful) the
-        loss at each test point most; the model does not change (``attribution.attribute``).
-
-        Arguments:
-          x: test inputs ``(n, *input_shape)`` or flattened; y: labels ``(n,)`` or targets ``(n, d)``.
-          k: records per side, 1 ≤ k ≤ N.
-          exact: cross-entropy: refine the candidates to the retrained optimum (one Newton solve each).
-          of: ``loss`` (Δℓ, loss units) or ``output`` (the change of the labelled class's output).
-
-        Returns:
-          ``attribution.Attribution``: ids ``(n, k)``, Δℓ ``(n, k)`` and Δf ``(n, k, d)`` per side.
-
-        Raises:
-          InvalidInputError: k out of range, unknown ``of``, inputs or targets of the wrong shape.
-          SolverError: the factorisation or a refinement failed.
-        """
+        """The k records whose removal alone would raise (helpful) and lower (harmful) the loss at
+        each row of x most (``attribution.attribute``: arguments, shapes, units, errors); x
+        ``(n, *input_shape)``, y labels ``(n,)`` or targets ``(n, d)``. The model does not change."""
         state = self._state
-        xt = self._inputs(x)
-        yt = validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
+        xt, yt = self._test_points(state, x, y)
         return attribution.attribute(state, self.model, self._loo, xt, np.asarray(yt), k, exact, of)
 
     def self_influence(self, exact: bool = False) -> attribution.SelfInfluence:
@@ -200,18 +189,20 @@ class Unlearner:
         """
         return attribution.self_influence(self._state, self._loo, exact)
 
+    def loo_factor(self) -> attribution.LooFactor:
+        """The served version's leave-one-out factor (computed once per version)."""
+        return attribution.factor(self._state, self._loo)
+
     # -- deletion -------------------------------------------------------------------------------
     def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None) -> ForgetResult:
-        """Remove ``ids``: compute the next version (``deletion.plan``), checkpoint it, publish it.
-
-        Nothing is published unless every solve converged and the checkpoint (if asked) is complete.
-        The caller reports the deletion, then calls ``after_publish``. ``ForgetResult.timings`` gains
-        ``checkpoint`` and ``publish``; ``seconds`` is the whole (every part before the return).
+        """Remove ``ids``: compute the next version (``deletion.plan``), checkpoint it, publish it;
+        the caller reports the deletion, then calls ``after_publish``. Nothing is published unless
+        every solve converged and the checkpoint is complete. ``ForgetResult.timings`` gains
+        ``checkpoint`` and ``publish``; ``seconds`` is their total with the computation.
 
         Raises:
-          InvalidForgetSetError, UnknownIdsError, AlreadyForgottenError: bad request (model unchanged).
-          SolverError: a solve missed its tolerance (model unchanged).
-          OSError: the checkpoint could not be written (model unchanged).
+          InvalidForgetSetError, UnknownIdsError, AlreadyForgottenError, SolverError, OSError (the
+          checkpoint): the model is unchanged.
         """
         t0 = time.perf_counter()
         with self._forget_lock:

@@ -280,7 +280,7 @@ def test_factor_cached_per_version_and_follows_a_deletion(digits):
     u = build(train, "mlp", "mse")
     first = u.self_influence()
     cached = u._loo.get(u.state, lambda: pytest.fail("recomputed for the same version"))
-    assert cached is factor(u.state, u._loo)
+    assert cached is factor(u.state, u._loo) is u.loo_factor()
     gone = list(first.ids[:3])
     u.forget(gone)
     after = u.self_influence()

@@ -28,24 +28,23 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_unlearner(state: StateDep) -> Unlearner:
-    if state.unlearner is None:
+def _loaded(value, missing: str):
+    """``value``, or 503 with Retry-After while the part it stands for is still starting."""
+    if value is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the model is not loaded yet: retry in a few seconds",
+            f"{missing} yet: retry in a few seconds",
             headers=RETRY_LATER,
         )
-    return state.unlearner
+    return value
+
+
+def get_unlearner(state: StateDep) -> Unlearner:
+    return _loaded(state.unlearner, "the model is not loaded")
 
 
 def get_queue(state: StateDep) -> JobQueue:
-    if state.queue is None:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the job queue is not set up yet: retry in a few seconds",
-            headers=RETRY_LATER,
-        )
-    return state.queue
+    return _loaded(state.queue, "the job queue is not set up")
 
 
 def get_settings(state: StateDep) -> Settings:

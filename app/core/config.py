@@ -184,20 +184,25 @@ class Settings(BaseSettings):
 
     @property
     def checkpoint_dir(self) -> Path:
+        """One orbax checkpoint per version; only the newest complete one is kept."""
         return self.data_dir / "checkpoints"
 
     @property
-    def ntk_cache_dir(self) -> Path:
-        return self.data_dir / "ntk-cache"
-
-    @property
     def deletion_log(self) -> Path:
+        """One JSON line per published deletion, fsync'd before its jobs are reported: ids and
+        certificates, never data."""
         return self.data_dir / "deletions.log"
 
     @property
     def generated_token_file(self) -> Path:
-        """Where the write token is kept when none is given."""
+        """Where the write token is kept (mode 0600) when none is given by flag, file or
+        environment; ``serve`` prints this path, never the token, and readers of the data
+        directory are its owner only."""
         return self.data_dir / "api_token"
+
+    @property
+    def ntk_cache_dir(self) -> Path:
+        return self.data_dir / "ntk-cache"
 
     def to_model_config(self) -> ModelConfig:
         width, depth = _KIND_DEFAULTS.get(self.model, (_MODEL.width, _MODEL.depth))

@@ -13,18 +13,9 @@ from fastapi import APIRouter, Query
 
 from service_core.attribution import RankedRecords
 
+from .. import schemas
 from ..deps import ModelDep, ReadAccess, SettingsDep
-from ..schemas import (
-    INVALID,
-    READ_AUTH,
-    AttributedRecord,
-    AttributeOut,
-    AttributeRequest,
-    AttributionRow,
-    SelfInfluenceOut,
-    SelfInfluenceRecord,
-    errors,
-)
+from ..schemas import INVALID, READ_AUTH, errors
 from .model import _BAD_INPUT, _check_rows
 
 router = APIRouter(
@@ -40,7 +31,7 @@ def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: st
         if of == "loss" and not dl * sign > 0:
             continue
         out.append(
-            AttributedRecord(
+            schemas.AttributedRecord(
                 id=str(rid), delta_loss=dl, delta_outputs=ranked.delta_outputs[t, j].tolist()
             )
         )
@@ -58,7 +49,9 @@ def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: st
         }
     ),
 )
-def attribute(body: AttributeRequest, u: ModelDep, settings: SettingsDep) -> AttributeOut:
+def attribute(
+    body: schemas.AttributeRequest, u: ModelDep, settings: SettingsDep
+) -> schemas.AttributeOut:
     """For each row of `x`: the `k` training records whose removal alone would raise its loss most
     (`helpful`) and lower it most (`harmful`).
 
@@ -70,13 +63,13 @@ def attribute(body: AttributeRequest, u: ModelDep, settings: SettingsDep) -> Att
     _check_rows(body.x, settings)
     a = u.attribute(body.x, body.y, k=body.k, exact=body.exact, of=body.of)
     results = [
-        AttributionRow(
+        schemas.AttributionRow(
             helpful=_records(a.helpful_ids, a.helpful, t, 1.0, a.of),
             harmful=_records(a.harmful_ids, a.harmful, t, -1.0, a.of),
         )
         for t in range(a.helpful_ids.shape[0])
     ]
-    return AttributeOut(model_version=a.version, exact=a.exact, results=results)
+    return schemas.AttributeOut(model_version=a.version, exact=a.exact, results=results)
 
 
 @router.get(
@@ -87,7 +80,7 @@ def self_influence(
     u: ModelDep,
     offset: Annotated[int, Query(ge=0, description="records to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="most records to return")] = 100,
-) -> SelfInfluenceOut:
+) -> schemas.SelfInfluenceOut:
     """Every active record's own loss after retraining without it minus its loss now, descending:
     the usual signal of mislabelled or anomalous records.
 
@@ -96,9 +89,9 @@ def self_influence(
     si = u.self_influence()
     page = slice(offset, offset + limit)
     records = [
-        SelfInfluenceRecord(id=str(i), self_influence=float(v))
+        schemas.SelfInfluenceRecord(id=str(i), self_influence=float(v))
         for i, v in zip(si.ids[page], si.self_influence[page], strict=True)
     ]
-    return SelfInfluenceOut(
+    return schemas.SelfInfluenceOut(
         model_version=si.version, total=len(si.ids), exact=si.exact, records=records
     )
