@@ -430,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _configure_logging()
     settings = _settings(args)
+    from service_core.errors import SolverError, UnlearnError
+
     try:
         if args.command == "serve":
             serve(settings)
@@ -437,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             worker(settings)
     except _Signalled:
         _exit_now()  # everything this process held was released while unwinding
+    except (UnlearnError, SolverError) as e:
+        # a model that cannot be built or restored as configured: one line, what to change (the
+        # embedded Redis and the locks were released while unwinding)
+        raise SystemExit(f"ntk-unlearn {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def train(
         raise SolverError(
             f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
             f"{info.steps} steps (tolerance {tol:.0e})"
-            + (floor_hint(floor, train_cfg.dtype) if floor else f": raise lam or {limit}")
+            + _training_hint(info, floor, train_cfg, solver_cfg, limit)
         )
     log.info(
         "trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s",
@@ -214,6 +214,22 @@ def fingerprint(model: Network) -> float | None:
     """‖θ0‖ in float64 (``None`` without θ): restore checks it before recomputing K."""
     theta0 = getattr(model, "theta0", None)
     return None if theta0 is None else float(np.linalg.norm(np.asarray(theta0, np.float64)))
+
+
+def _training_hint(
+    info, floor: float, train_cfg: TrainConfig, solver_cfg: SolverConfig, limit: str
+) -> str:
+    """What to change when training missed its tolerance: the iteration limit of the inner solves
+    when they hit it, else the rounding floor when Newton stagnated on it, else λ or the step limit."""
+    inner = getattr(info, "inner", ())
+    if any(not i.converged and i.iterations >= solver_cfg.max_iter for i in inner):
+        return (
+            f": its inner CG solves stopped at their iteration limit (max_iter = {solver_cfg.max_iter}): "
+            "raise max_iter, or use the solver alpha-cholesky for a small training set"
+        )
+    if floor:
+        return floor_hint(floor, train_cfg.dtype)
+    return f": raise lam or {limit}"
 
 
 def finite(*values) -> bool:

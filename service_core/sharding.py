@@ -92,6 +92,7 @@ class MemoryPlan:
         deletion erases or compacts rows, and vectors).
       device_bytes: the smallest device's memory.
       budget: the fraction of ``device_bytes`` the plan may use.
+      itemsize: bytes per value of K (4: float32, 8: float64).
     """
 
     kernel_bytes: int
@@ -100,6 +101,7 @@ class MemoryPlan:
     device_bytes: int
     n_devices: int
     budget: float = 0.6
+    itemsize: int = 4
 
     @property
     def fits(self) -> bool:
@@ -111,7 +113,8 @@ class MemoryPlan:
             f"{what} needs {self.kernel_bytes / gib:.2f} GiB for K ({self.per_device_bytes / gib:.2f} GiB on each of "
             f"{self.n_devices} device(s), {self.working_bytes / gib:.2f} GiB with the solver's working copy), more "
             f"than {self.budget:.0%} of {self.device_bytes / gib:.2f} GiB per device: use fewer points, more devices, "
-            "float32, or the trace form (linear model)"
+            + ("dtype float32 (half the bytes), " if self.itemsize > 4 else "")
+            + "or the trace form (linear model)"
         )
 
 
@@ -130,6 +133,7 @@ def plan_memory(
         min(device_memory_bytes(d) for d in devices),
         n,
         budget,
+        itemsize,
     )
 
 

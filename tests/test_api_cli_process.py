@@ -178,3 +178,43 @@ def test_sigterm_during_a_lone_workers_first_build_stops_it_at_once(
     assert code == 0, log.read_text()
     assert seconds < 10, f"exited {seconds:.1f} s after SIGTERM"
     assert "stopped by a signal" in log.read_text()
+
+
+def test_a_model_that_cannot_be_trained_is_one_line_at_start(tmp_path):
+    """A start-up failure of the model (here: float32 cannot solve a singular system at λ = 1e-8)
+    is one line on stderr naming the fix, a non-zero exit and no traceback, with the embedded
+    Redis stopped."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 10)).astype(np.float32)  # a linear model's kernel: rank ≤ 11
+    np.savez(tmp_path / "singular.npz", x=x, y=rng.integers(0, 3, size=600))
+    log = tmp_path / "serve.log"
+    proc = _start(
+        log, "--dataset", f"npz:{tmp_path / 'singular.npz'}", "--model", "linear", "--loss", "mse",
+        "--lam", "1e-8", "--data-dir", str(tmp_path / "data"), "--port", str(_free_port()),
+    )  # fmt: skip
+    try:
+        code = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code != 0 and "Traceback" not in text, text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("ntk-unlearn serve:") and "lam" in last and "float64" in last, text
+    assert not _redis_servers_in(tmp_path), text
+
+
+def _redis_servers_in(directory: Path) -> list[int]:
+    """Pids of redis-server processes working in ``directory`` (the embedded one changes into it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if b"redis-server" in cmd and cwd.startswith(str(directory)):
+            found.append(int(entry.name))
+    return found
