@@ -53,7 +53,6 @@ class ForgetResult(NamedTuple):
         (Δθ = J(X)ᵀΔα, or α of the θ-space answer), ``refine``, ``residual`` (the certificate);
         ``Unlearner.forget`` adds ``checkpoint`` and ``publish``.
       refine_inner: the inner solves of the refinement's Newton steps.
-      delta_theta: Δθ of the influence step alone (``None`` without θ).
     """
 
     version: int
@@ -65,7 +64,6 @@ class ForgetResult(NamedTuple):
     refine_cg_iterations: int = 0
     timings: dict | None = None
     refine_inner: tuple[SolveInfo, ...] = ()
-    delta_theta: jax.Array | None = None
 
 
 def problem_of(state: ModelState) -> DualProblem:
@@ -192,9 +190,12 @@ def plan(
     if method == "theta-cg":
         alpha_step, theta_step, step, change = _theta_step(state, shell, model, mask, clock)
     else:
-        alpha_step, theta_step, step, change = _alpha_step(
+        alpha_step, step_theta, step, change = _alpha_step(
             state, model, mask, method, retained, shell.nystrom, clock
         )
+        # θ* + J(X)ᵀΔα (Eq. (T)) is the answer only when no refinement moves α: else skipped
+        theta_step = None if refine else step_theta()
+        clock.lap("delta", theta_step)
     if not finite(alpha_step, theta_step, step.residual):
         raise SolverError(non_finite("the influence solve", train))
     if not step.converged and strict:
@@ -207,28 +208,29 @@ def plan(
             solve_options(cfg, train.dtype, "auto").replace(nystrom=shell.nystrom),
         )
     alpha, refined, f, residual = refine_and_certify(
-        retained.problem, alpha_step, refinement, change
+        retained.problem, alpha_step, refinement, change, clock.lap
     )
     theta = theta_step
     if refined is not None:
         if not refined.converged and strict:
             raise SolverError(_not_refined(refined, cfg.max_refine, train))
-        if theta is not None and (refined.steps or method == "theta-cg"):
+        if state.theta is not None and (refined.steps or method == "theta-cg"):
             # θ = θ_p + J(X)ᵀα (Eq. (T)) for the refined α; the θ-space step's own θ need not lie on
             # that map when it is not optimal (cross-entropy)
             theta = model.theta(shell.x, alpha)
-        clock.lap("refine", alpha, theta)
+        elif theta is None:
+            theta = step_theta()
+        clock.lap("refine", theta)
     if not finite(alpha, theta, f, residual):
         raise SolverError(non_finite("the refinement", train))
-    clock.lap("residual")
-    delta_theta = None if theta_step is None or state.theta is None else theta_step - state.theta
-    step_parts = (step, reason, delta_theta)
-    return _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refined, clock)
+    return _next_version(
+        state, shell, ids, alpha, theta, f, residual, (step, reason), refined, clock
+    )
 
 
 def _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refined, clock):
     """The new state (with its ``VersionRecord``) and the ``ForgetResult`` of a computed deletion."""
-    step, reason, delta_theta = step_parts
+    step, reason = step_parts
     refine_info = None if refined is None else refined.as_solve_info()
     record = VersionRecord(
         state.version + 1, len(ids), step.to_dict(), residual,
@@ -243,13 +245,14 @@ def _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refi
     )  # fmt: skip
     result = ForgetResult(
         new_state.version, step, refine_info, residual, clock.total(), reason,
-        record.refine_cg_iterations, clock.timings, refined.inner if refined else (), delta_theta,
+        record.refine_cg_iterations, clock.timings, refined.inner if refined else (),
     )  # fmt: skip
     return new_state, result
 
 
 def _alpha_step(state, model, mask, method, retained, nystrom, clock):
-    """The α-space influence step (system (A) on the retain layout) and θ after it (Eq. (T))."""
+    """The α-space influence step (system (A) on the retain layout), and a function giving θ after
+    it (Eq. (T); ``None`` without θ): one VJP, spent only where the step's θ is the answer."""
     train, cfg = state.train_config, state.solver_config
     options = solve_options(cfg, train.dtype, method).replace(nystrom=nystrom)
     st = influence_step(
@@ -261,11 +264,13 @@ def _alpha_step(state, model, mask, method, retained, nystrom, clock):
         _f_star(state),
         clock.lap,
     )
-    theta_step = None
-    if state.theta is not None:
-        theta_step = state.theta + model.theta(state.x, st.delta_alpha, delta=True)
-    clock.lap("delta", theta_step)
-    return st.alpha, theta_step, st.info, st.change
+
+    def step_theta():
+        if state.theta is None:
+            return None
+        return state.theta + model.theta(state.x, st.delta_alpha, delta=True)
+
+    return st.alpha, step_theta, st.info, st.change
 
 
 def _theta_step(state: ModelState, shell: ModelState, model: Network, mask: np.ndarray, clock):

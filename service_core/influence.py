@@ -214,23 +214,32 @@ def influence_step(
 
 
 def refine_and_certify(
-    retained: DualProblem, alpha_step: jax.Array, refine: Refinement | None, change: float | None
+    retained: DualProblem,
+    alpha_step: jax.Array,
+    refine: Refinement | None,
+    change: float | None,
+    lap=None,
 ) -> tuple[jax.Array, NewtonInfo | None, jax.Array, float]:
     """Newton on the retain risk from the influence step (with ``refine``; for cross-entropy also
     until α's error is below ``refine.tol`` relative to ``change`` = ‖Δα‖, ``dual.newton``), then
     the certificate: the relative stationarity residual of the α returned, f recomputed from it.
 
+    ``lap(part, *arrays)`` is called after the refinement and after the certificate (timings).
+
     Returns:
       ``(alpha, NewtonInfo or None, f = f_0 + K α, residual)``.
     """
+    lap = lap or (lambda *_: None)
     alpha, refined = alpha_step, None
     if refine is not None:
         change = None if retained.loss == "mse" else change
         alpha, refined = newton(
             retained, alpha_step, refine.tol, refine.max_steps, refine.options, change
         )
+        lap("refine", alpha)
     f = retained.outputs(alpha)
     _, residual = stationarity(retained, alpha, f)
+    lap("residual", f)
     return alpha, refined, f, residual
 
 
