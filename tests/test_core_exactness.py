@@ -262,7 +262,7 @@ def test_theta_space_equals_alpha_space(digits, loss):
     """θ-space HVP + CG (Eqs. 1–4) gives Δθ = J(X)ᵀ Δα of the α-space step (J has full row rank)."""
     u = build(digits, "mlp", loss)
     st = u.state
-    assert u.model.n_params > st.n * u.output_dim  # full row rank is possible
+    assert u.model.n_params > st.n * st.layout.d  # full row rank is possible
     mask = jnp.asarray(np.isin(np.arange(st.capacity), np.arange(0, st.n, 5)))
     retain = jnp.asarray(st.active) & ~mask
     delta_alpha, info = influence_step(u, mask)
