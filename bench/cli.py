@@ -300,6 +300,12 @@ def rebuild(out: Path) -> None:
             report.plot_trajectories(res, out / f"convergence-{name}.png")
     if (out / "ntk.json").exists():
         (out / "ntk.md").write_text(report.ntk_markdown(json.loads((out / "ntk.json").read_text())))
+    if (out / "attribution.json").exists():
+        from . import attribution
+
+        res = json.loads((out / "attribution.json").read_text())
+        (out / "attribution.md").write_text(attribution.markdown(res))
+        attribution.scatter(res, out / "attribution-loo.png")
 
 
 def combined_markdown(out: Path) -> str:

@@ -214,6 +214,7 @@ def test_cross_entropy_exact_equals_retraining(digits, kind, n):
         close(si.self_influence, d_self[[index[i] for i in si.ids]], 1e-5)
 
 
+@pytest.mark.slow  # the oracle retrains every record by Newton: ~60 s on two shared cores
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_cross_entropy_first_order_is_the_influence_step(digits, kind):
     """The default for cross-entropy is one Newton step on the retain risk: system (A) with F = {i}

@@ -27,6 +27,8 @@ def test_openapi_has_the_v1_contract():
         "/v1/predict",
         "/v1/ids",
         "/v1/model",
+        "/v1/attribute",
+        "/v1/self-influence",
         "/healthz",
         "/readyz",
         "/metrics",
