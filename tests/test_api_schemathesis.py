@@ -109,7 +109,7 @@ def served(
 def _reachable(case: Any, served: Served, rng: random.Random) -> None:
     """Make half of the valid cases valid for the served model too: real ids (training ids
     for forgets and influence, job ids of earlier forgets), rows of its 4 inputs, labels
-    among its 3 classes. An invalid case stays as it was generated: what it changed may be
+    among its 3 classes, k within the training set. An invalid case stays as it was generated: what it changed may be
     what makes it invalid."""
     if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
         return
@@ -121,12 +121,17 @@ def _reachable(case: Any, served: Served, rng: random.Random) -> None:
         body["ids"] = rng.sample(served.ids, k=min(len(body["ids"]) or 1, 2))
     elif path == "/v1/jobs/{job_id}" and served.job_ids:
         case.path_parameters = {"job_id": rng.choice(served.job_ids)}
-    if path in ("/v1/predict", "/v1/influence") and isinstance(body.get("x"), list):
+    if path in ("/v1/predict", "/v1/influence", "/v1/attribute") and isinstance(
+        body.get("x"), list
+    ):
         n = min(len(body["x"]), 8)
         body["x"] = [[rng.uniform(-3, 3) for _ in range(4)] for _ in range(n)]
+        if path != "/v1/predict":
+            body["y"] = [rng.randrange(3) for _ in range(n)]
         if path == "/v1/influence":
             body["forget_ids"] = rng.sample(served.ids, k=1)
-            body["y"] = [rng.randrange(3) for _ in range(n)]
+        if path == "/v1/attribute":
+            body["k"] = rng.randint(1, 5)
 
 
 @schema.parametrize()
