@@ -38,6 +38,7 @@ _SERVE_ONLY = {
     "read_token_file",
     "open_reads",
     "worker",
+    "follow_wait_s",
     "max_rows",
     "max_body_bytes",
     "large_body_bytes",

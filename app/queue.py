@@ -11,6 +11,10 @@ Keys, all under the configured prefix ``P``:
   written by the worker in the same transaction that releases a batch's ids (and at its start).
   With ``P:pending-ids`` it tells, atomically, how many points the queued jobs leave.
 - ``P:idempotency:<key>``: the job created for an idempotency key (same TTL as the job).
+- ``P:version``: the newest model version the worker has published, written in the same
+  transaction that reports a batch's jobs (and at its start). An API process without a worker
+  serves nothing older and admits forgets only against a model at least this new, so no
+  process serves a record a job has been reported as forgetting.
 
 A job is finished (record updated, entry acknowledged and deleted, ids released, ``P:n-train``
 updated) in one MULTI/EXEC transaction, so after a crash either all of that happened or none of
@@ -34,11 +38,13 @@ JobStatus = Literal["queued", "running", "succeeded", "failed"]
 GROUP = "solvers"
 
 # KEYS: pending-ids set, stream, job hash, idempotency key (the job hash again when unused),
-#   n-train.
+#   n-train, version.
 # ARGV: job_id, ttl, submitted_at, ids as JSON, '1' when an idempotency key is given, the
-#   caller's n_train ('' for none), ids...
+#   caller's n_train ('' for none), the caller's model version ('' for none), ids...
 #
-# The checks, in the order the engine's validation makes them: a replayed idempotency key; ids
+# The checks, in the order the engine's validation makes them: a replayed idempotency key; a
+# caller whose model is older than the newest version reported (it validated the ids against a
+# model that may not know of ids forgotten since, and released from pending-ids); ids
 # another queued or running job holds (409); a forget set that, with every queued job, would
 # leave no training point (422). The last count uses n-train when the worker has written it: it
 # is consistent with pending-ids by construction (both change in the worker's finishing
@@ -49,7 +55,11 @@ if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {'duplicate', existing} end
 end
-local first = 7
+local first = 8
+if ARGV[7] ~= '' then
+  local reported = tonumber(redis.call('GET', KEYS[6]) or '-1')
+  if reported > tonumber(ARGV[7]) then return {'stale', tostring(reported)} end
+end
 local conflicts = {}
 for i = first, #ARGV do
   if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 1 then conflicts[#conflicts + 1] = ARGV[i] end
@@ -74,6 +84,19 @@ return {'queued', ARGV[1]}
 
 class IdempotencyKeyReusedError(Exception):
     """An idempotency key that was first used with a different set of ids."""
+
+
+class StaleModelError(Exception):
+    """The caller validated a forget request against a model older than the newest version
+    the worker has reported; follow that version, then try again.
+
+    Attributes:
+      version: the newest reported version.
+    """
+
+    def __init__(self, version: int):
+        super().__init__(f"the model is older than version {version}, the newest reported")
+        self.version = version
 
 
 def utc_now() -> str:
@@ -134,6 +157,7 @@ class JobQueue:
         self.stream = f"{prefix}:forget"
         self.pending_key = f"{prefix}:pending-ids"
         self.n_train_key = f"{prefix}:n-train"
+        self.version_key = f"{prefix}:version"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
@@ -155,6 +179,12 @@ class JobQueue:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+
+    def reported_version(self) -> int | None:
+        """The newest model version the worker has reported (``P:version``), or ``None`` if no
+        worker has run on this prefix (within the job TTL)."""
+        value = self.client.get(self.version_key)
+        return None if value is None else int(value)
 
     def pending_ids(self) -> frozenset[str]:
         """Ids of every queued or running job."""
@@ -181,7 +211,11 @@ class JobQueue:
         return job
 
     def enqueue(
-        self, ids: Sequence[str], idempotency_key: str | None = None, n_train: int | None = None
+        self,
+        ids: Sequence[str],
+        idempotency_key: str | None = None,
+        n_train: int | None = None,
+        version: int | None = None,
     ) -> Job:
         """Reserve ``ids`` and queue a job to forget them, atomically.
 
@@ -196,6 +230,9 @@ class JobQueue:
           n_train: active training points of the model the caller validated against; counts
             only until a worker has recorded the count (``record_n_train``). ``None``: skip the
             count when no worker has recorded it either (the worker validates again anyway).
+          version: the version of the model the caller validated against; refused if older than
+            the newest reported (``reported_version``). ``None``: not checked (the process that
+            runs the worker, whose model is published before its version is reported).
 
         Returns:
           The new job, or the existing one when ``idempotency_key`` was used already.
@@ -204,6 +241,7 @@ class JobQueue:
           AlreadyForgottenError: some ids are held by another queued or running job.
           InvalidForgetSetError: with the queued jobs, no training point would remain.
           IdempotencyKeyReusedError: see ``find_idempotent``.
+          StaleModelError: ``version`` is older than the newest reported one.
         """
         job_id = uuid.uuid4().hex
         use_key = idempotency_key is not None
@@ -213,6 +251,7 @@ class JobQueue:
             self.job_key(job_id),
             self._idem_prefix + idempotency_key if use_key else self.job_key(job_id),
             self.n_train_key,
+            self.version_key,
         ]
         submitted_at = utc_now()
         args = [
@@ -222,8 +261,11 @@ class JobQueue:
             json.dumps(list(ids)),
             "1" if use_key else "0",
             "" if n_train is None else int(n_train),
+            "" if version is None else int(version),
         ]
         outcome, value = self._enqueue(keys=keys, args=[*args, *ids])
+        if outcome == "stale":
+            raise StaleModelError(int(value))
         if outcome == "conflict":
             raise AlreadyForgottenError(json.loads(value), "Wait for the queued job to finish.")
         if outcome == "empties":
@@ -239,7 +281,7 @@ class JobQueue:
                 return job
             # The earlier job expired between the two calls: the key is free again.
             self.client.delete(self._idem_prefix + idempotency_key)  # type: ignore[operator]
-            return self.enqueue(ids, idempotency_key, n_train)
+            return self.enqueue(ids, idempotency_key, n_train, version)
         # Not read back: the worker may have taken it already, but it was queued when accepted.
         return Job(job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at)
 
@@ -297,13 +339,21 @@ class JobQueue:
             pipe.hset(self.job_key(job.job_id), "status", "running")
         pipe.execute()
 
-    def record_n_train(self, n_train: int) -> None:
+    def record_n_train(self, n_train: int, version: int | None = None) -> None:
         """Record the active training points of the worker's model, with every finished job
-        applied (see ``P:n-train`` above). Called by the worker at start, once recovered."""
-        self.client.set(self.n_train_key, int(n_train), ex=self.ttl_s)
+        applied (see ``P:n-train`` above), and its version (``P:version``). Called by the worker
+        at start, once recovered."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.n_train_key, int(n_train), ex=self.ttl_s)
+        if version is not None:
+            pipe.set(self.version_key, int(version), ex=self.ttl_s)
+        pipe.execute()
 
     def finish(
-        self, outcomes: Sequence[tuple[Entry, dict[str, Any]]], n_train: int | None = None
+        self,
+        outcomes: Sequence[tuple[Entry, dict[str, Any]]],
+        n_train: int | None = None,
+        version: int | None = None,
     ) -> None:
         """Record each job's outcome, acknowledge and delete its entry, and release its ids.
 
@@ -312,6 +362,9 @@ class JobQueue:
             finished_at, ...; dicts are stored as JSON), empty for an entry without a job.
           n_train: active training points of the model with these jobs applied; recorded in
             the same transaction that releases their ids, so the two always agree.
+          version: that model's version, reported (``P:version``) in the same transaction
+            that marks the jobs succeeded: no one learns of a job's success before every API
+            process is held to serve at least its version.
         """
         if not outcomes:
             return
@@ -334,4 +387,6 @@ class JobQueue:
             pipe.xdel(self.stream, entry.entry_id)
         if n_train is not None:
             pipe.set(self.n_train_key, int(n_train), ex=self.ttl_s)
+        if version is not None:
+            pipe.set(self.version_key, int(version), ex=self.ttl_s)
         pipe.execute()

@@ -7,7 +7,9 @@ import logging
 import threading
 import time
 
-from service_core import Unlearner, load_dataset
+import redis
+
+from service_core import Unlearner, checkpoint, load_dataset
 
 from .core.config import Settings
 from .deletion_log import DeletionLog
@@ -80,19 +82,52 @@ def make_worker(
     )
 
 
+class FollowerBehindError(Exception):
+    """An API process without a worker could not follow the newest reported version in time.
+
+    Attributes:
+      serving: the version it serves.
+      wanted: the version it must serve at least.
+    """
+
+    def __init__(self, serving: int, wanted: int):
+        super().__init__(
+            f"this API process serves model version {serving} and is still loading version "
+            f"{wanted}, the newest the worker has reported"
+        )
+        self.serving = serving
+        self.wanted = wanted
+
+
 class ModelFollower:
     """Keeps an API process without a worker (``serve --no-worker``) on the newest version.
 
-    The worker of another process checkpoints every version in the shared data dir; this polls
-    for a newer one and follows it (``Unlearner.follow_checkpoint``: the forgotten rows are erased
-    from the K this process holds, never recomputed), so reads lag the worker by about
-    ``interval_s``.
+    The worker of another process checkpoints every version in the shared data dir, then
+    reports it in Redis (``JobQueue.reported_version``) in the transaction that marks its jobs
+    succeeded. A thread follows each newer checkpoint (``Unlearner.follow_checkpoint``: the
+    forgotten rows are erased from the K this process holds, never recomputed): every
+    ``interval_s``, and at once when a request finds this process behind. A request served
+    here first calls ``ensure_current``, which waits (at most ``wait_s``) until this process
+    serves at least the reported version; so once a job is reported succeeded, no process serves
+    a version that still holds its records.
+
+    Arguments:
+      state: the service state (its ``unlearner`` and ``queue``).
+      wait_s: the longest a request waits for the newest version before ``FollowerBehindError``.
+      interval_s: seconds between polls of the checkpoint directory when nothing asks.
     """
 
-    def __init__(self, state: ServiceState, interval_s: float = 1.0):
+    # Between two polls a request asked for: the newest checkpoint may not be readable at once
+    # (the worker is replacing it), and polling a directory in a tight loop helps no one.
+    _RETRY_S = 0.02
+
+    def __init__(self, state: ServiceState, wait_s: float = 2.0, interval_s: float = 1.0):
         self.state = state
+        self.wait_s = wait_s
         self.interval_s = interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._polled = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
 
     def start(self) -> None:
@@ -100,7 +135,47 @@ class ModelFollower:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(10)
+
+    def required_version(self) -> int | None:
+        """The version this process must serve at least: the newest the worker has reported,
+        or, when Redis does not answer, the newest checkpoint (the worker writes a version's
+        checkpoint before it reports the version). ``None``: nothing reported or saved yet."""
+        try:
+            return self.state.queue.reported_version()
+        except redis.RedisError:
+            return checkpoint.latest_version(self.state.settings.checkpoint_dir)
+
+    def ensure_current(self) -> None:
+        """Return once this process serves at least ``required_version()``, following it if
+        needed; at most ``wait_s`` seconds.
+
+        Raises:
+          FollowerBehindError: still behind after ``wait_s``.
+        """
+        wanted = self.required_version()
+        if wanted is not None:
+            self.catch_up(wanted)
+
+    def catch_up(self, version: int) -> None:
+        """Follow the newest checkpoint until this process serves at least ``version``, waiting
+        at most ``wait_s`` seconds (the follower thread does the work).
+
+        Raises:
+          FollowerBehindError: still behind after ``wait_s``.
+        """
+        u = self.state.unlearner
+        if u is None or u.version >= version:
+            return
+        deadline = time.monotonic() + self.wait_s
+        with self._polled:
+            while u.version < version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FollowerBehindError(u.version, version)
+                self._wake.set()
+                self._polled.wait(remaining)
 
     def poll(self) -> bool:
         """Swap in a newer checkpointed version if there is one. Returns whether it did."""
@@ -111,9 +186,18 @@ class ModelFollower:
         return True
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            asked = self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
-                self.poll()
+                followed = self.poll()
             except Exception:
                 # The worker may prune the version being read; the next poll finds the newer one.
                 log.warning("could not load the newest checkpoint; retrying", exc_info=True)
+                followed = False
+            with self._polled:
+                self._polled.notify_all()
+            if asked and not followed:
+                self._stop.wait(self._RETRY_S)

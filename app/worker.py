@@ -130,7 +130,7 @@ class Worker:
             self.process(entries)
         # From here on every finished job is applied to this model, and only to it: its size is
         # what enqueueing counts the queued jobs against (a restart may bring a new model).
-        self.queue.record_n_train(self.unlearner.n_train)
+        self.queue.record_n_train(self.unlearner.n_train, self.unlearner.version)
         return len(entries)
 
     def run_once(self, block_ms: int = 0) -> int:
@@ -177,8 +177,9 @@ class Worker:
 
         if accepted:
             outcomes += self._apply(accepted)
-        # The model's size goes with the released ids: the API admits new jobs against both.
-        self.queue.finish(outcomes, n_train=u.n_train)
+        # The model's size and version go with the released ids: the API admits new jobs against
+        # all three, and API processes without a worker serve nothing older than that version.
+        self.queue.finish(outcomes, n_train=u.n_train, version=u.version)
         self._count(outcomes)
         if accepted:  # after the jobs are reported: post-publish work is off their latency
             seconds = u.after_publish()

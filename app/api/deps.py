@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security, status
@@ -13,7 +14,7 @@ from service_core import Unlearner
 from ..core.config import Settings
 from ..core.security import Right, check_access
 from ..queue import JobQueue
-from ..service import ServiceState
+from ..service import FollowerBehindError, ServiceState
 
 # Every 503 says when to come back (the OpenAPI document promises it: ``app.api.contract``).
 RETRY_LATER = {"Retry-After": "2"}
@@ -40,7 +41,25 @@ def _loaded(value, missing: str):
 
 
 def get_unlearner(state: StateDep) -> Unlearner:
-    return _loaded(state.unlearner, "the model is not loaded")
+    """The served model; in an API process without a worker, only once it is at least the
+    newest version the worker reported (``ModelFollower.ensure_current``), else 503."""
+    u = _loaded(state.unlearner, "the model is not loaded")
+    if state.follower is not None:
+        follow_or_503(state, state.follower.ensure_current)
+    return u
+
+
+def follow_or_503(state: ServiceState, catch_up: Callable[[], None]) -> None:
+    """Run ``catch_up`` (a ``ModelFollower`` method); 503 with Retry-After if it gives up."""
+    try:
+        catch_up()
+    except FollowerBehindError as e:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"{e} ({state.settings.follow_wait_s:g} s ago); this process never answers from an "
+            "older one: retry in a moment",
+            headers=RETRY_LATER,
+        ) from None
 
 
 def get_queue(state: StateDep) -> JobQueue:

@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     )
     open_reads: bool = Field(False, description="serve reads without any token")
     worker: bool = Field(True, description="run the solver worker inside 'serve'")
+    follow_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="'serve --no-worker': how long a request waits for this process to load "
+        "the newest version the worker reported before it gets 503 (it never serves an older one)",
+    )
     # Request limits: one request must not tie the server up (a 300,000-row predict took 30 s).
     max_rows: int = Field(
         10_000, gt=0, description="most x rows in one /v1/predict or /v1/influence request"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from ...queue import Job
-from ..deps import ModelDep, QueueDep, ReadAccess, WriteAccess
+from ...queue import Job, StaleModelError
+from ..deps import ModelDep, QueueDep, ReadAccess, StateDep, WriteAccess, follow_or_503
 from ..schemas import (
     INVALID,
     READ_AUTH,
@@ -40,7 +40,7 @@ def _accepted(job: Job) -> ForgetAccepted:
         }
     ),
 )
-def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep) -> ForgetAccepted:
+def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep, state: StateDep) -> ForgetAccepted:
     """Queue the removal of `ids` from the model; the job applies them as a new version."""
     if body.idempotency_key is not None:
         earlier = queue.find_idempotent(body.idempotency_key, body.ids)
@@ -48,9 +48,26 @@ def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep) -> ForgetAccepted:
             return _accepted(earlier)
     # The engine checks ids against the model; enqueue re-checks atomically what concurrent
     # requests can change: ids taken by other jobs, and that all queued jobs together leave a
-    # training point (two requests, each leaving some, may together leave none).
-    u.validate_forget(body.ids, pending=queue.pending_ids())
-    return _accepted(queue.enqueue(body.ids, body.idempotency_key, n_train=u.n_train))
+    # training point (two requests, each leaving some, may together leave none). Without a
+    # worker here, the model may lag the worker's: enqueue also refuses a model older than the
+    # newest reported version (whose ids are released from the queued set), and the request is
+    # validated again once this process has followed it.
+    follower = state.follower
+    while True:
+        st = u.state
+        u.validate_forget(body.ids, pending=queue.pending_ids(), state=st)
+        try:
+            job = queue.enqueue(
+                body.ids,
+                body.idempotency_key,
+                n_train=st.n,
+                version=st.version if follower is not None else None,
+            )
+        except StaleModelError as e:
+            assert follower is not None
+            follow_or_503(state, lambda version=e.version: follower.catch_up(version))
+            continue
+        return _accepted(job)
 
 
 @router.get(

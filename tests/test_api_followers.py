@@ -1,0 +1,142 @@
+"""API processes without a worker (``serve --no-worker``): never an answer from a version older
+than the newest the worker reported, and forgets admitted against the queue's view.
+
+In-process here (the follower's app with a ``TestClient``, the worker of "another process" as a
+second model on the same data dir and Redis); ``test_api_scale_out`` runs real processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.queue import StaleModelError
+from app.service import ModelFollower, make_worker
+from service_core import Unlearner
+
+pytestmark = pytest.mark.redis
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+
+@pytest.fixture
+def x_probe(dataset_file: Path) -> list[list[float]]:
+    with np.load(dataset_file) as f:
+        return f["x"][:5].tolist()
+
+
+@pytest.fixture
+def follower_app(make_settings, base_checkpoint: Path, monkeypatch) -> Iterator[TestClient]:
+    """An API without a worker whose follower thread never polls by itself: only a request that
+    finds it behind makes it follow (so a test sees what a request alone guarantees)."""
+    monkeypatch.setattr(ModelFollower, "__init__", _never_polls(ModelFollower.__init__))
+    app = create_app(make_settings(worker=False), Unlearner.restore(base_checkpoint))
+    with TestClient(app) as client:
+        yield client
+
+
+def _never_polls(init):
+    def patched(self, state, wait_s=2.0, interval_s=1.0):
+        init(self, state, wait_s=wait_s, interval_s=3600.0)
+
+    return patched
+
+
+def _other_worker(client: TestClient, base_checkpoint: Path):
+    """The worker of another process: its own copy of version 0, the same data dir and Redis."""
+    state = client.app.state.service
+    model = Unlearner.restore(base_checkpoint)
+    return model, make_worker(state.settings, model, state.queue, None)
+
+
+def test_reads_after_a_reported_deletion_never_come_from_an_older_version(
+    follower_app, base_checkpoint, x_probe
+):
+    client = follower_app
+    model, worker = _other_worker(client, base_checkpoint)
+    worker.recover()
+    job = client.post("/v1/forget", json={"ids": ["r09"]}, headers=WRITE).json()
+    worker.run_once()
+    assert client.get(f"/v1/jobs/{job['job_id']}", headers=READ).json()["status"] == "succeeded"
+    assert client.app.state.service.unlearner.version == 0  # nothing polled meanwhile
+
+    # The first read after the job's success is from version 1, identical to the worker's.
+    out = client.post("/v1/predict", json={"x": x_probe}, headers=READ).json()
+    assert out["model_version"] == 1
+    np.testing.assert_allclose(out["outputs"], model.predict(np.asarray(x_probe)), rtol=1e-10)
+    assert "r09" not in client.get("/v1/ids", headers=READ).json()["ids"]
+    assert client.get("/v1/model", headers=READ).json()["version"] == 1
+
+
+def test_a_re_forget_through_a_lagging_process_is_409(follower_app, base_checkpoint):
+    client = follower_app
+    _, worker = _other_worker(client, base_checkpoint)
+    worker.recover()
+    client.post("/v1/forget", json={"ids": ["r10"]}, headers=WRITE)
+    worker.run_once()
+    assert client.app.state.service.unlearner.version == 0
+    # Without the version check this model (version 0, r10 active) and the queued set (r10
+    # released) would both admit it.
+    again = client.post("/v1/forget", json={"ids": ["r10"]}, headers=WRITE)
+    assert again.status_code == 409, again.text
+    assert "r10" in again.json()["detail"]
+
+
+def test_enqueue_refuses_a_model_older_than_the_reported_version(follower_app, base_checkpoint):
+    client = follower_app
+    model, worker = _other_worker(client, base_checkpoint)
+    worker.recover()
+    queue = client.app.state.service.queue
+    assert queue.reported_version() == 0
+    client.post("/v1/forget", json={"ids": ["r11"]}, headers=WRITE)
+    worker.run_once()
+    assert queue.reported_version() == model.version == 1
+    with pytest.raises(StaleModelError) as caught:
+        queue.enqueue(["r12"], n_train=47, version=0)
+    assert caught.value.version == 1
+    assert "r12" not in queue.pending_ids()
+    assert queue.enqueue(["r12"], n_train=47, version=1).status == "queued"
+
+
+def test_a_process_that_cannot_follow_in_time_answers_503(make_settings, base_checkpoint):
+    """A version reported that this process cannot load (here: never checkpointed) is waited
+    for at most follow_wait_s, then 503 with Retry-After; nothing is served from version 0."""
+    settings = make_settings(worker=False, follow_wait_s=0.3)
+    app = create_app(settings, Unlearner.restore(base_checkpoint))
+    with TestClient(app) as client:
+        queue = app.state.service.queue
+        queue.client.set(queue.version_key, 5)
+        for method, path, body in [
+            ("GET", "/v1/ids", None),
+            ("POST", "/v1/forget", {"ids": ["r01"]}),
+        ]:
+            started = time.monotonic()
+            r = client.request(method, path, json=body, headers=WRITE)
+            waited = time.monotonic() - started
+            assert r.status_code == 503, r.text
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "version 0" in r.json()["detail"] and "version 5" in r.json()["detail"]
+            assert 0.3 <= waited < 3, waited
+        assert "r01" not in queue.pending_ids()
+        queue.client.set(queue.version_key, 0)
+        assert client.get("/v1/ids", headers=READ).status_code == 200
+
+
+def test_without_redis_the_newest_checkpoint_is_the_bar(make_settings, base_checkpoint):
+    settings = make_settings(worker=False, redis_url="redis://127.0.0.1:1/0", follow_wait_s=0.2)
+    follower_model = Unlearner.restore(base_checkpoint)
+    app = create_app(settings, follower_model)
+    with TestClient(app) as client:
+        # A worker wrote version 1 to the data dir; Redis (down) never heard of it.
+        worker_model = Unlearner.restore(base_checkpoint)
+        worker_model.forget(["r05"], settings.checkpoint_dir)
+        ids = client.get("/v1/ids", headers=READ)
+        assert ids.status_code == 200, ids.text
+        assert "r05" not in ids.json()["ids"] and follower_model.version == 1
