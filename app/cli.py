@@ -322,7 +322,7 @@ def worker(settings: Settings) -> None:
         # Until the worker runs (and then stops after its batch), a signal ends the build or
         # restore at once.
         _stop_on_signal(lock.release)
-        u = load_model(settings)
+        u = load_model(settings, "worker")
         queue = JobQueue(
             connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
         )

@@ -6,12 +6,16 @@ a lock that can be taken proves that whoever held it before is gone: there is ne
 to clean up by hand. The file is opened close-on-exec, so children (the embedded
 ``redis-server``) do not inherit and keep the lock.
 
-Two locks exist (see ``app.cli``):
+Three locks exist (see ``app.cli`` and ``app.service``):
 
 - ``DATA_DIR/.lock``, the *worker* lock: held by the one process that applies forget jobs to
   the data dir's checkpoints (``serve`` with its worker, or ``worker``). One worker per model.
 - ``DATA_DIR/redis/.lock``, the *embedded Redis* lock: held by the ``serve`` process that owns
   the private ``redis-server`` (taken by ``app.embedded_redis.EmbeddedRedis.start``).
+- ``DATA_DIR/.build.lock``, the *build* lock: held by the one process that builds and saves
+  version 0 when the data dir has no checkpoint; any other process (``worker`` or
+  ``serve --no-worker``) started meanwhile waits for it, then restores that version
+  (``app.service.load_model``). Unlike the others it is waited for, not refused.
 
 API processes without a worker on a shared Redis (``serve --no-worker`` with ``REDIS_URL``) take
 neither: any number of them may read the same data dir.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -83,6 +88,28 @@ class DirLock:
         except BaseException:
             os.close(fd)
             raise
+        return self._own(fd)
+
+    def acquire_waiting(self, on_wait: Callable[[int | None, str], None] | None = None) -> DirLock:
+        """Take the lock, waiting as long as another process holds it.
+
+        Arguments:
+          on_wait: called once with the holder's ``(pid, role)`` before waiting, if it must.
+        """
+        try:
+            return self.acquire()
+        except DataDirInUseError as e:
+            if on_wait is not None:
+                on_wait(e.holder_pid, e.holder_role)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._own(fd)
+
+    def _own(self, fd: int) -> DirLock:
         # Ours now: say who holds it. Truncate then write; a reader racing with this sees an
         # empty file and retries briefly (``_read_holder``).
         os.ftruncate(fd, 0)
@@ -137,3 +164,15 @@ def worker_lock(data_dir: Path, role: str) -> DirLock:
     return DirLock(
         data_dir / ".lock", role, f"the data directory {data_dir} (one solver worker per model)"
     )
+
+
+def build_lock(data_dir: Path, role: str) -> DirLock:
+    """The lock of the one process that builds version 0 in ``data_dir`` (taken with
+    ``DirLock.acquire_waiting``: the others wait for that version instead of building their own).
+
+    Arguments:
+      data_dir: the data directory (checkpoints, NTK cache).
+      role: the holder's command, ``serve`` or ``worker``.
+    """
+    data_dir = Path(data_dir).absolute()
+    return DirLock(data_dir / ".build.lock", role, f"the first build in {data_dir}")

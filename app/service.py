@@ -13,6 +13,7 @@ from service_core import Unlearner, checkpoint, load_dataset
 
 from .core.config import Settings
 from .deletion_log import DeletionLog
+from .locking import build_lock
 from .metrics import Metrics
 from .queue import JobQueue
 from .worker import Worker
@@ -32,11 +33,36 @@ class ServiceState:
     follower: ModelFollower | None = None
 
 
-def load_model(settings: Settings) -> Unlearner:
+def load_model(settings: Settings, role: str = "serve") -> Unlearner:
     """The newest checkpoint in the data dir; if there is none, a model built, trained, saved.
 
-    Restoring never retrains: a restart serves exactly the version that was checkpointed.
+    Restoring never retrains: a restart serves exactly the version that was checkpointed. Of
+    processes started together on a data dir without a checkpoint (a worker and API processes
+    without one, in any number), one builds version 0 under the data dir's build lock; the
+    others wait for it and restore that version (``app.locking.build_lock``).
+
+    Arguments:
+      role: this process's command (``serve`` or ``worker``), named to the processes that wait.
     """
+    u = _restore(settings)
+    if u is not None:
+        return u
+
+    def waiting(pid: int | None, role: str) -> None:
+        log.info(
+            "'ntk-unlearn %s' (pid %s) is making version 0 in %s: waiting for it",
+            role or "?",
+            pid,
+            settings.data_dir,
+        )
+
+    with build_lock(settings.data_dir, role).acquire_waiting(waiting):
+        # Whoever held the lock before may have saved version 0 meanwhile.
+        u = _restore(settings)
+        return u if u is not None else _build(settings)
+
+
+def _restore(settings: Settings) -> Unlearner | None:
     started = time.perf_counter()
     u = Unlearner.restore(settings.checkpoint_dir, cache_dir=settings.ntk_cache_dir)
     if u is not None:
@@ -48,7 +74,11 @@ def load_model(settings: Settings) -> Unlearner:
             settings.checkpoint_dir,
             time.perf_counter() - started,
         )
-        return u
+    return u
+
+
+def _build(settings: Settings) -> Unlearner:
+    started = time.perf_counter()
     log.info("no checkpoint in %s: building the model", settings.checkpoint_dir)
     dataset = load_dataset(settings.dataset, seed=settings.seed, **settings.dataset_kwargs())
     log.info(

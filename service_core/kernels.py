@@ -136,7 +136,8 @@ def cached(
     k = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        # Its own temporary file: processes restoring together may compute the same kernel.
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, k)
         os.replace(tmp, path)
     report = {"seconds": time.perf_counter() - t0, "bytes": k.nbytes, "cached": False}
