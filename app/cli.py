@@ -39,6 +39,7 @@ _SERVE_ONLY = {
     "open_reads",
     "worker",
     "follow_wait_s",
+    "predict_batch_wait_ms",
     "max_rows",
     "max_body_bytes",
     "large_body_bytes",

@@ -19,6 +19,7 @@ from .api.errors import install_error_handlers
 from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
 from .api.routes import attribution, forget, health, model
+from .batching import PredictBatcher
 from .core.config import Settings
 from .metrics import Metrics
 from .queue import JobQueue
@@ -43,7 +44,11 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
       unlearner: serve this model instead of restoring or building one (tests).
     """
     settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=Metrics(lambda: state.unlearner))
+    state = ServiceState(
+        settings=settings,
+        metrics=Metrics(lambda: state.unlearner),
+        batcher=PredictBatcher(settings.predict_batch_wait_ms / 1e3),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ import redis
 
 from service_core import Unlearner, checkpoint, load_dataset
 
+from .batching import PredictBatcher
 from .core.config import Settings
 from .deletion_log import DeletionLog
 from .locking import build_lock
@@ -31,6 +32,7 @@ class ServiceState:
     queue: JobQueue | None = None
     worker: Worker | None = None
     follower: ModelFollower | None = None
+    batcher: PredictBatcher | None = None
 
 
 def load_model(settings: Settings, role: str = "serve") -> Unlearner:

@@ -7,6 +7,8 @@ Subcommands:
 * ``figure4``: ``bench.figure4.main`` when that module exists;
 * ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
   the engine's own time from the job record (``bench.e2e``; workloads digits and mnist);
+* ``load``: HTTP load, ``/v1/predict`` with 1 and 100 rows from concurrent clients, alone and
+  while forgets run, and the forget enqueue latency (``bench.load``); not part of ``all``;
 * ``attribution``: leave-one-out attribution, LDS, mislabel detection, membership inference and cost
   (``bench.attribution``, issue 14); not part of ``all``;
 * ``all``: ntk, figure1 (digits and mnist), figure4;
@@ -31,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
-COMMANDS = ("figure1", "ntk", "figure4", "e2e", "attribution", "all", "report")
+COMMANDS = ("figure1", "ntk", "figure4", "e2e", "load", "attribution", "all", "report")
 WORKLOADS = ("digits", "mnist", "cifar")
 
 
@@ -133,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=1200, help="seconds to wait for /readyz"
     )
     e2e.add_argument("--job-timeout", type=float, default=300, help="seconds to wait for a job")
+    load = ap.add_argument_group("load")
+    load.add_argument("--load-clients", type=int, default=16, help="concurrent clients")
+    load.add_argument("--load-seconds", type=float, default=10.0, help="seconds per phase")
+    load.add_argument("--load-forgets", type=int, default=50, help="forgets timed to their 202")
+    load.add_argument(
+        "--load-data-dir",
+        type=Path,
+        default=None,
+        help="a data dir with the model built (copied; default: build it first)",
+    )
+    load.add_argument(
+        "--load-serve-args",
+        type=lambda t: t.split(),
+        default=None,
+        help="more 'serve' options, e.g. '--predict-batch-wait-ms 0'",
+    )
     ap.add_argument(
         "--parts",
         type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
@@ -273,6 +291,24 @@ def run_attribution(args, argv, machine) -> None:
     md = attribution.markdown(res)
     (args.out / "attribution.md").write_text(md)
     _log("\n" + md)
+
+
+def run_load(args, argv, machine) -> int:
+    import subprocess
+
+    from . import load
+
+    res = load.run(args, log=_log)
+    res["command"] = _command_line(argv)
+    res["machine"] = machine
+    res["commit"] = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    _write_json(args.out / "load.json", res)
+    md = load.markdown(res)
+    (args.out / "load.md").write_text(md)
+    _log("\n" + md)
+    return 0
 
 
 def run_figure4(rest: list[str], args=None) -> int:
@@ -427,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     machine = machine_info()
+    if args.command == "load":
+        return run_load(args, argv, machine)
     if args.command == "e2e":
         from . import e2e
 

@@ -125,6 +125,13 @@ class Settings(BaseSettings):
         description="'serve --no-worker': how long a request waits for this process to load "
         "the newest version the worker reported before it gets 503 (it never serves an older one)",
     )
+    predict_batch_wait_ms: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="how long a /v1/predict request waits for concurrent ones to be computed "
+        "with it in one device call (0: only those that arrived while the previous call ran)",
+    )
     # Request limits: one request must not tie the server up (a 300,000-row predict took 30 s).
     max_rows: int = Field(
         10_000, gt=0, description="most x rows in one /v1/predict or /v1/influence request"

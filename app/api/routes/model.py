@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, status
 
 from ...core.config import Settings
-from ..deps import ModelDep, ReadAccess, SettingsDep
+from ..deps import ModelDep, ReadAccess, SettingsDep, StateDep
 from ..schemas import (
     INVALID,
     READ_AUTH,
@@ -48,10 +49,18 @@ def _check_rows(x: np.ndarray, settings: Settings) -> None:
 
 
 @router.post("/predict", responses=errors(_BAD_INPUT))
-def predict(body: PredictRequest, u: ModelDep, settings: SettingsDep) -> PredictOut:
+async def predict(
+    body: PredictRequest, u: ModelDep, settings: SettingsDep, state: StateDep
+) -> PredictOut:
     """Outputs of the current model at `x` (at most `max_rows` rows)."""
     _check_rows(body.x, settings)
-    version, outputs = u.predict_with_version(body.x)
+    batcher = state.batcher
+    if batcher is None or len(body.x) > batcher.max_rows:
+        version, outputs = await anyio.to_thread.run_sync(u.predict_with_version, body.x)
+    else:
+        # Concurrent requests are computed together (``app.batching``), each as if alone.
+        version, outputs = await batcher.predict(u, u.prepare_inputs(body.x))
+        outputs = u.checked_outputs(outputs)
     return PredictOut(model_version=version, outputs=outputs.tolist())
 
 
