@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 
 import anyio.to_thread
-import jax
 import numpy as np
 
 from service_core import Unlearner
@@ -31,11 +30,11 @@ class PredictBatcher:
     def __init__(self, max_wait_s: float, max_rows: int = 1024):
         self.max_wait_s = max_wait_s
         self.max_rows = max_rows
-        self._pending: list[tuple[jax.Array, asyncio.Future]] = []
+        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self.groups = 0  # device calls made, for tests and metrics
 
-    async def predict(self, u: Unlearner, x: jax.Array) -> tuple[int, np.ndarray]:
+    async def predict(self, u: Unlearner, x: np.ndarray) -> tuple[int, np.ndarray]:
         """``(version, outputs)`` at ``x`` (validated by ``u.prepare_inputs``), not yet checked
         for overflow (``Unlearner.checked_outputs``).
 

@@ -217,9 +217,14 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
       SystemExit: the address cannot be bound (in use, not a local address, ...).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # sockets that say they are TCP, and accepted connections inherit the listener's protocol.
+    # With Nagle on, a response written in two parts (headers, then body) waited for the
+    # client's delayed ACK: 40 ms per request (21 requests/s on one connection, /healthz too).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
     except OSError as e:
         sock.close()

@@ -419,7 +419,7 @@ def combined_markdown(out: Path) -> str:
             "",
         ]
     # sections written by their own runs (bench/e2e.py) or by hand from two runs (before/after)
-    for name in ("engine-reshape-digits.md", "e2e.md"):
+    for name in ("engine-reshape-digits.md", "e2e.md", "load-digits.md"):
         if (out / name).exists():
             lines += [(out / name).read_text(), ""]
     from .figure1 import __doc__ as protocol

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import attribution, checkpoint, deletion, influence, lifecycle, validation
@@ -130,22 +129,23 @@ class Unlearner:
         state = self._state
         return state.version, self.checked_outputs(self._rows_outputs(state, self._inputs(x)))
 
-    def prepare_inputs(self, x) -> jax.Array:
-        """``x`` validated as model inputs ``(n, *input_shape)``, for ``predict_batch``.
+    def prepare_inputs(self, x) -> np.ndarray:
+        """``x`` validated as model inputs ``(n, *input_shape)`` (host memory), for
+        ``predict_batch``.
 
         Raises:
           InvalidInputError: as ``predict``.
         """
-        return self._inputs(x)
+        return validation.input_rows(x, self._state.input_shape, self._state.x.dtype)
 
-    def predict_batch(self, inputs: Sequence[jax.Array]) -> tuple[int, list[np.ndarray]]:
+    def predict_batch(self, inputs: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray]]:
         """Outputs of several requests' inputs (each from ``prepare_inputs``) in one device call,
         from one version: ``(version, [(n_i, d) outputs])``. Each request's outputs are those
         ``predict`` gives it alone (rows are computed in the same padded shapes,
         ``_rows_outputs``); check each with ``checked_outputs``.
         """
         state = self._state
-        out = self._rows_outputs(state, jnp.concatenate(list(inputs)))
+        out = self._rows_outputs(state, np.concatenate(list(inputs)))
         ends = np.cumsum([len(x) for x in inputs])[:-1]
         return state.version, np.split(out, ends)
 
@@ -169,20 +169,22 @@ class Unlearner:
         xt = validation.inputs(x, state.input_shape, state.x.dtype)
         return xt, validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
 
-    def _rows_outputs(self, state: ModelState, x: jax.Array) -> np.ndarray:
+    def _rows_outputs(self, state: ModelState, x) -> np.ndarray:
         """The outputs ``(n, d)`` at inputs ``x``, computed in shapes of ``_PREDICT_ROWS`` rows
         (zero rows pad the last call): one compiled program per shape, not per row count, and
         a row's outputs do not depend on the rows it is computed with (XLA's CPU products give
         a row other roundings below 16 rows than from 16 on), so micro-batched requests get
-        exactly what each would get alone."""
+        exactly what each would get alone. Padding is done in numpy: one JAX call per chunk,
+        so a request thread needs the GIL rarely while the event loop runs."""
+        x = np.asarray(x)
         n = x.shape[0]
         parts = []
         for start in range(0, n, _PREDICT_ROWS[-1]):
             chunk = x[start : start + _PREDICT_ROWS[-1]]
             rows = next(r for r in _PREDICT_ROWS if r >= chunk.shape[0])
             if rows > chunk.shape[0]:
-                pad = jnp.zeros((rows - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)
-                chunk = jnp.concatenate([chunk, pad])
+                pad = np.zeros((rows - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
             parts.append(np.asarray(self.model.outputs(state, chunk)))
         return np.concatenate(parts)[:n]
 

@@ -17,6 +17,15 @@ def inputs(x, input_shape: tuple[int, ...], dtype) -> jax.Array:
     """Rows of ``x`` as model inputs ``(n, *input_shape)`` in ``dtype``; rows may be flattened.
 
     Raises:
+      InvalidInputError: as ``input_rows``.
+    """
+    return jnp.asarray(input_rows(x, input_shape, dtype))
+
+
+def input_rows(x, input_shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``inputs`` as a host (numpy) array, with no JAX dispatch: for request threads.
+
+    Raises:
       InvalidInputError: not numeric, empty, wrong row shape, NaN or infinite values, or values so
         large that the network's products would overflow ``dtype``.
     """
@@ -43,7 +52,7 @@ def inputs(x, input_shape: tuple[int, ...], dtype) -> jax.Array:
         raise InvalidInputError(
             f"x has values beyond ±{limit:.1e}, too large for the model's {jnp.dtype(dtype).name}"
         )
-    return jnp.asarray(arr.reshape((arr.shape[0],) + tuple(input_shape)), dtype)
+    return arr.reshape((arr.shape[0],) + tuple(input_shape)).astype(jnp.dtype(dtype))
 
 
 def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:

@@ -37,7 +37,9 @@ def follower_app(make_settings, base_checkpoint: Path, monkeypatch) -> Iterator[
     """An API without a worker whose follower thread never polls by itself: only a request that
     finds it behind makes it follow (so a test sees what a request alone guarantees)."""
     monkeypatch.setattr(ModelFollower, "__init__", _never_polls(ModelFollower.__init__))
-    app = create_app(make_settings(worker=False), Unlearner.restore(base_checkpoint))
+    # A generous wait: these tests are about what is served, not how fast (a loaded CI machine).
+    settings = make_settings(worker=False, follow_wait_s=60)
+    app = create_app(settings, Unlearner.restore(base_checkpoint))
     with TestClient(app) as client:
         yield client
 
