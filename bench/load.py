@@ -6,8 +6,9 @@ the build; without it the model is built first), then, with ``--load-clients`` c
 (asyncio + httpx, one keep-alive connection each, closed loop: each sends its next request when
 the previous one is answered):
 
-1. ``predict-1`` and ``predict-100``: ``POST /v1/predict`` with 1 and with 100 rows of the data
-   set, each for ``--load-seconds`` after a short warm-up;
+1. ``predict-1, 1 client`` (one client: the latency of one request), then ``predict-1`` and
+   ``predict-100``: ``POST /v1/predict`` with 1 and with 100 rows of the data set, each for
+   ``--load-seconds`` after a 1 s warm-up;
 2. ``enqueue``: ``POST /v1/forget`` of one id at a time from one client, ``--load-forgets`` times
    (the time to the 202: validation and the Redis enqueue), while the worker applies them;
 3. ``predict-1 during forgets``: phase 1 again while a second task keeps the worker busy with one
@@ -220,10 +221,15 @@ def run(args, log=print) -> dict:
                 order[args.load_forgets : 2 * args.load_forgets + 200],
             )
 
-            for name, x in (("predict-1", rows[:1]), ("predict-100", rows[:100])):
-                asyncio.run(_predict_load(base, server.token, x, args.load_clients, 1.0))
+            phases = (
+                ("predict-1, 1 client", rows[:1], 1),
+                ("predict-1", rows[:1], args.load_clients),
+                ("predict-100", rows[:100], args.load_clients),
+            )
+            for name, x, clients in phases:
+                asyncio.run(_predict_load(base, server.token, x, clients, 1.0))
                 res["phases"][name] = asyncio.run(
-                    _predict_load(base, server.token, x, args.load_clients, args.load_seconds)
+                    _predict_load(base, server.token, x, clients, args.load_seconds)
                 )
                 log(f"{name}: {_line(res['phases'][name])}")
             res["phases"]["enqueue"] = asyncio.run(
