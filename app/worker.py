@@ -206,7 +206,12 @@ class Worker:
 
         # Why this method: the auto cost model's explanation, or that it was configured.
         timings = dict(result.timings or {})
-        solver = {**result.solve.to_dict(), "reason": result.reason, "timings": timings}
+        solver = {
+            **result.solve.to_dict(),
+            "reason": result.reason,
+            "timings": timings,
+            "certificate": result.certificate,
+        }
         refine = result.refine.to_dict() if result.refine is not None else None
         started = time.perf_counter()
         self.deletion_log.append(

@@ -96,10 +96,10 @@ def restore(directory: Path, before_arrays=None) -> ModelState | None:
     )
 
 
-def restore_newer(directory: Path, version: int) -> ModelState | None:
+def restore_newer(directory: Path, version: int, before_arrays=None) -> ModelState | None:
     """``restore`` when the newest complete version is newer than ``version``, else ``None``."""
     newest = latest_version(directory)
     if newest is None or newest <= version:
         return None
-    state = restore(directory)
+    state = restore(directory, before_arrays)
     return state if state is not None and state.version > version else None
