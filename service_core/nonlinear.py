@@ -75,8 +75,9 @@ def build_mlp(
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     theta0, unravel = ravel_pytree(params)
     return Model(
-        config, apply_fn, params, theta0, theta0, unravel, input_dim, output_dim, (input_dim,)
-    )
+        config=config, apply_fn=apply_fn, params0=params, theta0=theta0, theta_p=theta0,
+        unravel=unravel, input_dim=input_dim, output_dim=output_dim, input_shape=(input_dim,),
+    )  # fmt: skip
 
 
 def _outputs(model: Model, theta, xf, linear: bool):
