@@ -159,3 +159,24 @@ def test_unknown_activation_and_bad_record_interval(setup):
         nl.train_pair(
             setup["model"], setup["x"], setup["y"], setup["xt"], setup["yt"], 1.0, 7, record_every=2
         )
+
+
+def test_steps_are_exact_for_a_network_linear_in_theta():
+    """depth 0: f(x; θ) is linear in θ, so (NL) is quadratic and both influence steps equal exact
+    retraining (docs/maths.md: the α-space step for squared error; the θ-space step is one Newton
+    step on a quadratic)."""
+    x, y = _data(2)
+    model = nl.build_mlp(ModelConfig(kind="mlp", width=1, depth=0, seed=1), D, 1, "gelu")
+    lam = 1e-2
+    theta, report = nl.newton_cg(model, model.theta0, x, y, lam, tol=1e-13, relative=False)
+    assert report.converged
+    forget = np.zeros(N, bool)
+    forget[:7] = True
+    theta_r, report = nl.newton_cg(model, theta, x, y, lam, mask=~forget, tol=1e-13, relative=False)
+    assert report.converged
+    k, _ = model.train_kernel(x, "full", progress=False)
+    change = float(np.linalg.norm(theta_r - theta))
+    d_alpha, _ = nl.alpha_step(model, theta, x, y, forget, lam, k)
+    d_theta, _ = nl.theta_step(model, theta, x, y, forget, lam)
+    assert float(np.linalg.norm(theta + d_alpha - theta_r)) < 1e-8 * change
+    assert float(np.linalg.norm(theta + d_theta - theta_r)) < 1e-8 * change
