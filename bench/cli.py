@@ -386,7 +386,7 @@ def combined_markdown(out: Path) -> str:
         ]
     # sections written by their own runs (bench/e2e.py, bench/lambda_sweep.py) or by hand from two
     # runs (before/after)
-    for name in ("engine-reshape-digits.md", "e2e.md", "lambda.md"):
+    for name in ("engine-reshape-digits.md", "e2e.md", "lambda.md", "lambda-reading.md"):
         if (out / name).exists():
             lines += [(out / name).read_text(), ""]
     from .figure1 import __doc__ as protocol
