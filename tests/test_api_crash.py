@@ -354,3 +354,34 @@ def test_a_kill_at_the_first_file_deletion_is_finished_at_restart(
     )  # fmt: skip
     _crash_then_recover(tmp_path, planted_file, uninterrupted, prefix=prefix)
     assert "+++ killed by SIGKILL" in trace.read_text()
+
+
+def test_a_kill_during_the_first_start_is_finished_at_restart(
+    tmp_path: Path, planted_file: Path, uninterrupted: dict
+):
+    """Killed after training version 0, before its checkpoint: the restart builds it again, and
+    the model then forgets like an uninterrupted one."""
+    data = tmp_path / "data"
+    first = Server(data, planted_file, tmp_path / "1.log", "float64", env={CRASH_ENV: "built"})
+    try:
+        first.proc.wait(180)
+    finally:
+        first.stop()
+    log1 = (tmp_path / "1.log").read_text()
+    assert first.proc.returncode != 0 and "built and trained" in log1, log1
+    assert not any(p.name.isdigit() for p in (data / "checkpoints").glob("*"))
+
+    second = Server(data, planted_file, tmp_path / "2.log", "float64")
+    try:
+        second.wait_ready()
+        job = second.post("/v1/forget", {"ids": FORGET}, status=202)
+        assert second.wait_job(job["job_id"])["model_version"] == 1
+        after = _run_and_read(second, uninterrupted["x"])
+        values = _redis_dump(second)
+    finally:
+        second.stop()
+    assert "building the model" in (tmp_path / "2.log").read_text()
+    np.testing.assert_allclose(
+        after["outputs"]["outputs"], uninterrupted["outputs"]["outputs"], rtol=1e-9, atol=1e-12
+    )
+    _assert_nothing_left(data, uninterrupted["k_row"], values)
