@@ -186,21 +186,25 @@ class Worker:
 
         if accepted:
             outcomes += self._apply(accepted)
-        crash_point("published")
+            crash_point("published")
         # The model's size goes with the released ids: the API admits new jobs against both.
         self.queue.finish(outcomes, n_train=u.n_train)
         crash_point("reported")
         self._count(outcomes)
         if accepted:  # after the jobs are reported: off their latency
             started = time.perf_counter()
-            purged = u.purge(self.checkpoint_dir)
+            try:
+                purged = u.purge(self.checkpoint_dir)
+            except OSError as e:  # the next deletion's purge, or the next start, tries again
+                log.error("could not delete the older checkpoints or cached kernels: %s", e)
+            else:
+                log.info(
+                    "purged %d older checkpoint(s) and %d cached kernel(s) in %.2f s",
+                    purged["checkpoints"],
+                    purged["kernels"],
+                    time.perf_counter() - started,
+                )
             self.queue.compact()
-            log.info(
-                "purged %d older checkpoint(s) and %d cached kernel(s) in %.2f s",
-                purged["checkpoints"],
-                purged["kernels"],
-                time.perf_counter() - started,
-            )
             crash_point("purged")
             seconds = u.after_publish()
             log.info(
