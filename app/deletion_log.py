@@ -123,10 +123,15 @@ def version_record(
         "certificate": {
             "residual": float(result.residual),
             "tolerance": state.train_config.resolved_tol(),
+            **(result.certificate or {}),  # the engine's (tolerance held to, slack, dtype)
             "method": result.solve.method,
         },
         "checkpoint_sha256": checkpoint_sha256,
-        "solver": {**result.solve.to_dict(), "reason": result.reason},
+        "solver": {
+            **result.solve.to_dict(),
+            "reason": result.reason,
+            "certificate": result.certificate,
+        },
         "refine": result.refine.to_dict() if result.refine is not None else None,
         "seconds": result.seconds,
     }
@@ -164,7 +169,9 @@ def records_from_checkpoint(
                 "n_train": state.n if newest else None,
                 "certificate": {
                     "residual": float(record["residual"]),
-                    "tolerance": state.train_config.resolved_tol(),
+                    "tolerance": float(
+                        record.get("tolerance") or state.train_config.resolved_tol()
+                    ),
                     "method": record["solve"].get("method"),
                 },
                 "checkpoint_sha256": checkpoint_sha256 if newest else None,

@@ -155,10 +155,12 @@ def restore(directory: Path, before_arrays=None, id_key: bytes = b"") -> ModelSt
     )
 
 
-def restore_newer(directory: Path, version: int, id_key: bytes = b"") -> ModelState | None:
+def restore_newer(
+    directory: Path, version: int, before_arrays=None, id_key: bytes = b""
+) -> ModelState | None:
     """``restore`` when the newest complete version is newer than ``version``, else ``None``."""
     newest = latest_version(directory)
     if newest is None or newest <= version:
         return None
-    state = restore(directory, id_key=id_key)
+    state = restore(directory, before_arrays, id_key=id_key)
     return state if state is not None and state.version > version else None

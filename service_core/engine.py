@@ -10,6 +10,7 @@ on disk and ``after_publish`` does the rest of the work that follows a published
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,15 +19,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import attribution, checkpoint, deletion, influence, lifecycle, validation
-from .config import ModelConfig, SolverConfig, TrainConfig
+from . import attribution, checkpoint, deletion, influence, lifecycle, precision, validation
+from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
 from .deletion import ForgetResult
+from .errors import NotCertifiedError
 from .influence import InfluenceResult
 from .kernels import purge_cache
 from .layout import SpareBuffer
 from .models import Network
 from .state import ModelState
+
+log = logging.getLogger(__name__)
 
 
 class Unlearner:
@@ -260,9 +264,12 @@ class Unlearner:
         """
         t0 = time.perf_counter()
         with self._forget_lock:
-            new_state, result = deletion.plan(
-                self._state, self.model, ids, spare=self._spare.take()
-            )
+            model = self.model
+            try:
+                new_state, result = deletion.plan(self._state, model, ids, spare=self._spare.take())
+            except NotCertifiedError as e:
+                base, model = self._promoted(e)  # dtype auto: finish in float64, else re-raise
+                new_state, result = deletion.plan(base, model, ids)
             if note:
                 record = {**new_state.history[-1], "note": dict(note)}
                 new_state = new_state.replace(history=new_state.history[:-1] + (record,))
@@ -280,6 +287,7 @@ class Unlearner:
                     checkpoint.prune(checkpoint_dir, keep=self._state.version)
                 raise
             t3 = time.perf_counter()
+            self.model = model  # before the state: a float64 network reads float32 states too
             self._state = new_state
             t4 = time.perf_counter()
         timings.update(before_publish=t3 - t2, publish=t4 - t3)
@@ -295,9 +303,36 @@ class Unlearner:
         """The next version without ``ids``, computed but not published (dry runs, benchmarks):
         ``deletion.plan`` on the current state, with the spare K buffer."""
         with self._forget_lock:  # one plan at a time: it may take the spare K
-            return deletion.plan(
-                self._state, self.model, ids, method, refine, self._spare.take(), strict
-            )
+            try:
+                return deletion.plan(
+                    self._state, self.model, ids, method, refine, self._spare.take(), strict
+                )
+            except NotCertifiedError as e:
+                base, model = self._promoted(e)
+                return deletion.plan(base, model, ids, method, refine, None, strict)
+
+    def _promoted(self, error: NotCertifiedError) -> tuple[ModelState, Network]:
+        """The current version promoted to float64 with its network (``precision``), for a
+        ``dtype auto`` model still in float32 whose deletion ``error`` could not be certified.
+
+        Raises:
+          NotCertifiedError: ``error`` itself, when the model is not ``dtype auto`` in float32.
+          ResourceError: K in float64 would not fit the memory plan.
+        """
+        st = self._state
+        if st.train_config.dtype != "auto" or st.dtype == "float64":
+            raise error
+        devices = list(st.layout.mesh.devices.flat) if st.layout.mesh is not None else None
+        precision.check_promotion_fits(
+            st.layout.side(st.capacity), devices or jax.local_devices(), 0.6, "the deletion"
+        )
+        log.warning("%s: promoting the model to float64 (dtype auto)", error)
+        model = precision.promoted_network(st.model_config, st.input_shape, st.layout.d)
+        base = precision.promote_arrays(st)
+        ny = lifecycle.preconditioner(base.k, st.solver_config, st.form, st.train_config.loss)
+        info = {**base.meta["precision"], "kernel_dtype": "float32", "promoted": str(error)}
+        meta = {**base.meta, "precision": {**info, "promoted_at_version": st.version + 1}}
+        return base.replace(nystrom=ny, meta=meta), model
 
     def purge(self, checkpoint_dir: Path | None) -> dict[str, int]:
         """Delete what holds forgotten data on disk once a deletion is published and reported:
@@ -347,7 +382,12 @@ class Unlearner:
         """
         with self._forget_lock:
             newer = newer.replace(id_key=self._state.id_key)
-            self._state = deletion.follow(self._state, newer, self._spare.take())
+            state = deletion.follow(self._state, newer, self._spare.take())
+            if state.dtype != self._state.dtype and state.train_config.dtype == "auto":
+                self.model = precision.promoted_network(
+                    state.model_config, state.input_shape, state.layout.d
+                )  # the worker promoted the model to float64 (``precision``)
+            self._state = state
         self.ready_spare()
 
     def follow_checkpoint(self, checkpoint_dir: Path) -> bool:
@@ -356,7 +396,12 @@ class Unlearner:
         Returns:
           whether a newer version is now served.
         """
-        newer = checkpoint.restore_newer(checkpoint_dir, self._state.version, self._state.id_key)
+        newer = checkpoint.restore_newer(
+            checkpoint_dir,
+            self._state.version,
+            lambda meta: jax_dtype(lifecycle.held_dtype(meta["meta"])),
+            self._state.id_key,
+        )
         if newer is not None:
             self.follow(newer)
         return newer is not None

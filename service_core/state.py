@@ -32,6 +32,10 @@ class VersionRecord:
       rounding_floor: estimated rounding floor of the last Newton solve (0 if it met its tolerance).
       newton_steps: Newton steps (training, or refinement).
       refine_cg_iterations: CG iterations of the refinement's inner solves, summed.
+      tolerance: the stationarity tolerance the certificate was held to (``TrainConfig.tol``).
+      accept_floor: the slack the operator granted (``residual`` ≤ ``tolerance × accept_floor``).
+      dtype: the precision the version was computed in (``float64`` once a ``dtype auto`` model
+        was promoted).
       time: Unix time it was computed.
     """
 
@@ -44,6 +48,9 @@ class VersionRecord:
     rounding_floor: float = 0.0
     newton_steps: int = 0
     refine_cg_iterations: int = 0
+    tolerance: float | None = None
+    accept_floor: float = 1.0
+    dtype: str = ""
     time: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +111,11 @@ class ModelState:
         return self.layout.form
 
     @property
+    def dtype(self) -> str:
+        """The precision the arrays are held and solved in: ``float32`` or ``float64``."""
+        return np.dtype(self.alpha.dtype).name
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Per-example input shape of the data set."""
         return tuple(self.meta["dataset"]["input_shape"])
@@ -157,6 +169,21 @@ class ModelState:
             "dtype": str(self.k.dtype),
             "devices": [str(dev) for dev in self.k.devices()],
             "bytes_per_device": sharding.bytes_per_device(self.k),
+        }
+
+    def certificate(self) -> dict[str, Any]:
+        """The version's certificate (docs/design.md, Certificates): its relative stationarity
+        residual, the tolerance and slack it was held to, the rounding floor when the solve stopped
+        on stagnation, the ratio residual / tolerance, and the precision it was computed in."""
+        record = self.history[-1] if self.history else {}
+        tol = record.get("tolerance") or self.train_config.resolved_tol()
+        return {
+            "residual": float(self.residual),
+            "tolerance": float(tol),
+            "accept_floor": float(record.get("accept_floor", 1.0)),
+            "rounding_floor": float(record.get("rounding_floor", 0.0)),
+            "tolerance_ratio": float(self.residual) / float(tol),
+            "dtype": record.get("dtype") or self.dtype,
         }
 
     def mask(self, ids) -> np.ndarray:

@@ -177,9 +177,27 @@ class SolverInfo(BaseModel):
     rounding_floor: float | None = Field(
         None,
         description="the residual's estimated rounding floor in the model's dtype when the solve stopped on "
-        "stagnation; 0 otherwise. A linear solve stagnating above its tolerance counts as converged within "
-        "4 times this floor and 10 times the tolerance; Newton refinement may also stop on stagnation "
-        "below its tolerance, and then reports the floor too",
+        "stagnation; 0 otherwise. A solve stagnating above its tolerance counts as converged only within "
+        "the slack the operator granted (accept_floor; none by default) and 4 times this floor",
+    )
+
+
+class Certificate(BaseModel):
+    """What a published version was held to (docs/design.md, Certificates)."""
+
+    residual: float = Field(
+        description="relative stationarity residual of the published α, recomputed from α and K"
+    )
+    tolerance: float = Field(description="the stationarity tolerance (tol)")
+    accept_floor: float = Field(
+        description="the slack the operator granted: published only if residual ≤ tolerance × accept_floor"
+    )
+    rounding_floor: float = Field(
+        description="estimated rounding floor when the last Newton solve stopped on stagnation, else 0"
+    )
+    tolerance_ratio: float = Field(description="residual / tolerance (≤ accept_floor)")
+    dtype: str = Field(
+        description="precision the version was computed in (float64 once dtype auto promoted it)"
     )
 
 
@@ -192,6 +210,9 @@ class InfluenceSolverInfo(SolverInfo):
     timings: dict[str, float] | None = Field(
         None,
         description="seconds per part of the deletion: validate, compact, rhs, solve, delta, refine, residual",
+    )
+    certificate: Certificate | None = Field(
+        None, description="the new version's certificate (null for jobs logged before it existed)"
     )
 
 
@@ -294,6 +315,31 @@ class KernelInfo(BaseModel):
     devices: Any
 
 
+class Precision(BaseModel):
+    dtype: str = Field(description="precision α, θ and the solves are held in now")
+    kernel_dtype: str = Field(description="precision K was computed in")
+    configured: str = Field(description="the dtype setting: auto, float32 or float64")
+    promoted: str | None = Field(
+        None, description="dtype auto: why the model was promoted to float64 (null: it was not)"
+    )
+    promoted_at_version: int | None = Field(None, description="the version that promoted it")
+
+
+class Conditioning(BaseModel):
+    kappa: float = Field(description="κ = 1 + w·μ_max/(λN), bound on system (A)'s condition number")
+    lambda_max: float = Field(description="μ_max, K's top eigenvalue (power iteration at build)")
+    float32_floor: float = Field(
+        description="estimated float32 rounding floor of the trained model's residual"
+    )
+    min_lam_float32: float = Field(
+        description="estimated smallest λ whose optimum float32 can certify to `tolerance`"
+    )
+    tolerance: float | None = Field(
+        None, description="the tolerance of that estimate (float32's default for float64 models)"
+    )
+    warning: str | None = Field(None, description="set when λ is within 10× of that limit")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -305,6 +351,11 @@ class ModelInfo(BaseModel):
     loss: str
     lambda_: float = Field(alias="lambda")
     kernel: KernelInfo
+    certificate: Certificate = Field(description="the served version's certificate")
+    precision: Precision
+    conditioning: Conditioning | None = Field(
+        None, description="null for models built before it was recorded"
+    )
 
 
 class Readiness(BaseModel):
