@@ -10,9 +10,11 @@ import time
 from service_core import Unlearner, load_dataset
 
 from .core.config import Settings
-from .deletion_log import DeletionLog
+from .deletion_log import DeletionLog, records_from_checkpoint
+from .faults import crash_point
 from .metrics import Metrics
 from .queue import JobQueue
+from .receipts import DeploymentKeys, directory_sha256
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -28,15 +30,41 @@ class ServiceState:
     queue: JobQueue | None = None
     worker: Worker | None = None
     follower: ModelFollower | None = None
+    keys: DeploymentKeys | None = None
+    deletion_log: DeletionLog | None = None
+
+
+def deployment_keys(settings: Settings) -> DeploymentKeys:
+    """The data directory's id secret and receipt signing key, created on first start."""
+    return DeploymentKeys.load_or_create(settings.data_dir)
 
 
 def load_model(settings: Settings) -> Unlearner:
     """The newest checkpoint in the data dir; if there is none, a model built, trained, saved.
 
-    Restoring never retrains: a restart serves exactly the version that was checkpointed.
+    Restoring never retrains: a restart serves exactly the version that was checkpointed. In the
+    process that runs the worker (``settings.worker``) it first finishes what a crash left
+    (docs/design.md, The order of a deletion): every other checkpoint, unfinished save and cached
+    kernel of another training set is deleted, and a version checkpointed but not logged is
+    logged from its checkpoint. Unacknowledged jobs are then run again by the worker.
     """
     started = time.perf_counter()
-    u = Unlearner.restore(settings.checkpoint_dir, cache_dir=settings.ntk_cache_dir)
+    keys = deployment_keys(settings)
+    u = Unlearner.restore(
+        settings.checkpoint_dir,
+        cache_dir=settings.ntk_cache_dir,
+        id_key=keys.id_secret,
+        prune=settings.worker,
+    )
+    if u is not None and settings.worker:
+        deletion_log = DeletionLog(settings.deletion_log)
+        checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
+        for record in records_from_checkpoint(u.state, deletion_log.versions(), checkpoint_hash):
+            deletion_log.append(record)
+            log.warning(
+                "version %d was checkpointed but not logged (a crash): logged it now",
+                record["version"],
+            )
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
@@ -63,9 +91,11 @@ def load_model(settings: Settings) -> Unlearner:
         settings.to_solver_config(),
         cache_dir=settings.ntk_cache_dir,
         progress=True,
+        id_key=keys.id_secret,
     )
     built = time.perf_counter()
     log.info("built and trained the model in %.2f s", built - started)
+    crash_point("built")
     u.save(settings.checkpoint_dir)
     log.info("saved version %d in %.2f s", u.version, time.perf_counter() - built)
     return u
@@ -74,9 +104,15 @@ def load_model(settings: Settings) -> Unlearner:
 def make_worker(
     settings: Settings, u: Unlearner, queue: JobQueue, metrics: Metrics | None
 ) -> Worker:
-    """A worker applying jobs to ``u``, checkpointing and logging in the data dir."""
+    """A worker applying jobs to ``u``, checkpointing, logging and signing receipts in the data
+    dir."""
     return Worker(
-        u, queue, settings.checkpoint_dir, DeletionLog(settings.deletion_log), metrics=metrics
+        u,
+        queue,
+        settings.checkpoint_dir,
+        DeletionLog(settings.deletion_log),
+        metrics=metrics,
+        keys=deployment_keys(settings),
     )
 
 

@@ -248,7 +248,8 @@ def _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refi
     )  # fmt: skip
     new_state = shell.replace(
         alpha=alpha, theta=theta, f_star=f, version=state.version + 1, residual=residual,
-        forgotten=state.forgotten + tuple(ids), history=state.history + (record.to_dict(),),
+        forgotten=state.forgotten + tuple(map(state.digest, ids)),
+        history=state.history + (record.to_dict(),),
     )  # fmt: skip
     result = ForgetResult(
         new_state.version, step, refine_info, residual, clock.total(), reason,

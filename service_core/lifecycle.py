@@ -14,6 +14,7 @@ from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
 from .dual import DualProblem, kernel_gradient_descent, newton, stationarity
 from .errors import InvalidInputError, NotCertifiedError, SolverError
+from .kernels import purge_cache
 from .layout import KernelLayout, pad_rows
 from .linalg import Nystrom, SolveOptions, canonical_method, nystrom, power_iteration
 from .models import Network, make_network
@@ -200,21 +201,35 @@ def restore(
     cache_dir: Path | None = None,
     progress: bool = True,
     devices: list | None = None,
+    id_key: bytes = b"",
+    prune: bool = False,
 ) -> tuple[ModelState, Network] | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
     K is recomputed from the checkpointed active inputs (``checkpoint`` module docstring), or
     read from ``cache_dir`` when it holds the kernel of exactly these inputs.
 
+    Arguments:
+      id_key: the secret of the forgotten ids' digests (``ModelState.digest``).
+      prune: finish what a crash left (the worker's start, docs/design.md, The order of a
+        deletion): delete every other checkpoint and unfinished save (``checkpoint.prune``) and
+        every cached kernel but the one of these inputs (the others hold forgotten rows).
+
     Raises:
       SolverError: the network rebuilt from the checkpoint's configuration is not the one it was
         trained with (another θ0).
     """
     state = checkpoint.restore(
-        checkpoint_dir, before_arrays=lambda meta: jax_dtype(held_dtype(meta["meta"]))
+        checkpoint_dir,
+        before_arrays=lambda meta: jax_dtype(held_dtype(meta["meta"])),
+        id_key=id_key,
     )
     if state is None:
         return None
+    if prune:
+        pruned = checkpoint.prune(checkpoint_dir, keep=state.version)
+        if pruned:
+            log.info("deleted %d checkpoint(s) other than version %d", pruned, state.version)
     ds = state.meta["dataset"]
     shape, d = tuple(ds["input_shape"]), ds["output_dim"]
     kernel_net = precision.kernel_network(state.meta, state.model_config, shape, d)
@@ -238,6 +253,10 @@ def restore(
         state = state.replace(ids=pad_rows(state.ids, cap), **padded)
     points = np.flatnonzero(state.active)
     k, report = _kernel(kernel_net, np.asarray(state.x)[points], layout.form, cache_dir, progress)
+    if prune:
+        purged = purge_cache(cache_dir, keep=report["path"])
+        if purged:
+            log.info("deleted %d cached kernel(s) of other training sets", purged)
     k = layout.embed(k, points, state.capacity).astype(state.alpha.dtype)  # a promoted K: exact
     log.info(
         "restored version %d: K %s recomputed in %.2f s", state.version, k.shape, report["seconds"]

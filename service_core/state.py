@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
 import time
 from typing import Any
 
@@ -73,11 +75,14 @@ class ModelState:
       f0: f_0 ``(C, d)``; alpha: α ``(C, d)``; theta: θ ``(P,)``, ``None`` for an infinitely wide
         model (a kernel machine, docs/maths.md Eq. (14)).
       residual: relative stationarity residual of α (the version's certificate).
-      forgotten: ids forgotten so far (the deletion log keeps ids, never data).
+      forgotten: keyed digests (``digest``) of the ids forgotten so far: the id itself is kept
+        nowhere once its deletion is applied, yet a re-forget is told it was forgotten.
       history: ``VersionRecord.to_dict()`` of every version.
       meta: data set description and the configurations (model, train, solver) that made it.
       f_star: the outputs f_0 + K α on the training rows ``(C, d)`` (not checkpointed).
       nystrom: the CG preconditioner of K (``linalg.Nystrom``) or ``None`` (not checkpointed).
+      id_key: the secret of ``digest`` (not checkpointed: the service keeps it in its data
+        directory; ``b""`` for library use, where a digest is then an unkeyed hash).
     """
 
     version: int
@@ -95,6 +100,11 @@ class ModelState:
     meta: dict[str, Any]
     f_star: jax.Array | None = None
     nystrom: Any = None
+    id_key: bytes = dataclasses.field(default=b"", repr=False)
+
+    def digest(self, record_id: str) -> str:
+        """HMAC-SHA256 of a record id under ``id_key``, hex (64 characters)."""
+        return id_digest(self.id_key, record_id)
 
     @property
     def form(self) -> str:
@@ -200,9 +210,19 @@ class ModelState:
             "form": self.form,
             "residual": self.residual,
             "forgotten": list(self.forgotten),
+            "forgotten_form": FORGOTTEN_FORM,
             "history": list(self.history),
             "meta": self.meta,
         }
+
+
+# How ``forgotten`` is written in a checkpoint; checkpoints without it hold clear ids.
+FORGOTTEN_FORM = "hmac-sha256"
+
+
+def id_digest(key: bytes, record_id: str) -> str:
+    """HMAC-SHA256 (RFC 2104) of ``record_id`` (UTF-8) under ``key``, as 64 hex characters."""
+    return hmac.new(key, record_id.encode(), hashlib.sha256).hexdigest()
 
 
 def bucket(n: int, multiple: int = 1) -> int:

@@ -58,7 +58,9 @@ def test_job_record_has_every_field(client, wait_for_job):
     accepted = _forget(client, ["r01"])
     job = wait_for_job(client, accepted["job_id"])
     assert job["job_id"] == accepted["job_id"]
-    assert job["ids"] == ["r01"]
+    assert job["ids"] == []  # once ended, only the ids' keyed digests are kept
+    assert len(job["id_digests"]) == 1 and len(job["id_digests"][0]) == 64
+    assert job["receipt"]["payload"]["job_id"] == accepted["job_id"]
     assert job["submitted_at"] <= job["finished_at"]
     assert job["error"] is None
     solver = job["solver"]

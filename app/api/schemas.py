@@ -216,10 +216,31 @@ class InfluenceSolverInfo(SolverInfo):
     )
 
 
+class ReceiptOut(BaseModel):
+    payload: dict[str, Any] = Field(
+        description="the signed statement: job_id, id_digests (HMAC-SHA256 of the ids under the "
+        "deployment's secret), version_before, version_after, submitted_at, applied_at, "
+        "certificate {residual, tolerance, method}, checkpoint_sha256"
+    )
+    algorithm: Literal["Ed25519"]
+    signature: str = Field(
+        description="base64 Ed25519 signature of the payload's canonical JSON (sorted keys, no "
+        "whitespace, UTF-8); verify with GET /v1/receipts/public-key, offline: "
+        "ntk-unlearn verify-receipt"
+    )
+
+
 class JobOut(BaseModel):
     job_id: str
     status: JobStatus
-    ids: list[str]
+    ids: list[str] = Field(
+        description="the ids while the job is queued or running; empty once it has ended (only "
+        "their keyed digests are kept, id_digests)"
+    )
+    id_digests: list[str] = Field(
+        [], description="HMAC-SHA256 of the ids (hex) once the job has ended"
+    )
+    receipt: ReceiptOut | None = Field(None, description="the signed receipt, once succeeded")
     model_version: int | None = Field(None, description="the version that applied the job")
     submitted_at: str
     finished_at: str | None = None
@@ -410,3 +431,37 @@ class SelfInfluenceOut(BaseModel):
         description="exact leave-one-out (squared error) or cross-entropy's influence step"
     )
     records: list[SelfInfluenceRecord] = Field(description="sorted by self_influence, descending")
+
+
+class PublicKeyOut(BaseModel):
+    algorithm: Literal["Ed25519"]
+    public_key_pem: str = Field(description="SubjectPublicKeyInfo PEM")
+
+
+class DeletionRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    version_before: int | None = None
+    timestamp: str
+    job_ids: list[str]
+    id_digests: list[str] = Field(description="HMAC-SHA256 of the forgotten ids (hex)")
+    n_forgotten: int | None = None
+    n_train: int | None = None
+    certificate: dict[str, Any] | None = None
+    checkpoint_sha256: str | None = None
+
+
+class DeletionsPage(BaseModel):
+    deletions: list[DeletionRecord]
+    next_cursor: int | None = Field(
+        description="pass as cursor for the next page; null at the end of the log"
+    )
+
+
+class RecordStatus(BaseModel):
+    status: Literal["active", "forgotten", "unknown"]
+    model_version: int = Field(description="the version served when answering")
+    forgotten_in_version: int | None = None
+    forgotten_at: str | None = None
+    job_id: str | None = None
