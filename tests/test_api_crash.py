@@ -126,7 +126,7 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["auto", "float64"])
 def test_a_killed_server_restarts_on_its_checkpoints(tmp_path: Path, dataset_file: Path, dtype):
     data = tmp_path / "data"
     x = np.load(dataset_file)["x"][:4].tolist()
