@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="run a solver worker alone, beside 'serve --no-worker' API processes"
     )
     add_settings_flags(worker, skip=_SERVE_ONLY)
+    sub.add_parser(
+        "verify-receipt",
+        help="check a deletion receipt offline (see 'ntk-unlearn verify-receipt --help')",
+    )
     bench = sub.add_parser("bench", help="run the benchmarks (see 'ntk-unlearn bench --help')")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmarks")
     return parser
@@ -311,7 +315,7 @@ def worker(settings: Settings) -> None:
     from .locking import DataDirInUseError, worker_lock
     from .queue import JobQueue
     from .redis_client import connect_worker
-    from .service import load_model, make_worker
+    from .service import deployment_keys, load_model, make_worker
 
     if settings.redis_url is None:
         raise SystemExit(
@@ -330,7 +334,10 @@ def worker(settings: Settings) -> None:
         _stop_on_signal(lock.release)
         u = load_model(settings, "worker")
         queue = JobQueue(
-            connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+            connect_worker(settings.redis_url),
+            settings.redis_prefix,
+            settings.job_ttl_s,
+            digest=deployment_keys(settings).digest,
         )
         w = make_worker(settings, u, queue, metrics=None)
 
@@ -416,12 +423,63 @@ def _reexec_with_huge_pages() -> None:
     os.execve(sys.executable, argv, env)
 
 
+def verify_receipt(argv: Sequence[str]) -> int:
+    """``ntk-unlearn verify-receipt RECEIPT.json --public-key KEY.pem``: check a deletion receipt's
+    Ed25519 signature offline (``app.receipts.verify``) and print its statement.
+
+    Returns:
+      0 when it verifies; 1 when it does not (altered, or another key), with the reason on stderr;
+      2 for unreadable files.
+    """
+    import json
+
+    from .receipts import ReceiptError, verify
+
+    parser = argparse.ArgumentParser(
+        prog="ntk-unlearn verify-receipt",
+        description="Check a deletion receipt (GET /v1/jobs/{id}/receipt) against the "
+        "deployment's public key (GET /v1/receipts/public-key), offline.",
+    )
+    parser.add_argument("receipt", type=Path, help="the receipt, as JSON")
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        required=True,
+        help="the public key: PEM, or the JSON of GET /v1/receipts/public-key",
+    )
+    args = parser.parse_args(argv)
+    try:
+        receipt = json.loads(args.receipt.read_text())
+        key = args.public_key.read_text()
+    except (OSError, ValueError) as e:
+        print(f"verify-receipt: cannot read the input: {e}", file=sys.stderr)
+        return 2
+    if key.lstrip().startswith("{"):
+        key = json.loads(key).get("public_key_pem", "")
+    try:
+        payload = verify(receipt, key)
+    except (ReceiptError, ValueError) as e:
+        print(f"verify-receipt: NOT VALID: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"valid: job {payload['job_id']} forgot {len(payload['id_digests'])} record(s), "
+        f"version {payload['version_before']} -> {payload['version_after']} at "
+        f"{payload['applied_at']}; checkpoint sha256 {payload['checkpoint_sha256']}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ntk-unlearn`` command.
 
     Run from the command line (``argv`` None), it first re-executes itself with huge pages for
     XLA's buffers where that helps (``huge_pages_env``; ``NTK_UNLEARN_HUGE_PAGES=0`` turns it off).
     """
+    if (sys.argv[1:2] if argv is None else list(argv)[:1]) == ["verify-receipt"]:
+        code = verify_receipt(list(sys.argv[2:] if argv is None else list(argv)[1:]))
+        if code:
+            raise SystemExit(code)
+        return
     if argv is None:
         _reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,15 +1,23 @@
 """The durable deletion log: one JSON line per applied model version.
 
 It is what remains of a deletion once the records themselves are gone: which jobs removed which
-ids, when, producing which version, with what solver result. It outlives Redis's job records.
+ids (as keyed digests, ``receipts.DeploymentKeys.digest``: no id in clear), when, producing which
+version from which, with what certificate, solver result and checkpoint hash. It outlives Redis's
+job records. A version's record is written (fsync'd) after its checkpoint and before it is
+published; a crash between the two is repaired at the next start from the checkpoint
+(``record_from_checkpoint``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from service_core import ModelState
 
 
 class DeletionLog:
@@ -17,12 +25,15 @@ class DeletionLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock = threading.Lock()
+        self._cache: tuple[int, list[dict[str, Any]]] = (-1, [])
 
     def append(self, entry: dict[str, Any]) -> None:
         """Append one entry and fsync it, so a logged version survives a crash."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        with open(self.path, "a+b") as f:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a+b") as f:
             # A crash mid-write leaves a torn last line: end it, so only that line is lost.
             if f.seek(0, os.SEEK_END) > 0:
                 f.seek(-1, os.SEEK_END)
@@ -32,20 +43,142 @@ class DeletionLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def find_job(self, job_id: str) -> dict[str, Any] | None:
-        """The entry of the version that applied ``job_id``, if one was logged.
+    def entries(self) -> list[dict[str, Any]]:
+        """Every complete entry, oldest first (re-read only when the file has grown)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        with self._lock:
+            if size != self._cache[0]:
+                found = []
+                with open(self.path, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            found.append(json.loads(line))
+                        except json.JSONDecodeError:
+                            continue  # a line torn by a crash during its write
+                self._cache = (size, found)
+            return self._cache[1]
 
-        Reads the whole file: only crash recovery calls it.
-        """
-        if not self.path.exists():
-            return None
+    def find_job(self, job_id: str) -> dict[str, Any] | None:
+        """The entry of the version that applied ``job_id``, if one was logged."""
         found = None
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash during its write
-                if job_id in entry.get("job_ids", ()):
-                    found = entry
+        for entry in self.entries():
+            if job_id in entry.get("job_ids", ()):
+                found = entry
         return found
+
+    def find_digest(self, digest: str) -> dict[str, Any] | None:
+        """The entry of the version that forgot the record with this keyed digest, if any."""
+        for entry in self.entries():
+            if digest in entry.get("id_digests", ()):
+                return entry
+        return None
+
+    def job_of(self, entry: dict[str, Any], digest: str) -> str | None:
+        """The job of ``entry`` that forgot ``digest`` (the first job when not recorded)."""
+        for job_id, digests in entry.get("job_digests", {}).items():
+            if digest in digests:
+                return job_id
+        jobs = entry.get("job_ids") or [None]
+        return jobs[0]
+
+    def versions(self) -> set[int]:
+        return {int(e["version"]) for e in self.entries() if "version" in e}
+
+    def page(self, cursor: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+        """Entries with version > ``cursor``, oldest first, at most ``limit``; and the cursor of
+        the next page (the last version returned), ``None`` at the end."""
+        after = sorted(
+            (e for e in self.entries() if int(e.get("version", -1)) > cursor),
+            key=lambda e: int(e["version"]),
+        )
+        page = after[:limit]
+        return page, (int(page[-1]["version"]) if len(after) > limit else None)
+
+
+def version_record(
+    result: Any,
+    version_before: int,
+    job_ids: list[str],
+    id_digests: list[str],
+    state: ModelState,
+    timestamp: str,
+    checkpoint_sha256: str | None,
+    job_digests: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """The log entry of a deletion computed from ``state`` (``ForgetResult`` ``result``), before it
+    is published: the new version's counts are ``state``'s with ``id_digests`` gone.
+    ``job_digests``: each job's own digests (a batch has several jobs)."""
+    return {
+        "version": result.version,
+        "version_before": version_before,
+        "timestamp": timestamp,
+        "job_ids": job_ids,
+        "id_digests": id_digests,
+        "job_digests": job_digests or {},
+        "n_forgotten": len(state.forgotten) + len(id_digests),
+        "n_train": state.n - len(id_digests),
+        "certificate": {
+            "residual": float(result.residual),
+            "tolerance": state.train_config.resolved_tol(),
+            **(result.certificate or {}),  # the engine's (tolerance held to, slack, dtype)
+            "method": result.solve.method,
+        },
+        "checkpoint_sha256": checkpoint_sha256,
+        "solver": {
+            **result.solve.to_dict(),
+            "reason": result.reason,
+            "certificate": result.certificate,
+        },
+        "refine": result.refine.to_dict() if result.refine is not None else None,
+        "seconds": result.seconds,
+    }
+
+
+def records_from_checkpoint(
+    state: ModelState, logged: set[int], checkpoint_sha256: str | None
+) -> list[dict[str, Any]]:
+    """Log entries for the versions of ``state``'s history that ``logged`` lacks (a crash between
+    a checkpoint and its log record), from the history records and the forgotten digests the
+    checkpoint holds. Only the newest version has its checkpoint hash and training size."""
+    out = []
+    start = 0
+    for record in state.history:
+        version, n = int(record["version"]), int(record.get("n_forgotten", 0))
+        if version == 0:
+            continue
+        digests = list(state.forgotten[start : start + n])
+        start += n
+        if version in logged:
+            continue
+        note = record.get("note") or {}
+        newest = version == state.version
+        out.append(
+            {
+                "version": version,
+                "version_before": note.get("version_before", version - 1),
+                "timestamp": datetime.fromtimestamp(record["time"], UTC).isoformat(
+                    timespec="milliseconds"
+                ),
+                "job_ids": list(note.get("job_ids", [])),
+                "id_digests": digests,
+                "job_digests": dict(note.get("job_digests", {})),
+                "n_forgotten": start,
+                "n_train": state.n if newest else None,
+                "certificate": {
+                    "residual": float(record["residual"]),
+                    "tolerance": float(
+                        record.get("tolerance") or state.train_config.resolved_tol()
+                    ),
+                    "method": record["solve"].get("method"),
+                },
+                "checkpoint_sha256": checkpoint_sha256 if newest else None,
+                "solver": {**record["solve"], "reason": record.get("reason", "")},
+                "refine": record.get("refine"),
+                "seconds": None,
+                "recovered": "written at start-up from the checkpoint",
+            }
+        )
+    return out

@@ -18,13 +18,14 @@ from .api.deps import reject_unknown_query
 from .api.errors import install_error_handlers
 from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
-from .api.routes import attribution, forget, health, model
+from .api.routes import attribution, forget, health, model, receipts
 from .batching import PredictBatcher
 from .core.config import Settings
+from .deletion_log import DeletionLog
 from .metrics import Metrics
 from .queue import JobQueue
 from .redis_client import connect_api, connect_worker
-from .service import ModelFollower, ServiceState, load_model, make_worker
+from .service import ModelFollower, ServiceState, deployment_keys, load_model, make_worker
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     app.include_router(forget.router)
     app.include_router(model.router)
     app.include_router(attribution.router)
+    app.include_router(receipts.router)
     app.include_router(health.router)
 
     generate = app.openapi
@@ -110,21 +112,29 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
         raise RuntimeError(
             "no Redis configured: set REDIS_URL (ntk-unlearn serve starts a private one otherwise)"
         )
+    state.keys = deployment_keys(settings)
+    state.deletion_log = DeletionLog(settings.deletion_log)
     state.queue = JobQueue(
         connect_api(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s),
         settings.redis_prefix,
         settings.job_ttl_s,
+        digest=state.keys.digest,
     )
     try:
         state.queue.ensure_group()
     except redis.RedisError as e:
         # Not fatal: /readyz reports it and the worker keeps retrying until Redis is back.
         log.warning("Redis unreachable at start-up: %s", e)
+    if unlearner is not None:
+        unlearner.use_id_key(state.keys.id_secret)
     state.unlearner = unlearner if unlearner is not None else load_model(settings)
     if settings.worker:
         # Its own client: the API's gives up quickly, the worker blocks on the stream.
         worker_queue = JobQueue(
-            connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s
+            connect_worker(settings.redis_url),
+            settings.redis_prefix,
+            settings.job_ttl_s,
+            digest=state.keys.digest,
         )
         state.worker = make_worker(settings, state.unlearner, worker_queue, state.metrics)
         state.worker.start()

@@ -3,7 +3,9 @@
 Keys, all under the configured prefix ``P``:
 
 - ``P:forget``: the stream; each entry holds only a ``job_id`` (never record ids).
-- ``P:job:<job_id>``: the job record (a hash, with a TTL): status, ids, times, solver info.
+- ``P:job:<job_id>``: the job record (a hash, with a TTL): status, ids, times, solver info. Once
+  the job has ended its ids are replaced by their keyed digests (``id_digests``), in the same
+  transaction; a succeeded job also holds its signed receipt.
 - ``P:pending-ids``: the ids of every queued or running job. Enqueueing checks and extends it in
   one Lua script, so two concurrent requests can never both queue the same id, nor together
   queue every remaining training point (each alone leaving some).
@@ -26,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -117,6 +119,8 @@ class Job:
     solver: dict[str, Any] | None = None
     refine: dict[str, Any] | None = None
     error: str | None = None
+    id_digests: list[str] = dataclasses.field(default_factory=list)
+    receipt: dict[str, Any] | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
@@ -124,7 +128,9 @@ class Job:
         return cls(
             job_id=h["job_id"],
             status=h["status"],  # type: ignore[arg-type]
-            ids=json.loads(h["ids"]),
+            ids=json.loads(h.get("ids") or "[]"),
+            id_digests=json.loads(h.get("id_digests") or "[]"),
+            receipt=json.loads(h["receipt"]) if h.get("receipt") else None,
             submitted_at=h["submitted_at"],
             finished_at=h.get("finished_at"),
             model_version=int(version) if version is not None else None,
@@ -149,10 +155,19 @@ class JobQueue:
       client: a Redis client created with ``decode_responses=True``.
       prefix: the key prefix of this model.
       ttl_s: how long job records and idempotency keys are kept, in seconds.
+      digest: keyed digest of a record id (``receipts.DeploymentKeys.digest``): a finished job
+        keeps these instead of its ids. ``None``: finished jobs keep their ids.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        ttl_s: int,
+        digest: Callable[[str], str] | None = None,
+    ):
         self.client = client
+        self.digest = digest
         self.ttl_s = ttl_s
         self.stream = f"{prefix}:forget"
         self.pending_key = f"{prefix}:pending-ids"
@@ -203,7 +218,12 @@ class JobQueue:
         """
         job_id = self.client.get(self._idem_prefix + key)
         job = self.get(job_id) if job_id else None
-        if job is not None and sorted(job.ids) != sorted(ids):
+        if job is not None and not job.ids and self.digest is not None:
+            same = sorted(job.id_digests) == sorted(map(self.digest, ids))
+        else:
+            same = job is None or sorted(job.ids) == sorted(ids)
+        if not same:
+            assert job is not None
             raise IdempotencyKeyReusedError(
                 f"idempotency_key {key!r} was used for job {job.job_id} with other ids: "
                 "use a new key for a new request"
@@ -339,6 +359,15 @@ class JobQueue:
             pipe.hset(self.job_key(job.job_id), "status", "running")
         pipe.execute()
 
+    def compact(self) -> None:
+        """Ask Redis to rewrite its append-only file (BGREWRITEAOF), so that the commands that once
+        wrote a finished job's ids in clear leave the disk too. Refused rewrites (one already
+        running, a managed Redis that forbids it) are ignored: the next one catches up."""
+        try:
+            self.client.bgrewriteaof()
+        except redis.ResponseError:
+            pass
+
     def record_n_train(self, n_train: int, version: int | None = None) -> None:
         """Record the active training points of the worker's model, with every finished job
         applied (see ``P:n-train`` above), and its version (``P:version``). Called by the worker
@@ -373,10 +402,15 @@ class JobQueue:
             if entry.job is not None:
                 key = self.job_key(entry.job.job_id)
                 stored = {
-                    k: json.dumps(v) if isinstance(v, dict) else v
+                    k: json.dumps(v) if isinstance(v, dict | list) else v
                     for k, v in fields.items()
                     if v is not None
                 }
+                ended = fields.get("status") in ("succeeded", "failed")
+                if ended and self.digest is not None and entry.job.ids:
+                    # No id in clear once the job has ended: only their keyed digests.
+                    stored["id_digests"] = json.dumps([self.digest(i) for i in entry.job.ids])
+                    pipe.hdel(key, "ids")
                 if stored:
                     pipe.hset(key, mapping=stored)
                 pipe.expire(key, self.ttl_s)

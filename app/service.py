@@ -13,10 +13,12 @@ from service_core import Unlearner, checkpoint, load_dataset
 
 from .batching import PredictBatcher
 from .core.config import Settings
-from .deletion_log import DeletionLog
+from .deletion_log import DeletionLog, records_from_checkpoint
+from .faults import crash_point
 from .locking import build_lock
 from .metrics import Metrics
 from .queue import JobQueue
+from .receipts import DeploymentKeys, directory_sha256
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,23 @@ class ServiceState:
     worker: Worker | None = None
     follower: ModelFollower | None = None
     batcher: PredictBatcher | None = None
+    keys: DeploymentKeys | None = None
+    deletion_log: DeletionLog | None = None
+
+
+def deployment_keys(settings: Settings) -> DeploymentKeys:
+    """The data directory's id secret and receipt signing key, created on first start."""
+    return DeploymentKeys.load_or_create(settings.data_dir)
 
 
 def load_model(settings: Settings, role: str = "serve") -> Unlearner:
     """The newest checkpoint in the data dir; if there is none, a model built, trained, saved.
 
-    Restoring never retrains: a restart serves exactly the version that was checkpointed. Of
+    Restoring never retrains: a restart serves exactly the version that was checkpointed. In the
+    process that runs the worker (``settings.worker``) it first finishes what a crash left
+    (docs/design.md, The order of a deletion): every other checkpoint, unfinished save and cached
+    kernel of another training set is deleted, and a version checkpointed but not logged is
+    logged from its checkpoint. Unacknowledged jobs are then run again by the worker. Of
     processes started together on a data dir without a checkpoint (a worker and API processes
     without one, in any number), one builds version 0 under the data dir's build lock; the
     others wait for it and restore that version (``app.locking.build_lock``).
@@ -46,7 +59,8 @@ def load_model(settings: Settings, role: str = "serve") -> Unlearner:
     Arguments:
       role: this process's command (``serve`` or ``worker``), named to the processes that wait.
     """
-    u = _restore(settings)
+    keys = deployment_keys(settings)
+    u = _restore(settings, keys)
     if u is not None:
         return u
 
@@ -60,13 +74,27 @@ def load_model(settings: Settings, role: str = "serve") -> Unlearner:
 
     with build_lock(settings.data_dir, role).acquire_waiting(waiting):
         # Whoever held the lock before may have saved version 0 meanwhile.
-        u = _restore(settings)
-        return u if u is not None else _build(settings)
+        u = _restore(settings, keys)
+        return u if u is not None else _build(settings, keys)
 
 
-def _restore(settings: Settings) -> Unlearner | None:
+def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     started = time.perf_counter()
-    u = Unlearner.restore(settings.checkpoint_dir, cache_dir=settings.ntk_cache_dir)
+    u = Unlearner.restore(
+        settings.checkpoint_dir,
+        cache_dir=settings.ntk_cache_dir,
+        id_key=keys.id_secret,
+        prune=settings.worker,
+    )
+    if u is not None and settings.worker:
+        deletion_log = DeletionLog(settings.deletion_log)
+        checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
+        for record in records_from_checkpoint(u.state, deletion_log.versions(), checkpoint_hash):
+            deletion_log.append(record)
+            log.warning(
+                "version %d was checkpointed but not logged (a crash): logged it now",
+                record["version"],
+            )
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
@@ -79,7 +107,7 @@ def _restore(settings: Settings) -> Unlearner | None:
     return u
 
 
-def _build(settings: Settings) -> Unlearner:
+def _build(settings: Settings, keys: DeploymentKeys) -> Unlearner:
     started = time.perf_counter()
     log.info("no checkpoint in %s: building the model", settings.checkpoint_dir)
     dataset = load_dataset(settings.dataset, seed=settings.seed, **settings.dataset_kwargs())
@@ -97,9 +125,11 @@ def _build(settings: Settings) -> Unlearner:
         settings.to_solver_config(),
         cache_dir=settings.ntk_cache_dir,
         progress=True,
+        id_key=keys.id_secret,
     )
     built = time.perf_counter()
     log.info("built and trained the model in %.2f s", built - started)
+    crash_point("built")
     u.save(settings.checkpoint_dir)
     log.info("saved version %d in %.2f s", u.version, time.perf_counter() - built)
     return u
@@ -108,9 +138,15 @@ def _build(settings: Settings) -> Unlearner:
 def make_worker(
     settings: Settings, u: Unlearner, queue: JobQueue, metrics: Metrics | None
 ) -> Worker:
-    """A worker applying jobs to ``u``, checkpointing and logging in the data dir."""
+    """A worker applying jobs to ``u``, checkpointing, logging and signing receipts in the data
+    dir."""
     return Worker(
-        u, queue, settings.checkpoint_dir, DeletionLog(settings.deletion_log), metrics=metrics
+        u,
+        queue,
+        settings.checkpoint_dir,
+        DeletionLog(settings.deletion_log),
+        metrics=metrics,
+        keys=deployment_keys(settings),
     )
 
 

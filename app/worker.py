@@ -1,13 +1,15 @@
 """The solver worker: takes forget jobs off the queue and applies them to the model.
 
-Order of a batch, in one direction, chosen so that a crash anywhere loses no accepted job and
-applies none twice (docs/design.md, The order of a deletion): ``u.forget`` computes the new
-version, checkpoints it and publishes it; the version is appended to the deletion log; then, in one
-Redis transaction, the jobs are marked succeeded, their entries acknowledged and deleted, their ids
-released; only then ``u.after_publish`` refreshes the preconditioner, purges the kernel cache and
-makes the spare K buffer. Entries left unacknowledged by a crash are claimed again at start; a job
-whose ids the restored model has forgotten already was applied before the crash, and is only
-marked succeeded.
+Order of a batch, in one direction, chosen so that a crash anywhere loses no accepted job, applies
+none twice and leaves no forgotten data behind once restarted (docs/design.md, The order of a
+deletion): ``u.forget`` computes the new version and checkpoints it (atomic); the version is
+appended to the deletion log (fsync'd); ``u.forget`` publishes it; in one Redis transaction the jobs
+are marked succeeded, their entries acknowledged and deleted, their ids released; ``u.purge``
+deletes the older checkpoints and the cached kernels; only then ``u.after_publish`` refreshes the
+preconditioner and makes the spare K buffer. At start (``service.load_model``) the newest
+checkpoint is restored, everything older purged and a missing log record written from the
+checkpoint; entries left unacknowledged are claimed again here; a job whose ids the restored
+model has forgotten already was applied before the crash, and is only marked succeeded.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import redis
 
 from service_core import SolverError, Unlearner, UnlearnError
 
-from .deletion_log import DeletionLog
+from .deletion_log import DeletionLog, version_record
+from .faults import crash_point
 from .metrics import Metrics
 from .queue import Entry, Job, JobQueue, utc_now
+from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class Worker:
       checkpoint_dir: where ``forget`` saves each new version.
       deletion_log: where each applied version is recorded.
       metrics: job, solve and iteration metrics are recorded here, if given.
+      keys: the deployment's keys: each succeeded job gets a receipt signed with them (none
+        without).
     """
 
     def __init__(
@@ -54,8 +60,10 @@ class Worker:
         checkpoint_dir: Path,
         deletion_log: DeletionLog,
         metrics: Metrics | None = None,
+        keys: DeploymentKeys | None = None,
     ):
         self.unlearner = unlearner
+        self.keys = keys
         self.queue = queue
         self.checkpoint_dir = checkpoint_dir
         self.deletion_log = deletion_log
@@ -128,6 +136,8 @@ class Worker:
         if entries:
             log.info("recovering %d unacknowledged forget job(s)", len(entries))
             self.process(entries)
+        # A crash may have left a finished job's ids in Redis's append-only file.
+        self.queue.compact()
         # From here on every finished job is applied to this model, and only to it: its size is
         # what enqueueing counts the queued jobs against (a restart may bring a new model).
         self.queue.record_n_train(self.unlearner.n_train, self.unlearner.version)
@@ -149,13 +159,12 @@ class Worker:
         u = self.unlearner
         outcomes: list[tuple[Entry, dict[str, Any]]] = []
         todo: list[Entry] = []
-        forgotten = u.forgotten_ids()
         for entry in entries:
             job = entry.job
             if job is None or job.status in ("succeeded", "failed"):
                 # Expired record, or finished but not acknowledged: only clean up.
                 outcomes.append((entry, {}))
-            elif forgotten.issuperset(job.ids):
+            elif u.is_forgotten(job.ids):
                 outcomes.append((entry, self._applied_before(job)))
             else:
                 todo.append(entry)
@@ -177,11 +186,27 @@ class Worker:
 
         if accepted:
             outcomes += self._apply(accepted)
+            crash_point("published")
         # The model's size and version go with the released ids: the API admits new jobs against
         # all three, and API processes without a worker serve nothing older than that version.
         self.queue.finish(outcomes, n_train=u.n_train, version=u.version)
+        crash_point("reported")
         self._count(outcomes)
-        if accepted:  # after the jobs are reported: post-publish work is off their latency
+        if accepted:  # after the jobs are reported: off their latency
+            started = time.perf_counter()
+            try:
+                purged = u.purge(self.checkpoint_dir)
+            except OSError as e:  # the next deletion's purge, or the next start, tries again
+                log.error("could not delete the older checkpoints or cached kernels: %s", e)
+            else:
+                log.info(
+                    "purged %d older checkpoint(s) and %d cached kernel(s) in %.2f s",
+                    purged["checkpoints"],
+                    purged["kernels"],
+                    time.perf_counter() - started,
+                )
+            self.queue.compact()
+            crash_point("purged")
             seconds = u.after_publish()
             log.info(
                 "after publishing: %s", ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
@@ -190,42 +215,57 @@ class Worker:
     def _apply(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
         jobs: list[Job] = [e.job for e in accepted]  # type: ignore[misc]
         ids = [i for job in jobs for i in job.ids]
+        u = self.unlearner
+        version_before = u.version
+        job_ids = [job.job_id for job in jobs]
+        job_digests = {job.job_id: [u.digest(i) for i in job.ids] for job in jobs}
+        logged: dict[str, Any] = {}
+
+        def log_version(result) -> None:
+            # Between the checkpoint and the publication: a served version is always logged.
+            crash_point("checkpointed")
+            started = time.perf_counter()
+            digest = directory_sha256(self.checkpoint_dir / str(result.version))
+            entry = version_record(
+                result,
+                version_before,
+                job_ids,
+                [u.digest(i) for i in ids],
+                u.state,
+                utc_now(),
+                digest,
+                job_digests,
+            )
+            self.deletion_log.append(entry)
+            logged.update(entry=entry, seconds=time.perf_counter() - started)
+            crash_point("logged")
+
         try:
-            result = self.unlearner.forget(ids, self.checkpoint_dir)
+            result = u.forget(
+                ids,
+                self.checkpoint_dir,
+                before_publish=log_version,
+                note={
+                    "job_ids": job_ids,
+                    "version_before": version_before,
+                    "job_digests": job_digests,
+                },
+            )
         except (UnlearnError, SolverError) as e:
             log.warning("forget of %d id(s) failed: %s", len(ids), e)
             return [(entry, _failed(str(e))) for entry in accepted]
         except Exception as e:
             log.exception("forget of %d id(s) failed", len(ids))
-            if self.unlearner.forgotten_ids().issuperset(ids):
-                # It failed after publishing (e.g. in clean-up): the version stands.
-                return [
-                    (entry, _succeeded(self.unlearner.version, None, None)) for entry in accepted
-                ]
             message = f"the solver failed ({type(e).__name__}: {e}); the model is unchanged"
             return [(entry, _failed(message)) for entry in accepted]
 
-        # Why this method: the auto cost model's explanation, or that it was configured.
         timings = dict(result.timings or {})
-        solver = {**result.solve.to_dict(), "reason": result.reason, "timings": timings}
-        refine = result.refine.to_dict() if result.refine is not None else None
-        started = time.perf_counter()
-        self.deletion_log.append(
-            {
-                "version": result.version,
-                "timestamp": utc_now(),
-                "job_ids": [job.job_id for job in jobs],
-                "ids": ids,
-                "n_forgotten": self.unlearner.n_forgotten,
-                "n_train": self.unlearner.n_train,
-                "solver": solver,
-                "refine": refine,
-                "seconds": result.seconds,
-            }
-        )
-        # the log record is written before the job is reported: part of the job's time
-        timings["log"] = time.perf_counter() - started
-        timings["total"] = result.seconds + timings["log"]
+        # The log record (with the checkpoint's hash) is the engine's before_publish step: part of
+        # the job's time, reported as "log" so that the parts add up to the total.
+        timings["log"] = timings.pop("before_publish", logged["seconds"])
+        timings["total"] = result.seconds
+        solver = {**logged["entry"]["solver"], "timings": timings}
+        refine = logged["entry"]["refine"]
         log.info(
             "version %d: forgot %d id(s) of %d job(s) in %.2f s (%s, %d iterations, residual %.2e)",
             result.version,
@@ -240,16 +280,31 @@ class Worker:
             self.metrics.batch_jobs.observe(len(jobs))
             self.metrics.solve_seconds.observe(result.solve.seconds)
             self.metrics.cg_iterations.observe(result.solve.iterations)
-        done = _succeeded(result.version, solver, refine)
-        return [(entry, done) for entry in accepted]
+        return [
+            (
+                entry,
+                _succeeded(
+                    result.version, solver, refine, self._receipt(entry.job, logged["entry"])
+                ),
+            )
+            for entry in accepted
+        ]
+
+    def _receipt(self, job: Job | None, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The signed receipt of a succeeded job, from its version's log record."""
+        if self.keys is None or job is None or record is None:
+            return None
+        digests = [self.unlearner.digest(i) for i in job.ids]
+        return self.keys.sign(receipt_payload(job.job_id, digests, job.submitted_at, record))
 
     def _applied_before(self, job: Job) -> dict[str, Any]:
         """The outcome of a job the restored model has applied already, before a crash."""
         logged = self.deletion_log.find_job(job.job_id)
         if logged is None:
-            # Checkpointed but not logged: the restored version is the one that applied it.
-            return _succeeded(self.unlearner.version, None, None)
-        return _succeeded(logged["version"], logged.get("solver"), logged.get("refine"))
+            # Not logged (a log from before receipts, or lost): the restored version applied it.
+            return _succeeded(self.unlearner.version, None, None, None)
+        receipt = self._receipt(job, logged)
+        return _succeeded(logged["version"], logged.get("solver"), logged.get("refine"), receipt)
 
     def _count(self, outcomes: list[tuple[Entry, dict[str, Any]]]) -> None:
         if self.metrics is None:
@@ -259,13 +314,16 @@ class Worker:
                 self.metrics.jobs.labels(status=fields["status"]).inc()
 
 
-def _succeeded(version: int, solver: dict | None, refine: dict | None) -> dict[str, Any]:
+def _succeeded(
+    version: int, solver: dict | None, refine: dict | None, receipt: dict | None
+) -> dict[str, Any]:
     return {
         "status": "succeeded",
         "model_version": version,
         "finished_at": utc_now(),
         "solver": solver,
         "refine": refine,
+        "receipt": receipt,
     }
 
 

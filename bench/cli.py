@@ -5,6 +5,8 @@ Subcommands:
 * ``figure1`` (default): the paper's Figure 1 metrics on ``digits`` and ``mnist`` (``bench.figure1``);
 * ``ntk``: NTK precompute speed against JACOBIAN_CONTRACTION and the whole MNIST kernel (``bench.ntkbench``);
 * ``figure4``: ``bench.figure4.main`` when that module exists;
+* ``lambda``: the paper's Figures 2 and 3 (§4.3): a nonlinear FCNN beside its linearisation for
+  several λ, and forgetting from it (``bench.lambda_sweep``, its own flags; issue 15); not part of ``all``;
 * ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
   the engine's own time from the job record (``bench.e2e``; workloads digits and mnist);
 * ``load``: HTTP load, ``/v1/predict`` with 1 and 100 rows from concurrent clients, alone and
@@ -418,8 +420,15 @@ def combined_markdown(out: Path) -> str:
             (out / "figure4.md").read_text(),
             "",
         ]
-    # sections written by their own runs (bench/e2e.py) or by hand from two runs (before/after)
-    for name in ("engine-reshape-digits.md", "e2e.md", "load-digits.md"):
+    # sections written by their own runs (bench/e2e.py, bench/lambda_sweep.py) or by hand from two
+    # runs (before/after)
+    for name in (
+        "engine-reshape-digits.md",
+        "e2e.md",
+        "lambda.md",
+        "lambda-reading.md",
+        "load-digits.md",
+    ):
         if (out / name).exists():
             lines += [(out / name).read_text(), ""]
     from .figure1 import __doc__ as protocol
@@ -432,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "figure4":
         return run_figure4(argv[1:])
+    if argv and argv[0] == "lambda":
+        from . import lambda_sweep
+
+        return lambda_sweep.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.quick:
         args.fractions = args.fractions or [10, 50]

@@ -12,7 +12,8 @@ For each: train α* to the optimum (``dual.newton``, docs/maths.md Dual represen
 of each class (seeded), then
 
 * estimated: one influence step Δα (system (A), ``influence.deletion_step`` without refinement), Δf(X_t) =
-  K(X_t, X) Δα (Eq. 8) and Δℓ_t ≈ g_tᵀ Δf(x_t) (Eq. 9);
+  K(X_t, X) Δα (Eq. 8) and Δℓ_t given Δf: second order g_tᵀΔf + ½Δfᵀ W_t Δf (exact for squared
+  error; docs/maths.md Eqs. (9-mse), (9-ce)) and the paper's first order g_tᵀΔf (Eq. 9), both reported;
 * actual: retrain on the retain set to the optimum from α = 0 (``dual.newton``) and take the
   differences of outputs and of losses at the test points.
 
@@ -221,8 +222,10 @@ def run(
     f_old = np.asarray(ktj @ alpha)
     df_est = np.asarray(ktj @ delta)  # Eq. 8
     df_act = np.asarray(ktj @ alpha_r) - f_old
-    g_t = np.asarray(losses.grad(loss, jnp.asarray(f_old), ytj))
-    dl_est = np.sum(g_t * df_est, axis=-1)  # Eq. 9
+    # Δℓ given the estimated Δf: second order (exact for squared error, Eq. (9-mse); Eq. (9-ce)),
+    # and the paper's first-order Eq. 9, g_tᵀΔf
+    second, first = influence.loss_changes(loss, jnp.asarray(f_old), ytj, jnp.asarray(df_est))
+    dl_est, dl_est_first = np.asarray(second), np.asarray(first)
     dl_act = np.asarray(
         losses.value(loss, jnp.asarray(f_old + df_act), ytj)
         - losses.value(loss, jnp.asarray(f_old), ytj)
@@ -254,9 +257,16 @@ def run(
             "test_accuracy": {"before": acc_old, "after_retraining": acc_new},
             "outputs": metrics(df_est, df_act),
             "loss_change": metrics(dl_est, dl_act),
+            "loss_change_first_order": metrics(dl_est_first, dl_act),
             "seconds": t,
             "peak_rss_mib": peak_rss_mib(),
-            "_arrays": {"df_est": df_est, "df_act": df_act, "dl_est": dl_est, "dl_act": dl_act},
+            "_arrays": {
+                "df_est": df_est,
+                "df_act": df_act,
+                "dl_est": dl_est,
+                "dl_est_first": dl_est_first,
+                "dl_act": dl_act,
+            },
         }
     )
     log.info("%s: outputs %s, loss %s", name, record["outputs"], record["loss_change"])
@@ -349,7 +359,13 @@ def table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        for q, label in (("outputs", "Δ outputs"), ("loss_change", "Δ loss")):
+        for q, label in (
+            ("outputs", "Δ outputs"),
+            ("loss_change", "Δ loss (second order; exact for mse given Δf)"),
+            ("loss_change_first_order", "Δ loss, first order (paper's Eq. 9)"),
+        ):
+            if q not in r:  # records written before both were reported
+                continue
             m = r[q]
             lines.append(
                 f"| {r['name']} | {r['n_train']} ({r['n_removed']}) | {r['n_test']} | {label} (n = {m['n']}) "

@@ -1,8 +1,11 @@
 """Versioned checkpoints with orbax-checkpoint: one directory per model version.
 
 A save is complete only when orbax has finalised it (it writes to a temporary directory and
-renames), so a crash mid-save leaves the previous version as the newest complete one. Older
-versions are deleted after a newer one is complete: they hold the rows of records forgotten since.
+renames), so a crash mid-save leaves the previous version as the newest complete one. ``save``
+deletes nothing: older versions hold the rows of records forgotten since, and ``prune`` deletes
+them (and any unfinished save) once the new version is logged, published and reported
+(docs/design.md, The order of a deletion). A pruned directory is first renamed out of orbax's
+sight, so a crash during its deletion never leaves a half-deleted step that looks like a version.
 
 K is not written: it is a function of the active inputs and the model (seeded), recomputed on
 restore. Writing it would cost a pass over (N·d)² values per deletion (13 s for digits' 826 MB
@@ -12,6 +15,9 @@ here), and a restart is rare where deletions are not.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .layout import KernelLayout
-from .state import ModelState
+from .state import FORGOTTEN_FORM, ModelState, id_digest
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +34,14 @@ def _manager(directory: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False
+            max_to_keep=None, create=True, enable_async_checkpointing=False
         ),
     )
 
 
 def save(directory: Path, state: ModelState) -> Path:
-    """Write ``state`` as step ``state.version`` and delete older steps. Returns its directory.
+    """Write ``state`` as step ``state.version`` (older steps stay until ``prune``). Returns its
+    directory.
 
     Raises:
       OSError and orbax errors: the save failed; the previous version is untouched.
@@ -49,10 +56,54 @@ def save(directory: Path, state: ModelState) -> Path:
             force=True,
         )
         mngr.wait_until_finished()
-        for step in mngr.all_steps():
-            if step != state.version:
-                mngr.delete(step)
     return Path(directory) / str(state.version)
+
+
+_PRUNED = ".pruned-"
+
+
+def prune(directory: Path, keep: int) -> int:
+    """Delete everything under ``directory`` but the complete step ``keep``: older (and newer)
+    steps, unfinished saves, and prunes a crash cut short. Each entry is renamed to a hidden
+    ``.pruned-*`` name first (atomic), then deleted.
+
+    Only the process that saves versions (the worker) may call it: an unfinished save of another
+    process would be deleted.
+
+    Returns:
+      the number of entries deleted.
+
+    Raises:
+      OSError: an entry could not be deleted (the next prune tries again).
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return 0
+    doomed = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name == str(keep):
+            continue
+        if not entry.name.startswith(_PRUNED):
+            hidden = directory / f"{_PRUNED}{entry.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(entry, hidden)
+            entry = hidden
+        doomed.append(entry)
+    if doomed:
+        _fsync_dir(directory)  # the renames are durable before any file goes
+    for entry in doomed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    return len(doomed)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_version(directory: Path) -> int | None:
@@ -63,12 +114,15 @@ def latest_version(directory: Path) -> int | None:
         return mngr.latest_step()
 
 
-def restore(directory: Path, before_arrays=None) -> ModelState | None:
+def restore(directory: Path, before_arrays=None, id_key: bytes = b"") -> ModelState | None:
     """The newest complete version under ``directory``, or ``None`` when there is none.
 
     Arguments:
       before_arrays: called with the metadata before arrays become JAX arrays (the engine enables
         float64 there when the checkpoint is float64).
+
+      id_key: the secret of the state's id digests (``ModelState.digest``); a checkpoint written
+        before forgotten ids were digested has its clear ids digested here.
 
     Returns:
       the state with ``k=None`` (see the module docstring).
@@ -87,7 +141,12 @@ def restore(directory: Path, before_arrays=None) -> ModelState | None:
         ids=np.array(meta["ids"], dtype=str),
         layout=KernelLayout(meta["form"], int(meta["meta"]["dataset"]["output_dim"])),
         residual=float(meta["residual"]),
-        forgotten=tuple(meta["forgotten"]),
+        forgotten=tuple(
+            meta["forgotten"]
+            if meta.get("forgotten_form") == FORGOTTEN_FORM
+            else (id_digest(id_key, i) for i in meta["forgotten"])
+        ),
+        id_key=id_key,
         history=tuple(meta["history"]),
         meta=meta["meta"],
         k=None,
@@ -96,10 +155,12 @@ def restore(directory: Path, before_arrays=None) -> ModelState | None:
     )
 
 
-def restore_newer(directory: Path, version: int) -> ModelState | None:
+def restore_newer(
+    directory: Path, version: int, before_arrays=None, id_key: bytes = b""
+) -> ModelState | None:
     """``restore`` when the newest complete version is newer than ``version``, else ``None``."""
     newest = latest_version(directory)
     if newest is None or newest <= version:
         return None
-    state = restore(directory)
+    state = restore(directory, before_arrays, id_key=id_key)
     return state if state is not None and state.version > version else None

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 # The one list of each: the app's settings and every validation read these.
 MODEL_KINDS = ("linear", "mlp", "cnn", "inf-mlp", "inf-cnn")
 LOSSES = ("mse", "ce")
-DTYPES = ("float32", "float64")
+DTYPES = ("auto", "float32", "float64")
 KERNEL_FORMS = ("auto", "full", "trace")
 TRAINERS = ("newton", "kgd")
 SOLVER_METHODS = ("auto", "alpha-cg", "alpha-cholesky", "alpha-paper", "theta-cg")
@@ -103,7 +103,14 @@ class TrainConfig(_Serialisable):
         gradient descent, docs/maths.md Eq. 14: the paper's trainer for infinite width; same optimum,
         many more, cheaper steps). Deletions are always refined by Newton.
       max_newton: most Newton steps; max_kgd_steps: most KGD steps.
-      dtype: floating point type of K, α, θ and every solve.
+      dtype: floating point type of K, α, θ and every solve: ``float32``, ``float64``, or ``auto``
+        (the default): float32 (the network drawn and K computed in float32) while float32 certifies
+        the tolerances; when a certificate misses them, the model is promoted to float64 (K upcast
+        exactly, so the model does not change; α, θ and every solve in float64) where memory allows,
+        else a clear refusal (docs/design.md, Precision). Tolerances default as for float32.
+      accept_floor: the slack the operator grants certificates (≥ 1): a version is published only if
+        its relative stationarity residual, recomputed from the published α and K, is at most
+        ``tol × accept_floor``. 1 (the default) is none: converged means met the tolerance.
     """
 
     loss: LossName = "ce"
@@ -112,12 +119,18 @@ class TrainConfig(_Serialisable):
     max_kgd_steps: int = 100_000
     tol: float | None = None
     max_newton: int = 50
-    dtype: DType = "float32"
+    dtype: DType = "auto"
+    accept_floor: float = 1.0
 
     def resolved_tol(self) -> float:
         if self.tol is not None:
             return self.tol
-        return 1e-5 if self.dtype == "float32" else 1e-10
+        return 1e-10 if self.dtype == "float64" else 1e-5
+
+    def certified(self, residual: float) -> bool:
+        """Whether a version with certificate ``residual`` may be published: ``residual`` ≤
+        ``resolved_tol() × accept_floor`` (NaN never is)."""
+        return bool(residual <= self.resolved_tol() * self.accept_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +175,7 @@ class SolverConfig(_Serialisable):
     def resolved_tol(self, dtype: str) -> float:
         if self.tol is not None:
             return self.tol
-        return 1e-6 if dtype == "float32" else 1e-12
+        return 1e-12 if dtype == "float64" else 1e-6
 
 
 def jax_dtype(name: str):
@@ -176,4 +189,4 @@ def jax_dtype(name: str):
     if name == "float64":
         jax.config.update("jax_enable_x64", True)
         return jnp.float64
-    return jnp.float32
+    return jnp.float32  # float32, and auto's first precision

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import losses, validation
 from .dual import DualProblem
-from .errors import InvalidInputError, SolverError
+from .errors import InvalidInputError, NotCertifiedError
 from .influence import Refinement, Retained, influence_step, refine_and_certify
 from .layout import pad_rows
 from .lifecycle import finite, floor_hint, non_finite, preconditioner, solve_options
@@ -53,6 +53,7 @@ class ForgetResult(NamedTuple):
         (Δθ = J(X)ᵀΔα, or α of the θ-space answer), ``refine``, ``residual`` (the certificate);
         ``Unlearner.forget`` adds ``checkpoint`` and ``publish``.
       refine_inner: the inner solves of the refinement's Newton steps.
+      certificate: the new version's certificate (``ModelState.certificate``).
     """
 
     version: int
@@ -64,6 +65,7 @@ class ForgetResult(NamedTuple):
     refine_cg_iterations: int = 0
     timings: dict | None = None
     refine_inner: tuple[SolveInfo, ...] = ()
+    certificate: dict | None = None
 
 
 def problem_of(state: ModelState) -> DualProblem:
@@ -170,7 +172,8 @@ def plan(
     Raises:
       InvalidForgetSetError, UnknownIdsError, AlreadyForgottenError: a bad forget set.
       InvalidInputError: ``theta-cg`` for a network without θ.
-      SolverError: a solve missed its tolerance (with ``strict``).
+      NotCertifiedError: a solve missed its tolerance, or the new version's certificate is above
+        ``tol × accept_floor`` (with ``strict``), or produced non-finite values.
     """
     clock = _Clock()
     validation.forget_set(state, ids)
@@ -196,24 +199,26 @@ def plan(
         # θ* + J(X)ᵀΔα (Eq. (T)) is the answer only when no refinement moves α: else skipped
         theta_step = None if refine else step_theta()
         clock.lap("delta", theta_step)
+    dtype = state.alpha.dtype
     if not finite(alpha_step, theta_step, step.residual):
-        raise SolverError(non_finite("the influence solve", train))
-    if not step.converged and strict:
-        raise SolverError(not_converged(step, cfg.max_iter, train.dtype))
+        raise NotCertifiedError(non_finite("the influence solve", train, dtype))
+    if not step.converged and strict and not refine:  # with refinement, the certificate decides
+        raise NotCertifiedError(not_converged(step, cfg.max_iter, dtype))
     refinement = None
     if refine:
+        options = solve_options(cfg, train.dtype, "auto", train.accept_floor)
         refinement = Refinement(
-            train.resolved_tol(),
-            cfg.max_refine,
-            solve_options(cfg, train.dtype, "auto").replace(nystrom=shell.nystrom),
+            train.resolved_tol(), cfg.max_refine, options.replace(nystrom=shell.nystrom)
         )
     alpha, refined, f, residual = refine_and_certify(
         retained.problem, alpha_step, refinement, change, clock.lap
     )
+    if strict and not finite(alpha, residual):
+        raise NotCertifiedError(non_finite("the refinement", train, dtype))
+    if strict and not (train.certified(residual) and (refined is None or refined.converged)):
+        raise NotCertifiedError(_not_certified(residual, refined, cfg.max_refine, train, dtype))
     theta = theta_step
     if refined is not None:
-        if not refined.converged and strict:
-            raise SolverError(_not_refined(refined, cfg.max_refine, train))
         if state.theta is not None and (refined.steps or method == "theta-cg"):
             # θ = θ_p + J(X)ᵀα (Eq. (T)) for the refined α; the θ-space step's own θ need not lie on
             # that map when it is not optimal (cross-entropy)
@@ -222,7 +227,7 @@ def plan(
             theta = step_theta()
         clock.lap("refine", theta)
     if not finite(alpha, theta, f, residual):
-        raise SolverError(non_finite("the refinement", train))
+        raise NotCertifiedError(non_finite("the refinement", train, dtype))
     return _next_version(
         state, shell, ids, alpha, theta, f, residual, (step, reason), refined, clock
     )
@@ -238,14 +243,18 @@ def _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refi
         rounding_floor=float(refined.floor) if refined else 0.0,
         newton_steps=refined.steps if refined else 0,
         refine_cg_iterations=refined.cg_iterations if refined else 0,
+        tolerance=state.train_config.resolved_tol(), accept_floor=state.train_config.accept_floor,
+        dtype=np.dtype(alpha.dtype).name,
     )  # fmt: skip
     new_state = shell.replace(
         alpha=alpha, theta=theta, f_star=f, version=state.version + 1, residual=residual,
-        forgotten=state.forgotten + tuple(ids), history=state.history + (record.to_dict(),),
+        forgotten=state.forgotten + tuple(map(state.digest, ids)),
+        history=state.history + (record.to_dict(),),
     )  # fmt: skip
     result = ForgetResult(
         new_state.version, step, refine_info, residual, clock.total(), reason,
         record.refine_cg_iterations, clock.timings, refined.inner if refined else (),
+        new_state.certificate(),
     )  # fmt: skip
     return new_state, result
 
@@ -321,30 +330,48 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def not_converged(info: SolveInfo, max_iter: int, dtype: str) -> str:
-    """What to change when a solve missed its tolerance."""
+def not_converged(info: SolveInfo, max_iter: int, dtype) -> str:
+    """What to change when a solve missed its tolerance in ``dtype`` (the precision it ran in)."""
+    name = np.dtype(dtype).name
     head = f"influence solve ({info.method}) stopped at relative residual {info.residual:.2e} after {info.iterations} iterations"
     if info.iterations >= max_iter:
         return f"{head}, its limit: raise max_iter, or use the solver alpha-cholesky for a small retain set"
-    floor = f" (rounding in {dtype} alone leaves about {info.floor:.1e})" if info.floor else ""
+    floor = f" (rounding in {name} alone leaves about {info.floor:.1e})" if info.floor else ""
+    fix = "dtype auto or float64, " if name != "float64" else ""
     return (
-        f"{head}: CG stagnated at {dtype} precision{floor}; use a looser cg_tol, dtype float64, a larger lam, "
+        f"{head}: CG stagnated at {name} precision{floor}; use a looser cg_tol, {fix}a larger lam, "
         "or the solver alpha-cholesky for a small retain set"
     )
 
 
-def _not_refined(refined, max_refine: int, train) -> str:
-    """What to change when the refinement missed its tolerance."""
-    return (
-        f"refinement stopped at relative stationarity residual {refined.residual:.2e} "
-        f"(tolerance {train.resolved_tol():.0e})"
+def _not_certified(residual: float, refined, max_refine: int, train, dtype) -> str:
+    """What to change when the new version's certificate missed ``tol × accept_floor``."""
+    bound = train.resolved_tol() * train.accept_floor
+    head = (
+        f"the new version's certificate (relative stationarity residual {residual:.2e}) is above "
+        f"its tolerance {train.resolved_tol():.0e}"
         + (
-            ": raise max_refine"
-            if refined.steps >= max_refine
-            else f" after {refined.steps} Newton step(s)"
+            f" × accept_floor {train.accept_floor:g} = {bound:.1e}"
+            if train.accept_floor != 1
+            else ""
         )
-        + floor_hint(refined.floor, train.dtype)
     )
+    if refined is None:
+        return (
+            head
+            + ": turn refinement on (refine)"
+            + (
+                ", which cross-entropy needs: the influence step alone is first order"
+                if train.loss != "mse"
+                else ""
+            )
+        )
+    how = (
+        ": raise max_refine"
+        if refined.steps >= max_refine
+        else f" after {refined.steps} Newton step(s) of refinement"
+    )
+    return head + how + floor_hint(refined.floor, dtype)
 
 
 def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None) -> ModelState:
@@ -370,6 +397,7 @@ def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None)
     else:
         del spare
         k = layout.compact(state.k, np.array([state.index[i] for i in ids]), newer.capacity)
+    k = k.astype(newer.alpha.dtype)  # a dtype auto model promoted by this version: exact
     ny = preconditioner(k, newer.solver_config, layout.form, newer.train_config.loss)
     m = jnp.asarray(newer.active, k.dtype)[:, None]
     f_star = newer.f0 + layout.matvec(k, newer.alpha * m)

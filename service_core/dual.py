@@ -23,10 +23,10 @@ import jax.numpy as jnp
 from . import losses
 from .layout import KernelLayout
 from .linalg import (
-    FLOOR_FACTOR,
     SolveInfo,
     SolveOptions,
     SPDSystem,
+    floor_accepts,
     power_iteration,
     solve_system_a,
 )
@@ -104,7 +104,9 @@ def dual_risk(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:
     return float(data + reg)
 
 
-def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> float:
+def rounding_floor(
+    problem: DualProblem, alpha: jax.Array, f: jax.Array, unit_roundoff: float | None = None
+) -> float:
     """How precisely the relative stationarity residual can be computed in α's dtype (an estimate).
 
     The residual r = g(f_0 + K α) + λ|𝒮|α is evaluated with unit roundoff u (2⁻²⁴ in float32); the
@@ -119,13 +121,15 @@ def rounding_floor(problem: DualProblem, alpha: jax.Array, f: jax.Array) -> floa
 
     Arguments:
       problem: the dual risk; alpha: α ``(C, d)``; f: f_0 + K α ``(C, d)``.
+      unit_roundoff: u (default: that of α's dtype); float32's gives the floor float32 would
+        have at this α (``precision.conditioning``).
 
     Returns:
       the estimate (dimensionless: the scale of ``stationarity``'s relative residual).
     """
     m = problem.m
     c = problem.lam * problem.n
-    u = float(jnp.finfo(alpha.dtype).eps) / 2
+    u = float(jnp.finfo(alpha.dtype).eps) / 2 if unit_roundoff is None else unit_roundoff
     abs_alpha = jnp.abs(alpha) * m
     w = losses.hessian(problem.loss, f, problem.y)
     k_abs = problem.layout.abs_matvec(problem.k, abs_alpha)
@@ -139,8 +143,8 @@ class NewtonInfo(NamedTuple):
     """What a Newton solve did: steps, CG iterations summed over steps, final relative stationarity
     residual (of the α returned, f recomputed from it), whether it met the tolerance, wall seconds,
     each inner solve, and ``floor``: the estimated rounding floor (``rounding_floor``) when the
-    residual stagnated above the tolerance (0 otherwise); ``converged`` is then true if the residual
-    is within ``FLOOR_FACTOR`` of it."""
+    residual stagnated above the tolerance (0 otherwise); ``converged`` is then true only within the
+    operator's slack (``linalg.floor_accepts``)."""
 
     steps: int
     cg_iterations: int
@@ -234,7 +238,8 @@ def newton(
       ``(alpha, NewtonInfo)``. The residual is that of the α returned (f recomputed from it near
       the optimum). ``converged`` is false if ``tol`` (and the ``change_norm`` criterion) was not met
       in ``max_steps``, unless the residual stagnated within ``FLOOR_FACTOR`` of α's rounding floor
-      (``NewtonInfo.floor``): no α of this dtype does better.
+      (``NewtonInfo.floor``: no α of this dtype does better) and within the operator's slack
+      ``options.accept_floor`` × ``tol`` (``linalg.floor_accepts``; none by default).
     """
     t0 = time.perf_counter()
     if options.method in ("alpha-paper", "theta-cg"):
@@ -279,7 +284,7 @@ def newton(
             floor = rounding_floor(problem, it.alpha, it.f)
             break
     it = _judged(problem, it)
-    converged = done(it) or (floor > 0.0 and it.rel <= max(tol, FLOOR_FACTOR * floor))
+    converged = done(it) or floor_accepts(it.rel, tol, floor, options.accept_floor)
     converged = converged and bool(jnp.all(jnp.isfinite(it.alpha)))
     total_cg = sum(i.iterations for i in inner)
     seconds = time.perf_counter() - t0

@@ -2,29 +2,35 @@
 
 It owns one immutable ``ModelState`` at a time. Reads take the current state by reference and never
 see a half-applied deletion; ``forget`` computes the next version (``deletion.plan``), checkpoints it,
-and only then publishes it by swapping the reference; ``after_publish`` then does the work that
-follows a published deletion (docs/design.md, The order of a deletion).
+hands it to the caller's ``before_publish`` (the service logs it there) and only then publishes it by
+swapping the reference; once the caller has reported it, ``purge`` deletes what holds forgotten data
+on disk and ``after_publish`` does the rest of the work that follows a published deletion
+(docs/design.md, The order of a deletion).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from . import attribution, checkpoint, deletion, influence, lifecycle, validation
-from .config import ModelConfig, SolverConfig, TrainConfig
+from . import attribution, checkpoint, deletion, influence, lifecycle, precision, validation
+from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
 from .deletion import ForgetResult
+from .errors import NotCertifiedError
 from .influence import InfluenceResult
 from .kernels import purge_cache
 from .layout import SpareBuffer
 from .models import Network
 from .state import ModelState
+
+log = logging.getLogger(__name__)
 
 # Rows of one call of the network's outputs (``Unlearner._rows_outputs``): powers of two from 16.
 _PREDICT_ROWS = (16, 32, 64, 128, 256, 512, 1024)
@@ -36,8 +42,16 @@ class Unlearner:
     Build with ``Unlearner.build`` (trains version 0) or ``Unlearner.restore`` (from checkpoints).
     """
 
-    def __init__(self, state: ModelState, model: Network, cache_dir: Path | None = None):
-        self._state = state
+    def __init__(
+        self,
+        state: ModelState,
+        model: Network,
+        cache_dir: Path | None = None,
+        id_key: bytes | None = None,
+    ):
+        """``id_key``: the secret of the forgotten ids' digests (``ModelState.digest``); ``None``
+        keeps the state's."""
+        self._state = state if id_key is None else state.replace(id_key=id_key)
         self.model = model  # the network never changes; its state does
         self._cache_dir = cache_dir
         self._forget_lock = threading.RLock()
@@ -56,6 +70,7 @@ class Unlearner:
         progress: bool = True,
         devices: list | None = None,
         memory_budget: float = 0.6,
+        id_key: bytes = b"",
     ) -> Unlearner:
         """Build the model, compute (or load) its kernel and train it: version 0 (``lifecycle.build``).
 
@@ -64,7 +79,7 @@ class Unlearner:
         """
         configs = (model_cfg, train_cfg, solver_cfg)
         built = lifecycle.build(dataset, *configs, cache_dir, progress, devices, memory_budget)
-        return cls(*built, cache_dir)
+        return cls(*built, cache_dir, id_key)
 
     @classmethod
     def restore(
@@ -73,14 +88,18 @@ class Unlearner:
         cache_dir: Path | None = None,
         progress: bool = True,
         devices: list | None = None,
+        id_key: bytes = b"",
+        prune: bool = False,
     ) -> Unlearner | None:
-        """The newest complete checkpoint under ``checkpoint_dir``, or ``None`` (``lifecycle.restore``)."""
-        restored = lifecycle.restore(checkpoint_dir, cache_dir, progress, devices)
-        return None if restored is None else cls(*restored, cache_dir)
+        """The newest complete checkpoint under ``checkpoint_dir``, or ``None``; with ``prune``, every
+        other checkpoint and cached kernel is deleted (``lifecycle.restore``)."""
+        restored = lifecycle.restore(checkpoint_dir, cache_dir, progress, devices, id_key, prune)
+        return None if restored is None else cls(*restored, cache_dir, id_key)
 
     def save(self, checkpoint_dir: Path) -> None:
-        """Checkpoint the current version (atomic; older versions are deleted)."""
+        """Checkpoint the current version (atomic), then delete every other one (``purge``)."""
         checkpoint.save(checkpoint_dir, self._state)
+        checkpoint.prune(checkpoint_dir, keep=self._state.version)
 
     # -- read side ------------------------------------------------------------------------------
     @property
@@ -100,8 +119,33 @@ class Unlearner:
         """Active training points."""
         return self._state.n
 
-    def forgotten_ids(self) -> frozenset[str]:
+    def digest(self, record_id: str) -> str:
+        """The keyed digest a forgotten id is remembered by (``ModelState.digest``)."""
+        return self._state.digest(record_id)
+
+    def use_id_key(self, id_key: bytes) -> None:
+        """Digest forgotten ids under ``id_key`` from now on (a model built or restored without the
+        service's secret, before it forgot anything).
+
+        Raises:
+          ValueError: the model has forgotten records under another key already.
+        """
+        with self._forget_lock:
+            if id_key != self._state.id_key and self._state.forgotten:
+                raise ValueError(
+                    "this model has forgotten records under another id key: restore it with "
+                    "that key"
+                )
+            self._state = self._state.replace(id_key=id_key)
+
+    def forgotten_digests(self) -> frozenset[str]:
+        """Keyed digests of the ids forgotten so far (the ids themselves are kept nowhere)."""
         return frozenset(self._state.forgotten)
+
+    def is_forgotten(self, ids: Sequence[str]) -> bool:
+        """Whether every id of ``ids`` is forgotten by the current version."""
+        forgotten = self.forgotten_digests()
+        return all(self.digest(i) in forgotten for i in ids)
 
     @property
     def n_forgotten(self) -> int:
@@ -241,29 +285,60 @@ class Unlearner:
         return attribution.factor(self._state, self._loo)
 
     # -- deletion -------------------------------------------------------------------------------
-    def forget(self, ids: Sequence[str], checkpoint_dir: Path | None = None) -> ForgetResult:
-        """Remove ``ids``: compute the next version (``deletion.plan``), checkpoint it, publish it;
-        the caller reports the deletion, then calls ``after_publish``. Nothing is published unless
-        every solve converged and the checkpoint is complete. ``ForgetResult.timings`` gains
-        ``checkpoint`` and ``publish``; ``seconds`` is their total with the computation.
+    def forget(
+        self,
+        ids: Sequence[str],
+        checkpoint_dir: Path | None = None,
+        before_publish: Callable[[ForgetResult], None] | None = None,
+        note: dict | None = None,
+    ) -> ForgetResult:
+        """Remove ``ids``: compute the next version (``deletion.plan``), checkpoint it (atomic; the
+        older checkpoint stays until ``purge``), call ``before_publish`` (the service appends the
+        deletion-log record there), publish it. The caller then reports the deletion and calls
+        ``purge`` and ``after_publish`` (docs/design.md, The order of a deletion). Nothing is
+        published unless every solve converged, the checkpoint is complete and ``before_publish``
+        returned. ``ForgetResult.timings`` gains ``checkpoint``, ``before_publish`` and
+        ``publish``; ``seconds`` is their total with the computation.
+
+        Arguments:
+          note: JSON-able facts stored with the version's history record (its checkpoint), e.g.
+            the service's job ids, so that a lost log record can be written again from it.
 
         Raises:
           InvalidForgetSetError, UnknownIdsError, AlreadyForgottenError, SolverError, OSError (the
-          checkpoint): the model is unchanged.
+          checkpoint), or what ``before_publish`` raised: the model served is unchanged (a
+          checkpoint may be written; the caller may retry or restart).
         """
         t0 = time.perf_counter()
         with self._forget_lock:
-            new_state, result = deletion.plan(
-                self._state, self.model, ids, spare=self._spare.take()
-            )
+            model = self.model
+            try:
+                new_state, result = deletion.plan(self._state, model, ids, spare=self._spare.take())
+            except NotCertifiedError as e:
+                base, model = self._promoted(e)  # dtype auto: finish in float64, else re-raise
+                new_state, result = deletion.plan(base, model, ids)
+            if note:
+                record = {**new_state.history[-1], "note": dict(note)}
+                new_state = new_state.replace(history=new_state.history[:-1] + (record,))
             t1 = time.perf_counter()
-            if checkpoint_dir is not None:
-                checkpoint.save(checkpoint_dir, new_state)
-            t2 = time.perf_counter()
-            self._state = new_state
+            try:
+                if checkpoint_dir is not None:
+                    checkpoint.save(checkpoint_dir, new_state)
+                t2 = time.perf_counter()
+                timings = {**(result.timings or {}), "checkpoint": t2 - t1}
+                if before_publish is not None:
+                    before_publish(result._replace(seconds=t2 - t0, timings=timings))
+            except BaseException:
+                # Not published: drop its checkpoint, or a restart would restore it.
+                if checkpoint_dir is not None:
+                    checkpoint.prune(checkpoint_dir, keep=self._state.version)
+                raise
             t3 = time.perf_counter()
-        timings = {**(result.timings or {}), "checkpoint": t2 - t1, "publish": t3 - t2}
-        return result._replace(seconds=t3 - t0, timings=timings)
+            self.model = model  # before the state: a float64 network reads float32 states too
+            self._state = new_state
+            t4 = time.perf_counter()
+        timings.update(before_publish=t3 - t2, publish=t4 - t3)
+        return result._replace(seconds=t4 - t0, timings=timings)
 
     def plan_forget(
         self,
@@ -275,17 +350,60 @@ class Unlearner:
         """The next version without ``ids``, computed but not published (dry runs, benchmarks):
         ``deletion.plan`` on the current state, with the spare K buffer."""
         with self._forget_lock:  # one plan at a time: it may take the spare K
-            return deletion.plan(
-                self._state, self.model, ids, method, refine, self._spare.take(), strict
-            )
+            try:
+                return deletion.plan(
+                    self._state, self.model, ids, method, refine, self._spare.take(), strict
+                )
+            except NotCertifiedError as e:
+                base, model = self._promoted(e)
+                return deletion.plan(base, model, ids, method, refine, None, strict)
 
-    def after_publish(self) -> dict[str, float]:
-        """The work that follows a published deletion, off its latency: recompute the Nyström
-        preconditioner from the new K (so nothing derived from forgotten points stays in memory),
-        delete the cached kernels on disk (they hold forgotten rows), make the spare K buffer.
+    def _promoted(self, error: NotCertifiedError) -> tuple[ModelState, Network]:
+        """The current version promoted to float64 with its network (``precision``), for a
+        ``dtype auto`` model still in float32 whose deletion ``error`` could not be certified.
+
+        Raises:
+          NotCertifiedError: ``error`` itself, when the model is not ``dtype auto`` in float32.
+          ResourceError: K in float64 would not fit the memory plan.
+        """
+        st = self._state
+        if st.train_config.dtype != "auto" or st.dtype == "float64":
+            raise error
+        devices = list(st.layout.mesh.devices.flat) if st.layout.mesh is not None else None
+        precision.check_promotion_fits(
+            st.layout.side(st.capacity), devices or jax.local_devices(), 0.6, "the deletion"
+        )
+        log.warning("%s: promoting the model to float64 (dtype auto)", error)
+        model = precision.promoted_network(st.model_config, st.input_shape, st.layout.d)
+        base = precision.promote_arrays(st)
+        ny = lifecycle.preconditioner(base.k, st.solver_config, st.form, st.train_config.loss)
+        info = {**base.meta["precision"], "kernel_dtype": "float32", "promoted": str(error)}
+        meta = {**base.meta, "precision": {**info, "promoted_at_version": st.version + 1}}
+        return base.replace(nystrom=ny, meta=meta), model
+
+    def purge(self, checkpoint_dir: Path | None) -> dict[str, int]:
+        """Delete what holds forgotten data on disk once a deletion is published and reported:
+        every checkpoint but the current version's (and unfinished saves, ``checkpoint.prune``),
+        and every cached kernel (they hold the forgotten rows; ``kernels.purge_cache``).
 
         Returns:
-          seconds per part: ``preconditioner``, ``purge``, ``spare``.
+          files/directories deleted: ``checkpoints``, ``kernels``.
+
+        Raises:
+          OSError: a deletion failed (the next purge, or the next start, tries again).
+        """
+        with self._forget_lock:
+            version = self._state.version
+            pruned = 0 if checkpoint_dir is None else checkpoint.prune(checkpoint_dir, version)
+            return {"checkpoints": pruned, "kernels": purge_cache(self._cache_dir)}
+
+    def after_publish(self) -> dict[str, float]:
+        """The work that follows a published (and purged) deletion, off its latency: recompute the
+        Nyström preconditioner from the new K (so nothing derived from forgotten points stays in
+        memory), make the spare K buffer.
+
+        Returns:
+          seconds per part: ``preconditioner``, ``spare``.
         """
         seconds: dict[str, float] = {}
         with self._forget_lock:
@@ -296,9 +414,7 @@ class Unlearner:
                     st.k, self.solver_config, st.form, self.train_config.loss
                 )
                 self._state = st.replace(nystrom=ny)
-            t1 = time.perf_counter()
-            purge_cache(self._cache_dir)
-            seconds.update(preconditioner=t1 - t0, purge=time.perf_counter() - t1)
+            seconds["preconditioner"] = time.perf_counter() - t0
         seconds["spare"] = self.ready_spare()
         return seconds
 
@@ -312,7 +428,13 @@ class Unlearner:
           ValueError: ``newer`` is not a later version of this model.
         """
         with self._forget_lock:
-            self._state = deletion.follow(self._state, newer, self._spare.take())
+            newer = newer.replace(id_key=self._state.id_key)
+            state = deletion.follow(self._state, newer, self._spare.take())
+            if state.dtype != self._state.dtype and state.train_config.dtype == "auto":
+                self.model = precision.promoted_network(
+                    state.model_config, state.input_shape, state.layout.d
+                )  # the worker promoted the model to float64 (``precision``)
+            self._state = state
         self.ready_spare()
 
     def follow_checkpoint(self, checkpoint_dir: Path) -> bool:
@@ -321,7 +443,12 @@ class Unlearner:
         Returns:
           whether a newer version is now served.
         """
-        newer = checkpoint.restore_newer(checkpoint_dir, self._state.version)
+        newer = checkpoint.restore_newer(
+            checkpoint_dir,
+            self._state.version,
+            lambda meta: jax_dtype(lifecycle.held_dtype(meta["meta"])),
+            self._state.id_key,
+        )
         if newer is not None:
             self.follow(newer)
         return newer is not None

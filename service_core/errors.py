@@ -46,5 +46,15 @@ class SolverError(RuntimeError):
     """A solve that did not reach its tolerance. The model is left unchanged."""
 
 
+class NotCertifiedError(SolverError):
+    """A certificate (relative stationarity residual, recomputed from α and K) above the tolerance
+    times the operator's slack: nothing is published. ``alpha`` is the finite α reached (or
+    ``None``), from which a ``dtype auto`` model finishes the solve in float64."""
+
+    def __init__(self, message: str, alpha=None):
+        super().__init__(message)
+        self.alpha = alpha
+
+
 class ResourceError(UnlearnError):
     """A configuration whose kernel does not fit in memory."""

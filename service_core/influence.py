@@ -334,7 +334,7 @@ def estimate(
         certify=refine,
     )
     if not step.step.converged:
-        raise SolverError(not_converged(step.step, cfg.max_iter, train.dtype))
+        raise SolverError(not_converged(step.step, cfg.max_iter, state.alpha.dtype))
     # Δα on the current layout; refined: α_R − α*_R on R and −α*_F on F (α_new is 0 there)
     delta = step.alpha - state.alpha * state.active[:, None] if refine else step.delta_alpha
     df = model.delta_outputs(state, delta, x)

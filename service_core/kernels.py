@@ -144,13 +144,16 @@ def cached(
     return k, {**report, "path": str(path) if path else None}
 
 
-def purge_cache(cache_dir: Path | None) -> int:
+def purge_cache(cache_dir: Path | None, keep: str | Path | None = None) -> int:
     """Delete every cached kernel under ``cache_dir`` (they hold rows of forgotten points once a
-    deletion has been applied). Returns the number of files removed."""
+    deletion has been applied), and half-written ones, but ``keep`` (a path ``cached`` reported).
+    Returns the number of files removed."""
     if cache_dir is None or not Path(cache_dir).exists():
         return 0
+    kept = None if keep is None else Path(keep).name
     removed = 0
     for p in Path(cache_dir).glob("ntk-*.npy"):
-        p.unlink(missing_ok=True)
-        removed += 1
+        if p.name != kept:
+            p.unlink(missing_ok=True)
+            removed += 1
     return removed

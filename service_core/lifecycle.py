@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, sharding
+from . import checkpoint, precision, sharding
 from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
-from .dual import DualProblem, kernel_gradient_descent, newton
-from .errors import InvalidInputError, SolverError
+from .dual import DualProblem, kernel_gradient_descent, newton, stationarity
+from .errors import InvalidInputError, NotCertifiedError, SolverError
+from .kernels import purge_cache
 from .layout import KernelLayout, pad_rows
 from .linalg import Nystrom, SolveOptions, canonical_method, nystrom, power_iteration
 from .models import Network, make_network
@@ -46,7 +47,7 @@ def build(
       ResourceError: K would not fit the devices (checked before computing it).
       SolverError: training did not reach ``train_cfg``'s tolerance.
     """
-    dtype = jax_dtype(train_cfg.dtype)
+    dtype = jax_dtype("float64" if train_cfg.dtype == "float64" else "float32")
     model = make_network(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
     if model.n_params is None and canonical_method(solver_cfg.method) == "theta-cg":
         raise InvalidInputError(
@@ -55,12 +56,11 @@ def build(
     mesh = sharding.make_mesh(devices)
     layout = KernelLayout(model_cfg.resolved_kernel_form(), dataset.output_dim, mesh)
     cap = bucket(dataset.n, mesh.size)
+    what = f"K for {dataset.n} points, d = {dataset.output_dim} ({layout.form} form)"
     plan = sharding.plan_memory(
         layout.side(cap), np.dtype(dtype).itemsize, list(mesh.devices.flat), memory_budget
     )
-    sharding.check_fits(
-        plan, f"K for {dataset.n} points, d = {dataset.output_dim} ({layout.form} form)"
-    )
+    sharding.check_fits(plan, what)
     k, report = _kernel(model, dataset.x, layout.form, cache_dir, progress)
     log.info(
         "NTK %s form %s: %.1f MiB in %.2f s (%s)", layout.form, k.shape, report["bytes"] / 2**20,
@@ -77,7 +77,25 @@ def build(
     lambda_max = 1.01 * power_iteration(lambda v: layout.matvec(k, v), v0, 30)
     ny = preconditioner(k, solver_cfg, layout.form, train_cfg.loss)
     problem = DualProblem(k, layout, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
-    alpha, record = train(problem, train_cfg, solver_cfg, ny)
+    precision_meta = {"dtype": np.dtype(dtype).name, "kernel_dtype": np.dtype(dtype).name}
+    try:
+        alpha, record = train(problem, train_cfg, solver_cfg, ny)
+    except NotCertifiedError as e:
+        if train_cfg.dtype != "auto":
+            raise
+        # float32 cannot certify the tolerance: finish in float64 from where it stopped (K exact)
+        precision.check_promotion_fits(
+            layout.side(cap), list(mesh.devices.flat), memory_budget, what
+        )
+        log.warning("%s: promoting the model to float64 (dtype auto)", e)
+        model = precision.promoted_network(model_cfg, dataset.input_shape, dataset.output_dim)
+        f64 = model.theta0.dtype if model.n_params is not None else jax_dtype("float64")
+        k, x, y, f0 = (a.astype(f64) for a in (k, x, y, f0))
+        ny = preconditioner(k, solver_cfg, layout.form, train_cfg.loss)
+        problem = DualProblem(k, layout, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
+        start = None if e.alpha is None else jnp.asarray(e.alpha, f64)
+        alpha, record = train(problem, train_cfg, solver_cfg, ny, start)
+        precision_meta = {"dtype": "float64", "kernel_dtype": "float32", "promoted": str(e)}
     theta = model.theta(x, alpha)
     meta = {
         "dataset": {
@@ -93,42 +111,61 @@ def build(
         "solver": solver_cfg.to_dict(),
         "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
         "lambda_max": lambda_max,
+        "precision": {
+            **precision_meta,
+            "promoted_at_version": 0 if "promoted" in precision_meta else None,
+        },
     }
     ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
+    f_star = problem.outputs(alpha)
+    # float32's limit for the tolerance float32 would be held to (a float64 model's 1e-10 is out of its reach)
+    tol32 = train_cfg.resolved_tol() if train_cfg.dtype != "float64" else 1e-5
+    meta["conditioning"] = conditioning_report(
+        problem, alpha, f_star, lambda_max, tol32, train_cfg.dtype
+    )
     state = ModelState(
         0, ids, x, y, k, layout, f0, alpha, theta, record.residual, (), (record.to_dict(),), meta,
-        f_star=problem.outputs(alpha), nystrom=ny,
+        f_star=f_star, nystrom=ny,
     )  # fmt: skip
     return state, model
 
 
 def train(
-    problem: DualProblem, train_cfg: TrainConfig, solver_cfg: SolverConfig, ny: Nystrom | None
+    problem: DualProblem,
+    train_cfg: TrainConfig,
+    solver_cfg: SolverConfig,
+    ny: Nystrom | None,
+    alpha0: jax.Array | None = None,
 ) -> tuple[jax.Array, VersionRecord]:
-    """α* of ``problem`` by Newton (``dual.newton``) or kernel gradient descent, and the record of
-    version 0.
+    """α* of ``problem`` by Newton (``dual.newton``) or kernel gradient descent from ``alpha0``
+    (default zeros), and the record of version 0.
 
     Raises:
-      SolverError: the tolerance was not met; the message says what to change.
+      NotCertifiedError: the certificate (relative stationarity residual of the α returned, f
+        recomputed from it) is above ``tol × accept_floor``; the message says what to change.
+      SolverError: the solve produced non-finite values.
     """
     tol = train_cfg.resolved_tol()
+    start = jnp.zeros_like(problem.y) if alpha0 is None else alpha0
     if train_cfg.trainer == "kgd":
-        start = jnp.zeros_like(problem.y)
         alpha, info = kernel_gradient_descent(
             problem, start, tol=tol, max_steps=train_cfg.max_kgd_steps
         )
         limit, floor, steps = "max_kgd_steps (or use trainer newton)", 0.0, info.steps
     else:
-        options = solve_options(solver_cfg, train_cfg.dtype).replace(nystrom=ny)
-        alpha, info = newton(problem, jnp.zeros_like(problem.y), tol, train_cfg.max_newton, options)
+        options = solve_options(
+            solver_cfg, train_cfg.dtype, accept_floor=train_cfg.accept_floor
+        ).replace(nystrom=ny)
+        alpha, info = newton(problem, start, tol, train_cfg.max_newton, options)
         limit, floor, steps = "max_newton", info.floor, info.steps
     if not finite(alpha, info.residual):
-        raise SolverError(non_finite("training", train_cfg))
-    if not info.converged:
-        raise SolverError(
+        raise NotCertifiedError(non_finite("training", train_cfg, alpha.dtype))
+    if not (info.converged and train_cfg.certified(info.residual)):
+        raise NotCertifiedError(
             f"training ({train_cfg.trainer}) stopped at relative stationarity residual {info.residual:.2e} after "
-            f"{info.steps} steps (tolerance {tol:.0e})"
-            + _training_hint(info, floor, train_cfg, solver_cfg, limit)
+            f"{info.steps} steps (tolerance {tol:.0e}{_slack(train_cfg)})"
+            + _training_hint(info, floor, train_cfg, solver_cfg, limit, alpha.dtype),
+            alpha,
         )
     log.info(
         "trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s",
@@ -136,8 +173,27 @@ def train(
     )  # fmt: skip
     solve = info.as_solve_info().to_dict()
     return alpha, VersionRecord(
-        0, 0, solve, info.residual, rounding_floor=floor, newton_steps=steps
-    )
+        0, 0, solve, info.residual, rounding_floor=floor, newton_steps=steps,
+        tolerance=tol, accept_floor=train_cfg.accept_floor, dtype=np.dtype(alpha.dtype).name,
+    )  # fmt: skip
+
+
+def _slack(train_cfg: TrainConfig) -> str:
+    return f" × accept_floor {train_cfg.accept_floor:g}" if train_cfg.accept_floor != 1 else ""
+
+
+def conditioning_report(problem, alpha, f, lambda_max: float, tol: float, dtype: str) -> dict:
+    """``precision.conditioning`` of the trained model, logged at start-up with a WARNING when λ is
+    within ten times the smallest λ float32 can certify."""
+    cond = precision.conditioning(problem, alpha, f, lambda_max, tol)
+    log.info(
+        "conditioning: κ ≈ %.2e (μ_max %.3g); float32 certifies lam down to ~%.1e (lam %g)",
+        cond["kappa"], cond["lambda_max"], cond["min_lam_float32"], problem.lam,
+    )  # fmt: skip
+    warning = precision.warn_if_near_limit(cond, problem.lam, dtype)
+    if warning:
+        log.warning(warning)
+    return {**cond, "tolerance": tol, "warning": warning}
 
 
 def restore(
@@ -145,24 +201,42 @@ def restore(
     cache_dir: Path | None = None,
     progress: bool = True,
     devices: list | None = None,
+    id_key: bytes = b"",
+    prune: bool = False,
 ) -> tuple[ModelState, Network] | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
     K is recomputed from the checkpointed active inputs (``checkpoint`` module docstring), or
     read from ``cache_dir`` when it holds the kernel of exactly these inputs.
 
+    Arguments:
+      id_key: the secret of the forgotten ids' digests (``ModelState.digest``).
+      prune: finish what a crash left (the worker's start, docs/design.md, The order of a
+        deletion): delete every other checkpoint and unfinished save (``checkpoint.prune``) and
+        every cached kernel but the one of these inputs (the others hold forgotten rows).
+
     Raises:
       SolverError: the network rebuilt from the checkpoint's configuration is not the one it was
         trained with (another θ0).
     """
     state = checkpoint.restore(
-        checkpoint_dir, before_arrays=lambda meta: jax_dtype(meta["meta"]["train"]["dtype"])
+        checkpoint_dir,
+        before_arrays=lambda meta: jax_dtype(held_dtype(meta["meta"])),
+        id_key=id_key,
     )
     if state is None:
         return None
-    dtype = jax_dtype(state.train_config.dtype)
+    if prune:
+        pruned = checkpoint.prune(checkpoint_dir, keep=state.version)
+        if pruned:
+            log.info("deleted %d checkpoint(s) other than version %d", pruned, state.version)
     ds = state.meta["dataset"]
-    model = make_network(state.model_config, tuple(ds["input_shape"]), ds["output_dim"], dtype)
+    shape, d = tuple(ds["input_shape"]), ds["output_dim"]
+    kernel_net = precision.kernel_network(state.meta, state.model_config, shape, d)
+    if held_dtype(state.meta) == "float64" and state.train_config.dtype == "auto":
+        model = precision.promoted_network(state.model_config, shape, d)
+    else:
+        model = kernel_net
     saved, now = state.meta.get("theta0_fingerprint"), fingerprint(model)
     if saved is not None and now is not None and not np.isclose(now, saved, rtol=1e-6, atol=0):
         # K is recomputed from this network: a different θ0 would silently give another model
@@ -178,24 +252,82 @@ def restore(
         padded = {name: pad_rows(a, cap) for name, a in state.arrays().items() if name != "theta"}
         state = state.replace(ids=pad_rows(state.ids, cap), **padded)
     points = np.flatnonzero(state.active)
-    k, report = _kernel(model, np.asarray(state.x)[points], layout.form, cache_dir, progress)
-    k = layout.embed(k, points, state.capacity)
+    k, report = _kernel(kernel_net, np.asarray(state.x)[points], layout.form, cache_dir, progress)
+    if prune:
+        purged = purge_cache(cache_dir, keep=report["path"])
+        if purged:
+            log.info("deleted %d cached kernel(s) of other training sets", purged)
+    k = layout.embed(k, points, state.capacity).astype(state.alpha.dtype)  # a promoted K: exact
     log.info(
         "restored version %d: K %s recomputed in %.2f s", state.version, k.shape, report["seconds"]
     )
     ny = preconditioner(k, state.solver_config, layout.form, state.train_config.loss)
     state = state.replace(k=k, layout=layout, nystrom=ny)
-    m = jnp.asarray(state.active, k.dtype)[:, None]
-    return state.replace(f_star=state.f0 + layout.matvec(k, state.alpha * m)), model
+    return recertified(state, model), model
 
 
-def solve_options(cfg: SolverConfig, dtype: str, method: str | None = None) -> SolveOptions:
-    """The linear solves' options from the solver configuration (``method`` overrides its method)."""
+def recertified(state: ModelState, model: Network) -> ModelState:
+    """``state`` (K recomputed at restore) with f* and its certificate recomputed from that K.
+
+    K recomputed over the active points may differ from the K the version was solved with by
+    rounding (the kernel's blocks hold other points: up to 1 ulp in float32, measured 4.8e-7 on
+    entries of 3.5). When that moves the certificate above ``tol × accept_floor`` (a model certified
+    to 1e-11 in float64 on a float32 K), Newton re-solves from α on this K: the same version,
+    certified again against the K it is served with, θ recomputed (Eq. (T)).
+
+    Raises:
+      SolverError: the re-solve did not certify (the message says what to change).
+    """
+    train = state.train_config
+    problem = DualProblem(
+        state.k, state.layout, state.f0, state.y, jnp.asarray(state.active), train.lam, train.loss
+    )
+    f = problem.outputs(state.alpha)
+    _, residual = stationarity(problem, state.alpha, f)
+    if train.certified(residual):
+        return state.replace(f_star=f)
+    log.warning(
+        "restored version %d: certificate %.2e on the recomputed K (published %.2e); re-solving",
+        state.version, residual, state.residual,
+    )  # fmt: skip
+    options = solve_options(state.solver_config, train.dtype, accept_floor=train.accept_floor)
+    alpha, info = newton(
+        problem,
+        state.alpha,
+        train.resolved_tol(),
+        train.max_newton,
+        options.replace(nystrom=state.nystrom),
+    )
+    if not (finite(alpha, info.residual) and info.converged and train.certified(info.residual)):
+        raise SolverError(
+            f"restored version {state.version}: its certificate on the recomputed K is {residual:.2e} and "
+            f"re-solving reached {info.residual:.2e} (tolerance {train.resolved_tol():.0e}{_slack(train)})"
+            + floor_hint(info.floor, alpha.dtype)
+        )
+    theta = model.theta(state.x, alpha) if state.theta is not None else None
+    return state.replace(
+        alpha=alpha, theta=theta, residual=info.residual, f_star=problem.outputs(alpha)
+    )
+
+
+def held_dtype(meta: dict) -> str:
+    """The dtype a model's arrays are held in: its ``precision`` record (``dtype auto``: float32
+    until promoted), else the configured dtype (checkpoints older than ``dtype auto``)."""
+    held = meta.get("precision", {}).get("dtype")
+    return held or ("float32" if meta["train"]["dtype"] == "auto" else meta["train"]["dtype"])
+
+
+def solve_options(
+    cfg: SolverConfig, dtype: str, method: str | None = None, accept_floor: float = 1.0
+) -> SolveOptions:
+    """The linear solves' options from the solver configuration (``method`` overrides its method;
+    ``accept_floor``: ``TrainConfig.accept_floor``)."""
     return SolveOptions(
         method=canonical_method(method or cfg.method),
         tol=cfg.resolved_tol(dtype),
         max_iter=cfg.max_iter,
         cholesky_max_dim=cfg.cholesky_max_dim,
+        accept_floor=accept_floor,
     )
 
 
@@ -217,10 +349,11 @@ def fingerprint(model: Network) -> float | None:
 
 
 def _training_hint(
-    info, floor: float, train_cfg: TrainConfig, solver_cfg: SolverConfig, limit: str
+    info, floor: float, train_cfg: TrainConfig, solver_cfg: SolverConfig, limit: str, dtype
 ) -> str:
     """What to change when training missed its tolerance: the iteration limit of the inner solves
-    when they hit it, else the rounding floor when Newton stagnated on it, else λ or the step limit."""
+    when they hit it, else the rounding floor of ``dtype`` (the precision the solve ran in) when
+    Newton stagnated on it, else λ or the step limit."""
     inner = getattr(info, "inner", ())
     if any(not i.converged and i.iterations >= solver_cfg.max_iter for i in inner):
         return (
@@ -228,7 +361,9 @@ def _training_hint(
             "raise max_iter, or use the solver alpha-cholesky for a small training set"
         )
     if floor:
-        return floor_hint(floor, train_cfg.dtype)
+        return floor_hint(floor, dtype)
+    if info.steps >= train_cfg.max_newton and train_cfg.trainer == "newton":
+        return f": it hit its step limit (max_newton = {train_cfg.max_newton}): raise max_newton or lam"
     return f": raise lam or {limit}"
 
 
@@ -237,23 +372,27 @@ def finite(*values) -> bool:
     return all(v is None or bool(jnp.all(jnp.isfinite(jnp.asarray(v)))) for v in values)
 
 
-def non_finite(what: str, train_cfg: TrainConfig) -> str:
-    """The message for a solve that produced NaN or inf: nothing is published."""
+def non_finite(what: str, train_cfg: TrainConfig, dtype=None) -> str:
+    """The message for a solve that produced NaN or inf in ``dtype`` (default the configured one):
+    nothing is published."""
+    name = np.dtype(dtype).name if dtype is not None else train_cfg.dtype
     return (
         f"{what} produced non-finite values (NaN or inf): the kernel system is too ill-conditioned "
-        f"for {train_cfg.dtype} at lam = {train_cfg.lam:g}; raise lam"
-        + (" or use dtype float64" if train_cfg.dtype != "float64" else "")
+        f"for {name} at lam = {train_cfg.lam:g}; raise lam"
+        + (" or use dtype auto or float64" if name != "float64" else "")
         + "; nothing was published"
     )
 
 
-def floor_hint(floor: float, dtype: str) -> str:
-    """What to change when Newton stagnated on its rounding floor (``dual.newton``)."""
+def floor_hint(floor: float, dtype) -> str:
+    """What to change when Newton stagnated on its rounding floor in ``dtype`` (``dual.newton``)."""
     if not floor:
         return ""
+    name = np.dtype(dtype).name
+    fix = "use dtype auto or float64, " if name != "float64" else ""
     return (
-        f"; it stagnated: no step lowers the residual in {dtype}, whose rounding alone leaves about {floor:.1e}: "
-        "use dtype float64, a looser training tol, or a larger lam"
+        f"; it stagnated: no step lowers the residual in {name}, whose rounding alone leaves about {floor:.1e}: "
+        f"{fix}a looser tol, slack with accept_floor, or a larger lam"
     )
 
 

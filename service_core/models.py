@@ -148,7 +148,7 @@ class Model:
 
     def theta(self, x, alpha, delta: bool = False) -> jax.Array:
         """θ = θ_p + J(X)ᵀα (Eq. (T)), or Δθ = J(X)ᵀΔα with ``delta``; x ``(C, ...)``, α ``(C, d)``."""
-        j_t_alpha = self._jit_vjp(x, alpha)
+        j_t_alpha = self._jit_vjp(x, jnp.asarray(alpha, self.theta0.dtype))
         return j_t_alpha if delta else self.theta_p + j_t_alpha
 
     def outputs_at(self, theta, x) -> jax.Array:
@@ -372,7 +372,11 @@ def mlp_layers(config: ModelConfig, output_dim: int) -> list:
 
 
 def build_model(
-    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+    config: ModelConfig,
+    input_shape: tuple[int, ...],
+    output_dim: int,
+    dtype=jnp.float32,
+    draw_dtype=None,
 ) -> Model:
     """Build ``linear``, ``mlp`` or ``cnn`` (docs/design.md, Command line) and draw θ_0 from ``config.seed``.
 
@@ -382,6 +386,8 @@ def build_model(
         ``(H, W, C)`` or ``(H, W)`` (see ``image_shape``).
       output_dim: d.
       dtype: dtype of θ.
+      draw_dtype: dtype θ_0 is drawn in (default ``dtype``): a ``dtype auto`` model promoted to
+        float64 keeps the θ_0 it was drawn with in float32, cast exactly (``precision.promote``).
 
     Raises:
       ValueError: an unknown model kind (the ``inf-*`` kinds have no θ: ``KernelModel``),
@@ -415,7 +421,8 @@ def build_model(
     # on for the whole process, and stax then draws different numbers from the same seed): the same
     # ModelConfig is the same network in every process, which restoring a checkpoint relies on. A
     # float64 network needs x64 on, so it is always drawn that way.
-    with disable_x64() if jnp.dtype(dtype) != jnp.float64 else contextlib.nullcontext():
+    draw_dtype = dtype if draw_dtype is None else draw_dtype
+    with disable_x64() if jnp.dtype(draw_dtype) != jnp.float64 else contextlib.nullcontext():
         _, params = init_fn(jax.random.PRNGKey(config.seed), (-1,) + net_shape)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     theta0, unravel = ravel_pytree(params)
@@ -426,9 +433,14 @@ def build_model(
 
 
 def make_network(
-    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+    config: ModelConfig,
+    input_shape: tuple[int, ...],
+    output_dim: int,
+    dtype=jnp.float32,
+    draw_dtype=None,
 ) -> Model | KernelModel:
-    """A finite network to linearise (``build_model``), or an infinitely wide one (``KernelModel``)."""
+    """A finite network to linearise (``build_model``; θ_0 drawn in ``draw_dtype``, default
+    ``dtype``), or an infinitely wide one (``KernelModel``, nothing drawn)."""
     if config.infinite:
         return KernelModel(config, input_shape, output_dim, dtype)
-    return build_model(config, input_shape, output_dim, dtype)
+    return build_model(config, input_shape, output_dim, dtype, draw_dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
 import time
 from typing import Any
 
@@ -30,6 +32,10 @@ class VersionRecord:
       rounding_floor: estimated rounding floor of the last Newton solve (0 if it met its tolerance).
       newton_steps: Newton steps (training, or refinement).
       refine_cg_iterations: CG iterations of the refinement's inner solves, summed.
+      tolerance: the stationarity tolerance the certificate was held to (``TrainConfig.tol``).
+      accept_floor: the slack the operator granted (``residual`` ≤ ``tolerance × accept_floor``).
+      dtype: the precision the version was computed in (``float64`` once a ``dtype auto`` model
+        was promoted).
       time: Unix time it was computed.
     """
 
@@ -42,6 +48,9 @@ class VersionRecord:
     rounding_floor: float = 0.0
     newton_steps: int = 0
     refine_cg_iterations: int = 0
+    tolerance: float | None = None
+    accept_floor: float = 1.0
+    dtype: str = ""
     time: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,11 +75,14 @@ class ModelState:
       f0: f_0 ``(C, d)``; alpha: α ``(C, d)``; theta: θ ``(P,)``, ``None`` for an infinitely wide
         model (a kernel machine, docs/maths.md Eq. (14)).
       residual: relative stationarity residual of α (the version's certificate).
-      forgotten: ids forgotten so far (the deletion log keeps ids, never data).
+      forgotten: keyed digests (``digest``) of the ids forgotten so far: the id itself is kept
+        nowhere once its deletion is applied, yet a re-forget is told it was forgotten.
       history: ``VersionRecord.to_dict()`` of every version.
       meta: data set description and the configurations (model, train, solver) that made it.
       f_star: the outputs f_0 + K α on the training rows ``(C, d)`` (not checkpointed).
       nystrom: the CG preconditioner of K (``linalg.Nystrom``) or ``None`` (not checkpointed).
+      id_key: the secret of ``digest`` (not checkpointed: the service keeps it in its data
+        directory; ``b""`` for library use, where a digest is then an unkeyed hash).
     """
 
     version: int
@@ -88,10 +100,20 @@ class ModelState:
     meta: dict[str, Any]
     f_star: jax.Array | None = None
     nystrom: Any = None
+    id_key: bytes = dataclasses.field(default=b"", repr=False)
+
+    def digest(self, record_id: str) -> str:
+        """HMAC-SHA256 of a record id under ``id_key``, hex (64 characters)."""
+        return id_digest(self.id_key, record_id)
 
     @property
     def form(self) -> str:
         return self.layout.form
+
+    @property
+    def dtype(self) -> str:
+        """The precision the arrays are held and solved in: ``float32`` or ``float64``."""
+        return np.dtype(self.alpha.dtype).name
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -149,6 +171,21 @@ class ModelState:
             "bytes_per_device": sharding.bytes_per_device(self.k),
         }
 
+    def certificate(self) -> dict[str, Any]:
+        """The version's certificate (docs/design.md, Certificates): its relative stationarity
+        residual, the tolerance and slack it was held to, the rounding floor when the solve stopped
+        on stagnation, the ratio residual / tolerance, and the precision it was computed in."""
+        record = self.history[-1] if self.history else {}
+        tol = record.get("tolerance") or self.train_config.resolved_tol()
+        return {
+            "residual": float(self.residual),
+            "tolerance": float(tol),
+            "accept_floor": float(record.get("accept_floor", 1.0)),
+            "rounding_floor": float(record.get("rounding_floor", 0.0)),
+            "tolerance_ratio": float(self.residual) / float(tol),
+            "dtype": record.get("dtype") or self.dtype,
+        }
+
     def mask(self, ids) -> np.ndarray:
         """bool ``(C,)``: the rows of the active ``ids``."""
         mask = np.zeros(self.capacity, bool)
@@ -173,9 +210,19 @@ class ModelState:
             "form": self.form,
             "residual": self.residual,
             "forgotten": list(self.forgotten),
+            "forgotten_form": FORGOTTEN_FORM,
             "history": list(self.history),
             "meta": self.meta,
         }
+
+
+# How ``forgotten`` is written in a checkpoint; checkpoints without it hold clear ids.
+FORGOTTEN_FORM = "hmac-sha256"
+
+
+def id_digest(key: bytes, record_id: str) -> str:
+    """HMAC-SHA256 (RFC 2104) of ``record_id`` (UTF-8) under ``key``, as 64 hex characters."""
+    return hmac.new(key, record_id.encode(), hashlib.sha256).hexdigest()
 
 
 def bucket(n: int, multiple: int = 1) -> int:

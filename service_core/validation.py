@@ -111,11 +111,12 @@ def forget_set(
             f"ids are duplicated: {', '.join(dup[:20])}. List each id once."
         )
     active = state.index
-    forgotten = set(state.forgotten)
-    unknown = [i for i in ids if i not in active and i not in forgotten]
+    forgotten = set(state.forgotten)  # keyed digests (ModelState.digest)
+    gone_before = {i for i in ids if i not in active and state.digest(i) in forgotten}
+    unknown = [i for i in ids if i not in active and i not in gone_before]
     if unknown:
         raise UnknownIdsError(unknown)
-    gone = [i for i in ids if i in forgotten or i in pending]
+    gone = [i for i in ids if i in gone_before or i in pending]
     if gone:
         raise AlreadyForgottenError(gone)
     remaining = state.n - len(set(ids) | (set(pending) & set(active)))

@@ -58,7 +58,9 @@ def test_job_record_has_every_field(client, wait_for_job):
     accepted = _forget(client, ["r01"])
     job = wait_for_job(client, accepted["job_id"])
     assert job["job_id"] == accepted["job_id"]
-    assert job["ids"] == ["r01"]
+    assert job["ids"] == []  # once ended, only the ids' keyed digests are kept
+    assert len(job["id_digests"]) == 1 and len(job["id_digests"][0]) == 64
+    assert job["receipt"]["payload"]["job_id"] == accepted["job_id"]
     assert job["submitted_at"] <= job["finished_at"]
     assert job["error"] is None
     solver = job["solver"]
@@ -68,6 +70,16 @@ def test_job_record_has_every_field(client, wait_for_job):
     assert solver["converged"] is True
     assert solver["residual"] < 1e-6
     assert job["refine"]["converged"] is True  # cross-entropy: Newton refinement ran
+    # the certificate: recomputed from the published α and K, within tolerance × the slack granted
+    cert = solver["certificate"]
+    assert cert["residual"] <= cert["tolerance"] * cert["accept_floor"]
+    assert cert["accept_floor"] == 1.0 and cert["dtype"] in ("float32", "float64")
+    assert cert["tolerance_ratio"] == pytest.approx(cert["residual"] / cert["tolerance"])
+    model = client.get("/v1/model", headers=READ).json()
+    assert model["version"] == job["model_version"] and model["certificate"] == cert
+    assert model["precision"]["configured"] == "float64" and model["dtype"] == cert["dtype"]
+    cond = model["conditioning"]
+    assert cond["kappa"] > 1 and cond["min_lam_float32"] > 0 and cond["lambda_max"] > 0
 
 
 def test_unknown_job_is_404(client):

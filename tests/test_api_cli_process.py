@@ -181,8 +181,8 @@ def test_sigterm_during_a_lone_workers_first_build_stops_it_at_once(
 
 
 def test_a_model_that_cannot_be_trained_is_one_line_at_start(tmp_path):
-    """A start-up failure of the model (here: float32 cannot solve a singular system at λ = 1e-8)
-    is one line on stderr naming the fix, a non-zero exit and no traceback, with the embedded
+    """A start-up failure of the model (here: float32, asked for explicitly, cannot solve a singular
+    system at λ = 1e-8; dtype auto would finish it in float64, test_precision) is one line on stderr naming the fix, a non-zero exit and no traceback, with the embedded
     Redis stopped."""
     import numpy as np
 
@@ -192,7 +192,8 @@ def test_a_model_that_cannot_be_trained_is_one_line_at_start(tmp_path):
     log = tmp_path / "serve.log"
     proc = _start(
         log, "--dataset", f"npz:{tmp_path / 'singular.npz'}", "--model", "linear", "--loss", "mse",
-        "--lam", "1e-8", "--data-dir", str(tmp_path / "data"), "--port", str(_free_port()),
+        "--lam", "1e-8", "--dtype", "float32", "--data-dir", str(tmp_path / "data"),
+        "--port", str(_free_port()),
     )  # fmt: skip
     try:
         code = proc.wait(300)

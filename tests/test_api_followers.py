@@ -55,6 +55,7 @@ def _other_worker(client: TestClient, base_checkpoint: Path):
     """The worker of another process: its own copy of version 0, the same data dir and Redis."""
     state = client.app.state.service
     model = Unlearner.restore(base_checkpoint)
+    model.use_id_key(state.keys.id_secret)  # the data dir's secret, as a real worker's
     return model, make_worker(state.settings, model, state.queue, None)
 
 
@@ -138,6 +139,7 @@ def test_without_redis_the_newest_checkpoint_is_the_bar(make_settings, base_chec
     with TestClient(app) as client:
         # A worker wrote version 1 to the data dir; Redis (down) never heard of it.
         worker_model = Unlearner.restore(base_checkpoint)
+        worker_model.use_id_key(app.state.service.keys.id_secret)
         worker_model.forget(["r05"], settings.checkpoint_dir)
         ids = client.get("/v1/ids", headers=READ)
         assert ids.status_code == 200, ids.text

@@ -68,6 +68,7 @@ class Served:
         self.url = url
         self.ids = ids
         self.job_ids: list[str] = []
+        self.receipt_job_ids: list[str] = []
         self.answers: dict[str, set[int]] = {}
 
 
@@ -99,11 +100,41 @@ def served(
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     ids = httpx.get(f"{url}/v1/ids", headers=WRITE, params={"limit": 10_000}).json()["ids"]
+    served = Served(url, ids[:-1])
+    served.receipt_job_ids.append(_succeeded_job(url, ids[-1], app_settings, base_checkpoint))
     try:
-        yield Served(url, ids)
+        yield served
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def _succeeded_job(url: str, record_id: str, app_settings: Settings, base_checkpoint) -> str:
+    """A forget job that succeeded (so that it has a receipt): queued through the API, applied by
+    a worker on a copy of the model that checkpoints elsewhere, so the served model (which
+    follows only its own data dir's checkpoints) stays at version 0."""
+    import redis
+
+    from app.deletion_log import DeletionLog
+    from app.queue import JobQueue
+    from app.receipts import DeploymentKeys
+    from app.worker import Worker
+    from service_core import Unlearner
+
+    keys = DeploymentKeys.load_or_create(app_settings.data_dir)
+    job_id = httpx.post(f"{url}/v1/forget", json={"ids": [record_id]}, headers=WRITE).json()[
+        "job_id"
+    ]
+    client = redis.Redis.from_url(app_settings.redis_url, decode_responses=True)
+    queue = JobQueue(client, app_settings.redis_prefix, app_settings.job_ttl_s, keys.digest)
+    applier = Unlearner.restore(base_checkpoint, id_key=keys.id_secret)
+    checkpoints = app_settings.data_dir.parent / "applier-checkpoints"
+    Worker(
+        applier, queue, checkpoints, DeletionLog(app_settings.deletion_log), keys=keys
+    ).run_once()
+    client.close()
+    assert httpx.get(f"{url}/v1/jobs/{job_id}/receipt", headers=WRITE).status_code == 200
+    return job_id
 
 
 def _reachable(case: Any, served: Served, rng: random.Random) -> None:
@@ -121,6 +152,8 @@ def _reachable(case: Any, served: Served, rng: random.Random) -> None:
         body["ids"] = rng.sample(served.ids, k=min(len(body["ids"]) or 1, 2))
     elif path == "/v1/jobs/{job_id}" and served.job_ids:
         case.path_parameters = {"job_id": rng.choice(served.job_ids)}
+    elif path == "/v1/jobs/{job_id}/receipt":
+        case.path_parameters = {"job_id": rng.choice(served.receipt_job_ids)}
     if path in ("/v1/predict", "/v1/influence", "/v1/attribute") and isinstance(
         body.get("x"), list
     ):

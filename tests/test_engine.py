@@ -77,6 +77,9 @@ def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digit
     gone = u.active_ids()[:5]
     before = u.state.nystrom
     result = u.forget(gone, checkpoint_dir=tmp_path / "ckpt")
+    # the older checkpoint and the cached K stay until the deletion is reported, then go
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["0", "1"]
+    assert u.purge(tmp_path / "ckpt") == {"checkpoints": 1, "kernels": 1}
     u.after_publish()
     assert not list((tmp_path / "cache").glob("ntk-*.npy"))  # cached K held the forgotten rows
     # the preconditioner was derived from the forgotten rows too: recomputed from the new K
@@ -92,7 +95,8 @@ def test_checkpoint_roundtrip_prunes_and_keeps_no_forgotten_rows(tmp_path, digit
     )
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
     back = Unlearner.restore(tmp_path / "ckpt")
-    assert back.version == 1 and back.n_train == 45 and back.forgotten_ids() == frozenset(gone)
+    assert back.version == 1 and back.n_train == 45 and back.is_forgotten(gone)
+    assert back.forgotten_digests() == {back.digest(i) for i in gone}
     assert np.array_equal(back.predict(ds.x_test[:5]), u.predict(ds.x_test[:5]))
     restored = checkpoint.restore(tmp_path / "ckpt")
     assert restored.n == 45 and not set(gone) & set(restored.ids.tolist())

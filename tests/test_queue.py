@@ -85,7 +85,7 @@ def test_a_job_invalid_at_apply_time_fails_alone(queue, worker_for, unlearner):
     assert failed.status == "failed"
     assert "ghost" in failed.error and failed.model_version is None
     assert unlearner.version == 1
-    assert unlearner.forgotten_ids() == {"r01", "r03", "r04"}
+    assert unlearner.is_forgotten(["r01", "r03", "r04"]) and unlearner.n_forgotten == 3
     _redis_is_clean(queue)
 
 
@@ -191,7 +191,10 @@ def test_deletion_log_records_each_version(queue, worker_for, unlearner, tmp_pat
     worker.run_once()
     lines = [json.loads(line) for line in (tmp_path / "deletions.log").read_text().splitlines()]
     assert [entry["version"] for entry in lines] == [1, 2]
-    assert lines[0]["job_ids"] == [first.job_id] and lines[0]["ids"] == ["r01", "r02"]
+    assert lines[0]["job_ids"] == [first.job_id] and "ids" not in lines[0]
+    assert lines[0]["id_digests"] == [unlearner.digest("r01"), unlearner.digest("r02")]
+    assert [e["version_before"] for e in lines] == [0, 1]
+    assert "r01" not in (tmp_path / "deletions.log").read_text()  # keyed digests, no id in clear
     assert lines[1]["job_ids"] == [second.job_id] and lines[1]["n_forgotten"] == 3
     assert lines[1]["solver"]["converged"] is True
 
@@ -206,7 +209,7 @@ def test_jobs_a_crashed_worker_took_are_run_by_the_next(queue, worker_for, unlea
     assert worker.recover() == 1
     record = queue.get(job.job_id)
     assert record.status == "succeeded" and record.model_version == 1
-    assert unlearner.forgotten_ids() == {"r06"}
+    assert unlearner.is_forgotten(["r06"]) and unlearner.n_forgotten == 1
     _redis_is_clean(queue)
     consumers = queue.client.xinfo_consumers(queue.stream, GROUP)
     assert [c["name"] for c in consumers] == [worker.consumer]  # the dead one is gone

@@ -14,7 +14,9 @@ from service_core import Unlearner
 
 from ..core.config import Settings
 from ..core.security import Right, check_access
+from ..deletion_log import DeletionLog
 from ..queue import JobQueue
+from ..receipts import DeploymentKeys
 from ..service import FollowerBehindError, ServiceState
 
 # Every 503 says when to come back (the OpenAPI document promises it: ``app.api.contract``).
@@ -129,3 +131,15 @@ async def reject_unknown_query(request: Request) -> None:
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"unknown query parameter(s) {', '.join(map(repr, unknown))} for this endpoint; {takes}",
         )
+
+
+def get_keys(state: StateDep) -> DeploymentKeys:
+    return _loaded(state.keys, "the deployment keys are not loaded")
+
+
+def get_deletion_log(state: StateDep) -> DeletionLog:
+    return _loaded(state.deletion_log, "the deletion log is not open")
+
+
+KeysDep = Annotated[DeploymentKeys, Depends(get_keys)]
+DeletionLogDep = Annotated[DeletionLog, Depends(get_deletion_log)]

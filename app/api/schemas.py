@@ -177,9 +177,27 @@ class SolverInfo(BaseModel):
     rounding_floor: float | None = Field(
         None,
         description="the residual's estimated rounding floor in the model's dtype when the solve stopped on "
-        "stagnation; 0 otherwise. A linear solve stagnating above its tolerance counts as converged within "
-        "4 times this floor and 10 times the tolerance; Newton refinement may also stop on stagnation "
-        "below its tolerance, and then reports the floor too",
+        "stagnation; 0 otherwise. A solve stagnating above its tolerance counts as converged only within "
+        "the slack the operator granted (accept_floor; none by default) and 4 times this floor",
+    )
+
+
+class Certificate(BaseModel):
+    """What a published version was held to (docs/design.md, Certificates)."""
+
+    residual: float = Field(
+        description="relative stationarity residual of the published α, recomputed from α and K"
+    )
+    tolerance: float = Field(description="the stationarity tolerance (tol)")
+    accept_floor: float = Field(
+        description="the slack the operator granted: published only if residual ≤ tolerance × accept_floor"
+    )
+    rounding_floor: float = Field(
+        description="estimated rounding floor when the last Newton solve stopped on stagnation, else 0"
+    )
+    tolerance_ratio: float = Field(description="residual / tolerance (≤ accept_floor)")
+    dtype: str = Field(
+        description="precision the version was computed in (float64 once dtype auto promoted it)"
     )
 
 
@@ -193,12 +211,36 @@ class InfluenceSolverInfo(SolverInfo):
         None,
         description="seconds per part of the deletion: validate, compact, rhs, solve, delta, refine, residual",
     )
+    certificate: Certificate | None = Field(
+        None, description="the new version's certificate (null for jobs logged before it existed)"
+    )
+
+
+class ReceiptOut(BaseModel):
+    payload: dict[str, Any] = Field(
+        description="the signed statement: job_id, id_digests (HMAC-SHA256 of the ids under the "
+        "deployment's secret), version_before, version_after, submitted_at, applied_at, "
+        "certificate {residual, tolerance, method}, checkpoint_sha256"
+    )
+    algorithm: Literal["Ed25519"]
+    signature: str = Field(
+        description="base64 Ed25519 signature of the payload's canonical JSON (sorted keys, no "
+        "whitespace, UTF-8); verify with GET /v1/receipts/public-key, offline: "
+        "ntk-unlearn verify-receipt"
+    )
 
 
 class JobOut(BaseModel):
     job_id: str
     status: JobStatus
-    ids: list[str]
+    ids: list[str] = Field(
+        description="the ids while the job is queued or running; empty once it has ended (only "
+        "their keyed digests are kept, id_digests)"
+    )
+    id_digests: list[str] = Field(
+        [], description="HMAC-SHA256 of the ids (hex) once the job has ended"
+    )
+    receipt: ReceiptOut | None = Field(None, description="the signed receipt, once succeeded")
     model_version: int | None = Field(None, description="the version that applied the job")
     submitted_at: str
     finished_at: str | None = None
@@ -273,6 +315,31 @@ class KernelInfo(BaseModel):
     devices: Any
 
 
+class Precision(BaseModel):
+    dtype: str = Field(description="precision α, θ and the solves are held in now")
+    kernel_dtype: str = Field(description="precision K was computed in")
+    configured: str = Field(description="the dtype setting: auto, float32 or float64")
+    promoted: str | None = Field(
+        None, description="dtype auto: why the model was promoted to float64 (null: it was not)"
+    )
+    promoted_at_version: int | None = Field(None, description="the version that promoted it")
+
+
+class Conditioning(BaseModel):
+    kappa: float = Field(description="κ = 1 + w·μ_max/(λN), bound on system (A)'s condition number")
+    lambda_max: float = Field(description="μ_max, K's top eigenvalue (power iteration at build)")
+    float32_floor: float = Field(
+        description="estimated float32 rounding floor of the trained model's residual"
+    )
+    min_lam_float32: float = Field(
+        description="estimated smallest λ whose optimum float32 can certify to `tolerance`"
+    )
+    tolerance: float | None = Field(
+        None, description="the tolerance of that estimate (float32's default for float64 models)"
+    )
+    warning: str | None = Field(None, description="set when λ is within 10× of that limit")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -284,6 +351,11 @@ class ModelInfo(BaseModel):
     loss: str
     lambda_: float = Field(alias="lambda")
     kernel: KernelInfo
+    certificate: Certificate = Field(description="the served version's certificate")
+    precision: Precision
+    conditioning: Conditioning | None = Field(
+        None, description="null for models built before it was recorded"
+    )
 
 
 class Readiness(BaseModel):
@@ -359,3 +431,37 @@ class SelfInfluenceOut(BaseModel):
         description="exact leave-one-out (squared error) or cross-entropy's influence step"
     )
     records: list[SelfInfluenceRecord] = Field(description="sorted by self_influence, descending")
+
+
+class PublicKeyOut(BaseModel):
+    algorithm: Literal["Ed25519"]
+    public_key_pem: str = Field(description="SubjectPublicKeyInfo PEM")
+
+
+class DeletionRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    version_before: int | None = None
+    timestamp: str
+    job_ids: list[str]
+    id_digests: list[str] = Field(description="HMAC-SHA256 of the forgotten ids (hex)")
+    n_forgotten: int | None = None
+    n_train: int | None = None
+    certificate: dict[str, Any] | None = None
+    checkpoint_sha256: str | None = None
+
+
+class DeletionsPage(BaseModel):
+    deletions: list[DeletionRecord]
+    next_cursor: int | None = Field(
+        description="pass as cursor for the next page; null at the end of the log"
+    )
+
+
+class RecordStatus(BaseModel):
+    status: Literal["active", "forgotten", "unknown"]
+    model_version: int = Field(description="the version served when answering")
+    forgotten_in_version: int | None = None
+    forgotten_at: str | None = None
+    job_id: str | None = None

@@ -73,7 +73,24 @@ class Settings(BaseSettings):
         _TRAIN.trainer,
         description="version 0's trainer: Newton in α, or kernel gradient descent (Eq. 14)",
     )
-    dtype: Literal[DTYPES] = Field(_TRAIN.dtype, description="floating point type")
+    dtype: Literal[DTYPES] = Field(
+        _TRAIN.dtype,
+        description="floating point type; auto: float32 while float32 certifies the tolerances, "
+        "else promoted to float64 (K upcast exactly) where memory allows",
+    )
+    tol: float | None = Field(
+        _TRAIN.tol,
+        gt=0,
+        description="stationarity tolerance every published version must meet (training and "
+        "deletions; default 1e-5, 1e-10 in float64)",
+    )
+    accept_floor: float = Field(
+        _TRAIN.accept_floor,
+        ge=1,
+        le=1000,
+        description="bounded slack: publish a version whose certificate is at most tol × this "
+        "factor (1: none, converged means met the tolerance)",
+    )
 
     # Influence solver.
     solver: Literal[SOLVER_METHODS + tuple(SOLVER_ALIASES)] = Field(
@@ -230,7 +247,14 @@ class Settings(BaseSettings):
         )
 
     def to_train_config(self) -> TrainConfig:
-        return TrainConfig(loss=self.loss, lam=self.lam, dtype=self.dtype, trainer=self.trainer)
+        return TrainConfig(
+            loss=self.loss,
+            lam=self.lam,
+            dtype=self.dtype,
+            trainer=self.trainer,
+            tol=self.tol,
+            accept_floor=self.accept_floor,
+        )
 
     def to_solver_config(self) -> SolverConfig:
         return SolverConfig(

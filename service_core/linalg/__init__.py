@@ -5,7 +5,6 @@ from .choose import CostEstimate, canonical_method, cg_iterations, choose_method
 from .nystrom import Nystrom, nystrom
 from .result import (
     FLOOR_FACTOR,
-    FLOOR_SLACK,
     SolveInfo,
     SolveOptions,
     floor_accepts,
@@ -16,7 +15,6 @@ from .system import SPDSystem
 
 __all__ = [
     "FLOOR_FACTOR",
-    "FLOOR_SLACK",
     "CostEstimate",
     "Nystrom",
     "SPDSystem",

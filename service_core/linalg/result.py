@@ -16,9 +16,6 @@ import jax.numpy as jnp
 # stagnated solve may stop and still count as converged: float32 Newton stagnated at 0.1-2.5 times
 # its estimate on digits (mse and ce, λ = 1e-2 to 1e-4, N = 200 and 1,437).
 FLOOR_FACTOR = 4.0
-# A linear solve that stagnated on its floor is accepted only this close to its tolerance: a floor far
-# above the tolerance means the system is too ill-conditioned for the dtype, and the solve fails.
-FLOOR_SLACK = 10.0
 
 
 class SolveInfo(NamedTuple):
@@ -34,7 +31,8 @@ class SolveInfo(NamedTuple):
       preconditioner: ``nystrom-<rank>`` when CG was preconditioned, else ``""``.
       floor: the estimated rounding floor of the residual when the solve stagnated above its
         tolerance, else 0; ``converged`` is then true if rounding explains a small miss
-        (``floor_accepts``: no answer in this dtype can be certified closer).
+        (``floor_accepts``: no answer in this dtype can be certified closer, and the miss is within
+        the slack the operator granted, ``SolveOptions.accept_floor``).
     """
 
     method: str
@@ -70,6 +68,8 @@ class SolveOptions:
       max_restarts: CG restarts from its answer while the true residual misses ``tol`` (the
         recursive residual drifts from the true one in float32).
       nystrom: a Nyström approximation of K (``linalg.nystrom``) preconditioning CG, or ``None``.
+      accept_floor: slack (≥ 1) within which a solve that stagnated on its rounding floor still
+        counts as converged (``floor_accepts``); 1: none.
     """
 
     method: str = "auto"
@@ -78,6 +78,7 @@ class SolveOptions:
     cholesky_max_dim: int = 4096
     max_restarts: int = 3
     nystrom: Any = None
+    accept_floor: float = 1.0
 
     def replace(self, **changes) -> SolveOptions:
         return dataclasses.replace(self, **changes)
@@ -89,8 +90,8 @@ def relative_residual(matvec, x: jax.Array, rhs: jax.Array) -> jax.Array:
     return jnp.linalg.norm(rhs - matvec(x)) / jnp.maximum(jnp.linalg.norm(rhs), tiny)
 
 
-def floor_accepts(residual: float, tol: float, floor: float) -> bool:
+def floor_accepts(residual: float, tol: float, floor: float, slack: float) -> bool:
     """Whether a solve that stagnated at ``residual`` > ``tol`` counts as converged: rounding explains
     the miss (``residual`` ≤ FLOOR_FACTOR · ``floor``, with ``floor`` > 0 estimated) and the miss is
-    small (``residual`` ≤ FLOOR_SLACK · ``tol``)."""
-    return floor > 0.0 and residual <= FLOOR_FACTOR * floor and residual <= FLOOR_SLACK * tol
+    within the slack the operator granted (``residual`` ≤ ``slack`` · ``tol``; ``slack`` = 1: never)."""
+    return floor > 0.0 and residual <= FLOOR_FACTOR * floor and residual <= slack * tol

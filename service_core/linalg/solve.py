@@ -88,7 +88,7 @@ def _solve_unit(system, rhs, options, x0):
         raise ValueError(f"solve_spd takes 'alpha-cg', 'alpha-cholesky' or 'auto', not {method!r}")
     # stagnated, not out of iterations: is the tolerance below what this dtype can certify?
     floor = system.rounding_floor(x, rhs) if res > tol and stalled else 0.0
-    converged = res <= tol or floor_accepts(res, tol, floor)
+    converged = res <= tol or floor_accepts(res, tol, floor, options.accept_floor)
     return x, SolveInfo(method, total, res, bool(converged), 0.0, pre, floor)
 
 

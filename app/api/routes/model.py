@@ -118,7 +118,15 @@ def model(u: ModelDep) -> ModelInfo:
             "kernel": st.kernel_summary(),
             "model": st.model_config.shaping(),
             "dataset": st.meta["dataset"],
-            "dtype": train.dtype,
+            "dtype": st.dtype,
             "residual": st.residual,
+            "certificate": st.certificate(),
+            "precision": {
+                "kernel_dtype": st.dtype,
+                **st.meta.get("precision", {}),
+                "dtype": st.dtype,
+                "configured": train.dtype,
+            },
+            "conditioning": st.meta.get("conditioning"),
         }
     )
