@@ -5,6 +5,8 @@ Subcommands:
 * ``figure1`` (default): the paper's Figure 1 metrics on ``digits`` and ``mnist`` (``bench.figure1``);
 * ``ntk``: NTK precompute speed against JACOBIAN_CONTRACTION and the whole MNIST kernel (``bench.ntkbench``);
 * ``figure4``: ``bench.figure4.main`` when that module exists;
+* ``precision``: float32, ``dtype auto`` and float64 side by side: certificate reached, time, memory
+  (``bench.precision``, its own flags; issue 11); not part of ``all``;
 * ``lambda``: the paper's Figures 2 and 3 (§4.3): a nonlinear FCNN beside its linearisation for
   several λ, and forgetting from it (``bench.lambda_sweep``, its own flags; issue 15); not part of ``all``;
 * ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
@@ -425,6 +427,8 @@ def combined_markdown(out: Path) -> str:
     for name in (
         "engine-reshape-digits.md",
         "e2e.md",
+        "precision.md",
+        "precision-reading.md",
         "lambda.md",
         "lambda-reading.md",
         "load-digits.md",
@@ -441,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "figure4":
         return run_figure4(argv[1:])
+    if argv and argv[0] == "precision":
+        from . import precision
+
+        return precision.main(argv[1:])
     if argv and argv[0] == "lambda":
         from . import lambda_sweep
 
