@@ -8,6 +8,7 @@ import threading
 import time
 
 from service_core import Unlearner, load_dataset
+from service_core.lifecycle import Identity
 
 from .core.config import Settings
 from .deletion_log import DeletionLog
@@ -36,7 +37,10 @@ def load_model(settings: Settings) -> Unlearner:
     Restoring never retrains: a restart serves exactly the version that was checkpointed.
     """
     started = time.perf_counter()
-    u = Unlearner.restore(settings.checkpoint_dir, cache_dir=settings.ntk_cache_dir)
+    expect = Identity.of(
+        settings.to_model_config(), settings.to_train_config(), settings.dataset_source()
+    )
+    u = Unlearner.restore(settings.checkpoint_dir, cache_dir=settings.ntk_cache_dir, expect=expect)
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
@@ -63,6 +67,7 @@ def load_model(settings: Settings) -> Unlearner:
         settings.to_solver_config(),
         cache_dir=settings.ntk_cache_dir,
         progress=True,
+        source=settings.dataset_source(),
     )
     built = time.perf_counter()
     log.info("built and trained the model in %.2f s", built - started)

@@ -53,14 +53,18 @@ class Unlearner:
         progress: bool = True,
         devices: list | None = None,
         memory_budget: float = 0.6,
+        source: str | None = None,
     ) -> Unlearner:
-        """Build the model, compute (or load) its kernel and train it: version 0 (``lifecycle.build``).
+        """Build the model, compute (or load) its kernel and train it: version 0 (``lifecycle.build``;
+        ``source``: how the data set was asked for, part of the model's identity).
 
         Raises:
-          InvalidInputError, ResourceError, SolverError: as ``lifecycle.build``.
+          InvalidInputError, ModelLoadError, ResourceError, SolverError: as ``lifecycle.build``.
         """
         configs = (model_cfg, train_cfg, solver_cfg)
-        built = lifecycle.build(dataset, *configs, cache_dir, progress, devices, memory_budget)
+        built = lifecycle.build(
+            dataset, *configs, cache_dir, progress, devices, memory_budget, source
+        )
         return cls(*built, cache_dir)
 
     @classmethod
@@ -70,9 +74,11 @@ class Unlearner:
         cache_dir: Path | None = None,
         progress: bool = True,
         devices: list | None = None,
+        expect: lifecycle.Identity | None = None,
     ) -> Unlearner | None:
-        """The newest complete checkpoint under ``checkpoint_dir``, or ``None`` (``lifecycle.restore``)."""
-        restored = lifecycle.restore(checkpoint_dir, cache_dir, progress, devices)
+        """The newest complete checkpoint under ``checkpoint_dir``, or ``None`` (``lifecycle.restore``;
+        with ``expect``, a checkpoint of another model raises ``CheckpointMismatchError``)."""
+        restored = lifecycle.restore(checkpoint_dir, cache_dir, progress, devices, expect)
         return None if restored is None else cls(*restored, cache_dir)
 
     def save(self, checkpoint_dir: Path) -> None:
@@ -112,6 +118,15 @@ class Unlearner:
     @property
     def solver_config(self) -> SolverConfig:
         return self._state.solver_config
+
+    def params(self):
+        """The network's parameters of the current version as its own pytree: θ unravelled, and
+        for a user's network its frozen leaves exactly θ_0's (``Model.params_of``); ``None`` for an
+        infinitely wide model."""
+        theta = self._state.theta
+        if theta is None or not hasattr(self.model, "params_of"):
+            return None
+        return self.model.params_of(theta)
 
     def predict(self, x) -> np.ndarray:
         """Outputs of the current version; x ``(n, *input_shape)`` or flattened → ``(n, d)``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -9,15 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, sharding
+from . import checkpoint, kernels, sharding
 from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
 from .dual import DualProblem, kernel_gradient_descent, newton
-from .errors import InvalidInputError, SolverError
+from .errors import InvalidInputError, SolverError, UnlearnError
 from .layout import KernelLayout, pad_rows
 from .linalg import Nystrom, SolveOptions, canonical_method, nystrom, power_iteration
-from .models import Network, make_network
+from .models import Model, Network, make_network
 from .state import ModelState, VersionRecord, bucket
+from .user_network import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,14 @@ def build(
     progress: bool = True,
     devices: list | None = None,
     memory_budget: float = 0.6,
+    source: str | None = None,
 ) -> tuple[ModelState, Network]:
     """The model of ``model_cfg`` on ``dataset``, its kernel, trained to the optimum: version 0.
 
     Arguments:
       dataset, model_cfg, train_cfg, solver_cfg: what to build.
+      source: how the data set was asked for (e.g. ``mnist:DIR, n_train 1000``), saved as part of
+        the model's identity (``identity``); default: ``dataset.name``.
       cache_dir: kernel cache directory (``None``: no cache).
       progress: progress bar for the kernel.
       devices: devices K's rows are split over (default: every local device; ``sharding``).
@@ -43,11 +48,16 @@ def build(
 
     Raises:
       InvalidInputError: a setting that does not apply to this model (theta-cg without θ).
+      ModelLoadError: a user's network that cannot be loaded or gives outputs of the wrong shape,
+        dtype or NaN (``models.build_user_model``, ``Model.check_outputs``).
       ResourceError: K would not fit the devices (checked before computing it).
       SolverError: training did not reach ``train_cfg``'s tolerance.
     """
     dtype = jax_dtype(train_cfg.dtype)
     model = make_network(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
+    ntk_choice: dict = {}
+    if isinstance(model, Model) and model.user is not None:
+        model, ntk_choice = prepare_user_model(model, dataset.x, model_cfg.resolved_kernel_form())
     if model.n_params is None and canonical_method(solver_cfg.method) == "theta-cg":
         raise InvalidInputError(
             f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg"
@@ -86,13 +96,21 @@ def build(
             "output_dim": dataset.output_dim,
             "input_shape": list(dataset.input_shape),
             "n_initial": dataset.n,
+            "source": source or dataset.name,
         },
         "model": model_cfg.to_dict(),
         "theta0_fingerprint": fingerprint(model),
         "train": train_cfg.to_dict(),
         "solver": solver_cfg.to_dict(),
-        "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
+        "ntk": {
+            "seconds": report["seconds"],
+            "bytes": report["bytes"],
+            "cached": report["cached"],
+            **_ntk_implementation(model),
+            **({"measured": ntk_choice} if ntk_choice else {}),
+        },
         "lambda_max": lambda_max,
+        **_user_meta(model),
     }
     ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
     state = ModelState(
@@ -145,13 +163,20 @@ def restore(
     cache_dir: Path | None = None,
     progress: bool = True,
     devices: list | None = None,
+    expect: Identity | None = None,
 ) -> tuple[ModelState, Network] | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
     K is recomputed from the checkpointed active inputs (``checkpoint`` module docstring), or
     read from ``cache_dir`` when it holds the kernel of exactly these inputs.
 
+    Arguments:
+      expect: the model the caller means to serve; a checkpoint of another one is refused
+        (``Identity.differences``). ``None``: serve whatever the checkpoint holds.
+
     Raises:
+      CheckpointMismatchError: the checkpoint's model is not ``expect`` (every difference named).
+      ModelLoadError: a user's network that can no longer be loaded.
       SolverError: the network rebuilt from the checkpoint's configuration is not the one it was
         trained with (another θ0).
     """
@@ -160,9 +185,25 @@ def restore(
     )
     if state is None:
         return None
+    saved_identity = Identity.of_meta(state.meta)
+    if expect is not None:
+        problems = saved_identity.differences(expect)
+        if problems:
+            raise CheckpointMismatchError(mismatch_message(checkpoint_dir, state.version, problems))
     dtype = jax_dtype(state.train_config.dtype)
     ds = state.meta["dataset"]
     model = make_network(state.model_config, tuple(ds["input_shape"]), ds["output_dim"], dtype)
+    if isinstance(model, Model) and model.user is not None:
+        impl = state.meta.get("ntk", {}).get("implementation", "jacobian_contraction")
+        model = dataclasses.replace(model, ntk_implementation=impl)
+        if saved_identity.params_digest not in (None, model.user.digest):
+            problems = [
+                f"params fingerprint {saved_identity.params_digest} (checkpoint) ≠ "
+                f"{model.user.digest} (now: the weights of {state.model_config.network!r}"
+                + (f" / {state.model_config.params!r}" if state.model_config.params else "")
+                + " changed)"
+            ]
+            raise CheckpointMismatchError(mismatch_message(checkpoint_dir, state.version, problems))
     saved, now = state.meta.get("theta0_fingerprint"), fingerprint(model)
     if saved is not None and now is not None and not np.isclose(now, saved, rtol=1e-6, atol=0):
         # K is recomputed from this network: a different θ0 would silently give another model
@@ -187,6 +228,123 @@ def restore(
     state = state.replace(k=k, layout=layout, nystrom=ny)
     m = jnp.asarray(state.active, k.dtype)[:, None]
     return state.replace(f_star=state.f0 + layout.matvec(k, state.alpha * m)), model
+
+
+class CheckpointMismatchError(UnlearnError):
+    """The data directory's checkpoint holds another model than the one asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What makes a model this model (a checkpoint of another one is not served): the network's
+    settings (``ModelConfig.shaping``, including a user network's file, params file and trainable
+    set), its params fingerprint (user networks), the data set, the loss, λ and the dtype.
+
+    ``params_digest`` is compared only when both sides know it (the caller's side usually does not:
+    the network is loaded after this check; ``restore`` compares it then).
+    """
+
+    model: dict
+    dataset: str
+    loss: str
+    lam: float
+    dtype: str
+    params_digest: str | None = None
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: str) -> Identity:
+        """The identity of a model about to be built or restored from these settings."""
+        return cls(model_cfg.shaping(), dataset, train_cfg.loss, train_cfg.lam, train_cfg.dtype)
+
+    @classmethod
+    def of_meta(cls, meta: dict) -> Identity:
+        """The identity saved in a checkpoint's ``meta``."""
+        ds = meta["dataset"]
+        return cls(
+            ModelConfig.from_dict(meta["model"]).shaping(),
+            ds.get("source") or ds["name"],
+            meta["train"]["loss"],
+            float(meta["train"]["lam"]),
+            meta["train"]["dtype"],
+            meta.get("params_digest"),
+        )
+
+    def differences(self, other: Identity) -> list[str]:
+        """Each setting that differs, as ``'name A (checkpoint) ≠ B (now)'`` (self is the
+        checkpoint's side)."""
+        out = []
+        for key in dict.fromkeys([*self.model, *other.model]):
+            a, b = self.model.get(key), other.model.get(key)
+            if a != b:
+                name = "model" if key == "kind" else key
+                out.append(f"{name} {a!r} (checkpoint) ≠ {b!r} (now)")
+        for name in ("dataset", "loss", "lam", "dtype", "params_digest"):
+            a, b = getattr(self, name), getattr(other, name)
+            if name == "params_digest" and (a is None or b is None):
+                continue
+            if a != b:
+                label = "params fingerprint" if name == "params_digest" else name
+                out.append(f"{label} {a!r} (checkpoint) ≠ {b!r} (now)")
+        return out
+
+
+def mismatch_message(checkpoint_dir: Path, version: int, problems: list[str]) -> str:
+    """One line: what differs between a checkpoint and the settings, and the ways out."""
+    return (
+        f"the checkpoint in {checkpoint_dir} (version {version}) holds a model made with other "
+        f"settings: {'; '.join(problems)}. Start with the checkpoint's settings to serve it, give "
+        "this model another --data-dir, or delete that checkpoint directory to build anew (a "
+        "rebuild trains on the data set as it is now: first remove from it the records listed in "
+        "the data dir's deletions.log)"
+    )
+
+
+def prepare_user_model(model: Model, x, form: str) -> tuple[Model, dict]:
+    """Check a user's network on its first training inputs (``Model.check_outputs``) and pick its
+    empirical-NTK implementation by measuring them on up to 16 of them
+    (``kernels.choose_implementation``).
+
+    Returns:
+      ``(model with ntk_implementation set, the measurements)``.
+
+    Raises:
+      ModelLoadError: wrong output shape or dtype, NaN, or an NTK that cannot be computed.
+    """
+    dtype = model.theta0.dtype
+    model.check_outputs(jnp.asarray(np.asarray(x[:4]), dtype))
+    sample = np.asarray(model.flatten_inputs(jnp.asarray(np.asarray(x[:16]), dtype)))
+    rtol = 1e-9 if dtype == jnp.float64 else 1e-3
+    try:
+        name, report = kernels.choose_implementation(
+            model.apply_fn, model.params0, sample, form, rtol
+        )
+    except ValueError as e:
+        raise ModelLoadError(f"--model {model.config.network!r}: {e}") from None
+    log.info(
+        "empirical NTK of %s: %s (%s)", model.config.network, name,
+        ", ".join(
+            f"{k} {v['seconds'] * 1e3:.1f} ms, rel. diff {v.get('rel_diff', float('nan')):.1e}"
+            if "seconds" in v else f"{k} failed" for k, v in report.items()
+        ),
+    )  # fmt: skip
+    return dataclasses.replace(model, ntk_implementation=name), report
+
+
+def _ntk_implementation(model: Network) -> dict:
+    impl = getattr(model, "ntk_implementation", None)
+    return {"implementation": impl if impl is not None else "analytic"}
+
+
+def _user_meta(model: Network) -> dict:
+    user = getattr(model, "user", None)
+    if user is None:
+        return {}
+    return {
+        "params_digest": user.digest,
+        "trainable_leaves": user.trainable_names,
+        "frozen_leaves": [n for n, t in zip(user.names, user.trainable, strict=True) if not t],
+        "framework": user.framework,
+    }
 
 
 def solve_options(cfg: SolverConfig, dtype: str, method: str | None = None) -> SolveOptions:
