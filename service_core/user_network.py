@@ -135,18 +135,22 @@ def adapt(result, spec: str = "") -> tuple[Callable, object, str]:
         if callable(first):
             return first, params, "jax"
     if not isinstance(result, tuple) and callable(result):
-        leaves, treedef = jax.tree_util.tree_flatten(result)
-        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array | np.ndarray)]
-        if where:
-            static = list(leaves)
+        # eqx.partition(model, eqx.is_array) / eqx.combine, without importing equinox: the arrays
+        # are the params (None elsewhere), everything else stays in the static half.
+        def is_array(leaf) -> bool:
+            return isinstance(leaf, jax.Array | np.ndarray)
+
+        params = jax.tree_util.tree_map(lambda v: v if is_array(v) else None, result)
+        static = jax.tree_util.tree_map(lambda v: None if is_array(v) else v, result)
+        if jax.tree_util.tree_leaves(params):
 
             def apply_fn(params, x):
-                full = list(static)
-                for i, leaf in zip(where, params, strict=True):
-                    full[i] = leaf
-                return jax.vmap(jax.tree_util.tree_unflatten(treedef, full))(x)
+                model = jax.tree_util.tree_map(
+                    lambda p, s: s if p is None else p, params, static, is_leaf=lambda v: v is None
+                )
+                return jax.vmap(model)(x)
 
-            return apply_fn, [leaves[i] for i in where], "equinox"
+            return apply_fn, params, "equinox"
     kind = type(result).__name__
     raise ModelLoadError(
         f"--model {spec!r}: the factory returned a {kind}; it must return (apply_fn, params) "

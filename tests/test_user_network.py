@@ -40,6 +40,41 @@ def apply_fn(p, x):
     return jnp.tanh(h) @ p["head"]["w"] + p["head"]["b"]
 """
 
+# The same kind of network in Flax linen, Equinox and neural-tangents stax: each returned as its
+# users write it, with no glue.
+FLAX_NETWORK = """
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(6, name="hidden")(x))
+        return nn.Dense(3, name="head")(jnp.tanh(h))
+
+def net():
+    module = Net()
+    return module, module.init(jax.random.PRNGKey(7), jnp.zeros((1, 4)))
+"""
+EQUINOX_NETWORK = """
+import jax
+import jax.numpy as jnp
+import equinox as eqx
+
+def net():
+    return eqx.nn.MLP(4, 3, 6, 1, activation=jnp.tanh, key=jax.random.PRNGKey(7))
+"""
+STAX_NETWORK = """
+import jax
+from neural_tangents import stax
+
+def net():
+    init_fn, apply_fn, _ = stax.serial(stax.Dense(6), stax.Erf(), stax.Dense(3))
+    _, params = init_fn(jax.random.PRNGKey(7), (-1, 4))
+    return apply_fn, params
+"""
+
 
 def _network(tmp_path: Path, source: str = NETWORK, name: str = "mynet.py") -> Path:
     path = tmp_path / name
@@ -48,10 +83,18 @@ def _network(tmp_path: Path, source: str = NETWORK, name: str = "mynet.py") -> P
 
 
 def _reference(path: Path):
-    """The network's (apply_fn, params), imported here on its own."""
+    """The network's (apply_fn, params) on a batch, imported here on its own (Flax: module.apply;
+    Equinox: eqx.partition / eqx.combine, vmapped over the batch)."""
     scope: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), scope)
-    return scope["net"]()
+    out = scope["net"]()
+    if isinstance(out, tuple):
+        first, params = out
+        return getattr(first, "apply", first), params
+    import equinox as eqx
+
+    params, static = eqx.partition(out, eqx.is_array)
+    return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params
 
 
 def _perturbed(params, scale=0.05):
@@ -125,17 +168,18 @@ def _rel(a, b) -> float:
 
 
 CASES = [
-    pytest.param("mse", "float64", None, "npz", 1e-8, id="mse-float64-all-npz"),
-    pytest.param("mse", "float32", "head", "orbax", 1e-4, id="mse-float32-head-orbax"),
-    pytest.param("ce", "float64", None, None, 1e-6, id="ce-float64-all"),
+    pytest.param(NETWORK, "mse", "float64", None, "npz", 1e-8, id="jax-mse-float64-all-npz"),
+    pytest.param(NETWORK, "mse", "float32", "head", "orbax", 1e-4, id="jax-mse-float32-head-orbax"),
+    pytest.param(NETWORK, "ce", "float64", None, None, 1e-6, id="jax-ce-float64-all"),
+    pytest.param(FLAX_NETWORK, "mse", "float64", "head", None, 1e-8, id="flax-mse-float64-head"),
 ]
 
 
-@pytest.mark.parametrize(("loss", "dtype", "trainable", "params_kind", "tol"), CASES)
+@pytest.mark.parametrize(("source", "loss", "dtype", "trainable", "params_kind", "tol"), CASES)
 def test_forget_equals_retraining_over_http(
-    tmp_path, make_settings, wait_for_job, dataset_file, loss, dtype, trainable, params_kind, tol
+    tmp_path, make_settings, wait_for_job, source, loss, dtype, trainable, params_kind, tol
 ):
-    path = _network(tmp_path)
+    path = _network(tmp_path, source)
     apply_fn, params = _reference(path)
     extra = {}
     if params_kind is not None:
@@ -164,7 +208,7 @@ def test_forget_equals_retraining_over_http(
             "ntk_vector_products",
         )
         user = info["user_network"]
-        assert user["framework"] == "jax"
+        assert user["framework"] == ("flax" if "flax" in source else "jax")
         expected_trainable = [n for n in named_leaves(params) if not trainable or trainable in n]
         assert user["trainable_leaves"] == expected_trainable
         gone = client.get("/v1/ids?limit=7", headers=HEADERS).json()["ids"]
@@ -188,6 +232,37 @@ def test_forget_equals_retraining_over_http(
             assert np.asarray(after[name]).tobytes() == theta0.tobytes(), name
         else:
             assert not np.array_equal(np.asarray(after[name]), theta0), name
+
+
+@pytest.mark.parametrize(
+    ("source", "trainable"),
+    [(EQUINOX_NETWORK, "layers/1"), (STAX_NETWORK, None)],
+    ids=["equinox-last-layer", "stax-all"],
+)
+def test_equinox_and_stax_networks_forget_exactly(tmp_path, dataset_file, source, trainable):
+    """Library use (no HTTP): an Equinox module and a stax network as their users return them;
+    squared-error forgetting equals the oracle's retraining (float64)."""
+    path = _network(tmp_path, source)
+    apply_fn, params = _reference(path)
+    u = _build(path, dataset_file, trainable=trainable)
+    gone = u.active_ids()[:6]
+    u.forget(gone)
+    data = load_dataset(f"npz:{dataset_file}")
+    keep = np.array([i not in set(gone) for i in data.ids])
+    x_test = data.x[:5] + 0.3
+    want = _oracle(
+        apply_fn,
+        params,
+        trainable,
+        data.x[keep],
+        np.eye(3)[data.y[keep]],
+        x_test,
+        1e-2,
+        "mse",
+        "float64",
+    )
+    assert _rel(u.predict(x_test), want) < 1e-8
+    assert u.model.user.framework == ("equinox" if trainable else "jax")
 
 
 def _build(path, dataset_file, **cfg):
