@@ -135,10 +135,12 @@ def _oracle(apply_fn, params, trainable, x, y_onehot, x_test, lam, loss, dtype):
     with jax.experimental.enable_x64():
         t0 = jnp.asarray(theta0)
 
+        jac_fn, f_fn = jax.jit(jax.jacfwd(f)), jax.jit(f)
+
         def feats(xs):
             xs = jnp.asarray(np.asarray(np.asarray(xs, dtype), np.float64))
-            jac = np.stack([np.asarray(jax.jacfwd(f)(t0, xi)) for xi in xs])  # (n, d, P)
-            f0 = np.stack([np.asarray(f(t0, xi)) for xi in xs])
+            jac = np.stack([np.asarray(jac_fn(t0, xi)) for xi in xs])  # (n, d, P), point by point
+            f0 = np.stack([np.asarray(f_fn(t0, xi)) for xi in xs])
             return f0, jac
 
         f0, jac = feats(x)
