@@ -56,14 +56,15 @@ def build(
     dtype = jax_dtype(train_cfg.dtype)
     model = make_network(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
     ntk_choice: dict = {}
+    form = model_cfg.resolved_kernel_form()
     if isinstance(model, Model) and model.user is not None:
-        model, ntk_choice = prepare_user_model(model, dataset.x, model_cfg.resolved_kernel_form())
+        model, ntk_choice, form = prepare_user_model(model, dataset.x, model_cfg.kernel_form)
     if model.n_params is None and canonical_method(solver_cfg.method) == "theta-cg":
         raise InvalidInputError(
             f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg"
         )
     mesh = sharding.make_mesh(devices)
-    layout = KernelLayout(model_cfg.resolved_kernel_form(), dataset.output_dim, mesh)
+    layout = KernelLayout(form, dataset.output_dim, mesh)
     cap = bucket(dataset.n, mesh.size)
     plan = sharding.plan_memory(
         layout.side(cap), np.dtype(dtype).itemsize, list(mesh.devices.flat), memory_budget
@@ -108,6 +109,11 @@ def build(
             "cached": report["cached"],
             **_ntk_implementation(model),
             **({"measured": ntk_choice} if ntk_choice else {}),
+            **(
+                {"trace_exact": ntk_choice["trace_form_exact"]}
+                if "trace_form_exact" in ntk_choice
+                else {}
+            ),
         },
         "lambda_max": lambda_max,
         **_user_meta(model),
@@ -299,13 +305,15 @@ def mismatch_message(checkpoint_dir: Path, version: int, problems: list[str]) ->
     )
 
 
-def prepare_user_model(model: Model, x, form: str) -> tuple[Model, dict]:
-    """Check a user's network on its first training inputs (``Model.check_outputs``) and pick its
+def prepare_user_model(model: Model, x, kernel_form: str) -> tuple[Model, dict, str]:
+    """Check a user's network on its first training inputs (``Model.check_outputs``), pick its
     empirical-NTK implementation by measuring them on up to 16 of them
-    (``kernels.choose_implementation``).
+    (``kernels.choose_implementation``, full form), and resolve ``kernel_form`` ``auto``: the trace
+    form when the sample's K is k ⊗ I_d to rounding (``trace_exact``; e.g. a linear head
+    fine-tuned alone), which holds d² times fewer numbers, else the full form.
 
     Returns:
-      ``(model with ntk_implementation set, the measurements)``.
+      ``(model with ntk_implementation set, the measurements, the form)``.
 
     Raises:
       ModelLoadError: wrong output shape or dtype, NaN, or an NTK that cannot be computed.
@@ -316,18 +324,38 @@ def prepare_user_model(model: Model, x, form: str) -> tuple[Model, dict]:
     rtol = 1e-9 if dtype == jnp.float64 else 1e-3
     try:
         name, report = kernels.choose_implementation(
-            model.apply_fn, model.params0, sample, form, rtol
+            model.apply_fn, model.params0, sample, "full", rtol
         )
     except ValueError as e:
         raise ModelLoadError(f"--model {model.config.network!r}: {e}") from None
+    form = kernel_form
+    if kernel_form == "auto":
+        reference = kernels.empirical_block_fn(model.apply_fn, model.params0, "full")
+        exact = trace_exact(np.asarray(reference(sample, sample)), np.finfo(dtype).eps)
+        form = "trace" if exact else "full"
+        report["trace_form_exact"] = exact
     log.info(
-        "empirical NTK of %s: %s (%s)", model.config.network, name,
+        "empirical NTK of %s: %s, %s form (%s)", model.config.network, name, form,
         ", ".join(
             f"{k} {v['seconds'] * 1e3:.1f} ms, rel. diff {v.get('rel_diff', float('nan')):.1e}"
-            if "seconds" in v else f"{k} failed" for k, v in report.items()
+            if "seconds" in v else f"{k} failed"
+            for k, v in report.items() if isinstance(v, dict)
         ),
     )  # fmt: skip
-    return dataclasses.replace(model, ntk_implementation=name), report
+    return dataclasses.replace(model, ntk_implementation=name), report, form
+
+
+def trace_exact(k: np.ndarray, eps: float) -> bool:
+    """Whether a full-form kernel block ``(n1, n2, d, d)`` is k ⊗ I_d up to rounding: its
+    off-output entries and the spread of its output diagonal within 100·eps of its largest entry
+    (docs/maths.md, Notation: the trace form is then exact)."""
+    d = k.shape[-1]
+    scale = float(np.max(np.abs(k))) or 1.0
+    diag = np.einsum("ijaa->ija", k)
+    off = k * (1 - np.eye(d))
+    spread = diag - diag.mean(axis=-1, keepdims=True)
+    worst = max(float(np.max(np.abs(off))), float(np.max(np.abs(spread))))
+    return bool(worst <= 100 * float(eps) * scale)
 
 
 def _ntk_implementation(model: Network) -> dict:

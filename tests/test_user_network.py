@@ -209,6 +209,9 @@ def test_forget_equals_retraining_over_http(
             "jacobian_contraction",
             "ntk_vector_products",
         )
+        # a linear head fine-tuned alone has K = k ⊗ I_d: the trace form, exact
+        assert info["kernel"]["form"] == ("trace" if trainable else "full")
+        assert info["kernel"]["exact"]
         user = info["user_network"]
         assert user["framework"] == ("flax" if "flax" in source else "jax")
         expected_trainable = [n for n in named_leaves(params) if not trainable or trainable in n]
