@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import attribution, checkpoint, deletion, influence, lifecycle, validation
+from . import addition, attribution, checkpoint, deletion, influence, lifecycle, validation
 from .config import ModelConfig, SolverConfig, TrainConfig
 from .data import Dataset
 from .deletion import ForgetResult
@@ -232,6 +232,34 @@ class Unlearner:
             t3 = time.perf_counter()
         timings = {**(result.timings or {}), "checkpoint": t2 - t1, "publish": t3 - t2}
         return result._replace(seconds=t3 - t0, timings=timings)
+
+    def add(
+        self, ids: Sequence[str], x, y, checkpoint_dir: Path | None = None
+    ) -> addition.AddResult:
+        """Add the records ``(ids, x, y)``: the next version, trained on the current records and these
+        (``addition.plan``: K gains their rows and columns, Newton from the current α), checkpointed,
+        then published. x ``(k, *input_shape)`` or flattened rows; y labels ``(k,)`` or targets
+        ``(k, d)``. ``result.timings`` gains ``checkpoint`` and ``publish``.
+
+        Raises:
+          InvalidForgetSetError (bad ids), AlreadyActiveError (ids in the training set, listed),
+          InvalidInputError, ResourceError, SolverError, OSError (the checkpoint): the model is
+          unchanged.
+        """
+        t0 = time.perf_counter()
+        with self._forget_lock:
+            new_state, result = addition.plan(self._state, self.model, ids, x, y)
+            t1 = time.perf_counter()
+            if checkpoint_dir is not None:
+                checkpoint.save(checkpoint_dir, new_state)
+            t2 = time.perf_counter()
+            self._spare.take()  # K's shape may have grown; made again below
+            self._state = new_state
+            t3 = time.perf_counter()
+        purge_cache(self._cache_dir)  # the cached kernel is of the old inputs
+        self.ready_spare()
+        timings = {**result.timings, "checkpoint": t2 - t1, "publish": t3 - t2}
+        return result._replace(timings={**timings, "total": t3 - t0})
 
     def plan_forget(
         self,
