@@ -206,7 +206,7 @@ def load_params(path: str | Path, params):
         raise ModelLoadError(f"--params {str(path)!r}: no such file or directory")
     try:
         if p.is_dir():
-            stored = named_leaves(_orbax_restore(p))
+            stored = named_leaves(_orbax_restore(p, params))
         else:
             with np.load(p, allow_pickle=False) as f:
                 stored = {canonical_name(k): np.asarray(f[k]) for k in f.files}
@@ -251,7 +251,10 @@ def load_params(path: str | Path, params):
     )
 
 
-def _orbax_restore(directory: Path):
+def _orbax_restore(directory: Path, params):
+    """The pytree saved under ``directory``: restored onto the structure, shapes and dtypes of
+    ``params`` when it has them (what orbax expects), else as saved (then ``load_params`` names
+    the mismatch)."""
     import orbax.checkpoint as ocp
 
     item = directory
@@ -260,8 +263,14 @@ def _orbax_restore(directory: Path):
         item = steps[-1][1]
         if (item / "default").is_dir():
             item = item / "default"
+    target = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), params
+    )
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(item.absolute())
+        try:
+            return ckptr.restore(item.absolute(), target)
+        except Exception:  # another structure or shape: read it as saved, to say what differs
+            return ckptr.restore(item.absolute())
 
 
 def save_params(path: str | Path, params) -> Path:

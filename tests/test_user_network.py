@@ -333,6 +333,12 @@ def test_bad_networks_say_what_to_fix(tmp_path, dataset_file):
         and "extra (2)" in msg
         and "head/w (6, 4) (network (6, 3))" in msg
     )
+    # the same mismatch from an orbax checkpoint
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((tmp_path / "bad-orbax").absolute(), {k: np.asarray(v) for k, v in bad.items()})
+        ckptr.wait_until_finished()
+    with pytest.raises(ModelLoadError, match=r"missing hidden/b \(6\)"):
+        _build(path, dataset_file, params=str(tmp_path / "bad-orbax"))
     with pytest.raises(ModelLoadError, match="matches no floating-point leaf.*head/w"):
         _build(path, dataset_file, trainable="^nothing$")
 
