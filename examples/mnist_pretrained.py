@@ -121,7 +121,7 @@ def fine_tune(theta0, x, y, lam: float, head_only: bool = False, steps: int = 15
     def step(p, state):
         value, g = value_and_grad(p, state=state)
         updates, state = opt.update(g, state, p, value=value, grad=g, value_fn=objective)
-        return optax.apply_updates(p, updates), state, optax.tree_utils.tree_l2_norm(g)
+        return optax.apply_updates(p, updates), state, optax.tree_utils.tree_norm(g)
 
     p, state = start, opt.init(start)
     for _ in range(steps):
@@ -245,8 +245,12 @@ def main(argv=None) -> dict:
                 jnp.linalg.norm(new.theta - theta_retrain)
                 / jnp.linalg.norm(theta_retrain - u.model.theta0)
             )
-            out_f = np.asarray(u.model.outputs_at(new.theta, x_test[:500]))
-            out_r = np.asarray(u.model.outputs_at(theta_retrain, x_test[:500]))
+            out_f = np.asarray(
+                u.model.outputs_at(new.theta, jnp.asarray(x_test[:500], new.x.dtype))
+            )
+            out_r = np.asarray(
+                u.model.outputs_at(theta_retrain, jnp.asarray(x_test[:500], new.x.dtype))
+            )
             entry[f"forget_{name}"] = {
                 "seconds": seconds,
                 "method": res.solve.method,
@@ -283,5 +287,63 @@ def main(argv=None) -> dict:
     return results
 
 
+def table(results: dict) -> str:
+    """The BENCHMARKS.md table from ``results.json``."""
+
+    def pct(entry):
+        return "—" if entry is None else f"{100 * entry['accuracy']:.1f} %"
+
+    rows = [
+        "| model (test: 3,000 MNIST images) | test accuracy | time |",
+        "|---|---|---|",
+        f"| pretrained CNN alone (5,000 core images, Adam, 8 epochs) | {100 * results['pretrained']:.1f} % | {results['pretrain_s']:.0f} s |",
+    ]
+    a = results.get("a_mlp")
+    if a:
+        rows.append(
+            f"| (a) built-in `mlp` (2 × 512) linearised at random init, user part | {pct(a)} | {a['build_s']:.0f} s build |"
+        )
+    for label, what in (("head", "head only (trace-form K)"), ("all", "all leaves (full-form K)")):
+        b = results.get(f"b_{label}")
+        if b:
+            rows.append(
+                f"| (b) this CNN linearised at the pretrained weights, {what}, P = {b['n_params']:,} | {pct(b)} | {b['build_s']:.0f} s build (NTK {b['ntk_s']:.0f} s, {b['ntk']}) |"
+            )
+    c = results.get("c_nonlinear")
+    if c:
+        rows.append(
+            f"| (c) nonlinear fine-tuning from the pretrained weights, same λ toward θ0 (L-BFGS) | {pct(c)} | {c['seconds']:.0f} s |"
+        )
+    d = results.get("d_head_refit")
+    if d:
+        rows.append(
+            f"| (d) pretrained network, head alone refit (nonlinear code, L-BFGS) | {pct(d)} | {d['seconds']:.0f} s |"
+        )
+    rows += [
+        "",
+        "| forget | model | time | ‖θ − θ_retrain‖ / ‖θ_retrain − θ0‖ | outputs, relative | nonlinear fine-tuning redone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("1%", "10%"):
+        for label in ("head", "all"):
+            b = results.get(f"b_{label}")
+            if not b or f"forget_{name}" not in b:
+                continue
+            f = b[f"forget_{name}"]
+            redo = c.get(f"redo_{name}_s") if c else None
+            rows.append(
+                f"| {name} ({20 if name == '1%' else 200} records) | (b) {label} | {f['seconds']:.1f} s ({f['method']}) | {f['theta_rel_dist']:.1e} | {f['outputs_rel_dist']:.1e} | {'—' if redo is None else f'{redo:.0f} s'} |"
+            )
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--table"]:
+        path = (
+            Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "examples" / "out" / "results.json"
+        )
+        print(table(json.loads(path.read_text())))
+    else:
+        main()
