@@ -10,6 +10,7 @@ import time
 import redis
 
 from service_core import Unlearner, checkpoint, load_dataset
+from service_core.lifecycle import Identity
 
 from .batching import PredictBatcher
 from .core.config import Settings
@@ -80,11 +81,15 @@ def load_model(settings: Settings, role: str = "serve") -> Unlearner:
 
 def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     started = time.perf_counter()
+    expect = Identity.of(
+        settings.to_model_config(), settings.to_train_config(), settings.dataset_source()
+    )
     u = Unlearner.restore(
         settings.checkpoint_dir,
         cache_dir=settings.ntk_cache_dir,
         id_key=keys.id_secret,
         prune=settings.worker,
+        expect=expect,
     )
     if u is not None and settings.worker:
         deletion_log = DeletionLog(settings.deletion_log)
@@ -126,6 +131,7 @@ def _build(settings: Settings, keys: DeploymentKeys) -> Unlearner:
         cache_dir=settings.ntk_cache_dir,
         progress=True,
         id_key=keys.id_secret,
+        source=settings.dataset_source(),
     )
     built = time.perf_counter()
     log.info("built and trained the model in %.2f s", built - started)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 
 # The one list of each: the app's settings and every validation read these.
 MODEL_KINDS = ("linear", "mlp", "cnn", "inf-mlp", "inf-cnn")
+# The user's own network (``--model FILE.py:NAME``): ``ModelConfig.kind`` is then ``USER_KIND``.
+USER_KIND = "user"
 LOSSES = ("mse", "ce")
 DTYPES = ("auto", "float32", "float64")
 KERNEL_FORMS = ("auto", "full", "trace")
@@ -24,9 +26,10 @@ KIND_SETTINGS = {
     "cnn": ("width", "depth", "w_std", "b_std", "seed", "kernel_form", "pool"),
     "inf-mlp": ("depth", "w_std", "b_std"),
     "inf-cnn": ("depth", "w_std", "b_std", "pool"),
+    USER_KIND: ("network", "params", "trainable", "kernel_form"),
 }
 
-ModelKind = Literal[MODEL_KINDS]
+ModelKind = Literal[MODEL_KINDS + (USER_KIND,)]
 LossName = Literal[LOSSES]
 DType = Literal[DTYPES]
 KernelForm = Literal[KERNEL_FORMS]
@@ -64,6 +67,14 @@ class ModelConfig(_Serialisable):
       pool: ``cnn`` and ``inf-cnn`` only: the AvgPool(2×2) of each block. Without it the analytic
         CNN kernel needs only per-pixel variances and is about 1,000× cheaper to compute (the
         paper's infinite-width CNN, §4.4, has no pooling).
+      network: kind ``user`` only: the user's network, ``FILE.py:NAME`` (an absolute path) or
+        ``package.module:NAME``; ``NAME()`` returns ``(apply_fn, params)`` (``user_network``),
+        linearised at its params θ_0 with θ_p = θ_0.
+      params: kind ``user`` only: θ_0 from this ``.npz`` (keyed by leaf path) or orbax checkpoint
+        instead of the factory's params; ``None``: the factory's.
+      trainable: kind ``user`` only: a regular expression (``re.search``) over '/'-joined leaf
+        paths; the leaves it matches are θ, the rest stay at θ_0 (frozen). ``None``: every
+        floating-point leaf.
     """
 
     kind: ModelKind = "mlp"
@@ -74,6 +85,9 @@ class ModelConfig(_Serialisable):
     seed: int = 0
     kernel_form: KernelForm = "auto"
     pool: bool = True
+    network: str | None = None
+    params: str | None = None
+    trainable: str | None = None
 
     @property
     def infinite(self) -> bool:

@@ -10,6 +10,7 @@ on disk and ``after_publish`` does the rest of the work that follows a published
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import attribution, checkpoint, deletion, influence, lifecycle, precision, validation
+from . import (
+    addition,
+    attribution,
+    checkpoint,
+    deletion,
+    influence,
+    lifecycle,
+    precision,
+    validation,
+)
 from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
 from .deletion import ForgetResult
@@ -71,14 +81,18 @@ class Unlearner:
         devices: list | None = None,
         memory_budget: float = 0.6,
         id_key: bytes = b"",
+        source: str | None = None,
     ) -> Unlearner:
-        """Build the model, compute (or load) its kernel and train it: version 0 (``lifecycle.build``).
+        """Build the model, compute (or load) its kernel and train it: version 0 (``lifecycle.build``;
+        ``source``: how the data set was asked for, part of the model's identity).
 
         Raises:
-          InvalidInputError, ResourceError, SolverError: as ``lifecycle.build``.
+          InvalidInputError, ModelLoadError, ResourceError, SolverError: as ``lifecycle.build``.
         """
         configs = (model_cfg, train_cfg, solver_cfg)
-        built = lifecycle.build(dataset, *configs, cache_dir, progress, devices, memory_budget)
+        built = lifecycle.build(
+            dataset, *configs, cache_dir, progress, devices, memory_budget, source
+        )
         return cls(*built, cache_dir, id_key)
 
     @classmethod
@@ -90,10 +104,14 @@ class Unlearner:
         devices: list | None = None,
         id_key: bytes = b"",
         prune: bool = False,
+        expect: lifecycle.Identity | None = None,
     ) -> Unlearner | None:
         """The newest complete checkpoint under ``checkpoint_dir``, or ``None``; with ``prune``, every
-        other checkpoint and cached kernel is deleted (``lifecycle.restore``)."""
-        restored = lifecycle.restore(checkpoint_dir, cache_dir, progress, devices, id_key, prune)
+        other checkpoint and cached kernel is deleted; with ``expect``, a checkpoint of another model
+        raises ``CheckpointMismatchError`` (``lifecycle.restore``)."""
+        restored = lifecycle.restore(
+            checkpoint_dir, cache_dir, progress, devices, id_key, prune, expect
+        )
         return None if restored is None else cls(*restored, cache_dir, id_key)
 
     def save(self, checkpoint_dir: Path) -> None:
@@ -159,6 +177,15 @@ class Unlearner:
     @property
     def solver_config(self) -> SolverConfig:
         return self._state.solver_config
+
+    def params(self):
+        """The network's parameters of the current version as its own pytree: θ unravelled, and
+        for a user's network its frozen leaves exactly θ_0's (``Model.params_of``); ``None`` for an
+        infinitely wide model."""
+        theta = self._state.theta
+        if theta is None or not hasattr(self.model, "params_of"):
+            return None
+        return self.model.params_of(theta)
 
     def predict(self, x) -> np.ndarray:
         """Outputs of the current version; x ``(n, *input_shape)`` or flattened → ``(n, d)``.
@@ -340,6 +367,34 @@ class Unlearner:
         timings.update(before_publish=t3 - t2, publish=t4 - t3)
         return result._replace(seconds=t4 - t0, timings=timings)
 
+    def add(
+        self, ids: Sequence[str], x, y, checkpoint_dir: Path | None = None
+    ) -> addition.AddResult:
+        """Add the records ``(ids, x, y)``: the next version, trained on the current records and these
+        (``addition.plan``: K gains their rows and columns, Newton from the current α), checkpointed,
+        then published. x ``(k, *input_shape)`` or flattened rows; y labels ``(k,)`` or targets
+        ``(k, d)``. ``result.timings`` gains ``checkpoint`` and ``publish``.
+
+        Raises:
+          InvalidForgetSetError (bad ids), AlreadyActiveError (ids in the training set, listed),
+          InvalidInputError, ResourceError, SolverError, OSError (the checkpoint): the model is
+          unchanged.
+        """
+        t0 = time.perf_counter()
+        with self._forget_lock:
+            new_state, result = addition.plan(self._state, self.model, ids, x, y)
+            t1 = time.perf_counter()
+            if checkpoint_dir is not None:
+                checkpoint.save(checkpoint_dir, new_state)
+            t2 = time.perf_counter()
+            self._spare.take()  # K's shape may have grown; made again below
+            self._state = new_state
+            t3 = time.perf_counter()
+        purge_cache(self._cache_dir)  # the cached kernel is of the old inputs
+        self.ready_spare()
+        timings = {**result.timings, "checkpoint": t2 - t1, "publish": t3 - t2}
+        return result._replace(timings={**timings, "total": t3 - t0})
+
     def plan_forget(
         self,
         ids: Sequence[str],
@@ -375,6 +430,9 @@ class Unlearner:
         )
         log.warning("%s: promoting the model to float64 (dtype auto)", error)
         model = precision.promoted_network(st.model_config, st.input_shape, st.layout.d)
+        impl = getattr(self.model, "ntk_implementation", None)
+        if getattr(model, "user", None) is not None:  # a user's network: as measured at build
+            model = dataclasses.replace(model, ntk_implementation=impl)
         base = precision.promote_arrays(st)
         ny = lifecycle.preconditioner(base.k, st.solver_config, st.form, st.train_config.loss)
         info = {**base.meta["precision"], "kernel_dtype": "float32", "promoted": str(error)}
@@ -431,9 +489,13 @@ class Unlearner:
             newer = newer.replace(id_key=self._state.id_key)
             state = deletion.follow(self._state, newer, self._spare.take())
             if state.dtype != self._state.dtype and state.train_config.dtype == "auto":
-                self.model = precision.promoted_network(
+                model = precision.promoted_network(
                     state.model_config, state.input_shape, state.layout.d
                 )  # the worker promoted the model to float64 (``precision``)
+                if getattr(model, "user", None) is not None:
+                    impl = getattr(self.model, "ntk_implementation", None)
+                    model = dataclasses.replace(model, ntk_implementation=impl)
+                self.model = model
             self._state = state
         self.ready_spare()
 

@@ -23,18 +23,77 @@ from tqdm.auto import tqdm
 
 from ._nt import nt
 
+# neural-tangents' empirical-NTK implementations, by the name the service reports.
+NTK_IMPLEMENTATIONS = {
+    "structured_derivatives": nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+    "jacobian_contraction": nt.NtkImplementation.JACOBIAN_CONTRACTION,
+    "ntk_vector_products": nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
+}
 
-def empirical_block_fn(apply_fn: Callable, params, form: str) -> Callable:
-    """K(A, B) of a network at ``params`` by neural-tangents' STRUCTURED_DERIVATIVES (equal to
-    JACOBIAN_CONTRACTION to float precision, about 100× faster here): ``(n1, n2, d, d)`` for the full
-    form, ``(n1, n2)`` for the trace form (the mean over the output diagonal, k for k ⊗ I_d)."""
+
+def empirical_block_fn(
+    apply_fn: Callable, params, form: str, implementation: str = "structured_derivatives"
+) -> Callable:
+    """K(A, B) of a network at ``params`` by neural-tangents' ``empirical_ntk_fn``: ``(n1, n2, d, d)``
+    for the full form, ``(n1, n2)`` for the trace form (the mean over the output diagonal, k for
+    k ⊗ I_d).
+
+    ``implementation`` (``NTK_IMPLEMENTATIONS``): ``structured_derivatives`` by default (equal to
+    ``jacobian_contraction`` to float precision and about 100× faster on the stax networks);
+    ``choose_implementation`` measures them for a user's network."""
     fn = nt.empirical_ntk_fn(
         apply_fn,
         trace_axes=() if form == "full" else (-1,),
         vmap_axes=0,
-        implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+        implementation=NTK_IMPLEMENTATIONS[implementation],
     )
     return jax.jit(lambda a, b: fn(a, b, params))
+
+
+def choose_implementation(
+    apply_fn: Callable, params, x: np.ndarray, form: str, rtol: float
+) -> tuple[str, dict]:
+    """The fastest empirical-NTK implementation that gives this network's kernel correctly.
+
+    Each of ``NTK_IMPLEMENTATIONS`` computes K(x, x) on the sample ``x`` (a block's worth of
+    training inputs); the best of three calls after the first (which compiles) is timed. One that raises, or whose
+    kernel differs from ``jacobian_contraction`` (the plain J Jᵀ, the reference) by more than
+    ``rtol`` relative in the Frobenius norm, is not used.
+
+    Returns:
+      ``(name, report)``: report ``{name: {"seconds", "rel_diff"} or {"error"}}``.
+
+    Raises:
+      ValueError: even the reference fails (the message names neural-tangents' error).
+    """
+    report: dict[str, dict] = {}
+    kernels: dict[str, np.ndarray] = {}
+    for name in ("jacobian_contraction", "structured_derivatives", "ntk_vector_products"):
+        try:
+            fn = empirical_block_fn(apply_fn, params, form, name)
+            np.asarray(fn(x, x))
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                k = np.asarray(fn(x, x))
+                times.append(time.perf_counter() - t0)
+            report[name] = {"seconds": min(times)}
+            kernels[name] = k
+        except Exception as e:  # an implementation that does not support this function
+            report[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+            if name == "jacobian_contraction":
+                raise ValueError(
+                    f"the empirical NTK of this network failed: {report[name]['error']}"
+                ) from None
+    ref = kernels["jacobian_contraction"]
+    scale = max(float(np.linalg.norm(ref)), np.finfo(ref.dtype).tiny)
+    usable = []
+    for name, k in kernels.items():
+        diff = float(np.linalg.norm(k - ref)) / scale
+        report[name]["rel_diff"] = diff
+        if np.all(np.isfinite(k)) and diff <= rtol:
+            usable.append((report[name]["seconds"], name))
+    return min(usable)[1] if usable else "jacobian_contraction", report
 
 
 def blocked(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -9,16 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, precision, sharding
+from . import checkpoint, kernels, precision, sharding
 from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
 from .dual import DualProblem, kernel_gradient_descent, newton, stationarity
-from .errors import InvalidInputError, NotCertifiedError, SolverError
+from .errors import InvalidInputError, NotCertifiedError, SolverError, UnlearnError
 from .kernels import purge_cache
 from .layout import KernelLayout, pad_rows
 from .linalg import Nystrom, SolveOptions, canonical_method, nystrom, power_iteration
-from .models import Network, make_network
+from .models import Model, Network, make_network
 from .state import ModelState, VersionRecord, bucket
+from .user_network import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,14 @@ def build(
     progress: bool = True,
     devices: list | None = None,
     memory_budget: float = 0.6,
+    source: str | None = None,
 ) -> tuple[ModelState, Network]:
     """The model of ``model_cfg`` on ``dataset``, its kernel, trained to the optimum: version 0.
 
     Arguments:
       dataset, model_cfg, train_cfg, solver_cfg: what to build.
+      source: how the data set was asked for (e.g. ``mnist:DIR, n_train 1000``), saved as part of
+        the model's identity (``identity``); default: ``dataset.name``.
       cache_dir: kernel cache directory (``None``: no cache).
       progress: progress bar for the kernel.
       devices: devices K's rows are split over (default: every local device; ``sharding``).
@@ -44,17 +49,23 @@ def build(
 
     Raises:
       InvalidInputError: a setting that does not apply to this model (theta-cg without θ).
+      ModelLoadError: a user's network that cannot be loaded or gives outputs of the wrong shape,
+        dtype or NaN (``models.build_user_model``, ``Model.check_outputs``).
       ResourceError: K would not fit the devices (checked before computing it).
       SolverError: training did not reach ``train_cfg``'s tolerance.
     """
     dtype = jax_dtype("float64" if train_cfg.dtype == "float64" else "float32")
     model = make_network(model_cfg, dataset.input_shape, dataset.output_dim, dtype)
+    ntk_choice: dict = {}
+    form = model_cfg.resolved_kernel_form()
+    if isinstance(model, Model) and model.user is not None:
+        model, ntk_choice, form = prepare_user_model(model, dataset.x, model_cfg.kernel_form)
     if model.n_params is None and canonical_method(solver_cfg.method) == "theta-cg":
         raise InvalidInputError(
             f"{model_cfg.kind} has no parameters: theta-cg is not available, use alpha-cg"
         )
     mesh = sharding.make_mesh(devices)
-    layout = KernelLayout(model_cfg.resolved_kernel_form(), dataset.output_dim, mesh)
+    layout = KernelLayout(form, dataset.output_dim, mesh)
     cap = bucket(dataset.n, mesh.size)
     what = f"K for {dataset.n} points, d = {dataset.output_dim} ({layout.form} form)"
     plan = sharding.plan_memory(
@@ -88,7 +99,10 @@ def build(
             layout.side(cap), list(mesh.devices.flat), memory_budget, what
         )
         log.warning("%s: promoting the model to float64 (dtype auto)", e)
+        impl = getattr(model, "ntk_implementation", None)
         model = precision.promoted_network(model_cfg, dataset.input_shape, dataset.output_dim)
+        if isinstance(model, Model) and model.user is not None:  # as measured in float32
+            model = dataclasses.replace(model, ntk_implementation=impl)
         f64 = model.theta0.dtype if model.n_params is not None else jax_dtype("float64")
         k, x, y, f0 = (a.astype(f64) for a in (k, x, y, f0))
         ny = preconditioner(k, solver_cfg, layout.form, train_cfg.loss)
@@ -104,17 +118,30 @@ def build(
             "output_dim": dataset.output_dim,
             "input_shape": list(dataset.input_shape),
             "n_initial": dataset.n,
+            "source": source or dataset.name,
         },
         "model": model_cfg.to_dict(),
         "theta0_fingerprint": fingerprint(model),
         "train": train_cfg.to_dict(),
         "solver": solver_cfg.to_dict(),
-        "ntk": {"seconds": report["seconds"], "bytes": report["bytes"], "cached": report["cached"]},
+        "ntk": {
+            "seconds": report["seconds"],
+            "bytes": report["bytes"],
+            "cached": report["cached"],
+            **_ntk_implementation(model),
+            **({"measured": ntk_choice} if ntk_choice else {}),
+            **(
+                {"trace_exact": ntk_choice["trace_form_exact"]}
+                if "trace_form_exact" in ntk_choice
+                else {}
+            ),
+        },
         "lambda_max": lambda_max,
         "precision": {
             **precision_meta,
             "promoted_at_version": 0 if "promoted" in precision_meta else None,
         },
+        **_user_meta(model),
     }
     ids = pad_rows(np.asarray(dataset.ids, dtype=str), cap)
     f_star = problem.outputs(alpha)
@@ -203,6 +230,7 @@ def restore(
     devices: list | None = None,
     id_key: bytes = b"",
     prune: bool = False,
+    expect: Identity | None = None,
 ) -> tuple[ModelState, Network] | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
@@ -214,8 +242,12 @@ def restore(
       prune: finish what a crash left (the worker's start, docs/design.md, The order of a
         deletion): delete every other checkpoint and unfinished save (``checkpoint.prune``) and
         every cached kernel but the one of these inputs (the others hold forgotten rows).
+      expect: the model the caller means to serve; a checkpoint of another one is refused
+        (``Identity.differences``). ``None``: serve whatever the checkpoint holds.
 
     Raises:
+      CheckpointMismatchError: the checkpoint's model is not ``expect`` (every difference named).
+      ModelLoadError: a user's network that can no longer be loaded.
       SolverError: the network rebuilt from the checkpoint's configuration is not the one it was
         trained with (another θ0).
     """
@@ -230,11 +262,32 @@ def restore(
         pruned = checkpoint.prune(checkpoint_dir, keep=state.version)
         if pruned:
             log.info("deleted %d checkpoint(s) other than version %d", pruned, state.version)
+    saved_identity = Identity.of_meta(state.meta)
+    if expect is not None:
+        problems = saved_identity.differences(expect)
+        if problems:
+            raise CheckpointMismatchError(mismatch_message(checkpoint_dir, state.version, problems))
     ds = state.meta["dataset"]
     shape, d = tuple(ds["input_shape"]), ds["output_dim"]
-    kernel_net = precision.kernel_network(state.meta, state.model_config, shape, d)
+
+    def as_saved(model: Network) -> Network:
+        """A user's network with the NTK implementation measured at build, its params checked."""
+        if not (isinstance(model, Model) and model.user is not None):
+            return model
+        impl = state.meta.get("ntk", {}).get("implementation", "jacobian_contraction")
+        if saved_identity.params_digest not in (None, model.user.digest):
+            problems = [
+                f"params fingerprint {saved_identity.params_digest} (checkpoint) ≠ "
+                f"{model.user.digest} (now: the weights of {state.model_config.network!r}"
+                + (f" / {state.model_config.params!r}" if state.model_config.params else "")
+                + " changed)"
+            ]
+            raise CheckpointMismatchError(mismatch_message(checkpoint_dir, state.version, problems))
+        return dataclasses.replace(model, ntk_implementation=impl)
+
+    kernel_net = as_saved(precision.kernel_network(state.meta, state.model_config, shape, d))
     if held_dtype(state.meta) == "float64" and state.train_config.dtype == "auto":
-        model = precision.promoted_network(state.model_config, shape, d)
+        model = as_saved(precision.promoted_network(state.model_config, shape, d))
     else:
         model = kernel_net
     saved, now = state.meta.get("theta0_fingerprint"), fingerprint(model)
@@ -264,6 +317,145 @@ def restore(
     ny = preconditioner(k, state.solver_config, layout.form, state.train_config.loss)
     state = state.replace(k=k, layout=layout, nystrom=ny)
     return recertified(state, model), model
+
+
+class CheckpointMismatchError(UnlearnError):
+    """The data directory's checkpoint holds another model than the one asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What makes a model this model (a checkpoint of another one is not served): the network's
+    settings (``ModelConfig.shaping``, including a user network's file, params file and trainable
+    set), its params fingerprint (user networks), the data set, the loss, λ and the dtype.
+
+    ``params_digest`` is compared only when both sides know it (the caller's side usually does not:
+    the network is loaded after this check; ``restore`` compares it then).
+    """
+
+    model: dict
+    dataset: str
+    loss: str
+    lam: float
+    dtype: str
+    params_digest: str | None = None
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: str) -> Identity:
+        """The identity of a model about to be built or restored from these settings."""
+        return cls(model_cfg.shaping(), dataset, train_cfg.loss, train_cfg.lam, train_cfg.dtype)
+
+    @classmethod
+    def of_meta(cls, meta: dict) -> Identity:
+        """The identity saved in a checkpoint's ``meta``."""
+        ds = meta["dataset"]
+        return cls(
+            ModelConfig.from_dict(meta["model"]).shaping(),
+            ds.get("source") or ds["name"],
+            meta["train"]["loss"],
+            float(meta["train"]["lam"]),
+            meta["train"]["dtype"],
+            meta.get("params_digest"),
+        )
+
+    def differences(self, other: Identity) -> list[str]:
+        """Each setting that differs, as ``'name A (checkpoint) ≠ B (now)'`` (self is the
+        checkpoint's side)."""
+        out = []
+        for key in dict.fromkeys([*self.model, *other.model]):
+            a, b = self.model.get(key), other.model.get(key)
+            if a != b:
+                name = "model" if key == "kind" else key
+                out.append(f"{name} {a!r} (checkpoint) ≠ {b!r} (now)")
+        for name in ("dataset", "loss", "lam", "dtype", "params_digest"):
+            a, b = getattr(self, name), getattr(other, name)
+            if name == "params_digest" and (a is None or b is None):
+                continue
+            if a != b:
+                label = "params fingerprint" if name == "params_digest" else name
+                out.append(f"{label} {a!r} (checkpoint) ≠ {b!r} (now)")
+        return out
+
+
+def mismatch_message(checkpoint_dir: Path, version: int, problems: list[str]) -> str:
+    """One line: what differs between a checkpoint and the settings, and the ways out."""
+    return (
+        f"the checkpoint in {checkpoint_dir} (version {version}) holds a model made with other "
+        f"settings: {'; '.join(problems)}. Start with the checkpoint's settings to serve it, give "
+        "this model another --data-dir, or delete that checkpoint directory to build anew (a "
+        "rebuild trains on the data set as it is now: first remove from it the records listed in "
+        "the data dir's deletions.log)"
+    )
+
+
+def prepare_user_model(model: Model, x, kernel_form: str) -> tuple[Model, dict, str]:
+    """Check a user's network on its first training inputs (``Model.check_outputs``), pick its
+    empirical-NTK implementation by measuring them on up to 16 of them
+    (``kernels.choose_implementation``, full form), and resolve ``kernel_form`` ``auto``: the trace
+    form when the sample's K is k ⊗ I_d to rounding (``trace_exact``; e.g. a linear head
+    fine-tuned alone), which holds d² times fewer numbers, else the full form.
+
+    Returns:
+      ``(model with ntk_implementation set, the measurements, the form)``.
+
+    Raises:
+      ModelLoadError: wrong output shape or dtype, NaN, or an NTK that cannot be computed.
+    """
+    dtype = model.theta0.dtype
+    model.check_outputs(jnp.asarray(np.asarray(x[:4]), dtype))
+    sample = np.asarray(model.flatten_inputs(jnp.asarray(np.asarray(x[:16]), dtype)))
+    rtol = 1e-9 if dtype == jnp.float64 else 1e-3
+    try:
+        name, report = kernels.choose_implementation(
+            model.apply_fn, model.params0, sample, "full", rtol
+        )
+    except ValueError as e:
+        raise ModelLoadError(f"--model {model.config.network!r}: {e}") from None
+    form = kernel_form
+    if kernel_form == "auto":
+        reference = kernels.empirical_block_fn(model.apply_fn, model.params0, "full")
+        exact = trace_exact(np.asarray(reference(sample, sample)), np.finfo(dtype).eps)
+        form = "trace" if exact else "full"
+        report["trace_form_exact"] = exact
+    log.info(
+        "empirical NTK of %s: %s, %s form (%s)", model.config.network, name, form,
+        ", ".join(
+            f"{k} {v['seconds'] * 1e3:.1f} ms, rel. diff {v.get('rel_diff', float('nan')):.1e}"
+            if "seconds" in v else f"{k} failed"
+            for k, v in report.items() if isinstance(v, dict)
+        ),
+    )  # fmt: skip
+    return dataclasses.replace(model, ntk_implementation=name), report, form
+
+
+def trace_exact(k: np.ndarray, eps: float) -> bool:
+    """Whether a full-form kernel block ``(n1, n2, d, d)`` is k ⊗ I_d up to rounding: its
+    off-output entries and the spread of its output diagonal within 100·eps of its largest entry
+    (docs/maths.md, Notation: the trace form is then exact)."""
+    d = k.shape[-1]
+    scale = float(np.max(np.abs(k))) or 1.0
+    diag = np.einsum("ijaa->ija", k)
+    off = k * (1 - np.eye(d))
+    spread = diag - diag.mean(axis=-1, keepdims=True)
+    worst = max(float(np.max(np.abs(off))), float(np.max(np.abs(spread))))
+    return bool(worst <= 100 * float(eps) * scale)
+
+
+def _ntk_implementation(model: Network) -> dict:
+    impl = getattr(model, "ntk_implementation", None)
+    return {"implementation": impl if impl is not None else "analytic"}
+
+
+def _user_meta(model: Network) -> dict:
+    user = getattr(model, "user", None)
+    if user is None:
+        return {}
+    return {
+        "params_digest": user.digest,
+        "trainable_leaves": user.trainable_names,
+        "frozen_leaves": [n for n, t in zip(user.names, user.trainable, strict=True) if not t],
+        "framework": user.framework,
+    }
 
 
 def recertified(state: ModelState, model: Network) -> ModelState:

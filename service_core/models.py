@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -28,9 +29,10 @@ import numpy as np
 from jax.experimental import disable_x64
 from jax.flatten_util import ravel_pytree
 
-from . import kernels
+from . import kernels, user_network
 from ._nt import stax
-from .config import ModelConfig
+from .config import USER_KIND, ModelConfig
+from .user_network import ModelLoadError
 
 
 class Network(Protocol):
@@ -76,7 +78,11 @@ class Model:
       input_dim: n_in = prod(input_shape), inputs are flattened to it.
       output_dim: d.
       input_shape: the per-example shape the stax network itself takes: ``(n_in,)`` for ``linear``
-        and ``mlp``, ``(H, W, C)`` for ``cnn``.
+        and ``mlp``, ``(H, W, C)`` for ``cnn``, the data set's for a user's network.
+      ntk_implementation: the neural-tangents empirical-NTK implementation its kernels use
+        (``kernels.NTK_IMPLEMENTATIONS``; measured per user network, ``kernels.choose_implementation``).
+      user: a user's network only (kind ``user``): its leaves, the frozen ones and the
+        trainable/frozen split (``UserParts``); ``params0`` is then the list of trainable leaves.
     """
 
     config: ModelConfig
@@ -88,6 +94,8 @@ class Model:
     input_dim: int
     output_dim: int
     input_shape: tuple[int, ...] = ()
+    ntk_implementation: str = "structured_derivatives"
+    user: UserParts | None = None
 
     kernel_form = None  # full or trace, as configured
 
@@ -126,11 +134,14 @@ class Model:
         dtype = self.theta0.dtype
         xf = np.asarray(self.flatten_inputs(x), dtype=dtype)
         key = kernels.cache_key(
-            self.config.to_dict(), xf, form, np.dtype(dtype).name, self.output_dim
-        )
+            self.config.to_dict(), xf, form, np.dtype(dtype).name, self.output_dim,
+            *self._cache_parts(),
+        )  # fmt: skip
 
         def compute():
-            fn = kernels.empirical_block_fn(self.apply_fn, self.params0, form)
+            fn = kernels.empirical_block_fn(
+                self.apply_fn, self.params0, form, self.ntk_implementation
+            )
             return kernels.blocked(fn, xf, block_size=block_size, dtype=dtype, progress=progress)
 
         return kernels.cached(cache_dir, key, compute)
@@ -141,10 +152,56 @@ class Model:
         dtype = self.theta0.dtype
         key = ("cross-ntk", form)
         if key not in self.compiled:
-            self.compiled[key] = kernels.empirical_block_fn(self.apply_fn, self.params0, form)
+            self.compiled[key] = kernels.empirical_block_fn(
+                self.apply_fn, self.params0, form, self.ntk_implementation
+            )
         a = np.asarray(self.flatten_inputs(x), dtype=dtype)
         b = np.asarray(self.flatten_inputs(x_train), dtype=dtype)
         return kernels.blocked(self.compiled[key], a, b, block_size=block_size, dtype=dtype)
+
+    def _cache_parts(self) -> tuple:
+        # a user's weights are not in its config (only their file's path is): key on their digest
+        return () if self.user is None else (self.user.digest, self.ntk_implementation)
+
+    def params_of(self, theta: jax.Array):
+        """The network's whole parameter pytree at θ (flat ``(P,)``): for a user's network, its own
+        pytree with the trainable leaves from θ and the frozen ones θ_0's, unchanged."""
+        trainable = self.unravel(theta)
+        return trainable if self.user is None else self.user.merge(trainable)
+
+    def check_outputs(self, x) -> None:
+        """Check the network on a few training inputs ``x`` ``(n, ...)``: outputs ``(n, d)`` in θ's
+        dtype, finite.
+
+        Raises:
+          ModelLoadError: another shape or dtype, or NaN/inf; the message says what was returned.
+        """
+        x = self.flatten_inputs(x)
+        where = f"--model {self.config.network!r}" if self.user else f"model {self.config.kind}"
+        try:
+            out = self.apply_fn(self.params0, x)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{where}: apply_fn(params, x) failed on x of shape "
+                f"{(x.shape[0], *self.input_shape)}: {user_network._err(e)}"
+            ) from None
+        n = x.shape[0]
+        if tuple(np.shape(out)) != (n, self.output_dim):
+            raise ModelLoadError(
+                f"{where}: apply_fn returned shape {tuple(np.shape(out))} for x of shape "
+                f"{(n, *self.input_shape)}; it must return ({n}, {self.output_dim}): one output per "
+                "class of the data set (or per target column)"
+            )
+        if jnp.dtype(out.dtype) != self.theta0.dtype:
+            raise ModelLoadError(
+                f"{where}: apply_fn returned {out.dtype} outputs for {self.theta0.dtype} parameters: "
+                "compute in the parameters' dtype (see --dtype)"
+            )
+        if not bool(jnp.all(jnp.isfinite(out))):
+            raise ModelLoadError(
+                f"{where}: apply_fn returned NaN or inf on training inputs: check the params and the "
+                "input scaling"
+            )
 
     def theta(self, x, alpha, delta: bool = False) -> jax.Array:
         """θ = θ_p + J(X)ᵀα (Eq. (T)), or Δθ = J(X)ᵀΔα with ``delta``; x ``(C, ...)``, α ``(C, d)``."""
@@ -202,6 +259,114 @@ class Model:
         """f_0 = f(x; θ_0) + J(x)(θ_p − θ_0), the linearised output at θ = θ_p; ``(n, d)``."""
         base, shift = self.f0_and_jvp(x, self.theta_p - self.theta0)
         return base + shift
+
+
+@dataclasses.dataclass(frozen=True)
+class UserParts:
+    """The pytree of a user's network split into trainable and frozen leaves.
+
+    Attributes:
+      treedef: the structure of the user's params.
+      names: every leaf's '/'-joined path (``user_network.leaf_name``), in flattening order.
+      trainable: per leaf, whether θ holds it (``ModelConfig.trainable``).
+      frozen: the frozen leaves at θ_0, in order (they never change).
+      digest: sha256 of θ_0's leaves (``user_network.digest``), the params fingerprint.
+      framework: ``jax``, ``flax`` or ``equinox`` (``user_network.adapt``).
+    """
+
+    treedef: object
+    names: tuple[str, ...]
+    trainable: tuple[bool, ...]
+    frozen: tuple
+    digest: str
+    framework: str
+
+    def merge(self, trainable_leaves):
+        """The full pytree from the trainable leaves (a list, in order) and the frozen ones."""
+        it_t, it_f = iter(trainable_leaves), iter(self.frozen)
+        return jax.tree_util.tree_unflatten(
+            self.treedef, [next(it_t) if t else next(it_f) for t in self.trainable]
+        )
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [n for n, t in zip(self.names, self.trainable, strict=True) if t]
+
+
+def build_user_model(
+    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+) -> Model:
+    """The user's network of ``config.network`` (``user_network``), linearised at its params θ_0
+    (``config.params`` overrides the factory's), θ_p = θ_0 (docs/maths.md, Notation).
+
+    Floating-point leaves are cast to ``dtype``; θ is the flat vector of the leaves that are
+    floating point and match ``config.trainable`` (``re.search`` on the '/'-joined leaf path); the
+    others are frozen: closed over, exactly θ_0's, never differentiated. The wrapped ``apply_fn``
+    takes flat rows ``(n, n_in)`` like the built-in networks' and hands the user's function
+    ``(n, *input_shape)``.
+
+    Raises:
+      ModelLoadError: the file, NAME, factory, params or trainable set is unusable (one line).
+    """
+    spec = config.network or ""
+    factory = user_network.load_factory(spec)
+    try:
+        result = factory()
+    except Exception as e:
+        raise ModelLoadError(
+            f"--model {spec!r}: calling it failed: {user_network._err(e)}"
+        ) from None
+    user_apply, params, framework = user_network.adapt(result, spec)
+    if config.params:
+        params = user_network.load_params(config.params, params)
+    named = user_network.named_leaves(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not leaves:
+        raise ModelLoadError(f"--model {spec!r}: its params have no leaves: nothing to linearise")
+
+    def cast(leaf):
+        a = jnp.asarray(leaf)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    with disable_x64() if jnp.dtype(dtype) != jnp.float64 else contextlib.nullcontext():
+        leaves = [cast(leaf) for leaf in leaves]
+    names = tuple(named)
+    try:
+        pattern = None if config.trainable is None else re.compile(config.trainable)
+    except re.error as e:
+        raise ModelLoadError(
+            f"--trainable {config.trainable!r} is not a regular expression: {e}"
+        ) from None
+    floating = [bool(jnp.issubdtype(leaf.dtype, jnp.floating)) for leaf in leaves]
+    mask = tuple(
+        f and (pattern is None or pattern.search(n) is not None)
+        for n, f in zip(names, floating, strict=True)
+    )
+    if not any(mask):
+        shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
+        raise ModelLoadError(
+            f"--trainable {config.trainable!r} matches no floating-point leaf of the network; its "
+            f"leaf paths: {shown}"
+        )
+    parts = UserParts(
+        treedef,
+        names,
+        mask,
+        tuple(leaf for leaf, t in zip(leaves, mask, strict=True) if not t),
+        user_network.digest(jax.tree_util.tree_unflatten(treedef, leaves)),
+        framework,
+    )
+    shape = tuple(int(s) for s in input_shape)
+
+    def apply_fn(trainable_leaves, x, **kwargs):
+        return user_apply(parts.merge(trainable_leaves), x.reshape((x.shape[0],) + shape))
+
+    params0 = [leaf for leaf, t in zip(leaves, mask, strict=True) if t]
+    theta0, unravel = ravel_pytree(params0)
+    return Model(
+        config, apply_fn, params0, theta0, theta0, unravel, int(np.prod(shape)), output_dim,
+        shape, user=parts,
+    )  # fmt: skip
 
 
 class KernelModel:
@@ -440,7 +605,10 @@ def make_network(
     draw_dtype=None,
 ) -> Model | KernelModel:
     """A finite network to linearise (``build_model``; θ_0 drawn in ``draw_dtype``, default
-    ``dtype``), or an infinitely wide one (``KernelModel``, nothing drawn)."""
+    ``dtype``), the user's own (``build_user_model``; its params cast to ``dtype``), or an
+    infinitely wide one (``KernelModel``, nothing drawn)."""
+    if config.kind == USER_KIND:
+        return build_user_model(config, input_shape, output_dim, dtype)
     if config.infinite:
         return KernelModel(config, input_shape, output_dim, dtype)
     return build_model(config, input_shape, output_dim, dtype, draw_dtype)

@@ -157,14 +157,18 @@ class ModelState:
 
     def kernel_summary(self) -> dict[str, Any]:
         """K as held: shape, capacity (points), form, whether the form is exact for this model
-        (full form, one Dense layer, or the analytic NTK), bytes (total and per device), dtype,
+        (full form, one Dense layer, the analytic NTK, or a user's network whose K was measured
+        to be k ⊗ I_d: ``lifecycle.trace_exact``), bytes (total and per device), dtype,
         devices."""
         cfg = self.model_config
         return {
             "shape": list(self.k.shape),
             "capacity": self.capacity,
             "form": self.form,
-            "exact": self.form == "full" or cfg.kind == "linear" or cfg.infinite,
+            "exact": self.form == "full"
+            or cfg.kind == "linear"
+            or cfg.infinite
+            or bool(self.meta.get("ntk", {}).get("trace_exact")),
             "bytes": int(self.k.nbytes),
             "dtype": str(self.k.dtype),
             "devices": [str(dev) for dev in self.k.devices()],

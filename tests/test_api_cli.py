@@ -39,8 +39,11 @@ def test_every_setting_is_a_flag(capsys):
 def test_invalid_settings_exit_with_a_message():
     with pytest.raises(SystemExit, match="lam"):
         parse("serve", "--lam", "-1")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--model", "resnet"])
+    # not a built-in kind nor FILE.py:NAME / package.module:NAME
+    with pytest.raises(SystemExit, match="resnet.*FILE.py:NAME"):
+        parse("serve", "--model", "resnet")
+    with pytest.raises(SystemExit, match="--params and --trainable apply to your own network"):
+        parse("serve", "--model", "mlp", "--trainable", "head")
 
 
 def test_write_token_is_generated_once_with_mode_0600(tmp_path, monkeypatch):

@@ -219,3 +219,63 @@ def _redis_servers_in(directory: Path) -> list[int]:
         if b"redis-server" in cmd and cwd.startswith(str(directory)):
             found.append(int(entry.name))
     return found
+
+
+@pytest.mark.slow
+def test_bad_start_up_input_is_one_line(tmp_path):
+    """Each bad input at start-up (a user network's file, NAME, outputs or params; a data dir
+    whose checkpoint holds another model; an unknown data set or a missing data file) is one
+    line on stderr saying what to fix, a non-zero exit, no traceback, the embedded Redis stopped."""
+    import numpy as np
+
+    from service_core import ModelConfig, TrainConfig, Unlearner, load_dataset
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(20, 4)).astype(np.float32), y=np.arange(20) % 3)
+    net = tmp_path / "net.py"
+    net.write_text(
+        "import jax.numpy as jnp\n"
+        "def net():\n"
+        "    return (lambda p, x: jnp.tanh(x @ p['w']) @ p['v']), "
+        "{'w': jnp.ones((4, 5)) * 0.1, 'v': jnp.ones((5, OUT)) * 0.1}\n"
+        "OUT = 3\n"
+    )
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text(net.read_text().replace("OUT = 3", "OUT = 2"))
+    np.savez(tmp_path / "bad.npz", w=np.zeros((4, 6)))
+    data = f"npz:{tmp_path / 'd.npz'}"
+    # a data dir holding a checkpoint of this network with lam 1e-2
+    kept = tmp_path / "kept"
+    u = Unlearner.build(
+        load_dataset(data),
+        ModelConfig(kind="user", network=f"{net}:net"),
+        TrainConfig(loss="mse", lam=1e-2),
+        progress=False,
+        source=data,
+    )
+    u.save(kept / "checkpoints")
+    cases = {
+        "missing-file": (["--model", f"{tmp_path}/absent.py:net"], "no such file"),
+        "missing-name": (["--model", f"{net}:other"], "defines no 'other'"),
+        "wrong-shape": (["--model", f"{wrong}:net"], "must return (4, 3)"),
+        "params": (["--model", f"{net}:net", "--params", str(tmp_path / "bad.npz")], "missing v (5, 3)"),
+        "other-settings": (["--model", f"{net}:net", "--lam", "0.5", "--data-dir", str(kept)], "lam 0.01 (checkpoint) ≠ 0.5 (now)"),
+        "unknown-dataset": (["--dataset", "nope"], "unknown dataset 'nope'"),
+        "missing-data": (["--dataset", f"npz:{tmp_path}/absent.npz"], "absent.npz does not exist"),
+    }  # fmt: skip
+    procs = {}
+    for name, (argv, _) in cases.items():
+        base = ["--dataset", data, "--model", f"{net}:net", "--loss", "mse", "--lam", "1e-2"]
+        base += ["--data-dir", str(tmp_path / name), "--port", str(_free_port())]
+        procs[name] = _start(tmp_path / f"{name}.log", *base, *argv)
+    for name, proc in procs.items():
+        try:
+            code = proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = (tmp_path / f"{name}.log").read_text()
+        assert code != 0 and "Traceback" not in text, text
+        last = text.strip().splitlines()[-1]
+        assert last.startswith("ntk-unlearn serve:") and cases[name][1] in last, (name, text)
+    assert not _redis_servers_in(tmp_path)

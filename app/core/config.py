@@ -19,6 +19,7 @@ from service_core.config import (
     SOLVER_ALIASES,
     SOLVER_METHODS,
     TRAINERS,
+    USER_KIND,
 )
 
 _MODEL = ModelConfig()
@@ -46,8 +47,21 @@ class Settings(BaseSettings):
         description="training points to keep: per class × 10 for mnist (default 200 "
         "per class), balanced for cifar2 (default all); not for digits or npz",
     )
-    model: Literal[MODEL_KINDS] = Field(
-        _MODEL.kind, description="network to linearise, or an infinitely wide one (analytic NTK)"
+    model: str = Field(
+        _MODEL.kind,
+        description="network to linearise (" + ", ".join(MODEL_KINDS[:3]) + "), an infinitely "
+        "wide one (" + ", ".join(MODEL_KINDS[3:]) + "), or your own: FILE.py:NAME or "
+        "package.module:NAME, NAME() returning (apply_fn, params)",
+    )
+    params: Path | None = Field(
+        None,
+        description="your own network: pretrained weights θ0 from this .npz (keyed by leaf path) or "
+        "orbax checkpoint, instead of the factory's params",
+    )
+    trainable: str | None = Field(
+        None,
+        description="your own network: regular expression over '/'-joined leaf paths of the "
+        "leaves fine-tuning moves (default: all); the others stay at θ0",
     )
     loss: Literal[LOSSES] = Field(_TRAIN.loss, description="cross-entropy or squared error")
     lam: float = Field(_TRAIN.lam, gt=0, description="L2 weight λ of the regularised risk")
@@ -201,6 +215,36 @@ class Settings(BaseSettings):
         self.dataset_kwargs()
         return self
 
+    @model_validator(mode="after")
+    def _model_is_known(self) -> Settings:
+        if self.model not in MODEL_KINDS and ":" not in self.model:
+            raise ValueError(
+                f"--model {self.model!r}: use one of {', '.join(MODEL_KINDS)}, or your own network "
+                "as FILE.py:NAME or package.module:NAME"
+            )
+        if self.user_network is None and (self.params is not None or self.trainable is not None):
+            raise ValueError(
+                "--params and --trainable apply to your own network (--model FILE.py:NAME)"
+            )
+        return self
+
+    @property
+    def user_network(self) -> str | None:
+        """``--model`` as the engine keeps it when it names the user's network (a file's path made
+        absolute, so that a restart from another directory finds it), else ``None``."""
+        if self.model in MODEL_KINDS:
+            return None
+        from service_core.user_network import is_file_source
+
+        source, _, name = self.model.rpartition(":")
+        if is_file_source(source):
+            source = str(Path(source).expanduser().absolute())
+        return f"{source}:{name}"
+
+    def dataset_source(self) -> str:
+        """The data set as asked for, part of the model's identity (``lifecycle.Identity``)."""
+        return self.dataset + (f", n_train {self.n_train}" if self.n_train is not None else "")
+
     def dataset_kwargs(self) -> dict:
         """Loader arguments of ``service_core.load_dataset`` for ``n_train``."""
         kind = self.dataset.partition(":")[0]
@@ -235,6 +279,14 @@ class Settings(BaseSettings):
         return self.data_dir / "ntk-cache"
 
     def to_model_config(self) -> ModelConfig:
+        if self.user_network is not None:
+            return ModelConfig(
+                kind=USER_KIND,
+                network=self.user_network,
+                params=None if self.params is None else str(self.params.expanduser().absolute()),
+                trainable=self.trainable,
+                seed=self.seed,
+            )
         width, depth = _KIND_DEFAULTS.get(self.model, (_MODEL.width, _MODEL.depth))
         return ModelConfig(
             kind=self.model,

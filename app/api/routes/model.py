@@ -101,6 +101,15 @@ def ids(
     return IdsOut(ids=active[offset : offset + limit], total=len(active))
 
 
+def _user_network(meta: dict) -> dict:
+    """A user's network: its leaves fine-tuning moves and those frozen at θ0, its framework and
+    params fingerprint (nothing for the built-in networks)."""
+    if "params_digest" not in meta:
+        return {}
+    keys = ("trainable_leaves", "frozen_leaves", "framework", "params_digest")
+    return {"user_network": {k: meta.get(k) for k in keys}}
+
+
 @router.get("/model")
 def model(u: ModelDep) -> ModelInfo:
     """Version, sizes, loss, λ and kernel layout of the served model."""
@@ -128,5 +137,12 @@ def model(u: ModelDep) -> ModelInfo:
                 "configured": train.dtype,
             },
             "conditioning": st.meta.get("conditioning"),
+            "ntk": {
+                "implementation": st.meta.get("ntk", {}).get(
+                    "implementation", getattr(u.model, "ntk_implementation", "analytic")
+                ),
+                "seconds": st.meta.get("ntk", {}).get("seconds"),
+            },
+            **_user_network(st.meta),
         }
     )

@@ -1,0 +1,157 @@
+"""Adding records to a trained model: the next version trained on D ∪ A, from the current α.
+
+K gains the rows and columns of the new points (their NTK with the active points and among
+themselves; nothing else is recomputed), α gains zero rows there, and Newton re-solves the dual
+risk (docs/maths.md, Eq. (R) on D ∪ A, |𝒮| = N + k) warm from the current α. θ follows by
+Eq. (D). The new points take free rows (rows of forgotten points, or padding); when there are
+too few, every array grows to the next capacity bucket.
+
+An id that was forgotten may be added again: it is then a new record (its id leaves the
+``forgotten`` list of the state; the deletion log keeps the earlier deletion).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import lifecycle, sharding, validation
+from .dual import DualProblem, newton
+from .errors import AlreadyForgottenError, InvalidForgetSetError, InvalidInputError, SolverError
+from .layout import pad_rows
+from .models import Network
+from .state import ModelState, VersionRecord, bucket
+
+
+class AlreadyActiveError(AlreadyForgottenError):
+    """Ids that are already in the training set (an addition needs new ids)."""
+
+    _what = "id(s) are already in the training set"
+
+
+class AddResult(NamedTuple):
+    """What an addition did: the new version, the records added, the Newton solve
+    (``SolveInfo.to_dict()`` with its steps), the certificate, whether K grew to a larger
+    capacity, and seconds per part (``kernel``, ``solve``, ``total``)."""
+
+    version: int
+    n_added: int
+    solve: dict
+    residual: float
+    grew: bool
+    timings: dict
+
+
+def plan(
+    state: ModelState, model: Network, ids: Sequence[str], x, y
+) -> tuple[ModelState, AddResult]:
+    """The next version of ``state`` with the records ``(ids, x, y)`` added; nothing is published.
+
+    Arguments:
+      ids: new ids (non-empty, distinct, none active).
+      x: inputs ``(k, *input_shape)`` (rows may be flattened); y: labels ``(k,)`` or targets
+        ``(k, d)``, as for training.
+
+    Raises:
+      InvalidForgetSetError: empty, duplicated or empty-string ids.
+      AlreadyActiveError: ids already in the training set (listed).
+      InvalidInputError: x or y of the wrong shape, or not finite.
+      ResourceError: the grown K would not fit the devices.
+      SolverError: Newton did not reach the training tolerance (the model is unchanged).
+    """
+    t0 = time.perf_counter()
+    ids = [str(i) for i in ids]
+    if not ids or any(not i for i in ids) or len(set(ids)) != len(ids):
+        raise InvalidForgetSetError(
+            "ids to add must be a non-empty list of distinct, non-empty strings"
+        )
+    present = [i for i in ids if i in state.index]
+    if present:
+        raise AlreadyActiveError(present, "Give new records new ids.")
+    dtype = state.x.dtype
+    xt = validation.inputs(x, state.input_shape, dtype)
+    if xt.shape[0] != len(ids):
+        raise InvalidInputError(f"x has {xt.shape[0]} rows for {len(ids)} ids: give one row per id")
+    yt = validation.targets(y, len(ids), state.task, state.layout.d, dtype)
+    layout = state.layout
+    active = state.active
+    old_points = np.flatnonzero(active)
+    free = np.flatnonzero(~active)
+    cap = state.capacity
+    grew = len(free) < len(ids)
+    k_np = np.asarray(state.k)
+    arrays = {name: state_array for name, state_array in state.arrays().items() if name != "theta"}
+    ids_arr = np.asarray(state.ids)
+    if grew:
+        cap = max(bucket(state.n + len(ids), layout.devices), cap + layout.devices)
+        devices = list(layout.mesh.devices.flat) if layout.mesh is not None else _devices(state)
+        memory = sharding.plan_memory(layout.side(cap), np.dtype(dtype).itemsize, devices, 0.6)
+        sharding.check_fits(memory, f"K for {state.n + len(ids)} points after the addition")
+        side = layout.side(cap)
+        k_np = np.pad(k_np, ((0, side - k_np.shape[0]), (0, side - k_np.shape[1])))
+        arrays = {name: pad_rows(a, cap) for name, a in arrays.items()}
+        ids_arr = pad_rows(ids_arr, cap)
+        free = np.flatnonzero(ids_arr == "")
+    new_points = free[: len(ids)]
+    t1 = time.perf_counter()
+    # K's new blocks: K(X_A, X_D) and K(X_A, X_A) (the symmetric assembly for the latter)
+    x_old = np.asarray(state.x)[old_points]
+    k_ad = model.cross_kernel(xt, x_old, layout.form)
+    k_aa, _ = model.train_kernel(xt, layout.form, None, False)
+    rows_a, rows_d = layout.rows(new_points), layout.rows(old_points)
+    k_np = np.array(k_np, copy=True) if not grew else k_np
+    k_np[np.ix_(rows_a, rows_d)] = k_ad
+    k_np[np.ix_(rows_d, rows_a)] = np.asarray(k_ad).T
+    k_np[np.ix_(rows_a, rows_a)] = k_aa
+    k = layout.place(k_np.astype(dtype, copy=False))
+    t2 = time.perf_counter()
+    at = jnp.asarray(new_points)
+    x_new = jnp.asarray(arrays["x"]).at[at].set(xt.reshape((len(ids),) + arrays["x"].shape[1:]))
+    y_new = jnp.asarray(arrays["y"]).at[at].set(yt)
+    f0_new = jnp.asarray(arrays["f0"]).at[at].set(model.offset(xt).astype(dtype))
+    alpha0 = jnp.asarray(arrays["alpha"]).at[at].set(0.0)
+    ids_arr = np.array(ids_arr, copy=True)
+    ids_arr[new_points] = ids
+    mask = ids_arr != ""
+    train_cfg, solver_cfg = state.train_config, state.solver_config
+    problem = DualProblem(
+        k, layout, f0_new, y_new, jnp.asarray(mask), train_cfg.lam, train_cfg.loss
+    )
+    ny = lifecycle.preconditioner(k, solver_cfg, layout.form, train_cfg.loss)
+    options = lifecycle.solve_options(solver_cfg, train_cfg.dtype).replace(nystrom=ny)
+    tol = train_cfg.resolved_tol()
+    alpha, info = newton(problem, alpha0, tol, train_cfg.max_newton, options)
+    if not lifecycle.finite(alpha, info.residual):
+        raise SolverError(lifecycle.non_finite("the addition", train_cfg))
+    if not info.converged:
+        raise SolverError(
+            f"the addition's Newton solve stopped at relative stationarity residual "
+            f"{info.residual:.2e} after {info.steps} steps (tolerance {tol:.0e})"
+            + lifecycle.floor_hint(info.floor, train_cfg.dtype)
+            + "; the model is unchanged"
+        )
+    t3 = time.perf_counter()
+    theta = model.theta(x_new, alpha)
+    solve = {**info.as_solve_info().to_dict(), "newton_steps": info.steps}
+    record = VersionRecord(
+        state.version + 1, 0, solve, info.residual, reason=f"added {len(ids)} records",
+        rounding_floor=info.floor, newton_steps=info.steps,
+    )  # fmt: skip
+    added = set(ids)
+    new_state = state.replace(
+        version=state.version + 1, ids=ids_arr, x=x_new, y=y_new, k=k, f0=f0_new, alpha=alpha,
+        theta=theta, residual=info.residual,
+        forgotten=tuple(i for i in state.forgotten if i not in added),
+        history=state.history + (record.to_dict(),), f_star=problem.outputs(alpha), nystrom=ny,
+    )  # fmt: skip
+    t4 = time.perf_counter()
+    timings = {"kernel": t2 - t1, "solve": t3 - t2, "total": t4 - t0}
+    return new_state, AddResult(new_state.version, len(ids), solve, info.residual, grew, timings)
+
+
+def _devices(state: ModelState) -> list:
+    return list(state.k.devices())

@@ -1,0 +1,87 @@
+"""Adding records (``Unlearner.add``): the model after adding A to a model trained on D equals the
+model trained from scratch on D ∪ A (an independent build: its own kernel and Newton from α = 0),
+and adding then forgetting the same ids returns to the model trained on D."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, load_dataset
+from service_core.addition import AlreadyActiveError
+from service_core.errors import InvalidInputError
+
+NETWORK = """
+import jax
+import jax.numpy as jnp
+
+def net():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    params = {"hidden": {"w": jax.random.normal(k1, (4, 6)) * 0.6, "b": jnp.full((6,), 0.1)},
+              "head": {"w": jax.random.normal(k2, (6, 3)) * 0.5, "b": jnp.zeros(3)}}
+    return (lambda p, x: jnp.tanh(jnp.tanh(x @ p["hidden"]["w"] + p["hidden"]["b"]) @ p["head"]["w"]
+            + p["head"]["b"])), params
+"""
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.fixture
+def network(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent(NETWORK))
+    return ModelConfig(kind="user", network=f"{path}:net")
+
+
+def _build(data, model_cfg, loss):
+    train = TrainConfig(loss=loss, lam=1e-2, dtype="float64")
+    return Unlearner.build(data, model_cfg, train, SolverConfig(nystrom_rank=0), progress=False)
+
+
+@pytest.mark.parametrize(("loss", "tol"), [("mse", 1e-8), ("ce", 1e-6)])
+@pytest.mark.parametrize("n_added", [5, 30], ids=["in-free-rows", "grows-capacity"])
+def test_add_equals_training_on_the_union(dataset_file, network, tmp_path, loss, tol, n_added):
+    data = load_dataset(f"npz:{dataset_file}")
+    base = data.subset(slice(0, data.n - n_added))
+    added = data.subset(slice(data.n - n_added, data.n))
+    u = _build(base, network, loss)
+    before = u.predict(data.x_test if data.x_test is not None else data.x[:5])
+    cap = u.state.capacity
+    result = u.add(added.ids.tolist(), added.x, added.y, checkpoint_dir=tmp_path / "ck")
+    assert result.version == 1 and result.n_added == n_added and u.n_train == data.n
+    assert result.grew == (n_added > cap - base.n) == (n_added == 30)
+    x_test = data.x[:8] + 0.2
+    scratch = _build(data, network, loss)
+    rel = _rel(u.predict(x_test), scratch.predict(x_test))
+    print(f"{loss} +{n_added}: relative distance to training on the union {rel:.2e}")
+    assert rel < tol
+    assert sorted(u.active_ids()) == sorted(data.ids.tolist())
+    # the checkpoint restores to the same model
+    restored = Unlearner.restore(tmp_path / "ck")
+    assert _rel(restored.predict(x_test), scratch.predict(x_test)) < tol
+    # forgetting what was added returns to the model trained on D alone
+    u.forget(added.ids.tolist())
+    x_before = data.x_test if data.x_test is not None else data.x[:5]
+    back = _rel(u.predict(x_before), before)
+    print(f"{loss} +{n_added} then forgotten: relative distance to the model on D {back:.2e}")
+    assert back < tol
+
+
+def test_add_refuses_active_ids_and_bad_rows(dataset_file, network):
+    data = load_dataset(f"npz:{dataset_file}")
+    u = _build(data.subset(slice(0, 40)), network, "mse")
+    with pytest.raises(AlreadyActiveError, match="r00"):
+        u.add(["r00", "new"], data.x[:2], data.y[:2])
+    with pytest.raises(InvalidInputError):
+        u.add(["new"], np.zeros((1, 5)), [0])
+    with pytest.raises(InvalidInputError):
+        u.add(["new"], np.full((1, 4), np.nan), [0])
+    assert u.version == 0
+    # a forgotten id may come back, as a new record
+    u.forget(["r01"])
+    u.add(["r01"], data.x[1:2], data.y[1:2])
+    assert "r01" in u.active_ids() and "r01" not in u.forgotten_ids()
