@@ -122,16 +122,18 @@ def plan(
         k, layout, f0_new, y_new, jnp.asarray(mask), train_cfg.lam, train_cfg.loss
     )
     ny = lifecycle.preconditioner(k, solver_cfg, layout.form, train_cfg.loss)
-    options = lifecycle.solve_options(solver_cfg, train_cfg.dtype).replace(nystrom=ny)
+    options = lifecycle.solve_options(
+        solver_cfg, train_cfg.dtype, accept_floor=train_cfg.accept_floor
+    ).replace(nystrom=ny)
     tol = train_cfg.resolved_tol()
     alpha, info = newton(problem, alpha0, tol, train_cfg.max_newton, options)
     if not lifecycle.finite(alpha, info.residual):
-        raise SolverError(lifecycle.non_finite("the addition", train_cfg))
-    if not info.converged:
+        raise SolverError(lifecycle.non_finite("the addition", train_cfg, alpha.dtype))
+    if not (info.converged and train_cfg.certified(info.residual)):
         raise SolverError(
             f"the addition's Newton solve stopped at relative stationarity residual "
             f"{info.residual:.2e} after {info.steps} steps (tolerance {tol:.0e})"
-            + lifecycle.floor_hint(info.floor, train_cfg.dtype)
+            + lifecycle.floor_hint(info.floor, alpha.dtype)
             + "; the model is unchanged"
         )
     t3 = time.perf_counter()
@@ -139,9 +141,10 @@ def plan(
     solve = {**info.as_solve_info().to_dict(), "newton_steps": info.steps}
     record = VersionRecord(
         state.version + 1, 0, solve, info.residual, reason=f"added {len(ids)} records",
-        rounding_floor=info.floor, newton_steps=info.steps,
+        rounding_floor=info.floor, newton_steps=info.steps, tolerance=tol,
+        accept_floor=train_cfg.accept_floor, dtype=np.dtype(alpha.dtype).name,
     )  # fmt: skip
-    added = set(ids)
+    added = {state.digest(i) for i in ids}  # forgotten ids are kept as keyed digests
     new_state = state.replace(
         version=state.version + 1, ids=ids_arr, x=x_new, y=y_new, k=k, f0=f0_new, alpha=alpha,
         theta=theta, residual=info.residual,

@@ -84,4 +84,4 @@ def test_add_refuses_active_ids_and_bad_rows(dataset_file, network):
     # a forgotten id may come back, as a new record
     u.forget(["r01"])
     u.add(["r01"], data.x[1:2], data.y[1:2])
-    assert "r01" in u.active_ids() and "r01" not in u.forgotten_ids()
+    assert "r01" in u.active_ids() and not u.is_forgotten("r01")
