@@ -396,7 +396,8 @@ def table(records: list[dict]) -> str:
     lines += [
         "",
         "Estimated: one influence step in α-space (docs/maths.md system (A)), Δf = K(X_t, X) Δα (Eq. 8), "
-        "Δℓ ≈ g_tᵀ Δf (Eq. 9). Actual: retrained to the optimum on the retain set (Newton from α = 0). "
+        "Δℓ given Δf: second order g_tᵀΔf + ½ΔfᵀW_tΔf (exact for squared error, maths.md (9-mse)) and the "
+        "paper's first order g_tᵀΔf (Eq. 9). Actual: retrained to the optimum on the retain set (Newton from α = 0). "
         "Slope: least-squares fit of estimated on actual, with intercept. "
         + "; ".join(
             f"{r['name']}: test accuracy {r['test_accuracy']['before']:.3f} before, "
