@@ -132,6 +132,10 @@ def _succeeded_job(url: str, record_id: str, app_settings: Settings, base_checkp
     Worker(
         applier, queue, checkpoints, DeletionLog(app_settings.deletion_log), keys=keys
     ).run_once()
+    # The applier reported its version (P:version, for followers); the served model is meant to
+    # stay at version 0 (its own data dir), so that report is withdrawn: else the served process,
+    # a follower, rightly answers 503 until it has loaded a version it can never see.
+    client.delete(queue.version_key)
     client.close()
     assert httpx.get(f"{url}/v1/jobs/{job_id}/receipt", headers=WRITE).status_code == 200
     return job_id
