@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.embedded_redis import EmbeddedRedis
 from app.main import create_app
-from service_core import Unlearner, load_dataset
+from service_core import Dataset, Unlearner, load_dataset
 
 WRITE = {"Authorization": "Bearer write-token"}
 READ = {"Authorization": "Bearer read-token"}
@@ -172,3 +172,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # Modules whose tests start `ntk-unlearn serve` (with its embedded Redis) or a redis-server.
 REDIS_SERVER_MODULES = ("test_api_crash", "test_api_locking", "test_api_cli")
+
+
+@pytest.fixture(scope="session")
+def rank_deficient() -> Callable[..., Dataset]:
+    """``rank_deficient(n=600, features=10)``: a linear model's kernel on 10 features has rank ≤ 11
+    for 600 points: singular (3 classes)."""
+
+    def make(n: int = 600, features: int = 10) -> Dataset:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(n, features)).astype(np.float32)
+        y = rng.integers(0, 3, size=n)
+        ids = np.array([f"p{i:03d}" for i in range(n)])
+        return Dataset("singular", ids, x, y, "classification", 3, x[:20], y[:20])
+
+    return make

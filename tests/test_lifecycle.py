@@ -5,21 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service_core import Dataset, ModelConfig, SolverConfig, SolverError, TrainConfig, Unlearner
+from service_core import ModelConfig, SolverConfig, SolverError, TrainConfig, Unlearner
 from service_core.errors import NotCertifiedError
 from service_core.linalg import FLOOR_FACTOR
 
 
-def rank_deficient(n: int = 600, features: int = 10) -> Dataset:
-    """A linear model's kernel on 10 features has rank ≤ 11 for 600 points: singular."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, features)).astype(np.float32)
-    y = rng.integers(0, 3, size=n)
-    ids = np.array([f"p{i:03d}" for i in range(n)])
-    return Dataset("singular", ids, x, y, "classification", 3, x[:20], y[:20])
-
-
-def test_a_singular_float32_system_is_never_published():
+def test_a_singular_float32_system_is_never_published(rank_deficient):
     """float32, λ = 1e-8, squared error, a rank-deficient kernel: training produced NaN and was
     published as converged (residual nan, 608 NaN in α). It now fails, saying what to change."""
     with pytest.raises(SolverError, match="lam") as caught:
@@ -33,7 +24,9 @@ def test_a_singular_float32_system_is_never_published():
     assert "float64" in str(caught.value)
 
 
-def test_the_same_system_in_float64_is_finite_and_published_only_within_the_slack_granted():
+def test_the_same_system_in_float64_is_finite_and_published_only_within_the_slack_granted(
+    rank_deficient,
+):
     """At λ = 1e-8 even float64 stagnates on its rounding floor above its 1e-10 tolerance: with no
     slack the build fails (the old floor rule published it); with accept_floor = 100 it is published,
     finite, its certificate within 100 × tol and explained by the floor."""

@@ -17,15 +17,6 @@ def digits() -> Dataset:
     return load_digits(seed=0)
 
 
-def rank_deficient(n: int = 600, features: int = 10) -> Dataset:
-    """A linear model's kernel on 10 features has rank ≤ 11 for 600 points: singular."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, features)).astype(np.float32)
-    y = rng.integers(0, 3, size=n)
-    ids = np.array([f"p{i:03d}" for i in range(n)])
-    return Dataset("singular", ids, x, y, "classification", 3, x[:20], y[:20])
-
-
 def numpy_certificate(state) -> float:
     """The relative stationarity residual (docs/maths.md, Eq. (C)) of the published α, recomputed in
     numpy float64 from the published K, f_0, y and α (squared error): r = (f − y) + λNα."""
@@ -45,7 +36,7 @@ def numpy_certificate(state) -> float:
     return float(np.linalg.norm(g + c * alpha) / (np.linalg.norm(g) + np.linalg.norm(c * alpha)))
 
 
-def test_auto_certifies_the_singular_system_float32_cannot():
+def test_auto_certifies_the_singular_system_float32_cannot(rank_deficient):
     """The issue's case: linear, squared error, λ = 1e-8, a rank-deficient kernel. float32 fails
     (test_lifecycle); ``dtype auto`` finishes in float64 with K upcast exactly (every entry is a
     float32 number) and publishes a certificate within tolerance, recomputed here in numpy."""
@@ -191,7 +182,7 @@ def test_the_smallest_certifiable_lam_is_where_float32_stops_certifying(digits):
     )
 
 
-def test_problem_of_a_promoted_state_is_float64(digits):
+def test_problem_of_a_promoted_state_is_float64(digits, rank_deficient):
     """Every array of a promoted state is float64 (no float32 array left to mix in a solve)."""
     u = Unlearner.build(
         rank_deficient(120), ModelConfig(kind="linear"), TrainConfig(loss="mse", lam=1e-8)
