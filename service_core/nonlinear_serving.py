@@ -339,6 +339,11 @@ class NonlinearUnlearner(Unlearner):
         state = state.replace(nystrom=None)
         return cls(state, model, cache_dir, id_key, options)
 
+    def ready_spare(self) -> float:
+        """No spare K buffer: a nonlinear deletion erases K's rows by a product, and K is used only
+        by the α-space step. Returns 0 (seconds)."""
+        return 0.0
+
     # -- answers a nonlinear model has no honest value for -------------------------------------
     def _unavailable(self, what: str, why: str) -> NotAvailableError:
         return NotAvailableError(
