@@ -204,6 +204,8 @@ class NonlinearUnlearner(Unlearner):
           what ``lifecycle.build`` raises.
         """
         options = options or NonlinearOptions()
+        if train_cfg.dtype == "auto":  # a gradient-norm certificate of 1e-6 needs float64
+            train_cfg = dataclasses.replace(train_cfg, dtype="float64")
         if model_cfg.infinite or model_cfg.kind == "linear":
             raise validation.InvalidInputError(
                 f"--nonlinear needs a finite nonlinear network (mlp, cnn or your own), not "
