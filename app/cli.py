@@ -84,7 +84,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, skip: set[str] = frozens
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ntk-unlearn", description="Machine unlearning service for linearised networks."
+        prog="ntk-unlearn",
+        description="Machine unlearning service for linearised networks (or, with --nonlinear, "
+        "for the nonlinear network trained with the proximal regulariser).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and the solver worker")

@@ -11,6 +11,7 @@ import redis
 
 from service_core import Unlearner, checkpoint, load_dataset
 from service_core.lifecycle import Identity
+from service_core.nonlinear_serving import NonlinearUnlearner
 
 from .batching import PredictBatcher
 from .core.config import Settings
@@ -82,14 +83,19 @@ def load_model(settings: Settings, role: str = "serve") -> Unlearner:
 def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     started = time.perf_counter()
     expect = Identity.of(
-        settings.to_model_config(), settings.to_train_config(), settings.dataset_source()
+        settings.to_model_config(),
+        settings.to_train_config(),
+        settings.dataset_source(),
+        settings.mode,
     )
-    u = Unlearner.restore(
+    nonlinear = {"options": settings.nonlinear_options()} if settings.nonlinear else {}
+    u = (NonlinearUnlearner if settings.nonlinear else Unlearner).restore(
         settings.checkpoint_dir,
         cache_dir=settings.ntk_cache_dir,
         id_key=keys.id_secret,
         prune=settings.worker,
         expect=expect,
+        **nonlinear,
     )
     if u is not None and settings.worker:
         deletion_log = DeletionLog(settings.deletion_log)
@@ -123,7 +129,8 @@ def _build(settings: Settings, keys: DeploymentKeys) -> Unlearner:
         dataset.input_shape,
         time.perf_counter() - started,
     )
-    u = Unlearner.build(
+    nonlinear = {"options": settings.nonlinear_options()} if settings.nonlinear else {}
+    u = (NonlinearUnlearner if settings.nonlinear else Unlearner).build(
         dataset,
         settings.to_model_config(),
         settings.to_train_config(),
@@ -132,6 +139,7 @@ def _build(settings: Settings, keys: DeploymentKeys) -> Unlearner:
         progress=True,
         id_key=keys.id_secret,
         source=settings.dataset_source(),
+        **nonlinear,
     )
     built = time.perf_counter()
     log.info("built and trained the model in %.2f s", built - started)

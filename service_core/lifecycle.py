@@ -231,6 +231,7 @@ def restore(
     id_key: bytes = b"",
     prune: bool = False,
     expect: Identity | None = None,
+    recertify: bool = True,
 ) -> tuple[ModelState, Network] | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
@@ -244,6 +245,9 @@ def restore(
         every cached kernel but the one of these inputs (the others hold forgotten rows).
       expect: the model the caller means to serve; a checkpoint of another one is refused
         (``Identity.differences``). ``None``: serve whatever the checkpoint holds.
+      recertify: recompute the linearised certificate of α on the recomputed K, re-solving when it
+        misses (``recertified``); ``False`` for a nonlinear model, whose α is not that optimum
+        (``nonlinear_serving``).
 
     Raises:
       CheckpointMismatchError: the checkpoint's model is not ``expect`` (every difference named).
@@ -316,7 +320,7 @@ def restore(
     )
     ny = preconditioner(k, state.solver_config, layout.form, state.train_config.loss)
     state = state.replace(k=k, layout=layout, nystrom=ny)
-    return recertified(state, model), model
+    return (recertified(state, model) if recertify else state), model
 
 
 class CheckpointMismatchError(UnlearnError):
@@ -327,7 +331,9 @@ class CheckpointMismatchError(UnlearnError):
 class Identity:
     """What makes a model this model (a checkpoint of another one is not served): the network's
     settings (``ModelConfig.shaping``, including a user network's file, params file and trainable
-    set), its params fingerprint (user networks), the data set, the loss, λ and the dtype.
+    set), its params fingerprint (user networks), the data set, the loss, λ, the dtype, and the
+    mode: ``linearised`` (the dual model) or ``nonlinear`` (``serve --nonlinear``,
+    ``nonlinear_serving``).
 
     ``params_digest`` is compared only when both sides know it (the caller's side usually does not:
     the network is loaded after this check; ``restore`` compares it then).
@@ -339,11 +345,16 @@ class Identity:
     lam: float
     dtype: str
     params_digest: str | None = None
+    mode: str = "linearised"
 
     @classmethod
-    def of(cls, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: str) -> Identity:
+    def of(
+        cls, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: str, mode: str = "linearised"
+    ) -> Identity:
         """The identity of a model about to be built or restored from these settings."""
-        return cls(model_cfg.shaping(), dataset, train_cfg.loss, train_cfg.lam, train_cfg.dtype)
+        return cls(
+            model_cfg.shaping(), dataset, train_cfg.loss, train_cfg.lam, train_cfg.dtype, None, mode
+        )
 
     @classmethod
     def of_meta(cls, meta: dict) -> Identity:
@@ -356,6 +367,7 @@ class Identity:
             float(meta["train"]["lam"]),
             meta["train"]["dtype"],
             meta.get("params_digest"),
+            "nonlinear" if "nonlinear" in meta else "linearised",
         )
 
     def differences(self, other: Identity) -> list[str]:
@@ -367,6 +379,11 @@ class Identity:
             if a != b:
                 name = "model" if key == "kind" else key
                 out.append(f"{name} {a!r} (checkpoint) ≠ {b!r} (now)")
+        if self.mode != other.mode:
+            flag = "with" if self.mode == "nonlinear" else "without"
+            out.append(
+                f"mode {self.mode!r} (checkpoint) ≠ {other.mode!r} (now): start {flag} --nonlinear"
+            )
         for name in ("dataset", "loss", "lam", "dtype", "params_digest"):
             a, b = getattr(self, name), getattr(other, name)
             if name == "params_digest" and (a is None or b is None):

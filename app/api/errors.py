@@ -22,6 +22,7 @@ from service_core import (
     UnknownIdsError,
     UnlearnError,
 )
+from service_core.nonlinear_serving import NotAvailableError
 
 from ..queue import IdempotencyKeyReusedError
 from .schemas import NonFiniteResultError
@@ -33,6 +34,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (UnknownIdsError, status.HTTP_404_NOT_FOUND),
     (AlreadyForgottenError, status.HTTP_409_CONFLICT),
     (IdempotencyKeyReusedError, status.HTTP_409_CONFLICT),
+    (NotAvailableError, status.HTTP_409_CONFLICT),
     (InvalidForgetSetError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (InvalidInputError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (NonFiniteResultError, status.HTTP_422_UNPROCESSABLE_CONTENT),

@@ -182,6 +182,59 @@ class SolverInfo(BaseModel):
     )
 
 
+class LinearisationGap(BaseModel):
+    """How far the trained nonlinear network is from its linearisation (measured at build)."""
+
+    rmse: float = Field(
+        description="RMSE between the network's and the linearised optimum's outputs on the "
+        "training inputs (output units)"
+    )
+    relative: float = Field(
+        description="rmse / RMS of the linearised optimum's change of the training outputs from "
+        "f(X; θ0)"
+    )
+    threshold: float = Field(description="relative above this: the linearisation does not hold")
+    warning: str | None = Field(description="why the linearisation does not hold, or null")
+
+
+class NonlinearCertificate(BaseModel):
+    """The honest certificate of a nonlinear network's version (docs/design.md): of a deletion,
+    the gradient of the nonlinear retain risk at the published θ relative to the previous θ; of
+    version 0, the training risk's gradient at the trained θ relative to θ0."""
+
+    kind: str
+    grad_norm: float = Field(
+        description="‖∇L_R(θ)‖ of the nonlinear retain risk at the published θ (absolute)"
+    )
+    reference: float = Field(description="‖∇L_R‖ at the previous version's θ")
+    relative: float = Field(description="grad_norm / reference")
+    tol: float = Field(description="the tolerance (--nonlinear-tol)")
+    met: bool = Field(description="relative ≤ tol")
+    enforced: bool = Field(
+        description="whether a miss fails the job (only with --nonlinear-refine > 0)"
+    )
+    step: Literal["alpha", "theta"] | None = Field(
+        description="the influence step taken (null for version 0: training)"
+    )
+    refine_steps: int = Field(
+        description="Newton-CG steps of the refinement (version 0: of the training's polish)"
+    )
+    linearisation_gap: LinearisationGap
+
+
+class NonlinearInfo(BaseModel):
+    """A --nonlinear model: what is served, and how well its linearisation holds."""
+
+    mode: Literal["nonlinear"]
+    lambda_: float = Field(alias="lambda")
+    options: dict[str, Any] = Field(description="step, refine, tol, epochs, lr, train_newton_steps")
+    training: dict[str, Any] = Field(
+        description="gradient norms of the training risk at θ0 and at the trained θ, epochs, "
+        "Newton steps, met, seconds"
+    )
+    linearisation_gap: LinearisationGap
+
+
 class Certificate(BaseModel):
     """What a published version was held to (docs/design.md, Certificates)."""
 
@@ -198,6 +251,11 @@ class Certificate(BaseModel):
     tolerance_ratio: float = Field(description="residual / tolerance (≤ accept_floor)")
     dtype: str = Field(
         description="precision the version was computed in (float64 once dtype auto promoted it)"
+    )
+    nonlinear: NonlinearCertificate | None = Field(
+        None,
+        description="--nonlinear models: the certificate of the nonlinear network (residual is "
+        "then its 'relative', tolerance its 'tol'); null for the linearised model",
     )
 
 
@@ -355,6 +413,11 @@ class ModelInfo(BaseModel):
     precision: Precision
     conditioning: Conditioning | None = Field(
         None, description="null for models built before it was recorded"
+    )
+    nonlinear: NonlinearInfo | None = Field(
+        None,
+        description="--nonlinear: the served model is the network f(x; θ), not its "
+        "linearisation; its training, options and linearisation gap (null otherwise)",
     )
 
 

@@ -21,6 +21,7 @@ from service_core.config import (
     TRAINERS,
     USER_KIND,
 )
+from service_core.nonlinear_serving import NonlinearOptions
 
 _MODEL = ModelConfig()
 _TRAIN = TrainConfig()
@@ -123,6 +124,38 @@ class Settings(BaseSettings):
     spare_kernel: bool = Field(
         _SOLVER.spare_kernel,
         description="keep a second K-sized buffer, already mapped, for the next deletion to write its K into (faster small deletions, one more K of memory)",
+    )
+
+    # A nonlinear network (serve --nonlinear; service_core.nonlinear_serving).
+    nonlinear: bool = Field(
+        False,
+        description="serve the nonlinear network f(x; θ) trained with the regulariser λ/2‖θ−θ0‖² "
+        "(mlp, cnn or your own), not its linearisation; deletions by an influence step, "
+        "optionally refined; dtype auto means float64 here",
+    )
+    nonlinear_step: Literal["alpha", "theta"] = Field(
+        "alpha",
+        description="--nonlinear: the influence step of a deletion: alpha (α-space, NTK at θ0, "
+        "the paper's) or theta (θ-space, Hessian of the nonlinear retain risk; fails where it is "
+        "indefinite, small lam)",
+    )
+    nonlinear_refine: int = Field(
+        0,
+        ge=0,
+        description="--nonlinear: most Newton-CG steps on the nonlinear retain risk after the "
+        "step (0: none); a deletion whose certificate then misses --nonlinear-tol fails",
+    )
+    nonlinear_tol: float = Field(
+        1e-6,
+        gt=0,
+        description="--nonlinear: certificate tolerance, ‖∇L_R(θ_new)‖ ≤ tol · ‖∇L_R(θ_prev)‖ "
+        "(training: ‖∇L(θ*)‖ ≤ tol · ‖∇L(θ0)‖)",
+    )
+    nonlinear_epochs: int = Field(
+        200, gt=0, description="--nonlinear: full-batch gradient-descent epochs at build"
+    )
+    nonlinear_lr: float = Field(
+        0.1, gt=0, description="--nonlinear: learning rate of that gradient descent"
     )
 
     # Service.
@@ -302,10 +335,26 @@ class Settings(BaseSettings):
         return TrainConfig(
             loss=self.loss,
             lam=self.lam,
-            dtype=self.dtype,
+            # a nonlinear network's certificate (a gradient norm) needs float64
+            dtype="float64" if self.nonlinear and self.dtype == "auto" else self.dtype,
             trainer=self.trainer,
             tol=self.tol,
             accept_floor=self.accept_floor,
+        )
+
+    @property
+    def mode(self) -> str:
+        """``nonlinear`` (``--nonlinear``) or ``linearised``: part of the model's identity."""
+        return "nonlinear" if self.nonlinear else "linearised"
+
+    def nonlinear_options(self) -> NonlinearOptions:
+        """How a ``--nonlinear`` model trains and forgets."""
+        return NonlinearOptions(
+            step=self.nonlinear_step,
+            refine=self.nonlinear_refine,
+            tol=self.nonlinear_tol,
+            epochs=self.nonlinear_epochs,
+            lr=self.nonlinear_lr,
         )
 
     def to_solver_config(self) -> SolverConfig:

@@ -43,6 +43,7 @@ def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: st
     responses=errors(
         {
             **_BAD_INPUT,
+            409: "not available for a nonlinear model (--nonlinear)",
             422: "inputs or targets of the wrong shape or not finite, k outside 1 … the number of "
             "active records, or of='output' for a regression model with several outputs",
             500: "the leave-one-out factorisation or a refinement failed",
@@ -74,7 +75,13 @@ def attribute(
 
 @router.get(
     "/self-influence",
-    responses=errors({**INVALID, 500: "the leave-one-out factorisation failed"}),
+    responses=errors(
+        {
+            **INVALID,
+            409: "not available for a nonlinear model (--nonlinear)",
+            500: "the leave-one-out factorisation failed",
+        }
+    ),
 )
 def self_influence(
     u: ModelDep,

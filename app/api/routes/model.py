@@ -70,7 +70,8 @@ async def predict(
         {
             **_BAD_INPUT,
             404: "forget_ids not in the training set (listed)",
-            409: "forget_ids already forgotten (listed)",
+            409: "forget_ids already forgotten (listed), or a nonlinear model (--nonlinear), "
+            "whose estimate would be linearised",
             500: "the influence solve did not converge",
         }
     ),
@@ -129,7 +130,15 @@ def model(u: ModelDep) -> ModelInfo:
             "dataset": st.meta["dataset"],
             "dtype": st.dtype,
             "residual": st.residual,
-            "certificate": st.certificate(),
+            "certificate": {
+                **st.certificate(),
+                # --nonlinear: the network's own certificate (nonlinear_serving)
+                **(
+                    {"nonlinear": st.history[-1].get("certificate")}
+                    if "nonlinear" in st.meta
+                    else {}
+                ),
+            },
             "precision": {
                 "kernel_dtype": st.dtype,
                 **st.meta.get("precision", {}),
@@ -144,5 +153,6 @@ def model(u: ModelDep) -> ModelInfo:
                 "seconds": st.meta.get("ntk", {}).get("seconds"),
             },
             **_user_network(st.meta),
+            **({"nonlinear": st.meta["nonlinear"]} if "nonlinear" in st.meta else {}),
         }
     )
