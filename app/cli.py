@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -250,8 +251,22 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
     """
     import uvicorn
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
+    # uvloop's event loop and httptools' HTTP parser (uvicorn's own "standard" choice) rather
+    # than asyncio's loop and pure-Python h11: less of the one event loop's time per request.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        loop="uvloop",
+        http="httptools",
+    )
     server = uvicorn.Server(config)
+    # Everything loaded so far (the model, JAX, the app: ~190,000 objects) lives as long as the
+    # process: out of the collector's sight, a full collection no longer walks it. Before this,
+    # each one held every request up for 0.1-0.5 s (the p99 of /v1/predict under load).
+    gc.collect()
+    gc.freeze()
     server.run(sockets=[sock])
     if not server.started:
         raise SystemExit(_STARTUP_FAILURE)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import redis
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI
 
 from service_core import Unlearner
 
@@ -22,7 +21,7 @@ from .api.routes import attribution, forget, health, model, receipts
 from .batching import PredictBatcher
 from .core.config import Settings
 from .deletion_log import DeletionLog
-from .metrics import Metrics
+from .metrics import Metrics, RequestMetrics
 from .queue import JobQueue
 from .redis_client import connect_api, connect_worker
 from .service import ModelFollower, ServiceState, deployment_keys, load_model, make_worker
@@ -73,21 +72,8 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     # Outside the size limit: a request without the right token is refused before anything else.
     app.add_middleware(RequestGate, settings=settings)
 
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next) -> Response:
-        started = time.perf_counter()
-        code = 500
-        try:
-            response = await call_next(request)
-            code = response.status_code
-            return response
-        finally:
-            # The route template, not the path: job ids must not become label values.
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            state.metrics.requests.labels(route, request.method, str(code)).inc()
-            state.metrics.latency.labels(route, request.method).observe(
-                time.perf_counter() - started
-            )
+    # Outermost: every answer is counted, refusals of the two above included.
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
 
     app.include_router(forget.router)
     app.include_router(model.router)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service_core import Unlearner
 
@@ -66,6 +68,47 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every HTTP request by route template, method and status code, and
+    times it (seconds from the request's arrival until the app has sent the whole answer).
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    runs every request in a task group of its own and relays its body through a stream, about a
+    fifth of the event loop's time per 1-row ``/v1/predict`` under 16 clients.
+
+    Arguments:
+      app: the application.
+      metrics: where the counts and times go.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        code = 500  # an exception before any answer: the server answers 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            # The route template, not the path: job ids must not become label values.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(code)).inc()
+            self.metrics.latency.labels(route, scope["method"]).observe(
+                time.perf_counter() - started
+            )
 
 
 def _or_nan(u: Unlearner | None, read: Callable[[Unlearner], float]) -> float:

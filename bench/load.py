@@ -3,8 +3,8 @@
 One ``ntk-unlearn serve`` (API and worker, its private Redis) is started as a child process on
 127.0.0.1 with a copy of ``--load-data-dir`` (a data dir holding a built model, so no run pays for
 the build; without it the model is built first), then, with ``--load-clients`` concurrent clients
-(asyncio + httpx, one keep-alive connection each, closed loop: each sends its next request when
-the previous one is answered):
+(closed loop: each sends its next request when the previous one is answered, on one keep-alive
+connection of its own):
 
 1. ``predict-1, 1 client`` (one client: the latency of one request), then ``predict-1`` and
    ``predict-100``: ``POST /v1/predict`` with 1 and with 100 rows of the data set, each for
@@ -15,13 +15,22 @@ the previous one is answered):
    forget after another (each waits for the previous job to succeed).
 
 Reported per phase: requests/s, predictions (rows) per second, p50/p99/max latency in ms,
-errors; the load average before and after; the commit, the command and the settings. The
-results go to ``<out>/load.json`` and ``<out>/load.md``.
+errors, and CPU seconds per request of the server process (all its threads, and its event loop's
+thread alone) and of this load generator; the load average before and after; the commit, the
+command and the settings. The results go to ``<out>/load.json`` and ``<out>/load.md``.
+
+CPU per request is the measure that least depends on what else the machine runs: on a shared
+machine wall-clock rates and latencies move with the other processes, the CPU a request costs
+much less. The clients are plain asyncio streams writing one pre-encoded request (headers and
+JSON body) and reading the answer by its ``Content-Length``: about 0.2 ms of CPU per request,
+where httpx took a whole core of the two at 150 requests/s. Latency is still the time from
+writing the request to having read the whole answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -53,32 +62,115 @@ def _summary(latencies: list[float], seconds: float, rows: int, errors: int) -> 
     }
 
 
-async def _predict_load(base: str, token: str, x: list, clients: int, seconds: float) -> dict:
-    """``clients`` closed-loop clients posting ``x`` to /v1/predict for ``seconds``."""
-    import httpx
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), or of one of its threads."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+class _CpuMeter:
+    """CPU seconds spent during a phase by the server (all threads; its main thread, which runs
+    the event loop) and by this process (the clients)."""
+
+    def __init__(self, server_pid: int | None):
+        self.pid = server_pid
+
+    def __enter__(self) -> _CpuMeter:
+        self.start = self._read()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.spent = [b - a for a, b in zip(self.start, self._read(), strict=True)]
+
+    def _read(self) -> tuple[float, float, float]:
+        if self.pid is None:
+            return (float("nan"),) * 2 + (time.process_time(),)
+        return _cpu_seconds(self.pid), _cpu_seconds(self.pid, self.pid), time.process_time()
+
+    def per_request(self, requests: int) -> dict:
+        server, loop, client = (
+            1e3 * v / requests if requests else float("nan") for v in self.spent
+        )
+        return {"server_cpu_ms": server, "server_loop_cpu_ms": loop, "client_cpu_ms": client}
+
+
+def _http_request(port: int, method: str, path: str, token: str, body: object) -> bytes:
+    """One HTTP/1.1 request, encoded once: what a client writes each time."""
+    payload = json.dumps(body).encode()
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+
+class _Connection:
+    """A keep-alive HTTP/1.1 connection that sends pre-encoded requests (``_http_request``)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+
+    async def send(self, request: bytes) -> int:
+        """Write ``request``, read its whole answer; its status code."""
+        if self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length, close = 0, False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return int(head[9:12])
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.writer.close()
+            self.reader = None
+
+
+async def _predict_load(
+    port: int, token: str, x: list, clients: int, seconds: float, server_pid: int | None = None
+) -> dict:
+    """``clients`` closed-loop clients posting ``x`` to /v1/predict for ``seconds``."""
     latencies: list[float] = []
     errors = 0
-    headers = {"Authorization": f"Bearer {token}"}
-    body = {"x": x}
+    request = _http_request(port, "POST", "/v1/predict", token, {"x": x})
     stop_at = time.perf_counter() + seconds
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one() -> None:
         nonlocal errors
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            r = await client.post("/v1/predict", json=body, headers=headers)
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors += 1
+        conn = _Connection(port)
+        try:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                status = await conn.send(request)
+                if status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+        finally:
+            conn.close()
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+    with _CpuMeter(server_pid) as cpu:
         started = time.perf_counter()
-        await asyncio.gather(*(one(client) for _ in range(clients)))
+        await asyncio.gather(*(one() for _ in range(clients)))
         elapsed = time.perf_counter() - started
-    return _summary(latencies, elapsed, len(x), errors)
+    return {
+        **_summary(latencies, elapsed, len(x), errors),
+        **cpu.per_request(len(latencies) + errors),
+    }
 
 
 async def _forget_loop(base: str, token: str, ids: list[str], stop: asyncio.Event) -> dict:
@@ -104,30 +196,31 @@ async def _forget_loop(base: str, token: str, ids: list[str], stop: asyncio.Even
     return {"jobs": len(jobs), "succeeded": sum(j["status"] == "succeeded" for j in jobs)}
 
 
-async def _enqueue_latency(base: str, token: str, ids: list[str]) -> dict:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"}
+async def _enqueue_latency(port: int, token: str, ids: list[str], server_pid: int | None) -> dict:
     latencies = []
     errors = 0
-    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+    conn = _Connection(port)
+    with _CpuMeter(server_pid) as cpu:
         started = time.perf_counter()
         for rid in ids:
+            request = _http_request(port, "POST", "/v1/forget", token, {"ids": [rid]})
             t0 = time.perf_counter()
-            r = await client.post("/v1/forget", json={"ids": [rid]}, headers=headers)
-            if r.status_code == 202:
+            if await conn.send(request) == 202:
                 latencies.append(time.perf_counter() - t0)
             else:
                 errors += 1
         elapsed = time.perf_counter() - started
-    return _summary(latencies, elapsed, 1, errors)
+    conn.close()
+    return {**_summary(latencies, elapsed, 1, errors), **cpu.per_request(len(ids))}
 
 
-async def _during_forgets(base: str, token: str, x: list, ids: list[str], args) -> dict:
+async def _during_forgets(
+    base: str, port: int, token: str, x: list, ids: list[str], args, server_pid: int | None
+) -> dict:
     stop = asyncio.Event()
     forgets = asyncio.create_task(_forget_loop(base, token, ids, stop))
     await asyncio.sleep(0.5)  # the first job is being applied
-    result = await _predict_load(base, token, x, args.load_clients, args.load_seconds)
+    result = await _predict_load(port, token, x, args.load_clients, args.load_seconds, server_pid)
     stop.set()
     result["forgets"] = await forgets
     return result
@@ -146,7 +239,8 @@ def _line(phase: dict) -> str:
     return (
         f"{phase['requests_per_s']:.0f} req/s, {phase['predictions_per_s']:.0f} rows/s, "
         f"p50 {phase['p50_ms']:.1f} ms, p99 {phase['p99_ms']:.1f} ms, max {phase['max_ms']:.1f} ms, "
-        f"{phase['errors']} errors"
+        f"{phase['errors']} errors; CPU per request: server {phase['server_cpu_ms']:.2f} ms "
+        f"(event loop {phase['server_loop_cpu_ms']:.2f}), clients {phase['client_cpu_ms']:.2f} ms"
     )
 
 
@@ -158,14 +252,18 @@ def markdown(res: dict) -> str:
         f"{', '.join(f'{v:.1f}' for v in res['loadavg_before'])} before, "
         f"{', '.join(f'{v:.1f}' for v in res['loadavg_after'])} after.",
         "",
-        "| phase | requests/s | predictions/s | p50 ms | p99 ms | max ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| phase | requests/s | predictions/s | p50 ms | p99 ms | max ms | errors "
+        "| server CPU ms/req | its event loop | clients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, ph in res["phases"].items():
         rows = "" if name == "enqueue" else f"{ph['predictions_per_s']:.0f}"
         lines.append(
             f"| {name} | {ph['requests_per_s']:.0f} | {rows} | {ph['p50_ms']:.1f} | "
-            f"{ph['p99_ms']:.1f} | {ph['max_ms']:.1f} | {ph['errors']} |"
+            f"{ph['p99_ms']:.1f} | {ph['max_ms']:.1f} | {ph['errors']} | "
+            f"{ph.get('server_cpu_ms', float('nan')):.2f} | "
+            f"{ph.get('server_loop_cpu_ms', float('nan')):.2f} | "
+            f"{ph.get('client_cpu_ms', float('nan')):.2f} |"
         )
     during = res["phases"].get("predict-1 during forgets", {}).get("forgets")
     if during:
@@ -211,6 +309,7 @@ def run(args, log=print) -> dict:
         with Server(options, log_path, data_dir) as server:
             res["ready_s"] = server.wait_ready(args.ready_timeout)
             base = f"http://127.0.0.1:{server.port}"
+            port, pid = server.port, server.proc.pid
             client = server.client
             ids = all_ids(client)
             rows = _rows(options, args.seed)
@@ -227,20 +326,20 @@ def run(args, log=print) -> dict:
                 ("predict-100", rows[:100], args.load_clients),
             )
             for name, x, clients in phases:
-                asyncio.run(_predict_load(base, server.token, x, clients, 1.0))
+                asyncio.run(_predict_load(port, server.token, x, clients, 1.0))
                 res["phases"][name] = asyncio.run(
-                    _predict_load(base, server.token, x, clients, args.load_seconds)
+                    _predict_load(port, server.token, x, clients, args.load_seconds, pid)
                 )
                 log(f"{name}: {_line(res['phases'][name])}")
             res["phases"]["enqueue"] = asyncio.run(
-                _enqueue_latency(base, server.token, enqueue_ids)
+                _enqueue_latency(port, server.token, enqueue_ids, pid)
             )
             log(f"enqueue: {_line(res['phases']['enqueue'])}")
             # Let the worker apply the enqueued jobs before predictions are measured again.
             _wait_idle(server, 1, 300)
             time.sleep(2.0)
             res["phases"]["predict-1 during forgets"] = asyncio.run(
-                _during_forgets(base, server.token, rows[:1], forget_ids, args)
+                _during_forgets(base, port, server.token, rows[:1], forget_ids, args, pid)
             )
             log(f"predict-1 during forgets: {_line(res['phases']['predict-1 during forgets'])}")
     finally:

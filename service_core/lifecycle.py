@@ -73,11 +73,13 @@ def build(
     )
     sharding.check_fits(plan, what)
     k, report = _kernel(model, dataset.x, layout.form, cache_dir, progress)
-    log.info(
-        "NTK %s form %s: %.1f MiB in %.2f s (%s)", layout.form, k.shape, report["bytes"] / 2**20,
-        report["seconds"], "cache" if report["cached"] else "computed",
-    )  # fmt: skip
+    shape = k.shape
     k = layout.embed(k, np.arange(dataset.n), cap)
+    log.info(
+        "NTK %s form %s, held padded to %s (capacity %d points): %.1f MiB in %.2f s (%s)",
+        layout.form, shape, k.shape, cap, k.nbytes / 2**20, report["seconds"],
+        "cache" if report["cached"] else "computed",
+    )  # fmt: skip
     x = jnp.asarray(pad_rows(dataset.x, cap), dtype)
     y = jnp.asarray(pad_rows(dataset.targets(), cap), dtype)
     active = np.arange(cap) < dataset.n

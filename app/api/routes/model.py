@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from ...core.config import Settings
 from ..deps import ModelDep, ReadAccess, SettingsDep, StateDep
@@ -48,10 +49,10 @@ def _check_rows(x: np.ndarray, settings: Settings) -> None:
         )
 
 
-@router.post("/predict", responses=errors(_BAD_INPUT))
+@router.post("/predict", response_model=PredictOut, responses=errors(_BAD_INPUT))
 async def predict(
     body: PredictRequest, u: ModelDep, settings: SettingsDep, state: StateDep
-) -> PredictOut:
+) -> Response:
     """Outputs of the current model at `x` (at most `max_rows` rows)."""
     _check_rows(body.x, settings)
     batcher = state.batcher
@@ -61,7 +62,12 @@ async def predict(
         # Concurrent requests are computed together (``app.batching``), each as if alone.
         version, outputs = await batcher.predict(u, u.prepare_inputs(body.x))
         outputs = u.checked_outputs(outputs)
-    return PredictOut(model_version=version, outputs=outputs.tolist())
+    # Serialised here: the outputs are finite (``checked_outputs``), which is all ``PredictOut``
+    # would check, and FastAPI's validation and serialisation of a returned model cost a tenth
+    # of the event loop's time per 1-row prediction. Floats as Python writes them: the same
+    # numbers, to the last bit, as ``PredictOut`` would send.
+    content = json.dumps({"model_version": version, "outputs": outputs.tolist()}, allow_nan=False)
+    return Response(content, media_type="application/json")
 
 
 @router.post(
