@@ -136,7 +136,7 @@ class Worker:
         entries = self.queue.claim_unacknowledged(self.consumer)
         self.queue.forget_idle_consumers(keep=self.consumer)
         if entries:
-            log.info("recovering %d unacknowledged forget job(s)", len(entries))
+            log.info("recovering %d unacknowledged job(s)", len(entries))
             self.process(entries)
         # A crash may have left a finished job's ids in Redis's append-only file.
         self.queue.compact()

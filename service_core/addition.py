@@ -111,7 +111,9 @@ def plan(
     y_new = jnp.asarray(arrays["y"]).at[at].set(yt)
     f0_new = jnp.asarray(arrays["f0"]).at[at].set(model.offset(xt).astype(dtype))
     alpha0 = jnp.asarray(arrays["alpha"]).at[at].set(0.0)
-    ids_arr = np.array(ids_arr, copy=True)
+    # Widened to the longest id: a fixed-width string array would cut a longer new id short.
+    width = max([len(i) for i in ids] + [int(ids_arr.dtype.itemsize // 4) if ids_arr.size else 1])
+    ids_arr = np.array(ids_arr, dtype=f"<U{max(width, 1)}", copy=True)
     ids_arr[new_points] = ids
     mask = ids_arr != ""
     train_cfg, solver_cfg = state.train_config, state.solver_config

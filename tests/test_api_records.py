@@ -281,7 +281,8 @@ def test_a_follower_serves_an_addition_like_the_worker(
         with np.load(dataset_file) as f:
             x_new = (f["x"][:20] * 0.9 + 0.3).tolist()
         forget = client.post("/v1/forget", json={"ids": ["r01", "r02"]}, headers=WRITE).json()
-        job = _add(client, [f"n{i}" for i in range(20)], x_new, [i % 3 for i in range(20)])
+        new = [f"a-longer-record-id-{i:04d}" for i in range(20)]  # longer than any id before
+        job = _add(client, new, x_new, [i % 3 for i in range(20)])
         worker.run_once()  # one forget, one addition (K grows): versions 1 and 2
         for j in (forget, job):
             assert (
@@ -295,6 +296,8 @@ def test_a_follower_serves_an_addition_like_the_worker(
             np.asarray(followed.k), np.asarray(model.state.k), rtol=1e-10, atol=1e-12
         )
         assert followed.ids.tolist() == model.state.ids.tolist()
+        served = client.get("/v1/ids", headers=READ).json()["ids"]
+        assert set(new) <= set(served) and len(served) == 66
 
 
 def test_an_addition_that_no_longer_fits_fails_and_changes_nothing(idle, monkeypatch, x_probe_new):
