@@ -70,11 +70,13 @@ class DeletionLog:
         return found
 
     def find_digest(self, digest: str) -> dict[str, Any] | None:
-        """The entry of the version that forgot the record with this keyed digest, if any."""
+        """The entry of the newest version that forgot the record with this keyed digest, if any
+        (a forgotten id added again, then forgotten again, was forgotten twice)."""
+        found = None
         for entry in self.entries():
             if digest in entry.get("id_digests", ()):
-                return entry
-        return None
+                found = entry
+        return found
 
     def job_of(self, entry: dict[str, Any], digest: str) -> str | None:
         """The job of ``entry`` that forgot ``digest`` (the first job when not recorded)."""
@@ -137,6 +139,47 @@ def version_record(
     }
 
 
+def addition_record(
+    result: Any,
+    version_before: int,
+    job_ids: list[str],
+    added_digests: list[str],
+    timestamp: str,
+    checkpoint_sha256: str | None,
+    job_digests: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """The log entry of an addition (``addition.AddResult`` ``result``), before it is published:
+    ``kind`` ``add``, the added ids as keyed digests in ``added_digests`` (``id_digests``, the
+    forgotten ones, is empty: an addition forgets nothing), counts of the new version, its
+    certificate and Newton solve, the checkpoint's hash."""
+    solve = dict(result.solve)
+    certificate = dict(result.certificate or {})
+    return {
+        "kind": "add",
+        "version": result.version,
+        "version_before": version_before,
+        "timestamp": timestamp,
+        "job_ids": job_ids,
+        "id_digests": [],
+        "added_digests": added_digests,
+        "job_digests": job_digests or {},
+        "n_added": result.n_added,
+        "n_forgotten": result.n_forgotten,
+        "n_train": result.n_train,
+        "certificate": {**certificate, "method": "newton"},
+        "checkpoint_sha256": checkpoint_sha256,
+        "solver": {
+            **solve,
+            "method": "newton",
+            "iterations": int(solve.get("newton_steps", solve.get("iterations", 0))),
+            "reason": f"added {result.n_added} records: Newton on the dual risk from the current α",
+            "certificate": certificate,
+        },
+        "refine": None,
+        "seconds": result.timings.get("total"),
+    }
+
+
 def records_from_checkpoint(
     state: ModelState, logged: set[int], checkpoint_sha256: str | None
 ) -> list[dict[str, Any]]:
@@ -149,12 +192,21 @@ def records_from_checkpoint(
         version, n = int(record["version"]), int(record.get("n_forgotten", 0))
         if version == 0:
             continue
-        digests = list(state.forgotten[start : start + n])
+        note = record.get("note") or {}
+        if note.get("job_digests") and note.get("kind") != "add":
+            # the service's note: exact even when a forgotten id was added again since
+            digests = [
+                d for job in note.get("job_ids", []) for d in note["job_digests"].get(job, [])
+            ]
+        else:
+            digests = list(state.forgotten[start : start + n])
         start += n
         if version in logged:
             continue
-        note = record.get("note") or {}
         newest = version == state.version
+        if note.get("kind") == "add":
+            out.append(_addition_from_history(record, note, state, checkpoint_sha256, newest))
+            continue
         out.append(
             {
                 "version": version,
@@ -182,3 +234,39 @@ def records_from_checkpoint(
             }
         )
     return out
+
+
+def _addition_from_history(
+    record: dict[str, Any],
+    note: dict[str, Any],
+    state: ModelState,
+    checkpoint_sha256: str | None,
+    newest: bool,
+) -> dict[str, Any]:
+    """The log entry of an addition's version from its history record and note (see
+    ``records_from_checkpoint``)."""
+    version = int(record["version"])
+    added = [d for job in note.get("job_ids", []) for d in note.get("job_digests", {}).get(job, [])]
+    return {
+        "kind": "add",
+        "version": version,
+        "version_before": note.get("version_before", version - 1),
+        "timestamp": datetime.fromtimestamp(record["time"], UTC).isoformat(timespec="milliseconds"),
+        "job_ids": list(note.get("job_ids", [])),
+        "id_digests": [],
+        "added_digests": added,
+        "job_digests": dict(note.get("job_digests", {})),
+        "n_added": len(added),
+        "n_forgotten": len(state.forgotten) if newest else None,
+        "n_train": state.n if newest else None,
+        "certificate": {
+            "residual": float(record["residual"]),
+            "tolerance": float(record.get("tolerance") or state.train_config.resolved_tol()),
+            "method": "newton",
+        },
+        "checkpoint_sha256": checkpoint_sha256 if newest else None,
+        "solver": {**record["solve"], "reason": record.get("reason", "")},
+        "refine": record.get("refine"),
+        "seconds": None,
+        "recovered": "written at start-up from the checkpoint",
+    }

@@ -18,6 +18,7 @@ from .api.errors import install_error_handlers
 from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
 from .api.routes import attribution, forget, health, model, receipts
+from .api.routes import records as records_routes
 from .batching import PredictBatcher
 from .core.config import Settings
 from .deletion_log import DeletionLog
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     app.include_router(model.router)
     app.include_router(attribution.router)
     app.include_router(receipts.router)
+    app.include_router(records_routes.router)
     app.include_router(health.router)
 
     generate = app.openapi

@@ -9,6 +9,8 @@ Keys, all under the configured prefix ``P``:
 - ``P:pending-ids``: the ids of every queued or running job. Enqueueing checks and extends it in
   one Lua script, so two concurrent requests can never both queue the same id, nor together
   queue every remaining training point (each alone leaving some).
+- ``P:pending-add-ids``: the ids of queued or running additions (``POST /v1/records``), also in
+  ``P:pending-ids``: they count against no forget's "would leave no training point" check.
 - ``P:n-train``: the active training points of the model once every *finished* job is applied,
   written by the worker in the same transaction that releases a batch's ids (and at its start).
   With ``P:pending-ids`` it tells, atomically, how many points the queued jobs leave.
@@ -17,6 +19,10 @@ Keys, all under the configured prefix ``P``:
   transaction that reports a batch's jobs (and at its start). An API process without a worker
   serves nothing older and admits forgets only against a model at least this new, so no
   process serves a record a job has been reported as forgetting.
+
+A job is a forget (``kind`` absent or ``forget``) or an addition (``kind`` ``add``), whose job
+record also holds the new records (``records``: JSON ``{"x", "y"}``) until it has ended; both go
+through the one stream, in order.
 
 A job is finished (record updated, entry acknowledged and deleted, ids released, ``P:n-train``
 updated) in one MULTI/EXEC transaction, so after a crash either all of that happened or none of
@@ -35,12 +41,14 @@ from typing import Any, Literal
 import redis
 
 from service_core import AlreadyForgottenError, InvalidForgetSetError
+from service_core.addition import QueuedIdsError
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobKind = Literal["forget", "add"]
 GROUP = "solvers"
 
 # KEYS: pending-ids set, stream, job hash, idempotency key (the job hash again when unused),
-#   n-train, version.
+#   n-train, version, pending-add-ids set.
 # ARGV: job_id, ttl, submitted_at, ids as JSON, '1' when an idempotency key is given, the
 #   caller's n_train ('' for none), the caller's model version ('' for none), ids...
 #
@@ -69,7 +77,7 @@ end
 if #conflicts > 0 then return {'conflict', cjson.encode(conflicts)} end
 local n_train = tonumber(redis.call('GET', KEYS[5]) or ARGV[6])
 if n_train then
-  local queued = redis.call('SCARD', KEYS[1])
+  local queued = redis.call('SCARD', KEYS[1]) - redis.call('SCARD', KEYS[7])
   if n_train - queued - (#ARGV - first + 1) < 1 then
     return {'empties', cjson.encode({n_train, queued})}
   end
@@ -80,6 +88,33 @@ redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'status', 'queued', 'ids', ARGV[4
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
 if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+return {'queued', ARGV[1]}
+"""
+
+# An addition: KEYS: pending-ids, pending-add-ids, stream, job hash, version.
+# ARGV: job_id, ttl, submitted_at, ids as JSON, records as JSON, the caller's model version
+#   ('' for none), ids...
+# The checks: a caller whose model is older than the newest reported version (an id it found
+# free may have been added since); ids another queued or running job holds (409).
+_ENQUEUE_ADD = """
+local first = 7
+if ARGV[6] ~= '' then
+  local reported = tonumber(redis.call('GET', KEYS[5]) or '-1')
+  if reported > tonumber(ARGV[6]) then return {'stale', tostring(reported)} end
+end
+local conflicts = {}
+for i = first, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 1 then conflicts[#conflicts + 1] = ARGV[i] end
+end
+if #conflicts > 0 then return {'conflict', cjson.encode(conflicts)} end
+for i = first, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+redis.call('HSET', KEYS[4], 'job_id', ARGV[1], 'status', 'queued', 'kind', 'add', 'ids', ARGV[4],
+           'records', ARGV[5], 'submitted_at', ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
 return {'queued', ARGV[1]}
 """
 
@@ -108,7 +143,7 @@ def utc_now() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One forget request as recorded in Redis."""
+    """One forget or addition request as recorded in Redis."""
 
     job_id: str
     status: JobStatus
@@ -121,6 +156,8 @@ class Job:
     error: str | None = None
     id_digests: list[str] = dataclasses.field(default_factory=list)
     receipt: dict[str, Any] | None = None
+    kind: JobKind = "forget"
+    records: dict[str, Any] | None = None  # an addition's {"x", "y"}, until it has ended
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
@@ -137,6 +174,8 @@ class Job:
             solver=json.loads(h["solver"]) if h.get("solver") else None,
             refine=json.loads(h["refine"]) if h.get("refine") else None,
             error=h.get("error"),
+            kind=h.get("kind", "forget"),  # type: ignore[arg-type]
+            records=json.loads(h["records"]) if h.get("records") else None,
         )
 
 
@@ -171,11 +210,13 @@ class JobQueue:
         self.ttl_s = ttl_s
         self.stream = f"{prefix}:forget"
         self.pending_key = f"{prefix}:pending-ids"
+        self.pending_add_key = f"{prefix}:pending-add-ids"
         self.n_train_key = f"{prefix}:n-train"
         self.version_key = f"{prefix}:version"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
+        self._enqueue_add = client.register_script(_ENQUEUE_ADD)
 
     def job_key(self, job_id: str) -> str:
         """The Redis key of a job record."""
@@ -272,6 +313,7 @@ class JobQueue:
             self._idem_prefix + idempotency_key if use_key else self.job_key(job_id),
             self.n_train_key,
             self.version_key,
+            self.pending_add_key,
         ]
         submitted_at = utc_now()
         args = [
@@ -304,6 +346,52 @@ class JobQueue:
             return self.enqueue(ids, idempotency_key, n_train, version)
         # Not read back: the worker may have taken it already, but it was queued when accepted.
         return Job(job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at)
+
+    def pending_add_ids(self) -> frozenset[str]:
+        """Ids of every queued or running addition."""
+        return frozenset(self.client.smembers(self.pending_add_key))
+
+    def enqueue_add(self, ids: Sequence[str], x: Any, y: Any, version: int | None = None) -> Job:
+        """Reserve ``ids`` and queue a job adding the records ``(ids, x, y)``, atomically.
+
+        Call after validating the records against the model and ``pending_ids()``; this repeats
+        the check that can race with other requests: that no queued or running job holds one of
+        the ids. The records (``x``, ``y``: JSON-able nested lists of numbers) stay in the job
+        record until the job has ended.
+
+        Arguments:
+          version: as for ``enqueue``: the version the caller validated against, refused if older
+            than the newest reported; ``None`` for the process that runs the worker.
+
+        Raises:
+          QueuedIdsError: some ids are held by another queued or running job.
+          StaleModelError: ``version`` is older than the newest reported one.
+        """
+        job_id = uuid.uuid4().hex
+        keys = [
+            self.pending_key,
+            self.pending_add_key,
+            self.stream,
+            self.job_key(job_id),
+            self.version_key,
+        ]
+        submitted_at = utc_now()
+        args = [
+            job_id,
+            self.ttl_s,
+            submitted_at,
+            json.dumps(list(ids)),
+            json.dumps({"x": x, "y": y}),
+            "" if version is None else int(version),
+        ]
+        outcome, value = self._enqueue_add(keys=keys, args=[*args, *ids])
+        if outcome == "stale":
+            raise StaleModelError(int(value))
+        if outcome == "conflict":
+            raise QueuedIdsError(json.loads(value), "Wait for that job to finish.")
+        return Job(
+            job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at, kind="add"
+        )
 
     # Worker side.
 
@@ -411,11 +499,15 @@ class JobQueue:
                     # No id in clear once the job has ended: only their keyed digests.
                     stored["id_digests"] = json.dumps([self.digest(i) for i in entry.job.ids])
                     pipe.hdel(key, "ids")
+                if ended:  # an addition's records: in the model now, or refused
+                    pipe.hdel(key, "records")
                 if stored:
                     pipe.hset(key, mapping=stored)
                 pipe.expire(key, self.ttl_s)
                 if entry.job.ids:
                     pipe.srem(self.pending_key, *entry.job.ids)
+                    if entry.job.kind == "add":
+                        pipe.srem(self.pending_add_key, *entry.job.ids)
             pipe.xack(self.stream, GROUP, entry.entry_id)
             # Acknowledged entries serve no purpose; delete them rather than let the stream grow.
             pipe.xdel(self.stream, entry.entry_id)

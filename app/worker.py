@@ -1,4 +1,4 @@
-"""The solver worker: takes forget jobs off the queue and applies them to the model.
+"""The solver worker: takes forget and addition jobs off the queue and applies them to the model.
 
 Order of a batch, in one direction, chosen so that a crash anywhere loses no accepted job, applies
 none twice and leaves no forgotten data behind once restarted (docs/design.md, The order of a
@@ -6,7 +6,8 @@ deletion): ``u.forget`` computes the new version and checkpoints it (atomic); th
 appended to the deletion log (fsync'd); ``u.forget`` publishes it; in one Redis transaction the jobs
 are marked succeeded, their entries acknowledged and deleted, their ids released; ``u.purge``
 deletes the older checkpoints and the cached kernels; only then ``u.after_publish`` refreshes the
-preconditioner and makes the spare K buffer. At start (``service.load_model``) the newest
+preconditioner and makes the spare K buffer. An addition (``u.add``) goes through the same steps;
+consecutive jobs of one kind make one version. At start (``service.load_model``) the newest
 checkpoint is restored, everything older purged and a missing log record written from the
 checkpoint; entries left unacknowledged are claimed again here; a job whose ids the restored
 model has forgotten already was applied before the crash, and is only marked succeeded.
@@ -22,11 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
 from service_core import SolverError, Unlearner, UnlearnError
 
-from .deletion_log import DeletionLog, version_record
+from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
 from .queue import Entry, Job, JobQueue, utc_now
@@ -134,7 +136,7 @@ class Worker:
         entries = self.queue.claim_unacknowledged(self.consumer)
         self.queue.forget_idle_consumers(keep=self.consumer)
         if entries:
-            log.info("recovering %d unacknowledged forget job(s)", len(entries))
+            log.info("recovering %d unacknowledged job(s)", len(entries))
             self.process(entries)
         # A crash may have left a finished job's ids in Redis's append-only file.
         self.queue.compact()
@@ -155,7 +157,8 @@ class Worker:
         return len(entries)
 
     def process(self, entries: list[Entry]) -> None:
-        """Apply the jobs of ``entries`` as one forget set (with one solve)."""
+        """Apply the jobs of ``entries``: each run of consecutive jobs of one kind (forgets, or
+        additions) as one version with one solve, in stream order."""
         u = self.unlearner
         outcomes: list[tuple[Entry, dict[str, Any]]] = []
         todo: list[Entry] = []
@@ -164,20 +167,47 @@ class Worker:
             if job is None or job.status in ("succeeded", "failed"):
                 # Expired record, or finished but not acknowledged: only clean up.
                 outcomes.append((entry, {}))
+            elif job.kind == "add":
+                logged = self.deletion_log.find_job(job.job_id)
+                if logged is not None:  # applied and logged before a crash: only report it
+                    outcomes.append((entry, _succeeded(logged["version"], logged.get("solver"))))
+                else:
+                    todo.append(entry)
             elif u.is_forgotten(job.ids):
                 outcomes.append((entry, self._applied_before(job)))
             else:
                 todo.append(entry)
         self.queue.mark_running([e.job for e in todo if e.job is not None])
 
+        runs: list[list[Entry]] = []
+        for entry in todo:
+            if runs and runs[-1][0].job.kind == entry.job.kind:  # type: ignore[union-attr]
+                runs[-1].append(entry)
+            else:
+                runs.append([entry])
+        for run in runs or [[]]:
+            self._process_run(run, outcomes)
+            outcomes = []
+
+    def _process_run(self, run: list[Entry], outcomes: list[tuple[Entry, dict[str, Any]]]) -> None:
+        """Validate and apply ``run`` (jobs of one kind) as one version, then report it with
+        ``outcomes`` (entries already settled) and finish the order of a deletion."""
+        u = self.unlearner
+        add = bool(run) and run[0].job is not None and run[0].job.kind == "add"
         # Validate job by job against the model and the jobs taken before it, so that a job
         # that became invalid fails alone instead of failing the whole batch.
         accepted: list[Entry] = []
         taken: set[str] = set()
-        for entry in todo:
+        for entry in run:
             assert entry.job is not None
             try:
-                u.validate_forget(entry.job.ids, pending=frozenset(taken))
+                if add:
+                    records = entry.job.records or {}
+                    u.validate_add(
+                        entry.job.ids, records.get("x"), records.get("y"), frozenset(taken)
+                    )
+                else:
+                    u.validate_forget(entry.job.ids, pending=frozenset(taken))
             except UnlearnError as e:
                 outcomes.append((entry, _failed(str(e))))
                 continue
@@ -185,7 +215,7 @@ class Worker:
             taken.update(entry.job.ids)
 
         if accepted:
-            outcomes += self._apply(accepted)
+            outcomes += self._apply_add(accepted) if add else self._apply(accepted)
             crash_point("published")
         # The model's size and version go with the released ids: the API admits new jobs against
         # all three, and API processes without a worker serve nothing older than that version.
@@ -211,6 +241,84 @@ class Worker:
             log.info(
                 "after publishing: %s", ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
             )
+
+    def _apply_add(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
+        """Add the records of ``accepted`` (addition jobs) as one version: checkpoint, log record
+        (``addition_record``: the ids as keyed digests), publish (``Unlearner.add``)."""
+        jobs: list[Job] = [e.job for e in accepted]  # type: ignore[misc]
+        u = self.unlearner
+        task = u.state.task
+        ids = [i for job in jobs for i in job.ids]
+        xs, ys = [], []
+        for job in jobs:  # rows flattened and labels as a vector, so that jobs concatenate
+            records, k = job.records or {}, len(job.ids)
+            xs.append(np.asarray(records["x"], np.float64).reshape(k, -1))
+            y = np.asarray(records["y"], np.float64)
+            ys.append(y.reshape(k) if task == "classification" else y.reshape(k, -1))
+        version_before = u.version
+        job_ids = [job.job_id for job in jobs]
+        job_digests = {job.job_id: [u.digest(i) for i in job.ids] for job in jobs}
+        logged: dict[str, Any] = {}
+
+        def log_version(result) -> None:
+            # Between the checkpoint and the publication: a served version is always logged.
+            crash_point("checkpointed")
+            started = time.perf_counter()
+            digest = directory_sha256(self.checkpoint_dir / str(result.version))
+            entry = addition_record(
+                result,
+                version_before,
+                job_ids,
+                [u.digest(i) for i in ids],
+                utc_now(),
+                digest,
+                job_digests,
+            )
+            self.deletion_log.append(entry)
+            logged.update(entry=entry, seconds=time.perf_counter() - started)
+            crash_point("logged")
+
+        try:
+            result = u.add(
+                ids,
+                np.concatenate(xs),
+                np.concatenate(ys),
+                self.checkpoint_dir,
+                before_publish=log_version,
+                note={
+                    "kind": "add",
+                    "job_ids": job_ids,
+                    "version_before": version_before,
+                    "job_digests": job_digests,
+                },
+            )
+        except (UnlearnError, SolverError) as e:
+            log.warning("addition of %d record(s) failed: %s", len(ids), e)
+            return [(entry, _failed(str(e))) for entry in accepted]
+        except Exception as e:
+            log.exception("addition of %d record(s) failed", len(ids))
+            message = f"the addition failed ({type(e).__name__}: {e}); the model is unchanged"
+            return [(entry, _failed(message)) for entry in accepted]
+
+        timings = dict(result.timings or {})
+        timings["log"] = timings.pop("before_publish", logged["seconds"])
+        solver = {**logged["entry"]["solver"], "timings": timings}
+        log.info(
+            "version %d: added %d record(s) of %d job(s) in %.2f s (%d Newton steps, residual "
+            "%.2e%s)",
+            result.version,
+            len(ids),
+            len(jobs),
+            timings["total"],
+            solver["iterations"],
+            result.residual,
+            ", K grew" if result.grew else "",
+        )
+        if self.metrics is not None:
+            self.metrics.batch_jobs.observe(len(jobs))
+            self.metrics.solve_seconds.observe(result.timings.get("solve", 0.0))
+        # Receipts attest deletions: an addition gets none (docs/design.md, Adding records).
+        return [(entry, _succeeded(result.version, solver)) for entry in accepted]
 
     def _apply(self, accepted: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
         jobs: list[Job] = [e.job for e in accepted]  # type: ignore[misc]
@@ -315,7 +423,10 @@ class Worker:
 
 
 def _succeeded(
-    version: int, solver: dict | None, refine: dict | None, receipt: dict | None
+    version: int,
+    solver: dict | None,
+    refine: dict | None = None,
+    receipt: dict | None = None,
 ) -> dict[str, Any]:
     return {
         "status": "succeeded",

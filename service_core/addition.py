@@ -33,10 +33,17 @@ class AlreadyActiveError(AlreadyForgottenError):
     _what = "id(s) are already in the training set"
 
 
+class QueuedIdsError(AlreadyForgottenError):
+    """Ids held by a queued or running job (a forget or an addition)."""
+
+    _what = "id(s) are held by a queued or running job (a forget or an addition)"
+
+
 class AddResult(NamedTuple):
     """What an addition did: the new version, the records added, the Newton solve
-    (``SolveInfo.to_dict()`` with its steps), the certificate, whether K grew to a larger
-    capacity, and seconds per part (``kernel``, ``solve``, ``total``)."""
+    (``SolveInfo.to_dict()`` with its steps), its residual, whether K grew to a larger capacity,
+    seconds per part (``kernel``, ``solve``, ``total``), the new version's certificate
+    (``ModelState.certificate``), its active and forgotten counts."""
 
     version: int
     n_added: int
@@ -44,6 +51,9 @@ class AddResult(NamedTuple):
     residual: float
     grew: bool
     timings: dict
+    certificate: dict | None = None
+    n_train: int = 0
+    n_forgotten: int = 0
 
 
 def plan(
@@ -64,19 +74,8 @@ def plan(
       SolverError: Newton did not reach the training tolerance (the model is unchanged).
     """
     t0 = time.perf_counter()
-    ids = [str(i) for i in ids]
-    if not ids or any(not i for i in ids) or len(set(ids)) != len(ids):
-        raise InvalidForgetSetError(
-            "ids to add must be a non-empty list of distinct, non-empty strings"
-        )
-    present = [i for i in ids if i in state.index]
-    if present:
-        raise AlreadyActiveError(present, "Give new records new ids.")
+    ids, xt, yt = validate(state, ids, x, y)
     dtype = state.x.dtype
-    xt = validation.inputs(x, state.input_shape, dtype)
-    if xt.shape[0] != len(ids):
-        raise InvalidInputError(f"x has {xt.shape[0]} rows for {len(ids)} ids: give one row per id")
-    yt = validation.targets(y, len(ids), state.task, state.layout.d, dtype)
     layout = state.layout
     active = state.active
     old_points = np.flatnonzero(active)
@@ -87,10 +86,8 @@ def plan(
     arrays = {name: state_array for name, state_array in state.arrays().items() if name != "theta"}
     ids_arr = np.asarray(state.ids)
     if grew:
-        cap = max(bucket(state.n + len(ids), layout.devices), cap + layout.devices)
-        devices = list(layout.mesh.devices.flat) if layout.mesh is not None else _devices(state)
-        memory = sharding.plan_memory(layout.side(cap), np.dtype(dtype).itemsize, devices, 0.6)
-        sharding.check_fits(memory, f"K for {state.n + len(ids)} points after the addition")
+        cap = grown_capacity(state, len(ids))
+        check_fits(state, len(ids))
         side = layout.side(cap)
         k_np = np.pad(k_np, ((0, side - k_np.shape[0]), (0, side - k_np.shape[1])))
         arrays = {name: pad_rows(a, cap) for name, a in arrays.items()}
@@ -114,7 +111,9 @@ def plan(
     y_new = jnp.asarray(arrays["y"]).at[at].set(yt)
     f0_new = jnp.asarray(arrays["f0"]).at[at].set(model.offset(xt).astype(dtype))
     alpha0 = jnp.asarray(arrays["alpha"]).at[at].set(0.0)
-    ids_arr = np.array(ids_arr, copy=True)
+    # Widened to the longest id: a fixed-width string array would cut a longer new id short.
+    width = max([len(i) for i in ids] + [int(ids_arr.dtype.itemsize // 4) if ids_arr.size else 1])
+    ids_arr = np.array(ids_arr, dtype=f"<U{max(width, 1)}", copy=True)
     ids_arr[new_points] = ids
     mask = ids_arr != ""
     train_cfg, solver_cfg = state.train_config, state.solver_config
@@ -153,7 +152,121 @@ def plan(
     )  # fmt: skip
     t4 = time.perf_counter()
     timings = {"kernel": t2 - t1, "solve": t3 - t2, "total": t4 - t0}
-    return new_state, AddResult(new_state.version, len(ids), solve, info.residual, grew, timings)
+    result = AddResult(
+        new_state.version, len(ids), solve, info.residual, grew, timings,
+        new_state.certificate(), new_state.n, len(new_state.forgotten),
+    )  # fmt: skip
+    return new_state, result
+
+
+def validate(
+    state: ModelState, ids: Sequence[str], x, y, pending: frozenset[str] = frozenset()
+) -> tuple[list[str], jnp.ndarray, jnp.ndarray]:
+    """Check an addition against a version and the ids queued; nothing is computed.
+
+    Arguments:
+      ids: the new ids; x: inputs ``(k, *input_shape)`` or ``(k, prod(input_shape))``; y: labels
+        ``(k,)`` or targets ``(k, d)``; pending: ids of queued or running jobs (any kind).
+
+    Returns:
+      ``(ids, x, y)``: the ids as strings, x as inputs ``(k, *input_shape)`` and y as the target
+      matrix ``(k, d)`` (one-hot for labels), both in the model's dtype.
+
+    Raises:
+      InvalidForgetSetError: empty, duplicated or empty-string ids.
+      AlreadyActiveError: ids already in the training set (listed).
+      QueuedIdsError: ids held by a queued or running job (listed).
+      InvalidInputError: x or y of the wrong shape or length, or not finite.
+    """
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, str) for i in ids):
+        raise InvalidForgetSetError("ids to add must be a list of strings (new record ids)")
+    ids = list(ids)
+    if not ids or any(not i for i in ids) or len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise InvalidForgetSetError(
+            "ids to add must be a non-empty list of distinct, non-empty strings"
+            + (f" (duplicated: {', '.join(dup[:20])})" if dup else "")
+        )
+    present = [i for i in ids if i in state.index]
+    if present:
+        raise AlreadyActiveError(present, "Give new records new ids.")
+    queued = [i for i in ids if i in pending]
+    if queued:
+        raise QueuedIdsError(queued, "Wait for that job to finish.")
+    dtype = state.x.dtype
+    xt = validation.inputs(x, state.input_shape, dtype)
+    if xt.shape[0] != len(ids):
+        raise InvalidInputError(
+            f"x has {xt.shape[0]} rows for {len(ids)} ids: give one row of x (and one y) per id"
+        )
+    yt = validation.targets(y, len(ids), state.task, state.layout.d, dtype)
+    return ids, xt, yt
+
+
+def grown_capacity(state: ModelState, n_more: int) -> int:
+    """Row capacity after adding ``n_more`` points: the current one while the free rows
+    (forgotten or padding) hold them, else the next bucket (``state.bucket``)."""
+    if state.capacity - state.n >= n_more:
+        return state.capacity
+    layout = state.layout
+    return max(bucket(state.n + n_more, layout.devices), state.capacity + layout.devices)
+
+
+def check_fits(state: ModelState, n_more: int) -> None:
+    """Refuse, before any work, an addition of ``n_more`` points whose K would not fit the
+    devices' memory plan (``sharding.plan_memory``, 60 % of the smallest device).
+
+    Raises:
+      ResourceError: naming K's bytes, per device with the solver's working copy, and the limit.
+    """
+    cap = grown_capacity(state, n_more)
+    layout = state.layout
+    devices = list(layout.mesh.devices.flat) if layout.mesh is not None else _devices(state)
+    memory = sharding.plan_memory(layout.side(cap), state.x.dtype.itemsize, devices, 0.6)
+    what = (
+        f"adding {n_more} records ({state.n + n_more} points, capacity {cap}; K "
+        f"{memory.kernel_bytes} bytes, {memory.working_bytes} per device with the working copy)"
+    )
+    sharding.check_fits(memory, what)
+
+
+def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
+    """``newer`` (a later version read from its checkpoint, without K) with K, when it holds
+    records ``state`` does not (an addition, possibly with deletions between): K's entries
+    between points both versions hold are copied from ``state``'s K, and only the blocks of the
+    new points are computed (``cross_kernel`` against the kept points, the symmetric assembly
+    among themselves), as ``plan`` computed them. The preconditioner is recomputed from it.
+
+    Raises:
+      ValueError: ``newer`` is not a later version of ``state``'s model.
+    """
+    if newer.version <= state.version:
+        raise ValueError(f"version {newer.version} does not follow version {state.version}")
+    layout = state.layout
+    active = np.flatnonzero(newer.active)
+    held = np.array([i in state.index for i in newer.ids[active]], bool)
+    kept, added = active[held], active[~held]
+    old_rows = layout.rows(np.array([state.index[i] for i in newer.ids[kept]], int))
+    k_old = np.asarray(state.k)
+    side = layout.side(newer.capacity)
+    k_np = np.zeros((side, side), k_old.dtype)
+    rows_k, rows_a = layout.rows(kept), layout.rows(added)
+    k_np[np.ix_(rows_k, rows_k)] = k_old[np.ix_(old_rows, old_rows)]
+    x_new = np.asarray(newer.x)
+    xa = jnp.asarray(x_new[added], state.x.dtype)
+    if len(kept):
+        k_ad = np.asarray(
+            model.cross_kernel(xa, jnp.asarray(x_new[kept], state.x.dtype), layout.form)
+        )
+        k_np[np.ix_(rows_a, rows_k)] = k_ad
+        k_np[np.ix_(rows_k, rows_a)] = k_ad.T
+    k_aa, _ = model.train_kernel(xa, layout.form, None, False)
+    k_np[np.ix_(rows_a, rows_a)] = np.asarray(k_aa)
+    k = layout.place(k_np.astype(newer.alpha.dtype, copy=False))
+    ny = lifecycle.preconditioner(k, newer.solver_config, layout.form, newer.train_config.loss)
+    m = jnp.asarray(newer.active, k.dtype)[:, None]
+    f_star = newer.f0 + layout.matvec(k, newer.alpha * m)
+    return newer.replace(k=k, layout=layout, nystrom=ny, f_star=f_star)
 
 
 def _devices(state: ModelState) -> list:

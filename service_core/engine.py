@@ -368,32 +368,80 @@ class Unlearner:
         return result._replace(seconds=t4 - t0, timings=timings)
 
     def add(
-        self, ids: Sequence[str], x, y, checkpoint_dir: Path | None = None
+        self,
+        ids: Sequence[str],
+        x,
+        y,
+        checkpoint_dir: Path | None = None,
+        before_publish: Callable[[addition.AddResult], None] | None = None,
+        note: dict | None = None,
     ) -> addition.AddResult:
         """Add the records ``(ids, x, y)``: the next version, trained on the current records and these
         (``addition.plan``: K gains their rows and columns, Newton from the current α), checkpointed,
-        then published. x ``(k, *input_shape)`` or flattened rows; y labels ``(k,)`` or targets
-        ``(k, d)``. ``result.timings`` gains ``checkpoint`` and ``publish``.
+        handed to ``before_publish`` (the service logs it there), then published: the order of a
+        deletion (docs/design.md). x ``(k, *input_shape)`` or flattened rows; y labels ``(k,)`` or
+        targets ``(k, d)``. ``result.timings`` gains ``checkpoint``, ``before_publish`` and
+        ``publish``.
+
+        Arguments:
+          note: JSON-able facts stored with the version's history record (its checkpoint), e.g.
+            the service's job ids, so that a lost log record can be written again from it.
 
         Raises:
           InvalidForgetSetError (bad ids), AlreadyActiveError (ids in the training set, listed),
-          InvalidInputError, ResourceError, SolverError, OSError (the checkpoint): the model is
-          unchanged.
+          InvalidInputError, ResourceError, SolverError, OSError (the checkpoint), or what
+          ``before_publish`` raised: the model served is unchanged.
         """
         t0 = time.perf_counter()
         with self._forget_lock:
             new_state, result = addition.plan(self._state, self.model, ids, x, y)
+            if note:
+                record = {**new_state.history[-1], "note": dict(note)}
+                new_state = new_state.replace(history=new_state.history[:-1] + (record,))
             t1 = time.perf_counter()
-            if checkpoint_dir is not None:
-                checkpoint.save(checkpoint_dir, new_state)
-            t2 = time.perf_counter()
+            try:
+                if checkpoint_dir is not None:
+                    checkpoint.save(checkpoint_dir, new_state)
+                t2 = time.perf_counter()
+                timings = {**result.timings, "checkpoint": t2 - t1}
+                if before_publish is not None:
+                    before_publish(result._replace(timings=timings))
+            except BaseException:
+                # Not published: drop its checkpoint, or a restart would restore it.
+                if checkpoint_dir is not None:
+                    checkpoint.prune(checkpoint_dir, keep=self._state.version)
+                raise
+            t3 = time.perf_counter()
             self._spare.take()  # K's shape may have grown; made again below
             self._state = new_state
-            t3 = time.perf_counter()
+            t4 = time.perf_counter()
         purge_cache(self._cache_dir)  # the cached kernel is of the old inputs
-        self.ready_spare()
-        timings = {**result.timings, "checkpoint": t2 - t1, "publish": t3 - t2}
-        return result._replace(timings={**timings, "total": t3 - t0})
+        if before_publish is None:  # the service makes it in after_publish, off the job's time
+            self.ready_spare()
+        timings.update(before_publish=t3 - t2, publish=t4 - t3, total=t4 - t0)
+        return result._replace(timings=timings)
+
+    def validate_add(
+        self,
+        ids: Sequence[str],
+        x,
+        y,
+        pending: frozenset[str] = frozenset(),
+        state: ModelState | None = None,
+    ) -> int:
+        """Check an addition against a version (default: the current one) and the ids queued
+        (``addition.validate``; nothing is computed). Returns the number of records.
+
+        Raises:
+          InvalidForgetSetError, AlreadyActiveError, QueuedIdsError, InvalidInputError.
+        """
+        ids, _, _ = addition.validate(self._state if state is None else state, ids, x, y, pending)
+        return len(ids)
+
+    def check_add_fits(self, n_more: int, state: ModelState | None = None) -> None:
+        """Refuse (``ResourceError``, naming bytes) adding ``n_more`` points whose K would not fit
+        the devices (``addition.check_fits``)."""
+        addition.check_fits(self._state if state is None else state, n_more)
 
     def plan_forget(
         self,
@@ -480,14 +528,19 @@ class Unlearner:
         """Serve ``newer``, a later version of the same model read from a checkpoint (a follower
         process): its K is this one's with the forgotten rows erased, or compacted into ``newer``'s
         rows (the layout operations the worker's deletion used), never recomputed; the
-        preconditioner is recomputed from that K.
+        preconditioner is recomputed from that K. When ``newer`` holds records this version does
+        not (an addition), only their rows and columns of K are computed (``addition.follow``).
 
         Raises:
           ValueError: ``newer`` is not a later version of this model.
         """
         with self._forget_lock:
             newer = newer.replace(id_key=self._state.id_key)
-            state = deletion.follow(self._state, newer, self._spare.take())
+            if all(i in self._state.index for i in newer.ids[newer.active]):
+                state = deletion.follow(self._state, newer, self._spare.take())
+            else:  # records were added: their K blocks are computed (``addition.follow``)
+                self._spare.take()
+                state = addition.follow(self._state, newer, self.model)
             if state.dtype != self._state.dtype and state.train_config.dtype == "auto":
                 model = precision.promoted_network(
                     state.model_config, state.input_shape, state.layout.d

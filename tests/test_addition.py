@@ -85,3 +85,6 @@ def test_add_refuses_active_ids_and_bad_rows(dataset_file, network):
     u.forget(["r01"])
     u.add(["r01"], data.x[1:2], data.y[1:2])
     assert "r01" in u.active_ids() and not u.is_forgotten("r01")
+    # an id longer than every id before is kept whole (ids are a fixed-width string array)
+    u.add(["a-much-longer-record-id"], data.x[2:3] + 0.5, data.y[2:3])
+    assert "a-much-longer-record-id" in u.active_ids() and u.n_train == 41

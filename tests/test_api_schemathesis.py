@@ -5,7 +5,8 @@ refused, valid data accepted).
 
 A real server (uvicorn on a socket) serves the small test model with the write token. Some ids
 of the generated requests are replaced by real ones (training ids for forgets and influence,
-job ids of earlier forgets), so that the 2xx answers are reached too, not only the 404s.
+job ids of earlier forgets; new ids and the model's rows for additions), so that the 2xx answers
+are reached too, not only the 404s.
 
 Bounded: a few dozen examples per operation, about a minute on two cores.
 """
@@ -158,13 +159,15 @@ def _reachable(case: Any, served: Served, rng: random.Random) -> None:
         case.path_parameters = {"job_id": rng.choice(served.job_ids)}
     elif path == "/v1/jobs/{job_id}/receipt":
         case.path_parameters = {"job_id": rng.choice(served.receipt_job_ids)}
-    if path in ("/v1/predict", "/v1/influence", "/v1/attribute") and isinstance(
+    if path in ("/v1/predict", "/v1/influence", "/v1/attribute", "/v1/records") and isinstance(
         body.get("x"), list
     ):
         n = min(len(body["x"]), 8)
         body["x"] = [[rng.uniform(-3, 3) for _ in range(4)] for _ in range(n)]
         if path != "/v1/predict":
             body["y"] = [rng.randrange(3) for _ in range(n)]
+        if path == "/v1/records":  # new ids, one per row
+            body["ids"] = [f"new-{rng.getrandbits(48):012x}" for _ in range(n)]
         if path == "/v1/influence":
             body["forget_ids"] = rng.sample(served.ids, k=1)
         if path == "/v1/attribute":
@@ -179,7 +182,7 @@ def test_api_conforms_to_its_schema(case, served: Served) -> None:
     response = case.call_and_validate(base_url=served.url)
     key = f"{case.operation.method.upper()} {case.operation.path}"
     served.answers.setdefault(key, set()).add(response.status_code)
-    if case.operation.path == "/v1/forget" and response.status_code == 202:
+    if case.operation.path in ("/v1/forget", "/v1/records") and response.status_code == 202:
         served.job_ids.append(response.json()["job_id"])
 
 

@@ -33,10 +33,14 @@ def test_openapi_has_the_v1_contract():
         "/v1/receipts/public-key",
         "/v1/deletions",
         "/v1/records/{record_id}",
+        "/v1/records",
         "/healthz",
         "/readyz",
         "/metrics",
     }
     assert "202" in spec["paths"]["/v1/forget"]["post"]["responses"]
+    additions = spec["paths"]["/v1/records"]["post"]
+    assert {"202", "403", "409", "413", "422", "507"} <= set(additions["responses"])
+    assert additions["security"] == spec["paths"]["/v1/forget"]["post"]["security"]
     # Error bodies are {"detail": str} everywhere, FastAPI's validation errors included.
     assert "HTTPValidationError" not in spec["components"]["schemas"]

@@ -15,7 +15,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from ..queue import JobStatus
+from ..queue import JobKind, JobStatus
 
 
 def _number_array(value: Any) -> np.ndarray:
@@ -291,6 +291,9 @@ class ReceiptOut(BaseModel):
 class JobOut(BaseModel):
     job_id: str
     status: JobStatus
+    kind: JobKind = Field(
+        "forget", description="'forget' (POST /v1/forget) or 'add' (POST /v1/records)"
+    )
     ids: list[str] = Field(
         description="the ids while the job is queued or running; empty once it has ended (only "
         "their keyed digests are kept, id_digests)"
@@ -307,6 +310,29 @@ class JobOut(BaseModel):
     )
     refine: SolverInfo | None = Field(None, description="the Newton refinement, if any")
     error: str | None = Field(None, description="why the job failed")
+
+
+class AddRecordsRequest(_Body):
+    ids: Annotated[
+        list[str],
+        AfterValidator(_non_empty_ids),
+        WithJsonSchema(
+            {
+                "type": "array",
+                "minItems": 1,
+                "uniqueItems": True,
+                "items": {"type": "string", "minLength": 1},
+                "description": "new record ids (non-empty strings, each once, none active or "
+                "held by a queued job); an id forgotten before may be added as a new record",
+            }
+        ),
+    ]
+    x: Inputs
+    y: Targets
+
+
+class AddAccepted(ForgetAccepted):
+    kind: Literal["add"] = "add"
 
 
 class InfluenceRequest(_Body):

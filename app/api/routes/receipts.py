@@ -53,6 +53,12 @@ def receipt(job_id: str, queue: QueueDep) -> ReceiptOut:
             f"(job records are kept {queue.ttl_s // 3600} h; the deletion log, GET /v1/deletions, "
             "is kept for good)",
         )
+    if job.kind == "add":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} is an addition (POST /v1/records): receipts are issued for deletions "
+            "only",
+        )
     if job.status != "succeeded" or job.receipt is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
