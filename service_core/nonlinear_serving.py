@@ -368,10 +368,20 @@ class NonlinearUnlearner(Unlearner):
     def loo_factor(self):
         raise self._unavailable("the leave-one-out factor", "it is of the linearised model")
 
-    def add(self, ids, x, y, checkpoint_dir=None):
-        raise self._unavailable(
+    def _no_additions(self) -> NotAvailableError:
+        return self._unavailable(
             "adding records", "the nonlinear network would have to be retrained; rebuild the model"
         )
+
+    def add(self, ids, x, y, checkpoint_dir=None, **kwargs):
+        raise self._no_additions()
+
+    def validate_add(self, ids, x, y, pending=frozenset(), state=None) -> int:
+        """Refuses: ``POST /v1/records`` answers 409 before anything is queued."""
+        raise self._no_additions()
+
+    def check_add_fits(self, n_more: int, state=None) -> None:
+        raise self._no_additions()
 
     def plan_forget(self, ids, method=None, refine=None, strict=True):
         raise self._unavailable("planning a deletion", "use forget")

@@ -215,6 +215,10 @@ def test_nonlinear_serves_forgets_with_the_certificate_and_restarts(
             resp = getattr(client, method)(path, headers=READ, **({"json": body} if body else {}))
             assert resp.status_code == 409, (path, resp.text)
             assert "nonlinear model" in resp.json()["detail"]
+        # additions too, before anything is queued
+        body = {"ids": ["new-1"], "x": probe[:1].tolist(), "y": [0]}
+        resp = client.post("/v1/records", json=body, headers=WRITE)
+        assert resp.status_code == 409 and "nonlinear model" in resp.json()["detail"], resp.text
 
         accepted = client.post("/v1/forget", json={"ids": forget}, headers=WRITE).json()
         job = wait_for_job(client, accepted["job_id"])
