@@ -353,7 +353,7 @@ def run_mislabel(args, log) -> list[dict]:
             picks = [(served, "served default = lowest clean validation loss")]
         for lam, rule in picks:
             u = models[lam]
-            for exact in (False, True):
+            for exact in (False, True) if getattr(args, "mislabel_exact", True) else (False,):
                 t0 = time.perf_counter()
                 score = _ranked_scores(noisy, u.self_influence(exact=exact))
                 res = {
@@ -633,11 +633,16 @@ def markdown(res: dict) -> str:
                 "",
                 f"Peak resident memory of the process: {c['peak_rss_gib']:.1f} GiB "
                 f"(after build: {c['rss_after_build_gib']:.1f} GiB). Build (kernel and training) "
-                f"{c['build_s']:.0f} s. Load average (1, 5, 15 min) on the 2 cores: "
-                + ", ".join(f"{x:.1f}" for x in c.get("loadavg_start", []))
-                + " at the cost part's start, "
-                + ", ".join(f"{x:.1f}" for x in c.get("loadavg_end", []))
-                + " at its end.",
+                f"{c['build_s']:.0f} s."
+                + (
+                    " Load average (1, 5, 15 min) on the 2 cores: "
+                    + ", ".join(f"{x:.1f}" for x in c["loadavg_start"])
+                    + " at the cost part's start, "
+                    + ", ".join(f"{x:.1f}" for x in c["loadavg_end"])
+                    + " at its end."
+                    if "loadavg_start" in c
+                    else ""
+                ),
                 "",
             ]
             if c["n"] < 2000:
@@ -653,4 +658,6 @@ def markdown(res: dict) -> str:
                     "self-influence at N = 2,000 is therefore not shown to be met on this machine.",
                     "",
                 ]
+    if res.get("notes"):  # the reading of a hand-merged run (bench report keeps it)
+        lines += [res["notes"].rstrip(), ""]
     return "\n".join(lines)
