@@ -353,6 +353,7 @@ class NonlinearUnlearner(Unlearner):
         )
 
     def influence(self, forget_ids, x, y, refine: bool = False):
+        """Refused (``NotAvailableError``, 409): the estimate would be of the linearised model."""
         raise self._unavailable(
             "the influence estimate",
             "it would be a linearised estimate; forget the records (POST /v1/forget) and compare "
@@ -360,12 +361,15 @@ class NonlinearUnlearner(Unlearner):
         )
 
     def attribute(self, x, y, k: int = 10, exact: bool = False, of: str = "loss"):
+        """Refused (``NotAvailableError``, 409): leave-one-out scores here are linearised."""
         raise self._unavailable("attribution", "leave-one-out scores here are linearised")
 
     def self_influence(self, exact: bool = False):
+        """Refused (``NotAvailableError``, 409): leave-one-out scores here are linearised."""
         raise self._unavailable("self-influence", "leave-one-out scores here are linearised")
 
     def loo_factor(self):
+        """Refused (``NotAvailableError``): the factor is of the linearised model."""
         raise self._unavailable("the leave-one-out factor", "it is of the linearised model")
 
     def _no_additions(self) -> NotAvailableError:
@@ -374,6 +378,7 @@ class NonlinearUnlearner(Unlearner):
         )
 
     def add(self, ids, x, y, checkpoint_dir=None, **kwargs):
+        """Refused (``NotAvailableError``, 409): an addition would need the network retrained."""
         raise self._no_additions()
 
     def validate_add(self, ids, x, y, pending=frozenset(), state=None) -> int:
@@ -381,9 +386,11 @@ class NonlinearUnlearner(Unlearner):
         raise self._no_additions()
 
     def check_add_fits(self, n_more: int, state=None) -> None:
+        """Refused (``NotAvailableError``, 409), as ``validate_add``."""
         raise self._no_additions()
 
     def plan_forget(self, ids, method=None, refine=None, strict=True):
+        """Refused (``NotAvailableError``): a nonlinear deletion is only applied (``forget``)."""
         raise self._unavailable("planning a deletion", "use forget")
 
     def follow(self, newer: ModelState) -> None:
