@@ -42,6 +42,7 @@ _SERVE_ONLY = {
     "follow_wait_s",
     "predict_batch_wait_ms",
     "max_rows",
+    "max_exact_self_influence",
     "max_body_bytes",
     "large_body_bytes",
     "max_large_bodies",

@@ -27,13 +27,26 @@ Loss changes are ℓ(f_t + Δf_t, y_t) − ℓ(f_t, y_t): exact for squared erro
 at the influence step's outputs (first order in the step, not linearised in the loss). ``refined``
 replaces the step by Newton on the retain risk (exact retraining) for a few records.
 
+Test points. Every record's change at a test point is one row of R_tX M, M = blockdiag(m_i) as a
+``(C·d, C)`` matrix, and R_tX = K_tX G (squared error) or (K_tX − K_tX S B^{-1} S K)/c (cross-entropy).
+So the factor keeps, once per version,
+
+    Q = G [M, λα*]                                    (squared error)
+    Q = ([M, α*] − S B^{-1} S K [M, α*]) / c,  last column times λ     (cross-entropy)
+
+and a request costs one product K(X_t, X) Q: its first C columns are R_tX M, the last λ R_tX α* = q_t.
+L^{-1} S K [M, α*] is Z's block columns times the m_i (n·C·d flops), so forming Q costs one
+triangular solve with C + 1 columns; Z, L and L^{-1} are freed after it.
+
 Layout (``ntk`` module docstring): K full ``(C·d, C·d)`` point-major output-minor, or trace ``(C, C)``
 (K = k ⊗ I_d); C ≥ N rows, rows of inactive points zero. Squared error in trace form works on k alone
-(R = r ⊗ I_d); cross-entropy in trace form expands K to the full form (W couples the outputs).
+(R = r ⊗ I_d, and test points use r_tX = k_tX G directly); cross-entropy in trace form expands K to
+the full form (W couples the outputs).
 
 Cost for n = C·d unknowns (full form): Cholesky of B, n³/3 flops, then for squared error the inverse
-of the factor (n³/3) and for cross-entropy Z = L^{-1} S K (n³); n_t test points add about
-2 n² n_t d (squared error) or 3 n² n_t d flops. Memory: B (and Z) beside K, each K's size.
+of the factor (n³/3) and for cross-entropy Z = L^{-1} S K (n³); Q adds n²·C (one triangular product
+or solve with C + 1 columns). A request for n_t test points then costs 2·n_t·d·n·C flops beside
+K(X_t, X). Memory: B (and Z) beside K while factoring; the cached factor holds Q, ``(n, C + 1)``.
 """
 
 from __future__ import annotations
@@ -68,10 +81,12 @@ class LooFactor(NamedTuple):
       d: output dimension.
       dk: block size of the factored matrix: d (full form, or trace form expanded for cross-entropy)
         or 1 (squared error in trace form, where R = r ⊗ I_d).
-      linv: squared error: L^{-1} ``(C·dk, C·dk)``, L the Cholesky factor of B = K + c I
-        (Fortran order, lower triangle); ``None`` for cross-entropy.
-      chol: cross-entropy: L of B = c I + S K S ``(C·d, C·d)`` (Fortran order); ``None`` for squared error.
-      z: cross-entropy: Z = L^{-1} S K ``(C·d, C·d)``; ``None`` for squared error.
+      linv: squared error in trace form only (dk = 1): L^{-1} ``(C, C)``, L the Cholesky factor of
+        B = k + c I (Fortran order, lower triangle); ``None`` otherwise (freed once ``qmat`` is formed).
+      qmat: block size d: Q ``(C·d, C + 1)`` with R_tX M = K_tX Q[:, :C] and λ R_tX α* =
+        K_tX Q[:, C] (M = blockdiag(m_i) as a ``(C·d, C)`` matrix; module docstring, "Test points"),
+        so every record's output change at test points is one product with K(X_t, X);
+        ``None`` for dk = 1.
       s: S = W^{1/2} at the trained outputs ``(C, d, d)``; ``None`` for squared error.
       r_diag: diagonal blocks R_ii ``(C, dk, dk)``.
       q: λ R α* ``(C, d)`` (the shared part of every record's change, from N → N − 1).
@@ -88,8 +103,7 @@ class LooFactor(NamedTuple):
     d: int
     dk: int
     linv: np.ndarray | None
-    chol: np.ndarray | None
-    z: np.ndarray | None
+    qmat: np.ndarray | None
     s: np.ndarray | None
     r_diag: np.ndarray
     q: np.ndarray
@@ -161,13 +175,16 @@ class SelfInfluence(NamedTuple):
       version: model version.
       ids: active ids ``(N,)`` str, sorted by ``self_influence`` descending.
       self_influence: ℓ_i after retraining without i minus ℓ_i now ``(N,)``, loss units.
-      exact: exact retraining (squared error, or refined) rather than the influence step.
+      exact: every value is exact retraining (squared error, or all refined) rather than the
+        influence step.
+      exact_top: how many leading records carry exact values (``self_influence``'s ``top``).
     """
 
     version: int
     ids: np.ndarray
     self_influence: np.ndarray
     exact: bool
+    exact_top: int
 
 
 def _full_kernel(k: np.ndarray, form: str, d: int, loss: str) -> tuple[np.ndarray, int]:
@@ -252,7 +269,7 @@ def loo_factor(
     k_alpha = (kmat @ a_cols).reshape(cap, d)
     f_star = (f0 + k_alpha) * m_act
     g = np.asarray(losses.grad(loss, jnp.asarray(f_star), jnp.asarray(y))) * m_act
-    linv = chol = z = s = None
+    linv = qmat = s = None
     if loss == "mse":
         b = np.array(kmat, order="C")
         b[np.diag_indices_from(b)] += c
@@ -266,7 +283,16 @@ def loo_factor(
         q = lam * (a_cols - c * g_alpha).reshape(cap, d)  # λ R α*, R = I − c G
         h = _apply_blocks(r_diag, g) + q
         ident = np.eye(dk, dtype=dtype)[None]
-        m = g + _solve_blocks(ident - r_diag, h)
+        m = (g + _solve_blocks(ident - r_diag, h)) * m_act
+        if dk != 1:  # Q = G [M, λα*]: R_tX = K_tX G
+            cols = np.empty((cap * d, cap + 1), dtype)
+            _block_columns(linv, m, out=cols[:, :cap])  # L^{-1} M
+            cols[:, cap] = lam * (linv @ a_cols[:, 0])
+            trmm = blas.dtrmm if dtype == np.float64 else blas.strmm
+            qmat = np.ascontiguousarray(
+                trmm(1.0, linv, np.asfortranarray(cols), side=0, lower=1, trans_a=1)
+            )
+            linv = None
     else:
         s = np.asarray(losses.hessian_sqrt(loss, jnp.asarray(f_star), jnp.asarray(y)), dtype)
         s = s * active[:, None, None]
@@ -283,14 +309,29 @@ def loo_factor(
         _trsm_left(chol, z)
         kdiag = np.stack([kmat[i * d : (i + 1) * d, i * d : (i + 1) * d] for i in range(cap)])
         r_diag = (kdiag - _diag_gram(z, cap, d)) / c
-        r_alpha = (k_alpha.reshape(-1) - z.T @ (z @ alpha.reshape(-1))) / c
+        z_alpha = z @ alpha.reshape(-1)
+        r_alpha = (k_alpha.reshape(-1) - z.T @ z_alpha) / c
         q = lam * r_alpha.reshape(cap, d)
         h = _apply_blocks(r_diag, g) + q
         srs = np.matmul(np.matmul(s, r_diag), s)
         m = g + np.einsum(
             "iab,ib->ia", s, _solve_blocks(np.eye(d, dtype=dtype)[None] - srs, _apply_blocks(s, h))
         )
-    m = m * m_act
+        m = m * m_act
+        # Q = ([M, α*] − S B^{-1} S K [M, α*]) / c, its last column times λ; L^{-1} S K [M, α*] is
+        # Z's block columns times m_i (and Z α*), so one triangular solve with C + 1 columns is left
+        zx = np.empty((cap * d, cap + 1), dtype)
+        _block_columns(z, m, out=zx[:, :cap])
+        zx[:, cap] = z_alpha
+        del z
+        _trsm_left(chol, zx, transpose=True)  # B^{-1} S K [M, α*] = L^{-T} Z [M, α*]
+        del chol
+        qmat = _left_blocks(s, zx)
+        del zx
+        qmat /= -c
+        qmat[np.arange(cap * d), np.repeat(np.arange(cap), d)] += (m / c).reshape(-1)
+        qmat[:, cap] += alpha.reshape(-1) / c
+        qmat[:, cap] *= lam
     return LooFactor(
         form,
         loss,
@@ -298,8 +339,7 @@ def loo_factor(
         d,
         dk,
         linv,
-        chol,
-        z,
+        qmat,
         s,
         r_diag,
         q * m_act,
@@ -313,6 +353,15 @@ def loo_factor(
     )
 
 
+def _block_columns(a: np.ndarray, v: np.ndarray, out: np.ndarray, chunk: int = 2048) -> None:
+    """out[:, i] = a[:, i·d:(i+1)·d] @ v_i for every record i: a ``(n, C·d)`` times the block-diagonal
+    ``(C·d, C)`` matrix of the vectors v ``(C, d)``, in n·C·d flops, by chunks of rows."""
+    cap, d = v.shape
+    for r0 in range(0, a.shape[0], chunk):
+        block = a[r0 : r0 + chunk].reshape(-1, cap, d)
+        out[r0 : r0 + chunk] = np.einsum("nia,ia->ni", block, v)
+
+
 def _potrf(a_f: np.ndarray):
     """In-place lower Cholesky of a Fortran-ordered SPD matrix; returns (L Fortran-ordered, info)."""
     fn = lapack.dpotrf if a_f.dtype == np.float64 else lapack.spotrf
@@ -324,10 +373,11 @@ def _trtri(l_f: np.ndarray):
     return fn(l_f, lower=1, overwrite_c=1)
 
 
-def _trsm_left(l_f: np.ndarray, x: np.ndarray) -> None:
-    """x ← L^{-1} x in place, x C-ordered ``(n, m)`` (solved as xᵀ L^{-T} on its Fortran view)."""
+def _trsm_left(l_f: np.ndarray, x: np.ndarray, transpose: bool = False) -> None:
+    """x ← L^{-1} x (or L^{-T} x) in place, x C-ordered ``(n, m)`` (solved as xᵀ L^{-T} (xᵀ L^{-1})
+    on its Fortran view)."""
     fn = blas.dtrsm if x.dtype == np.float64 else blas.strsm
-    out = fn(1.0, l_f, x.T, side=1, lower=1, trans_a=1, overwrite_b=1)
+    out = fn(1.0, l_f, x.T, side=1, lower=1, trans_a=0 if transpose else 1, overwrite_b=1)
     if not np.shares_memory(out, x):  # pragma: no cover - BLAS wrapper copied
         x[...] = out.T
 
@@ -352,37 +402,15 @@ def self_changes(factor: LooFactor) -> LooChanges:
     return LooChanges(df, np.where(factor.active, dl, np.nan), factor.loss == "mse")
 
 
-def cross_r(factor: LooFactor, k_tx: np.ndarray, k) -> np.ndarray:
-    """R(X_t, X) = J_t H^{-1} Jᵀ for test points, in K's layout.
+def test_changes(factor: LooFactor, k_tx: np.ndarray, f_t, y_t) -> LooChanges:
+    """Δf_t^(−i) = q_t + R_ti m_i and the loss change at test points, for every record i.
+
+    With Q from the factor this is one product, K(X_t, X) Q (module docstring, "Test points"):
+    2·n_t·d·(C·d)·C flops; squared error in trace form (dk = 1) uses R_tX = k_tX G.
 
     Arguments:
       k_tx: K(X_t, X) ``(n_t·d, C·d)`` (full form) or ``(n_t, C)`` (trace form), columns of inactive
         records zero.
-      k: K of the factored version (cross-entropy only, for S K's columns).
-
-    Returns:
-      R_tX ``(n_t·dk, C·dk)``: (K_Xt G)ᵀ for squared error, (K_tX − (L^{-1} S K_Xt)ᵀ Z)/c for
-      cross-entropy.
-    """
-    dtype = factor.r_diag.dtype
-    k_tx = np.asarray(k_tx, dtype)
-    if factor.form == "trace" and factor.dk != 1:
-        k_tx = np.kron(k_tx, np.eye(factor.d, dtype=dtype))
-    if factor.linv is not None:
-        trmm = blas.dtrmm if dtype == np.float64 else blas.strmm
-        # (L^{-1} K_Xt)ᵀ = K_tX L^{-T}, then times L^{-1}: K_tX G = R_tX
-        y = trmm(1.0, factor.linv, np.asfortranarray(k_tx), side=1, lower=1, trans_a=1)
-        return trmm(1.0, factor.linv, y, side=1, lower=1, trans_a=0, overwrite_b=1)
-    y = _left_blocks(factor.s, np.ascontiguousarray(k_tx.T))  # S K_Xt
-    _trsm_left(factor.chol, y)
-    return (k_tx - y.T @ factor.z) / factor.c
-
-
-def test_changes(factor: LooFactor, k_tx: np.ndarray, f_t, y_t, k=None) -> LooChanges:
-    """Δf_t^(−i) = q_t + R_ti m_i and the loss change at test points, for every record i.
-
-    Arguments:
-      k_tx: K(X_t, X) as in ``cross_r``; k: K (cross-entropy only).
       f_t: current outputs at the test points ``(n_t, d)``; y_t: their targets ``(n_t, d)``.
 
     Returns:
@@ -391,15 +419,20 @@ def test_changes(factor: LooFactor, k_tx: np.ndarray, f_t, y_t, k=None) -> LooCh
     dtype = factor.r_diag.dtype
     f_t, y_t = np.asarray(f_t, dtype), np.asarray(y_t, dtype)
     n_t, d = f_t.shape
-    cap, dk = factor.m.shape[0], factor.dk
-    r_tx = cross_r(factor, k_tx, k)
-    a_cols = factor.alpha if dk == 1 else factor.alpha.reshape(-1, 1)
-    q_t = factor.lam * (r_tx @ a_cols).reshape(n_t, d)  # λ R_tX α*
-    r4 = r_tx.reshape(n_t, dk, cap, dk)
-    if dk == 1:
-        df = r4[:, 0, :, 0, None] * factor.m[None]
-    else:
-        df = np.einsum("taib,ib->tia", r4, factor.m)
+    cap = factor.m.shape[0]
+    k_tx = np.asarray(k_tx, dtype)
+    if factor.qmat is not None:
+        if factor.form == "trace":  # cross-entropy in trace form: K = k ⊗ I_d expanded
+            k_tx = np.kron(k_tx, np.eye(d, dtype=dtype))
+        out = k_tx @ factor.qmat  # (n_t·d, C + 1)
+        df = np.ascontiguousarray(out[:, :cap].reshape(n_t, d, cap).transpose(0, 2, 1))
+        q_t = out[:, cap].reshape(n_t, d)
+    else:  # squared error, trace form: R = r ⊗ I_d, r_tX = k_tX G (G = L^{-T} L^{-1} of k + cI)
+        trmm = blas.dtrmm if dtype == np.float64 else blas.strmm
+        y = trmm(1.0, factor.linv, np.asfortranarray(k_tx), side=1, lower=1, trans_a=1)
+        r_tx = trmm(1.0, factor.linv, y, side=1, lower=1, trans_a=0, overwrite_b=1)
+        q_t = factor.lam * (r_tx @ factor.alpha)  # λ R_tX α*
+        df = r_tx[:, :, None] * factor.m[None]
     df += q_t[:, None, :]
     dl = _loss_change(factor.loss, f_t[:, None], df, y_t[:, None])
     return LooChanges(df, np.where(factor.active[None], dl, np.nan), factor.loss == "mse")
@@ -522,7 +555,7 @@ def refine_changes(
     Δf_t = K(X_t, X) Δα (docs/maths.md, Back to parameters, and predictions).
 
     Arguments:
-      rows: ``(r,)`` record rows; delta_alpha: ``(r, C, d)``; k_tx: K(X_t, X) as in ``cross_r``.
+      rows: ``(r,)`` record rows; delta_alpha: ``(r, C, d)``; k_tx: K(X_t, X) as in ``test_changes``.
       f_t, y_t: current outputs and targets ``(n_t, d)``.
     """
     df = np.array(changes.delta_outputs)
@@ -611,7 +644,7 @@ def attribute(
     loo = factor(state, cache)
     k_tx = cross_kernel(state, model, x)
     f_t = np.asarray(model.outputs(state, x))
-    changes = test_changes(loo, k_tx, f_t, y, state.k)
+    changes = test_changes(loo, k_tx, f_t, y)
     score = scores(changes, y, of)
     top, bottom = rank(score, state.active, k)
     if exact and train.loss != "mse":
@@ -639,12 +672,26 @@ def attribute(
     )
 
 
-def self_influence(state, cache: FactorCache, exact: bool = False) -> SelfInfluence:
+def self_influence(
+    state, cache: FactorCache, exact: bool = False, top: int | None = None
+) -> SelfInfluence:
     """Each active record's own loss after retraining without it minus its loss now, sorted
-    descending (exact for squared error; the influence step, or with ``exact`` Newton retraining of
-    every record, for cross-entropy).
+    descending (exact for squared error; the influence step, or with ``exact`` Newton retraining,
+    for cross-entropy).
+
+    Arguments:
+      exact: cross-entropy only (squared error is exact already): refine by Newton to the retrained
+        optimum (``refined_deltas``) the ``top`` records the influence step ranks highest (every
+        record when ``top`` is None), then sort those by their exact values; the records after them
+        keep the influence step's values and order.
+      top: how many leading records to refine (1 ≤ top; capped at N).
+
+    Returns:
+      ``SelfInfluence``; its ``exact_top`` leading records carry exact values (N when exact
+      throughout, 0 when none are).
 
     Raises:
+      InvalidInputError: ``top`` < 1.
       SolverError: the factorisation or a refinement failed.
     """
     from .deletion import problem_of
@@ -654,22 +701,33 @@ def self_influence(state, cache: FactorCache, exact: bool = False) -> SelfInflue
     changes = self_changes(factor(state, cache))
     values = changes.delta_loss
     rows = np.flatnonzero(state.active)
-    if exact and train.loss != "mse":
+    order = rows[np.argsort(-values[rows], kind="stable")]
+    if top is not None and (isinstance(top, bool) or int(top) < 1):
+        raise InvalidInputError(f"top must be at least 1; got {top!r}")
+    exact_top = len(order) if changes.exact else 0
+    if exact and not changes.exact:
+        head = order[: len(order) if top is None else min(int(top), len(order))]
         options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
         delta = refined_deltas(
-            problem_of(state), state.alpha, rows, options, train.resolved_tol(), cfg.max_refine
+            problem_of(state), state.alpha, head, options, train.resolved_tol(), cfg.max_refine
         )
         f_star = np.asarray(state.f_star)
         values = np.array(values)
-        for j, i in enumerate(rows):
+        for j, i in enumerate(head):
             df = np.asarray(state.layout.matvec(state.k, jnp.asarray(delta[j])))[i]
             after = losses.value(train.loss, f_star[i : i + 1] + df, state.y[i : i + 1])[0]
             values[i] = float(
                 after - losses.value(train.loss, f_star[i : i + 1], state.y[i : i + 1])[0]
             )
-    order = rows[np.argsort(-values[rows], kind="stable")]
+        head = head[np.argsort(-values[head], kind="stable")]
+        order = np.concatenate([head, order[len(head) :]])
+        exact_top = len(head)
     return SelfInfluence(
-        state.version, state.ids[order], values[order], changes.exact or bool(exact)
+        state.version,
+        state.ids[order],
+        values[order],
+        exact_top == len(order),
+        exact_top,
     )
 
 

@@ -298,14 +298,19 @@ class Unlearner:
         xt, yt = self._test_points(state, x, y)
         return attribution.attribute(state, self.model, self._loo, xt, np.asarray(yt), k, exact, of)
 
-    def self_influence(self, exact: bool = False) -> attribution.SelfInfluence:
+    def self_influence(
+        self, exact: bool = False, top: int | None = None
+    ) -> attribution.SelfInfluence:
         """Each active record's own loss after retraining without it minus its loss now, sorted
-        descending (``attribution.self_influence``): ids ``(N,)``, values ``(N,)`` in loss units.
+        descending (``attribution.self_influence``): ids ``(N,)``, values ``(N,)`` in loss units;
+        with ``exact`` (cross-entropy) the ``top`` leading records (all when None) refined to
+        exact retraining and re-sorted.
 
         Raises:
+          InvalidInputError: ``top`` < 1.
           SolverError: the factorisation or a refinement failed.
         """
-        return attribution.self_influence(self._state, self._loo, exact)
+        return attribution.self_influence(self._state, self._loo, exact, top)
 
     def loo_factor(self) -> attribution.LooFactor:
         """The served version's leave-one-out factor (computed once per version)."""

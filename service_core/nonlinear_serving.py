@@ -364,7 +364,7 @@ class NonlinearUnlearner(Unlearner):
         """Refused (``NotAvailableError``, 409): leave-one-out scores here are linearised."""
         raise self._unavailable("attribution", "leave-one-out scores here are linearised")
 
-    def self_influence(self, exact: bool = False):
+    def self_influence(self, exact: bool = False, top: int | None = None):
         """Refused (``NotAvailableError``, 409): leave-one-out scores here are linearised."""
         raise self._unavailable("self-influence", "leave-one-out scores here are linearised")
 

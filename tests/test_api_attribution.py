@@ -100,6 +100,28 @@ def test_bad_attribution_requests_are_422(client, probe, change, fragment):
     assert client.get("/v1/model", headers=READ).json()["version"] == 0
 
 
+def test_exact_self_influence_refines_the_page(make_settings, unlearner):
+    """exact=true on a cross-entropy model: the first offset + limit records refined to exact
+    retraining (the engine's values: tests/test_attribution.py checks them against brute force),
+    within max_exact_self_influence."""
+    with TestClient(create_app(make_settings(max_exact_self_influence=4), unlearner)) as client:
+        step = client.get("/v1/self-influence?limit=4", headers=READ).json()
+        assert step["exact"] is False
+        r = client.get("/v1/self-influence?limit=4&exact=true", headers=READ)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["exact"] is True and body["total"] == step["total"]
+        expected = unlearner.self_influence(exact=True, top=4)
+        assert [e["id"] for e in body["records"]] == list(expected.ids[:4])
+        np.testing.assert_allclose(
+            [e["self_influence"] for e in body["records"]], expected.self_influence[:4], rtol=1e-12
+        )
+        assert {e["id"] for e in body["records"]} == {e["id"] for e in step["records"]}
+        r = client.get("/v1/self-influence?offset=2&limit=3&exact=true", headers=READ)
+        assert r.status_code == 422 and "max_exact_self_influence" in r.json()["detail"]
+        assert client.get("/v1/model", headers=READ).json()["version"] == 0
+
+
 def test_attribution_limits_and_auth(make_settings, unlearner, probe):
     with TestClient(create_app(make_settings(max_rows=2), unlearner)) as client:
         r = client.post("/v1/attribute", json=probe, headers=READ)

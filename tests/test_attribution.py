@@ -210,8 +210,18 @@ def test_cross_entropy_exact_equals_retraining(digits, kind, n):
         assert rows_b == np.argsort(d_test[t])[:k].tolist()
     if kind == "mlp":  # every record refined: one case is enough
         si = u.self_influence(exact=True)
-        assert si.exact
+        assert si.exact and si.exact_top == len(si.ids)
         close(si.self_influence, d_self[[index[i] for i in si.ids]], 1e-5)
+        # only the 5 the influence step ranks highest refined: those exact, sorted by exact values;
+        # the rest keep the step's values and order
+        step = u.self_influence()
+        head = u.self_influence(exact=True, top=5)
+        assert head.exact_top == 5 and not head.exact
+        assert set(head.ids[:5]) == set(step.ids[:5])
+        close(head.self_influence[:5], d_self[[index[i] for i in head.ids[:5]]], 1e-5)
+        assert np.all(np.diff(head.self_influence[:5]) <= 0)
+        assert list(head.ids[5:]) == list(step.ids[5:])
+        np.testing.assert_array_equal(head.self_influence[5:], step.self_influence[5:])
 
 
 @pytest.mark.slow  # the oracle retrains every record by Newton: ~60 s on two shared cores

@@ -517,7 +517,8 @@ class SelfInfluenceOut(BaseModel):
     model_version: int
     total: int = Field(description="number of active training records")
     exact: bool = Field(
-        description="exact leave-one-out (squared error) or cross-entropy's influence step"
+        description="the returned values are exact leave-one-out retraining (squared error, or "
+        "exact=true) rather than cross-entropy's influence step"
     )
     records: list[SelfInfluenceRecord] = Field(description="sorted by self_influence, descending")
 

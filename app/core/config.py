@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     max_rows: int = Field(
         10_000, gt=0, description="most x rows in one /v1/predict or /v1/influence request"
     )
+    max_exact_self_influence: int = Field(
+        200,
+        gt=0,
+        description="most records one GET /v1/self-influence?exact=true refines to exact retraining "
+        "(cross-entropy: offset + limit of them, one Newton retraining each)",
+    )
     max_body_bytes: int = Field(
         64 * 2**20, gt=0, description="largest request body in bytes; larger ones get 413"
     )

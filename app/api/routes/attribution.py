@@ -12,6 +12,8 @@ import numpy as np
 from fastapi import APIRouter, Query
 
 from service_core.attribution import RankedRecords
+from service_core.errors import InvalidInputError
+from service_core.nonlinear_serving import NonlinearUnlearner
 
 from .. import schemas
 from ..deps import ModelDep, ReadAccess, SettingsDep
@@ -79,26 +81,52 @@ def attribute(
         {
             **INVALID,
             409: "not available for a nonlinear model (--nonlinear)",
-            500: "the leave-one-out factorisation failed",
+            422: "exact=true would refine more records than max_exact_self_influence",
+            500: "the leave-one-out factorisation or a refinement failed",
         }
     ),
 )
 def self_influence(
     u: ModelDep,
+    settings: SettingsDep,
     offset: Annotated[int, Query(ge=0, description="records to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="most records to return")] = 100,
+    exact: Annotated[
+        bool,
+        Query(
+            description="cross-entropy: refine the first offset + limit records (as the influence "
+            "step ranks them) to exact retraining and sort them by the exact values; squared error "
+            "is exact either way"
+        ),
+    ] = False,
 ) -> schemas.SelfInfluenceOut:
     """Every active record's own loss after retraining without it minus its loss now, descending:
     the usual signal of mislabelled or anomalous records.
 
-    Exact for squared error, the influence step for cross-entropy. Computed once per version.
+    Exact for squared error, the influence step for cross-entropy (computed once per version). With
+    `exact=true` a cross-entropy model retrains without each of the first `offset + limit` records
+    (at most `max_exact_self_influence`; each a Newton solve, not cached) and returns them in the
+    order of their exact values.
     """
-    si = u.self_influence()
+    top = offset + limit
+    if exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner):
+        if top > settings.max_exact_self_influence:
+            raise InvalidInputError(
+                f"exact=true refines offset + limit = {top} records; at most "
+                f"{settings.max_exact_self_influence} (max_exact_self_influence): lower offset "
+                "or limit"
+            )
+        si = u.self_influence(exact=True, top=top)
+    else:
+        si = u.self_influence()
     page = slice(offset, offset + limit)
     records = [
         schemas.SelfInfluenceRecord(id=str(i), self_influence=float(v))
         for i, v in zip(si.ids[page], si.self_influence[page], strict=True)
     ]
     return schemas.SelfInfluenceOut(
-        model_version=si.version, total=len(si.ids), exact=si.exact, records=records
+        model_version=si.version,
+        total=len(si.ids),
+        exact=si.exact or si.exact_top >= min(top, len(si.ids)),
+        records=records,
     )
