@@ -353,7 +353,7 @@ def run_mislabel(args, log) -> list[dict]:
             picks = [(served, "served default = lowest clean validation loss")]
         for lam, rule in picks:
             u = models[lam]
-            for exact in (False, True) if getattr(args, "mislabel_exact", True) else (False,):
+            for exact in (False, True) if getattr(args, "mislabel_exact", False) else (False,):
                 t0 = time.perf_counter()
                 score = _ranked_scores(noisy, u.self_influence(exact=exact))
                 res = {
