@@ -134,6 +134,13 @@ class IdempotencyKeyReusedError(Exception):
     records (an addition), or the other kind of job."""
 
 
+class QueuedForAdditionError(AlreadyForgottenError):
+    """Ids a forget request names that are not in the model yet: a queued or running addition
+    holds them (409: asked too early, not an unknown id)."""
+
+    _what = "id(s) are queued for addition, not in the model yet"
+
+
 class StaleModelError(Exception):
     """The caller validated a forget request against a model older than the newest version
     the worker has reported; follow that version, then try again.

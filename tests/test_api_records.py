@@ -226,13 +226,19 @@ def test_refused_additions_change_nothing(idle, monkeypatch):
     _nothing_queued(client, settings)
     monkeypatch.undo()
 
-    # queued: a second addition, or a forget, of the same ids is refused (409 / the id is unknown)
+    # queued: a second addition, or a forget, of the same ids is refused (409)
     accepted = _add(client, ["new-1", "new-2"], x1 * 2, [0, 1])
     again = client.post(
         "/v1/records", json={"ids": ["new-3", "new-2"], "x": x1 * 2, "y": [0, 1]}, headers=WRITE
     )
     assert again.status_code == 409 and "new-2" in again.json()["detail"]
     assert "new-3" not in again.json()["detail"]
+    # a forget of an id only queued for addition: 409 (too early), not 404 (unknown)
+    early = client.post("/v1/forget", json={"ids": ["r04", "new-2"]}, headers=WRITE)
+    assert early.status_code == 409, early.text
+    assert "queued for addition" in early.json()["detail"] and "r04" not in early.json()["detail"]
+    mixed = client.post("/v1/forget", json={"ids": ["nope", "new-2"]}, headers=WRITE)
+    assert mixed.status_code == 404 and "nope" in mixed.json()["detail"], mixed.text
     forget = client.post("/v1/forget", json={"ids": ["r05"]}, headers=WRITE)
     assert forget.status_code == 202
     clash = client.post("/v1/records", json={"ids": ["r05"], "x": x1, "y": [0]}, headers=WRITE)
