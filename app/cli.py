@@ -443,20 +443,24 @@ def _reexec_with_huge_pages() -> None:
 
 def verify_receipt(argv: Sequence[str]) -> int:
     """``ntk-unlearn verify-receipt RECEIPT.json --public-key KEY.pem``: check a deletion receipt's
-    Ed25519 signature offline (``app.receipts.verify``) and print its statement.
+    Ed25519 signature offline (``app.receipts.verify``), print its statement and whether its
+    certificate was met (``app.receipts.certificate_check``); ``--json``: one JSON object instead.
 
     Returns:
-      0 when it verifies; 1 when it does not (altered, or another key), with the reason on stderr;
-      2 for unreadable files.
+      0 when the signature verifies (whatever the certificate, unless ``--require-certificate``);
+      1 when it does not (altered, or another key), with the reason on stderr; 2 for unreadable
+      files; 3 with ``--require-certificate`` when the signature verifies but the certificate
+      was not met or is absent.
     """
     import json
 
-    from .receipts import ReceiptError, verify
+    from .receipts import ReceiptError, certificate_check, verify
 
     parser = argparse.ArgumentParser(
         prog="ntk-unlearn verify-receipt",
         description="Check a deletion receipt (GET /v1/jobs/{id}/receipt) against the "
-        "deployment's public key (GET /v1/receipts/public-key), offline.",
+        "deployment's public key (GET /v1/receipts/public-key), offline, and say whether its "
+        "certificate was met.",
     )
     parser.add_argument("receipt", type=Path, help="the receipt, as JSON")
     parser.add_argument(
@@ -464,6 +468,17 @@ def verify_receipt(argv: Sequence[str]) -> int:
         type=Path,
         required=True,
         help="the public key: PEM, or the JSON of GET /v1/receipts/public-key",
+    )
+    parser.add_argument(
+        "--require-certificate",
+        action="store_true",
+        help="exit 3 when the signature is valid but the certificate was not met (or is absent)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: signature_valid, certificate {status, enforced, value, "
+        "limit, kind}, payload (or error)",
     )
     args = parser.parse_args(argv)
     try:
@@ -477,13 +492,28 @@ def verify_receipt(argv: Sequence[str]) -> int:
     try:
         payload = verify(receipt, key)
     except (ReceiptError, ValueError) as e:
+        if args.json:
+            print(json.dumps({"signature_valid": False, "error": str(e)}))
         print(f"verify-receipt: NOT VALID: {e}", file=sys.stderr)
         return 1
-    print(
-        f"valid: job {payload['job_id']} forgot {len(payload['id_digests'])} record(s), "
-        f"version {payload['version_before']} -> {payload['version_after']} at "
-        f"{payload['applied_at']}; checkpoint sha256 {payload['checkpoint_sha256']}"
-    )
+    check = certificate_check(payload)
+    if args.json:
+        out = {"signature_valid": True, "certificate": check.to_dict(), "payload": payload}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        print(
+            f"valid: job {payload['job_id']} forgot {len(payload['id_digests'])} record(s), "
+            f"version {payload['version_before']} -> {payload['version_after']} at "
+            f"{payload['applied_at']}; checkpoint sha256 {payload['checkpoint_sha256']}"
+        )
+        print(check.line())
+    if args.require_certificate and check.status != "met":
+        print(
+            f"verify-receipt: the signature is valid but the certificate is {check.status} "
+            "(--require-certificate)",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 

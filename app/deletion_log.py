@@ -224,7 +224,14 @@ def records_from_checkpoint(
                     "tolerance": float(
                         record.get("tolerance") or state.train_config.resolved_tol()
                     ),
+                    "accept_floor": float(record.get("accept_floor", 1.0)),
                     "method": record["solve"].get("method"),
+                    # a nonlinear deletion's own certificate (met, enforced), as logged live
+                    **(
+                        {"nonlinear": record["certificate"]}
+                        if isinstance(record.get("certificate"), dict)
+                        else {}
+                    ),
                 },
                 "checkpoint_sha256": checkpoint_sha256 if newest else None,
                 "solver": {**record["solve"], "reason": record.get("reason", "")},

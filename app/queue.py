@@ -14,7 +14,9 @@ Keys, all under the configured prefix ``P``:
 - ``P:n-train``: the active training points of the model once every *finished* job is applied,
   written by the worker in the same transaction that releases a batch's ids (and at its start).
   With ``P:pending-ids`` it tells, atomically, how many points the queued jobs leave.
-- ``P:idempotency:<key>``: the job created for an idempotency key (same TTL as the job).
+- ``P:idempotency:<key>``: the job created for an idempotency key (same TTL as the job); one
+  namespace for forgets and additions, and a key is matched only by a request of its job's kind
+  with the same body (``find_idempotent``).
 - ``P:version``: the newest model version the worker has published, written in the same
   transaction that reports a batch's jobs (and at its start). An API process without a worker
   serves nothing older and admits forgets only against a model at least this new, so no
@@ -32,6 +34,7 @@ it did.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -91,13 +94,19 @@ if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
 return {'queued', ARGV[1]}
 """
 
-# An addition: KEYS: pending-ids, pending-add-ids, stream, job hash, version.
+# An addition: KEYS: pending-ids, pending-add-ids, stream, job hash, version, idempotency key
+#   (the job hash again when unused).
 # ARGV: job_id, ttl, submitted_at, ids as JSON, records as JSON, the caller's model version
-#   ('' for none), ids...
-# The checks: a caller whose model is older than the newest reported version (an id it found
-# free may have been added since); ids another queued or running job holds (409).
+#   ('' for none), '1' when an idempotency key is given, the request's digest, ids...
+# The checks: a replayed idempotency key; a caller whose model is older than the newest reported
+# version (an id it found free may have been added since); ids another queued or running job
+# holds (409).
 _ENQUEUE_ADD = """
-local first = 7
+if ARGV[7] == '1' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing then return {'duplicate', existing} end
+end
+local first = 9
 if ARGV[6] ~= '' then
   local reported = tonumber(redis.call('GET', KEYS[5]) or '-1')
   if reported > tonumber(ARGV[6]) then return {'stale', tostring(reported)} end
@@ -112,15 +121,24 @@ for i = first, #ARGV do
   redis.call('SADD', KEYS[2], ARGV[i])
 end
 redis.call('HSET', KEYS[4], 'job_id', ARGV[1], 'status', 'queued', 'kind', 'add', 'ids', ARGV[4],
-           'records', ARGV[5], 'submitted_at', ARGV[3])
+           'records', ARGV[5], 'submitted_at', ARGV[3], 'request_digest', ARGV[8])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
+if ARGV[7] == '1' then redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[2]) end
 return {'queued', ARGV[1]}
 """
 
 
 class IdempotencyKeyReusedError(Exception):
-    """An idempotency key that was first used with a different set of ids."""
+    """An idempotency key that was first used for another request: other ids (a forget), other
+    records (an addition), or the other kind of job."""
+
+
+class QueuedForAdditionError(AlreadyForgottenError):
+    """Ids a forget request names that are not in the model yet: a queued or running addition
+    holds them (409: asked too early, not an unknown id)."""
+
+    _what = "id(s) are queued for addition, not in the model yet"
 
 
 class StaleModelError(Exception):
@@ -158,6 +176,7 @@ class Job:
     receipt: dict[str, Any] | None = None
     kind: JobKind = "forget"
     records: dict[str, Any] | None = None  # an addition's {"x", "y"}, until it has ended
+    request_digest: str | None = None  # an addition's request (``JobQueue.add_request_digest``)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
@@ -176,6 +195,7 @@ class Job:
             error=h.get("error"),
             kind=h.get("kind", "forget"),  # type: ignore[arg-type]
             records=json.loads(h["records"]) if h.get("records") else None,
+            request_digest=h.get("request_digest"),
         )
 
 
@@ -251,22 +271,56 @@ class JobQueue:
         h = self.client.hgetall(self.job_key(job_id))
         return Job.from_hash(h) if h else None
 
-    def find_idempotent(self, key: str, ids: Sequence[str]) -> Job | None:
+    def add_request_digest(self, ids: Sequence[str], x: Any, y: Any) -> str:
+        """What identifies an addition's request for its idempotency key: SHA-256 of the canonical
+        JSON of ``{"ids", "x", "y"}`` (sorted keys, no whitespace), keyed by ``digest`` when set
+        (records in the model are no one's to test against a stored hash), hex.
+
+        Arguments:
+          ids: the record ids in the request's order; x, y: JSON-able nested lists of numbers.
+        """
+        body = json.dumps({"ids": list(ids), "x": x, "y": y}, sort_keys=True, separators=(",", ":"))
+        hashed = hashlib.sha256(body.encode()).hexdigest()
+        return self.digest(hashed) if self.digest is not None else hashed
+
+    def find_idempotent(
+        self,
+        key: str,
+        ids: Sequence[str],
+        kind: JobKind = "forget",
+        request_digest: str | None = None,
+    ) -> Job | None:
         """The job an earlier request with this idempotency key created, if any.
 
+        Arguments:
+          key: the idempotency key; ids: the request's ids.
+          kind: the request's kind: a key is never matched by a request of the other kind.
+          request_digest: an addition's ``add_request_digest`` (its ids, x and y must match).
+
         Raises:
-          IdempotencyKeyReusedError: that job has different ids.
+          IdempotencyKeyReusedError: that job is of the other kind, or has other ids (a forget)
+            or another request digest (an addition).
         """
         job_id = self.client.get(self._idem_prefix + key)
         job = self.get(job_id) if job_id else None
-        if job is not None and not job.ids and self.digest is not None:
+        if job is None:
+            return None
+        if job.kind != kind:
+            what = {"forget": "POST /v1/forget", "add": "POST /v1/records"}[job.kind]
+            raise IdempotencyKeyReusedError(
+                f"idempotency_key {key!r} was used for {what} (job {job.job_id}): use a new key "
+                "for a new request"
+            )
+        if kind == "add":
+            same = job.request_digest == request_digest
+        elif not job.ids and self.digest is not None:
             same = sorted(job.id_digests) == sorted(map(self.digest, ids))
         else:
-            same = job is None or sorted(job.ids) == sorted(ids)
+            same = sorted(job.ids) == sorted(ids)
         if not same:
-            assert job is not None
+            other = "other records (ids, x or y)" if kind == "add" else "other ids"
             raise IdempotencyKeyReusedError(
-                f"idempotency_key {key!r} was used for job {job.job_id} with other ids: "
+                f"idempotency_key {key!r} was used for job {job.job_id} with {other}: "
                 "use a new key for a new request"
             )
         return job
@@ -351,7 +405,14 @@ class JobQueue:
         """Ids of every queued or running addition."""
         return frozenset(self.client.smembers(self.pending_add_key))
 
-    def enqueue_add(self, ids: Sequence[str], x: Any, y: Any, version: int | None = None) -> Job:
+    def enqueue_add(
+        self,
+        ids: Sequence[str],
+        x: Any,
+        y: Any,
+        version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
         """Reserve ``ids`` and queue a job adding the records ``(ids, x, y)``, atomically.
 
         Call after validating the records against the model and ``pending_ids()``; this repeats
@@ -362,20 +423,29 @@ class JobQueue:
         Arguments:
           version: as for ``enqueue``: the version the caller validated against, refused if older
             than the newest reported; ``None`` for the process that runs the worker.
+          idempotency_key: a retried request with this key (and the same ids, x and y) gets the
+            first request's job.
+
+        Returns:
+          The new job, or the existing one when ``idempotency_key`` was used already.
 
         Raises:
           QueuedIdsError: some ids are held by another queued or running job.
+          IdempotencyKeyReusedError: see ``find_idempotent``.
           StaleModelError: ``version`` is older than the newest reported one.
         """
         job_id = uuid.uuid4().hex
+        use_key = idempotency_key is not None
         keys = [
             self.pending_key,
             self.pending_add_key,
             self.stream,
             self.job_key(job_id),
             self.version_key,
+            self._idem_prefix + idempotency_key if use_key else self.job_key(job_id),
         ]
         submitted_at = utc_now()
+        request_digest = self.add_request_digest(ids, x, y)
         args = [
             job_id,
             self.ttl_s,
@@ -383,14 +453,29 @@ class JobQueue:
             json.dumps(list(ids)),
             json.dumps({"x": x, "y": y}),
             "" if version is None else int(version),
+            "1" if use_key else "0",
+            request_digest,
         ]
         outcome, value = self._enqueue_add(keys=keys, args=[*args, *ids])
+        if outcome == "duplicate":
+            assert idempotency_key is not None
+            job = self.find_idempotent(idempotency_key, ids, "add", request_digest)
+            if job is not None:
+                return job
+            # The earlier job expired between the two calls: the key is free again.
+            self.client.delete(self._idem_prefix + idempotency_key)
+            return self.enqueue_add(ids, x, y, version, idempotency_key)
         if outcome == "stale":
             raise StaleModelError(int(value))
         if outcome == "conflict":
             raise QueuedIdsError(json.loads(value), "Wait for that job to finish.")
         return Job(
-            job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at, kind="add"
+            job_id=job_id,
+            status="queued",
+            ids=list(ids),
+            submitted_at=submitted_at,
+            kind="add",
+            request_digest=request_digest,
         )
 
     # Worker side.

@@ -11,7 +11,8 @@ life of the deployment:
 
 A receipt is ``{"payload": {...}, "algorithm": "Ed25519", "signature": base64}``; the signature
 is over the payload's canonical JSON (``canonical``: sorted keys, no spaces, UTF-8). ``verify``
-(and ``ntk-unlearn verify-receipt``) checks it offline with the public key alone.
+(and ``ntk-unlearn verify-receipt``) checks it offline with the public key alone;
+``certificate_check`` reads from a verified payload whether the deletion's certificate was met.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -185,3 +186,68 @@ def receipt_payload(
         "certificate": record.get("certificate"),
         "checkpoint_sha256": record.get("checkpoint_sha256"),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateCheck:
+    """Whether a receipt's certificate was met, from the numbers it carries.
+
+    Attributes:
+      status: ``met`` (value ≤ limit), ``not met``, or ``absent`` (no readable certificate).
+      enforced: whether the service refuses to publish a version whose certificate is not met:
+        always for the linearised model; for a nonlinear network only with refinement
+        (``--nonlinear-refine``); ``None`` when absent.
+      value: the certificate (dimensionless): the relative stationarity residual of α
+        (linearised), or ‖∇L_R(θ)‖ at the published θ over its value at the previous θ
+        (nonlinear).
+      limit: the tolerance times the slack granted (``accept_floor``, 1 when not stated).
+      kind: which of the two ``value`` is.
+    """
+
+    status: Literal["met", "not met", "absent"]
+    enforced: bool | None
+    value: float | None = None
+    limit: float | None = None
+    kind: str = ""
+
+    def line(self) -> str:
+        """One line for people: met / NOT MET, enforced or not, value against limit."""
+        if self.status == "absent":
+            return "certificate: none in this receipt (nothing says how exact the deletion was)"
+        compare = "<=" if self.status == "met" else ">"
+        numbers = f"{self.kind} {self.value:.2e} {compare} tolerance {self.limit:.1e}"
+        if self.status == "met":
+            return f"certificate met: {numbers}" + (
+                "" if self.enforced else " (reported, not enforced by the service)"
+            )
+        if self.enforced:
+            return f"certificate NOT MET: {numbers}"
+        return (
+            f"certificate NOT MET, not enforced: {numbers}; the service published this version "
+            "without holding it to its tolerance (a nonlinear forget without --nonlinear-refine)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def certificate_check(payload: dict[str, Any]) -> CertificateCheck:
+    """Read the certificate of a verified receipt payload (``verify``'s result): met when its
+    value is at most tolerance × accept_floor, the rule the service publishes by
+    (``TrainConfig.certified``; for a nonlinear network ``nonlinear.certificate``)."""
+    cert = payload.get("certificate")
+    try:
+        nonlinear = cert.get("nonlinear") if isinstance(cert, dict) else None
+        if isinstance(nonlinear, dict):
+            value, limit = float(nonlinear["relative"]), float(nonlinear["tol"])
+            enforced = bool(nonlinear.get("enforced", False))
+            kind = "nonlinear ‖∇L_R‖ ratio"
+        elif isinstance(cert, dict):
+            value = float(cert["residual"])
+            limit = float(cert["tolerance"]) * float(cert.get("accept_floor") or 1.0)
+            enforced, kind = True, "relative stationarity residual of α"
+        else:
+            return CertificateCheck("absent", None)
+    except (KeyError, TypeError, ValueError):
+        return CertificateCheck("absent", None)
+    return CertificateCheck("met" if value <= limit else "not met", enforced, value, limit, kind)

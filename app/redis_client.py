@@ -9,16 +9,31 @@ the next ``reset_s`` every call fails at once without touching the socket. Then 
 through to try again: its success closes the breaker, its failure opens it for another
 ``reset_s``.
 
+Every failure says what happened: the call that met the timeout or the refused connection says
+so (``QueueTimeoutError``, ``QueueConnectionError``); only the calls the open breaker turned away
+say that the breaker answered, with how long ago and how Redis failed (``CircuitOpenError``).
+
 The worker keeps its own client with longer timeouts: it blocks on the stream, and it has its
 own retry loop (``app.worker``).
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pybreaker
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+
+class QueueTimeoutError(redis.TimeoutError):
+    """Redis did not answer this call within the client's timeout."""
+
+
+class QueueConnectionError(redis.ConnectionError):
+    """Redis refused or dropped this call's connection."""
 
 
 class CircuitOpenError(redis.ConnectionError):
@@ -37,26 +52,54 @@ class GuardedRedis(redis.Redis):
 
     Every command (scripts and ``PING`` included) goes through ``execute_command``; pipelines
     do not, and the API uses none.
+
+    Raises (from every command):
+      QueueTimeoutError: Redis did not answer within ``timeout_s``.
+      QueueConnectionError: the connection was refused or dropped.
+      CircuitOpenError: not tried: a call failed less than the breaker's reset time ago.
     """
 
-    def __init__(self, *args, breaker: pybreaker.CircuitBreaker, **kwargs):
+    def __init__(self, *args, breaker: pybreaker.CircuitBreaker, timeout_s: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.breaker = breaker
+        self.timeout_s = timeout_s
+        self._last_failure: tuple[float, str] | None = None  # (monotonic time, what happened)
+        self._lock = threading.Lock()
+
+    def _failed(self, what: str) -> str:
+        with self._lock:
+            self._last_failure = (time.monotonic(), what)
+        return what
 
     def execute_command(self, *args, **options):
         try:
             return self.breaker.call(super().execute_command, *args, **options)
         except pybreaker.CircuitBreakerError:
+            with self._lock:
+                last = self._last_failure
+            since = f"{time.monotonic() - last[0]:.1f} s ago: {last[1]}" if last else "moments ago"
             raise CircuitOpenError(
-                "Redis did not answer moments ago (circuit breaker open); it is tried again "
-                f"{self.breaker.reset_timeout:g} s after a failure"
+                f"not tried (circuit breaker open): Redis failed {since}; it is tried again "
+                f"{self.breaker.reset_timeout:g} s after that failure"
             ) from None
+        except redis.TimeoutError as e:
+            what = self._failed(f"Redis did not answer within {self.timeout_s:g} s ({e})")
+            raise QueueTimeoutError(what) from e
+        except redis.ConnectionError as e:
+            what = self._failed(f"the connection to Redis was refused or dropped ({e})")
+            raise QueueConnectionError(what) from e
 
 
 def connect_api(url: str, timeout_s: float, reset_s: float) -> GuardedRedis:
     """The API's client: gives up after ``timeout_s``, then fails fast for ``reset_s``."""
+    # throw_new_error_on_trip=False: the call that trips the breaker raises its own error (the
+    # timeout it met), not pybreaker's "breaker open".
     breaker = pybreaker.CircuitBreaker(
-        fail_max=1, reset_timeout=reset_s, exclude=[_not_an_outage], name="redis"
+        fail_max=1,
+        reset_timeout=reset_s,
+        exclude=[_not_an_outage],
+        name="redis",
+        throw_new_error_on_trip=False,
     )
     pool = redis.ConnectionPool.from_url(
         url,
@@ -65,7 +108,7 @@ def connect_api(url: str, timeout_s: float, reset_s: float) -> GuardedRedis:
         socket_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
-    client = GuardedRedis(connection_pool=pool, breaker=breaker)
+    client = GuardedRedis(connection_pool=pool, breaker=breaker, timeout_s=timeout_s)
     client.auto_close_connection_pool = True
     return client
 

@@ -9,6 +9,7 @@ parameterisation, exact GELU), θ unravelled by the test itself, ``jax.grad`` of
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -270,6 +271,36 @@ def test_refinement_that_misses_fails_and_leaves_the_model_unchanged(
         assert checkpoint.latest_version(settings.checkpoint_dir) == 0
         ids = client.get("/v1/ids", headers=READ).json()["ids"]
         assert "r05" in ids
+
+
+def test_a_receipt_says_its_certificate_was_not_met_nor_enforced(
+    nl_settings, wait_for_job, tmp_path, capsys
+):
+    """Without refinement a nonlinear forget publishes whatever its step reaches: the receipt
+    carries the miss, and verify-receipt says so (exit 0; 3 with --require-certificate)."""
+    settings = nl_settings(nonlinear_refine=0, nonlinear_tol=1e-300)
+    with TestClient(create_app(settings)) as client:
+        accepted = client.post("/v1/forget", json={"ids": ["r05"]}, headers=WRITE).json()
+        job = wait_for_job(client, accepted["job_id"])
+        assert job["status"] == "succeeded", job
+        receipt = client.get(f"/v1/jobs/{job['job_id']}/receipt", headers=READ).json()
+        key = client.get("/v1/receipts/public-key", headers=READ).json()["public_key_pem"]
+    nlc = receipt["payload"]["certificate"]["nonlinear"]
+    assert nlc["relative"] > 1e-300 and not nlc["met"] and not nlc["enforced"], nlc
+    (tmp_path / "r.json").write_text(json.dumps(receipt))
+    (tmp_path / "k.pem").write_text(key)
+    args = ["verify-receipt", str(tmp_path / "r.json"), "--public-key", str(tmp_path / "k.pem")]
+    cli_main(args)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("valid: job") and out[1].startswith(
+        "certificate NOT MET, not enforced"
+    )
+    assert f"{nlc['relative']:.2e}" in out[1]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--json", "--require-certificate"])
+    assert exit_.value.code == 3
+    verdict = json.loads(capsys.readouterr().out)["certificate"]
+    assert verdict["status"] == "not met" and verdict["enforced"] is False
 
 
 def _worker_args(settings: Settings, nonlinear: bool) -> list[str]:

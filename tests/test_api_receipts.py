@@ -84,7 +84,18 @@ def test_a_receipt_verifies_offline_and_any_change_is_detected(
     key_file.write_text(key["public_key_pem"])
     args = ["verify-receipt", str(receipt_file), "--public-key", str(key_file)]
     cli_main(args)
-    assert f"valid: job {job_id}" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"valid: job {job_id}")
+    # ... and whether the certificate was met, by the publication rule recomputed here
+    limit = certificate["tolerance"] * certificate.get("accept_floor", 1.0)
+    assert certificate["residual"] <= limit
+    assert out[1].startswith("certificate met: ") and "not enforced" not in out[1]
+    assert f"{certificate['residual']:.2e}" in out[1]
+    cli_main([*args, "--json", "--require-certificate"])
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["signature_valid"] is True and verdict["payload"] == payload
+    assert verdict["certificate"]["status"] == "met" and verdict["certificate"]["enforced"]
+    assert verdict["certificate"]["value"] == certificate["residual"]
 
     # Any changed field of the payload, or of the signature, is detected.
     def altered(value):
@@ -119,6 +130,10 @@ def test_a_receipt_verifies_offline_and_any_change_is_detected(
             cli_main(args)
         assert exit_.value.code == 1
         assert "NOT VALID" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--json"])
+    assert exit_.value.code == 1
+    assert json.loads(capsys.readouterr().out)["signature_valid"] is False
 
 
 def test_receipt_of_a_job_not_succeeded_and_of_no_job(client):

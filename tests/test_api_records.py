@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from jax.flatten_util import ravel_pytree
 
@@ -225,13 +226,19 @@ def test_refused_additions_change_nothing(idle, monkeypatch):
     _nothing_queued(client, settings)
     monkeypatch.undo()
 
-    # queued: a second addition, or a forget, of the same ids is refused (409 / the id is unknown)
+    # queued: a second addition, or a forget, of the same ids is refused (409)
     accepted = _add(client, ["new-1", "new-2"], x1 * 2, [0, 1])
     again = client.post(
         "/v1/records", json={"ids": ["new-3", "new-2"], "x": x1 * 2, "y": [0, 1]}, headers=WRITE
     )
     assert again.status_code == 409 and "new-2" in again.json()["detail"]
     assert "new-3" not in again.json()["detail"]
+    # a forget of an id only queued for addition: 409 (too early), not 404 (unknown)
+    early = client.post("/v1/forget", json={"ids": ["r04", "new-2"]}, headers=WRITE)
+    assert early.status_code == 409, early.text
+    assert "queued for addition" in early.json()["detail"] and "r04" not in early.json()["detail"]
+    mixed = client.post("/v1/forget", json={"ids": ["nope", "new-2"]}, headers=WRITE)
+    assert mixed.status_code == 404 and "nope" in mixed.json()["detail"], mixed.text
     forget = client.post("/v1/forget", json={"ids": ["r05"]}, headers=WRITE)
     assert forget.status_code == 202
     clash = client.post("/v1/records", json={"ids": ["r05"], "x": x1, "y": [0]}, headers=WRITE)
@@ -264,6 +271,65 @@ def test_a_forgotten_id_comes_back_as_a_new_record(client, wait_for_job):
     assert status["job_id"] == again["job_id"]
     log = client.get("/v1/deletions", headers=READ).json()["deletions"]
     assert [e.get("kind", "forget") for e in log] == ["forget", "add", "forget"]
+
+
+def test_a_retried_addition_with_its_idempotency_key_is_applied_once(
+    client, wait_for_job, monkeypatch
+):
+    """The enqueue commits but its reply is lost (a Redis timeout after the script ran): the
+    client gets a 503 and no job id; its retry with the same key gets that job, and the
+    records are added once. The same key with another body, or on POST /v1/forget, is a 409."""
+    queue = client.app.state.service.queue
+    x_new = [[0.5, -0.5, 1.0, 2.0], [1.5, 0.5, -1.0, 0.0]]
+    body = {"ids": ["new-1", "new-2"], "x": x_new, "y": [0, 2], "idempotency_key": "add-1"}
+    script, committed = queue._enqueue_add, []
+
+    def commit_then_lose_the_reply(*args, **kwargs):
+        committed.append(script(*args, **kwargs))
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(queue, "_enqueue_add", commit_then_lose_the_reply)
+    r = client.post("/v1/records", json=body, headers=WRITE)
+    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    monkeypatch.undo()
+    assert [outcome for outcome, _ in committed] == ["queued"]
+    job_id = committed[0][1]
+    # the same values written otherwise (2 for 2.0) are the same request
+    same = {**body, "x": [[0.5, -0.5, 1, 2], [1.5, 0.5, -1, 0]]}
+    for retry in (body, same):
+        r = client.post("/v1/records", json=retry, headers=WRITE)
+        assert r.status_code == 202 and r.json()["job_id"] == job_id, r.text
+        assert r.json()["kind"] == "add"
+    refused = [
+        ("/v1/records", {**body, "y": [1, 2]}, "other records"),
+        ("/v1/records", {**body, "ids": ["new-1", "new-3"]}, "other records"),
+        ("/v1/forget", {"ids": ["r01"], "idempotency_key": "add-1"}, "POST /v1/records"),
+    ]
+    for path, other, words in refused:
+        r = client.post(path, json=other, headers=WRITE)
+        assert r.status_code == 409, (other, r.text)
+        assert "idempotency_key" in r.json()["detail"] and words in r.json()["detail"], r.text
+    done = wait_for_job(client, job_id)
+    assert done["status"] == "succeeded" and done["model_version"] == 1, done
+    # replayed after it succeeded: the same job, not a 409 for ids now active
+    late = client.post("/v1/records", json=body, headers=WRITE)
+    assert late.status_code == 202, late.text
+    assert late.json()["job_id"] == job_id and late.json()["status"] == "succeeded"
+    forget_key = client.post(
+        "/v1/forget", json={"ids": ["r01"], "idempotency_key": "f-1"}, headers=WRITE
+    )
+    assert forget_key.status_code == 202, forget_key.text
+    r = client.post("/v1/records", json={**body, "idempotency_key": "f-1"}, headers=WRITE)
+    assert r.status_code == 409 and "POST /v1/forget" in r.json()["detail"], r.text
+    assert wait_for_job(client, forget_key.json()["job_id"])["model_version"] == 2
+    # applied once: one addition in the log, each new id once among the served ids
+    model = client.get("/v1/model", headers=READ).json()
+    assert model["version"] == 2 and model["n_train"] == 48 + 2 - 1
+    served = client.get("/v1/ids", params={"limit": 100}, headers=READ).json()["ids"]
+    assert sorted(served) == sorted([f"r{i:02d}" for i in range(2, 48)] + ["r00", "new-1", "new-2"])
+    log = client.get("/v1/deletions", headers=READ).json()["deletions"]
+    assert [e.get("kind", "forget") for e in log] == ["add", "forget"]
+    assert log[0]["n_added"] == 2
 
 
 def test_a_follower_serves_an_addition_like_the_worker(

@@ -75,12 +75,18 @@ def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
             assert body["model"] == "loaded" and body["queue"].startswith("unreachable"), body
             assert "Redis" in body["detail"] and "Retry-After" in r.headers
             assert first < TIMEOUT_S + 0.5, f"first /readyz took {first:.2f} s"
-            times = []
+            # The call that met the timeout says so; the breaker's answers say they are its.
+            hung = f"did not answer within {TIMEOUT_S:g} s"
+            assert hung in body["queue"] and "circuit breaker" not in body["queue"], body
+            times, breaker_answers = [], 0
             for k in range(20):
                 seconds, r = _timed(forget([f"r{k:02d}"]) if k % 2 else readyz)
                 assert r.status_code == 503, r.text
+                assert hung in r.json()["detail"], r.text
+                breaker_answers += "circuit breaker open" in r.json()["detail"]
                 times.append(seconds)
             _assert_down(r, "")
+            assert breaker_answers >= 10, breaker_answers
             # With the breaker open no call reaches the socket; the rare one let through to
             # retry (every RETRY_S) waits TIMEOUT_S.
             fast = sorted(times)[len(times) // 2]
@@ -99,10 +105,13 @@ def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
 
             # Dead: connections are refused; the breaker keeps even that from the socket.
             server.stop()
+            answers = []
             for _ in range(5):
                 seconds, r = _timed(forget(["r02"]))
-                _assert_down(r, "")
+                _assert_down(r, "refused or dropped")
+                answers.append("circuit breaker open" in r.json()["detail"])
                 assert seconds < 0.05 + TIMEOUT_S
+            assert answers[0] is False and any(answers), answers  # the first met the refusal
             seconds, r = _timed(readyz)
             assert r.status_code == 503 and r.json()["queue"].startswith("unreachable"), r.text
 

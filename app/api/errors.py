@@ -67,7 +67,7 @@ async def _queue_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("Redis error on %s: %s", request.url.path, exc)
     return _detail(
         status.HTTP_503_SERVICE_UNAVAILABLE,
-        f"the job queue (Redis) is unreachable ({type(exc).__name__}); retry later",
+        f"the job queue (Redis) is unavailable: {exc or type(exc).__name__}; retry later",
         headers={"Retry-After": "5"},
     )
 

@@ -148,14 +148,21 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ForgetRequest(_Body):
-    ids: Ids
-    idempotency_key: str | None = Field(
-        None,
+IdempotencyKey = Annotated[
+    str | None,
+    Field(
         min_length=1,
         max_length=256,
-        description="a retried request with the same key returns the same job",
-    )
+        description="a retried request with the same key and the same body returns the same job "
+        "(kept as long as job records); the same key with another body, or on the other of "
+        "POST /v1/forget and POST /v1/records, is refused (409)",
+    ),
+]
+
+
+class ForgetRequest(_Body):
+    ids: Ids
+    idempotency_key: IdempotencyKey = None
 
 
 class ForgetAccepted(BaseModel):
@@ -329,6 +336,7 @@ class AddRecordsRequest(_Body):
     ]
     x: Inputs
     y: Targets
+    idempotency_key: IdempotencyKey = None
 
 
 class AddAccepted(ForgetAccepted):

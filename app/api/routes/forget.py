@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from ...queue import Job, StaleModelError
+from service_core import UnknownIdsError
+
+from ...queue import Job, QueuedForAdditionError, StaleModelError
 from ..deps import ModelDep, QueueDep, ReadAccess, StateDep, WriteAccess, follow_or_503
 from ..schemas import (
     INVALID,
@@ -32,7 +34,8 @@ def _accepted(job: Job) -> ForgetAccepted:
         {
             **WRITE_AUTH,
             404: "ids not in the training set (listed)",
-            409: "ids already forgotten or queued (listed), or an idempotency_key reused",
+            409: "ids already forgotten or queued (listed), ids queued for addition and not "
+            "yet added (listed), or an idempotency_key reused",
             422: "empty, duplicated or empty-string ids, or every remaining id (counting the "
             "queued jobs)",
             **TOO_LARGE,
@@ -55,7 +58,17 @@ def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep, state: StateDep) -
     follower = state.follower
     while True:
         st = u.state
-        u.validate_forget(body.ids, pending=queue.pending_ids(), state=st)
+        try:
+            u.validate_forget(body.ids, pending=queue.pending_ids(), state=st)
+        except UnknownIdsError as e:
+            # Not in the model, but maybe on their way in: asked too early (409), not unknown.
+            # Only asked on this path, so an accepted forget costs no extra Redis call.
+            adding = queue.pending_add_ids()
+            if unknown := [i for i in e.ids if i not in adding]:
+                raise UnknownIdsError(unknown) from None
+            raise QueuedForAdditionError(
+                e.ids, "Forget them once that addition's job has succeeded."
+            ) from None
         try:
             job = queue.enqueue(
                 body.ids,
