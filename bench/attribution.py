@@ -47,7 +47,7 @@ from .machine import peak_rss_gib
 
 LAM = 1e-2
 # λ grid of the mislabel part's validation rule (clean held-out loss picks one; flips never seen)
-MISLABEL_LAMS = (1e-2, 1e-3, 1e-4, 1e-5)
+MISLABEL_LAMS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
 def stratified(ds: Dataset, per_class: int, seed: int = 0) -> Dataset:
