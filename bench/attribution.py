@@ -137,11 +137,16 @@ class Dense:
                 ev, evec = np.linalg.eigh(w)
                 s = np.einsum("nab,nb,ncb->nac", evec, np.sqrt(np.clip(ev, 0, None)), evec)
 
-                def sm(v, s=s):  # blockdiag(S) @ v, v (m·d, ...)
-                    return np.matmul(s, v.reshape(m, d, -1)).reshape(v.shape)
+                def sm(
+                    v, s=s
+                ):  # blockdiag(S) @ v, v (m·d, ...); einsum: one pass, not m BLAS calls
+                    return np.einsum("iab,ib...->ia...", s, v.reshape(m, d, *v.shape[1:])).reshape(
+                        v.shape
+                    )
 
                 sk = sm(kss)
-                b = sm(np.ascontiguousarray(sk.T))  # S K S
+                # S K S = (S K) S: blockdiag(S) on the right, S symmetric
+                b = np.einsum("nja,jab->njb", sk.reshape(-1, m, d), s).reshape(sk.shape)
                 b[np.diag_indices_from(b)] += c
                 # Newton step of (W K + c I) δ = −r through its SPD form (math.md (B))
                 z = linalg.solve(b, sk @ -r, assume_a="pos")
