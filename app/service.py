@@ -191,7 +191,10 @@ class ModelFollower:
     ``interval_s``, and at once when a request finds this process behind. A request served
     here first calls ``ensure_current``, which waits (at most ``wait_s``) until this process
     serves at least the reported version; so once a job is reported succeeded, no process serves
-    a version that still holds its records.
+    a version that still holds its records. What follows a new version and serves no request
+    waiting for it (the Nyström preconditioner of the new K, seconds; the spare K buffer:
+    ``Unlearner.after_follow``) is done by a second thread, after the version is served, so
+    neither those requests nor the following of the next version wait for it.
 
     Arguments:
       state: the service state (its ``unlearner`` and ``queue``).
@@ -211,14 +214,21 @@ class ModelFollower:
         self._wake = threading.Event()
         self._polled = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+        self._followed = threading.Event()
+        self._finisher = threading.Thread(
+            target=self._finish, name="model-follower-after", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._finisher.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._followed.set()
         self._thread.join(10)
+        self._finisher.join(10)
 
     def required_version(self) -> int | None:
         """The version this process must serve at least: the newest the worker has reported,
@@ -262,10 +272,36 @@ class ModelFollower:
     def poll(self) -> bool:
         """Swap in a newer checkpointed version if there is one. Returns whether it did."""
         u = self.state.unlearner
-        if u is None or not u.follow_checkpoint(self.state.settings.checkpoint_dir):
+        t0 = time.perf_counter()
+        if u is None or not u.follow_checkpoint(self.state.settings.checkpoint_dir, finish=False):
             return False
-        log.info("following the worker: now serving version %d", u.version)
+        log.info(
+            "following the worker: now serving version %d (loaded in %.2f s)",
+            u.version,
+            time.perf_counter() - t0,
+        )
+        self._followed.set()
         return True
+
+    def _finish(self) -> None:
+        """The second thread: after each followed version, ``Unlearner.after_follow``."""
+        while True:
+            self._followed.wait()
+            self._followed.clear()
+            if self._stop.is_set():
+                return
+            u = self.state.unlearner
+            try:
+                seconds = u.after_follow()
+            except Exception:
+                log.warning("could not finish following version %d", u.version, exc_info=True)
+                continue
+            if seconds:
+                log.info(
+                    "after following version %d: %s",
+                    u.version,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
+                )
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -160,6 +160,7 @@ class _Connection:
     def __init__(self, port: int):
         self.port = port
         self.reader: asyncio.StreamReader | None = None
+        self.body = b""  # the last answer's body
 
     async def send(self, request: bytes) -> int:
         """Write ``request``, read its whole answer; its status code."""
@@ -175,7 +176,7 @@ class _Connection:
                 length = int(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
-        await self.reader.readexactly(length)
+        self.body = await self.reader.readexactly(length)
         if close:
             self.close()
         return int(head[9:12])
@@ -262,9 +263,11 @@ async def _forget_loop(base: str, token: str, ids: list[str], stop: asyncio.Even
 
 async def _enqueue_latency(
     port: int, token: str, ids: list[str], pids: tuple[int | None, int | None]
-) -> dict:
+) -> tuple[dict, list[str]]:
+    """One forget of one id at a time, timed to its 202; the summary and the accepted jobs' ids."""
     latencies = []
     errors = 0
+    jobs = []
     conn = _Connection(port)
     with _CpuMeter(pids) as cpu:
         started = time.perf_counter()
@@ -273,11 +276,46 @@ async def _enqueue_latency(
             t0 = time.perf_counter()
             if await conn.send(request) == 202:
                 latencies.append(time.perf_counter() - t0)
+                jobs.append(json.loads(conn.body)["job_id"])
             else:
                 errors += 1
         elapsed = time.perf_counter() - started
     conn.close()
-    return {**_summary(latencies, elapsed, 1, errors), **cpu.per_request(len(ids))}
+    return {**_summary(latencies, elapsed, 1, errors), **cpu.per_request(len(ids))}, jobs
+
+
+def _wait_applied(
+    client: Client,
+    jobs: list[str],
+    log_path: Path,
+    timeout: float,
+    follower_log: Path | None = None,
+) -> dict:
+    """Until every job of ``jobs`` has ended and the worker has logged the post-publish work of
+    every version they made (``after publishing:`` in ``log_path``), and a follower API process
+    its work after the newest (``after following version V:`` in ``follower_log``), so that the
+    next phase finds them idle; or ``timeout``. The jobs that succeeded and the versions
+    (batches) they made."""
+    deadline = time.monotonic() + timeout
+    versions, succeeded = set(), 0
+    for job_id in jobs:
+        while time.monotonic() < deadline:
+            status, job = client.request("GET", f"/v1/jobs/{job_id}")
+            if status == 200 and job["status"] in ("succeeded", "failed"):
+                succeeded += job["status"] == "succeeded"
+                versions.add(job.get("model_version"))
+                break
+            time.sleep(0.05)
+    versions.discard(None)
+    _wait_idle(log_path, len(versions), max(0.0, deadline - time.monotonic()))
+    if follower_log is not None and versions:
+        _wait_idle(
+            follower_log,
+            1,
+            max(0.0, deadline - time.monotonic()),
+            f"after following version {max(versions)}:",
+        )
+    return {"succeeded": succeeded, "batches": len(versions)}
 
 
 async def _during_forgets(
@@ -412,13 +450,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_idle(log_path: Path, jobs: int, timeout: float) -> None:
-    """Until the worker has logged the post-publish work of ``jobs`` batches in ``log_path`` (or
-    ``timeout``)."""
+def _wait_idle(log_path: Path, jobs: int, timeout: float, line: str = "after publishing:") -> None:
+    """Until ``log_path`` holds ``line`` ``jobs`` times (default: the worker has logged the
+    post-publish work of ``jobs`` batches), or ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
-        if text.count("after publishing:") >= jobs:
+        if text.count(line) >= jobs:
             return
         time.sleep(0.1)
 
@@ -527,12 +565,10 @@ class SplitDeployment:
             self.redis = EmbeddedRedis(self.redis_dir, owner="bench load").start()
             env = {k: v for k, v in os.environ.items() if not k.startswith("NTK_UNLEARN_")}
             env["REDIS_URL"] = self.redis.url
-            nice = self.nice
-
-            def lower_priority() -> None:
-                os.setpriority(os.PRIO_PROCESS, 0, nice)  # threads started later inherit it
-
-            self.worker = self._start(self.worker_command, self.log_path, env, lower_priority)
+            # ``nice`` execs the worker: the same pid, and every thread it starts inherits it
+            self.worker = self._start(
+                ["nice", "-n", str(self.nice), *self.worker_command], self.log_path, env
+            )
             # the token: in the environment, not on the command line
             self.proc = self._start(
                 self.command, self.api_log_path, {**env, "NTK_UNLEARN_API_TOKEN": self.token}
@@ -542,7 +578,7 @@ class SplitDeployment:
             raise
         return self
 
-    def _start(self, command: list[str], log_path: Path, env: dict, preexec=None):
+    def _start(self, command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
         log = open(log_path, "w")  # closed by stop()
         self._logs.append(log)
         return subprocess.Popen(
@@ -551,7 +587,6 @@ class SplitDeployment:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: stopped whole
-            preexec_fn=preexec,
         )
 
     def __exit__(self, *exc) -> None:
@@ -682,10 +717,16 @@ def run_deployment(kind: str, options: list[str], api_options: list[str], args, 
                     _predict_load(port, token, x, clients, args.load_seconds, pids)
                 )
                 log(f"{kind}: {name}: {_line(res['phases'][name])}")
-            res["phases"]["enqueue"] = asyncio.run(_enqueue_latency(port, token, enqueue_ids, pids))
-            log(f"{kind}: enqueue: {_line(res['phases']['enqueue'])}")
-            # Let the worker apply the enqueued jobs before predictions are measured again.
-            _wait_idle(server.log_path, 1, 300)
+            enqueue, jobs = asyncio.run(_enqueue_latency(port, token, enqueue_ids, pids))
+            res["phases"]["enqueue"] = enqueue
+            log(f"{kind}: enqueue: {_line(enqueue)}")
+            # Let the worker apply the enqueued jobs (and finish after them) before predictions
+            # are measured again.
+            follower_log = None if worker is None else server.api_log_path
+            enqueue["applied"] = _wait_applied(
+                server.client, jobs, server.log_path, 600, follower_log
+            )
+            log(f"{kind}: enqueued jobs applied: {enqueue['applied']}")
             time.sleep(2.0)
             during = "predict-1 during forgets"
             res["phases"][during] = asyncio.run(
