@@ -200,16 +200,25 @@ class ModelFollower:
       state: the service state (its ``unlearner`` and ``queue``).
       wait_s: the longest a request waits for the newest version before ``FollowerBehindError``.
       interval_s: seconds between polls of the checkpoint directory when nothing asks.
+      preconditioner: make each followed version's preconditioner (``False``: none after the
+        first version followed; solves here then run unpreconditioned).
     """
 
     # Between two polls a request asked for: the newest checkpoint may not be readable at once
     # (the worker is replacing it), and polling a directory in a tight loop helps no one.
     _RETRY_S = 0.02
 
-    def __init__(self, state: ServiceState, wait_s: float = 2.0, interval_s: float = 1.0):
+    def __init__(
+        self,
+        state: ServiceState,
+        wait_s: float = 2.0,
+        interval_s: float = 1.0,
+        preconditioner: bool = True,
+    ):
         self.state = state
         self.wait_s = wait_s
         self.interval_s = interval_s
+        self.preconditioner = preconditioner
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._polled = threading.Condition()
@@ -292,7 +301,7 @@ class ModelFollower:
                 return
             u = self.state.unlearner
             try:
-                seconds = u.after_follow()
+                seconds = u.after_follow(self.preconditioner)
             except Exception:
                 log.warning("could not finish following version %d", u.version, exc_info=True)
                 continue

@@ -558,19 +558,22 @@ class Unlearner:
         if finish:
             self.after_follow()
 
-    def after_follow(self) -> dict[str, float]:
+    def after_follow(self, preconditioner: bool = True) -> dict[str, float]:
         """The work that follows a followed version (``follow``), off the wait of the requests for
         it: the Nyström preconditioner of the served K (solves run unpreconditioned until it is
         in: same answers, more iterations), then the spare K buffer. The preconditioner is computed
         without holding the model, and put in only if the version it was computed for is still
         the one served (a newer one followed meanwhile needs its own).
 
+        Arguments:
+          preconditioner: ``False``: make none (the version stays without one).
+
         Returns:
           seconds per part: ``preconditioner`` (0 when there was none to make), ``spare``.
         """
         t0 = time.perf_counter()
         st = self._state
-        if st.nystrom is None:
+        if preconditioner and st.nystrom is None:
             ny = lifecycle.preconditioner(st.k, st.solver_config, st.form, st.train_config.loss)
             if ny is not None:
                 with self._forget_lock:

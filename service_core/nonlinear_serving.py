@@ -346,7 +346,7 @@ class NonlinearUnlearner(Unlearner):
         by the α-space step. Returns 0 (seconds)."""
         return 0.0
 
-    def after_follow(self) -> dict[str, float]:
+    def after_follow(self, preconditioner: bool = True) -> dict[str, float]:
         """Nothing to make after a followed version: no preconditioner (K is used only by the
         α-space step), no spare K buffer (``ready_spare``). Returns ``{}``."""
         return {}

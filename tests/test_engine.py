@@ -215,9 +215,12 @@ def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_afte
         np.asarray(follower.state.nystrom.lam), np.asarray(worker.state.nystrom.lam)
     )
 
-    # version 3 is followed while the preconditioner of version 2 is being made
+    # version 2: none made when asked for none (``serve --no-follow-preconditioner``)
     worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
     assert follower.follow_checkpoint(tmp_path / "ck", finish=False)
+    follower.after_follow(preconditioner=False)
+    assert follower.version == 2 and follower.state.nystrom is None
+    # version 3 is followed while the preconditioner of version 2 is being made
     worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
     made = engine.lifecycle.preconditioner
 
@@ -229,3 +232,6 @@ def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_afte
     monkeypatch.setattr(engine.lifecycle, "preconditioner", newer_followed_meanwhile)
     follower.after_follow()
     assert follower.version == 3 and follower.state.nystrom is None
+    monkeypatch.undo()
+    follower.after_follow()  # made for the version served: put in
+    assert follower.state.nystrom is not None
