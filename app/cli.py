@@ -40,6 +40,7 @@ _SERVE_ONLY = {
     "open_reads",
     "worker",
     "follow_wait_s",
+    "follow_preconditioner",
     "predict_batch_wait_ms",
     "max_rows",
     "max_exact_self_influence",

@@ -127,7 +127,11 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
         state.worker = make_worker(settings, state.unlearner, worker_queue, state.metrics)
         state.worker.start()
     else:
-        state.follower = ModelFollower(state, wait_s=settings.follow_wait_s)
+        state.follower = ModelFollower(
+            state,
+            wait_s=settings.follow_wait_s,
+            preconditioner=settings.follow_preconditioner,
+        )
         state.follower.start()
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
 import time
 
+import anyio.to_thread
 import redis
 
 from service_core import Unlearner, checkpoint, load_dataset
@@ -189,36 +191,59 @@ class ModelFollower:
     succeeded. A thread follows each newer checkpoint (``Unlearner.follow_checkpoint``: the
     forgotten rows are erased from the K this process holds, never recomputed): every
     ``interval_s``, and at once when a request finds this process behind. A request served
-    here first calls ``ensure_current``, which waits (at most ``wait_s``) until this process
-    serves at least the reported version; so once a job is reported succeeded, no process serves
-    a version that still holds its records.
+    here first reads the reported version (``shared_required_version``: a read begun after the
+    request arrived, shared by the concurrent ones) and, if this process is behind, waits (at most
+    ``wait_s``: ``catch_up``) until it serves at least that version; so once a job is reported
+    succeeded, no process serves a version that still holds its records. What follows a new version and serves no request
+    waiting for it (the Nyström preconditioner of the new K, seconds; the spare K buffer:
+    ``Unlearner.after_follow``) is done by a second thread, after the version is served, so
+    neither those requests nor the following of the next version wait for it.
 
     Arguments:
       state: the service state (its ``unlearner`` and ``queue``).
       wait_s: the longest a request waits for the newest version before ``FollowerBehindError``.
       interval_s: seconds between polls of the checkpoint directory when nothing asks.
+      preconditioner: make each followed version's preconditioner (``False``: none after the
+        first version followed; solves here then run unpreconditioned).
     """
 
     # Between two polls a request asked for: the newest checkpoint may not be readable at once
     # (the worker is replacing it), and polling a directory in a tight loop helps no one.
     _RETRY_S = 0.02
 
-    def __init__(self, state: ServiceState, wait_s: float = 2.0, interval_s: float = 1.0):
+    def __init__(
+        self,
+        state: ServiceState,
+        wait_s: float = 2.0,
+        interval_s: float = 1.0,
+        preconditioner: bool = True,
+    ):
         self.state = state
         self.wait_s = wait_s
         self.interval_s = interval_s
+        self.preconditioner = preconditioner
+        self._next_read: asyncio.Future | None = None  # shared_required_version's next read
+        self._reading = False
+        self._read_task: asyncio.Future | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._polled = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+        self._followed = threading.Event()
+        self._finisher = threading.Thread(
+            target=self._finish, name="model-follower-after", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._finisher.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._followed.set()
         self._thread.join(10)
+        self._finisher.join(10)
 
     def required_version(self) -> int | None:
         """The version this process must serve at least: the newest the worker has reported,
@@ -228,6 +253,37 @@ class ModelFollower:
             return self.state.queue.reported_version()
         except redis.RedisError:
             return checkpoint.latest_version(self.state.settings.checkpoint_dir)
+
+    async def shared_required_version(self) -> int | None:
+        """``required_version()`` read after this call began, one read shared by the calls that
+        wait for it: a call joins the next read to start (at once when none is running, else as
+        soon as the running one ends), never one that started before it, so it sees every version
+        reported before it began. Under concurrent requests that is one Redis GET (and one thread
+        hand-off) per round instead of one per request. Runs on the event loop."""
+        future = self._next_read
+        if future is None:
+            future = self._next_read = asyncio.get_running_loop().create_future()
+            if not self._reading:
+                self._start_read()
+        # shielded: a request that goes away must not cancel the read the others wait for
+        return await asyncio.shield(future)
+
+    def _start_read(self) -> None:
+        self._reading = True
+
+        async def read() -> None:
+            # From here on, a new call waits for the next read: this one begins after it.
+            future, self._next_read = self._next_read, None
+            try:
+                future.set_result(await anyio.to_thread.run_sync(self.required_version))
+            except BaseException as e:  # every waiter gets it, as one request alone would
+                future.set_exception(e)
+            finally:
+                self._reading = False
+                if self._next_read is not None:
+                    self._start_read()
+
+        self._read_task = asyncio.ensure_future(read())  # held: a task is kept only weakly
 
     def ensure_current(self) -> None:
         """Return once this process serves at least ``required_version()``, following it if
@@ -262,10 +318,36 @@ class ModelFollower:
     def poll(self) -> bool:
         """Swap in a newer checkpointed version if there is one. Returns whether it did."""
         u = self.state.unlearner
-        if u is None or not u.follow_checkpoint(self.state.settings.checkpoint_dir):
+        t0 = time.perf_counter()
+        if u is None or not u.follow_checkpoint(self.state.settings.checkpoint_dir, finish=False):
             return False
-        log.info("following the worker: now serving version %d", u.version)
+        log.info(
+            "following the worker: now serving version %d (loaded in %.2f s)",
+            u.version,
+            time.perf_counter() - t0,
+        )
+        self._followed.set()
         return True
+
+    def _finish(self) -> None:
+        """The second thread: after each followed version, ``Unlearner.after_follow``."""
+        while True:
+            self._followed.wait()
+            self._followed.clear()
+            if self._stop.is_set():
+                return
+            u = self.state.unlearner
+            try:
+                seconds = u.after_follow(self.preconditioner)
+            except Exception:
+                log.warning("could not finish following version %d", u.version, exc_info=True)
+                continue
+            if seconds:
+                log.info(
+                    "after following version %d: %s",
+                    u.version,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
+                )
 
     def _run(self) -> None:
         while not self._stop.is_set():

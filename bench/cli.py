@@ -12,7 +12,8 @@ Subcommands:
 * ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
   the engine's own time from the job record (``bench.e2e``; workloads digits and mnist);
 * ``load``: HTTP load, ``/v1/predict`` with 1 and 100 rows from concurrent clients, alone and
-  while forgets run, and the forget enqueue latency (``bench.load``); not part of ``all``;
+  while forgets run, and the forget enqueue latency, against one ``serve`` or the split deployment
+  (``--load-deployment``; ``bench.load``); not part of ``all``;
 * ``attribution``: leave-one-out attribution, LDS, mislabel detection, membership inference and cost
   (``bench.attribution``, issue 14); not part of ``all``;
 * ``all``: ntk, figure1 (digits and mnist), figure4;
@@ -153,7 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-serve-args",
         type=lambda t: t.split(),
         default=None,
-        help="more 'serve' options, e.g. '--predict-batch-wait-ms 0'",
+        help="more 'serve' options, e.g. '--predict-batch-wait-ms 0' (split: the API process's; "
+        "those a worker also takes go to the worker too)",
+    )
+    load.add_argument(
+        "--load-deployment",
+        choices=("single", "split", "both"),
+        default="single",
+        help="single: one 'serve' (API and worker); split: 'worker' at low CPU priority and "
+        "'serve --no-worker' on one private Redis; both: single, then split, in one run",
+    )
+    load.add_argument(
+        "--load-worker-nice",
+        type=int,
+        default=19,
+        help="split: the worker's nice value (19: lowest CPU priority; 0: as the API)",
     )
     ap.add_argument(
         "--parts",

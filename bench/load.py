@@ -1,10 +1,23 @@
 """HTTP load on a running service (``ntk-unlearn bench load``): predictions alone and while forgets run.
 
-One ``ntk-unlearn serve`` (API and worker, its private Redis) is started as a child process on
-127.0.0.1 with a copy of ``--load-data-dir`` (a data dir holding a built model, so no run pays for
-the build; without it the model is built first), then, with ``--load-clients`` concurrent clients
-(closed loop: each sends its next request when the previous one is answered, on one keep-alive
-connection of its own):
+The service runs in one of two deployments (``--load-deployment``; ``both`` runs ``single`` and
+then ``split`` in one invocation, each on its own copy of the data dir, so their numbers sit side
+by side):
+
+* ``single`` (the default): one ``ntk-unlearn serve`` (API and worker in one process, its private
+  Redis), as a child process on 127.0.0.1;
+* ``split``: a private ``redis-server`` (``app.embedded_redis.EmbeddedRedis``: Unix socket,
+  append-only file with ``appendfsync always``, as ``serve``'s own), ``ntk-unlearn worker`` at low
+  CPU priority (``nice`` ``--load-worker-nice``, 19 by default) and ``ntk-unlearn serve
+  --no-worker`` (the API alone: a follower that loads each version the worker reports, and never
+  answers from an older one). The model options go to both; ``--load-serve-args`` to the API
+  process (and those of them a worker also takes, to the worker).
+
+Each on 127.0.0.1, in a process group of its own (stopped whole at the end), with the API token
+in the environment (never on the command line) and a copy of ``--load-data-dir`` (a data dir
+holding a built model, so no run pays for the build; without it the model is built first). Then,
+with ``--load-clients`` concurrent clients (closed loop: each sends its next request when the
+previous one is answered, on one keep-alive connection of its own):
 
 1. ``predict-1, 1 client`` (one client: the latency of one request), then ``predict-1`` and
    ``predict-100``: ``POST /v1/predict`` with 1 and with 100 rows of the data set, each for
@@ -12,12 +25,15 @@ connection of its own):
 2. ``enqueue``: ``POST /v1/forget`` of one id at a time from one client, ``--load-forgets`` times
    (the time to the 202: validation and the Redis enqueue), while the worker applies them;
 3. ``predict-1 during forgets``: phase 1 again while a second task keeps the worker busy with one
-   forget after another (each waits for the previous job to succeed).
+   forget after another (each waits for the previous job to be reported succeeded; through a
+   follower, its next forget and the predictions wait until the follower serves that version).
 
-Reported per phase: requests/s, predictions (rows) per second, p50/p99/max latency in ms,
-errors, and CPU seconds per request of the server process (all its threads, and its event loop's
-thread alone) and of this load generator; the load average before and after; the commit, the
-command and the settings. The results go to ``<out>/load.json`` and ``<out>/load.md``.
+Reported per deployment and phase: requests/s, predictions (rows) per second, p50/p99/max
+latency in ms, errors, and CPU seconds per request of the API process (all its threads, and its
+event loop's thread alone), of the separate worker process (``split``) and of this load
+generator; the load average before and after; the commit, the command and the settings; and the
+phases against the goals of issue 13 item 9. The results go to ``<out>/load.json`` and
+``<out>/load.md``.
 
 CPU per request is the measure that least depends on what else the machine runs: on a shared
 machine wall-clock rates and latencies move with the other processes, the CPU a request costs
@@ -32,15 +48,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
 
-from .e2e import Server, all_ids, serve_args
+from .e2e import Client, Server, _free_port, all_ids, serve_args
+
+DEPLOYMENTS = {
+    "single": "one `ntk-unlearn serve` (API and worker in one process, its private Redis)",
+    "split": "`ntk-unlearn worker` at nice {nice} and `ntk-unlearn serve --no-worker` "
+    "(the API alone, a follower), one private Redis",
+}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -74,11 +101,17 @@ def _cpu_seconds(pid: int, thread: int | None = None) -> float:
 
 
 class _CpuMeter:
-    """CPU seconds spent during a phase by the server (all threads; its main thread, which runs
-    the event loop) and by this process (the clients)."""
+    """CPU seconds spent during a phase by the API process (all threads; its main thread, which
+    runs the event loop), by a separate worker process (``split``) and by this process (the
+    clients).
 
-    def __init__(self, server_pid: int | None):
-        self.pid = server_pid
+    Arguments:
+      pids: the API process's pid and the worker process's (``None``: not measured, NaN; the
+        worker's is ``None`` when the API process runs the worker itself).
+    """
+
+    def __init__(self, pids: tuple[int | None, int | None]):
+        self.pid, self.worker_pid = pids
 
     def __enter__(self) -> _CpuMeter:
         self.start = self._read()
@@ -87,16 +120,29 @@ class _CpuMeter:
     def __exit__(self, *exc) -> None:
         self.spent = [b - a for a, b in zip(self.start, self._read(), strict=True)]
 
-    def _read(self) -> tuple[float, float, float]:
-        if self.pid is None:
-            return (float("nan"),) * 2 + (time.process_time(),)
-        return _cpu_seconds(self.pid), _cpu_seconds(self.pid, self.pid), time.process_time()
+    def _read(self) -> tuple[float, float, float, float]:
+        nan = float("nan")
+        server = (
+            (nan, nan)
+            if self.pid is None
+            else (
+                _cpu_seconds(self.pid),
+                _cpu_seconds(self.pid, self.pid),
+            )
+        )
+        worker = nan if self.worker_pid is None else _cpu_seconds(self.worker_pid)
+        return (*server, worker, time.process_time())
 
     def per_request(self, requests: int) -> dict:
-        server, loop, client = (
+        server, loop, worker, client = (
             1e3 * v / requests if requests else float("nan") for v in self.spent
         )
-        return {"server_cpu_ms": server, "server_loop_cpu_ms": loop, "client_cpu_ms": client}
+        return {
+            "server_cpu_ms": server,
+            "server_loop_cpu_ms": loop,
+            "worker_cpu_ms": worker,
+            "client_cpu_ms": client,
+        }
 
 
 def _http_request(port: int, method: str, path: str, token: str, body: object) -> bytes:
@@ -114,6 +160,7 @@ class _Connection:
     def __init__(self, port: int):
         self.port = port
         self.reader: asyncio.StreamReader | None = None
+        self.body = b""  # the last answer's body
 
     async def send(self, request: bytes) -> int:
         """Write ``request``, read its whole answer; its status code."""
@@ -129,7 +176,7 @@ class _Connection:
                 length = int(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
-        await self.reader.readexactly(length)
+        self.body = await self.reader.readexactly(length)
         if close:
             self.close()
         return int(head[9:12])
@@ -141,7 +188,12 @@ class _Connection:
 
 
 async def _predict_load(
-    port: int, token: str, x: list, clients: int, seconds: float, server_pid: int | None = None
+    port: int,
+    token: str,
+    x: list,
+    clients: int,
+    seconds: float,
+    pids: tuple[int | None, int | None] = (None, None),
 ) -> dict:
     """``clients`` closed-loop clients posting ``x`` to /v1/predict for ``seconds``."""
     latencies: list[float] = []
@@ -163,7 +215,7 @@ async def _predict_load(
         finally:
             conn.close()
 
-    with _CpuMeter(server_pid) as cpu:
+    with _CpuMeter(pids) as cpu:
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(clients)))
         elapsed = time.perf_counter() - started
@@ -179,12 +231,20 @@ async def _forget_loop(base: str, token: str, ids: list[str], stop: asyncio.Even
 
     headers = {"Authorization": f"Bearer {token}"}
     jobs = []
+    unavailable = 0
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         for rid in ids:
             if stop.is_set():
                 break
             t0 = time.perf_counter()
-            r = await client.post("/v1/forget", json={"ids": [rid]}, headers=headers)
+            while (
+                r := await client.post("/v1/forget", json={"ids": [rid]}, headers=headers)
+            ).status_code == 503 and not stop.is_set():
+                # a follower still loading the version the worker reported: it says when to retry
+                unavailable += 1
+                await asyncio.sleep(0.1)
+            if r.status_code == 503:
+                break
             r.raise_for_status()
             url = r.json()["status_url"]
             while (job := (await client.get(url, headers=headers)).json())["status"] not in (
@@ -193,34 +253,84 @@ async def _forget_loop(base: str, token: str, ids: list[str], stop: asyncio.Even
             ):
                 await asyncio.sleep(0.02)
             jobs.append({"status": job["status"], "seconds": time.perf_counter() - t0})
-    return {"jobs": len(jobs), "succeeded": sum(j["status"] == "succeeded" for j in jobs)}
+    return {
+        "jobs": len(jobs),
+        "succeeded": sum(j["status"] == "succeeded" for j in jobs),
+        "seconds": [j["seconds"] for j in jobs],
+        "unavailable_503": unavailable,
+    }
 
 
-async def _enqueue_latency(port: int, token: str, ids: list[str], server_pid: int | None) -> dict:
+async def _enqueue_latency(
+    port: int, token: str, ids: list[str], pids: tuple[int | None, int | None]
+) -> tuple[dict, list[str]]:
+    """One forget of one id at a time, timed to its 202; the summary and the accepted jobs' ids."""
     latencies = []
     errors = 0
+    jobs = []
     conn = _Connection(port)
-    with _CpuMeter(server_pid) as cpu:
+    with _CpuMeter(pids) as cpu:
         started = time.perf_counter()
         for rid in ids:
             request = _http_request(port, "POST", "/v1/forget", token, {"ids": [rid]})
             t0 = time.perf_counter()
             if await conn.send(request) == 202:
                 latencies.append(time.perf_counter() - t0)
+                jobs.append(json.loads(conn.body)["job_id"])
             else:
                 errors += 1
         elapsed = time.perf_counter() - started
     conn.close()
-    return {**_summary(latencies, elapsed, 1, errors), **cpu.per_request(len(ids))}
+    return {**_summary(latencies, elapsed, 1, errors), **cpu.per_request(len(ids))}, jobs
+
+
+def _wait_applied(
+    client: Client,
+    jobs: list[str],
+    log_path: Path,
+    timeout: float,
+    follower_log: Path | None = None,
+) -> dict:
+    """Until every job of ``jobs`` has ended and the worker has logged the post-publish work of
+    every version they made (``after publishing:`` in ``log_path``), and a follower API process
+    its work after the newest (``after following version V:`` in ``follower_log``), so that the
+    next phase finds them idle; or ``timeout``. The jobs that succeeded and the versions
+    (batches) they made."""
+    deadline = time.monotonic() + timeout
+    versions, succeeded = set(), 0
+    for job_id in jobs:
+        while time.monotonic() < deadline:
+            status, job = client.request("GET", f"/v1/jobs/{job_id}")
+            if status == 200 and job["status"] in ("succeeded", "failed"):
+                succeeded += job["status"] == "succeeded"
+                versions.add(job.get("model_version"))
+                break
+            time.sleep(0.05)
+    versions.discard(None)
+    _wait_idle(log_path, len(versions), max(0.0, deadline - time.monotonic()))
+    if follower_log is not None and versions:
+        _wait_idle(
+            follower_log,
+            1,
+            max(0.0, deadline - time.monotonic()),
+            f"after following version {max(versions)}:",
+        )
+    return {"succeeded": succeeded, "batches": len(versions)}
 
 
 async def _during_forgets(
-    base: str, port: int, token: str, x: list, ids: list[str], args, server_pid: int | None
+    base: str,
+    port: int,
+    token: str,
+    x: list,
+    ids: list[str],
+    args,
+    pids: tuple[int | None, int | None],
 ) -> dict:
     stop = asyncio.Event()
     forgets = asyncio.create_task(_forget_loop(base, token, ids, stop))
     await asyncio.sleep(0.5)  # the first job is being applied
-    result = await _predict_load(port, token, x, args.load_clients, args.load_seconds, server_pid)
+    result = await _predict_load(port, token, x, args.load_clients, args.load_seconds, pids)
     stop.set()
     result["forgets"] = await forgets
     return result
@@ -236,82 +346,358 @@ def _rows(options: list[str], seed: int) -> list:
 
 
 def _line(phase: dict) -> str:
+    worker = phase.get("worker_cpu_ms", float("nan"))
     return (
         f"{phase['requests_per_s']:.0f} req/s, {phase['predictions_per_s']:.0f} rows/s, "
         f"p50 {phase['p50_ms']:.1f} ms, p99 {phase['p99_ms']:.1f} ms, max {phase['max_ms']:.1f} ms, "
-        f"{phase['errors']} errors; CPU per request: server {phase['server_cpu_ms']:.2f} ms "
-        f"(event loop {phase['server_loop_cpu_ms']:.2f}), clients {phase['client_cpu_ms']:.2f} ms"
+        f"{phase['errors']} errors; CPU per request: API process {phase['server_cpu_ms']:.2f} ms "
+        f"(event loop {phase['server_loop_cpu_ms']:.2f})"
+        + ("" if worker != worker else f", worker process {worker:.2f} ms")
+        + f", clients {phase['client_cpu_ms']:.2f} ms"
     )
 
 
-def markdown(res: dict) -> str:
-    """The results table of one run."""
+def goals(phases: dict) -> list[str]:
+    """The phases against issue 13 item 9's goals, one line each (met or not, with the numbers):
+    ≥ 300 predictions/s at p99 < 100 ms for 1-row requests (16 clients); enqueue p99 < 20 ms;
+    1-row p99 while forgets run ≤ 2× its idle p99."""
+    lines = []
+    idle = phases.get("predict-1")
+    if idle:
+        met = idle["predictions_per_s"] >= 300 and idle["p99_ms"] < 100
+        lines.append(
+            f"≥ 300 predictions/s at p99 < 100 ms (1 row): {idle['predictions_per_s']:.0f}/s at "
+            f"p99 {idle['p99_ms']:.1f} ms, **{'met' if met else 'not met'}**"
+        )
+    enqueue = phases.get("enqueue")
+    if enqueue:
+        met = enqueue["p99_ms"] < 20
+        lines.append(
+            f"enqueue p99 < 20 ms: {enqueue['p99_ms']:.1f} ms, **{'met' if met else 'not met'}**"
+        )
+    during = phases.get("predict-1 during forgets")
+    if idle and during:
+        ratio = during["p99_ms"] / idle["p99_ms"]
+        forgets = during.get("forgets") or {}
+        ran = forgets.get("succeeded", 0) > 0
+        lines.append(
+            f"p99 while forgets run ≤ 2× idle p99: {during['p99_ms']:.1f} ms against "
+            f"{idle['p99_ms']:.1f} ms, {ratio:.2f}×, "
+            + (
+                f"**{'met' if ratio <= 2 else 'not met'}**"
+                if ran
+                else "**not measured** (no forget finished during the phase)"
+            )
+        )
+    return lines
+
+
+def _table(res: dict) -> list[str]:
+    split = res["deployment"] == "split"
     lines = [
-        f"Commit `{res.get('commit')}`, `{res.get('command')}`; `serve {' '.join(res['serve_options'])}`; "
-        f"{res['clients']} clients, {res['seconds_per_phase']:g} s per phase; load average "
-        f"{', '.join(f'{v:.1f}' for v in res['loadavg_before'])} before, "
-        f"{', '.join(f'{v:.1f}' for v in res['loadavg_after'])} after.",
-        "",
         "| phase | requests/s | predictions/s | p50 ms | p99 ms | max ms | errors "
-        "| server CPU ms/req | its event loop | clients |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| API CPU ms/req | its event loop | "
+        + ("worker CPU ms/req | " if split else "")
+        + "clients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if split else "") + "---:|",
     ]
     for name, ph in res["phases"].items():
         rows = "" if name == "enqueue" else f"{ph['predictions_per_s']:.0f}"
+        worker = f" {ph.get('worker_cpu_ms', float('nan')):.2f} |" if split else ""
         lines.append(
             f"| {name} | {ph['requests_per_s']:.0f} | {rows} | {ph['p50_ms']:.1f} | "
             f"{ph['p99_ms']:.1f} | {ph['max_ms']:.1f} | {ph['errors']} | "
             f"{ph.get('server_cpu_ms', float('nan')):.2f} | "
-            f"{ph.get('server_loop_cpu_ms', float('nan')):.2f} | "
+            f"{ph.get('server_loop_cpu_ms', float('nan')):.2f} |{worker} "
             f"{ph.get('client_cpu_ms', float('nan')):.2f} |"
         )
-    during = res["phases"].get("predict-1 during forgets", {}).get("forgets")
-    if during:
+    return lines
+
+
+def markdown(res: dict) -> str:
+    """The results of one run: a table per deployment, and each against the goals."""
+    lines = [
+        f"Commit `{res.get('commit')}`, `{res.get('command')}`; model options "
+        f"`{' '.join(res['serve_options'])}`; {res['clients']} clients, "
+        f"{res['seconds_per_phase']:g} s per phase; load average "
+        f"{', '.join(f'{v:.1f}' for v in res['loadavg_before'])} before, "
+        f"{', '.join(f'{v:.1f}' for v in res['loadavg_after'])} after.",
+    ]
+    for name, dep in res["deployments"].items():
+        during = dep["phases"].get("predict-1 during forgets", {}).get("forgets")
         lines += [
             "",
-            f"Forgets applied during the last phase: {during['succeeded']} of {during['jobs']}.",
+            f"**{name}**: {dep['description']}; load average "
+            f"{', '.join(f'{v:.1f}' for v in dep['loadavg_before'])} before, "
+            f"{', '.join(f'{v:.1f}' for v in dep['loadavg_after'])} after; ready in "
+            f"{dep.get('ready_s', float('nan')):.1f} s.",
+            "",
+            *_table(dep),
         ]
+        if during:
+            lines += [
+                "",
+                f"Forgets applied during the last phase: {during['succeeded']} of {during['jobs']}"
+                + (
+                    f" ({during['unavailable_503']} forget requests answered 503 while the "
+                    "follower loaded a version, and retried)"
+                    if during.get("unavailable_503")
+                    else ""
+                )
+                + ".",
+            ]
+        lines += ["", *(f"- {g}" for g in goals(dep["phases"]))]
     return "\n".join(lines) + "\n"
 
 
-def _wait_idle(server: Server, jobs: int, timeout: float) -> None:
-    """Until the worker has logged the post-publish work of ``jobs`` batches (or ``timeout``)."""
+def _wait_idle(log_path: Path, jobs: int, timeout: float, line: str = "after publishing:") -> None:
+    """Until ``log_path`` holds ``line`` ``jobs`` times (default: the worker has logged the
+    post-publish work of ``jobs`` batches), or ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = server.log_path.read_text(errors="replace")
-        if text.count("after publishing:") >= jobs:
+        text = log_path.read_text(errors="replace")
+        if text.count(line) >= jobs:
             return
         time.sleep(0.1)
 
 
-def run(args, log=print) -> dict:
-    workload = args.workload if args.workload in ("digits", "mnist") else "digits"
-    options = serve_args(workload, args) + list(args.load_serve_args or [])
+def _flag_groups(options: list[str]) -> list[list[str]]:
+    """``["--a", "1", "--b"]`` → ``[["--a", "1"], ["--b"]]``: each flag with its values."""
+    groups: list[list[str]] = []
+    for token in options:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def worker_options(options: list[str]) -> list[str]:
+    """The options of ``options`` (``serve``'s) that ``ntk-unlearn worker`` also takes: all but
+    the API's own (``app.cli``'s serve-only flags, ``--no-`` forms included)."""
+    from app.cli import _SERVE_ONLY
+
+    kept = []
+    for group in _flag_groups(options):
+        name = group[0].removeprefix("--").split("=", 1)[0].replace("-", "_")
+        if name.removeprefix("no_") not in _SERVE_ONLY:
+            kept += group
+    return kept
+
+
+def _ntk_unlearn() -> str:
+    exe = Path(sys.executable).parent / "ntk-unlearn"
+    return str(exe) if exe.exists() else "ntk-unlearn"
+
+
+def _niceness(pid: int) -> int | None:
+    """The nice value of process ``pid`` (``None`` if it is gone)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+    except OSError:
+        return None
+
+
+def _stop_group(proc: subprocess.Popen | None) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL after 30 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+class SplitDeployment:
+    """A private Redis, ``ntk-unlearn worker`` at nice ``nice`` and ``ntk-unlearn serve
+    --no-worker`` (the API, a follower) on one data dir; a context manager that always stops
+    all three. The same face as ``bench.e2e.Server`` (``port``, ``token``, ``proc``: the API
+    process, ``client``, ``wait_ready``, ``log_path``: the worker's log, where it reports its
+    post-publish work), plus ``worker``, the worker process.
+
+    Each process is in a process group of its own, stopped whole; the token is in the API
+    process's environment, never on a command line.
+
+    Arguments:
+      options: the model options (``serve``'s), given to both processes.
+      api_options: more options of the API process alone.
+      worker_extra: more options of the worker alone.
+      log_path: the API process's log; the worker's is beside it (``-worker.log``).
+      data_dir: the shared data dir.
+      nice: the worker's nice value (19: the lowest CPU priority).
+    """
+
+    def __init__(
+        self,
+        options: list[str],
+        api_options: list[str],
+        worker_extra: list[str],
+        log_path: Path,
+        data_dir: Path,
+        nice: int = 19,
+    ):
+        self.port = _free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.data_dir = data_dir
+        self.api_log_path = log_path
+        self.log_path = log_path.with_name(log_path.stem + "-worker.log")
+        self.nice = nice
+        exe = _ntk_unlearn()
+        self.worker_command = [exe, "worker", *options, *worker_extra, "--data-dir", str(data_dir)]
+        self.command = [
+            exe, "serve", "--no-worker", *options, *api_options,
+            "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        self.redis_dir = Path(tempfile.mkdtemp(prefix="ntk-load-redis-"))
+        self.redis = None
+        self.proc: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self._logs: list = []
+
+    def __enter__(self) -> SplitDeployment:
+        from app.embedded_redis import EmbeddedRedis
+
+        try:
+            self.redis = EmbeddedRedis(self.redis_dir, owner="bench load").start()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("NTK_UNLEARN_")}
+            env["REDIS_URL"] = self.redis.url
+            # ``nice`` execs the worker: the same pid, and every thread it starts inherits it
+            self.worker = self._start(
+                ["nice", "-n", str(self.nice), *self.worker_command], self.log_path, env
+            )
+            # the token: in the environment, not on the command line
+            self.proc = self._start(
+                self.command, self.api_log_path, {**env, "NTK_UNLEARN_API_TOKEN": self.token}
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+        log = open(log_path, "w")  # closed by stop()
+        self._logs.append(log)
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: stopped whole
+        )
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def client(self) -> Client:
+        return Client(f"http://127.0.0.1:{self.port}", self.token)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds until the API's ``/readyz`` answers 200 and the worker has logged that it
+        serves a version. Raises RuntimeError when either exits first, or on timeout."""
+        t0 = time.perf_counter()
+        client = self.client
+        api_ready = worker_ready = False
+        while time.perf_counter() - t0 < timeout:
+            for name, proc, log in (
+                ("worker", self.worker, self.log_path),
+                ("serve --no-worker", self.proc, self.api_log_path),
+            ):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {log}")
+            if not worker_ready:
+                worker_ready = "worker serving model version" in self.log_path.read_text(
+                    errors="replace"
+                )
+            if not api_ready:
+                try:
+                    api_ready = client.request("GET", "/readyz")[0] == 200
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
+            if api_ready and worker_ready:
+                return time.perf_counter() - t0
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"split deployment not ready after {timeout:.0f} s; see {self.api_log_path} and "
+            f"{self.log_path}"
+        )
+
+    def stop(self) -> None:
+        """Stop the API, then the worker (each its whole process group), then Redis."""
+        for proc in (self.proc, self.worker):
+            _stop_group(proc)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        shutil.rmtree(self.redis_dir, ignore_errors=True)
+        for log in self._logs:
+            if not log.closed:
+                log.close()
+
+
+def _fresh_data_dir(source: Path | None) -> Path:
+    """A new temporary data dir: a copy of ``source`` (a built model) without what belongs to
+    the run that made it (Redis, locks, token, deletion log), or empty."""
     data_dir = Path(tempfile.mkdtemp(prefix="ntk-load-"))
-    if args.load_data_dir is not None:
-        shutil.copytree(args.load_data_dir, data_dir, dirs_exist_ok=True)
+    if source is not None:
+        shutil.copytree(source, data_dir, dirs_exist_ok=True)
         for stale in ("redis", ".lock", "api_token", "deletions.log"):
             path = data_dir / stale
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    log_path = Path(tempfile.gettempdir()) / f"ntk-load-{os.getpid()}-serve.log"
+    return data_dir
+
+
+def run_deployment(kind: str, options: list[str], api_options: list[str], args, log=print) -> dict:
+    """The phases against one deployment (``single`` or ``split``) of a model.
+
+    Arguments:
+      kind: ``single`` (``serve``: API and worker in one process) or ``split`` (``SplitDeployment``).
+      options: the model options (``serve``'s: ``--dataset`` and the model's).
+      api_options: more ``serve`` options (``--load-serve-args``); in ``split``, the API
+        process's, and those a worker also takes go to the worker as well.
+      args: the bench's arguments (``load_*``, ``seed``, ``ready_timeout``).
+
+    Returns:
+      ``{"deployment", "description", "phases", "ready_s", "loadavg_before", "loadavg_after",
+      "logs", "pids", "worker_nice"}``; each phase as ``_summary`` plus its CPU per request.
+
+    Raises:
+      RuntimeError: a process exited or was not ready in time.
+    """
+    nice = getattr(args, "load_worker_nice", 19)
     res: dict = {
-        "workload": workload,
-        "serve_options": options,
-        "clients": args.load_clients,
-        "seconds_per_phase": args.load_seconds,
+        "deployment": kind,
+        "description": DEPLOYMENTS[kind].format(nice=nice),
         "loadavg_before": list(os.getloadavg()),
         "phases": {},
     }
+    data_dir = _fresh_data_dir(args.load_data_dir)
+    log_path = Path(tempfile.gettempdir()) / f"ntk-load-{os.getpid()}-{kind}-serve.log"
+    if kind == "single":
+        deployment = Server(options + api_options, log_path, data_dir)
+    else:
+        deployment = SplitDeployment(
+            options, api_options, worker_options(api_options), log_path, data_dir, nice
+        )
     try:
-        with Server(options, log_path, data_dir) as server:
+        with deployment as server:
             res["ready_s"] = server.wait_ready(args.ready_timeout)
+            worker = getattr(server, "worker", None)
+            pids = (server.proc.pid, None if worker is None else worker.pid)
+            res["pids"] = {"api": pids[0]} | ({} if worker is None else {"worker": pids[1]})
+            if worker is not None:
+                res["worker_nice"] = _niceness(worker.pid)
+            res["logs"] = sorted({str(server.log_path), str(log_path)})
             base = f"http://127.0.0.1:{server.port}"
-            port, pid = server.port, server.proc.pid
-            client = server.client
-            ids = all_ids(client)
+            port, token = server.port, server.token
+            ids = all_ids(server.client)
             rows = _rows(options, args.seed)
             rng = np.random.default_rng(args.seed)
             order = [ids[i] for i in rng.permutation(len(ids))]
@@ -326,24 +712,50 @@ def run(args, log=print) -> dict:
                 ("predict-100", rows[:100], args.load_clients),
             )
             for name, x, clients in phases:
-                asyncio.run(_predict_load(port, server.token, x, clients, 1.0))
+                asyncio.run(_predict_load(port, token, x, clients, 1.0))
                 res["phases"][name] = asyncio.run(
-                    _predict_load(port, server.token, x, clients, args.load_seconds, pid)
+                    _predict_load(port, token, x, clients, args.load_seconds, pids)
                 )
-                log(f"{name}: {_line(res['phases'][name])}")
-            res["phases"]["enqueue"] = asyncio.run(
-                _enqueue_latency(port, server.token, enqueue_ids, pid)
+                log(f"{kind}: {name}: {_line(res['phases'][name])}")
+            enqueue, jobs = asyncio.run(_enqueue_latency(port, token, enqueue_ids, pids))
+            res["phases"]["enqueue"] = enqueue
+            log(f"{kind}: enqueue: {_line(enqueue)}")
+            # Let the worker apply the enqueued jobs (and finish after them) before predictions
+            # are measured again.
+            follower_log = None if worker is None else server.api_log_path
+            enqueue["applied"] = _wait_applied(
+                server.client, jobs, server.log_path, 600, follower_log
             )
-            log(f"enqueue: {_line(res['phases']['enqueue'])}")
-            # Let the worker apply the enqueued jobs before predictions are measured again.
-            _wait_idle(server, 1, 300)
+            log(f"{kind}: enqueued jobs applied: {enqueue['applied']}")
             time.sleep(2.0)
-            res["phases"]["predict-1 during forgets"] = asyncio.run(
-                _during_forgets(base, port, server.token, rows[:1], forget_ids, args, pid)
+            during = "predict-1 during forgets"
+            res["phases"][during] = asyncio.run(
+                _during_forgets(base, port, token, rows[:1], forget_ids, args, pids)
             )
-            log(f"predict-1 during forgets: {_line(res['phases']['predict-1 during forgets'])}")
+            log(f"{kind}: {during}: {_line(res['phases'][during])}")
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     res["loadavg_after"] = list(os.getloadavg())
-    res["serve_log"] = str(log_path)
+    return res
+
+
+def run(args, log=print) -> dict:
+    """Every deployment of ``--load-deployment`` (``both``: ``single``, then ``split``), one
+    after the other, each on its own copy of the data dir (``run_deployment``)."""
+    workload = args.workload if args.workload in ("digits", "mnist") else "digits"
+    options = serve_args(workload, args)
+    api_options = list(args.load_serve_args or [])
+    chosen = getattr(args, "load_deployment", "single")
+    kinds = ["single", "split"] if chosen == "both" else [chosen]
+    res: dict = {
+        "workload": workload,
+        "serve_options": options + api_options,
+        "clients": args.load_clients,
+        "seconds_per_phase": args.load_seconds,
+        "loadavg_before": list(os.getloadavg()),
+        "deployments": {},
+    }
+    for kind in kinds:
+        res["deployments"][kind] = run_deployment(kind, options, api_options, args, log)
+    res["loadavg_after"] = list(os.getloadavg())
     return res

@@ -235,7 +235,8 @@ def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
     records ``state`` does not (an addition, possibly with deletions between): K's entries
     between points both versions hold are copied from ``state``'s K, and only the blocks of the
     new points are computed (``cross_kernel`` against the kept points, the symmetric assembly
-    among themselves), as ``plan`` computed them. The preconditioner is recomputed from it.
+    among themselves), as ``plan`` computed them. No preconditioner: the caller makes one from
+    that K (``Unlearner.after_follow``).
 
     Raises:
       ValueError: ``newer`` is not a later version of ``state``'s model.
@@ -263,10 +264,9 @@ def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
     k_aa, _ = model.train_kernel(xa, layout.form, None, False)
     k_np[np.ix_(rows_a, rows_a)] = np.asarray(k_aa)
     k = layout.place(k_np.astype(newer.alpha.dtype, copy=False))
-    ny = lifecycle.preconditioner(k, newer.solver_config, layout.form, newer.train_config.loss)
     m = jnp.asarray(newer.active, k.dtype)[:, None]
     f_star = newer.f0 + layout.matvec(k, newer.alpha * m)
-    return newer.replace(k=k, layout=layout, nystrom=ny, f_star=f_star)
+    return newer.replace(k=k, layout=layout, nystrom=None, f_star=f_star)
 
 
 def _devices(state: ModelState) -> list:

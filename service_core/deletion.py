@@ -22,7 +22,7 @@ from .dual import DualProblem
 from .errors import InvalidInputError, NotCertifiedError
 from .influence import Refinement, Retained, influence_step, refine_and_certify
 from .layout import pad_rows
-from .lifecycle import finite, floor_hint, non_finite, preconditioner, solve_options
+from .lifecycle import finite, floor_hint, non_finite, solve_options
 from .linalg import SolveInfo, canonical_method, choose_method
 from .models import Network
 from .state import ModelState, VersionRecord, bucket
@@ -377,7 +377,8 @@ def _not_certified(residual: float, refined, max_refine: int, train, dtype) -> s
 def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None) -> ModelState:
     """``newer`` (a later version of ``state``'s model, read from its checkpoint without K) with K:
     ``state``'s K with the forgotten rows erased, or compacted into ``newer``'s rows (the layout
-    operations the deletion used), never recomputed; the preconditioner recomputed from that K.
+    operations the deletion used), never recomputed; no preconditioner (the caller makes one from
+    that K: ``Unlearner.after_follow``).
 
     Arguments:
       spare: a K-sized buffer the erased K may be written into (consumed).
@@ -398,7 +399,6 @@ def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None)
         del spare
         k = layout.compact(state.k, np.array([state.index[i] for i in ids]), newer.capacity)
     k = k.astype(newer.alpha.dtype)  # a dtype auto model promoted by this version: exact
-    ny = preconditioner(k, newer.solver_config, layout.form, newer.train_config.loss)
     m = jnp.asarray(newer.active, k.dtype)[:, None]
     f_star = newer.f0 + layout.matvec(k, newer.alpha * m)
-    return newer.replace(k=k, layout=layout, nystrom=ny, f_star=f_star)
+    return newer.replace(k=k, layout=layout, nystrom=None, f_star=f_star)

@@ -529,12 +529,17 @@ class Unlearner:
         seconds["spare"] = self.ready_spare()
         return seconds
 
-    def follow(self, newer: ModelState) -> None:
+    def follow(self, newer: ModelState, finish: bool = True) -> None:
         """Serve ``newer``, a later version of the same model read from a checkpoint (a follower
         process): its K is this one's with the forgotten rows erased, or compacted into ``newer``'s
-        rows (the layout operations the worker's deletion used), never recomputed; the
-        preconditioner is recomputed from that K. When ``newer`` holds records this version does
-        not (an addition), only their rows and columns of K are computed (``addition.follow``).
+        rows (the layout operations the worker's deletion used), never recomputed. When ``newer``
+        holds records this version does not (an addition), only their rows and columns of K are
+        computed (``addition.follow``). It is served without a preconditioner (nothing derived from
+        the forgotten rows is kept); ``after_follow`` makes the new one and the spare K buffer.
+
+        Arguments:
+          finish: run ``after_follow`` before returning; ``False`` leaves it to the caller, so that
+            requests waiting for ``newer`` need not wait for it too (``app.service.ModelFollower``).
 
         Raises:
           ValueError: ``newer`` is not a later version of this model.
@@ -555,10 +560,37 @@ class Unlearner:
                     model = dataclasses.replace(model, ntk_implementation=impl)
                 self.model = model
             self._state = state
-        self.ready_spare()
+        if finish:
+            self.after_follow()
 
-    def follow_checkpoint(self, checkpoint_dir: Path) -> bool:
-        """Follow the newest checkpoint under ``checkpoint_dir`` if it is newer (``follow``).
+    def after_follow(self, preconditioner: bool = True) -> dict[str, float]:
+        """The work that follows a followed version (``follow``), off the wait of the requests for
+        it: the Nyström preconditioner of the served K (solves run unpreconditioned until it is
+        in: same answers, more iterations), then the spare K buffer. The preconditioner is computed
+        without holding the model, and put in only if the version it was computed for is still
+        the one served (a newer one followed meanwhile needs its own).
+
+        Arguments:
+          preconditioner: ``False``: make none (the version stays without one).
+
+        Returns:
+          seconds per part: ``preconditioner`` (0 when there was none to make), ``spare``.
+        """
+        t0 = time.perf_counter()
+        st = self._state
+        if preconditioner and st.nystrom is None:
+            ny = lifecycle.preconditioner(st.k, st.solver_config, st.form, st.train_config.loss)
+            if ny is not None:
+                with self._forget_lock:
+                    if self._state is st:
+                        self._state = st.replace(nystrom=ny)
+        seconds = {"preconditioner": time.perf_counter() - t0}
+        seconds["spare"] = self.ready_spare()
+        return seconds
+
+    def follow_checkpoint(self, checkpoint_dir: Path, finish: bool = True) -> bool:
+        """Follow the newest checkpoint under ``checkpoint_dir`` if it is newer (``follow``, with
+        its ``finish``).
 
         Returns:
           whether a newer version is now served.
@@ -570,7 +602,7 @@ class Unlearner:
             self._state.id_key,
         )
         if newer is not None:
-            self.follow(newer)
+            self.follow(newer, finish)
         return newer is not None
 
     def ready_spare(self) -> float:

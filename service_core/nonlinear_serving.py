@@ -346,6 +346,11 @@ class NonlinearUnlearner(Unlearner):
         by the α-space step. Returns 0 (seconds)."""
         return 0.0
 
+    def after_follow(self, preconditioner: bool = True) -> dict[str, float]:
+        """Nothing to make after a followed version: no preconditioner (K is used only by the
+        α-space step), no spare K buffer (``ready_spare``). Returns ``{}``."""
+        return {}
+
     # -- answers a nonlinear model has no honest value for -------------------------------------
     def _unavailable(self, what: str, why: str) -> NotAvailableError:
         return NotAvailableError(
@@ -393,9 +398,10 @@ class NonlinearUnlearner(Unlearner):
         """Refused (``NotAvailableError``): a nonlinear deletion is only applied (``forget``)."""
         raise self._unavailable("planning a deletion", "use forget")
 
-    def follow(self, newer: ModelState) -> None:
+    def follow(self, newer: ModelState, finish: bool = True) -> None:
         """Serve ``newer``, a later version read from a checkpoint: its θ as saved, K at θ_0 with
-        the forgotten rows erased (not recomputed; K is only used by the α-space step)."""
+        the forgotten rows erased (not recomputed; K is only used by the α-space step). Nothing
+        follows it (``finish`` changes nothing: ``after_follow``)."""
         with self._forget_lock:
             newer = newer.replace(id_key=self._state.id_key)
             st = self._state

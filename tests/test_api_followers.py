@@ -45,8 +45,8 @@ def follower_app(make_settings, base_checkpoint: Path, monkeypatch) -> Iterator[
 
 
 def _never_polls(init):
-    def patched(self, state, wait_s=2.0, interval_s=1.0):
-        init(self, state, wait_s=wait_s, interval_s=3600.0)
+    def patched(self, state, wait_s=2.0, interval_s=1.0, **kwargs):
+        init(self, state, wait_s=wait_s, interval_s=3600.0, **kwargs)
 
     return patched
 

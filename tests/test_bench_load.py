@@ -1,14 +1,21 @@
 """The load generator's HTTP client and CPU meter (``bench.load``), against a plain asyncio
-server that records what it receives."""
+server that records what it receives; the split deployment (``worker`` + ``serve --no-worker``)
+through every phase on a small model."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import time
+from pathlib import Path
 
-from bench.load import _Connection, _cpu_seconds, _http_request
+import numpy as np
+import pytest
+
+from bench import load
+from bench.load import _Connection, _cpu_seconds, _http_request, worker_options
 
 
 def test_a_connection_sends_the_encoded_request_and_reads_each_whole_answer():
@@ -65,3 +72,67 @@ def test_cpu_seconds_of_a_process_follow_its_cpu_time():
         pass
     spent, own = _cpu_seconds(os.getpid()) - before, time.process_time() - own_before
     assert abs(spent - own) < 0.05 + 0.1 * own
+
+
+def test_worker_options_drop_the_api_only_flags():
+    options = ["--predict-batch-wait-ms", "0", "--lam", "0.01", "--no-worker", "--refine"]
+    assert worker_options(options) == ["--lam", "0.01", "--refine"]
+
+
+@pytest.mark.slow
+def test_the_split_deployment_runs_every_phase_and_applies_its_forgets(tmp_path):
+    """``worker`` (niced) + ``serve --no-worker`` on a private Redis, through every phase of
+    ``bench load`` on a small model: no error, the forgets of the last phase succeed through the
+    follower, and all three processes are gone afterwards."""
+    rng = np.random.default_rng(2)
+    n, features, classes = 120, 6, 3
+    y = np.arange(n) % classes
+    x = rng.normal(scale=2.0, size=(classes, features))[y] + rng.normal(size=(n, features))
+    data = tmp_path / "small.npz"
+    np.savez(data, x=x.astype(np.float32), y=y, ids=np.array([f"r{i:03d}" for i in range(n)]))
+    options = [
+        "--dataset", f"npz:{data}", "--model", "mlp", "--width", "32", "--depth", "1",
+        "--loss", "mse", "--nystrom-rank", "0",
+    ]  # fmt: skip
+    args = argparse.Namespace(
+        load_clients=2,
+        load_seconds=1.5,
+        load_forgets=3,
+        load_data_dir=None,
+        load_worker_nice=19,
+        seed=0,
+        ready_timeout=240,
+    )
+    res = load.run_deployment("split", options, ["--predict-batch-wait-ms", "0"], args)
+
+    assert res["deployment"] == "split" and res["worker_nice"] == 19
+    assert list(res["phases"]) == [
+        "predict-1, 1 client",
+        "predict-1",
+        "predict-100",
+        "enqueue",
+        "predict-1 during forgets",
+    ]
+    for name, phase in res["phases"].items():
+        assert phase["errors"] == 0, name
+        assert phase["requests"] > 0, name
+        assert phase["worker_cpu_ms"] >= 0, name  # the worker's CPU is metered apart
+    assert res["phases"]["enqueue"]["requests"] == args.load_forgets
+    forgets = res["phases"]["predict-1 during forgets"]["forgets"]
+    assert forgets["jobs"] >= 1 and forgets["succeeded"] == forgets["jobs"]
+    # the worker's log reports its applied batches; every process of the deployment has stopped
+    worker_log = next(Path(p) for p in res["logs"] if p.endswith("-worker.log"))
+    assert worker_log.read_text().count("after publishing:") >= 1
+    for pid in res["pids"].values():
+        assert not Path(f"/proc/{pid}").exists()
+    markdown = load.markdown(
+        {
+            "serve_options": options,
+            "clients": 2,
+            "seconds_per_phase": 1.5,
+            "loadavg_before": res["loadavg_before"],
+            "loadavg_after": res["loadavg_after"],
+            "deployments": {"split": res},
+        }
+    )
+    assert "**split**" in markdown and "worker CPU ms/req" in markdown

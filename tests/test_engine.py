@@ -179,3 +179,59 @@ def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, dig
     assert not set(gone) & set(follower.active_ids())
     with pytest.raises(AlreadyForgottenError):
         follower.validate_forget(gone[:1])
+
+
+def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_after(
+    tmp_path, digits, monkeypatch
+):
+    """``follow_checkpoint(finish=False)`` serves the new version at once, with no preconditioner
+    (nothing derived from the forgotten rows); ``after_follow`` then makes the one the worker
+    made from the same K after publishing, and never puts one made for a version that a newer
+    one replaced meanwhile."""
+    from service_core import engine
+
+    ds = digits.subset(slice(0, 80))
+    cfg = (
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="ce", dtype="float64"),
+        SolverConfig(),
+    )
+    worker = Unlearner.build(ds, *cfg, progress=False)
+    worker.save(tmp_path / "ck")
+    follower = Unlearner.restore(tmp_path / "ck", progress=False)
+    assert follower.state.nystrom is not None
+
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    worker.after_publish()
+    assert follower.follow_checkpoint(tmp_path / "ck", finish=False)
+    assert follower.version == 1 and follower.state.nystrom is None
+    np.testing.assert_array_equal(follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5]))
+    seconds = follower.after_follow()
+    assert set(seconds) == {"preconditioner", "spare"}
+    np.testing.assert_array_equal(
+        np.asarray(follower.state.nystrom.u), np.asarray(worker.state.nystrom.u)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(follower.state.nystrom.lam), np.asarray(worker.state.nystrom.lam)
+    )
+
+    # version 2: none made when asked for none (``serve --no-follow-preconditioner``)
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    assert follower.follow_checkpoint(tmp_path / "ck", finish=False)
+    follower.after_follow(preconditioner=False)
+    assert follower.version == 2 and follower.state.nystrom is None
+    # version 3 is followed while the preconditioner of version 2 is being made
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    made = engine.lifecycle.preconditioner
+
+    def newer_followed_meanwhile(*args, **kwargs):
+        ny = made(*args, **kwargs)
+        assert follower.follow_checkpoint(tmp_path / "ck", finish=False)
+        return ny
+
+    monkeypatch.setattr(engine.lifecycle, "preconditioner", newer_followed_meanwhile)
+    follower.after_follow()
+    assert follower.version == 3 and follower.state.nystrom is None
+    monkeypatch.undo()
+    follower.after_follow()  # made for the version served: put in
+    assert follower.state.nystrom is not None

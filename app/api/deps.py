@@ -45,10 +45,14 @@ def _loaded(value, missing: str):
 
 async def get_unlearner(state: StateDep) -> Unlearner:
     """The served model; in an API process without a worker, only once it is at least the
-    newest version the worker reported (``ModelFollower.ensure_current``), else 503."""
+    newest version the worker reported (read after this request arrived, one read shared by
+    concurrent requests: ``ModelFollower.shared_required_version``), else 503."""
     u = _loaded(state.unlearner, "the model is not loaded")
-    if state.follower is not None:  # a Redis round trip, and maybe a wait: off the event loop
-        await anyio.to_thread.run_sync(follow_or_503, state, state.follower.ensure_current)
+    follower = state.follower
+    if follower is not None:
+        wanted = await follower.shared_required_version()
+        if wanted is not None and u.version < wanted:  # a wait: off the event loop
+            await anyio.to_thread.run_sync(follow_or_503, state, lambda: follower.catch_up(wanted))
     return u
 
 

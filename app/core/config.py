@@ -189,6 +189,13 @@ class Settings(BaseSettings):
         description="'serve --no-worker': how long a request waits for this process to load "
         "the newest version the worker reported before it gets 503 (it never serves an older one)",
     )
+    follow_preconditioner: bool = Field(
+        True,
+        description="'serve --no-worker': after loading each new version, make its Nyström "
+        "preconditioner (seconds of both cores beside the requests, after the version is served); "
+        "without it this process's influence and attribution solves run unpreconditioned (same "
+        "answers, more CG iterations)",
+    )
     predict_batch_wait_ms: float = Field(
         1.0,
         ge=0,
