@@ -224,6 +224,8 @@ def run_loo(args, log) -> list[dict]:
     rng = np.random.default_rng(args.seed)
     results = []
     for title, ds, kind, loss, extra in loo_workloads(args):
+        if getattr(args, "loo_only", None) and args.loo_only not in title:
+            continue
         t0 = time.perf_counter()
         u = build(ds, kind, loss, **extra)
         n_t = min(args.attr_tests, len(ds.x_test))
