@@ -224,7 +224,7 @@ def run_loo(args, log) -> list[dict]:
     rng = np.random.default_rng(args.seed)
     results = []
     for title, ds, kind, loss, extra in loo_workloads(args):
-        if getattr(args, "loo_only", None) and args.loo_only not in title:
+        if getattr(args, "only", None) and args.only not in title:
             continue
         t0 = time.perf_counter()
         u = build(ds, kind, loss, **extra)
@@ -333,6 +333,16 @@ def run_mislabel(args, log) -> list[dict]:
             mnist_dir, seed=0, train_per_class=args.mislabel_per_class, test_per_class=40
         )
         cases.append(("MNIST logistic regression (linear), cross-entropy", mnist, "linear", {}))
+        cases.append(
+            (
+                f"MNIST FCNN 3×{args.mnist_width}, cross-entropy",
+                mnist,
+                "mlp",
+                {"width": args.mnist_width, "depth": 3},
+            )
+        )
+    only = getattr(args, "only", None)
+    cases = [case for case in cases if not only or only in case[0]]
     served = TrainConfig().lam
     lams = sorted(set(MISLABEL_LAMS) | {served}, reverse=True)
     results = []

@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--attr-records", type=int, default=200, help="attribution: random records (loo)"
     )
     ap.add_argument(
-        "--loo-only",
+        "--only",
         default=None,
-        help="attribution: run only the loo workloads whose title contains this text (e.g. MNIST)",
+        help="attribution: run only the loo and mislabel workloads whose title contains this text "
+        "(e.g. MNIST)",
     )
     ap.add_argument(
         "--attr-per-class",
