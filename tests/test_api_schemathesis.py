@@ -88,6 +88,9 @@ def served(
         redis_url=redis_url,
         redis_prefix=prefix,
         worker=False,
+        # exact self-influence retrains once per record (a Newton solve each): keep what the
+        # fuzzer's ?exact=true may ask within its 10 s read timeout (more: a documented 422)
+        max_exact_self_influence=2,
     )
     port = _free_port()
     server = uvicorn.Server(

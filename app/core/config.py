@@ -208,7 +208,7 @@ class Settings(BaseSettings):
         10_000, gt=0, description="most x rows in one /v1/predict or /v1/influence request"
     )
     max_exact_self_influence: int = Field(
-        200,
+        20,
         gt=0,
         description="most records one GET /v1/self-influence?exact=true refines to exact retraining "
         "(cross-entropy: offset + limit of them, one Newton retraining each)",
