@@ -148,11 +148,9 @@ def test_network_is_the_same_whatever_x64_says_and_restore_checks_it(tmp_path, d
         Unlearner.restore(tmp_path / "ck", progress=False)
 
 
-@pytest.mark.parametrize("n_forget", [3, 40])
-def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, digits, n_forget):
-    """A process without the worker follows each new checkpoint by erasing (3 ids: same bucket) or
-    compacting (40 ids: smaller bucket) the K it holds: it never computes a kernel, and serves
-    exactly what the worker published."""
+def _worker_and_follower(tmp_path, digits):
+    """(data, worker, follower): a small float64 model built, checkpointed, and restored by a
+    process without the worker."""
     ds = digits.subset(slice(0, 80))
     cfg = (
         ModelConfig(kind="mlp", width=16),
@@ -161,7 +159,15 @@ def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, dig
     )
     worker = Unlearner.build(ds, *cfg, progress=False)
     worker.save(tmp_path / "ck")
-    follower = Unlearner.restore(tmp_path / "ck", progress=False)
+    return ds, worker, Unlearner.restore(tmp_path / "ck", progress=False)
+
+
+@pytest.mark.parametrize("n_forget", [3, 40])
+def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, digits, n_forget):
+    """A process without the worker follows each new checkpoint by erasing (3 ids: same bucket) or
+    compacting (40 ids: smaller bucket) the K it holds: it never computes a kernel, and serves
+    exactly what the worker published."""
+    ds, worker, follower = _worker_and_follower(tmp_path, digits)
     assert not follower.follow_checkpoint(tmp_path / "ck")  # nothing newer yet
 
     def no_kernels(*args, **kwargs):
@@ -190,15 +196,7 @@ def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_afte
     one replaced meanwhile."""
     from service_core import engine
 
-    ds = digits.subset(slice(0, 80))
-    cfg = (
-        ModelConfig(kind="mlp", width=16),
-        TrainConfig(loss="ce", dtype="float64"),
-        SolverConfig(),
-    )
-    worker = Unlearner.build(ds, *cfg, progress=False)
-    worker.save(tmp_path / "ck")
-    follower = Unlearner.restore(tmp_path / "ck", progress=False)
+    ds, worker, follower = _worker_and_follower(tmp_path, digits)
     assert follower.state.nystrom is not None
 
     worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
