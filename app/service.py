@@ -7,11 +7,13 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 
 import anyio.to_thread
 import redis
 
 from service_core import Unlearner, checkpoint, load_dataset
+from service_core.engine import PreparedVersion
 from service_core.lifecycle import Identity
 from service_core.nonlinear_serving import NonlinearUnlearner
 
@@ -183,26 +185,49 @@ class FollowerBehindError(Exception):
         self.wanted = wanted
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A version the follower has prepared (``Unlearner.prepare_follow``) and not served yet: the
+    identity of the step directory it was read from (``checkpoint.step_identity``), the seconds
+    preparing took, and when it was ready (``time.perf_counter``)."""
+
+    prepared: PreparedVersion
+    identity: tuple[int, int, int] | None
+    seconds: float
+    ready_at: float
+
+    @property
+    def version(self) -> int:
+        return self.prepared.version
+
+
 class ModelFollower:
     """Keeps an API process without a worker (``serve --no-worker``) on the newest version.
 
-    The worker of another process checkpoints every version in the shared data dir, then
-    reports it in Redis (``JobQueue.reported_version``) in the transaction that marks its jobs
-    succeeded. A thread follows each newer checkpoint (``Unlearner.follow_checkpoint``: the
-    forgotten rows are erased from the K this process holds, never recomputed): every
-    ``interval_s``, and at once when a request finds this process behind. A request served
-    here first reads the reported version (``shared_required_version``: a read begun after the
-    request arrived, shared by the concurrent ones) and, if this process is behind, waits (at most
-    ``wait_s``: ``catch_up``) until it serves at least that version; so once a job is reported
-    succeeded, no process serves a version that still holds its records. What follows a new version and serves no request
-    waiting for it (the Nyström preconditioner of the new K, seconds; the spare K buffer:
-    ``Unlearner.after_follow``) is done by a second thread, after the version is served, so
-    neither those requests nor the following of the next version wait for it.
+    The worker of another process checkpoints every version in the shared data dir, appends its
+    deletion-log record, then reports it in Redis (``JobQueue.reported_version``) in the
+    transaction that marks its jobs succeeded. A thread of this process lists the checkpoint
+    directory every ``interval_s`` (one ``listdir``) and, as soon as a newer step is there,
+    prepares it while the older version is still served (``Unlearner.prepare_follow``: the
+    checkpoint read, the forgotten rows erased from the K this process holds, never recomputed);
+    it serves the prepared version (a swap) once the worker has reported it, so the hand-over a
+    request may wait for is mostly done before the report. A version is never served before it
+    is reported (until then the worker may still drop it) unless Redis does not answer (then the
+    newest checkpoint is the bar, as for requests).
+
+    A request served here first reads the reported version (``shared_required_version``: a read
+    begun after the request arrived, shared by the concurrent ones) and, if this process is
+    behind, waits (at most ``wait_s``: ``catch_up``) until it serves at least that version; so
+    once a job is reported succeeded, no process serves a version that still holds its records.
+    What follows a new version and serves no request waiting for it (the Nyström preconditioner
+    of the new K, seconds; the spare K buffer: ``Unlearner.after_follow``) is done by a second
+    thread, after the version is served, so neither those requests nor the preparing of the
+    next version wait for it.
 
     Arguments:
       state: the service state (its ``unlearner`` and ``queue``).
       wait_s: the longest a request waits for the newest version before ``FollowerBehindError``.
-      interval_s: seconds between polls of the checkpoint directory when nothing asks.
+      interval_s: seconds between two listings of the checkpoint directory when nothing asks.
       preconditioner: make each followed version's preconditioner (``False``: none after the
         first version followed; solves here then run unpreconditioned).
     """
@@ -215,7 +240,7 @@ class ModelFollower:
         self,
         state: ServiceState,
         wait_s: float = 2.0,
-        interval_s: float = 1.0,
+        interval_s: float = 0.05,
         preconditioner: bool = True,
     ):
         self.state = state
@@ -224,6 +249,7 @@ class ModelFollower:
         self.preconditioner = preconditioner
         self._next_read: asyncio.Future | None = None  # shared_required_version's next read
         self._reading = False
+        self._prepared: _Prepared | None = None  # only the follower thread touches it
         self._read_task: asyncio.Future | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -316,18 +342,60 @@ class ModelFollower:
                 self._polled.wait(remaining)
 
     def poll(self) -> bool:
-        """Swap in a newer checkpointed version if there is one. Returns whether it did."""
+        """One round of the follower thread: prepare the newest checkpoint if it is newer than
+        what is served or prepared (``Unlearner.prepare_follow``: read it, erase K, while the
+        older version is still served), then serve the prepared version once the worker has
+        reported it (``required_version``) and its step is still the one read. The worker writes a
+        version's checkpoint before its deletion-log record and its report, so the reading and
+        the erasing mostly happen before any request can ask for it, and the hand-over itself is
+        a swap. Returns whether a newer version is now served."""
         u = self.state.unlearner
-        t0 = time.perf_counter()
-        if u is None or not u.follow_checkpoint(self.state.settings.checkpoint_dir, finish=False):
+        if u is None:
+            return False
+        directory = self.state.settings.checkpoint_dir
+        self._prepare(u, directory)
+        prepared = self._prepared
+        if prepared is None:
+            return False
+        wanted = self.required_version()
+        if wanted is None or prepared.version > wanted:
+            return False  # not reported yet: the worker may still drop it (docs/design.md)
+        self._prepared = None
+        if checkpoint.step_identity(directory, prepared.version) != prepared.identity:
+            return False  # dropped and written again, or pruned for a newer one: read it again
+        if not u.serve_prepared(prepared.prepared):
             return False
         log.info(
-            "following the worker: now serving version %d (loaded in %.2f s)",
+            "following the worker: now serving version %d (prepared in %.2f s, %.2f s before "
+            "it was served)",
             u.version,
-            time.perf_counter() - t0,
+            prepared.seconds,
+            time.perf_counter() - prepared.ready_at,
         )
         self._followed.set()
         return True
+
+    def _prepare(self, u: Unlearner, directory: Path) -> None:
+        """Prepare the newest checkpoint when it is newer than the served or prepared version."""
+        prepared = self._prepared
+        if prepared is not None and prepared.prepared.base is not u.state:
+            prepared = self._prepared = None  # served changed: only this thread follows, but check
+        newest = checkpoint.newest_step_name(directory)
+        floor = u.version if prepared is None else prepared.version
+        if newest is None or newest <= floor:
+            return
+        t0 = time.perf_counter()
+        identity = checkpoint.step_identity(directory, newest)
+        newer = u.read_newer(directory)
+        if (
+            newer is None
+            or newer.version != newest
+            or checkpoint.step_identity(directory, newest) != identity
+        ):
+            return  # a save or a prune is under way: the next round reads it again
+        self._prepared = _Prepared(
+            u.prepare_follow(newer), identity, time.perf_counter() - t0, time.perf_counter()
+        )
 
     def _finish(self) -> None:
         """The second thread: after each followed version, ``Unlearner.after_follow``."""

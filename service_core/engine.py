@@ -46,6 +46,21 @@ log = logging.getLogger(__name__)
 _PREDICT_ROWS = (16, 32, 64, 128, 256, 512, 1024)
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedVersion:
+    """A followed version ready to be served (``Unlearner.prepare_follow``): ``state`` (with K),
+    the network it is served with (``model``: a promoted float64 one after a ``dtype auto``
+    promotion), and the served state it was made from (``base``)."""
+
+    base: ModelState
+    state: ModelState
+    model: Network
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+
 class Unlearner:
     """A trained linearised network (or kernel machine) in dual form that forgets on request.
 
@@ -531,11 +546,7 @@ class Unlearner:
 
     def follow(self, newer: ModelState, finish: bool = True) -> None:
         """Serve ``newer``, a later version of the same model read from a checkpoint (a follower
-        process): its K is this one's with the forgotten rows erased, or compacted into ``newer``'s
-        rows (the layout operations the worker's deletion used), never recomputed. When ``newer``
-        holds records this version does not (an addition), only their rows and columns of K are
-        computed (``addition.follow``). It is served without a preconditioner (nothing derived from
-        the forgotten rows is kept); ``after_follow`` makes the new one and the spare K buffer.
+        process): ``prepare_follow`` then ``serve_prepared``.
 
         Arguments:
           finish: run ``after_follow`` before returning; ``False`` leaves it to the caller, so that
@@ -545,23 +556,52 @@ class Unlearner:
           ValueError: ``newer`` is not a later version of this model.
         """
         with self._forget_lock:
-            newer = newer.replace(id_key=self._state.id_key)
-            if all(i in self._state.index for i in newer.ids[newer.active]):
-                state = deletion.follow(self._state, newer, self._spare.take())
+            if not self.serve_prepared(self.prepare_follow(newer)):  # cannot happen: locked
+                raise RuntimeError("the served version changed while following")
+        if finish:
+            self.after_follow()
+
+    def prepare_follow(self, newer: ModelState) -> PreparedVersion:
+        """Everything serving ``newer`` needs, without serving it yet: its K is this version's with
+        the forgotten rows erased, or compacted into ``newer``'s rows (the layout operations the
+        worker's deletion used), never recomputed; when ``newer`` holds records this version does
+        not (an addition), only their rows and columns of K are computed (``addition.follow``).
+        It has no preconditioner (nothing derived from the forgotten rows is kept);
+        ``after_follow`` makes the new one and the spare K buffer. The served version is untouched
+        (K is erased into the spare buffer, never in place), so a follower prepares a version as
+        soon as its checkpoint appears and serves it (``serve_prepared``, instantaneous) once the
+        worker reports it.
+
+        Raises:
+          ValueError: ``newer`` is not a later version of this model.
+        """
+        with self._forget_lock:
+            base = self._state
+            newer = newer.replace(id_key=base.id_key)
+            if all(i in base.index for i in newer.ids[newer.active]):
+                state = deletion.follow(base, newer, self._spare.take())
             else:  # records were added: their K blocks are computed (``addition.follow``)
                 self._spare.take()
-                state = addition.follow(self._state, newer, self.model)
-            if state.dtype != self._state.dtype and state.train_config.dtype == "auto":
+                state = addition.follow(base, newer, self.model)
+            model = self.model
+            if state.dtype != base.dtype and state.train_config.dtype == "auto":
                 model = precision.promoted_network(
                     state.model_config, state.input_shape, state.layout.d
                 )  # the worker promoted the model to float64 (``precision``)
                 if getattr(model, "user", None) is not None:
                     impl = getattr(self.model, "ntk_implementation", None)
                     model = dataclasses.replace(model, ntk_implementation=impl)
-                self.model = model
-            self._state = state
-        if finish:
-            self.after_follow()
+            return PreparedVersion(base=base, state=state, model=model)
+
+    def serve_prepared(self, prepared: PreparedVersion) -> bool:
+        """Serve a version ``prepare_follow`` made, if it was made from the version served now
+        (else nothing changes: prepare it again). Returns whether it is served."""
+        with self._forget_lock:
+            if self._state is not prepared.base:
+                return False
+            self.model = prepared.model  # before the state: a float64 network reads float32 states
+            self._state = prepared.state
+            return True
 
     def after_follow(self, preconditioner: bool = True) -> dict[str, float]:
         """The work that follows a followed version (``follow``), off the wait of the requests for
@@ -595,15 +635,20 @@ class Unlearner:
         Returns:
           whether a newer version is now served.
         """
-        newer = checkpoint.restore_newer(
+        newer = self.read_newer(checkpoint_dir)
+        if newer is not None:
+            self.follow(newer, finish)
+        return newer is not None
+
+    def read_newer(self, checkpoint_dir: Path) -> ModelState | None:
+        """The newest checkpoint under ``checkpoint_dir`` (without K) if it is newer than the
+        served version, else ``None`` (``checkpoint.restore_newer``)."""
+        return checkpoint.restore_newer(
             checkpoint_dir,
             self._state.version,
             lambda meta: jax_dtype(lifecycle.held_dtype(meta["meta"])),
             self._state.id_key,
         )
-        if newer is not None:
-            self.follow(newer, finish)
-        return newer is not None
 
     def ready_spare(self) -> float:
         """Make the spare K buffer the next deletion erases K into (``layout.SpareBuffer``).

@@ -45,7 +45,7 @@ from . import checkpoint, lifecycle, losses, nonlinear, validation
 from .config import ModelConfig, SolverConfig, TrainConfig
 from .data import Dataset
 from .deletion import ForgetResult
-from .engine import Unlearner
+from .engine import PreparedVersion, Unlearner
 from .errors import NotCertifiedError, SolverError, UnlearnError
 from .linalg import SolveInfo
 from .models import Model
@@ -398,10 +398,15 @@ class NonlinearUnlearner(Unlearner):
         """Refused (``NotAvailableError``): a nonlinear deletion is only applied (``forget``)."""
         raise self._unavailable("planning a deletion", "use forget")
 
-    def follow(self, newer: ModelState, finish: bool = True) -> None:
-        """Serve ``newer``, a later version read from a checkpoint: its θ as saved, K at θ_0 with
-        the forgotten rows erased (not recomputed; K is only used by the α-space step). Nothing
-        follows it (``finish`` changes nothing: ``after_follow``)."""
+    def prepare_follow(self, newer: ModelState) -> PreparedVersion:
+        """``newer``, a later version read from a checkpoint, ready to be served
+        (``Unlearner.serve_prepared``): its θ as saved, K at θ_0 with the forgotten rows erased
+        (not recomputed; K is only used by the α-space step). Nothing follows it
+        (``after_follow``).
+
+        Raises:
+          ValueError: ``newer`` is not an erasure of this version's rows.
+        """
         with self._forget_lock:
             newer = newer.replace(id_key=self._state.id_key)
             st = self._state
@@ -410,7 +415,8 @@ class NonlinearUnlearner(Unlearner):
                 keep[p] = i in newer.index and newer.index[i] == p
             if newer.capacity != st.capacity or keep.sum() != newer.n:
                 raise ValueError("the newer checkpoint is not an erasure of this version's rows")
-            self._state = newer.replace(k=_erase(st, keep), layout=st.layout, nystrom=None)
+            state = newer.replace(k=_erase(st, keep), layout=st.layout, nystrom=None)
+            return PreparedVersion(base=st, state=state, model=self.model)
 
     # -- deletion -------------------------------------------------------------------------------
     def forget(

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.embedded_redis import EmbeddedRedis
 from app.main import create_app
-from service_core import Dataset, Unlearner, load_dataset
+from service_core import Dataset, Unlearner, load_dataset, load_digits
 
 WRITE = {"Authorization": "Bearer write-token"}
 READ = {"Authorization": "Bearer read-token"}
@@ -38,6 +38,12 @@ MODEL = {
     "dtype": "float64",
     "seed": 0,
 }
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    """scikit-learn's digits (``load_digits(seed=0)``); modules may define their own."""
+    return load_digits(seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,107 @@
+"""``ModelFollower.poll``: an API process without a worker prepares a new version as soon as its
+checkpoint is in the data dir, serves it only once the worker has reported it, and never serves a
+version whose checkpoint was dropped and written again meanwhile.
+
+No Redis: the reported version is a plain attribute here (``FixedQueue``); the worker is a second
+model on the same checkpoint directory (``test_engine``'s pair)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import redis
+
+from app.service import ModelFollower
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, checkpoint
+
+
+class FixedQueue:
+    """The queue's view a follower reads: the version the worker reported (``None``: nothing
+    yet), or a Redis that does not answer."""
+
+    def __init__(self, version: int | None):
+        self.version = version
+        self.down = False
+
+    def reported_version(self) -> int | None:
+        if self.down:
+            raise redis.ConnectionError("refused")
+        return self.version
+
+
+def _setup(tmp_path, digits):
+    ds = digits.subset(slice(0, 60))
+    cfg = (ModelConfig(kind="mlp", width=16), TrainConfig(loss="mse", dtype="float64"))
+    worker = Unlearner.build(ds, *cfg, SolverConfig(), progress=False)
+    worker.save(tmp_path / "ck")
+    served = Unlearner.restore(tmp_path / "ck", progress=False)
+    queue = FixedQueue(0)
+    state = types.SimpleNamespace(
+        queue=queue,
+        unlearner=served,
+        settings=types.SimpleNamespace(checkpoint_dir=tmp_path / "ck"),
+    )
+    return ds, worker, served, queue, ModelFollower(state)
+
+
+def test_a_checkpointed_version_is_prepared_at_once_and_served_only_once_reported(tmp_path, digits):
+    ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    before = served.predict(ds.x_test[:4])
+    gone = worker.active_ids()[:3]
+    worker.forget(gone, checkpoint_dir=tmp_path / "ck")  # checkpointed, not reported yet
+
+    assert not follower.poll()
+    assert served.version == 0 and follower._prepared is not None
+    assert follower._prepared.version == 1
+    np.testing.assert_array_equal(served.predict(ds.x_test[:4]), before)  # the old one serves
+    assert set(gone) <= set(served.active_ids())
+
+    # Reported: the next round is a swap, without reading the checkpoint again.
+    def no_read(*args, **kwargs):
+        raise AssertionError("a prepared version is not read again")
+
+    reads = served.read_newer
+    served.read_newer = no_read
+    queue.version = 1
+    assert follower.poll()
+    served.read_newer = reads
+    assert served.version == 1 and follower._prepared is None
+    assert not set(gone) & set(served.active_ids())
+    np.testing.assert_allclose(
+        served.predict(ds.x_test[:4]), worker.predict(ds.x_test[:4]), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_array_equal(np.asarray(served.state.k), np.asarray(worker.state.k))
+    assert not follower.poll()  # nothing newer
+
+
+def test_a_version_dropped_and_written_again_is_read_again(tmp_path, digits):
+    """The worker drops a checkpointed version when its deletion-log record fails
+    (``Unlearner.forget``: the checkpoint is pruned), and its retry writes the same version number
+    with more records forgotten: the follower must serve the second one, not what it prepared
+    from the first."""
+    ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    ck = tmp_path / "ck"
+    first_try = Unlearner.restore(ck, progress=False)  # the worker's first attempt
+    first_try.use_id_key(worker.state.id_key)
+    first_try.forget(worker.active_ids()[:2], checkpoint_dir=ck)
+    assert not follower.poll() and follower._prepared.version == 1  # prepared, not reported
+    checkpoint.prune(ck, keep=0)  # dropped: its log record failed
+    retried = worker.active_ids()[:5]
+    worker.forget(retried, checkpoint_dir=ck)  # version 1 again, with the retry's batch
+    queue.version = 1
+
+    assert not follower.poll()  # another step 1 than the one prepared: dropped, not served
+    assert served.version == 0 and follower._prepared is None
+    assert follower.poll()  # read again, and served
+    assert served.version == 1 and not set(retried) & set(served.active_ids())
+    np.testing.assert_allclose(
+        served.predict(ds.x_test[:4]), worker.predict(ds.x_test[:4]), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_without_redis_the_newest_checkpoint_is_served(tmp_path, digits):
+    ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    queue.down = True
+    worker.forget(worker.active_ids()[:1], checkpoint_dir=tmp_path / "ck")
+    assert follower.poll() and served.version == 1
