@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg.blas as blas
 import scipy.linalg.lapack as lapack
+from threadpoolctl import threadpool_limits
 
 from . import losses
 from .dual import DualProblem
@@ -363,10 +364,22 @@ def _block_columns(a: np.ndarray, v: np.ndarray, out: np.ndarray, chunk: int = 2
         out[r0 : r0 + chunk] = np.einsum("nia,ia->ni", block, v)
 
 
+# OpenBLAS 0.3.31 (the build in scipy's and numpy's wheels) segfaults in its multithreaded
+# Cholesky of a matrix of about 2 GB or more on the SkylakeX kernels it picks here (float64
+# n = 16,000 and 20,000 crash; float64 n = 14,000, 1.57 GB, and float32 n = 20,480, 1.68 GB, pass;
+# np.linalg.cholesky crashes too); its one-thread path does not (float64 n = 20,000: 40 s).
+_POTRF_THREADED_MAX_BYTES = int(1.75 * 2**30)
+
+
 def _potrf(a_f: np.ndarray):
-    """In-place lower Cholesky of a Fortran-ordered SPD matrix; returns (L Fortran-ordered, info)."""
+    """In-place lower Cholesky of a Fortran-ordered SPD matrix; returns (L Fortran-ordered, info).
+    A matrix over ``_POTRF_THREADED_MAX_BYTES`` is factorised with one BLAS thread (the OpenBLAS
+    fault above)."""
     fn = lapack.dpotrf if a_f.dtype == np.float64 else lapack.spotrf
-    return fn(a_f, lower=1, clean=1, overwrite_a=1)
+    if a_f.nbytes <= _POTRF_THREADED_MAX_BYTES:
+        return fn(a_f, lower=1, clean=1, overwrite_a=1)
+    with threadpool_limits(1, user_api="blas"):
+        return fn(a_f, lower=1, clean=1, overwrite_a=1)
 
 
 def _trtri(l_f: np.ndarray):

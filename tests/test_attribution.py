@@ -303,3 +303,30 @@ def test_factor_cached_per_version_and_follows_a_deletion(digits):
     fresh = build(train.subset(keep), "mlp", "mse").self_influence()
     got = dict(zip(after.ids, after.self_influence, strict=True))
     close([got[i] for i in fresh.ids], fresh.self_influence, 1e-6)
+
+
+def test_a_large_cholesky_runs_on_one_blas_thread(monkeypatch):
+    """``_potrf`` of a matrix over its byte limit (OpenBLAS's threaded Cholesky crashes on ~2 GB
+    matrices here) runs with one BLAS thread, and factorises exactly as the threaded call."""
+    from threadpoolctl import threadpool_info
+
+    from service_core import attribution
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 300))
+    spd = x @ x.T + 300 * np.eye(300)
+    threaded, info = attribution._potrf(np.asfortranarray(spd.copy()))
+    assert info == 0
+    seen = []
+    real = attribution.lapack.dpotrf
+
+    def spy(*args, **kwargs):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution.lapack, "dpotrf", spy)
+    monkeypatch.setattr(attribution, "_POTRF_THREADED_MAX_BYTES", spd.nbytes - 1)
+    one, info = attribution._potrf(np.asfortranarray(spd.copy()))
+    assert info == 0 and seen and all(n == 1 for n in seen[0])
+    np.testing.assert_allclose(np.tril(one), np.tril(threaded), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.tril(one) @ np.tril(one).T, spd, rtol=1e-10)
