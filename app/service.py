@@ -212,8 +212,8 @@ class ModelFollower:
     checkpoint read, the forgotten rows erased from the K this process holds, never recomputed);
     it serves the prepared version (a swap) once the worker has reported it, so the hand-over a
     request may wait for is mostly done before the report. A version is never served before it
-    is reported (until then the worker may still drop it) unless Redis does not answer (then the
-    newest checkpoint is the bar, as for requests).
+    is reported (until then the worker may still drop it); when Redis does not answer, before it
+    has a deletion-log record (``committed_version``, the bar for requests too).
 
     A request served here first reads the reported version (``shared_required_version``: a read
     begun after the request arrived, shared by the concurrent ones) and, if this process is
@@ -273,12 +273,26 @@ class ModelFollower:
 
     def required_version(self) -> int | None:
         """The version this process must serve at least: the newest the worker has reported,
-        or, when Redis does not answer, the newest checkpoint (the worker writes a version's
-        checkpoint before it reports the version). ``None``: nothing reported or saved yet."""
+        or, when Redis does not answer, ``committed_version()``. ``None``: nothing reported or
+        saved yet."""
         try:
             return self.state.queue.reported_version()
         except redis.RedisError:
-            return checkpoint.latest_version(self.state.settings.checkpoint_dir)
+            return self.committed_version()
+
+    def committed_version(self) -> int | None:
+        """The newest version the worker can no longer drop: the newest with a deletion-log
+        record (appended, fsync'd, after its checkpoint and before it is published and reported,
+        so never older than a reported one), else the newest checkpoint (version 0, built, is
+        never logged). A checkpoint without its record may still be dropped and its version
+        number written again with another batch (the record failed), so it is not the bar: a
+        follower that served it could never tell (docs/design.md, Followers)."""
+        log = self.state.deletion_log
+        logged = log.versions() if log is not None else set()
+        if logged:
+            return max(logged)
+        newest = checkpoint.latest_version(self.state.settings.checkpoint_dir)
+        return None if newest is None else min(newest, 0)
 
     async def shared_required_version(self) -> int | None:
         """``required_version()`` read after this call began, one read shared by the calls that
@@ -425,6 +439,10 @@ class ModelFollower:
                 return
             try:
                 followed = self.poll()
+            except FileNotFoundError as e:
+                # the worker pruned the step being read (after reporting a newer one): read again
+                log.info("the checkpoint being read was pruned (%s); reading the newest again", e)
+                followed = False
             except Exception:
                 # The worker may prune the version being read; the next poll finds the newer one.
                 log.warning("could not load the newest checkpoint; retrying", exc_info=True)

@@ -107,7 +107,20 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def latest_version(directory: Path) -> int | None:
-    """Newest complete version under ``directory``, or ``None``."""
+    """Newest complete version under ``directory``, or ``None``.
+
+    A step the worker prunes while orbax lists the directory (renamed away between the listing
+    and its ``stat``) raises ``FileNotFoundError`` in orbax: the listing is then done again (at
+    most five times in all)."""
+    for _ in range(4):
+        try:
+            return _latest_step(directory)
+        except FileNotFoundError:
+            continue
+    return _latest_step(directory)
+
+
+def _latest_step(directory: Path) -> int | None:
     if not Path(directory).exists():
         return None
     with _manager(directory) as mngr:

@@ -118,7 +118,7 @@ def test_exact_self_influence_refines_the_page(make_settings, unlearner):
         )
         assert {e["id"] for e in body["records"]} == {e["id"] for e in step["records"]}
         r = client.get("/v1/self-influence?offset=2&limit=3&exact=true", headers=READ)
-        assert r.status_code == 422 and "max_exact_self_influence" in r.json()["detail"]
+        assert r.status_code == 422 and "--max-exact-self-influence" in r.json()["detail"]
         assert client.get("/v1/model", headers=READ).json()["version"] == 0
 
 

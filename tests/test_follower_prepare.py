@@ -10,8 +10,10 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 import redis
 
+from app.deletion_log import DeletionLog
 from app.service import ModelFollower
 from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, checkpoint
 
@@ -41,6 +43,7 @@ def _setup(tmp_path, digits):
         queue=queue,
         unlearner=served,
         settings=types.SimpleNamespace(checkpoint_dir=tmp_path / "ck"),
+        deletion_log=None,
     )
     return ds, worker, served, queue, ModelFollower(state)
 
@@ -100,8 +103,45 @@ def test_a_version_dropped_and_written_again_is_read_again(tmp_path, digits):
     )
 
 
-def test_without_redis_the_newest_checkpoint_is_served(tmp_path, digits):
+def test_without_redis_only_a_logged_version_is_served(tmp_path, digits):
+    """Redis down: the bar is the newest version with a deletion-log record, never a checkpoint
+    the worker may still drop (found by a break-it run: a follower served such a version, the
+    worker dropped it and wrote version 1 again with another batch, and the follower kept the
+    first one for good)."""
     ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    follower.state.deletion_log = DeletionLog(tmp_path / "deletions.log")
     queue.down = True
     worker.forget(worker.active_ids()[:1], checkpoint_dir=tmp_path / "ck")
+    assert not follower.poll() and served.version == 0  # prepared, not committed
+    assert follower.required_version() == 0
+    follower.state.deletion_log.append({"version": 1, "version_before": 0})
+    assert follower.required_version() == 1
     assert follower.poll() and served.version == 1
+
+
+def test_a_step_pruned_while_orbax_lists_the_directory_is_listed_again(tmp_path, monkeypatch):
+    """The worker prunes the older step after reporting a newer one; orbax's listing then fails
+    on the vanished directory (FileNotFoundError): ``latest_version`` lists again, at most five
+    times in all."""
+    calls = []
+    real = checkpoint._latest_step
+
+    def flaky(directory):
+        calls.append(directory)
+        if len(calls) < 3:
+            raise FileNotFoundError(2, "No such file or directory", str(directory / "0"))
+        return real(directory)
+
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(checkpoint, "_latest_step", flaky)
+    assert checkpoint.latest_version(tmp_path / "ck") is None and len(calls) == 3
+
+    def vanishing(directory):
+        calls.append(directory)
+        raise FileNotFoundError("gone")
+
+    calls.clear()
+    monkeypatch.setattr(checkpoint, "_latest_step", vanishing)
+    with pytest.raises(FileNotFoundError):
+        checkpoint.latest_version(tmp_path / "ck")
+    assert len(calls) == 5

@@ -193,8 +193,9 @@ class Settings(BaseSettings):
         True,
         description="'serve --no-worker': after loading each new version, make its Nyström "
         "preconditioner (seconds of both cores beside the requests, after the version is served); "
-        "without it this process's influence and attribution solves run unpreconditioned (same "
-        "answers, more CG iterations)",
+        "without it none is made for the versions it follows (the version it starts with keeps the "
+        "one made at start) and this process's influence and attribution solves then run "
+        "unpreconditioned (same answers, more CG iterations)",
     )
     predict_batch_wait_ms: float = Field(
         1.0,

@@ -113,7 +113,7 @@ def self_influence(
         if top > settings.max_exact_self_influence:
             raise InvalidInputError(
                 f"exact=true refines offset + limit = {top} records; at most "
-                f"{settings.max_exact_self_influence} (max_exact_self_influence): lower offset "
+                f"{settings.max_exact_self_influence} (--max-exact-self-influence): lower offset "
                 "or limit"
             )
         si = u.self_influence(exact=True, top=top)
