@@ -119,6 +119,16 @@ def test_exact_self_influence_refines_the_page(make_settings, unlearner):
         assert {e["id"] for e in body["records"]} == {e["id"] for e in step["records"]}
         r = client.get("/v1/self-influence?offset=2&limit=3&exact=true", headers=READ)
         assert r.status_code == 422 and "--max-exact-self-influence" in r.json()["detail"]
+        # One exact=true request at a time per process: another gets 503 with Retry-After (the
+        # influence-step ranking is still served meanwhile).
+        from app.api.routes import attribution as route
+
+        with route._EXACT_SELF_INFLUENCE:
+            busy = client.get("/v1/self-influence?limit=1&exact=true", headers=READ)
+            assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
+            assert "exact=true is running" in busy.json()["detail"]
+            assert client.get("/v1/self-influence?limit=1", headers=READ).status_code == 200
+        assert client.get("/v1/self-influence?limit=1&exact=true", headers=READ).status_code == 200
         assert client.get("/v1/model", headers=READ).json()["version"] == 0
 
 

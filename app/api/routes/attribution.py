@@ -6,17 +6,18 @@ version (``service_core.attribution``), computed on the first request after a ve
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query, status
 
 from service_core.attribution import RankedRecords
 from service_core.errors import InvalidInputError
 from service_core.nonlinear_serving import NonlinearUnlearner
 
 from .. import schemas
-from ..deps import ModelDep, ReadAccess, SettingsDep
+from ..deps import RETRY_LATER, ModelDep, ReadAccess, SettingsDep
 from ..schemas import INVALID, READ_AUTH, errors
 from .model import _BAD_INPUT, _check_rows
 
@@ -75,13 +76,18 @@ def attribute(
     return schemas.AttributeOut(model_version=a.version, exact=a.exact, results=results)
 
 
+# ``exact=true`` requests refining records: one at a time per process (``self_influence``)
+_EXACT_SELF_INFLUENCE = threading.Lock()
+
+
 @router.get(
     "/self-influence",
     responses=errors(
         {
             **INVALID,
             409: "not available for a nonlinear model (--nonlinear)",
-            422: "exact=true would refine more records than max_exact_self_influence",
+            422: "exact=true would refine more records than --max-exact-self-influence",
+            503: "another exact=true request is running in this process (Retry-After)",
             500: "the leave-one-out factorisation or a refinement failed",
         }
     ),
@@ -105,8 +111,8 @@ def self_influence(
 
     Exact for squared error, the influence step for cross-entropy (computed once per version). With
     `exact=true` a cross-entropy model retrains without each of the first `offset + limit` records
-    (at most `max_exact_self_influence`; each a Newton solve, not cached) and returns them in the
-    order of their exact values.
+    (at most `--max-exact-self-influence`; each a Newton solve, not cached; one such request at a
+    time per process, another gets 503) and returns them in the order of their exact values.
     """
     top = offset + limit
     if exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner):
@@ -116,7 +122,19 @@ def self_influence(
                 f"{settings.max_exact_self_influence} (--max-exact-self-influence): lower offset "
                 "or limit"
             )
-        si = u.self_influence(exact=True, top=top)
+        # Each refined record is a Newton retraining (seconds to minutes of both cores): one such
+        # request at a time per process, so a read token cannot queue up minutes of solves.
+        if not _EXACT_SELF_INFLUENCE.acquire(blocking=False):
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "another self-influence request with exact=true is running in this process: "
+                "retry when it has finished",
+                headers=RETRY_LATER,
+            )
+        try:
+            si = u.self_influence(exact=True, top=top)
+        finally:
+            _EXACT_SELF_INFLUENCE.release()
     else:
         si = u.self_influence()
     page = slice(offset, offset + limit)
