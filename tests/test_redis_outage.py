@@ -7,6 +7,7 @@ socket stays open and nothing answers), resumes with SIGCONT, kills, and starts 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -49,8 +50,9 @@ def _wait_until(call, ok, timeout: float = 15.0):
 
 
 def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
-    tmp_path: Path, make_settings, unlearner, wait_for_job
+    tmp_path: Path, make_settings, unlearner, wait_for_job, caplog
 ):
+    caplog.set_level(logging.INFO, logger="app.worker")
     server = EmbeddedRedis(tmp_path / "redis").start()
     pid = int(server.pidfile.read_text())
     settings = make_settings(redis_url=server.url, redis_timeout_s=TIMEOUT_S, redis_retry_s=RETRY_S)
@@ -102,6 +104,14 @@ def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
             r = _wait_until(forget(["r01"]), lambda r: r.status_code != 503)
             assert r.status_code == 202, r.text
             assert wait_for_job(client, r.json()["job_id"])["status"] == "succeeded"
+            # The worker's post-publish work (preconditioner, spare K: BLAS and XLA threads) done
+            # before the server is restarted below: the restart forks this process (the server's
+            # preexec_fn), and OpenBLAS's fork handler can deadlock against a BLAS call running in
+            # another thread (CI once: the worker hung there, the next job stayed queued).
+            _wait_until(
+                lambda: any("after publishing" in m for m in caplog.messages), bool, timeout=30
+            )
+            assert any("after publishing" in m for m in caplog.messages), caplog.messages
 
             # Dead: connections are refused; the breaker keeps even that from the socket.
             server.stop()
