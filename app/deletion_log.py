@@ -27,6 +27,7 @@ class DeletionLog:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._cache: tuple[int, list[dict[str, Any]]] = (-1, [])
+        self._newest: tuple[int, int | None] = (-1, None)  # (file size, newest version)
 
     def append(self, entry: dict[str, Any]) -> None:
         """Append one entry and fsync it, so a logged version survives a crash."""
@@ -88,6 +89,17 @@ class DeletionLog:
 
     def versions(self) -> set[int]:
         return {int(e["version"]) for e in self.entries() if "version" in e}
+
+    def newest_version(self) -> int | None:
+        """The newest logged version (``None``: none), recomputed only when the file has grown:
+        a follower reads it for every round of requests while Redis does not answer."""
+        self.entries()  # re-read if grown
+        with self._lock:
+            size, entries = self._cache  # one consistent pair
+            if self._newest[0] != size:
+                found = [int(e["version"]) for e in entries if "version" in e]
+                self._newest = (size, max(found, default=None))
+            return self._newest[1]
 
     def page(self, cursor: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
         """Entries with version > ``cursor``, oldest first, at most ``limit``; and the cursor of

@@ -288,11 +288,12 @@ class ModelFollower:
         number written again with another batch (the record failed), so it is not the bar: a
         follower that served it could never tell (docs/design.md, Followers)."""
         log = self.state.deletion_log
-        logged = log.versions() if log is not None else set()
-        if logged:
-            return max(logged)
-        newest = checkpoint.latest_version(self.state.settings.checkpoint_dir)
-        return None if newest is None else min(newest, 0)
+        logged = log.newest_version() if log is not None else None
+        if logged is not None:
+            return logged
+        if checkpoint.latest_version(self.state.settings.checkpoint_dir) is None:
+            return None
+        return 0
 
     async def shared_required_version(self) -> int | None:
         """``required_version()`` read after this call began, one read shared by the calls that

@@ -642,7 +642,12 @@ class Unlearner:
 
     def read_newer(self, checkpoint_dir: Path) -> ModelState | None:
         """The newest checkpoint under ``checkpoint_dir`` (without K) if it is newer than the
-        served version, else ``None`` (``checkpoint.restore_newer``)."""
+        served version, else ``None`` (``checkpoint.restore_newer``).
+
+        Raises:
+          FileNotFoundError: the worker pruned the step while it was read (read again).
+          OSError and orbax errors: the checkpoint could not be read.
+        """
         return checkpoint.restore_newer(
             checkpoint_dir,
             self._state.version,
