@@ -93,14 +93,19 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
         settings.mode,
     )
     nonlinear = {"options": settings.nonlinear_options()} if settings.nonlinear else {}
-    u = (NonlinearUnlearner if settings.nonlinear else Unlearner).restore(
-        settings.checkpoint_dir,
-        cache_dir=settings.ntk_cache_dir,
-        id_key=keys.id_secret,
-        prune=settings.worker,
-        expect=expect,
-        **nonlinear,
-    )
+
+    def restore(max_version: int | None) -> Unlearner | None:
+        return (NonlinearUnlearner if settings.nonlinear else Unlearner).restore(
+            settings.checkpoint_dir,
+            cache_dir=settings.ntk_cache_dir,
+            id_key=keys.id_secret,
+            prune=settings.worker,
+            expect=expect,
+            max_version=max_version,
+            **nonlinear,
+        )
+
+    u = restore(None) if settings.worker else _restore_committed(settings, restore)
     if u is not None and settings.worker:
         deletion_log = DeletionLog(settings.deletion_log)
         checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
@@ -120,6 +125,35 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
             time.perf_counter() - started,
         )
     return u
+
+
+def _restore_committed(settings: Settings, restore) -> Unlearner | None:
+    """A follower's start: the newest checkpoint at most the newest logged version (version 0
+    when nothing is logged). A newer checkpoint without its deletion-log record may still be
+    dropped by the worker and its version number written again with another batch; a follower
+    that started on it could never tell (docs/design.md, Followers). It follows that version
+    once it is reported, as any other. The logged version's checkpoint may be purged meanwhile
+    (a newer one logged and published): then the log is read again. A data dir whose log has no
+    record at or above any checkpoint (written before the log existed) serves its newest."""
+    deletion_log = DeletionLog(settings.deletion_log)
+    bar = None
+    for _ in range(5):
+        newer = deletion_log.newest_version()
+        newer = 0 if newer is None else newer
+        if newer == bar:
+            break  # the log did not move: no checkpoint at or below it will appear
+        bar = newer
+        u = restore(bar)
+        if u is not None:
+            return u
+    if checkpoint.latest_version(settings.checkpoint_dir) is None:
+        return None
+    log.warning(
+        "no checkpoint at or below the newest logged version (%s) in %s: serving the newest",
+        bar,
+        settings.checkpoint_dir,
+    )
+    return restore(None)
 
 
 def _build(settings: Settings, keys: DeploymentKeys) -> Unlearner:

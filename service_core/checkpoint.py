@@ -151,7 +151,25 @@ def step_identity(directory: Path, version: int) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def restore(directory: Path, before_arrays=None, id_key: bytes = b"") -> ModelState | None:
+def newest_at_most(directory: Path, max_version: int) -> int | None:
+    """The newest complete version under ``directory`` that is at most ``max_version`` (``None``:
+    none). Listed again when a step is pruned during the listing, as ``latest_version``."""
+    if not Path(directory).exists():
+        return None
+    for attempt in range(5):
+        try:
+            with _manager(directory) as mngr:
+                steps = [s for s in mngr.all_steps() if s <= max_version]
+            return max(steps, default=None)
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    return None  # unreachable
+
+
+def restore(
+    directory: Path, before_arrays=None, id_key: bytes = b"", max_version: int | None = None
+) -> ModelState | None:
     """The newest complete version under ``directory``, or ``None`` when there is none.
 
     Arguments:
@@ -160,11 +178,16 @@ def restore(directory: Path, before_arrays=None, id_key: bytes = b"") -> ModelSt
 
       id_key: the secret of the state's id digests (``ModelState.digest``); a checkpoint written
         before forgotten ids were digested has its clear ids digested here.
+      max_version: restore the newest version at most this one (``None``: the newest). A
+        follower passes the newest logged version: a newer checkpoint may still be dropped and
+        written again with another batch (docs/design.md, Followers).
 
     Returns:
       the state with ``k=None`` (see the module docstring).
     """
-    step = latest_version(directory)
+    step = (
+        latest_version(directory) if max_version is None else newest_at_most(directory, max_version)
+    )
     if step is None:
         return None
     with _manager(directory) as mngr:

@@ -120,12 +120,21 @@ class Unlearner:
         id_key: bytes = b"",
         prune: bool = False,
         expect: lifecycle.Identity | None = None,
+        max_version: int | None = None,
     ) -> Unlearner | None:
-        """The newest complete checkpoint under ``checkpoint_dir``, or ``None``; with ``prune``, every
-        other checkpoint and cached kernel is deleted; with ``expect``, a checkpoint of another model
-        raises ``CheckpointMismatchError`` (``lifecycle.restore``)."""
+        """The newest complete checkpoint under ``checkpoint_dir`` (at most ``max_version`` when
+        given), or ``None``; with ``prune``, every other checkpoint and cached kernel is deleted;
+        with ``expect``, a checkpoint of another model raises ``CheckpointMismatchError``
+        (``lifecycle.restore``)."""
         restored = lifecycle.restore(
-            checkpoint_dir, cache_dir, progress, devices, id_key, prune, expect
+            checkpoint_dir,
+            cache_dir,
+            progress,
+            devices,
+            id_key,
+            prune,
+            expect,
+            max_version=max_version,
         )
         return None if restored is None else cls(*restored, cache_dir, id_key)
 

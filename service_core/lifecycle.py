@@ -234,6 +234,7 @@ def restore(
     prune: bool = False,
     expect: Identity | None = None,
     recertify: bool = True,
+    max_version: int | None = None,
 ) -> tuple[ModelState, Network] | None:
     """The newest complete checkpoint under ``checkpoint_dir`` (no retraining), or ``None``.
 
@@ -250,6 +251,8 @@ def restore(
       recertify: recompute the linearised certificate of α on the recomputed K, re-solving when it
         misses (``recertified``); ``False`` for a nonlinear model, whose α is not that optimum
         (``nonlinear_serving``).
+      max_version: the newest version at most this one (``checkpoint.restore``); ``None``: the
+        newest.
 
     Raises:
       CheckpointMismatchError: the checkpoint's model is not ``expect`` (every difference named).
@@ -261,6 +264,7 @@ def restore(
         checkpoint_dir,
         before_arrays=lambda meta: jax_dtype(held_dtype(meta["meta"])),
         id_key=id_key,
+        max_version=max_version,
     )
     if state is None:
         return None

@@ -317,17 +317,26 @@ class NonlinearUnlearner(Unlearner):
         prune: bool = False,
         expect: lifecycle.Identity | None = None,
         options: NonlinearOptions | None = None,
+        max_version: int | None = None,
     ) -> NonlinearUnlearner | None:
         """The newest checkpoint (``lifecycle.restore`` without re-certifying α: α is not the
         linearised optimum here), θ as saved; ``options`` (default: the saved ones) may change the
-        step and refinement of later deletions.
+        step and refinement of later deletions; ``max_version`` as ``Unlearner.restore``.
 
         Raises:
           CheckpointMismatchError: another model, or a checkpoint not built with --nonlinear.
           what ``lifecycle.restore`` raises.
         """
         restored = lifecycle.restore(
-            checkpoint_dir, cache_dir, progress, devices, id_key, prune, expect, recertify=False
+            checkpoint_dir,
+            cache_dir,
+            progress,
+            devices,
+            id_key,
+            prune,
+            expect,
+            recertify=False,
+            max_version=max_version,
         )
         if restored is None:
             return None

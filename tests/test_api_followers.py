@@ -7,6 +7,7 @@ second model on the same data dir and Redis); ``test_api_scale_out`` runs real p
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,9 @@ from fastapi.testclient import TestClient
 from app.deletion_log import DeletionLog
 from app.main import create_app
 from app.queue import StaleModelError
-from app.service import ModelFollower, make_worker
-from service_core import Unlearner
+from app.receipts import DeploymentKeys
+from app.service import ModelFollower, load_model, make_worker
+from service_core import Unlearner, checkpoint
 
 pytestmark = pytest.mark.redis
 
@@ -152,3 +154,56 @@ def test_without_redis_the_newest_logged_version_is_the_bar(make_settings, base_
         ids = client.get("/v1/ids", headers=READ)
         assert ids.status_code == 200, ids.text
         assert "r05" not in ids.json()["ids"] and follower_model.version == 1
+
+
+def test_a_follower_starts_on_the_newest_logged_version(make_settings, base_checkpoint, caplog):
+    """A follower started while the worker's newest checkpoint has no deletion-log record yet
+    restores the newest logged one (version 0 when nothing is logged): the unlogged one may still
+    be dropped and its version number written again with another batch. Once logged, a later
+    start restores it; a log that no checkpoint at or below it matches (the logged version
+    purged meanwhile) is read again."""
+    settings = make_settings(worker=False)
+    shutil.copytree(base_checkpoint, settings.checkpoint_dir)
+    keys = DeploymentKeys.load_or_create(settings.data_dir)
+    worker_model = Unlearner.restore(settings.checkpoint_dir, id_key=keys.id_secret)
+    worker_model.forget(["r05"], settings.checkpoint_dir)  # checkpoint 1, not logged
+    assert checkpoint.latest_version(settings.checkpoint_dir) == 1
+
+    started = load_model(settings)
+    assert started.version == 0 and "r05" in started.active_ids()
+
+    DeletionLog(settings.deletion_log).append({"version": 1, "version_before": 0})
+    started = load_model(settings)
+    assert started.version == 1 and "r05" not in started.active_ids()
+
+    # Version 2 checkpointed and logged, 1 purged: a log read as 1 finds no checkpoint <= 1 ...
+    worker_model.forget(["r06"], settings.checkpoint_dir)
+    checkpoint.prune(settings.checkpoint_dir, keep=2)
+    log = DeletionLog(settings.deletion_log)
+    reads = iter([1, 2])
+    log.newest_version = lambda: next(reads)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("app.service.DeletionLog", lambda path: log)
+        started = load_model(settings)
+    # ... and is read again (not the fallback for a log older than every checkpoint)
+    assert started.version == 2 and "r06" not in started.active_ids()
+    assert not any("no checkpoint at or below" in m for m in caplog.messages), caplog.messages
+
+    # A log with no record at or above any checkpoint (written before the log): the newest.
+    settings.deletion_log.unlink()
+    caplog.clear()
+    assert load_model(settings).version == 2
+    assert any("no checkpoint at or below" in m for m in caplog.messages), caplog.messages
+
+
+def test_the_worker_starts_on_the_newest_checkpoint(make_settings, base_checkpoint):
+    """The worker itself restores its newest checkpoint and logs it if the log lacks it (the
+    crash between checkpoint and log record: docs/design.md, The order of a deletion)."""
+    settings = make_settings(worker=True)
+    shutil.copytree(base_checkpoint, settings.checkpoint_dir)
+    keys = DeploymentKeys.load_or_create(settings.data_dir)
+    worker_model = Unlearner.restore(settings.checkpoint_dir, id_key=keys.id_secret)
+    worker_model.forget(["r05"], settings.checkpoint_dir)
+    started = load_model(settings, role="worker")
+    assert started.version == 1
+    assert DeletionLog(settings.deletion_log).newest_version() == 1
