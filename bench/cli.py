@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="split: the worker's nice value (19: lowest CPU priority; 0: as the API)",
     )
     ap.add_argument(
+        "--load-worker-cpus",
+        default=None,
+        help="split: pin the worker to these CPUs (a taskset -c list, e.g. 1; default: any)",
+    )
+    ap.add_argument(
         "--parts",
         type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
         default=None,

@@ -535,7 +535,8 @@ class Unlearner:
     def after_publish(self) -> dict[str, float]:
         """The work that follows a published (and purged) deletion, off its latency: recompute the
         Nyström preconditioner from the new K (so nothing derived from forgotten points stays in
-        memory), make the spare K buffer.
+        memory; its pass over K on one core, leaving the others to requests), make the spare K
+        buffer.
 
         Returns:
           seconds per part: ``preconditioner``, ``spare``.
@@ -546,7 +547,7 @@ class Unlearner:
             st = self._state
             if st.nystrom is not None and self.solver_config.nystrom_refresh:
                 ny = lifecycle.preconditioner(
-                    st.k, self.solver_config, st.form, self.train_config.loss
+                    st.k, self.solver_config, st.form, self.train_config.loss, one_core=True
                 )
                 self._state = st.replace(nystrom=ny)
             seconds["preconditioner"] = time.perf_counter() - t0
@@ -628,7 +629,9 @@ class Unlearner:
         t0 = time.perf_counter()
         st = self._state
         if preconditioner and st.nystrom is None:
-            ny = lifecycle.preconditioner(st.k, st.solver_config, st.form, st.train_config.loss)
+            ny = lifecycle.preconditioner(
+                st.k, st.solver_config, st.form, st.train_config.loss, one_core=True
+            )
             if ny is not None:
                 with self._forget_lock:
                     if self._state is st:

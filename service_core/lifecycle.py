@@ -546,12 +546,15 @@ def solve_options(
     )
 
 
-def preconditioner(k: jax.Array, cfg: SolverConfig, form: str, loss: str) -> Nystrom | None:
+def preconditioner(
+    k: jax.Array, cfg: SolverConfig, form: str, loss: str, one_core: bool = False
+) -> Nystrom | None:
     """The CG preconditioner of ``k`` (``linalg.nystrom``), or ``None`` when turned off or when the
-    solvers cannot use it (trace form with cross-entropy: ``linalg.nystrom.usable``)."""
+    solvers cannot use it (trace form with cross-entropy: ``linalg.nystrom.usable``).
+    ``one_core``: its pass over K on one core (work beside requests: ``linalg.nystrom``)."""
     if cfg.nystrom_rank <= 0 or (form == "trace" and loss != "mse"):
         return None
-    ny, seconds = nystrom(k, cfg.nystrom_rank)
+    ny, seconds = nystrom(k, cfg.nystrom_rank, one_core=one_core)
     if ny is not None:
         log.info("Nyström preconditioner of rank %d: %.2f s", cfg.nystrom_rank, seconds)
     return ny

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,3 +185,33 @@ def test_tiny_right_hand_sides_are_solved_and_certified(method):
         assert info.residual == pytest.approx(
             true, rel=1.0
         )  # the certificate is the answer's, not an underflow
+
+
+def test_nystrom_on_one_core_is_the_same_approximation(monkeypatch):
+    """``one_core`` (post-publish work beside requests): K Ω on one BLAS thread, the same
+    rank-ℓ approximation up to rounding, which is still below K (K − U Λ Uᵀ PSD)."""
+    nystrom_module = importlib.import_module("service_core.linalg.nystrom")
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 60))
+    k = jnp.asarray(a @ a.T + 1e-3 * np.eye(300), jnp.float32)
+    limits = []
+    real = nystrom_module.threadpool_limits
+
+    def spy(*args, **kwargs):
+        limits.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nystrom_module, "threadpool_limits", spy)
+    threaded, _ = nystrom(k, 40)
+    assert limits == []
+    one, _ = nystrom(k, 40, one_core=True)
+    assert limits == [((1,), {"user_api": "blas"})]
+
+    def dense(ny):
+        u, lam = np.asarray(ny.u, np.float64), np.asarray(ny.lam, np.float64)
+        return (u * lam) @ u.T
+
+    kd = np.asarray(k, np.float64)
+    np.testing.assert_allclose(dense(one), dense(threaded), atol=1e-4 * np.abs(kd).max())
+    assert np.linalg.eigvalsh(kd - dense(one)).min() > -1e-4 * np.abs(kd).max()

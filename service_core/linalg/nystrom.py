@@ -10,6 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .system import SPDSystem
 
@@ -37,12 +39,26 @@ class Nystrom(NamedTuple):
         return self._replace(u=self.u * keep[:, None].astype(self.u.dtype))
 
 
-@partial(jax.jit, static_argnames=("rank",))
-def _approximate(k, key, rank):
-    n = k.shape[0]
-    omega, _ = jnp.linalg.qr(jax.random.normal(key, (n, rank), k.dtype))
-    y = jnp.matmul(k, omega, precision=jax.lax.Precision.HIGHEST)  # one pass over K, ℓ columns
-    shift = jnp.sqrt(n) * jnp.finfo(k.dtype).eps * jnp.linalg.norm(y)
+@partial(jax.jit, static_argnames=("n", "rank", "dtype"))
+def _test_matrix(key, n, rank, dtype):
+    omega, _ = jnp.linalg.qr(jax.random.normal(key, (n, rank), dtype))
+    return omega
+
+
+def _sketch_one_core(k: jax.Array, omega: jax.Array) -> jax.Array | None:
+    """K Ω on one BLAS thread, reading K in place (a CPU array viewed by numpy, no copy); ``None``
+    when K is not one CPU buffer (sharded, or on an accelerator)."""
+    if len(k.devices()) != 1 or next(iter(k.devices())).platform != "cpu":
+        return None
+    with threadpool_limits(1, user_api="blas"):
+        return jnp.asarray(np.asarray(k) @ np.asarray(omega))
+
+
+@jax.jit
+def _finish(k_omega, omega):
+    n = omega.shape[0]
+    y = k_omega
+    shift = jnp.sqrt(n) * jnp.finfo(y.dtype).eps * jnp.linalg.norm(y)
     y = y + shift * omega
     chol = jnp.linalg.cholesky(omega.T @ y)
     b = jsl.solve_triangular(chol, y.T, lower=True).T
@@ -50,9 +66,16 @@ def _approximate(k, key, rank):
     return u, jnp.maximum(sigma**2 - shift, 0.0)
 
 
-def nystrom(k: jax.Array, rank: int, seed: int = 0) -> tuple[Nystrom | None, float]:
+def nystrom(
+    k: jax.Array, rank: int, seed: int = 0, one_core: bool = False
+) -> tuple[Nystrom | None, float]:
     """Rank-``rank`` randomized Nyström approximation of the PSD matrix ``k`` ``(n, n)``: one pass over
     K with ``rank`` columns (2n²ℓ flops), then a QR and an SVD of ``(n, ℓ)``.
+
+    ``one_core``: the pass over K runs on one BLAS thread (when K is one CPU buffer), for work done
+    beside requests (a deletion's post-publish work, a follower's): XLA's matmul takes every core,
+    and while it ran 10 % of the predictions beside it took over twice their idle p99 (``bench
+    load``); on one core it takes about twice as long. Same approximation up to rounding.
 
     Returns:
       ``(approximation, seconds)``; the approximation is ``None`` when the rank is 0, not below n,
@@ -61,7 +84,12 @@ def nystrom(k: jax.Array, rank: int, seed: int = 0) -> tuple[Nystrom | None, flo
     t0 = time.perf_counter()
     if rank <= 0 or rank >= k.shape[0]:
         return None, 0.0
-    u, lam = _approximate(k, jax.random.PRNGKey(seed), int(rank))
+    n = int(k.shape[0])
+    omega = _test_matrix(jax.random.PRNGKey(seed), n, int(rank), k.dtype)
+    k_omega = _sketch_one_core(k, omega) if one_core else None
+    if k_omega is None:  # one pass over K, ℓ columns
+        k_omega = jnp.matmul(k, omega, precision=jax.lax.Precision.HIGHEST)
+    u, lam = _finish(k_omega, omega)
     if not (bool(jnp.all(jnp.isfinite(u))) and bool(jnp.all(jnp.isfinite(lam)))):
         return None, time.perf_counter() - t0
     return Nystrom(u, lam), time.perf_counter() - t0
