@@ -121,6 +121,8 @@ class KernelLayout:
         """K with the rows and columns of points outside ``keep`` (bool ``(C,)``) set to zero;
         written into ``into``'s memory (donated: consumed) when given."""
         full = self.form == "full"
+        if into is not None and not self.sharded:
+            return _erase_into_by_rows(into, k, keep, full, self.d)
         if into is not None:
             return _erase_into(into, k, keep, full, self.d)
         return _erase(k, keep, full, self.d)
@@ -234,3 +236,31 @@ _erase = jax.jit(_erased, static_argnames=("full", "d"))
 @partial(jax.jit, static_argnames=("full", "d"), donate_argnums=(0,))
 def _erase_into(spare: jax.Array, k: jax.Array, keep: jax.Array, full: bool, d: int) -> jax.Array:
     return spare.at[...].set(_erased(k, keep, full, d))
+
+
+_ERASE_BLOCK_ROWS = 256
+
+
+@partial(jax.jit, static_argnames=("full", "d"), donate_argnums=(0,))
+def _erase_into_by_rows(
+    spare: jax.Array, k: jax.Array, keep: jax.Array, full: bool, d: int
+) -> jax.Array:
+    """``_erase_into`` one block of rows at a time (a loop in the program): one core, where the
+    whole-array product ran on every core: 0.18 s against 0.08 s for digits' 14,370² K, but a
+    deletion's erase no longer takes the cores the requests beside it need (``bench load``: the
+    forget enqueues and predictions that overlapped it were the slowest). Same values."""
+    rows = jnp.repeat(keep, d) if full else keep
+    m = rows.astype(k.dtype)
+    n = k.shape[0]
+    block = min(_ERASE_BLOCK_ROWS, n)
+
+    def one(i, out):
+        kb = jax.lax.dynamic_slice_in_dim(k, i * block, block, 0)
+        mb = jax.lax.dynamic_slice_in_dim(m, i * block, block, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, kb * mb[:, None] * m[None, :], i * block, 0)
+
+    out = jax.lax.fori_loop(0, n // block, one, spare)
+    done = (n // block) * block
+    if done < n:
+        out = out.at[done:].set(k[done:] * m[done:, None] * m[None, :])
+    return out

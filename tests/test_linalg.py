@@ -215,3 +215,23 @@ def test_nystrom_on_one_core_is_the_same_approximation(monkeypatch):
     kd = np.asarray(k, np.float64)
     np.testing.assert_allclose(dense(one), dense(threaded), atol=1e-4 * np.abs(kd).max())
     assert np.linalg.eigvalsh(kd - dense(one)).min() > -1e-4 * np.abs(kd).max()
+
+
+@pytest.mark.parametrize("form,d,points", [("full", 3, 300), ("trace", 1, 257), ("full", 10, 20)])
+def test_erase_into_the_spare_by_rows_equals_the_whole_array_product(form, d, points):
+    """A deletion erases K into the spare buffer one block of rows at a time (one core): the
+    same values as K·m mᵀ over the whole array, for sizes that are and are not a multiple of
+    the block, in both forms."""
+    from service_core import layout as layout_module
+
+    rng = np.random.default_rng(1)
+    side = points * d if form == "full" else points
+    k = jnp.asarray(rng.standard_normal((side, side)), jnp.float32)
+    keep = jnp.asarray(rng.random(points) > 0.3)
+    lay = KernelLayout(form, d)
+    expected = np.asarray(layout_module._erase(k, keep, form == "full", d))
+    spare = jnp.full((side, side), 7.0, jnp.float32)  # whatever the buffer held before
+    got = np.asarray(lay.erase(k, keep, into=spare))
+    np.testing.assert_array_equal(got, expected)
+    rows = np.repeat(np.asarray(keep), d)
+    assert not got[~rows].any() and not got[:, ~rows].any()
