@@ -22,6 +22,14 @@ Keys, all under the configured prefix ``P``:
   serves nothing older and admits forgets only against a model at least this new, so no
   process serves a record a job has been reported as forgetting.
 
+- ``P:followers`` (sorted set: follower id → the time its announcement lapses, in ms) and
+  ``P:followers-prepared`` (hash: follower id → the newest version it has prepared): API
+  processes without a worker announce each version they have read and erased ahead
+  (``announce_prepared``); before reporting a version the worker waits, briefly, until every
+  live follower has prepared it (``wait_prepared``), so a request after the report finds the
+  follower ready to swap instead of waiting for its preparation. A follower that stops
+  announcing lapses after ``FOLLOWER_TTL_S`` and is no longer waited for.
+
 A job is a forget (``kind`` absent or ``forget``) or an addition (``kind`` ``add``), whose job
 record also holds the new records (``records``: JSON ``{"x", "y"}``) until it has ended; both go
 through the one stream, in order.
@@ -36,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -45,6 +54,9 @@ import redis
 
 from service_core import AlreadyForgottenError, InvalidForgetSetError
 from service_core.addition import QueuedIdsError
+
+# A follower's announcement lapses this long after its last one (it renews it every second).
+FOLLOWER_TTL_S = 5.0
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 JobKind = Literal["forget", "add"]
@@ -154,6 +166,12 @@ class StaleModelError(Exception):
         self.version = version
 
 
+def _redis_ms(client: redis.Redis) -> int:
+    """Redis's clock in milliseconds: one clock for every process's announcements."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -233,6 +251,8 @@ class JobQueue:
         self.pending_add_key = f"{prefix}:pending-add-ids"
         self.n_train_key = f"{prefix}:n-train"
         self.version_key = f"{prefix}:version"
+        self.followers_key = f"{prefix}:followers"
+        self.followers_prepared_key = f"{prefix}:followers-prepared"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
@@ -261,6 +281,51 @@ class JobQueue:
         worker has run on this prefix (within the job TTL)."""
         value = self.client.get(self.version_key)
         return None if value is None else int(value)
+
+    def announce_prepared(self, follower: str, version: int, ttl_s: float = FOLLOWER_TTL_S) -> None:
+        """Follower ``follower`` has prepared (or serves) ``version``; live for ``ttl_s`` seconds
+        from now (Redis's clock). Raises ``redis.RedisError``."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.followers_prepared_key, follower, int(version))
+        pipe.zadd(self.followers_key, {follower: _redis_ms(self.client) + int(ttl_s * 1000)})
+        pipe.execute()
+
+    def withdraw_follower(self, follower: str) -> None:
+        """Follower ``follower`` stops (no one waits for it any more). Raises ``redis.RedisError``."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.followers_key, follower)
+        pipe.hdel(self.followers_prepared_key, follower)
+        pipe.execute()
+
+    def followers_behind(self, version: int) -> list[str]:
+        """The live followers that have not prepared ``version`` yet (lapsed ones are dropped).
+        Raises ``redis.RedisError``."""
+        now = _redis_ms(self.client)
+        lapsed = self.client.zrangebyscore(self.followers_key, "-inf", now)
+        if lapsed:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zremrangebyscore(self.followers_key, "-inf", now)
+            pipe.hdel(self.followers_prepared_key, *lapsed)
+            pipe.execute()
+        live = self.client.zrangebyscore(self.followers_key, f"({now}", "+inf")
+        if not live:
+            return []
+        prepared = self.client.hmget(self.followers_prepared_key, live)
+        return [f for f, v in zip(live, prepared, strict=True) if v is None or int(v) < version]
+
+    def wait_prepared(self, version: int, timeout_s: float, poll_s: float = 0.01) -> list[str]:
+        """Wait (at most ``timeout_s``) until every live follower has prepared ``version``; the
+        ones still behind then (``[]``: none). Redis errors end the wait (the report that follows
+        meets them too)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                behind = self.followers_behind(version)
+            except redis.RedisError:
+                return []
+            if not behind or time.monotonic() >= deadline:
+                return behind
+            time.sleep(poll_s)
 
     def pending_ids(self) -> frozenset[str]:
         """Ids of every queued or running job."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -199,6 +201,7 @@ def make_worker(
         DeletionLog(settings.deletion_log),
         metrics=metrics,
         keys=deployment_keys(settings),
+        report_wait_s=settings.report_wait_s,
     )
 
 
@@ -269,6 +272,8 @@ class ModelFollower:
     # Between two polls a request asked for: the newest checkpoint may not be readable at once
     # (the worker is replacing it), and polling a directory in a tight loop helps no one.
     _RETRY_S = 0.02
+    # How often a follower renews its announcement to the worker (queue.FOLLOWER_TTL_S: 5 s).
+    _ANNOUNCE_S = 1.0
 
     def __init__(
         self,
@@ -290,6 +295,8 @@ class ModelFollower:
         self._polled = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
         self._followed = threading.Event()
+        self.follower_id = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._announced: tuple[int, float] = (-1, 0.0)  # version, when (monotonic)
         self._finisher = threading.Thread(
             target=self._finish, name="model-follower-after", daemon=True
         )
@@ -304,6 +311,30 @@ class ModelFollower:
         self._followed.set()
         self._thread.join(10)
         self._finisher.join(10)
+        try:  # the worker no longer waits for this process
+            self.state.queue.withdraw_follower(self.follower_id)
+        except (redis.RedisError, AttributeError):
+            pass
+
+    def _announce(self) -> None:
+        """Tell the worker the newest version this process has prepared or serves
+        (``JobQueue.announce_prepared``): it waits for that before reporting a version. Renewed
+        every second; a Redis that does not answer only delays the worker (at most its
+        ``report_wait_s``)."""
+        u = self.state.unlearner
+        queue = self.state.queue
+        if u is None or queue is None:
+            return
+        prepared = self._prepared
+        version = max(u.version, prepared.version if prepared is not None else -1)
+        now = time.monotonic()
+        if version == self._announced[0] and now - self._announced[1] < self._ANNOUNCE_S:
+            return
+        try:
+            queue.announce_prepared(self.follower_id, version)
+        except redis.RedisError:
+            return
+        self._announced = (version, now)
 
     def required_version(self) -> int | None:
         """The version this process must serve at least: the newest the worker has reported,
@@ -474,6 +505,7 @@ class ModelFollower:
                 return
             try:
                 followed = self.poll()
+                self._announce()
             except FileNotFoundError as e:
                 # the worker pruned the step being read (after reporting a newer one): read again
                 log.info("the checkpoint being read was pruned (%s); reading the newest again", e)

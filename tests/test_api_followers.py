@@ -207,3 +207,37 @@ def test_the_worker_starts_on_the_newest_checkpoint(make_settings, base_checkpoi
     started = load_model(settings, role="worker")
     assert started.version == 1
     assert DeletionLog(settings.deletion_log).newest_version() == 1
+
+
+def test_the_worker_reports_a_version_once_the_followers_have_prepared_it(
+    make_settings, base_checkpoint, caplog
+):
+    """A polling follower announces each version it has read and erased ahead; the worker
+    waits (at most report_wait_s) for that before reporting, so when the job reads succeeded
+    the follower has the version ready to swap in (no request waits for its preparation)."""
+    settings = make_settings(worker=False, follow_wait_s=60, report_wait_s=30)
+    app = create_app(settings, Unlearner.restore(base_checkpoint))
+    with TestClient(app) as client:
+        state = app.state.service
+        follower = state.follower
+        deadline = time.monotonic() + 30
+        while follower.follower_id not in state.queue.client.zrange(
+            state.queue.followers_key, 0, -1
+        ):
+            assert time.monotonic() < deadline, "the follower never announced itself"
+            time.sleep(0.05)
+        _, worker = _other_worker(client, base_checkpoint)
+        assert worker.report_wait_s == 30
+        worker.recover()
+        job = client.post("/v1/forget", json={"ids": ["r13"]}, headers=WRITE).json()
+        worker.run_once()
+        # Reported only now: the follower had prepared version 1 (or already serves it).
+        prepared = follower._prepared
+        assert state.unlearner.version == 1 or (prepared is not None and prepared.version == 1)
+        assert state.queue.followers_behind(1) == []
+        assert not any("have not prepared it" in m for m in caplog.messages), caplog.messages
+        status = client.get(f"/v1/jobs/{job['job_id']}", headers=READ).json()
+        assert status["status"] == "succeeded" and status["model_version"] == 1
+        assert "r13" not in client.get("/v1/ids", headers=READ).json()["ids"]
+    # A stopped follower withdraws: no worker waits for it.
+    assert state.queue.client.zrange(state.queue.followers_key, 0, -1) == []

@@ -307,3 +307,33 @@ def test_post_publish_work_runs_after_the_job_is_reported(queue, worker_for, unl
     assert timings["total"] == pytest.approx(
         sum(v for k, v in timings.items() if k != "total"), rel=0.05
     )
+
+
+def test_followers_announce_what_they_prepared_and_lapse(queue: JobQueue):
+    """``announce_prepared`` / ``followers_behind`` / ``wait_prepared``: the worker waits for
+    the live followers behind a version, never for one that withdrew or stopped announcing."""
+    assert queue.followers_behind(3) == []
+    queue.announce_prepared("a", 2)
+    queue.announce_prepared("b", 3)
+    assert queue.followers_behind(3) == ["a"]
+    started = time.monotonic()
+    assert queue.wait_prepared(3, timeout_s=0.2) == ["a"]
+    assert 0.2 <= time.monotonic() - started < 2.0
+
+    def later():
+        time.sleep(0.15)
+        queue.announce_prepared("a", 3)
+
+    t = threading.Thread(target=later)
+    t.start()
+    started = time.monotonic()
+    assert queue.wait_prepared(3, timeout_s=5.0) == []
+    assert time.monotonic() - started < 2.0  # ended when "a" announced, not at the timeout
+    t.join()
+
+    queue.withdraw_follower("b")
+    assert queue.followers_behind(4) == ["a"]
+    queue.announce_prepared("a", 3, ttl_s=0.05)  # then it stops announcing
+    time.sleep(0.1)
+    assert queue.followers_behind(4) == []
+    assert queue.client.hgetall(queue.followers_prepared_key) == {}

@@ -189,6 +189,14 @@ class Settings(BaseSettings):
         description="'serve --no-worker': how long a request waits for this process to load "
         "the newest version the worker reported before it gets 503 (it never serves an older one)",
     )
+    report_wait_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="the worker: before reporting a version, how long it waits for every live "
+        "'serve --no-worker' process to have read it and erased K ahead, so that requests after "
+        "the report do not wait for that (0: report at once)",
+    )
     follow_preconditioner: bool = Field(
         True,
         description="'serve --no-worker': after loading each new version, make its Nyström "
