@@ -304,6 +304,26 @@ def test_ids_paging(client):
     assert client.get("/v1/ids?offset=-1", headers=READ).status_code == 422
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/ids?offset={v}",
+        "/v1/ids?limit={v}",
+        "/v1/deletions?cursor={v}",
+        "/v1/deletions?limit={v}",
+    ],
+)
+@pytest.mark.parametrize("value", ["1_0", "10.0", "+10", "%2010", "0x10"])
+def test_query_integers_are_plain_digits(client, path, value):
+    """Query integers are decimal digits, as the schema's "integer" says: Python's int() would
+    also read "1_0", " 10", "+10" and "10.0" (pydantic's lax mode), and the answer would not
+    show that the value was read as something else."""
+    r = client.get(path.format(v=value), headers=READ)
+    assert r.status_code == 422, r.text
+    assert "plain decimal digits" in r.json()["detail"], r.json()
+    assert client.get(path.format(v="10"), headers=READ).status_code == 200
+
+
 def test_model_info(client):
     info = client.get("/v1/model", headers=READ).json()
     assert info["version"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from itertools import chain
 from typing import Annotated, Any, Literal
 
@@ -9,6 +10,7 @@ import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -122,6 +124,17 @@ Ids = Annotated[
         }
     ),
 ]
+
+
+def _plain_digits(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value):
+        raise ValueError(f"must be written as plain decimal digits (e.g. 10), not {value!r}")
+    return value
+
+
+# After ``Query(...)`` in an ``Annotated`` query integer: Python's ``int()`` (pydantic's lax
+# mode) also reads "1_0", " 10", "+10" and "10.0"; the schema says integer, so digits only.
+DIGITS_ONLY = BeforeValidator(_plain_digits)
 
 
 class ErrorOut(BaseModel):

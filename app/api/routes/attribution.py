@@ -18,7 +18,7 @@ from service_core.nonlinear_serving import NonlinearUnlearner
 
 from .. import schemas
 from ..deps import RETRY_LATER, ModelDep, ReadAccess, SettingsDep
-from ..schemas import INVALID, READ_AUTH, errors
+from ..schemas import DIGITS_ONLY, INVALID, READ_AUTH, errors
 from .model import _BAD_INPUT, _check_rows
 
 router = APIRouter(
@@ -95,8 +95,10 @@ _EXACT_SELF_INFLUENCE = threading.Lock()
 def self_influence(
     u: ModelDep,
     settings: SettingsDep,
-    offset: Annotated[int, Query(ge=0, description="records to skip")] = 0,
-    limit: Annotated[int, Query(ge=1, le=10_000, description="most records to return")] = 100,
+    offset: Annotated[int, Query(ge=0, description="records to skip"), DIGITS_ONLY] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=10_000, description="most records to return"), DIGITS_ONLY
+    ] = 100,
     exact: Annotated[
         bool,
         Query(

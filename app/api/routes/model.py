@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from ...core.config import Settings
 from ..deps import ModelDep, ReadAccess, SettingsDep, StateDep
 from ..schemas import (
+    DIGITS_ONLY,
     INVALID,
     READ_AUTH,
     TOO_LARGE,
@@ -100,8 +101,10 @@ def influence(body: InfluenceRequest, u: ModelDep, settings: SettingsDep) -> Inf
 @router.get("/ids", responses=errors(INVALID))
 def ids(
     u: ModelDep,
-    offset: Annotated[int, Query(ge=0, description="ids to skip")] = 0,
-    limit: Annotated[int, Query(ge=1, le=10_000, description="most ids to return")] = 1000,
+    offset: Annotated[int, Query(ge=0, description="ids to skip"), DIGITS_ONLY] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=10_000, description="most ids to return"), DIGITS_ONLY
+    ] = 1000,
 ) -> IdsOut:
     """Active training ids, in data set order."""
     active = u.active_ids()

@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from ..deps import DeletionLogDep, KeysDep, ModelDep, QueueDep, ReadAccess
 from ..schemas import (
+    DIGITS_ONLY,
     INVALID,
     READ_AUTH,
     DeletionsPage,
@@ -74,9 +75,13 @@ def receipt(job_id: str, queue: QueueDep) -> ReceiptOut:
 def deletions(
     log: DeletionLogDep,
     cursor: Annotated[
-        int, Query(ge=0, description="return versions after this one (next_cursor of a page)")
+        int,
+        Query(ge=0, description="return versions after this one (next_cursor of a page)"),
+        DIGITS_ONLY,
     ] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="most records to return")] = 100,
+    limit: Annotated[
+        int, Query(ge=1, le=1000, description="most records to return"), DIGITS_ONLY
+    ] = 100,
 ) -> DeletionsPage:
     """The deletion log, oldest version first: one record per applied version, ids as keyed
     digests."""
