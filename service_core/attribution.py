@@ -607,6 +607,20 @@ class FactorCache:
     def __init__(self):
         self._lock = threading.Lock()
         self._entry: tuple[weakref.ref, Any] | None = None
+        self._refined: tuple[weakref.ref, dict[int, float]] | None = None
+
+    def refined(self, state: Any) -> dict[int, float]:
+        """The exact (Newton-refined) self-influence values of ``state`` computed so far, by row:
+        a dict the caller fills; dropped with its version, as the factor."""
+        with self._lock:
+            if self._refined is None or self._refined[0]() is not state:
+                self._refined = (weakref.ref(state, self._drop_refined), {})
+            return self._refined[1]
+
+    def _drop_refined(self, ref: weakref.ref) -> None:
+        entry = self._refined
+        if entry is not None and entry[0] is ref:
+            self._refined = None
 
     def get(self, state: Any, compute: Callable[[], LooFactor]) -> LooFactor:
         """The factor of ``state``, computed once (callers for the same version wait for it)."""
@@ -721,18 +735,24 @@ def self_influence(
     exact_top = len(order) if changes.exact else 0
     if exact and not changes.exact:
         head = order[: len(order) if top is None else min(int(top), len(order))]
-        options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
-        delta = refined_deltas(
-            problem_of(state), state.alpha, head, options, train.resolved_tol(), cfg.max_refine
-        )
-        f_star = np.asarray(state.f_star)
-        values = np.array(values)
-        for j, i in enumerate(head):
-            df = np.asarray(state.layout.matvec(state.k, jnp.asarray(delta[j])))[i]
-            after = losses.value(train.loss, f_star[i : i + 1] + df, state.y[i : i + 1])[0]
-            values[i] = float(
-                after - losses.value(train.loss, f_star[i : i + 1], state.y[i : i + 1])[0]
+        # Refined values are kept per version (``cache.refined``): a later request refines only
+        # the records no earlier one did (each is a Newton retraining).
+        known = cache.refined(state)
+        todo = np.array([i for i in head if int(i) not in known], dtype=head.dtype)
+        if len(todo):
+            options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
+            delta = refined_deltas(
+                problem_of(state), state.alpha, todo, options, train.resolved_tol(), cfg.max_refine
             )
+            f_star = np.asarray(state.f_star)
+            for j, i in enumerate(todo):
+                df = np.asarray(state.layout.matvec(state.k, jnp.asarray(delta[j])))[i]
+                after = losses.value(train.loss, f_star[i : i + 1] + df, state.y[i : i + 1])[0]
+                now = losses.value(train.loss, f_star[i : i + 1], state.y[i : i + 1])[0]
+                known[int(i)] = float(after - now)
+        values = np.array(values)
+        for i in head:
+            values[i] = known[int(i)]
         head = head[np.argsort(-values[head], kind="stable")]
         order = np.concatenate([head, order[len(head) :]])
         exact_top = len(head)

@@ -330,3 +330,35 @@ def test_a_large_cholesky_runs_on_one_blas_thread(monkeypatch):
     assert info == 0 and seen and all(n == 1 for n in seen[0])
     np.testing.assert_allclose(np.tril(one), np.tril(threaded), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.tril(one) @ np.tril(one).T, spd, rtol=1e-10)
+
+
+def test_exact_self_influence_refines_each_record_once_per_version(digits, monkeypatch):
+    """Refined (exact) self-influence values are kept per version: a later request refines only
+    the records no earlier one did, gets the same values as a cold computation, and a new
+    version starts afresh (nothing of a forgotten record's version is kept)."""
+    from service_core import attribution
+
+    u = build(digits.subset(slice(0, 20)), "linear", "ce")
+    refined_rows = []
+    real = attribution.refined_deltas
+
+    def spy(problem, alpha, rows, *args, **kwargs):
+        refined_rows.append(len(rows))
+        return real(problem, alpha, rows, *args, **kwargs)
+
+    monkeypatch.setattr(attribution, "refined_deltas", spy)
+    first = u.self_influence(exact=True, top=3)
+    assert refined_rows == [3]
+    again = u.self_influence(exact=True, top=3)
+    assert refined_rows == [3]  # nothing refined again
+    np.testing.assert_array_equal(again.self_influence, first.self_influence)
+    wider = u.self_influence(exact=True, top=6)
+    assert refined_rows == [3, 3]  # only the three new ones
+    cold = attribution.self_influence(u.state, attribution.FactorCache(), True, 6)
+    assert list(cold.ids) == list(wider.ids)
+    np.testing.assert_allclose(wider.self_influence, cold.self_influence, rtol=1e-12, atol=0)
+
+    u.forget([str(wider.ids[-1])])
+    refined_rows.clear()
+    u.self_influence(exact=True, top=3)
+    assert refined_rows == [3]  # a new version: refined again

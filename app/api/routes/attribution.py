@@ -113,8 +113,9 @@ def self_influence(
 
     Exact for squared error, the influence step for cross-entropy (computed once per version). With
     `exact=true` a cross-entropy model retrains without each of the first `offset + limit` records
-    (at most `--max-exact-self-influence`; each a Newton solve, not cached; one such request at a
-    time per process, another gets 503) and returns them in the order of their exact values.
+    (at most `--max-exact-self-influence`; each a Newton solve, kept for the version, so a later
+    request refines only records no earlier one did; one such request at a time per process,
+    another gets 503) and returns them in the order of their exact values.
     """
     top = offset + limit
     if exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner):
