@@ -30,6 +30,19 @@ from .state import FORGOTTEN_FORM, ModelState, id_digest
 log = logging.getLogger(__name__)
 
 
+class _HostRestoreFilter(logging.Filter):
+    """Drops orbax's warning that a restore without a target tree is unsafe unless the device
+    topology is the one the checkpoint was saved under: ``restore`` here reads the arrays to the
+    host (numpy) and the engine places them itself, so it never applies, and a follower logged it
+    once per version it followed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "expects a target tree to be provided for restore" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_HostRestoreFilter())
+
+
 def _manager(directory: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(directory).absolute(),

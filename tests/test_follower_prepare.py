@@ -145,3 +145,18 @@ def test_a_step_pruned_while_orbax_lists_the_directory_is_listed_again(tmp_path,
     with pytest.raises(FileNotFoundError):
         checkpoint.latest_version(tmp_path / "ck")
     assert len(calls) == 5
+
+
+def test_reading_a_checkpoint_logs_no_topology_warning(tmp_path, digits, caplog):
+    """orbax warns at each restore without a target tree (unsafe unless the topology is the
+    saved one); the arrays are read to the host here, so the warning is filtered: a follower
+    logged it once per version. Other absl warnings still pass."""
+    import logging
+
+    _, worker, served, _, _ = _setup(tmp_path, digits)
+    worker.forget(worker.active_ids()[:2], checkpoint_dir=tmp_path / "ck")
+    with caplog.at_level(logging.WARNING):
+        assert served.read_newer(tmp_path / "ck") is not None
+        logging.getLogger("absl").warning("another absl warning")
+    assert not any("target tree" in m for m in caplog.messages), caplog.messages
+    assert "another absl warning" in caplog.messages
