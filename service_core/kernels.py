@@ -136,7 +136,9 @@ def blocked(
     pairs = [
         (i, j) for i in range(-(-n1 // bs)) for j in range(i if symmetric else 0, -(-n2 // bs))
     ]
-    for i, j in tqdm(pairs, desc="kernel blocks", disable=not progress, leave=False):
+    # disable=None: a bar only on a terminal; in a log file tqdm's carriage returns made one
+    # line of every update (the service's log at a build)
+    for i, j in tqdm(pairs, desc="kernel blocks", disable=None if progress else True, leave=False):
         xa, xb = pa[i * bs : (i + 1) * bs], pb[j * bs : (j + 1) * bs]
         diag = symmetric and i == j and self_block_fn is not None
         block = np.asarray(self_block_fn(xa) if diag else block_fn(xa, xb), dtype=dtype)

@@ -235,3 +235,14 @@ def test_erase_into_the_spare_by_rows_equals_the_whole_array_product(form, d, po
     np.testing.assert_array_equal(got, expected)
     rows = np.repeat(np.asarray(keep), d)
     assert not got[~rows].any() and not got[:, ~rows].any()
+
+
+def test_kernel_progress_bar_only_on_a_terminal(capfd):
+    """``progress=True`` draws tqdm's bar on a terminal only: written to a log file its carriage
+    returns made one line of every update (the service's log at a build)."""
+    from service_core.kernels import blocked
+
+    a = np.arange(12.0).reshape(6, 2)
+    k = blocked(lambda x, y: x @ y.T, a, block_size=2, dtype=np.float64, progress=True)
+    np.testing.assert_allclose(k, a @ a.T)
+    assert "kernel blocks" not in capfd.readouterr().err  # pytest's stderr is not a terminal
