@@ -11,6 +11,7 @@ published; a crash between the two is repaired at the next start from the checkp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import UTC, datetime
@@ -18,6 +19,38 @@ from pathlib import Path
 from typing import Any
 
 from service_core import ModelState
+
+log = logging.getLogger("ntk_unlearn.deletion_log")
+
+_OPTIONAL_INT = ("version_before", "n_forgotten", "n_train", "n_added")
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def is_record(entry: Any) -> bool:
+    """Whether a parsed line has a record's shape: an object with an integer ``version`` ≥ 0
+    (not a boolean), a string ``timestamp``, ``job_ids`` and ``id_digests`` lists of strings,
+    and, when present, ``job_digests`` a map of string lists, the counts integers or null and
+    ``certificate`` an object or null. What every reader of the log relies on."""
+    if not isinstance(entry, dict):
+        return False
+    version = entry.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        return False
+    if not isinstance(entry.get("timestamp"), str):
+        return False
+    if not (_is_str_list(entry.get("job_ids")) and _is_str_list(entry.get("id_digests"))):
+        return False
+    job_digests = entry.get("job_digests", {})
+    if not isinstance(job_digests, dict) or not all(_is_str_list(v) for v in job_digests.values()):
+        return False
+    for key in _OPTIONAL_INT:
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return False
+    return entry.get("certificate") is None or isinstance(entry.get("certificate"), dict)
 
 
 class DeletionLog:
@@ -45,20 +78,34 @@ class DeletionLog:
             os.fsync(f.fileno())
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every complete entry, oldest first (re-read only when the file has grown)."""
+        """Every complete entry, oldest first (re-read only when the file has grown). A line
+        that is not JSON (torn by a crash during its write) or not a record's shape
+        (``is_record``: a hand edit, a foreign line) is skipped, with a warning for the latter."""
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             return []
         with self._lock:
             if size != self._cache[0]:
-                found = []
-                with open(self.path, encoding="utf-8") as f:
-                    for line in f:
+                found, foreign = [], []
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    for number, line in enumerate(f, start=1):
                         try:
-                            found.append(json.loads(line))
+                            entry = json.loads(line)
                         except json.JSONDecodeError:
                             continue  # a line torn by a crash during its write
+                        if is_record(entry):
+                            found.append(entry)
+                        else:
+                            foreign.append(number)
+                if foreign:
+                    log.warning(
+                        "deletion log %s: skipped %d line(s) that are not version records "
+                        "(lines %s)",
+                        self.path,
+                        len(foreign),
+                        ", ".join(map(str, foreign[:10])) + (", …" if len(foreign) > 10 else ""),
+                    )
                 self._cache = (size, found)
             return self._cache[1]
 
@@ -88,7 +135,7 @@ class DeletionLog:
         return jobs[0]
 
     def versions(self) -> set[int]:
-        return {int(e["version"]) for e in self.entries() if "version" in e}
+        return {int(e["version"]) for e in self.entries()}
 
     def newest_version(self) -> int | None:
         """The newest logged version (``None``: none), recomputed only when the file has grown:
@@ -97,7 +144,7 @@ class DeletionLog:
         with self._lock:
             size, entries = self._cache  # one consistent pair
             if self._newest[0] != size:
-                found = [int(e["version"]) for e in entries if "version" in e]
+                found = [int(e["version"]) for e in entries]
                 self._newest = (size, max(found, default=None))
             return self._newest[1]
 
@@ -105,7 +152,7 @@ class DeletionLog:
         """Entries with version > ``cursor``, oldest first, at most ``limit``; and the cursor of
         the next page (the last version returned), ``None`` at the end."""
         after = sorted(
-            (e for e in self.entries() if int(e.get("version", -1)) > cursor),
+            (e for e in self.entries() if int(e["version"]) > cursor),
             key=lambda e: int(e["version"]),
         )
         page = after[:limit]

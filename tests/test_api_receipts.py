@@ -177,6 +177,9 @@ def test_deletions_are_paged_oldest_first(client, settings, wait_for_job):
     for ids in batches:  # one at a time: three versions
         jobs.append(_forget(client, ids))
         assert wait_for_job(client, jobs[-1])["status"] == "succeeded"
+    # lines that are JSON but not records (a hand edit) are skipped, not a 500
+    with open(settings.data_dir / "deletions.log", "a") as f:
+        f.write('null\n5\n{"version": "abc"}\n{"version": 9}\n')
 
     def page(**params) -> dict:
         r = client.get("/v1/deletions", params=params, headers=READ)
@@ -195,6 +198,8 @@ def test_deletions_are_paged_oldest_first(client, settings, wait_for_job):
     ]
     assert [d["version_before"] for d in every] == [0, 1, 2]
     assert client.get("/v1/deletions?limit=0", headers=READ).status_code == 422
+    r = client.get("/v1/records/r11", headers=READ)
+    assert r.status_code == 200 and r.json()["forgotten_in_version"] == 2, r.text
 
 
 def test_no_id_in_clear_once_its_job_succeeded(client, settings, wait_for_job, redis_prefix):

@@ -114,7 +114,9 @@ def test_without_redis_only_a_logged_version_is_served(tmp_path, digits):
     worker.forget(worker.active_ids()[:1], checkpoint_dir=tmp_path / "ck")
     assert not follower.poll() and served.version == 0  # prepared, not committed
     assert follower.required_version() == 0
-    follower.state.deletion_log.append({"version": 1, "version_before": 0})
+    follower.state.deletion_log.append(
+        {"version": 1, "version_before": 0, "timestamp": "t", "job_ids": [], "id_digests": []}
+    )
     assert follower.required_version() == 1 == follower.state.deletion_log.newest_version()
     assert follower.poll() and served.version == 1
 

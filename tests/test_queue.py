@@ -225,7 +225,13 @@ def test_a_job_applied_before_a_crash_is_not_applied_twice(
     result = unlearner.forget(["r07", "r08"], tmp_path / "checkpoints")
     if logged:
         DeletionLog(tmp_path / "deletions.log").append(
-            {"version": result.version, "job_ids": [job.job_id], "solver": result.solve.to_dict()}
+            {
+                "version": result.version,
+                "timestamp": "t",
+                "job_ids": [job.job_id],
+                "id_digests": [],
+                "solver": result.solve.to_dict(),
+            }
         )
 
     restarted = Unlearner.restore(tmp_path / "checkpoints")
@@ -260,10 +266,10 @@ def test_worker_thread_keeps_running_through_a_redis_outage(unlearner, tmp_path)
 
 def test_deletion_log_survives_a_torn_line(tmp_path):
     log = DeletionLog(tmp_path / "deletions.log")
-    log.append({"version": 1, "job_ids": ["a"]})
+    log.append({"version": 1, "job_ids": ["a"], "timestamp": "t", "id_digests": []})
     with open(log.path, "a") as f:
         f.write('{"version": 2, "job_ids": ["b"')  # a crash in the middle of a write
-    log.append({"version": 3, "job_ids": ["c"]})
+    log.append({"version": 3, "job_ids": ["c"], "timestamp": "t", "id_digests": []})
     assert log.find_job("a")["version"] == 1
     assert log.find_job("b") is None
     assert log.find_job("c")["version"] == 3
