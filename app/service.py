@@ -129,27 +129,42 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     return u
 
 
-def _restore_committed(settings: Settings, restore) -> Unlearner | None:
+def _restore_committed(
+    settings: Settings, restore, tries: int = 20, pause_s: float = 0.1
+) -> Unlearner | None:
     """A follower's start: the newest checkpoint at most the newest logged version (version 0
     when nothing is logged). A newer checkpoint without its deletion-log record may still be
     dropped by the worker and its version number written again with another batch; a follower
     that started on it could never tell (docs/design.md, Followers). It follows that version
-    once it is reported, as any other. The logged version's checkpoint may be purged meanwhile
-    (a newer one logged and published): then the log is read again. A data dir whose log has no
-    record at or above any checkpoint (written before the log existed) serves its newest."""
+    once it is reported, as any other.
+
+    That checkpoint may be purged while it is found or read: a newer one was logged and
+    published (the log moved), or a worker starting kept only its newest and is about to log it.
+    Then the log is read again and the restore tried again, ``tries`` times ``pause_s`` apart; an
+    error while a checkpoint at or below the logged version is still there is raised at once.
+    A data dir whose log has no record at or above any checkpoint (written before the log
+    existed) serves its newest, with a warning."""
     deletion_log = DeletionLog(settings.deletion_log)
     bar = None
-    for _ in range(5):
-        newer = deletion_log.newest_version()
-        newer = 0 if newer is None else newer
-        if newer == bar:
-            break  # the log did not move: no checkpoint at or below it will appear
-        bar = newer
-        u = restore(bar)
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(pause_s)
+        newest = deletion_log.newest_version()
+        bar = 0 if newest is None else newest
+        try:
+            u = restore(bar)
+        except Exception as e:
+            if (
+                checkpoint.newest_at_most(settings.checkpoint_dir, bar) is not None
+                and (deletion_log.newest_version() or 0) == bar
+            ):
+                raise  # the checkpoint is there and the log did not move: not a purge
+            log.info("the checkpoint at or below version %d went away while read (%s)", bar, e)
+            continue
         if u is not None:
             return u
-    if checkpoint.latest_version(settings.checkpoint_dir) is None:
-        return None
+        if checkpoint.latest_version(settings.checkpoint_dir) is None:
+            return None  # no checkpoint at all: the caller builds version 0
     log.warning(
         "no checkpoint at or below the newest logged version (%s) in %s: serving the newest",
         bar,

@@ -135,6 +135,17 @@ def test_a_process_that_cannot_follow_in_time_answers_503(make_settings, base_ch
         assert client.get("/v1/ids", headers=READ).status_code == 200
 
 
+def _logged(version: int) -> dict:
+    """A deletion-log record of ``version`` (the fields every reader relies on)."""
+    return {
+        "version": version,
+        "version_before": version - 1,
+        "timestamp": "2026-12-03T00:00:00.000+00:00",
+        "job_ids": [],
+        "id_digests": [],
+    }
+
+
 def test_without_redis_the_newest_logged_version_is_the_bar(make_settings, base_checkpoint):
     """With Redis down a follower serves the newest version with a deletion-log record (the
     worker appends it after the checkpoint, before it publishes and reports): a checkpoint without
@@ -150,7 +161,7 @@ def test_without_redis_the_newest_logged_version_is_the_bar(make_settings, base_
         ids = client.get("/v1/ids", headers=READ)
         assert ids.status_code == 200, ids.text  # not logged yet: version 0 is still the bar
         assert "r05" in ids.json()["ids"] and follower_model.version == 0
-        DeletionLog(settings.deletion_log).append({"version": 1, "version_before": 0})
+        DeletionLog(settings.deletion_log).append(_logged(1))
         ids = client.get("/v1/ids", headers=READ)
         assert ids.status_code == 200, ids.text
         assert "r05" not in ids.json()["ids"] and follower_model.version == 1
@@ -172,7 +183,7 @@ def test_a_follower_starts_on_the_newest_logged_version(make_settings, base_chec
     started = load_model(settings)
     assert started.version == 0 and "r05" in started.active_ids()
 
-    DeletionLog(settings.deletion_log).append({"version": 1, "version_before": 0})
+    DeletionLog(settings.deletion_log).append(_logged(1))
     started = load_model(settings)
     assert started.version == 1 and "r05" not in started.active_ids()
 
@@ -181,7 +192,7 @@ def test_a_follower_starts_on_the_newest_logged_version(make_settings, base_chec
     checkpoint.prune(settings.checkpoint_dir, keep=2)
     log = DeletionLog(settings.deletion_log)
     reads = iter([1, 2])
-    log.newest_version = lambda: next(reads)
+    log.newest_version = lambda: next(reads, 2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("app.service.DeletionLog", lambda path: log)
         started = load_model(settings)
@@ -194,6 +205,50 @@ def test_a_follower_starts_on_the_newest_logged_version(make_settings, base_chec
     caplog.clear()
     assert load_model(settings).version == 2
     assert any("no checkpoint at or below" in m for m in caplog.messages), caplog.messages
+
+
+def test_a_follower_start_survives_its_checkpoint_purged_while_read(
+    make_settings, base_checkpoint, monkeypatch
+):
+    """The logged version's checkpoint purged while a follower reads it (the worker logged,
+    published and purged a newer one meanwhile): the read fails, the log is read again and the
+    newer one restored. An error with the checkpoint still there and the log unmoved is not a
+    purge: raised at once."""
+    settings = make_settings(worker=False)
+    shutil.copytree(base_checkpoint, settings.checkpoint_dir)
+    keys = DeploymentKeys.load_or_create(settings.data_dir)
+    worker_model = Unlearner.restore(settings.checkpoint_dir, id_key=keys.id_secret)
+    worker_model.forget(["r05"], settings.checkpoint_dir)
+    DeletionLog(settings.deletion_log).append(_logged(1))
+
+    original = Unlearner.restore.__func__
+    calls: list[int | None] = []
+
+    def purged_while_read(cls, directory, *args, max_version=None, **kwargs):
+        calls.append(max_version)
+        if max_version == 1 and len(calls) == 1:
+            # the worker's next deletion: checkpoint 2, its log record, version 1 purged
+            worker_model.forget(["r06"], settings.checkpoint_dir)
+            DeletionLog(settings.deletion_log).append(_logged(2))
+            worker_model.purge(settings.checkpoint_dir)
+            raise FileNotFoundError(f"{settings.checkpoint_dir / '1'}: gone while read")
+        return original(cls, directory, *args, max_version=max_version, **kwargs)
+
+    monkeypatch.setattr(Unlearner, "restore", classmethod(purged_while_read))
+    started = load_model(settings)
+    assert sorted(p.name for p in settings.checkpoint_dir.iterdir()) == ["2"]  # 1 was purged
+    assert calls == [1, 2]
+    assert started.version == 2 and "r06" not in started.active_ids()
+
+    def broken(cls, directory, *args, max_version=None, **kwargs):
+        calls.append(max_version)
+        raise ValueError("a damaged checkpoint")
+
+    monkeypatch.setattr(Unlearner, "restore", classmethod(broken))
+    calls.clear()
+    with pytest.raises(ValueError, match="damaged"):
+        load_model(settings)
+    assert calls == [2]  # not retried: checkpoint 2 is there and the log did not move
 
 
 def test_the_worker_starts_on_the_newest_checkpoint(make_settings, base_checkpoint):
