@@ -284,11 +284,14 @@ class JobQueue:
 
     def announce_prepared(self, follower: str, version: int, ttl_s: float = FOLLOWER_TTL_S) -> None:
         """Follower ``follower`` has prepared (or serves) ``version``; live for ``ttl_s`` seconds
-        from now (Redis's clock). Raises ``redis.RedisError``."""
+        from now (Redis's clock). Drops lapsed followers' entries as it goes (whether or not a
+        worker waits for followers). Raises ``redis.RedisError``."""
+        now = _redis_ms(self.client)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.followers_prepared_key, follower, int(version))
-        pipe.zadd(self.followers_key, {follower: _redis_ms(self.client) + int(ttl_s * 1000)})
+        pipe.zadd(self.followers_key, {follower: now + int(ttl_s * 1000)})
         pipe.execute()
+        self._drop_lapsed(now)
 
     def withdraw_follower(self, follower: str) -> None:
         """Follower ``follower`` stops (no one waits for it any more). Raises ``redis.RedisError``."""
@@ -297,35 +300,47 @@ class JobQueue:
         pipe.hdel(self.followers_prepared_key, follower)
         pipe.execute()
 
+    def _drop_lapsed(self, now_ms: int) -> None:
+        """Delete the entries of followers whose announcement lapsed by ``now_ms`` (Redis's
+        clock). Raises ``redis.RedisError``."""
+        lapsed = self.client.zrangebyscore(self.followers_key, "-inf", now_ms)
+        if lapsed:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(self.followers_key, *lapsed)
+            pipe.hdel(self.followers_prepared_key, *lapsed)
+            pipe.execute()
+
     def followers_behind(self, version: int) -> list[str]:
         """The live followers that have not prepared ``version`` yet (lapsed ones are dropped).
         Raises ``redis.RedisError``."""
         now = _redis_ms(self.client)
-        lapsed = self.client.zrangebyscore(self.followers_key, "-inf", now)
-        if lapsed:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.zremrangebyscore(self.followers_key, "-inf", now)
-            pipe.hdel(self.followers_prepared_key, *lapsed)
-            pipe.execute()
+        self._drop_lapsed(now)
         live = self.client.zrangebyscore(self.followers_key, f"({now}", "+inf")
         if not live:
             return []
         prepared = self.client.hmget(self.followers_prepared_key, live)
         return [f for f, v in zip(live, prepared, strict=True) if v is None or int(v) < version]
 
-    def wait_prepared(self, version: int, timeout_s: float, poll_s: float = 0.01) -> list[str]:
-        """Wait (at most ``timeout_s``) until every live follower has prepared ``version``; the
-        ones still behind then (``[]``: none). Redis errors end the wait (the report that follows
-        meets them too)."""
+    def wait_prepared(
+        self, version: int, timeout_s: float, poll_s: float = 0.01
+    ) -> list[str] | None:
+        """Wait (at most ``timeout_s``, plus one Redis call's socket timeout when Redis hangs)
+        until every live follower has prepared ``version``.
+
+        Returns:
+          the followers still behind then (``[]``: none), or ``None`` when a Redis error ended
+          the wait (whether they prepared it is unknown; the report that follows meets the error
+          too).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 behind = self.followers_behind(version)
             except redis.RedisError:
-                return []
+                return None
             if not behind or time.monotonic() >= deadline:
                 return behind
-            time.sleep(poll_s)
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
     def pending_ids(self) -> frozenset[str]:
         """Ids of every queued or running job."""

@@ -257,7 +257,14 @@ class Worker:
         started = time.perf_counter()
         behind = self.queue.wait_prepared(version, self.report_wait_s)
         waited = time.perf_counter() - started
-        if behind:
+        if behind is None:
+            log.info(
+                "reporting version %d without knowing whether the followers prepared it: Redis "
+                "failed while waiting (%.2f s)",
+                version,
+                waited,
+            )
+        elif behind:
             log.info(
                 "reporting version %d after %.2f s although follower(s) %s have not prepared it",
                 version,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -343,3 +344,33 @@ def test_followers_announce_what_they_prepared_and_lapse(queue: JobQueue):
     time.sleep(0.1)
     assert queue.followers_behind(4) == []
     assert queue.client.hgetall(queue.followers_prepared_key) == {}
+
+
+def test_a_lapsed_follower_is_dropped_by_the_others_announcements(queue: JobQueue):
+    """With no worker waiting (``--report-wait-s 0``) nothing calls ``followers_behind``: the
+    live followers' own announcements drop a stopped one's entries."""
+    queue.announce_prepared("gone", 1, ttl_s=0.05)
+    time.sleep(0.1)
+    queue.announce_prepared("live", 2)
+    assert queue.client.zrange(queue.followers_key, 0, -1) == ["live"]
+    assert queue.client.hgetall(queue.followers_prepared_key) == {"live": "2"}
+
+
+def test_a_redis_error_while_waiting_for_followers_is_not_called_prepared(
+    unlearner, tmp_path, caplog
+):
+    """``wait_prepared`` answers ``None`` (unknown), not ``[]`` (all prepared), when Redis fails;
+    the worker's log says so."""
+    down = JobQueue(
+        redis.Redis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.2), "down", ttl_s=60
+    )
+    started = time.monotonic()
+    assert down.wait_prepared(1, timeout_s=0.5) is None
+    assert time.monotonic() - started < 0.5
+    worker = Worker(
+        unlearner, down, tmp_path / "ck", DeletionLog(tmp_path / "log"), report_wait_s=0.5
+    )
+    with caplog.at_level(logging.INFO, logger="app.worker"):
+        worker._wait_for_followers(1)
+    assert "without knowing whether the followers prepared it" in caplog.text
+    assert "after publication" not in caplog.text  # the "prepared it" line
