@@ -11,6 +11,7 @@ once instead of taking the live server for a leftover and stopping it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -59,11 +60,41 @@ def _with_parent_death_signal(cmd: list[str]) -> list[str]:
     process, and OpenBLAS's can deadlock against a BLAS call running in another thread (seen
     here: a restart of the embedded Redis hung the whole process). Without ``setpriv`` the server
     gets no death signal; a server left by a killed owner is stopped at the next start
-    (``_stop_leftover``)."""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    (``_stop_leftover``); nor with a ``setpriv`` too old for ``--pdeathsig`` (util-linux < 2.33:
+    probed once, ``_setpriv_with_pdeathsig``)."""
+    setpriv = _setpriv_with_pdeathsig()
     if setpriv is None:
         return cmd
     return [setpriv, "--pdeathsig", "TERM", *cmd]
+
+
+@functools.cache
+def _setpriv_with_pdeathsig() -> str | None:
+    """Path of a ``setpriv`` that accepts ``--pdeathsig`` (it runs ``true`` with it once), or
+    ``None``: not Linux, none on PATH, or one that refuses the option."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        return None
+    probe = shutil.which("true") or sys.executable
+    try:
+        done = subprocess.run(
+            [setpriv, "--pdeathsig", "TERM", probe],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("%s could not run (%s): the embedded Redis gets no death signal", setpriv, e)
+        return None
+    if done.returncode != 0:
+        log.warning(
+            "%s refused --pdeathsig (%s): the embedded Redis gets no death signal",
+            setpriv,
+            done.stderr.decode(errors="replace").strip()[:200] or f"exit {done.returncode}",
+        )
+        return None
+    return setpriv
 
 
 def _is_redis(pid: int) -> bool:

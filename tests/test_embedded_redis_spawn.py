@@ -41,6 +41,7 @@ def test_started_without_preexec_fn(tmp_path, monkeypatch):
         calls.append((list(cmd), dict(kwargs)))
         return real(cmd, **kwargs)
 
+    embedded_redis._setpriv_with_pdeathsig()  # its probe (once per process) is not spied
     monkeypatch.setattr(embedded_redis.subprocess, "Popen", spy)
     with EmbeddedRedis(tmp_path / "r") as server:
         assert redis.Redis.from_url(server.url).ping()
@@ -82,3 +83,22 @@ def test_server_dies_with_its_killed_owner(tmp_path):
     finally:
         owner.kill()
         owner.wait()
+
+
+@pytest.mark.parametrize("accepts", [True, False])
+def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path, monkeypatch, accepts):
+    """util-linux before 2.33 has a ``setpriv`` that refuses ``--pdeathsig``: the server is then
+    started without it (no death signal) instead of failing to start."""
+    fake = tmp_path / "bin" / "setpriv"
+    fake.parent.mkdir()
+    refuse = "" if accepts else 'echo "setpriv: unrecognized option --pdeathsig" >&2; exit 1'
+    fake.write_text(f'#!/bin/sh\n{refuse}\nshift 3\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    embedded_redis._setpriv_with_pdeathsig.cache_clear()
+    try:
+        cmd = embedded_redis._with_parent_death_signal(["redis-server", "--port", "0"])
+    finally:
+        embedded_redis._setpriv_with_pdeathsig.cache_clear()
+    expected = ["redis-server", "--port", "0"]
+    assert cmd == ([str(fake), "--pdeathsig", "TERM", *expected] if accepts else expected)
