@@ -59,8 +59,6 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg.blas as blas
-import scipy.linalg.lapack as lapack
 from threadpoolctl import threadpool_limits
 
 from . import losses
@@ -68,6 +66,7 @@ from .dual import DualProblem
 from .errors import InvalidInputError, SolverError
 from .influence import Refinement, deletion_step
 from .linalg import SolveOptions
+from .linalg.nogil import potrf_lower, trmm_lower, trsm_lower, trtri_lower
 
 OF = ("loss", "output")
 
@@ -291,10 +290,10 @@ def loo_factor(
             cols = np.empty((cap * d, cap + 1), dtype)
             _block_columns(linv, m, out=cols[:, :cap])  # L^{-1} M
             cols[:, cap] = lam * (linv @ a_cols[:, 0])
-            trmm = blas.dtrmm if dtype == np.float64 else blas.strmm
-            qmat = np.ascontiguousarray(
-                trmm(1.0, linv, np.asfortranarray(cols), side=0, lower=1, trans_a=1)
-            )
+            cols_f = np.asfortranarray(cols)
+            del cols
+            trmm_lower(linv, cols_f, side="L", trans="T")  # G = L^{-T} L^{-1}
+            qmat = np.ascontiguousarray(cols_f)
             linv = None
     else:
         s = np.asarray(losses.hessian_sqrt(loss, jnp.asarray(f_star), jnp.asarray(y)), dtype)
@@ -373,27 +372,29 @@ _POTRF_THREADED_MAX_BYTES = int(1.75 * 2**30)
 
 def _potrf(a_f: np.ndarray):
     """In-place lower Cholesky of a Fortran-ordered SPD matrix; returns (L Fortran-ordered, info).
-    A matrix over ``_POTRF_THREADED_MAX_BYTES`` is factorised with one BLAS thread (the OpenBLAS
-    fault above)."""
-    fn = lapack.dpotrf if a_f.dtype == np.float64 else lapack.spotrf
+    The GIL is released meanwhile (``linalg.nogil``: scipy's f2py wrapper held it, freezing every
+    other thread of the service). A matrix over ``_POTRF_THREADED_MAX_BYTES`` is factorised with
+    one BLAS thread (the OpenBLAS fault above)."""
     if a_f.nbytes <= _POTRF_THREADED_MAX_BYTES:
-        return fn(a_f, lower=1, clean=1, overwrite_a=1)
+        return a_f, potrf_lower(a_f)
     with threadpool_limits(1, user_api="blas"):
-        return fn(a_f, lower=1, clean=1, overwrite_a=1)
+        return a_f, potrf_lower(a_f)
 
 
 def _trtri(l_f: np.ndarray):
-    fn = lapack.dtrtri if l_f.dtype == np.float64 else lapack.strtri
-    return fn(l_f, lower=1, overwrite_c=1)
+    """In-place inverse of a lower triangular Fortran-ordered matrix; returns (L^{-1}, info)."""
+    return l_f, trtri_lower(l_f)
 
 
 def _trsm_left(l_f: np.ndarray, x: np.ndarray, transpose: bool = False) -> None:
     """x ← L^{-1} x (or L^{-T} x) in place, x C-ordered ``(n, m)`` (solved as xᵀ L^{-T} (xᵀ L^{-1})
     on its Fortran view)."""
-    fn = blas.dtrsm if x.dtype == np.float64 else blas.strsm
-    out = fn(1.0, l_f, x.T, side=1, lower=1, trans_a=0 if transpose else 1, overwrite_b=1)
-    if not np.shares_memory(out, x):  # pragma: no cover - BLAS wrapper copied
-        x[...] = out.T
+    if x.flags.c_contiguous and x.flags.writeable:
+        trsm_lower(l_f, x.T, side="R", trans="N" if transpose else "T")
+        return
+    xt = np.asfortranarray(x.T)  # pragma: no cover - callers pass C-ordered arrays
+    trsm_lower(l_f, xt, side="R", trans="N" if transpose else "T")
+    x[...] = xt.T
 
 
 def _check_chol(info: int) -> None:
@@ -442,9 +443,9 @@ def test_changes(factor: LooFactor, k_tx: np.ndarray, f_t, y_t) -> LooChanges:
         df = np.ascontiguousarray(out[:, :cap].reshape(n_t, d, cap).transpose(0, 2, 1))
         q_t = out[:, cap].reshape(n_t, d)
     else:  # squared error, trace form: R = r ⊗ I_d, r_tX = k_tX G (G = L^{-T} L^{-1} of k + cI)
-        trmm = blas.dtrmm if dtype == np.float64 else blas.strmm
-        y = trmm(1.0, factor.linv, np.asfortranarray(k_tx), side=1, lower=1, trans_a=1)
-        r_tx = trmm(1.0, factor.linv, y, side=1, lower=1, trans_a=0, overwrite_b=1)
+        r_tx = np.array(k_tx, order="F", copy=True)
+        trmm_lower(factor.linv, r_tx, side="R", trans="T")  # k_tX L^{-T}
+        trmm_lower(factor.linv, r_tx, side="R", trans="N")  # k_tX L^{-T} L^{-1}
         q_t = factor.lam * (r_tx @ factor.alpha)  # λ R_tX α*
         df = r_tx[:, :, None] * factor.m[None]
     df += q_t[:, None, :]

@@ -318,13 +318,13 @@ def test_a_large_cholesky_runs_on_one_blas_thread(monkeypatch):
     threaded, info = attribution._potrf(np.asfortranarray(spd.copy()))
     assert info == 0
     seen = []
-    real = attribution.lapack.dpotrf
+    real = attribution.potrf_lower
 
     def spy(*args, **kwargs):
         seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attribution.lapack, "dpotrf", spy)
+    monkeypatch.setattr(attribution, "potrf_lower", spy)
     monkeypatch.setattr(attribution, "_POTRF_THREADED_MAX_BYTES", spd.nbytes - 1)
     one, info = attribution._potrf(np.asfortranarray(spd.copy()))
     assert info == 0 and seen and all(n == 1 for n in seen[0])
