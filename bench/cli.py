@@ -481,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import precision
 
         return precision.main(argv[1:])
+    if argv and argv[0] == "attribute-stall":
+        from . import attribute_stall
+
+        return attribute_stall.main(argv[1:])
     if argv and argv[0] == "lambda":
         from . import lambda_sweep
 
