@@ -59,14 +59,13 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import losses
 from .dual import DualProblem
 from .errors import InvalidInputError, SolverError
 from .influence import Refinement, deletion_step
 from .linalg import SolveOptions
-from .linalg.nogil import potrf_lower, trmm_lower, trsm_lower, trtri_lower
+from .linalg.nogil import one_blas_thread, potrf_lower, trmm_lower, trsm_lower, trtri_lower
 
 OF = ("loss", "output")
 
@@ -377,7 +376,7 @@ def _potrf(a_f: np.ndarray):
     one BLAS thread (the OpenBLAS fault above)."""
     if a_f.nbytes <= _POTRF_THREADED_MAX_BYTES:
         return a_f, potrf_lower(a_f)
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         return a_f, potrf_lower(a_f)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from service_core.layout import KernelLayout
 from service_core.linalg import SolveOptions, SPDSystem, canonical_method, nystrom
@@ -196,17 +198,19 @@ def test_nystrom_on_one_core_is_the_same_approximation(monkeypatch):
     a = rng.standard_normal((300, 60))
     k = jnp.asarray(a @ a.T + 1e-3 * np.eye(300), jnp.float32)
     limits = []
-    real = nystrom_module.threadpool_limits
+    real = nystrom_module.one_blas_thread
 
-    def spy(*args, **kwargs):
-        limits.append((args, kwargs))
-        return real(*args, **kwargs)
+    @contextlib.contextmanager
+    def spy():
+        with real():
+            limits.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+            yield
 
-    monkeypatch.setattr(nystrom_module, "threadpool_limits", spy)
+    monkeypatch.setattr(nystrom_module, "one_blas_thread", spy)
     threaded, _ = nystrom(k, 40)
     assert limits == []
     one, _ = nystrom(k, 40, one_core=True)
-    assert limits == [((1,), {"user_api": "blas"})]
+    assert len(limits) == 1 and limits[0] and all(n == 1 for n in limits[0])
 
     def dense(ny):
         u, lam = np.asarray(ny.u, np.float64), np.asarray(ny.lam, np.float64)

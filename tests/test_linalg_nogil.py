@@ -107,3 +107,42 @@ def test_the_gil_is_released_during_a_factorisation():
     ours_ticks = _ticks_during(lambda: nogil.potrf_lower(mine))
     f2py_ticks = _ticks_during(lambda: f2py_lapack.dpotrf(theirs, lower=1, overwrite_a=1))
     assert ours_ticks > 4 * f2py_ticks + 10, (ours_ticks, f2py_ticks)
+
+
+def test_one_blas_thread_bodies_exclude_each_other():
+    """OpenBLAS's thread count is process-wide: a second ``one_blas_thread`` body (the worker's
+    post-publish sketch) waits until the first (a factorisation that must stay on one thread)
+    ends, so the first's count is never set back under it; after both, the count is restored."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    inside, order = threading.Event(), []
+    release = threading.Event()
+
+    def first():
+        with nogil.one_blas_thread():
+            order.append(("first in", blas_threads()))
+            inside.set()
+            release.wait(10)
+            order.append(("first out", blas_threads()))
+
+    def second():
+        inside.wait(10)
+        with nogil.one_blas_thread():
+            order.append(("second in", blas_threads()))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    inside.wait(10)
+    time.sleep(0.2)  # the second has had time to try
+    assert [name for name, _ in order] == ["first in"]
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert [name for name, _ in order] == ["first in", "first out", "second in"]
+    assert all(n == 1 for _, counts in order for n in counts)
+    assert blas_threads() == before

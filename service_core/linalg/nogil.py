@@ -14,12 +14,16 @@ checks shapes, dtypes and order before the call (a wrong pointer would corrupt m
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import scipy.linalg.cython_blas as _cython_blas
 import scipy.linalg.cython_lapack as _cython_lapack
+from threadpoolctl import threadpool_limits
 
 _INT = ctypes.c_int
 _P_INT = ctypes.POINTER(_INT)
@@ -42,6 +46,22 @@ def _routine(module_name: str, name: str, n_args: int):
     capsule = module.__pyx_capi__[name]
     address = _capsule_pointer(capsule, _capsule_name(capsule))
     return ctypes.CFUNCTYPE(None, *([_P_VOID] * n_args))(address)
+
+
+# OpenBLAS's thread count is one process-wide setting, and with the GIL released a call in one thread
+# can run while another changes it: a factorisation that must run on one thread (the threaded
+# OpenBLAS Cholesky crashes on matrices of about 2 GB: ``attribution._potrf``) could find it set
+# back to every core by another thread's ``threadpool_limits`` ending. Every change goes through
+# this lock, held for the whole of the one-thread work.
+_BLAS_THREADS = threading.RLock()
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the body with BLAS (OpenBLAS) on one thread, process-wide; other such bodies wait, so
+    the count cannot change under a call that needs one thread."""
+    with _BLAS_THREADS, threadpool_limits(1, user_api="blas"):
+        yield
 
 
 def _prefix(a: np.ndarray) -> str:

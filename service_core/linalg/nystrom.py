@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from .nogil import one_blas_thread
 from .system import SPDSystem
 
 
@@ -50,7 +50,7 @@ def _sketch_one_core(k: jax.Array, omega: jax.Array) -> jax.Array | None:
     when K is not one CPU buffer (sharded, or on an accelerator)."""
     if len(k.devices()) != 1 or next(iter(k.devices())).platform != "cpu":
         return None
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         return jnp.asarray(np.asarray(k) @ np.asarray(omega))
 
 
