@@ -430,3 +430,12 @@ def test_metrics(client, wait_for_job):
     assert "ntk_unlearn_model_version 1.0" in text
     assert "ntk_unlearn_n_train 47.0" in text
     assert "ntk_unlearn_http_request_seconds_bucket" in text
+
+
+def test_predictions_are_compiled_before_the_first_request(settings, unlearner):
+    """Start-up compiles the prediction program (``Unlearner.warm_up``): the first request does
+    not pay for it."""
+    jitted = unlearner.model._jit_f_lin
+    assert jitted._cache_size() == 0  # a fresh model: nothing compiled yet
+    with TestClient(create_app(settings, unlearner)):
+        assert jitted._cache_size() == 1

@@ -233,3 +233,18 @@ def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_afte
     monkeypatch.undo()
     follower.after_follow()  # made for the version served: put in
     assert follower.state.nystrom is not None
+
+
+def test_warm_up_compiles_what_requests_of_up_to_16_rows_use(unlearner):
+    """``serve`` calls ``warm_up`` before its first request: afterwards a 1-row or 16-row
+    prediction compiles nothing (the jitted program's cache does not grow) and gets the outputs
+    it would get otherwise."""
+    jitted = unlearner.model._jit_f_lin
+    x = np.asarray(unlearner.state.x)[:16]
+    before = jitted._cache_size()
+    assert unlearner.warm_up() >= 0
+    assert jitted._cache_size() == before + 1
+    one, sixteen = unlearner.predict(x[:1]), unlearner.predict(x)
+    assert jitted._cache_size() == before + 1
+    np.testing.assert_array_equal(one, sixteen[:1])
+    assert unlearner.warm_up(max_rows=32) >= 0 and jitted._cache_size() == before + 2
