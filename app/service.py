@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import anyio.to_thread
 import redis
 
@@ -32,6 +33,11 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 
+# Reads of one kind that compute for seconds at a time, run at once per process (2 cores here);
+# more wait for a thread, without holding one.
+HEAVY_READ_THREADS = 2
+
+
 @dataclasses.dataclass
 class ServiceState:
     """The state of one app instance, reached by routes through ``app.api.deps``."""
@@ -45,6 +51,16 @@ class ServiceState:
     batcher: PredictBatcher | None = None
     keys: DeploymentKeys | None = None
     deletion_log: DeletionLog | None = None
+    # Threads for the reads that compute for seconds (influence solves; the leave-one-out
+    # factorisation and refinements of attribution and self-influence): their own few per kind,
+    # so that however many arrive at once, the default pool predictions use stays free, and a
+    # cold factorisation does not hold up influence estimates (``app.api.routes``).
+    influence_threads: anyio.CapacityLimiter = dataclasses.field(
+        default_factory=lambda: anyio.CapacityLimiter(HEAVY_READ_THREADS)
+    )
+    attribution_threads: anyio.CapacityLimiter = dataclasses.field(
+        default_factory=lambda: anyio.CapacityLimiter(HEAVY_READ_THREADS)
+    )
 
 
 def deployment_keys(settings: Settings) -> DeploymentKeys:

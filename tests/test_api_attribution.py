@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +144,48 @@ def test_attribution_limits_and_auth(make_settings, unlearner, probe):
         r = client.get("/v1/self-influence?limit=0", headers=READ)
         assert r.status_code == 422 and "limit" in r.json()["detail"]
         assert client.get("/v1/model", headers=READ).json()["version"] == 0
+
+
+def test_many_requests_waiting_for_a_cold_factorisation_leave_predictions_served(
+    client, probe, monkeypatch
+):
+    """45 attribution and self-influence requests wait on one cold leave-one-out factorisation
+    (held here until released): they wait without taking the threads predictions use (40 in
+    anyio's default pool, which they filled before: a prediction then waited for the whole
+    factorisation), and all answer once it is done."""
+    from service_core import attribution
+
+    release, started = threading.Event(), threading.Event()
+    real = attribution._factor_of
+
+    def held(state):
+        started.set()
+        assert release.wait(120)
+        return real(state)
+
+    monkeypatch.setattr(attribution, "_factor_of", held)
+    answers: list[int] = []
+
+    def ask(i: int) -> None:
+        if i % 3:
+            r = client.post("/v1/attribute", json={**probe, "k": 2}, headers=READ)
+        else:
+            r = client.get("/v1/self-influence?limit=5", headers=READ)
+        answers.append(r.status_code)
+
+    with ThreadPoolExecutor(45) as pool:
+        futures = [pool.submit(ask, i) for i in range(45)]
+        try:
+            assert started.wait(60)
+            time.sleep(0.5)  # the others have arrived and wait
+            predicted = ThreadPoolExecutor(1).submit(
+                client.post, "/v1/predict", json={"x": probe["x"]}, headers=READ
+            )
+            r = predicted.result(timeout=60)  # before the factorisation is released
+            assert r.status_code == 200, r.text
+            assert not answers  # they were all still waiting
+        finally:
+            release.set()
+        for f in futures:
+            f.result(timeout=300)
+    assert answers == [200] * 45

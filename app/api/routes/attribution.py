@@ -7,8 +7,10 @@ version (``service_core.attribution``), computed on the first request after a ve
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import Annotated
 
+import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, status
 
@@ -17,7 +19,7 @@ from service_core.errors import InvalidInputError
 from service_core.nonlinear_serving import NonlinearUnlearner
 
 from .. import schemas
-from ..deps import RETRY_LATER, ModelDep, ReadAccess, SettingsDep
+from ..deps import RETRY_LATER, ModelDep, ReadAccess, SettingsDep, StateDep
 from ..schemas import DIGITS_ONLY, INVALID, READ_AUTH, errors
 from .model import _BAD_INPUT, _check_rows
 
@@ -53,8 +55,8 @@ def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: st
         }
     ),
 )
-def attribute(
-    body: schemas.AttributeRequest, u: ModelDep, settings: SettingsDep
+async def attribute(
+    body: schemas.AttributeRequest, u: ModelDep, settings: SettingsDep, state: StateDep
 ) -> schemas.AttributeOut:
     """For each row of `x`: the `k` training records whose removal alone would raise its loss most
     (`helpful`) and lower it most (`harmful`).
@@ -65,7 +67,12 @@ def attribute(
     rows. The first request after a new version factors the leave-one-out system (cached).
     """
     _check_rows(body.x, settings)
-    a = u.attribute(body.x, body.y, k=body.k, exact=body.exact, of=body.of)
+    # On the heavy reads' own threads: however many wait for a cold factorisation, the threads
+    # predictions use stay free (``ServiceState.attribution_threads``).
+    a = await anyio.to_thread.run_sync(
+        partial(u.attribute, body.x, body.y, k=body.k, exact=body.exact, of=body.of),
+        limiter=state.attribution_threads,
+    )
     results = [
         schemas.AttributionRow(
             helpful=_records(a.helpful_ids, a.helpful, t, 1.0, a.of),
@@ -92,9 +99,10 @@ _EXACT_SELF_INFLUENCE = threading.Lock()
         }
     ),
 )
-def self_influence(
+async def self_influence(
     u: ModelDep,
     settings: SettingsDep,
+    state: StateDep,
     offset: Annotated[int, Query(ge=0, description="records to skip"), DIGITS_ONLY] = 0,
     limit: Annotated[
         int, Query(ge=1, le=10_000, description="most records to return"), DIGITS_ONLY
@@ -117,7 +125,26 @@ def self_influence(
     request refines only records no earlier one did; one such request at a time per process,
     another gets 503) and returns them in the order of their exact values.
     """
-    top = offset + limit
+    si = await anyio.to_thread.run_sync(
+        partial(_self_influence, u, settings, offset + limit, exact),
+        limiter=state.attribution_threads,
+    )
+    page = slice(offset, offset + limit)
+    records = [
+        schemas.SelfInfluenceRecord(id=str(i), self_influence=float(v))
+        for i, v in zip(si.ids[page], si.self_influence[page], strict=True)
+    ]
+    return schemas.SelfInfluenceOut(
+        model_version=si.version,
+        total=len(si.ids),
+        exact=si.exact or si.exact_top >= min(offset + limit, len(si.ids)),
+        records=records,
+    )
+
+
+def _self_influence(u, settings, top: int, exact: bool):
+    """``u.self_influence`` for the first ``top`` records, refined when ``exact`` (at most
+    ``--max-exact-self-influence``, one such request at a time)."""
     if exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner):
         if top > settings.max_exact_self_influence:
             raise InvalidInputError(
@@ -135,19 +162,7 @@ def self_influence(
                 headers=RETRY_LATER,
             )
         try:
-            si = u.self_influence(exact=True, top=top)
+            return u.self_influence(exact=True, top=top)
         finally:
             _EXACT_SELF_INFLUENCE.release()
-    else:
-        si = u.self_influence()
-    page = slice(offset, offset + limit)
-    records = [
-        schemas.SelfInfluenceRecord(id=str(i), self_influence=float(v))
-        for i, v in zip(si.ids[page], si.self_influence[page], strict=True)
-    ]
-    return schemas.SelfInfluenceOut(
-        model_version=si.version,
-        total=len(si.ids),
-        exact=si.exact or si.exact_top >= min(top, len(si.ids)),
-        records=records,
-    )
+    return u.self_influence()

@@ -83,13 +83,17 @@ async def predict(
         }
     ),
 )
-def influence(body: InfluenceRequest, u: ModelDep, settings: SettingsDep) -> InfluenceOut:
+async def influence(
+    body: InfluenceRequest, u: ModelDep, settings: SettingsDep, state: StateDep
+) -> InfluenceOut:
     """Estimated change of outputs and loss at `(x, y)` if `forget_ids` were removed.
 
     An estimate only: the model does not change. At most `max_rows` rows of `x`.
     """
     _check_rows(body.x, settings)
-    result = u.influence(body.forget_ids, body.x, body.y)
+    result = await anyio.to_thread.run_sync(
+        u.influence, body.forget_ids, body.x, body.y, limiter=state.influence_threads
+    )
     return InfluenceOut(
         model_version=result.version,
         delta_outputs=result.delta_outputs.tolist(),
