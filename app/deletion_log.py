@@ -30,14 +30,14 @@ def _is_str_list(value: Any) -> bool:
 
 
 def is_record(entry: Any) -> bool:
-    """Whether a parsed line has a record's shape: an object with an integer ``version`` ≥ 0
-    (not a boolean), a string ``timestamp``, ``job_ids`` and ``id_digests`` lists of strings,
+    """Whether a parsed line has a record's shape: an object with an integer ``version`` in
+    [0, 2⁶³) (not a boolean), a string ``timestamp``, ``job_ids`` and ``id_digests`` lists of strings,
     and, when present, ``job_digests`` a map of string lists, the counts integers or null and
     ``certificate`` an object or null. What every reader of the log relies on."""
     if not isinstance(entry, dict):
         return False
     version = entry.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**63:
         return False
     if not isinstance(entry.get("timestamp"), str):
         return False
@@ -94,6 +94,9 @@ class DeletionLog:
                             entry = json.loads(line)
                         except json.JSONDecodeError:
                             continue  # a line torn by a crash during its write
+                        except (ValueError, RecursionError):  # nested too deep, huge numbers
+                            foreign.append(number)
+                            continue
                         if is_record(entry):
                             found.append(entry)
                         else:
@@ -150,11 +153,11 @@ class DeletionLog:
 
     def page(self, cursor: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
         """Entries with version > ``cursor``, oldest first, at most ``limit``; and the cursor of
-        the next page (the last version returned), ``None`` at the end."""
-        after = sorted(
-            (e for e in self.entries() if int(e["version"]) > cursor),
-            key=lambda e: int(e["version"]),
-        )
+        the next page (the last version returned), ``None`` at the end. One entry per version:
+        the last logged (a version whose record was written but whose fsync failed was dropped,
+        and its number written again with the retry's record)."""
+        by_version = {int(e["version"]): e for e in self.entries() if int(e["version"]) > cursor}
+        after = [by_version[v] for v in sorted(by_version)]
         page = after[:limit]
         return page, (int(page[-1]["version"]) if len(after) > limit else None)
 

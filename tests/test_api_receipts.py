@@ -179,7 +179,7 @@ def test_deletions_are_paged_oldest_first(client, settings, wait_for_job):
         assert wait_for_job(client, jobs[-1])["status"] == "succeeded"
     # lines that are JSON but not records (a hand edit) are skipped, not a 500
     with open(settings.data_dir / "deletions.log", "a") as f:
-        f.write('null\n5\n{"version": "abc"}\n{"version": 9}\n')
+        f.write('null\n5\n{"version": "abc"}\n{"version": 9}\n' + "[" * 10**5 + "]" * 10**5 + "\n")
 
     def page(**params) -> dict:
         r = client.get("/v1/deletions", params=params, headers=READ)

@@ -42,18 +42,21 @@ FOREIGN = [
     '{"version": 99, "timestamp": "t", "job_ids": [], "id_digests": [], "job_digests": 3}',
     '{"version": 99, "timestamp": "t", "job_ids": [], "id_digests": [], "n_train": "x"}',
     '{"version": 99, "timestamp": "t", "job_ids": [], "id_digests": [], "certificate": 1}',
+    '{"version": 1180591620717411303424, "timestamp": "t", "job_ids": [], "id_digests": []}',
 ]
+# lines json.loads itself raises on (not JSONDecodeError): nested too deep, an integer too long
+UNPARSABLE = ["[" * 100_000 + "]" * 100_000, '{"version": 1' + "0" * 5000 + "}"]
 
 
 def test_foreign_lines_are_skipped_by_every_reader(tmp_path, caplog):
     path = tmp_path / "deletions.log"
-    lines = [json.dumps(_record(1, "j1")), *FOREIGN, json.dumps(_record(2, "j2"))]
+    lines = [json.dumps(_record(1, "j1")), *FOREIGN, *UNPARSABLE, json.dumps(_record(2, "j2"))]
     path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe not utf-8\n")
     log = DeletionLog(path)
     with caplog.at_level(logging.WARNING, logger="ntk_unlearn.deletion_log"):
         entries = log.entries()
     assert [e["version"] for e in entries] == [1, 2]
-    assert f"skipped {len(FOREIGN)} line(s)" in caplog.text
+    assert f"skipped {len(FOREIGN) + len(UNPARSABLE)} line(s)" in caplog.text
     assert log.versions() == {1, 2}
     assert log.newest_version() == 2
     assert [e["version"] for e in log.page(0, 10)[0]] == [1, 2]
@@ -71,3 +74,17 @@ def test_every_record_the_service_writes_has_a_records_shape():
     minimal = {"version": 0, "timestamp": "t", "job_ids": [], "id_digests": []}
     assert is_record(minimal) and is_record({**minimal, "n_train": None, "certificate": None})
     assert not any(is_record(json.loads(line)) for line in FOREIGN)
+
+
+def test_a_version_logged_twice_is_paged_once_as_its_last_record(tmp_path):
+    """A record written but not fsync'd makes the worker drop that version and log the number
+    again with the retry: the last record of a version is the published one, and a page shows
+    each version once (a page boundary between two copies hid the rest before)."""
+    log = DeletionLog(tmp_path / "deletions.log")
+    for record in (_record(1, "j1"), _record(2, "dropped"), _record(2, "j2"), _record(3, "j3")):
+        log.append(record)
+    first, cursor = log.page(0, 2)
+    assert [(e["version"], e["job_ids"]) for e in first] == [(1, ["j1"]), (2, ["j2"])]
+    rest, end = log.page(cursor, 2)
+    assert [(e["version"], e["job_ids"]) for e in rest] == [(3, ["j3"])] and end is None
+    assert log.find_job("j2")["version"] == 2 and log.newest_version() == 3
