@@ -75,6 +75,18 @@ GROUP = "solvers"
 # is consistent with pending-ids by construction (both change in the worker's finishing
 # transaction), while the caller's model may be a moment ahead of them (a batch published, its
 # ids not yet released) or behind (an API process following a separate worker).
+# KEYS: followers (zset, score = lapse time), followers-prepared (hash); ARGV[1]: now (ms). Members
+# listed and deleted in one script, by chunks (Lua's unpack has a stack limit).
+_DROP_LAPSED = """
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 1, #lapsed, 1000 do
+  local chunk = {unpack(lapsed, i, math.min(i + 999, #lapsed))}
+  redis.call('ZREM', KEYS[1], unpack(chunk))
+  redis.call('HDEL', KEYS[2], unpack(chunk))
+end
+return #lapsed
+"""
+
 _ENQUEUE = """
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[4])
@@ -257,6 +269,7 @@ class JobQueue:
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
         self._enqueue_add = client.register_script(_ENQUEUE_ADD)
+        self._drop_lapsed_script = client.register_script(_DROP_LAPSED)
 
     def job_key(self, job_id: str) -> str:
         """The Redis key of a job record."""
@@ -302,13 +315,11 @@ class JobQueue:
 
     def _drop_lapsed(self, now_ms: int) -> None:
         """Delete the entries of followers whose announcement lapsed by ``now_ms`` (Redis's
-        clock). Raises ``redis.RedisError``."""
-        lapsed = self.client.zrangebyscore(self.followers_key, "-inf", now_ms)
-        if lapsed:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.zrem(self.followers_key, *lapsed)
-            pipe.hdel(self.followers_prepared_key, *lapsed)
-            pipe.execute()
+        clock), in one script: a follower that renews between the listing and the deletion
+        would otherwise lose its fresh entry. Raises ``redis.RedisError``."""
+        self._drop_lapsed_script(
+            keys=[self.followers_key, self.followers_prepared_key], args=[now_ms]
+        )
 
     def followers_behind(self, version: int) -> list[str]:
         """The live followers that have not prepared ``version`` yet (lapsed ones are dropped).

@@ -374,3 +374,41 @@ def test_a_redis_error_while_waiting_for_followers_is_not_called_prepared(
         worker._wait_for_followers(1)
     assert "without knowing whether the followers prepared it" in caplog.text
     assert "after publication" not in caplog.text  # the "prepared it" line
+
+
+def test_a_follower_renewing_while_lapsed_entries_are_dropped_keeps_its_entry(
+    queue: JobQueue, monkeypatch
+):
+    """Lapsed entries are listed and deleted in one step: a follower that renews while they are
+    dropped keeps its fresh entry (they were listed, then deleted by name, and a renewal in
+    between was deleted with them: the worker stopped waiting for it). Also many at once (the
+    deletion goes by chunks)."""
+    queue.announce_prepared("A", 4, ttl_s=0.05)
+    for i in range(2500):
+        queue.client.zadd(queue.followers_key, {f"old-{i}": 1})
+        queue.client.hset(queue.followers_prepared_key, f"old-{i}", 1)
+    time.sleep(0.1)
+
+    def renew() -> None:
+        queue.client.hset(queue.followers_prepared_key, "A", 5)
+        queue.client.zadd(queue.followers_key, {"A": 10**15})
+
+    # A renews as soon as the dropping begins: after a listing of lapsed entries, or (one
+    # script, nothing in between) just before it
+    real_list = queue.client.zrangebyscore
+
+    def listing(key, low, high, *args, **kwargs):
+        listed = real_list(key, low, high, *args, **kwargs)
+        if low == "-inf":
+            renew()
+        return listed
+
+    monkeypatch.setattr(queue.client, "zrangebyscore", listing)
+    script = getattr(queue, "_drop_lapsed_script", None)
+    if script is not None:
+        monkeypatch.setattr(queue, "_drop_lapsed_script", lambda **kw: (renew(), script(**kw)))
+    behind = queue.followers_behind(6)
+    monkeypatch.undo()
+    assert behind == ["A"]
+    assert queue.client.zcard(queue.followers_key) == 1
+    assert queue.client.hgetall(queue.followers_prepared_key) == {"A": "5"}
