@@ -75,6 +75,10 @@ def test_arrays_that_do_not_fit_are_refused_before_the_call():
         nogil.trsm_lower(square, np.asfortranarray(np.ones((4, 2))))
     with pytest.raises(TypeError, match="dtypes differ"):
         nogil.trmm_lower(square, np.asfortranarray(np.ones((3, 2), np.float32)))
+    b = np.asfortranarray(np.ones((3, 2)))
+    for side, trans in (("l", "N"), ("L", "Q"), ("", "N")):  # BLAS would read "l" as left, …
+        with pytest.raises(ValueError, match="side must be"):
+            nogil.trsm_lower(square, b, side=side, trans=trans)
     readonly = np.asfortranarray(np.eye(3))
     readonly.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):

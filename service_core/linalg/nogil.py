@@ -149,6 +149,8 @@ def trtri_lower(a: np.ndarray) -> int:
 def _triangular_blas(
     name: str, lower: np.ndarray, b: np.ndarray, side: str, trans: str, alpha: float
 ) -> None:
+    if side not in ("L", "R") or trans not in ("N", "T"):
+        raise ValueError(f"side must be 'L' or 'R' and trans 'N' or 'T', got {side!r}, {trans!r}")
     _check_fortran(lower, "the triangular matrix")
     _check_fortran(b, "b")
     if lower.dtype != b.dtype:
