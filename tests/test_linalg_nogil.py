@@ -113,40 +113,39 @@ def test_the_gil_is_released_during_a_factorisation():
     assert ours_ticks > 4 * f2py_ticks + 10, (ours_ticks, f2py_ticks)
 
 
-def test_one_blas_thread_bodies_exclude_each_other():
-    """OpenBLAS's thread count is process-wide: a second ``one_blas_thread`` body (the worker's
-    post-publish sketch) waits until the first (a factorisation that must stay on one thread)
-    ends, so the first's count is never set back under it; after both, the count is restored."""
+def test_one_blas_thread_bodies_share_the_setting_and_the_last_restores_it():
+    """OpenBLAS's thread count is process-wide: while any ``one_blas_thread`` body runs (a
+    factorisation that must stay on one thread), the count stays 1, even when another body (the
+    worker's post-publish sketch) ends first; neither waits for the other; the last to end
+    restores the count from before."""
     from threadpoolctl import threadpool_info
 
     def blas_threads() -> list[int]:
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
     before = blas_threads()
-    inside, order = threading.Event(), []
-    release = threading.Event()
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
 
-    def first():
+    def long_one():
         with nogil.one_blas_thread():
-            order.append(("first in", blas_threads()))
             inside.set()
-            release.wait(10)
-            order.append(("first out", blas_threads()))
+            assert release.wait(10)
+            seen["long, after the short one ended"] = blas_threads()
 
-    def second():
-        inside.wait(10)
-        with nogil.one_blas_thread():
-            order.append(("second in", blas_threads()))
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    inside.wait(10)
-    time.sleep(0.2)  # the second has had time to try
-    assert [name for name, _ in order] == ["first in"]
+    t = threading.Thread(target=long_one)
+    t.start()
+    assert inside.wait(10)
+    started = time.monotonic()
+    with nogil.one_blas_thread():  # does not wait for the long one
+        seen["short"] = blas_threads()
+    assert time.monotonic() - started < 5
+    seen["between"] = blas_threads()  # the long one still runs: still one thread
     release.set()
-    for t in threads:
-        t.join(10)
-    assert [name for name, _ in order] == ["first in", "first out", "second in"]
-    assert all(n == 1 for _, counts in order for n in counts)
+    t.join(10)
+    assert all(n == 1 for counts in seen.values() for n in counts) and len(seen) == 3, seen
+    assert blas_threads() == before
+    with pytest.raises(RuntimeError):  # an error in a body restores the count too
+        with nogil.one_blas_thread():
+            raise RuntimeError
     assert blas_threads() == before

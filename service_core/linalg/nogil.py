@@ -51,17 +51,32 @@ def _routine(module_name: str, name: str, n_args: int):
 # OpenBLAS's thread count is one process-wide setting, and with the GIL released a call in one thread
 # can run while another changes it: a factorisation that must run on one thread (the threaded
 # OpenBLAS Cholesky crashes on matrices of about 2 GB: ``attribution._potrf``) could find it set
-# back to every core by another thread's ``threadpool_limits`` ending. Every change goes through
-# this lock, held for the whole of the one-thread work.
-_BLAS_THREADS = threading.RLock()
+# back to every core by another thread's ``threadpool_limits`` ending. Every body that wants one
+# thread shares one setting: the first to enter sets it, the last to leave restores the count
+# from before (none waits for another: the worker's post-publish sketch must not wait behind a
+# minutes-long factorisation of a read request).
+_ONE_THREAD = threading.Lock()
+_one_thread_users = 0
+_one_thread_limits: threadpool_limits | None = None
 
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Run the body with BLAS (OpenBLAS) on one thread, process-wide; other such bodies wait, so
-    the count cannot change under a call that needs one thread."""
-    with _BLAS_THREADS, threadpool_limits(1, user_api="blas"):
+    """Run the body with BLAS (OpenBLAS) on one thread, process-wide; bodies in other threads may
+    run at the same time, and the count is restored only when the last of them ends."""
+    global _one_thread_users, _one_thread_limits
+    with _ONE_THREAD:
+        if _one_thread_users == 0:
+            _one_thread_limits = threadpool_limits(1, user_api="blas")
+        _one_thread_users += 1
+    try:
         yield
+    finally:
+        with _ONE_THREAD:
+            _one_thread_users -= 1
+            if _one_thread_users == 0 and _one_thread_limits is not None:
+                _one_thread_limits.restore_original_limits()
+                _one_thread_limits = None
 
 
 def _prefix(a: np.ndarray) -> str:
