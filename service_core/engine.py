@@ -37,7 +37,7 @@ from .errors import NotCertifiedError
 from .influence import InfluenceResult
 from .kernels import purge_cache
 from .layout import SpareBuffer
-from .models import Network
+from .models import KernelModel, Network
 from .state import ModelState
 
 log = logging.getLogger(__name__)
@@ -269,12 +269,17 @@ class Unlearner:
         ``max_rows`` rows on the current version, so that no request pays for that compilation
         (about 0.1 s per shape for the digits MLP; later versions keep the shapes). By default
         the smallest shape: every request of up to 16 rows, and micro-batches of them. Nothing
-        changes.
+        changes. Nothing for an infinitely wide model (``KernelModel``): its predictions are
+        kernel evaluations, not a compiled program of the row shape.
 
         Returns:
           seconds taken.
         """
         started = time.perf_counter()
+        if isinstance(self.model, KernelModel):
+            # f(x) = K(x, X) α: a prediction evaluates the kernel against every training point
+            # (minutes for an inf-cnn over a few hundred images), which no warm-up saves
+            return 0.0
         shape = self._state.input_shape
         for rows in (r for r in _PREDICT_ROWS if r <= max(max_rows, _PREDICT_ROWS[0])):
             self.predict_batch([self.prepare_inputs(np.zeros((rows, *shape)))])

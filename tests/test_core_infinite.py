@@ -317,3 +317,21 @@ def test_kernel_gradient_descent_reports_non_convergence(digits):
     _, info = kernel_gradient_descent(problem, jnp.zeros_like(problem.y), tol=1e-12, max_steps=5)
     assert info.steps == 5 and not info.converged and info.residual > 1e-12
     assert info.as_solve_info().method == "kgd"
+
+
+def test_warm_up_does_not_evaluate_an_infinitely_wide_models_kernel(monkeypatch):
+    """``serve``'s start-up warm-up compiles the θ-space prediction program; an infinitely wide
+    model has none (its prediction is K(x, X) α, minutes for an inf-cnn over a few hundred
+    images), so it evaluates nothing, and start-up does not wait for it."""
+    from service_core import SolverConfig, TrainConfig, Unlearner
+
+    u = Unlearner.build(
+        load_digits(seed=0).subset(slice(0, 30)),
+        ModelConfig(kind="inf-mlp", depth=1),
+        TrainConfig(loss="mse", lam=LAM, dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
+    calls = []
+    monkeypatch.setattr(KernelModel, "kernel", lambda self, *a, **k: calls.append(a))
+    assert u.warm_up() == 0.0 and calls == []
