@@ -189,3 +189,37 @@ def test_many_requests_waiting_for_a_cold_factorisation_leave_predictions_served
         for f in futures:
             f.result(timeout=300)
     assert answers == [200] * 45
+
+
+def test_a_second_exact_self_influence_is_told_503_at_once_while_threads_are_busy(
+    client, probe, monkeypatch
+):
+    """One exact=true self-influence runs at a time; another is told 503 at once, not after
+    waiting for an attribution thread (both taken here by requests held at a cold
+    factorisation)."""
+    from service_core import attribution
+
+    release, started = threading.Event(), threading.Event()
+    real = attribution._factor_of
+
+    def held(state):
+        started.set()
+        assert release.wait(120)
+        return real(state)
+
+    monkeypatch.setattr(attribution, "_factor_of", held)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(client.get, "/v1/self-influence?limit=2&exact=true", headers=READ)
+        other = pool.submit(client.post, "/v1/attribute", json={**probe, "k": 2}, headers=READ)
+        try:
+            assert started.wait(60)
+            time.sleep(0.5)  # both attribution threads are taken
+            second = pool.submit(
+                client.get, "/v1/self-influence?limit=2&exact=true", headers=READ
+            ).result(timeout=30)  # before the factorisation is released
+            assert second.status_code == 503, second.text
+            assert "retry" in second.json()["detail"] and "Retry-After" in second.headers
+        finally:
+            release.set()
+        assert first.result(timeout=300).status_code == 200
+        assert other.result(timeout=300).status_code == 200

@@ -10,15 +10,14 @@ import threading
 from functools import partial
 from typing import Annotated
 
-import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from service_core.attribution import RankedRecords
 from service_core.errors import InvalidInputError
 from service_core.nonlinear_serving import NonlinearUnlearner
 
-from .. import schemas
+from .. import heavy, schemas
 from ..deps import RETRY_LATER, ModelDep, ReadAccess, SettingsDep, StateDep
 from ..schemas import DIGITS_ONLY, INVALID, READ_AUTH, errors
 from .model import _BAD_INPUT, _check_rows
@@ -56,7 +55,11 @@ def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: st
     ),
 )
 async def attribute(
-    body: schemas.AttributeRequest, u: ModelDep, settings: SettingsDep, state: StateDep
+    body: schemas.AttributeRequest,
+    u: ModelDep,
+    settings: SettingsDep,
+    state: StateDep,
+    request: Request,
 ) -> schemas.AttributeOut:
     """For each row of `x`: the `k` training records whose removal alone would raise its loss most
     (`helpful`) and lower it most (`harmful`).
@@ -67,12 +70,16 @@ async def attribute(
     rows. The first request after a new version factors the leave-one-out system (cached).
     """
     _check_rows(body.x, settings)
-    # On the heavy reads' own threads: however many wait for a cold factorisation, the threads
-    # predictions use stay free (``ServiceState.attribution_threads``).
-    a = await anyio.to_thread.run_sync(
+    # On the heavy reads' own threads (``app.api.heavy``): however many wait for a cold
+    # factorisation, the threads predictions use stay free.
+    a = await heavy.compute(
+        request,
+        state.attribution_threads,
         partial(u.attribute, body.x, body.y, k=body.k, exact=body.exact, of=body.of),
-        limiter=state.attribution_threads,
+        now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
     )
+    if isinstance(a, Response):
+        return a  # the client left while it waited
     results = [
         schemas.AttributionRow(
             helpful=_records(a.helpful_ids, a.helpful, t, 1.0, a.of),
@@ -103,6 +110,7 @@ async def self_influence(
     u: ModelDep,
     settings: SettingsDep,
     state: StateDep,
+    request: Request,
     offset: Annotated[int, Query(ge=0, description="records to skip"), DIGITS_ONLY] = 0,
     limit: Annotated[
         int, Query(ge=1, le=10_000, description="most records to return"), DIGITS_ONLY
@@ -125,10 +133,36 @@ async def self_influence(
     request refines only records no earlier one did; one such request at a time per process,
     another gets 503) and returns them in the order of their exact values.
     """
-    si = await anyio.to_thread.run_sync(
-        partial(_self_influence, u, settings, offset + limit, exact),
-        limiter=state.attribution_threads,
-    )
+    top = offset + limit
+    work = partial(u.self_influence)
+    refining = exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner)
+    if refining:
+        if top > settings.max_exact_self_influence:
+            raise InvalidInputError(
+                f"exact=true refines offset + limit = {top} records; at most "
+                f"{settings.max_exact_self_influence} (--max-exact-self-influence): lower offset "
+                "or limit"
+            )
+        # Each refined record is a Newton retraining (seconds to minutes of both cores): one such
+        # request at a time per process, so a read token cannot queue up minutes of solves; the
+        # others are told at once, not after waiting for a thread.
+        if not _EXACT_SELF_INFLUENCE.acquire(blocking=False):
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "another self-influence request with exact=true is running in this process: "
+                "retry when it has finished",
+                headers=RETRY_LATER,
+            )
+        work = partial(u.self_influence, exact=True, top=top)
+    try:
+        si = await heavy.compute(
+            request, state.attribution_threads, work, now=isinstance(u, NonlinearUnlearner)
+        )
+    finally:
+        if refining:
+            _EXACT_SELF_INFLUENCE.release()
+    if isinstance(si, Response):
+        return si  # the client left while it waited
     page = slice(offset, offset + limit)
     records = [
         schemas.SelfInfluenceRecord(id=str(i), self_influence=float(v))
@@ -137,32 +171,6 @@ async def self_influence(
     return schemas.SelfInfluenceOut(
         model_version=si.version,
         total=len(si.ids),
-        exact=si.exact or si.exact_top >= min(offset + limit, len(si.ids)),
+        exact=si.exact or si.exact_top >= min(top, len(si.ids)),
         records=records,
     )
-
-
-def _self_influence(u, settings, top: int, exact: bool):
-    """``u.self_influence`` for the first ``top`` records, refined when ``exact`` (at most
-    ``--max-exact-self-influence``, one such request at a time)."""
-    if exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner):
-        if top > settings.max_exact_self_influence:
-            raise InvalidInputError(
-                f"exact=true refines offset + limit = {top} records; at most "
-                f"{settings.max_exact_self_influence} (--max-exact-self-influence): lower offset "
-                "or limit"
-            )
-        # Each refined record is a Newton retraining (seconds to minutes of both cores): one such
-        # request at a time per process, so a read token cannot queue up minutes of solves.
-        if not _EXACT_SELF_INFLUENCE.acquire(blocking=False):
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "another self-influence request with exact=true is running in this process: "
-                "retry when it has finished",
-                headers=RETRY_LATER,
-            )
-        try:
-            return u.self_influence(exact=True, top=top)
-        finally:
-            _EXACT_SELF_INFLUENCE.release()
-    return u.self_influence()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+
+from service_core.nonlinear_serving import NonlinearUnlearner
 
 from ...core.config import Settings
+from .. import heavy
 from ..deps import ModelDep, ReadAccess, SettingsDep, StateDep
 from ..schemas import (
     DIGITS_ONLY,
@@ -84,16 +88,21 @@ async def predict(
     ),
 )
 async def influence(
-    body: InfluenceRequest, u: ModelDep, settings: SettingsDep, state: StateDep
+    body: InfluenceRequest, u: ModelDep, settings: SettingsDep, state: StateDep, request: Request
 ) -> InfluenceOut:
     """Estimated change of outputs and loss at `(x, y)` if `forget_ids` were removed.
 
     An estimate only: the model does not change. At most `max_rows` rows of `x`.
     """
     _check_rows(body.x, settings)
-    result = await anyio.to_thread.run_sync(
-        u.influence, body.forget_ids, body.x, body.y, limiter=state.influence_threads
+    result = await heavy.compute(
+        request,
+        state.influence_threads,
+        partial(u.influence, body.forget_ids, body.x, body.y),
+        now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
     )
+    if isinstance(result, Response):
+        return result  # the client left while it waited
     return InfluenceOut(
         model_version=result.version,
         delta_outputs=result.delta_outputs.tolist(),
