@@ -146,13 +146,10 @@ def test_attribution_limits_and_auth(make_settings, unlearner, probe):
         assert client.get("/v1/model", headers=READ).json()["version"] == 0
 
 
-def test_many_requests_waiting_for_a_cold_factorisation_leave_predictions_served(
-    client, probe, monkeypatch
-):
-    """45 attribution and self-influence requests wait on one cold leave-one-out factorisation
-    (held here until released): they wait without taking the threads predictions use (40 in
-    anyio's default pool, which they filled before: a prediction then waited for the whole
-    factorisation), and all answer once it is done."""
+@pytest.fixture
+def held_factorisation(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """The leave-one-out factorisation waits, once begun (``started``), until ``release`` is set:
+    requests pile up behind a cold factorisation for as long as a test needs."""
     from service_core import attribution
 
     release, started = threading.Event(), threading.Event()
@@ -164,6 +161,17 @@ def test_many_requests_waiting_for_a_cold_factorisation_leave_predictions_served
         return real(state)
 
     monkeypatch.setattr(attribution, "_factor_of", held)
+    return started, release
+
+
+def test_many_requests_waiting_for_a_cold_factorisation_leave_predictions_served(
+    client, probe, held_factorisation
+):
+    """45 attribution and self-influence requests wait on one cold leave-one-out factorisation
+    (held here until released): they wait without taking the threads predictions use (40 in
+    anyio's default pool, which they filled before: a prediction then waited for the whole
+    factorisation), and all answer once it is done."""
+    started, release = held_factorisation
     answers: list[int] = []
 
     def ask(i: int) -> None:
@@ -192,22 +200,12 @@ def test_many_requests_waiting_for_a_cold_factorisation_leave_predictions_served
 
 
 def test_a_second_exact_self_influence_is_told_503_at_once_while_threads_are_busy(
-    client, probe, monkeypatch
+    client, probe, held_factorisation
 ):
     """One exact=true self-influence runs at a time; another is told 503 at once, not after
     waiting for an attribution thread (both taken here by requests held at a cold
     factorisation)."""
-    from service_core import attribution
-
-    release, started = threading.Event(), threading.Event()
-    real = attribution._factor_of
-
-    def held(state):
-        started.set()
-        assert release.wait(120)
-        return real(state)
-
-    monkeypatch.setattr(attribution, "_factor_of", held)
+    started, release = held_factorisation
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(client.get, "/v1/self-influence?limit=2&exact=true", headers=READ)
         other = pool.submit(client.post, "/v1/attribute", json={**probe, "k": 2}, headers=READ)
