@@ -112,10 +112,18 @@ class DeletionLog:
                 self._cache = (size, found)
             return self._cache[1]
 
+    def current(self) -> list[dict[str, Any]]:
+        """``entries`` with each version's last record only, oldest first: a version whose record
+        was written but not fsync'd was dropped, and its number logged again with the retry's
+        record, which supersedes it. What every reader of applied versions uses."""
+        entries = self.entries()
+        last = {int(e["version"]): i for i, e in enumerate(entries)}
+        return [e for i, e in enumerate(entries) if last[int(e["version"])] == i]
+
     def find_job(self, job_id: str) -> dict[str, Any] | None:
         """The entry of the version that applied ``job_id``, if one was logged."""
         found = None
-        for entry in self.entries():
+        for entry in self.current():
             if job_id in entry.get("job_ids", ()):
                 found = entry
         return found
@@ -124,7 +132,7 @@ class DeletionLog:
         """The entry of the newest version that forgot the record with this keyed digest, if any
         (a forgotten id added again, then forgotten again, was forgotten twice)."""
         found = None
-        for entry in self.entries():
+        for entry in self.current():
             if digest in entry.get("id_digests", ()):
                 found = entry
         return found
@@ -156,8 +164,10 @@ class DeletionLog:
         the next page (the last version returned), ``None`` at the end. One entry per version:
         the last logged (a version whose record was written but whose fsync failed was dropped,
         and its number written again with the retry's record)."""
-        by_version = {int(e["version"]): e for e in self.entries() if int(e["version"]) > cursor}
-        after = [by_version[v] for v in sorted(by_version)]
+        after = sorted(
+            (e for e in self.current() if int(e["version"]) > cursor),
+            key=lambda e: int(e["version"]),
+        )
         page = after[:limit]
         return page, (int(page[-1]["version"]) if len(after) > limit else None)
 

@@ -81,10 +81,14 @@ def test_a_version_logged_twice_is_paged_once_as_its_last_record(tmp_path):
     again with the retry: the last record of a version is the published one, and a page shows
     each version once (a page boundary between two copies hid the rest before)."""
     log = DeletionLog(tmp_path / "deletions.log")
-    for record in (_record(1, "j1"), _record(2, "dropped"), _record(2, "j2"), _record(3, "j3")):
+    dropped = {**_record(2, "dropped"), "id_digests": ["d-dropped"]}
+    for record in (_record(1, "j1"), dropped, _record(2, "j2"), _record(3, "j3")):
         log.append(record)
     first, cursor = log.page(0, 2)
     assert [(e["version"], e["job_ids"]) for e in first] == [(1, ["j1"]), (2, ["j2"])]
     rest, end = log.page(cursor, 2)
     assert [(e["version"], e["job_ids"]) for e in rest] == [(3, ["j3"])] and end is None
     assert log.find_job("j2")["version"] == 2 and log.newest_version() == 3
+    # the dropped record is not an applied version for any reader
+    assert log.find_job("dropped") is None and log.find_digest("d-dropped") is None
+    assert [e["job_ids"] for e in log.current()] == [["j1"], ["j2"], ["j3"]]
