@@ -149,3 +149,41 @@ def test_one_blas_thread_bodies_share_the_setting_and_the_last_restores_it():
         with nogil.one_blas_thread():
             raise RuntimeError
     assert blas_threads() == before
+
+
+def test_one_blas_thread_works_from_every_thread():
+    """threadpoolctl 3.8 lets only the first Python thread that set a limit (while it lives)
+    change a pthreads OpenBLAS's count, silently ignoring the others: the worker thread's
+    sketch would leave a request thread's > 1.75 GiB Cholesky threaded. ``one_blas_thread`` sets
+    the count itself: one thread inside it whichever thread enters, first or later."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before, seen = blas_threads(), []
+
+    def body():
+        with nogil.one_blas_thread():
+            seen.append(blas_threads())
+
+    def control_and_keep_living(done: threading.Event):
+        # the worker thread's post-publish sketch: sets one thread, ends, the thread lives on
+        with nogil.one_blas_thread():
+            pass
+        done.wait(10)
+
+    done = threading.Event()
+    controller = threading.Thread(target=control_and_keep_living, args=(done,))
+    controller.start()
+    try:
+        for _ in range(2):
+            t = threading.Thread(target=body)
+            t.start()
+            t.join(10)
+        body()
+    finally:
+        done.set()
+        controller.join(10)
+    assert len(seen) == 3 and all(n == 1 for counts in seen for n in counts), seen
+    assert blas_threads() == before

@@ -19,11 +19,12 @@ import ctypes
 import functools
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import scipy.linalg.cython_blas as _cython_blas
 import scipy.linalg.cython_lapack as _cython_lapack
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 _INT = ctypes.c_int
 _P_INT = ctypes.POINTER(_INT)
@@ -54,29 +55,57 @@ def _routine(module_name: str, name: str, n_args: int):
 # back to every core by another thread's ``threadpool_limits`` ending. Every body that wants one
 # thread shares one setting: the first to enter sets it, the last to leave restores the count
 # from before (none waits for another: the worker's post-publish sketch must not wait behind a
-# minutes-long factorisation of a read request).
+# minutes-long factorisation of a read request). The count is set here directly, not through
+# ``threadpool_limits``: threadpoolctl 3.8 lets only one Python thread (the first to set a limit,
+# while it lives) change a pthreads OpenBLAS's count and silently ignores every other thread, so
+# a factorisation on a request thread stayed threaded once the worker thread had set a limit.
 _ONE_THREAD = threading.Lock()
 _one_thread_users = 0
-_one_thread_limits: threadpool_limits | None = None
+_one_thread_saved: list[tuple[Any, int]] = []
+
+
+@functools.cache
+def _blas_controllers() -> tuple:
+    """threadpoolctl's controllers of the BLAS libraries loaded (numpy's and scipy's OpenBLAS)."""
+    return tuple(c for c in ThreadpoolController().lib_controllers if c.user_api == "blas")
+
+
+def _set_blas_threads(controller, n: int) -> None:
+    setter = None
+    if controller.internal_api == "openblas" and controller.threading_layer != "openmp":
+        # the library's own symbol, with the affixes of scipy's builds (scipy_…64_)
+        setter = getattr(
+            controller.dynlib,
+            f"{controller._symbol_prefix}openblas_set_num_threads{controller._symbol_suffix}",
+            None,
+        )
+    if setter is not None:
+        setter(int(n))  # process-wide, from any thread
+    else:  # OpenMP layers and other BLAS: threadpoolctl's own (per calling thread)
+        controller.set_num_threads(int(n))
 
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run the body with BLAS (OpenBLAS) on one thread, process-wide; bodies in other threads may
     run at the same time, and the count is restored only when the last of them ends."""
-    global _one_thread_users, _one_thread_limits
+    global _one_thread_users
     with _ONE_THREAD:
         if _one_thread_users == 0:
-            _one_thread_limits = threadpool_limits(1, user_api="blas")
+            _one_thread_saved[:] = [(c, c.get_num_threads()) for c in _blas_controllers()]
+            for c, _ in _one_thread_saved:
+                _set_blas_threads(c, 1)
         _one_thread_users += 1
     try:
         yield
     finally:
         with _ONE_THREAD:
             _one_thread_users -= 1
-            if _one_thread_users == 0 and _one_thread_limits is not None:
-                _one_thread_limits.restore_original_limits()
-                _one_thread_limits = None
+            if _one_thread_users == 0:
+                for c, n in _one_thread_saved:
+                    if n:
+                        _set_blas_threads(c, n)
+                _one_thread_saved.clear()
 
 
 def _prefix(a: np.ndarray) -> str:
