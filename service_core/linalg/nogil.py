@@ -27,7 +27,6 @@ import scipy.linalg.cython_lapack as _cython_lapack
 from threadpoolctl import ThreadpoolController
 
 _INT = ctypes.c_int
-_P_INT = ctypes.POINTER(_INT)
 _P_CHAR = ctypes.c_char_p
 _P_VOID = ctypes.c_void_p
 
@@ -88,7 +87,11 @@ def _set_blas_threads(controller, n: int) -> None:
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run the body with BLAS (OpenBLAS) on one thread, process-wide; bodies in other threads may
-    run at the same time, and the count is restored only when the last of them ends."""
+    run at the same time, and the count is restored only when the last of them ends.
+
+    For work that must not run threaded (the > 1.75 GiB Cholesky of ``attribution._potrf``) and
+    work beside requests (the Nyström sketch K Ω, docs/maths.md (Ny)). Raises nothing of its own;
+    an error in the body restores the count as its end would."""
     global _one_thread_users
     with _ONE_THREAD:
         if _one_thread_users == 0:
