@@ -54,13 +54,16 @@ def is_record(entry: Any) -> bool:
 
 
 class DeletionLog:
-    """Append-only JSON-lines file at ``path``."""
+    """JSON-lines file at ``path``: appended to, one fsync'd record per version; replaced whole
+    only to remove the records of versions that were never published (``drop_after``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._cache: tuple[int, list[dict[str, Any]]] = (-1, [])
-        self._newest: tuple[int, int | None] = (-1, None)  # (file size, newest version)
+        # keyed by the file's (inode, size, mtime): it grows by appends and is replaced whole by
+        # ``drop_after``, whose file may later grow back to the old size
+        self._cache: tuple[tuple[int, int, int] | None, list[dict[str, Any]]] = (None, [])
+        self._newest: tuple[tuple[int, int, int] | None, int | None] = (None, None)
 
     def append(self, entry: dict[str, Any]) -> None:
         """Append one entry and fsync it, so a logged version survives a crash."""
@@ -77,16 +80,67 @@ class DeletionLog:
             f.flush()
             os.fsync(f.fileno())
 
+    def drop_after(self, version: int) -> list[int]:
+        """Remove the records of every version newer than ``version``: versions that were never
+        published (their record was written, then its fsync or the checkpoint failed, and their
+        checkpoint was dropped; or a crash came before the retry), whose record would otherwise
+        read as applied: ``/v1/records/{id}`` "forgotten" for ids the model still holds, a
+        retried addition "already logged". Only the worker calls it (it alone writes the log):
+        after a failed ``before_publish`` and at its start, with the version it restored. The
+        file is replaced atomically (a copy without those lines, fsync'd, renamed over it, the
+        directory fsync'd); nothing is written when there is nothing to remove.
+
+        Returns:
+          The versions removed (one per removed record, in file order).
+
+        Raises:
+          OSError: the copy could not be written or renamed (the log is then unchanged).
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        kept, removed = [], []
+        for line in raw.splitlines(keepends=True):
+            try:
+                entry = json.loads(line)
+            except (ValueError, RecursionError):
+                entry = None
+            if is_record(entry) and int(entry["version"]) > version:
+                removed.append(int(entry["version"]))
+            else:  # every other line as it was, torn or foreign ones too
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if not removed:
+            return []
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return removed
+
     def entries(self) -> list[dict[str, Any]]:
-        """Every complete entry, oldest first (re-read only when the file has grown). A line
+        """Every complete entry, oldest first (re-read only when the file has changed). A line
         that is not JSON (torn by a crash during its write) or not a record's shape
         (``is_record``: a hand edit, a foreign line) is skipped, with a warning for the latter."""
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
         except FileNotFoundError:
             return []
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
-            if size != self._cache[0]:
+            if key != self._cache[0]:
                 found, foreign = [], []
                 with open(self.path, encoding="utf-8", errors="replace") as f:
                     for number, line in enumerate(f, start=1):
@@ -109,7 +163,7 @@ class DeletionLog:
                         len(foreign),
                         ", ".join(map(str, foreign[:10])) + (", …" if len(foreign) > 10 else ""),
                     )
-                self._cache = (size, found)
+                self._cache = (key, found)
             return self._cache[1]
 
     def current(self) -> list[dict[str, Any]]:
@@ -153,10 +207,10 @@ class DeletionLog:
         a follower reads it for every round of requests while Redis does not answer."""
         self.entries()  # re-read if grown
         with self._lock:
-            size, entries = self._cache  # one consistent pair
-            if self._newest[0] != size:
+            key, entries = self._cache  # one consistent pair
+            if self._newest[0] != key:
                 found = [int(e["version"]) for e in entries]
-                self._newest = (size, max(found, default=None))
+                self._newest = (key, max(found, default=None))
             return self._newest[1]
 
     def page(self, cursor: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:

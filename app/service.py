@@ -126,6 +126,16 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     u = restore(None) if settings.worker else _restore_committed(settings, restore)
     if u is not None and settings.worker:
         deletion_log = DeletionLog(settings.deletion_log)
+        # Records of versions newer than the newest checkpoint were never published (their
+        # fsync failed and the checkpoint was dropped, then a crash came before the retry).
+        dropped = deletion_log.drop_after(u.version)
+        if dropped:
+            log.warning(
+                "removed the deletion-log record(s) of version(s) %s: never published (no "
+                "checkpoint; the newest is version %d)",
+                ", ".join(map(str, dropped)),
+                u.version,
+            )
         checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
         for record in records_from_checkpoint(u.state, deletion_log.versions(), checkpoint_hash):
             deletion_log.append(record)

@@ -173,7 +173,9 @@ class Worker:
                 outcomes.append((entry, {}))
             elif job.kind == "add":
                 logged = self.deletion_log.find_job(job.job_id)
-                if logged is not None:  # applied and logged before a crash: only report it
+                # applied and logged before a crash: only report it (a record of a version newer
+                # than the one served was never published: drop_after removes those at start)
+                if logged is not None and int(logged["version"]) <= u.version:
                     outcomes.append((entry, _succeeded(logged["version"], logged.get("solver"))))
                 else:
                     todo.append(entry)
@@ -192,6 +194,25 @@ class Worker:
         for run in runs or [[]]:
             self._process_run(run, outcomes)
             outcomes = []
+
+    def _append_record(self, entry: dict[str, Any], version_before: int) -> None:
+        """Append a new version's log record (fsync'd). If that fails the version is not published
+        and its checkpoint is dropped (``Unlearner.forget``): the record, if written, is removed
+        again (``DeletionLog.drop_after``) so that it never reads as applied; if even that fails,
+        the next start removes it."""
+        try:
+            self.deletion_log.append(entry)
+        except BaseException:
+            try:
+                self.deletion_log.drop_after(version_before)
+            except OSError as e:
+                log.error(
+                    "version %d: its log record could not be removed after its append failed "
+                    "(%s); it is removed at the next start",
+                    entry["version"],
+                    e,
+                )
+            raise
 
     def _process_run(self, run: list[Entry], outcomes: list[tuple[Entry, dict[str, Any]]]) -> None:
         """Validate and apply ``run`` (jobs of one kind) as one version, then report it with
@@ -306,7 +327,7 @@ class Worker:
                 digest,
                 job_digests,
             )
-            self.deletion_log.append(entry)
+            self._append_record(entry, version_before)
             logged.update(entry=entry, seconds=time.perf_counter() - started)
             crash_point("logged")
 
@@ -376,7 +397,7 @@ class Worker:
                 digest,
                 job_digests,
             )
-            self.deletion_log.append(entry)
+            self._append_record(entry, version_before)
             logged.update(entry=entry, seconds=time.perf_counter() - started)
             crash_point("logged")
 

@@ -1,0 +1,171 @@
+"""A version whose deletion-log record failed is never read as applied.
+
+The order of a deletion writes the log record (fsync'd) between the checkpoint and the
+publication. When the fsync fails the version is not published and its checkpoint is dropped, but
+the line may be in the file: without ``DeletionLog.drop_after`` it listed a version that never
+existed in ``/v1/deletions`` (with the failed job) until a later job wrote that number again, a
+follower took it as committed and waited for it, and after a crash an addition job re-run at start
+was reported succeeded from that record without being applied.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.deletion_log import DeletionLog
+from app.queue import GROUP, JobQueue
+from app.receipts import DeploymentKeys
+from app.service import load_model
+from app.worker import Worker
+from service_core import Unlearner, checkpoint
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+
+@pytest.fixture
+def queue(redis_url: str, redis_prefix: str):
+    q = JobQueue(redis.Redis.from_url(redis_url, decode_responses=True), redis_prefix, ttl_s=600)
+    q.ensure_group()
+    yield q
+    q.client.close()
+
+
+def _record(version: int, job: str, digest: str | None = None) -> dict:
+    digest = digest or f"d{version}"
+    return {
+        "version": version,
+        "version_before": version - 1,
+        "timestamp": "2026-12-03T00:00:00.000+00:00",
+        "job_ids": [job],
+        "id_digests": [digest],
+        "job_digests": {job: [digest]},
+    }
+
+
+def test_drop_after_removes_only_newer_records(tmp_path):
+    path = tmp_path / "deletions.log"
+    log = DeletionLog(path)
+    for record in (_record(1, "j1"), _record(2, "j2")):
+        log.append(record)
+    with open(path, "ab") as f:  # a foreign line and a torn one stay as they were
+        f.write(b'{"note": "hand edit"}\n')
+    log.append(_record(3, "j3"))
+    with open(path, "ab") as f:
+        f.write(b'{"version": 4, "timest')
+    assert log.drop_after(3) == [] and log.drop_after(5) == []  # nothing newer: not rewritten
+    assert log.drop_after(2) == [3]
+    text = path.read_text()
+    assert '"hand edit"' in text and '{"version": 4, "timest' in text and '"j3"' not in text
+    assert [e["version"] for e in log.entries()] == [1, 2]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_readers_follow_a_log_replaced_by_one_of_the_same_size(tmp_path):
+    """The retry logs the dropped version again with a record of the same length: a reader that
+    knew the file by its size alone would keep serving the dropped record."""
+    path = tmp_path / "deletions.log"
+    log = DeletionLog(path)
+    for record in (_record(1, "j1"), _record(2, "jA")):
+        log.append(record)
+    reader = DeletionLog(path)  # another process's reader, its cache filled
+    assert reader.find_job("jA")["version"] == 2 and reader.newest_version() == 2
+    size = path.stat().st_size
+    assert log.drop_after(1) == [2]
+    log.append(_record(2, "jB"))
+    assert path.stat().st_size == size
+    assert reader.find_job("jA") is None and reader.find_job("jB")["version"] == 2
+
+
+def _failing_log_fsync(monkeypatch, calls: list[str]) -> None:
+    """``os.fsync`` raises EIO for the deletion log's file descriptor, once (a disk that did not
+    take the record: the line is written, its fsync fails)."""
+    real = os.fsync
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.endswith("/deletions.log") and not calls:
+            calls.append(target)
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.redis
+def test_a_version_whose_log_fsync_failed_is_not_listed(client, wait_for_job, monkeypatch):
+    settings = client.app.state.service.settings
+    calls: list[str] = []
+    _failing_log_fsync(monkeypatch, calls)
+    failed = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE).json()
+    body = wait_for_job(client, failed["job_id"])
+    monkeypatch.undo()
+    assert calls, "the fault was not injected"
+    assert body["status"] == "failed" and "Input/output error" in body["error"], body
+    assert not (settings.checkpoint_dir / "1").exists()  # dropped
+    assert client.get("/v1/model", headers=READ).json()["version"] == 0
+    # the record was written before its fsync failed; it is gone again
+    assert DeletionLog(settings.deletion_log).entries() == []
+    assert client.get("/v1/deletions", headers=READ).json()["deletions"] == []
+    assert client.get("/v1/records/r01", headers=READ).json()["status"] == "active"
+
+    retried = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE).json()
+    assert wait_for_job(client, retried["job_id"])["model_version"] == 1
+    listed = client.get("/v1/deletions", headers=READ).json()["deletions"]
+    assert [(e["version"], e["job_ids"]) for e in listed] == [(1, [retried["job_id"]])]
+    lines = settings.deletion_log.read_text().splitlines()
+    assert len(lines) == 1 and failed["job_id"] not in lines[0]
+
+
+@pytest.mark.redis
+def test_a_start_removes_records_of_versions_it_has_no_checkpoint_of(
+    make_settings, base_checkpoint, caplog
+):
+    """The fsync failed, then the process died before it could remove the record: the next
+    worker start removes it (its checkpoint was dropped; the newest is older)."""
+    settings = make_settings(worker=True)
+    shutil.copytree(base_checkpoint, settings.checkpoint_dir)
+    keys = DeploymentKeys.load_or_create(settings.data_dir)
+    u = Unlearner.restore(settings.checkpoint_dir, id_key=keys.id_secret)
+    u.forget(["r05"], settings.checkpoint_dir)
+    log = DeletionLog(settings.deletion_log)
+    log.append(_record(1, "kept", u.digest("r05")))
+    log.append(_record(2, "never-published", u.digest("r06")))  # no checkpoint 2
+    with caplog.at_level(logging.WARNING):
+        started = load_model(settings, role="worker")
+    assert started.version == 1 and checkpoint.latest_version(settings.checkpoint_dir) == 1
+    assert [e["job_ids"] for e in DeletionLog(settings.deletion_log).entries()] == [["kept"]]
+    assert any("version(s) 2: never published" in m for m in caplog.messages), caplog.messages
+    # a follower's start leaves the log alone (only the worker writes it)
+    log.append(_record(2, "never-published", u.digest("r06")))
+    assert load_model(make_settings(worker=False)).version == 1
+    assert DeletionLog(settings.deletion_log).newest_version() == 2
+
+
+@pytest.mark.redis
+def test_an_addition_with_a_never_published_record_is_applied_at_restart(
+    queue, unlearner, tmp_path: Path
+):
+    """An addition job whose record was written (its fsync failed) when the worker died: the
+    restarted worker must apply it, not report it succeeded from that record."""
+    x, y = [[0.5, -0.5, 1.0, 2.0]], [1]
+    job = queue.enqueue_add(["new-1"], x, y)
+    assert len(queue.read("dead-worker", block_ms=0, count=10)) == 1
+    DeletionLog(tmp_path / "deletions.log").append(
+        {**_record(1, job.job_id, unlearner.digest("new-1")), "kind": "add"}
+    )
+    Worker(
+        unlearner, queue, tmp_path / "checkpoints", DeletionLog(tmp_path / "deletions.log")
+    ).recover()
+    record = queue.get(job.job_id)
+    assert record.status == "succeeded" and record.model_version == 1, record
+    assert unlearner.version == 1 and "new-1" in unlearner.active_ids()
+    assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0
