@@ -263,7 +263,18 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
         loop="uvloop",
         http="httptools",
     )
-    server = uvicorn.Server(config)
+    draining = getattr(getattr(app, "state", None), "service", None)
+    draining = getattr(draining, "draining", None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # The graceful shutdown begins: heavy reads still waiting for a thread are answered
+            # 503 now (app.api.heavy) instead of holding the shutdown behind a computation.
+            super().handle_exit(sig, frame)
+            if draining is not None:
+                draining.begin()
+
+    server = Server(config)
     # Everything loaded so far (the model, JAX, the app: ~190,000 objects) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it. Before this,
     # each one held every request up for 0.1-0.5 s (the p99 of /v1/predict under load).

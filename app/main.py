@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.draining.bind(asyncio.get_running_loop())
         await anyio.to_thread.run_sync(_start, state, unlearner)
         try:
             yield

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -38,6 +40,42 @@ log = logging.getLogger(__name__)
 HEAVY_READ_THREADS = 2
 
 
+class Draining:
+    """Whether the server has begun its graceful shutdown, and the heavy reads waiting for a
+    token meanwhile (their cancel scopes). ``begin`` may be called from any thread (uvicorn's
+    signal handler): it sets the flag and cancels the waits on the event loop."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._waiting: set[anyio.CancelScope] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop the waits run on (the app's, at its start)."""
+        self._loop = loop
+
+    def begin(self) -> None:
+        self.started = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._cancel_waits)
+
+    @contextlib.contextmanager
+    def cancellable(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that ``begin`` cancels (enter it on the event loop, after checking
+        ``started``: no await between, so no ``begin`` is missed)."""
+        with anyio.CancelScope() as scope:
+            self._waiting.add(scope)
+            try:
+                yield scope
+            finally:
+                self._waiting.discard(scope)
+
+    def _cancel_waits(self) -> None:
+        for scope in list(self._waiting):
+            scope.cancel()
+
+
 @dataclasses.dataclass
 class ServiceState:
     """The state of one app instance, reached by routes through ``app.api.deps``."""
@@ -61,6 +99,8 @@ class ServiceState:
     attribution_threads: anyio.CapacityLimiter = dataclasses.field(
         default_factory=lambda: anyio.CapacityLimiter(HEAVY_READ_THREADS)
     )
+    # Set when the server begins its graceful shutdown: heavy reads still waiting are refused.
+    draining: Draining = dataclasses.field(default_factory=lambda: Draining())
 
 
 def deployment_keys(settings: Settings) -> DeploymentKeys:

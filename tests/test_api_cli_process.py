@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,3 +280,98 @@ def test_bad_start_up_input_is_one_line(tmp_path):
         last = text.strip().splitlines()[-1]
         assert last.startswith("ntk-unlearn serve:") and cases[name][1] in last, (name, text)
     assert not _redis_servers_in(tmp_path)
+
+
+_HOLD = """
+import os, time
+from service_core import attribution
+
+_real = attribution._factor_of
+
+
+def _held(state):  # the leave-one-out factorisation waits for the test's file
+    open(os.environ["HOLD_STARTED"], "w").close()
+    while not os.path.exists(os.environ["HOLD_RELEASE"]):
+        time.sleep(0.05)
+    return _real(state)
+
+
+attribution._factor_of = _held
+"""
+
+
+def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, dataset_file: Path):
+    """Two attribution requests compute (a held cold factorisation), two more wait for a thread.
+    SIGTERM begins uvicorn's graceful shutdown, which waits for every request in flight: the
+    waiting ones are answered 503 with Retry-After at once (before: after the factorisation, for
+    minutes on a large model), the computing ones finish, and the process exits 0."""
+    (tmp_path / "hold.py").write_text(_HOLD)
+    started, release = tmp_path / "started", tmp_path / "release"
+    port, log = _free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "NTK_UNLEARN"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
+        HOLD_STARTED=str(started),
+        HOLD_RELEASE=str(release),
+        NTK_UNLEARN_API_TOKEN="t",
+    )
+    argv = [
+        "--dataset", f"npz:{dataset_file}", "--model", "mlp", "--width", "32", "--depth", "1",
+        "--data-dir", str(tmp_path / "data"), "--port", str(port),
+    ]  # fmt: skip
+    code = "import hold, runpy, sys; sys.argv = ['ntk-unlearn', *sys.argv[1:]]; "
+    code += "runpy.run_module('app', run_name='__main__')"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer t"}
+    body = {"x": [[0.5, -0.5, 1.0, 2.0]], "y": [1], "k": 2}
+    answers: list[tuple[float, int, str, str | None]] = []
+
+    def ask() -> None:
+        r = httpx.post(f"{url}/v1/attribute", json=body, headers=auth, timeout=120)
+        answers.append((time.monotonic(), r.status_code, r.text, r.headers.get("retry-after")))
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(1.0)  # the other three have arrived: one computes beside it, two wait
+        assert answers == []
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        released_at = time.monotonic()
+        release.touch()
+        for t in threads:
+            t.join(120)
+        code = proc.wait(60)
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, log.read_text()
+    refused = [a for a in answers if a[1] == 503]
+    assert len(refused) == 2 and all(a[0] < released_at for a in refused), answers
+    assert all("shutting down" in a[2] and a[3] is not None for a in refused), refused
+    assert sorted(a[1] for a in answers) == [200, 200, 503, 503], answers

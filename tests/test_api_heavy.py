@@ -3,6 +3,7 @@ their client left while they waited, and refusals are not queued behind computat
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import anyio
@@ -64,3 +65,43 @@ def test_admission_waits_for_a_token_and_now_does_not():
 
     anyio.run(main)
     assert order == ["refused at once", "computed"]
+
+
+def test_draining_refuses_the_waiting_and_the_new_but_not_the_admitted():
+    from fastapi import HTTPException
+
+    from app.service import Draining
+
+    outcomes: dict[str, object] = {}
+
+    async def main():
+        limiter, draining = anyio.CapacityLimiter(1), Draining()
+        draining.bind(asyncio.get_running_loop())
+        release = threading.Event()
+
+        async def ask(name: str, work):
+            try:
+                outcomes[name] = await heavy.compute(
+                    _Request(False), limiter, work, draining=draining
+                )
+            except HTTPException as e:
+                outcomes[name] = (e.status_code, e.headers)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "admitted", lambda: release.wait(10) and "computed")
+            await anyio.sleep(0.1)
+            tg.start_soon(ask, "waiting", lambda: "should not run")
+            await anyio.sleep(0.1)
+            threading.Thread(target=draining.begin).start()  # uvicorn's signal handler
+            await anyio.sleep(0.2)
+            assert outcomes.get("waiting") == (503, {"Retry-After": "2"})
+            await ask("new", lambda: "should not run")
+            release.set()
+        assert limiter.borrowed_tokens == 0
+
+    anyio.run(main)
+    assert outcomes == {
+        "admitted": "computed",
+        "waiting": (503, {"Retry-After": "2"}),
+        "new": (503, {"Retry-After": "2"}),
+    }

@@ -6,7 +6,11 @@ Each kind has its own ``anyio.CapacityLimiter`` (``ServiceState.influence_thread
 ``attribution_threads``): a request waits for one of its tokens without holding a thread, so
 however many arrive, the threads predictions use stay free. Once admitted, a request whose client
 has disconnected is answered 499 (nginx's "client closed request"; no one reads it) and nothing is
-computed: abandoned requests cost nothing but their wait.
+computed: abandoned requests cost nothing but their wait. Once the server begins its graceful
+shutdown (SIGTERM, SIGINT: ``Draining``), a request still waiting for a token is answered 503 with
+``Retry-After`` at once, and a new one without waiting: uvicorn waits for every request in flight
+before it exits, and a queue of reads behind a cold factorisation (minutes) would hold the
+shutdown that long.
 """
 
 from __future__ import annotations
@@ -16,11 +20,23 @@ from typing import TypeVar
 
 import anyio
 import anyio.to_thread
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response, status
+
+from ..service import Draining
 
 T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499
+_SHUTTING_DOWN = (
+    "this process is shutting down: the request was not computed; retry (another process, or "
+    "this one once restarted)"
+)
+
+
+def _refuse_draining() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, _SHUTTING_DOWN, headers={"Retry-After": "2"}
+    )
 
 
 async def compute(
@@ -28,6 +44,7 @@ async def compute(
     limiter: anyio.CapacityLimiter,
     work: Callable[[], T],
     now: bool = False,
+    draining: Draining | None = None,
 ) -> T | Response:
     """``work()`` on a worker thread once ``limiter`` admits it, or a 499 ``Response`` when the
     client left meanwhile.
@@ -35,13 +52,25 @@ async def compute(
     Arguments:
       now: run ``work`` at once on the event loop, without waiting (it only raises: a refusal
         such as a nonlinear model's 409 should not queue behind computations).
+      draining: the server's shutdown flag: once begun, a request not yet admitted is refused.
 
     Raises:
+      HTTPException: 503 with ``Retry-After``, the server shutting down before ``work`` began.
       whatever ``work`` raises.
     """
     if now:
         return work()
-    async with limiter:
+    if draining is None:
+        draining = Draining()
+    if draining.started:
+        raise _refuse_draining()
+    with draining.cancellable() as wait:
+        await limiter.acquire()
+    if wait.cancelled_caught:
+        raise _refuse_draining()
+    try:
         if await request.is_disconnected():
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return await anyio.to_thread.run_sync(work)
+    finally:
+        limiter.release()

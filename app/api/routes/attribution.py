@@ -77,6 +77,7 @@ async def attribute(
         state.attribution_threads,
         partial(u.attribute, body.x, body.y, k=body.k, exact=body.exact, of=body.of),
         now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
+        draining=state.draining,
     )
     if isinstance(a, Response):
         return a  # the client left while it waited
@@ -156,7 +157,11 @@ async def self_influence(
         work = partial(u.self_influence, exact=True, top=top)
     try:
         si = await heavy.compute(
-            request, state.attribution_threads, work, now=isinstance(u, NonlinearUnlearner)
+            request,
+            state.attribution_threads,
+            work,
+            now=isinstance(u, NonlinearUnlearner),
+            draining=state.draining,
         )
     finally:
         if refining:

@@ -100,6 +100,7 @@ async def influence(
         state.influence_threads,
         partial(u.influence, body.forget_ids, body.x, body.y),
         now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
+        draining=state.draining,
     )
     if isinstance(result, Response):
         return result  # the client left while it waited
