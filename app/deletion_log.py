@@ -80,55 +80,78 @@ class DeletionLog:
             f.flush()
             os.fsync(f.fileno())
 
+    @property
+    def dropped_path(self) -> Path:
+        """Where ``drop_after`` keeps the records it removes: ``deletions.dropped.log`` beside the
+        log (the log's real file when it is a link)."""
+        target = self.path.resolve()
+        return target.with_name(target.stem + ".dropped" + target.suffix)
+
     def drop_after(self, version: int) -> list[int]:
-        """Remove the records of every version newer than ``version``: versions that were never
-        published (their record was written, then its fsync or the checkpoint failed, and their
-        checkpoint was dropped; or a crash came before the retry), whose record would otherwise
-        read as applied: ``/v1/records/{id}`` "forgotten" for ids the model still holds, a
-        retried addition "already logged". Only the worker calls it (it alone writes the log):
-        after a failed ``before_publish`` and at its start, with the version it restored. The
-        file is replaced atomically (a copy without those lines, fsync'd, renamed over it, the
-        directory fsync'd); nothing is written when there is nothing to remove.
+        """Remove the records of every version newer than ``version`` from the log: versions that
+        were never published (their record was written, then its fsync failed and their
+        checkpoint was dropped; or the process died before it could remove it), whose record would
+        otherwise read as applied: ``/v1/deletions`` listing a failed job's version, a follower
+        waiting for a version that does not exist, a re-run addition "already logged". Only the
+        worker calls it (it alone writes the log): after a failed append, and at its start for
+        versions newer than its checkpoint that Redis never reported (``Worker.recover``).
+
+        Nothing is lost: the removed lines are first appended to ``dropped_path`` (fsync'd); then
+        the log is replaced atomically by a copy without them (written beside the log's real
+        file, fsync'd, renamed over it, the directory fsync'd). A copy left by a process killed
+        meanwhile is deleted by the next call. Nothing is written when there is nothing to remove.
 
         Returns:
           The versions removed (one per removed record, in file order).
 
         Raises:
-          OSError: the copy could not be written or renamed (the log is then unchanged).
+          OSError: the side file or the copy could not be written, or the rename failed (the log
+            is then unchanged); or the directory's fsync failed (the log is replaced, the rename
+            may not survive a power loss).
         """
+        target = self.path.resolve()
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
-            raw = self.path.read_bytes()
+            raw = target.read_bytes()
         except FileNotFoundError:
             return []
-        kept, removed = [], []
+        kept, removed, versions = [], [], []
         for line in raw.splitlines(keepends=True):
             try:
                 entry = json.loads(line)
             except (ValueError, RecursionError):
                 entry = None
+            line = line if line.endswith(b"\n") else line + b"\n"
             if is_record(entry) and int(entry["version"]) > version:
-                removed.append(int(entry["version"]))
+                removed.append(line)
+                versions.append(int(entry["version"]))
             else:  # every other line as it was, torn or foreign ones too
-                kept.append(line if line.endswith(b"\n") else line + b"\n")
+                kept.append(line)
         if not removed:
             return []
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(self.dropped_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as f:
+            f.write(b"".join(removed))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(b"".join(kept))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        return removed
+        return versions
 
     def entries(self) -> list[dict[str, Any]]:
         """Every complete entry, oldest first (re-read only when the file has changed). A line
@@ -213,13 +236,17 @@ class DeletionLog:
                 self._newest = (key, max(found, default=None))
             return self._newest[1]
 
-    def page(self, cursor: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
-        """Entries with version > ``cursor``, oldest first, at most ``limit``; and the cursor of
-        the next page (the last version returned), ``None`` at the end. One entry per version:
-        the last logged (a version whose record was written but whose fsync failed was dropped,
-        and its number written again with the retry's record)."""
+    def page(
+        self, cursor: int, limit: int, through: int | None = None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Entries with version > ``cursor`` (and ≤ ``through`` when given: the version the
+        reader serves), oldest first, at most ``limit``; and the cursor of the next page (the last
+        version returned), ``None`` at the end. One entry per version: the last logged (a version
+        whose record was written but whose fsync failed was dropped, and its number written again
+        with the retry's record)."""
+        top = through if through is not None else 2**63
         after = sorted(
-            (e for e in self.current() if int(e["version"]) > cursor),
+            (e for e in self.current() if cursor < int(e["version"]) <= top),
             key=lambda e: int(e["version"]),
         )
         page = after[:limit]

@@ -166,16 +166,6 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     u = restore(None) if settings.worker else _restore_committed(settings, restore)
     if u is not None and settings.worker:
         deletion_log = DeletionLog(settings.deletion_log)
-        # Records of versions newer than the newest checkpoint were never published (their
-        # fsync failed and the checkpoint was dropped, then a crash came before the retry).
-        dropped = deletion_log.drop_after(u.version)
-        if dropped:
-            log.warning(
-                "removed the deletion-log record(s) of version(s) %s: never published (no "
-                "checkpoint; the newest is version %d)",
-                ", ".join(map(str, dropped)),
-                u.version,
-            )
         checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
         for record in records_from_checkpoint(u.state, deletion_log.versions(), checkpoint_hash):
             deletion_log.append(record)
@@ -195,14 +185,48 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     return u
 
 
+class _ReportedVersion:
+    """The version the worker last reported in Redis (``JobQueue.reported_version``), read by a
+    follower's start; ``None`` without a Redis URL, when Redis does not answer (within the API's
+    timeout) or nothing was reported."""
+
+    def __init__(self, settings: Settings):
+        self._queue: JobQueue | None = None
+        if settings.redis_url is not None:
+            client = redis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=settings.redis_timeout_s,
+                socket_connect_timeout=settings.redis_timeout_s,
+                decode_responses=True,
+            )
+            self._queue = JobQueue(client, settings.redis_prefix, settings.job_ttl_s)
+
+    def read(self) -> int | None:
+        if self._queue is None:
+            return None
+        try:
+            return self._queue.reported_version()
+        except (redis.RedisError, ValueError):
+            return None
+
+    def __enter__(self) -> _ReportedVersion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._queue is not None:
+            self._queue.client.close()
+
+
 def _restore_committed(
     settings: Settings, restore, tries: int = 20, pause_s: float = 0.1
 ) -> Unlearner | None:
-    """A follower's start: the newest checkpoint at most the newest logged version (version 0
-    when nothing is logged). A newer checkpoint without its deletion-log record may still be
-    dropped by the worker and its version number written again with another batch; a follower
-    that started on it could never tell (docs/design.md, Followers). It follows that version
-    once it is reported, as any other.
+    """A follower's start: the newest checkpoint at most the version the worker last reported
+    when Redis answers, else at most the newest logged version (version 0 when nothing is
+    logged). A newer checkpoint may still be dropped by the worker and its version number
+    written again with another batch (its record not yet written, or written and its fsync
+    failing); a follower that started on it could never tell, and would serve it after the
+    worker dropped it (docs/design.md, Followers). It follows that version once it is reported,
+    as any other.
 
     That checkpoint may be purged while it is found or read: a newer one was logged and
     published (the log moved), or a worker starting kept only its newest and is about to log it.
@@ -212,25 +236,31 @@ def _restore_committed(
     existed) serves its newest, with a warning."""
     deletion_log = DeletionLog(settings.deletion_log)
     bar = None
-    for attempt in range(tries):
-        if attempt:
-            time.sleep(pause_s)
-        newest = deletion_log.newest_version()
-        bar = 0 if newest is None else newest
-        try:
-            u = restore(bar)
-        except Exception as e:
-            if (
-                checkpoint.newest_at_most(settings.checkpoint_dir, bar) is not None
-                and (deletion_log.newest_version() or 0) == bar
-            ):
-                raise  # the checkpoint is there and the log did not move: not a purge
-            log.info("the checkpoint at or below version %d went away while read (%s)", bar, e)
-            continue
-        if u is not None:
-            return u
-        if checkpoint.latest_version(settings.checkpoint_dir) is None:
-            return None  # no checkpoint at all: the caller builds version 0
+    with _ReportedVersion(settings) as reported:
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(pause_s)
+            newest = deletion_log.newest_version()
+            logged = 0 if newest is None else newest
+            # A record is in the file before its fsync returns, and that fsync may still fail
+            # (the version is then dropped): when Redis answers, the reported version (published,
+            # so its record was fsync'd) is the bar.
+            published = reported.read()
+            bar = logged if published is None else min(logged, published)
+            try:
+                u = restore(bar)
+            except Exception as e:
+                if (
+                    checkpoint.newest_at_most(settings.checkpoint_dir, bar) is not None
+                    and (deletion_log.newest_version() or 0) == logged
+                ):
+                    raise  # the checkpoint is there and the log did not move: not a purge
+                log.info("the checkpoint at or below version %d went away while read (%s)", bar, e)
+                continue
+            if u is not None:
+                return u
+            if checkpoint.latest_version(settings.checkpoint_dir) is None:
+                return None  # no checkpoint at all: the caller builds version 0
     log.warning(
         "no checkpoint at or below the newest logged version (%s) in %s: serving the newest",
         bar,

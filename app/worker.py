@@ -137,6 +137,7 @@ class Worker:
         Returns:
           The number of entries handled.
         """
+        self._drop_unpublished()
         entries = self.queue.claim_unacknowledged(self.consumer)
         self.queue.forget_idle_consumers(keep=self.consumer)
         if entries:
@@ -194,6 +195,50 @@ class Worker:
         for run in runs or [[]]:
             self._process_run(run, outcomes)
             outcomes = []
+
+    def _drop_unpublished(self) -> None:
+        """Before any job: the log's records of versions newer than the model this worker
+        restored. Either their fsync failed and the process died before it could remove them
+        (never published: Redis never reported them), or the checkpoints were rolled back under a
+        log that is not (a backup restored, a step deleted by hand: reported, kept, and said
+        loudly). Removed records are kept in ``DeletionLog.dropped_path``. Raises
+        ``redis.RedisError`` (``recover`` is retried); a log it cannot rewrite is left as it is
+        (an error logged): readers list no version newer than the one served."""
+        u = self.unlearner
+        newer = sorted(v for v in self.deletion_log.versions() if v > u.version)
+        if not newer:
+            return
+        reported = self.queue.reported_version()
+        if reported is not None and reported > u.version:
+            log.error(
+                "the deletion log has records of version(s) %s, and version %d was reported "
+                "published, but the newest checkpoint is version %d: were the checkpoints rolled "
+                "back (a backup restored)? The records are kept; the next versions will reuse "
+                "their numbers, and records forgotten since version %d may be back in the model",
+                ", ".join(map(str, newer)),
+                reported,
+                u.version,
+                u.version,
+            )
+            return
+        try:
+            dropped = self.deletion_log.drop_after(u.version)
+        except OSError as e:
+            log.error(
+                "could not remove the deletion-log record(s) of version(s) %s, never published "
+                "(%s): kept until the next start",
+                ", ".join(map(str, newer)),
+                e,
+            )
+            return
+        if dropped:
+            log.warning(
+                "moved the deletion-log record(s) of version(s) %s to %s: never published (no "
+                "checkpoint, not reported; the newest is version %d)",
+                ", ".join(map(str, dropped)),
+                self.deletion_log.dropped_path,
+                u.version,
+            )
 
     def _append_record(self, entry: dict[str, Any], version_before: int) -> None:
         """Append a new version's log record (fsync'd). If that fails the version is not published
@@ -417,7 +462,9 @@ class Worker:
             return [(entry, _failed(str(e))) for entry in accepted]
         except Exception as e:
             log.exception("forget of %d id(s) failed", len(ids))
-            message = f"the solver failed ({type(e).__name__}: {e}); the model is unchanged"
+            # an OSError is the checkpoint or the deletion log (the disk), not the solver
+            what = "writing the new version" if isinstance(e, OSError) else "the solver"
+            message = f"{what} failed ({type(e).__name__}: {e}); the model is unchanged"
             return [(entry, _failed(message)) for entry in accepted]
 
         timings = dict(result.timings or {})

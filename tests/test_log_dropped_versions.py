@@ -11,6 +11,7 @@ was reported succeeded from that record without being applied.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -60,13 +61,36 @@ def test_drop_after_removes_only_newer_records(tmp_path):
     log.append(_record(3, "j3"))
     with open(path, "ab") as f:
         f.write(b'{"version": 4, "timest')
+    leftover = tmp_path / ".deletions.log.4242.tmp"  # a copy whose writer was killed
+    leftover.write_text("half")
     assert log.drop_after(3) == [] and log.drop_after(5) == []  # nothing newer: not rewritten
+    assert not leftover.exists()
     assert log.drop_after(2) == [3]
     text = path.read_text()
     assert '"hand edit"' in text and '{"version": 4, "timest' in text and '"j3"' not in text
     assert [e["version"] for e in log.entries()] == [1, 2]
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # nothing is lost: the removed record is in the side file, private too
+    assert log.dropped_path == tmp_path / "deletions.dropped.log"
+    assert [json.loads(line)["job_ids"] for line in log.dropped_path.read_text().splitlines()] == [
+        ["j3"]
+    ]
+    assert os.stat(log.dropped_path).st_mode & 0o777 == 0o600
+
+
+def test_drop_after_rewrites_the_file_a_linked_log_points_to(tmp_path):
+    (tmp_path / "audit").mkdir()
+    real = tmp_path / "audit" / "deletions.log"
+    link = tmp_path / "deletions.log"
+    link.symlink_to(real)
+    log = DeletionLog(link)
+    for record in (_record(1, "j1"), _record(2, "j2")):
+        log.append(record)
+    assert log.drop_after(1) == [2]
+    assert link.is_symlink() and link.resolve() == real
+    assert [e["version"] for e in DeletionLog(real).entries()] == [1]
+    assert (tmp_path / "audit" / "deletions.dropped.log").exists()
 
 
 def test_readers_follow_a_log_replaced_by_one_of_the_same_size(tmp_path):
@@ -85,19 +109,43 @@ def test_readers_follow_a_log_replaced_by_one_of_the_same_size(tmp_path):
     assert reader.find_job("jA") is None and reader.find_job("jB")["version"] == 2
 
 
-def _failing_log_fsync(monkeypatch, calls: list[str]) -> None:
+def _failing_log_fsync(monkeypatch, calls: list[str], every: bool = False) -> None:
     """``os.fsync`` raises EIO for the deletion log's file descriptor, once (a disk that did not
-    take the record: the line is written, its fsync fails)."""
+    take the record: the line is written, its fsync fails); with ``every``, for every file whose
+    name starts with ``deletions`` or ``.deletions``, every time (the removal fails too)."""
     real = os.fsync
 
     def fsync(fd):
         target = os.readlink(f"/proc/self/fd/{fd}")
+        name = os.path.basename(target)
+        if every and name.lstrip(".").startswith("deletions"):
+            calls.append(target)
+            raise OSError(errno.EIO, "Input/output error (injected)")
         if target.endswith("/deletions.log") and not calls:
             calls.append(target)
             raise OSError(errno.EIO, "Input/output error (injected)")
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.redis
+def test_a_record_that_could_not_be_removed_is_not_listed(client, wait_for_job, monkeypatch):
+    """The record's fsync fails and so does its removal (the disk refuses every write to the
+    log): the record stays in the file until the next start, but no version newer than the one
+    served is listed, and the job says what failed."""
+    settings = client.app.state.service.settings
+    calls: list[str] = []
+    _failing_log_fsync(monkeypatch, calls, every=True)
+    failed = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE).json()
+    body = wait_for_job(client, failed["job_id"])
+    monkeypatch.undo()
+    assert len(calls) >= 2, calls  # the append's fsync, then the removal's
+    assert body["status"] == "failed", body
+    assert body["error"].startswith("writing the new version failed (OSError"), body
+    assert [e["version"] for e in DeletionLog(settings.deletion_log).entries()] == [1]
+    assert client.get("/v1/deletions", headers=READ).json()["deletions"] == []
+    assert client.get("/v1/records/r01", headers=READ).json()["status"] == "active"
 
 
 @pytest.mark.redis
@@ -125,12 +173,9 @@ def test_a_version_whose_log_fsync_failed_is_not_listed(client, wait_for_job, mo
     assert len(lines) == 1 and failed["job_id"] not in lines[0]
 
 
-@pytest.mark.redis
-def test_a_start_removes_records_of_versions_it_has_no_checkpoint_of(
-    make_settings, base_checkpoint, caplog
-):
-    """The fsync failed, then the process died before it could remove the record: the next
-    worker start removes it (its checkpoint was dropped; the newest is older)."""
+def _worker_with_a_newer_record(make_settings, base_checkpoint, queue):
+    """A data dir whose newest checkpoint is version 1 and whose log also has a record of
+    version 2 (no checkpoint); the worker restored from it."""
     settings = make_settings(worker=True)
     shutil.copytree(base_checkpoint, settings.checkpoint_dir)
     keys = DeploymentKeys.load_or_create(settings.data_dir)
@@ -138,33 +183,83 @@ def test_a_start_removes_records_of_versions_it_has_no_checkpoint_of(
     u.forget(["r05"], settings.checkpoint_dir)
     log = DeletionLog(settings.deletion_log)
     log.append(_record(1, "kept", u.digest("r05")))
-    log.append(_record(2, "never-published", u.digest("r06")))  # no checkpoint 2
-    with caplog.at_level(logging.WARNING):
-        started = load_model(settings, role="worker")
+    log.append(_record(2, "newer", u.digest("r06")))  # no checkpoint 2
+    started = load_model(settings, role="worker")
     assert started.version == 1 and checkpoint.latest_version(settings.checkpoint_dir) == 1
+    return settings, Worker(started, queue, settings.checkpoint_dir, log)
+
+
+@pytest.mark.redis
+def test_a_worker_start_moves_aside_records_never_published(
+    make_settings, base_checkpoint, queue, caplog
+):
+    """The fsync failed, then the process died before it could remove the record: Redis never
+    reported that version, so the worker's start moves the record to the side file."""
+    settings, worker = _worker_with_a_newer_record(make_settings, base_checkpoint, queue)
+    with caplog.at_level(logging.WARNING):
+        worker.recover()
     assert [e["job_ids"] for e in DeletionLog(settings.deletion_log).entries()] == [["kept"]]
-    assert any("version(s) 2: never published" in m for m in caplog.messages), caplog.messages
-    # a follower's start leaves the log alone (only the worker writes it)
-    log.append(_record(2, "never-published", u.digest("r06")))
-    assert load_model(make_settings(worker=False)).version == 1
-    assert DeletionLog(settings.deletion_log).newest_version() == 2
+    assert '"newer"' in (settings.data_dir / "deletions.dropped.log").read_text()
+    assert any("version(s) 2" in m and "never published" in m for m in caplog.messages)
+
+
+@pytest.mark.redis
+def test_a_worker_start_keeps_records_of_reported_versions(
+    make_settings, base_checkpoint, queue, caplog
+):
+    """The checkpoints were rolled back under the log (a backup restored): version 2 was
+    published and reported, its record is the evidence of a deletion, and is kept."""
+    settings, worker = _worker_with_a_newer_record(make_settings, base_checkpoint, queue)
+    queue.record_n_train(46, 2)  # what the worker that published version 2 reported
+    with caplog.at_level(logging.WARNING):
+        worker.recover()
+    assert [e["job_ids"] for e in DeletionLog(settings.deletion_log).entries()] == [
+        ["kept"],
+        ["newer"],
+    ]
+    assert not (settings.data_dir / "deletions.dropped.log").exists()
+    assert any("rolled back" in m for m in caplog.messages), caplog.messages
+    # /v1/deletions of a process serving version 1 lists no newer version
+    assert [e["version"] for e in worker.deletion_log.page(0, 10, through=1)[0]] == [1]
+
+
+@pytest.mark.redis
+def test_a_follower_starts_on_the_reported_version_not_a_newer_logged_one(
+    make_settings, base_checkpoint, queue
+):
+    """A record is in the file before its fsync returns, and the fsync may still fail: a
+    follower starting then must not take that version (the worker then drops it, and writes
+    another version 1 the follower would never read: it serves version 1 already)."""
+    settings = make_settings(worker=False)
+    shutil.copytree(base_checkpoint, settings.checkpoint_dir)
+    keys = DeploymentKeys.load_or_create(settings.data_dir)
+    u = Unlearner.restore(settings.checkpoint_dir, id_key=keys.id_secret)
+    u.forget(["r05"], settings.checkpoint_dir)
+    DeletionLog(settings.deletion_log).append(_record(1, "fsync-pending", u.digest("r05")))
+    queue.record_n_train(48, 0)  # the worker has reported version 0 only
+    assert load_model(settings).version == 0
+    queue.record_n_train(47, 1)  # reported: now it is the bar
+    assert load_model(settings).version == 1
 
 
 @pytest.mark.redis
 def test_an_addition_with_a_never_published_record_is_applied_at_restart(
     queue, unlearner, tmp_path: Path
 ):
-    """An addition job whose record was written (its fsync failed) when the worker died: the
-    restarted worker must apply it, not report it succeeded from that record."""
+    """An addition job whose record was written (its fsync failed, and so did its removal) when
+    the worker died: the restarted worker must apply it, not report it succeeded from that
+    record."""
     x, y = [[0.5, -0.5, 1.0, 2.0]], [1]
     job = queue.enqueue_add(["new-1"], x, y)
     assert len(queue.read("dead-worker", block_ms=0, count=10)) == 1
     DeletionLog(tmp_path / "deletions.log").append(
         {**_record(1, job.job_id, unlearner.digest("new-1")), "kind": "add"}
     )
-    Worker(
+    worker = Worker(
         unlearner, queue, tmp_path / "checkpoints", DeletionLog(tmp_path / "deletions.log")
-    ).recover()
+    )
+    # the record is still there (its removal failed too): the re-run must not trust it
+    worker.process(queue.claim_unacknowledged(worker.consumer))
     record = queue.get(job.job_id)
     assert record.status == "succeeded" and record.model_version == 1, record
     assert unlearner.version == 1 and "new-1" in unlearner.active_ids()

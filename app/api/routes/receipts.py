@@ -74,6 +74,7 @@ def receipt(job_id: str, queue: QueueDep) -> ReceiptOut:
 @router.get("/deletions", responses=errors(INVALID))
 def deletions(
     log: DeletionLogDep,
+    u: ModelDep,
     cursor: Annotated[
         int,
         Query(ge=0, description="return versions after this one (next_cursor of a page)"),
@@ -84,8 +85,8 @@ def deletions(
     ] = 100,
 ) -> DeletionsPage:
     """The deletion log, oldest version first: one record per applied version, ids as keyed
-    digests."""
-    page, next_cursor = log.page(cursor, limit)
+    digests. No version newer than the one this process serves."""
+    page, next_cursor = log.page(cursor, limit, through=u.version)
     return DeletionsPage.model_validate({"deletions": page, "next_cursor": next_cursor})
 
 
