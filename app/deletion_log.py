@@ -93,8 +93,9 @@ class DeletionLog:
         checkpoint was dropped; or the process died before it could remove it), whose record would
         otherwise read as applied: ``/v1/deletions`` listing a failed job's version, a follower
         waiting for a version that does not exist, a re-run addition "already logged". Only the
-        worker calls it (it alone writes the log): after a failed append, and at its start for
-        versions newer than its checkpoint that Redis never reported (``Worker.recover``).
+        worker calls it (it alone writes the log), after a failed append. (Not at a start: a
+        record newer than every checkpoint may be a published version's under checkpoints
+        rolled back, the evidence of a deletion.)
 
         Nothing is lost: the removed lines are first appended to ``dropped_path`` (fsync'd); then
         the log is replaced atomically by a copy without them (written beside the log's real

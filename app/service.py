@@ -408,11 +408,20 @@ class ModelFollower:
         self._followed = threading.Event()
         self.follower_id = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._announced: tuple[int, float] = (-1, 0.0)  # version, when (monotonic)
+        # The step directory of the served version as read (checkpoint.step_identity), and why
+        # this process no longer answers, once it found the worker dropped that version.
+        self._served_identity: tuple[int, int, int] | None = None
+        self.lost: str | None = None
         self._finisher = threading.Thread(
             target=self._finish, name="model-follower-after", daemon=True
         )
 
     def start(self) -> None:
+        u = self.state.unlearner
+        if u is not None:
+            self._served_identity = checkpoint.step_identity(
+                self.state.settings.checkpoint_dir, u.version
+            )
         self._thread.start()
         self._finisher.start()
 
@@ -556,6 +565,7 @@ class ModelFollower:
             return False  # dropped and written again, or pruned for a newer one: read it again
         if not u.serve_prepared(prepared.prepared):
             return False
+        self._served_identity = prepared.identity
         log.info(
             "following the worker: now serving version %d (prepared in %.2f s, %.2f s before "
             "it was served)",
@@ -572,6 +582,7 @@ class ModelFollower:
         if prepared is not None and prepared.prepared.base is not u.state:
             prepared = self._prepared = None  # served changed: only this thread follows, but check
         newest = checkpoint.newest_step_name(directory)
+        self._check_served(u, directory, newest)
         floor = u.version if prepared is None else prepared.version
         if newest is None or newest <= floor:
             return
@@ -587,6 +598,32 @@ class ModelFollower:
         self._prepared = _Prepared(
             u.prepare_follow(newer), identity, time.perf_counter() - t0, time.perf_counter()
         )
+
+    def _check_served(self, u: Unlearner, directory: Path, newest: int | None) -> None:
+        """Whether the worker dropped the version this process serves: the newest checkpoint is
+        older than it, or its step was written again (another batch under the same number). Only
+        a fault gets here (a follower that started on a version whose record's fsync then failed,
+        with Redis not answering; checkpoints rolled back under a running follower): the worker
+        serves another model, so this process stops answering from it (every model request and
+        ``/readyz`` 503, ``lost``) and says to restart it, which restores the worker's version."""
+        if self.lost is not None or newest is None:
+            return
+        if newest < u.version:
+            why = f"the newest checkpoint is version {newest}"
+        elif newest == u.version and self._served_identity is not None:
+            identity = checkpoint.step_identity(directory, newest)
+            # inode and modification time: a step written again is a new directory; a change of
+            # its mode or owner (the change time) is not
+            if identity is None or identity[:2] == self._served_identity[:2]:
+                return
+            why = "its checkpoint was written again with another batch"
+        else:
+            return
+        self.lost = (
+            f"this API process served model version {u.version}, which the worker dropped ({why}): "
+            "it no longer answers from it; restart it"
+        )
+        log.critical("%s", self.lost)
 
     def _finish(self) -> None:
         """The second thread: after each followed version, ``Unlearner.after_follow``."""

@@ -137,7 +137,6 @@ class Worker:
         Returns:
           The number of entries handled.
         """
-        self._drop_unpublished()
         entries = self.queue.claim_unacknowledged(self.consumer)
         self.queue.forget_idle_consumers(keep=self.consumer)
         if entries:
@@ -196,55 +195,13 @@ class Worker:
             self._process_run(run, outcomes)
             outcomes = []
 
-    def _drop_unpublished(self) -> None:
-        """Before any job: the log's records of versions newer than the model this worker
-        restored. Either their fsync failed and the process died before it could remove them
-        (never published: Redis never reported them), or the checkpoints were rolled back under a
-        log that is not (a backup restored, a step deleted by hand: reported, kept, and said
-        loudly). Removed records are kept in ``DeletionLog.dropped_path``. Raises
-        ``redis.RedisError`` (``recover`` is retried); a log it cannot rewrite is left as it is
-        (an error logged): readers list no version newer than the one served."""
-        u = self.unlearner
-        newer = sorted(v for v in self.deletion_log.versions() if v > u.version)
-        if not newer:
-            return
-        reported = self.queue.reported_version()
-        if reported is not None and reported > u.version:
-            log.error(
-                "the deletion log has records of version(s) %s, and version %d was reported "
-                "published, but the newest checkpoint is version %d: were the checkpoints rolled "
-                "back (a backup restored)? The records are kept; the next versions will reuse "
-                "their numbers, and records forgotten since version %d may be back in the model",
-                ", ".join(map(str, newer)),
-                reported,
-                u.version,
-                u.version,
-            )
-            return
-        try:
-            dropped = self.deletion_log.drop_after(u.version)
-        except OSError as e:
-            log.error(
-                "could not remove the deletion-log record(s) of version(s) %s, never published "
-                "(%s): kept until the next start",
-                ", ".join(map(str, newer)),
-                e,
-            )
-            return
-        if dropped:
-            log.warning(
-                "moved the deletion-log record(s) of version(s) %s to %s: never published (no "
-                "checkpoint, not reported; the newest is version %d)",
-                ", ".join(map(str, dropped)),
-                self.deletion_log.dropped_path,
-                u.version,
-            )
-
     def _append_record(self, entry: dict[str, Any], version_before: int) -> None:
         """Append a new version's log record (fsync'd). If that fails the version is not published
         and its checkpoint is dropped (``Unlearner.forget``): the record, if written, is removed
-        again (``DeletionLog.drop_after``) so that it never reads as applied; if even that fails,
-        the next start removes it."""
+        again (``DeletionLog.drop_after``) so that it never reads as applied. If even that fails
+        it stays in the file, read by no one as applied: ``/v1/deletions`` lists no version newer
+        than the one served, a re-run job does not trust it, and the next record of that version
+        number supersedes it (``DeletionLog.current``)."""
         try:
             self.deletion_log.append(entry)
         except BaseException:
@@ -253,7 +210,7 @@ class Worker:
             except OSError as e:
                 log.error(
                     "version %d: its log record could not be removed after its append failed "
-                    "(%s); it is removed at the next start",
+                    "(%s); it stays in the file, superseded by the next record of that version",
                     entry["version"],
                     e,
                 )

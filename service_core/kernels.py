@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ NTK_IMPLEMENTATIONS = {
     "jacobian_contraction": nt.NtkImplementation.JACOBIAN_CONTRACTION,
     "ntk_vector_products": nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
 }
+
+_log = logging.getLogger(__name__)
 
 
 def empirical_block_fn(
@@ -179,7 +182,8 @@ def cached(
     cache_dir: Path | None, key: str, compute: Callable[[], np.ndarray]
 ) -> tuple[np.ndarray, dict]:
     """``compute()`` with an on-disk cache ``cache_dir/ntk-<key>.npy`` (``None``: no cache). Written
-    to a temporary file and renamed: a crash never leaves a half-written kernel behind.
+    to a temporary file and renamed: a crash never leaves a half-written kernel behind. A write
+    that fails (a full or read-only disk) is a warning, and the kernel is returned uncached.
 
     Returns:
       ``(K, report)``, report = ``{"seconds", "bytes", "cached", "path"}`` (seconds: wall time).
@@ -196,11 +200,16 @@ def cached(
         }
     k = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Its own temporary file: processes restoring together may compute the same kernel.
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, k)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, k)
+            os.replace(tmp, path)
+        except OSError as e:  # a full or read-only disk: a cache only saves time next start
+            _log.warning("could not cache the kernel at %s (%s): not cached", path, e)
+            tmp.unlink(missing_ok=True)
+            path = None
     report = {"seconds": time.perf_counter() - t0, "bytes": k.nbytes, "cached": False}
     return k, {**report, "path": str(path) if path else None}
 

@@ -296,3 +296,19 @@ def test_the_worker_reports_a_version_once_the_followers_have_prepared_it(
         assert "r13" not in client.get("/v1/ids", headers=READ).json()["ids"]
     # A stopped follower withdraws: no worker waits for it.
     assert state.queue.client.zrange(state.queue.followers_key, 0, -1) == []
+
+
+def test_a_follower_that_lost_its_version_answers_nothing_from_it(follower_app, x_probe):
+    """Once the follower found the worker dropped the version it serves (``ModelFollower.lost``,
+    tests/test_follower_prepare.py), model requests and /readyz are 503 saying so."""
+    client = follower_app
+    assert client.post("/v1/predict", json={"x": x_probe}, headers=READ).status_code == 200
+    client.app.state.service.follower.lost = "this API process served model version 1, which ..."
+    for r in (
+        client.post("/v1/predict", json={"x": x_probe}, headers=READ),
+        client.get("/v1/ids", headers=READ),
+        client.get("/v1/deletions", headers=READ),
+        client.get("/readyz"),
+    ):
+        assert r.status_code == 503, r.text
+        assert "which ..." in r.text, r.text

@@ -162,3 +162,45 @@ def test_reading_a_checkpoint_logs_no_topology_warning(tmp_path, digits, caplog)
         logging.getLogger("absl").warning("another absl warning")
     assert not any("target tree" in m for m in caplog.messages), caplog.messages
     assert "another absl warning" in caplog.messages
+
+
+def _serving_a_version_the_worker_then_drops(tmp_path, digits):
+    """A follower that started on version 1 (its record's fsync pending, Redis not answering),
+    and the worker that then drops version 1 (the fsync failed)."""
+    ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    ck = tmp_path / "ck"
+    first_try = Unlearner.restore(ck, progress=False)  # the worker's first attempt
+    first_try.use_id_key(worker.state.id_key)
+    first_try.forget(worker.active_ids()[:2], checkpoint_dir=ck)
+    started_on = Unlearner.restore(ck, progress=False)
+    assert started_on.version == 1
+    follower.state.unlearner = started_on
+    follower._served_identity = checkpoint.step_identity(ck, 1)  # as start() does
+    assert not follower.poll() and follower.lost is None  # nothing wrong yet
+    checkpoint.prune(ck, keep=0)  # dropped: its log record failed
+    return ds, worker, started_on, follower
+
+
+def test_a_follower_serving_a_version_the_worker_dropped_stops_answering(tmp_path, digits):
+    """The newest checkpoint is older than the version served (dropped, or checkpoints rolled
+    back under a running follower): the worker serves another model, so the follower stops
+    answering from its own (``lost``: every model request and /readyz 503)."""
+    ds, worker, served, follower = _serving_a_version_the_worker_then_drops(tmp_path, digits)
+    assert not follower.poll()
+    assert follower.lost is not None and "newest checkpoint is version 0" in follower.lost
+
+
+def test_a_follower_whose_served_step_was_written_again_stops_answering(tmp_path, digits):
+    """The worker dropped version 1 and wrote version 1 again with another batch before the
+    follower looked: the step's directory is another one."""
+    ds, worker, served, follower = _serving_a_version_the_worker_then_drops(tmp_path, digits)
+    worker.forget(worker.active_ids()[:5], checkpoint_dir=tmp_path / "ck")  # version 1 again
+    assert not follower.poll()
+    assert follower.lost is not None and "written again" in follower.lost
+
+
+def test_a_change_of_the_served_steps_mode_is_not_a_drop(tmp_path, digits):
+    ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    follower._served_identity = checkpoint.step_identity(tmp_path / "ck", 0)
+    (tmp_path / "ck" / "0").chmod(0o700)  # its change time moves, not its inode or mtime
+    assert not follower.poll() and follower.lost is None

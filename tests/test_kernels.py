@@ -62,3 +62,22 @@ def test_ntk_cache(tmp_path, digits):
     other = build_model(ModelConfig(kind="mlp", width=16, seed=3), (64,), 10, jnp.float32)
     _, r3 = other.train_kernel(digits.x[:30], "full", tmp_path, progress=False)
     assert not r3["cached"] and len(list(tmp_path.glob("ntk-*.npy"))) == 2
+
+
+def test_a_kernel_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch, caplog):
+    """A full disk at a worker's start (found by a break-it run: the start exited with a
+    traceback from np.save, leaving an empty temporary file): the kernel is returned uncached."""
+    import errno
+
+    from service_core import kernels
+
+    def full(path, array):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kernels.np, "save", full)
+    k, report = kernels.cached(tmp_path / "cache", "abc", lambda: np.eye(3))
+    np.testing.assert_array_equal(k, np.eye(3))
+    assert report["cached"] is False and report["path"] is None
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary file left
+    assert "could not cache the kernel" in caplog.text

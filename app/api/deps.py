@@ -50,6 +50,8 @@ async def get_unlearner(state: StateDep) -> Unlearner:
     u = _loaded(state.unlearner, "the model is not loaded")
     follower = state.follower
     if follower is not None:
+        if follower.lost is not None:  # the worker dropped the version served here
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, follower.lost)
         wanted = await follower.shared_required_version()
         if wanted is not None and u.version < wanted:  # a wait: off the event loop
             await anyio.to_thread.run_sync(follow_or_503, state, lambda: follower.catch_up(wanted))

@@ -46,13 +46,16 @@ def readyz(state: StateDep) -> Readiness | JSONResponse:
             queue = "ok"
         except redis.RedisError as e:
             queue = f"unreachable ({type(e).__name__}: {e})"
-    if model == "loaded" and queue == "ok":
+    lost = state.follower.lost if state.follower is not None else None
+    if model == "loaded" and queue == "ok" and lost is None:
         return Readiness(status="ready", model_version=state.unlearner.version)
     problems = []
     if model != "loaded":
         problems.append("the model is not loaded yet")
     if queue != "ok":
         problems.append(f"the job queue (Redis) is {queue}: check REDIS_URL and that Redis runs")
+    if lost is not None:
+        problems.append(lost)
     body = NotReady(detail="not ready: " + "; ".join(problems), model=model, queue=queue)
     return JSONResponse(
         body.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=RETRY_LATER
