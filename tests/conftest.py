@@ -142,12 +142,18 @@ def client(settings: Settings, unlearner: Unlearner) -> Iterator[TestClient]:
 
 @pytest.fixture
 def wait_for_job() -> Callable[..., dict[str, Any]]:
-    """``wait_for_job(client, job_id)``: poll the job until it finished; return its body."""
+    """``wait_for_job(client, job_id)``: poll the job until it finished; return its body. A 503
+    (Redis stalled a moment: the answer says to retry) is polled again, as a client would."""
 
     def wait(client: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            body = client.get(f"/v1/jobs/{job_id}", headers=READ).json()
+            r = client.get(f"/v1/jobs/{job_id}", headers=READ)
+            body = r.json()
+            if r.status_code == 503 and time.monotonic() < deadline:
+                assert "Retry-After" in r.headers, r.text
+                time.sleep(0.2)
+                continue
             if body["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
                 return body
             time.sleep(0.05)
