@@ -185,36 +185,24 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     return u
 
 
-class _ReportedVersion:
+def _reported_version(settings: Settings) -> int | None:
     """The version the worker last reported in Redis (``JobQueue.reported_version``), read by a
     follower's start; ``None`` without a Redis URL, when Redis does not answer (within the API's
     timeout) or nothing was reported."""
-
-    def __init__(self, settings: Settings):
-        self._queue: JobQueue | None = None
-        if settings.redis_url is not None:
-            client = redis.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=settings.redis_timeout_s,
-                socket_connect_timeout=settings.redis_timeout_s,
-                decode_responses=True,
-            )
-            self._queue = JobQueue(client, settings.redis_prefix, settings.job_ttl_s)
-
-    def read(self) -> int | None:
-        if self._queue is None:
-            return None
-        try:
-            return self._queue.reported_version()
-        except (redis.RedisError, ValueError):
-            return None
-
-    def __enter__(self) -> _ReportedVersion:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._queue is not None:
-            self._queue.client.close()
+    if settings.redis_url is None:
+        return None
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        decode_responses=True,
+    )
+    try:
+        return JobQueue(client, settings.redis_prefix, settings.job_ttl_s).reported_version()
+    except (redis.RedisError, ValueError):
+        return None
+    finally:
+        client.close()
 
 
 def _restore_committed(
@@ -236,31 +224,30 @@ def _restore_committed(
     existed) serves its newest, with a warning."""
     deletion_log = DeletionLog(settings.deletion_log)
     bar = None
-    with _ReportedVersion(settings) as reported:
-        for attempt in range(tries):
-            if attempt:
-                time.sleep(pause_s)
-            newest = deletion_log.newest_version()
-            logged = 0 if newest is None else newest
-            # A record is in the file before its fsync returns, and that fsync may still fail
-            # (the version is then dropped): when Redis answers, the reported version (published,
-            # so its record was fsync'd) is the bar.
-            published = reported.read()
-            bar = logged if published is None else min(logged, published)
-            try:
-                u = restore(bar)
-            except Exception as e:
-                if (
-                    checkpoint.newest_at_most(settings.checkpoint_dir, bar) is not None
-                    and (deletion_log.newest_version() or 0) == logged
-                ):
-                    raise  # the checkpoint is there and the log did not move: not a purge
-                log.info("the checkpoint at or below version %d went away while read (%s)", bar, e)
-                continue
-            if u is not None:
-                return u
-            if checkpoint.latest_version(settings.checkpoint_dir) is None:
-                return None  # no checkpoint at all: the caller builds version 0
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(pause_s)
+        newest = deletion_log.newest_version()
+        logged = 0 if newest is None else newest
+        # A record is in the file before its fsync returns, and that fsync may still fail
+        # (the version is then dropped): when Redis answers, the reported version (published,
+        # so its record was fsync'd) is the bar.
+        published = _reported_version(settings)
+        bar = logged if published is None else min(logged, published)
+        try:
+            u = restore(bar)
+        except Exception as e:
+            if (
+                checkpoint.newest_at_most(settings.checkpoint_dir, bar) is not None
+                and (deletion_log.newest_version() or 0) == logged
+            ):
+                raise  # the checkpoint is there and the log did not move: not a purge
+            log.info("the checkpoint at or below version %d went away while read (%s)", bar, e)
+            continue
+        if u is not None:
+            return u
+        if checkpoint.latest_version(settings.checkpoint_dir) is None:
+            return None  # no checkpoint at all: the caller builds version 0
     log.warning(
         "no checkpoint at or below the newest logged version (%s) in %s: serving the newest",
         bar,

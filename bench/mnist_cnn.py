@@ -90,4 +90,5 @@ def pretrain(x, y, epochs: int = 10, batch: int = 128, seed: int = 0):
 
 
 def accuracy(params, x, y) -> float:
+    """Share of images ``x`` ``(n, 28, 28, 1)`` whose arg-max logit is their label ``y`` ``(n,)``."""
     return float(np.mean(np.asarray(jnp.argmax(apply_fn(params, x), 1)) == np.asarray(y)))

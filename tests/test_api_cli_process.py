@@ -52,6 +52,20 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120
         time.sleep(0.05)
 
 
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until ``/readyz`` answers 200; fails with the process's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
 def _stop(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, float]:
     started = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
@@ -110,16 +124,7 @@ def test_everything_written_is_private_and_no_token_on_the_command_line(
     try:
         url = f"http://127.0.0.1:{port}"
         auth = {"Authorization": "Bearer file-token"}
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        _wait_ready(url, proc, log)
         assert b"file-token" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         # A deletion writes a checkpoint and the deletion log too.
         job = httpx.post(f"{url}/v1/forget", json={"ids": ["r03"]}, headers=auth).json()
@@ -338,16 +343,7 @@ def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, d
         answers.append((time.monotonic(), r.status_code, r.text, r.headers.get("retry-after")))
 
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        _wait_ready(url, proc, log)
         threads = [threading.Thread(target=ask) for _ in range(4)]
         for t in threads:
             t.start()
