@@ -337,7 +337,7 @@ def _pretrained_cnn(args, mnist: Dataset, log) -> tuple[Dataset, dict]:
     )
     acc = mnist_cnn.accuracy(theta0, images.x_test, images.y_test)
     log(
-        f"mislabel {PRETRAINED_TITLE}: pretrained on {len(y_pre)} other images ({epochs} epochs) in "
+        f"mislabel {PRETRAINED_TITLE}: pretrained on {len(y_pre)} other images ({epochs} epoch{'s' if epochs != 1 else ''}) in "
         f"{time.perf_counter() - t0:.0f} s, test-pool accuracy {acc:.4f}"
     )
     path = Path(args.out).absolute() / "mnist_cnn_pretrained"
@@ -617,7 +617,7 @@ def markdown(res: dict) -> str:
         lines += [
             f"Command: `{res.get('command', '')}` at commit `{res.get('commit', '')}`"
             f" ({res.get('machine', {}).get('date_utc', '')}); λ = {s['lam']:g}, float32 served "
-            f"models, seed {s['seed']}. Wall time {res['seconds_total'] / 60:.1f} min. Protocol in "
+            f"models, except where a table says otherwise; seed {s['seed']}. Wall time {res['seconds_total'] / 60:.1f} min. Protocol in "
             "the module docstring of `bench/attribution.py`; load average "
             + ", ".join(f"{x:.1f}" for x in res.get("machine", {}).get("loadavg_1_5_15") or [])
             + " at its start, on 2 cores. Correlations do not depend on the load; timings do.",

@@ -312,3 +312,4 @@ def test_a_follower_that_lost_its_version_answers_nothing_from_it(follower_app, 
     ):
         assert r.status_code == 503, r.text
         assert "which ..." in r.text, r.text
+    assert "Retry-After" not in r.headers  # /readyz: waiting does not help

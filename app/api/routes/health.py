@@ -58,7 +58,10 @@ def readyz(state: StateDep) -> Readiness | JSONResponse:
         problems.append(lost)
     body = NotReady(detail="not ready: " + "; ".join(problems), model=model, queue=queue)
     return JSONResponse(
-        body.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=RETRY_LATER
+        body.model_dump(),
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        # a process that lost its version is not helped by waiting: no Retry-After then
+        headers=RETRY_LATER if lost is None else None,
     )
 
 
