@@ -18,12 +18,14 @@ class SlowQueue:
     def __init__(self, version: int):
         self.version = version
         self.calls = 0
+        self.began = threading.Event()  # set once a read has taken its value
         self._lock = threading.Lock()
 
     def reported_version(self) -> int:
         with self._lock:
             self.calls += 1
             seen = self.version
+        self.began.set()
         time.sleep(0.05)
         return seen
 
@@ -49,7 +51,9 @@ def test_a_request_never_gets_a_read_that_began_before_it():
 
     async def run() -> tuple[int | None, int | None, int | None]:
         first = asyncio.ensure_future(follower.shared_required_version())
-        await asyncio.sleep(0.01)  # its read has begun and seen version 3
+        # its read has begun and seen version 3 (waited for, not assumed after a sleep: on a
+        # loaded machine the thread took longer than 10 ms to start, and the read saw 4)
+        await asyncio.to_thread(queue.began.wait, 10)
         queue.version = 4  # a job is reported while that read is in flight
         later = [asyncio.ensure_future(follower.shared_required_version()) for _ in range(2)]
         return await first, *(await asyncio.gather(*later))
