@@ -285,6 +285,35 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
         raise SystemExit(_STARTUP_FAILURE)
 
 
+def nice_autogroup(autogroup: Path = Path("/proc/self/autogroup")) -> int | None:
+    """Give this process's autogroup the nice value the process was started with, when the
+    process leads its session (the group is its own), and return that value (``None``: nothing
+    changed).
+
+    With Linux's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on by default
+    on many distributions and on this project's machines) the CPU is shared between sessions
+    first, and a nice value only ranks the threads within their own session: ``nice -n 19
+    ntk-unlearn worker`` started in a session of its own (``setsid``, a process manager, the
+    load bench) took as much CPU as the API beside it. A session led by a niced process is given
+    that nice value as a whole (``/proc/<pid>/autogroup``, raising it needs no privilege). A
+    process sharing its session (started from a shell with others) is left alone, so as not to
+    lower the priority of the rest of that session.
+    """
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+        if nice <= 0 or os.getsid(0) != os.getpid() or not autogroup.exists():
+            return None
+        current = int(autogroup.read_text().rsplit("nice", 1)[1])
+        if current >= nice:
+            return None
+        autogroup.write_text(str(nice))
+    except (OSError, ValueError, IndexError) as e:
+        log.warning("could not give this session the process's nice value (%s)", e)
+        return None
+    log.info("nice %d applied to this session's autogroup (%s)", nice, autogroup)
+    return nice
+
+
 def serve(settings: Settings) -> None:
     """Run the API (and, unless ``--no-worker``, the worker) until SIGINT or SIGTERM.
 
@@ -300,6 +329,7 @@ def serve(settings: Settings) -> None:
     from .service import load_model
 
     _private_data_dir(settings)
+    nice_autogroup()
 
     if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
         log.info(
@@ -353,6 +383,7 @@ def worker(settings: Settings) -> None:
             "(the private Redis of 'serve' is not shared)"
         )
     _private_data_dir(settings)
+    nice_autogroup()
     lock = worker_lock(settings.data_dir, "worker")
     try:
         lock.acquire()

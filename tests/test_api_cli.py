@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +197,35 @@ def test_connections_to_the_bound_socket_send_without_nagle_delay():
         return seen[0]
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+_AUTOGROUP_PROBE = (
+    "import logging, pathlib; logging.basicConfig(level=logging.INFO)\n"
+    "from app.cli import nice_autogroup\n"
+    "print(nice_autogroup(), pathlib.Path('/proc/self/autogroup').read_text().strip())\n"
+)
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/autogroup").exists(), reason="no Linux autogroup on this kernel"
+)
+@pytest.mark.parametrize("own_session", [True, False])
+def test_a_niced_process_leading_its_session_gives_the_session_its_nice(own_session):
+    """``nice -n 7`` and a session of its own (as the load bench and process managers start a
+    worker): the session's autogroup gets nice 7, so the niceness counts against the other
+    sessions' processes; sharing its session (a shell's), the autogroup is left alone."""
+    out = subprocess.run(
+        ["nice", "-n", "7", sys.executable, "-c", _AUTOGROUP_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=own_session,
+        check=True,
+    )
+    returned, autogroup = out.stdout.strip().split(maxsplit=1)
+    ours = Path("/proc/self/autogroup").read_text().strip()
+    if own_session:
+        assert returned == "7" and autogroup.endswith("nice 7"), out
+        assert autogroup != ours  # its own group, not this test's
+    else:
+        assert returned == "None" and autogroup == ours, out

@@ -111,6 +111,7 @@ def test_the_split_deployment_runs_every_phase_and_applies_its_forgets(tmp_path)
         "predict-1",
         "predict-100",
         "enqueue",
+        "predict-1 again, no forgets",
         "predict-1 during forgets",
     ]
     for name, phase in res["phases"].items():
