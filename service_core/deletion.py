@@ -102,7 +102,7 @@ def choose_solver(
 
 
 def without(
-    state: ModelState, keep: np.ndarray, spare: jax.Array | None
+    state: ModelState, keep: np.ndarray, spare: jax.Array | None, spare_holds_k: bool = False
 ) -> tuple[ModelState, np.ndarray]:
     """``state`` with the points outside ``keep`` removed, and where each row came from.
 
@@ -112,6 +112,8 @@ def without(
     the smaller bucket and row i of the result is row ``rows[i]`` of ``state`` (the spare is freed
     first, so K, the new K and the solver's working set stay within the memory plan's two copies).
     α keeps α* on the retained rows; θ, f* and the certificate are left for the caller.
+    ``spare_holds_k``: the spare holds K's values (``SpareBuffer.holds``): the erasure zeroes the
+    removed points' rows and columns in it, no pass over K.
     """
     layout = state.layout
     cap = bucket(int(keep.sum()), layout.devices)
@@ -127,7 +129,12 @@ def without(
             ids=np.where(keep, state.ids, ""),
             x=state.x * m.reshape((-1,) + (1,) * (state.x.ndim - 1)),
             y=state.y * m[:, None],
-            k=layout.erase(state.k, keep_j, into=spare),
+            k=layout.erase(
+                state.k,
+                keep_j,
+                into=spare,
+                gone=np.flatnonzero(state.active & ~keep) if spare_holds_k else None,
+            ),
             f0=state.f0 * m[:, None],
             alpha=state.alpha * m[:, None],
             f_star=None,
@@ -154,6 +161,7 @@ def plan(
     refine: bool | None = None,
     spare: jax.Array | None = None,
     strict: bool = True,
+    spare_holds_k: bool = False,
 ) -> tuple[ModelState, ForgetResult]:
     """The next version of ``state`` without ``ids``, computed (not published).
 
@@ -165,6 +173,8 @@ def plan(
       spare: a K-sized buffer the erased K may be written into (consumed; ``Unlearner`` keeps one).
       strict: raise when a solve misses its tolerance (``False``: report it, for benchmarks that
         run the paper's form for a fixed number of iterations).
+      spare_holds_k: ``spare`` holds K's values (``SpareBuffer.holds``): erasing F zeroes its
+        rows and columns there, with no pass over K (``without``).
 
     Returns:
       ``(new_state, ForgetResult)``; ``seconds`` is the compute time.
@@ -187,7 +197,7 @@ def plan(
             f"{model.config.kind} has no parameters: theta-cg is not available, use alpha-cg"
         )
     clock.lap("validate")
-    shell, rows = without(state, state.active & ~mask, spare)
+    shell, rows = without(state, state.active & ~mask, spare, spare_holds_k)
     retained = Retained(problem_of(shell), rows, shell.alpha)
     clock.lap("compact", shell.k)
     if method == "theta-cg":
@@ -374,7 +384,12 @@ def _not_certified(residual: float, refined, max_refine: int, train, dtype) -> s
     return head + how + floor_hint(refined.floor, dtype)
 
 
-def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None) -> ModelState:
+def follow(
+    state: ModelState,
+    newer: ModelState,
+    spare: jax.Array | None = None,
+    spare_holds_k: bool = False,
+) -> ModelState:
     """``newer`` (a later version of ``state``'s model, read from its checkpoint without K) with K:
     ``state``'s K with the forgotten rows erased, or compacted into ``newer``'s rows (the layout
     operations the deletion used), never recomputed; no preconditioner (the caller makes one from
@@ -382,6 +397,8 @@ def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None)
 
     Arguments:
       spare: a K-sized buffer the erased K may be written into (consumed).
+      spare_holds_k: ``spare`` holds ``state``'s K values (``SpareBuffer.holds``): only the
+        forgotten rows and columns are zeroed in it, no pass over K.
 
     Raises:
       ValueError: ``newer`` is not a later version of ``state``'s model.
@@ -394,7 +411,9 @@ def follow(state: ModelState, newer: ModelState, spare: jax.Array | None = None)
     if newer.capacity == state.capacity and np.array_equal(
         np.where(keep, state.ids, ""), newer.ids
     ):
-        k = layout.erase(state.k, jnp.asarray(keep), into=spare)
+        gone = np.flatnonzero(state.active & ~keep) if spare_holds_k else None
+        fits = spare is not None and spare.shape == state.k.shape and spare.dtype == state.k.dtype
+        k = layout.erase(state.k, jnp.asarray(keep), into=spare if fits else None, gone=gone)
     else:
         del spare
         k = layout.compact(state.k, np.array([state.index[i] for i in ids]), newer.capacity)

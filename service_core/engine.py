@@ -390,7 +390,10 @@ class Unlearner:
         with self._forget_lock:
             model = self.model
             try:
-                new_state, result = deletion.plan(self._state, model, ids, spare=self._spare.take())
+                holds = self._spare.holds(self._state.k)
+                new_state, result = deletion.plan(
+                    self._state, model, ids, spare=self._spare.take(), spare_holds_k=holds
+                )
             except NotCertifiedError as e:
                 base, model = self._promoted(e)  # dtype auto: finish in float64, else re-raise
                 new_state, result = deletion.plan(base, model, ids)
@@ -412,7 +415,9 @@ class Unlearner:
                 raise
             t3 = time.perf_counter()
             self.model = model  # before the state: a float64 network reads float32 states too
-            self._state = new_state
+            old, self._state = self._state, new_state
+            self._retire(old, new_state)
+            del old
             t4 = time.perf_counter()
         timings.update(before_publish=t3 - t2, publish=t4 - t3)
         return result._replace(seconds=t4 - t0, timings=timings)
@@ -610,7 +615,8 @@ class Unlearner:
             base = self._state
             newer = newer.replace(id_key=base.id_key)
             if all(i in base.index for i in newer.ids[newer.active]):
-                state = deletion.follow(base, newer, self._spare.take())
+                holds = self._spare.holds(base.k)
+                state = deletion.follow(base, newer, self._spare.take(), holds)
             else:  # records were added: their K blocks are computed (``addition.follow``)
                 self._spare.take()
                 state = addition.follow(base, newer, self.model)
@@ -632,6 +638,7 @@ class Unlearner:
                 return False
             self.model = prepared.model  # before the state: a float64 network reads float32 states
             self._state = prepared.state
+            self._retire(prepared.base, prepared.state)
             return True
 
     def after_follow(self, preconditioner: bool = True) -> dict[str, float]:
@@ -688,6 +695,20 @@ class Unlearner:
             self._state.id_key,
         )
 
+    def _retire(self, old: ModelState, new: ModelState) -> None:
+        """Offer the K of the version just replaced as the next spare buffer when the new K is
+        its erasure (same shape and dtype): ``ready_spare`` reuses its memory once no request
+        reads it, with the rows and columns of the points ``old`` holds and ``new`` lacks zeroed
+        first (the others are zero in both: every erasure zeroes all but the kept points, and
+        K's padding rows are zero)."""
+        old_k = old.k
+        if old_k is new.k or old_k.shape != new.k.shape or old_k.dtype != new.k.dtype:
+            return
+        if new.layout.sharded or not new.solver_config.spare_kernel:
+            return
+        gone = old.active & ~new.active
+        self._spare.retire(old_k, new.layout.rows(np.flatnonzero(gone)))
+
     def ready_spare(self) -> float:
         """Make the spare K buffer the next deletion erases K into (``layout.SpareBuffer``).
 
@@ -696,4 +717,9 @@ class Unlearner:
         """
         with self._forget_lock:  # not while a deletion is planned (it may take the spare)
             st = self._state
-            return self._spare.ready(st.k, st.solver_config.spare_kernel and not st.layout.sharded)
+            seconds = self._spare.ready(
+                st.k, st.solver_config.spare_kernel and not st.layout.sharded
+            )
+        if self._spare.reused:
+            log.info("spare K buffer: the previous version's K, reused in %.2f s", seconds)
+        return seconds

@@ -15,8 +15,12 @@ split over the devices (``sharding``) and products run on each device's rows.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import sys
 import time
+import warnings
+import weakref
 from functools import partial
 
 import jax
@@ -117,10 +121,30 @@ class KernelLayout:
         return jnp.matmul(k[:, idx], v_f, precision=_HI).reshape(v.shape)
 
     # -- removing points ------------------------------------------------------------------------
-    def erase(self, k: jax.Array, keep: jax.Array, into: jax.Array | None = None) -> jax.Array:
+    def erase(
+        self,
+        k: jax.Array,
+        keep: jax.Array,
+        into: jax.Array | None = None,
+        gone: np.ndarray | None = None,
+    ) -> jax.Array:
         """K with the rows and columns of points outside ``keep`` (bool ``(C,)``) set to zero;
-        written into ``into``'s memory (donated: consumed) when given."""
+        written into ``into``'s memory (donated: consumed) when given.
+
+        Arguments:
+          gone: with ``into``, the points (int) ``keep`` drops that K still holds, when ``into``
+            already holds K's values (a spare buffer that was the previous version's K,
+            ``SpareBuffer.holds``): only their rows and columns are zeroed in ``into``, with no
+            pass over K (every other point outside ``keep`` is zero in K already).
+        """
         full = self.form == "full"
+        if into is not None and gone is not None and not self.sharded:
+            view = _cpu_view(jax.block_until_ready(into))
+            if view is not None:  # only the caller holds ``into``: nobody sees it change
+                rows = self.rows(gone)
+                view[rows, :] = 0
+                view[:, rows] = 0
+                return into
         if into is not None and not self.sharded:
             return _erase_into_by_rows(into, k, keep, full, self.d)
         if into is not None:
@@ -150,32 +174,127 @@ class KernelLayout:
 class SpareBuffer:
     """One K-sized buffer, already mapped by the operating system, for the next deletion to write
     its erased K into (``KernelLayout.erase(into=...)``, donated): fresh memory is mapped and zeroed
-    on first touch (about 0.4 s for MNIST's 1.7 GB K here, a third of a small deletion)."""
+    on first touch (about 0.4 s for MNIST's 1.7 GB K here, a third of a small deletion).
 
-    def __init__(self):
+    The previous version's K, once a deletion has erased it into the spare, is that memory already
+    mapped: ``retire`` hands it here, and ``ready`` makes it the next spare as soon as nothing else
+    holds it (the requests that read the previous version have ended), with the rows and columns of
+    every point the new version lacks zeroed in place first, so that it holds no value of a
+    forgotten point. Else (still read after ``wait_s``, another shape) it is let go and a buffer is
+    made as before.
+    """
+
+    def __init__(self, wait_s: float = 1.0):
         self._buffer: jax.Array | None = None
+        self._retired: jax.Array | None = None
+        self._retired_rows: np.ndarray | None = None
+        self.wait_s = wait_s
+        self.reused = False  # whether the last ``ready`` made the retired K's memory the spare
+        self._mirror: weakref.ref | None = None  # the K whose values the buffer holds
+
+    def retire(self, k: jax.Array, zero_rows: np.ndarray) -> None:
+        """Offer ``k`` (the K of a version no longer served) as the next spare; ``zero_rows``
+        (int, K's rows) are the rows and columns ``ready`` zeroes before using it. The caller
+        keeps no other reference to ``k`` (it is donated once free)."""
+        self._retired, self._retired_rows = k, np.asarray(zero_rows, np.int32)
 
     def ready(self, k: jax.Array, enabled: bool) -> float:
         """Have a buffer of ``k``'s shape and dtype (none when not ``enabled``). Returns seconds spent."""
+        retired, rows = self._retired, self._retired_rows
+        self._retired = self._retired_rows = None
+        self.reused = False
         if not enabled:
-            self._buffer = None
+            self._buffer = self._mirror = None
             return 0.0
         b = self._buffer
         if b is not None and b.shape == k.shape and b.dtype == k.dtype:
             return 0.0
         t0 = time.perf_counter()
-        self._buffer = None  # the old one is freed before the new one is mapped
+        self._buffer = self._mirror = None  # the old one is freed before the new one is mapped
+        if retired is not None and retired.shape == k.shape and retired.dtype == k.dtype:
+            address = _buffer_address(retired)
+            box, retired = [retired], None
+            self._buffer = _recycled(box, rows, self.wait_s)
+            del box
+            if self._buffer is not None:
+                # XLA (not on the CPU) may still copy: then it is a fresh buffer, as made below
+                self.reused = address is not None and _buffer_address(self._buffer) == address
+                self._mirror = weakref.ref(k)  # zeroed where k is: it holds k's values
+                return time.perf_counter() - t0
+        del retired
         self._buffer = jax.block_until_ready(_touched(k.shape, k.dtype))
         return time.perf_counter() - t0
 
+    def holds(self, k: jax.Array) -> bool:
+        """Whether the buffer holds exactly ``k``'s values: it is the previous version's K, made
+        the spare (``ready``) while ``k`` was served. A deletion from ``k`` then only zeroes the
+        rows it removes in it (``KernelLayout.erase(gone=...)``)."""
+        mirror = self._mirror
+        return self._buffer is not None and mirror is not None and mirror() is k
+
     def take(self) -> jax.Array | None:
         """The buffer, handed over: no reference stays here (a deletion may consume it)."""
-        buffer, self._buffer = self._buffer, None
+        buffer, self._buffer, self._mirror = self._buffer, None, None
         return buffer
 
     @property
     def buffer(self) -> jax.Array | None:
         return self._buffer
+
+
+def _recycled(box: list[jax.Array], rows: np.ndarray, wait_s: float) -> jax.Array | None:
+    """The array in ``box`` (its one reference here) with ``rows`` and those columns zeroed in its
+    own memory, once nobody else holds it (polled for ``wait_s`` seconds); ``None`` when someone
+    still does by then, or its buffer cannot be donated (it is then let go)."""
+    deadline = time.monotonic() + wait_s
+    while sys.getrefcount(box[0]) > 2:  # the list's slot and getrefcount's argument
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    k = jax.block_until_ready(box.pop())
+    view = _cpu_view(k)
+    if view is not None:
+        # Nobody else holds this array (above), so nobody sees it change: zero the rows in its
+        # memory from numpy, on this thread. Through XLA with the buffer donated, the result was
+        # a copy about one time in three (jax 0.5.3, CPU).
+        view[rows, :] = 0
+        view[:, rows] = 0
+        del view
+        return k
+    # a power of two of indices (repeats zero the same row again): few compiled shapes
+    padded = np.resize(rows, 1 << (len(rows) - 1).bit_length()) if len(rows) else rows
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "donated buffers were not usable": not in place
+            return jax.block_until_ready(_zero_rows_cols(k, jnp.asarray(padded, jnp.int32)))
+    except (RuntimeError, ValueError, UserWarning):
+        return None
+
+
+def _cpu_view(a: jax.Array) -> np.ndarray | None:
+    """A writable numpy array over ``a``'s memory when ``a`` is one buffer in host memory (the CPU
+    backend), else ``None``. Only for an array nobody else holds."""
+    devices = a.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return None
+    address = _buffer_address(a)
+    if address is None:
+        return None
+    memory = (ctypes.c_byte * a.nbytes).from_address(address)
+    return np.ndarray(a.shape, a.dtype, buffer=memory)
+
+
+def _buffer_address(a: jax.Array) -> int | None:
+    try:
+        return a.unsafe_buffer_pointer()
+    except (RuntimeError, ValueError):  # sharded, or deleted
+        return None
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _zero_rows_cols(k: jax.Array, rows: jax.Array) -> jax.Array:
+    """``k`` with rows ``rows`` and those columns set to zero, in ``k``'s memory (donated)."""
+    return k.at[rows, :].set(0).at[:, rows].set(0)
 
 
 @partial(jax.jit, static_argnames=("shape", "dtype"))

@@ -13,16 +13,20 @@ def digits():
     return load_digits(seed=0)
 
 
-def test_erased_rows_are_zero_while_the_bucket_holds(digits):
-    """Within a capacity bucket forgotten rows are zeroed, not just masked; below it, compacted."""
-    ds = digits.subset(slice(0, 64))
-    u = Unlearner.build(
+def _small_mlp(ds) -> Unlearner:
+    return Unlearner.build(
         ds,
         ModelConfig(kind="mlp", width=16),
         TrainConfig(loss="mse", dtype="float64"),
         SolverConfig(),
         progress=False,
     )
+
+
+def test_erased_rows_are_zero_while_the_bucket_holds(digits):
+    """Within a capacity bucket forgotten rows are zeroed, not just masked; below it, compacted."""
+    ds = digits.subset(slice(0, 64))
+    u = _small_mlp(ds)
     cap = u.state.capacity
     u.forget(u.active_ids()[:2])
     st = u.state
@@ -73,7 +77,11 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
         a, b = with_spare.state, without.state
         assert a.n == b.n and all(r.solve.converged for r in results)
         if n_forget < 100:
-            assert a.capacity == cap and spare.is_deleted()  # erased in place into the spare
+            # erased into the spare: donated to the erasure (10: the spare made at the build), or
+            # (16) the spare is the previous K reused, holding K's values: only F's rows and
+            # columns zeroed in it; either way equal to the engine without a spare (below)
+            assert a.capacity == cap
+            assert spare.is_deleted() if n_forget == 10 else a.k is spare
             assert b.capacity == (cap if n_forget == 10 else 240)
             assert not np.any(np.asarray(a.k)[np.repeat(~a.active, 10)])
         else:
@@ -115,3 +123,36 @@ def test_nan_in_a_solve_fails_the_deletion_and_leaves_the_version(digits, monkey
     with pytest.raises(SolverError, match="non-finite"):
         u.forget(u.active_ids()[:3])
     assert u.state is before and u.version == 0
+
+
+def test_the_replaced_k_becomes_the_next_spare_holding_no_forgotten_value(digits):
+    """After a deletion that erased K, the previous version's K is the next spare buffer (its own
+    memory: no fresh mapping) once no request reads it, with the rows and columns of every point
+    the new version lacks zeroed first: it then equals the served K, so no value of a forgotten
+    point stays in memory. While a reader still holds the previous version, its K is left alone
+    (not donated) and a fresh buffer is made instead."""
+    ds = digits.subset(slice(0, 60))  # capacity 64: K has padding rows
+    u = _small_mlp(ds)
+    assert u.state.capacity > u.state.n
+    first = u.state.k.unsafe_buffer_pointer()
+    u.forget(u.active_ids()[:2])
+    u.after_publish()
+    spare = u._spare.buffer
+    assert u._spare.reused and spare.unsafe_buffer_pointer() == first
+    assert np.any(np.asarray(spare)) and spare.shape == u.state.k.shape
+    np.testing.assert_array_equal(np.asarray(spare), np.asarray(u.state.k))
+    del spare
+
+    reader = u.state  # a request still reading this version
+    before = np.array(reader.k)
+    u._spare.wait_s = 0.05
+    u.forget(u.active_ids()[:2])
+    u.after_publish()
+    assert not u._spare.reused and not reader.k.is_deleted()
+    np.testing.assert_array_equal(np.asarray(reader.k), before)
+    assert u._spare.buffer.unsafe_buffer_pointer() != reader.k.unsafe_buffer_pointer()
+    del reader
+    u.forget(u.active_ids()[:2])  # and the fresh buffer serves the next deletion as before
+    u.after_publish()
+    assert u._spare.reused
+    np.testing.assert_array_equal(np.asarray(u._spare.buffer), np.asarray(u.state.k))

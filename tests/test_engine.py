@@ -185,6 +185,22 @@ def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, dig
     assert not set(gone) & set(follower.active_ids())
     with pytest.raises(AlreadyForgottenError):
         follower.validate_forget(gone[:1])
+    # erased (same bucket): the K it served before is its next spare, holding what K holds;
+    # compacted: a new buffer of the smaller shape
+    assert follower._spare.reused == (n_forget == 3)
+    assert follower._spare.buffer.shape == b.k.shape
+    if n_forget == 3:
+        np.testing.assert_array_equal(np.asarray(follower._spare.buffer), np.asarray(b.k))
+        # the next version: its K is that spare with only the new forgotten rows zeroed in it
+        spare = follower._spare.buffer
+        del a, b
+        worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+        assert follower.follow_checkpoint(tmp_path / "ck")
+        assert follower.version == worker.version == 2 and follower.state.k is spare
+        np.testing.assert_array_equal(np.asarray(follower.state.k), np.asarray(worker.state.k))
+        np.testing.assert_array_equal(
+            follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5])
+        )
 
 
 def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_after(
