@@ -137,3 +137,22 @@ def test_the_split_deployment_runs_every_phase_and_applies_its_forgets(tmp_path)
         }
     )
     assert "**split**" in markdown and "worker CPU ms/req" in markdown
+
+
+def test_a_timed_phase_runs_with_the_load_generators_collector_off():
+    """No cyclic collection inside a timed phase (its pause would count as the service's
+    latency); the collector is on again afterwards, whatever the phase raised."""
+    import gc
+
+    async def phase():
+        return gc.isenabled()
+
+    async def failing():
+        raise RuntimeError("phase failed")
+
+    assert gc.isenabled()
+    assert load._timed(phase()) is False
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        load._timed(failing())
+    assert gc.isenabled()
