@@ -702,12 +702,20 @@ class Unlearner:
         first (the others are zero in both: every erasure zeroes all but the kept points, and
         K's padding rows are zero)."""
         old_k = old.k
-        if old_k is new.k or old_k.shape != new.k.shape or old_k.dtype != new.k.dtype:
-            return
-        if new.layout.sharded or not new.solver_config.spare_kernel:
+        erased = (
+            old_k is not new.k
+            and old_k.shape == new.k.shape
+            and old_k.dtype == new.k.dtype
+            and not new.layout.sharded
+            and new.solver_config.spare_kernel
+            # the rows kept where they were and nothing added: new K is old K erased
+            and np.array_equal(np.where(new.active, old.ids, ""), new.ids)
+        )
+        if not erased:
+            self._spare.retire(None, np.zeros(0, np.int32), new.k)  # withdraw an older offer
             return
         gone = old.active & ~new.active
-        self._spare.retire(old_k, new.layout.rows(np.flatnonzero(gone)))
+        self._spare.retire(old_k, new.layout.rows(np.flatnonzero(gone)), new.k)
 
     def ready_spare(self) -> float:
         """Make the spare K buffer the next deletion erases K into (``layout.SpareBuffer``).

@@ -188,20 +188,26 @@ class SpareBuffer:
         self._buffer: jax.Array | None = None
         self._retired: jax.Array | None = None
         self._retired_rows: np.ndarray | None = None
+        self._retired_for: weakref.ref | None = None  # the K it holds once zeroed
         self.wait_s = wait_s
         self.reused = False  # whether the last ``ready`` made the retired K's memory the spare
         self._mirror: weakref.ref | None = None  # the K whose values the buffer holds
 
-    def retire(self, k: jax.Array, zero_rows: np.ndarray) -> None:
-        """Offer ``k`` (the K of a version no longer served) as the next spare; ``zero_rows``
-        (int, K's rows) are the rows and columns ``ready`` zeroes before using it. The caller
-        keeps no other reference to ``k`` (it is donated once free)."""
+    def retire(self, k: jax.Array | None, zero_rows: np.ndarray, becomes: jax.Array) -> None:
+        """Offer ``k`` (the K of a version no longer served) as the next spare, or withdraw
+        what was offered (``None``). ``zero_rows`` (int, K's rows) are the rows and columns
+        ``ready`` zeroes in it, after which it holds ``becomes``'s values (the K that replaced
+        it); ``ready`` uses it only while ``becomes`` is the K served. The caller keeps no other
+        reference to ``k`` (its memory is reused once free)."""
         self._retired, self._retired_rows = k, np.asarray(zero_rows, np.int32)
+        self._retired_for = None if k is None else weakref.ref(becomes)
 
     def ready(self, k: jax.Array, enabled: bool) -> float:
         """Have a buffer of ``k``'s shape and dtype (none when not ``enabled``). Returns seconds spent."""
-        retired, rows = self._retired, self._retired_rows
-        self._retired = self._retired_rows = None
+        retired, rows, target = self._retired, self._retired_rows, self._retired_for
+        self._retired = self._retired_rows = self._retired_for = None
+        if retired is not None and (target is None or target() is not k):
+            retired = None  # offered for a K no longer served: it would not hold k's values
         self.reused = False
         if not enabled:
             self._buffer = self._mirror = None

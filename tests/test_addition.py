@@ -88,3 +88,53 @@ def test_add_refuses_active_ids_and_bad_rows(dataset_file, network):
     # an id longer than every id before is kept whole (ids are a fixed-width string array)
     u.add(["a-much-longer-record-id"], data.x[2:3] + 0.5, data.y[2:3])
     assert "a-much-longer-record-id" in u.active_ids() and u.n_train == 41
+
+
+def test_a_follower_after_an_addition_erases_the_next_deletion_from_its_own_k(
+    dataset_file, network, tmp_path
+):
+    """A follower's spare K buffer is the K it served before only after a deletion that erased
+    it; after an addition (new rows in free slots, the same shape), the old K lacks the added
+    rows, so the next deletion must not take the spare as holding K's values: the follower's K
+    stays equal to the worker's through forget, add, forget."""
+    data = load_dataset(f"npz:{dataset_file}")
+    base = data.subset(slice(0, data.n - 2))
+    added = data.subset(slice(data.n - 2, data.n))
+    worker = _build(base, network, "mse")
+    worker.save(tmp_path / "ck")
+    follower = Unlearner.restore(tmp_path / "ck", progress=False)
+    cap = worker.state.capacity
+
+    def same_k() -> None:
+        assert follower.version == worker.version
+        np.testing.assert_array_equal(np.asarray(follower.state.k), np.asarray(worker.state.k))
+
+    worker.forget(worker.active_ids()[:2], checkpoint_dir=tmp_path / "ck")
+    assert follower.follow_checkpoint(tmp_path / "ck")
+    same_k()
+    assert follower._spare.holds(follower.state.k)  # erased: the old K, zeroed, is the spare
+    worker.add(added.ids.tolist(), added.x, added.y, checkpoint_dir=tmp_path / "ck")
+    assert follower.follow_checkpoint(tmp_path / "ck")
+    assert follower.state.capacity == cap  # in free rows: K keeps its shape
+    same_k()
+    assert not follower._spare.holds(follower.state.k)
+    worker.forget(worker.active_ids()[:1], checkpoint_dir=tmp_path / "ck")
+    assert follower.follow_checkpoint(tmp_path / "ck")
+    same_k()
+
+
+def test_a_k_replaced_twice_before_the_spare_is_made_is_not_reused(dataset_file, network):
+    """A deletion offers its old K as the next spare for the K it made; an addition published
+    before the spare is made (a library caller that skips ``after_publish``) replaces that K, so
+    the offer lapses and a new buffer is made, which holds no claim to K's values."""
+    data = load_dataset(f"npz:{dataset_file}")
+    base = data.subset(slice(0, data.n - 2))
+    added = data.subset(slice(data.n - 2, data.n))
+    u = _build(base, network, "mse")
+    u.forget(u.active_ids()[:2])
+    u.add(added.ids.tolist(), added.x, added.y)  # makes the spare itself (no before_publish)
+    assert not u._spare.reused and not u._spare.holds(u.state.k)
+    u.forget(u.active_ids()[:1])
+    u.after_publish()
+    assert u._spare.reused and u._spare.holds(u.state.k)
+    np.testing.assert_array_equal(np.asarray(u._spare.buffer), np.asarray(u.state.k))
