@@ -182,6 +182,14 @@ class SpareBuffer:
     every point the new version lacks zeroed in place first, so that it holds no value of a
     forgotten point. Else (still read after ``wait_s``, another shape) it is let go and a buffer is
     made as before.
+
+    "Nobody holds it" is CPython's reference count, and the zeroing is numpy writing into the
+    buffer (XLA, given the buffer donated, copied it about one time in three). That is safe while
+    every reader of a version keeps a reference to it (its state, K, or a numpy view of K, which
+    references the array) until the computations it started on K have finished: the engine's reads
+    all bring their results to the host (or wait for a solve's convergence flag, computed after its
+    last pass over K) before they return. A new read that dispatched work on K and dropped the
+    version without waiting for it would break this.
     """
 
     def __init__(self, wait_s: float = 1.0):
