@@ -231,8 +231,10 @@ def check_fits(state: ModelState, n_more: int) -> None:
 
 
 def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
-    """``newer`` (a later version read from its checkpoint, without K) with K, when it holds
-    records ``state`` does not (an addition, possibly with deletions between): K's entries
+    """``newer`` (a later version read from its checkpoint, without K) with K, when it is not
+    ``state`` with points removed (``deletion.follows_by_removal``): records added (an id
+    forgotten and added again is a new record), possibly with deletions between, or kept records
+    in other rows than a compaction puts them. K's entries
     between points both versions hold are copied from ``state``'s K, and only the blocks of the
     new points are computed (``cross_kernel`` against the kept points, the symmetric assembly
     among themselves), as ``plan`` computed them. No preconditioner: the caller makes one from
@@ -245,7 +247,13 @@ def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
         raise ValueError(f"version {newer.version} does not follow version {state.version}")
     layout = state.layout
     active = np.flatnonzero(newer.active)
-    held = np.array([i in state.index for i in newer.ids[active]], bool)
+    x_new, x_old = np.asarray(newer.x), np.asarray(state.x)
+    # held: the same record (id and x); an id forgotten and added again is another record
+    held = np.array(
+        [i in state.index and np.array_equal(x_new[p], x_old[state.index[i]])
+         for p, i in zip(active, newer.ids[active], strict=True)],
+        bool,
+    )  # fmt: skip
     kept, added = active[held], active[~held]
     old_rows = layout.rows(np.array([state.index[i] for i in newer.ids[kept]], int))
     k_old = np.asarray(state.k)
@@ -253,16 +261,16 @@ def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
     k_np = np.zeros((side, side), k_old.dtype)
     rows_k, rows_a = layout.rows(kept), layout.rows(added)
     k_np[np.ix_(rows_k, rows_k)] = k_old[np.ix_(old_rows, old_rows)]
-    x_new = np.asarray(newer.x)
-    xa = jnp.asarray(x_new[added], state.x.dtype)
-    if len(kept):
-        k_ad = np.asarray(
-            model.cross_kernel(xa, jnp.asarray(x_new[kept], state.x.dtype), layout.form)
-        )
-        k_np[np.ix_(rows_a, rows_k)] = k_ad
-        k_np[np.ix_(rows_k, rows_a)] = k_ad.T
-    k_aa, _ = model.train_kernel(xa, layout.form, None, False)
-    k_np[np.ix_(rows_a, rows_a)] = np.asarray(k_aa)
+    if len(added):
+        xa = jnp.asarray(x_new[added], state.x.dtype)
+        if len(kept):
+            k_ad = np.asarray(
+                model.cross_kernel(xa, jnp.asarray(x_new[kept], state.x.dtype), layout.form)
+            )
+            k_np[np.ix_(rows_a, rows_k)] = k_ad
+            k_np[np.ix_(rows_k, rows_a)] = k_ad.T
+        k_aa, _ = model.train_kernel(xa, layout.form, None, False)
+        k_np[np.ix_(rows_a, rows_a)] = np.asarray(k_aa)
     k = layout.place(k_np.astype(newer.alpha.dtype, copy=False))
     m = jnp.asarray(newer.active, k.dtype)[:, None]
     f_star = newer.f0 + layout.matvec(k, newer.alpha * m)

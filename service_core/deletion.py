@@ -384,6 +384,25 @@ def _not_certified(residual: float, refined, max_refine: int, train, dtype) -> s
     return head + how + floor_hint(refined.floor, dtype)
 
 
+def follows_by_removal(state: ModelState, newer: ModelState) -> bool:
+    """Whether ``newer``'s K is ``state``'s with points removed, so that ``follow`` can make it by
+    erasing or compacting: every record ``newer`` holds is one ``state`` holds (the same id with
+    the same x: an id forgotten and added again between the two is another record), and either
+    every kept record stays in its row (erased in place) or the kept records fill ``newer``'s
+    first rows in order (compacted into a smaller bucket). Otherwise (records added, or versions
+    skipped across a compaction followed by erasures, which leaves gaps) ``addition.follow``
+    places each kept record's rows at its row in ``newer``."""
+    active = np.flatnonzero(newer.active)
+    ids = newer.ids[active]
+    if newer.version <= state.version or not all(i in state.index for i in ids):
+        return False
+    old = np.array([state.index[i] for i in ids], int)
+    if not np.array_equal(np.asarray(newer.x)[active], np.asarray(state.x)[old]):
+        return False
+    in_place = newer.capacity == state.capacity and np.array_equal(old, active)
+    return in_place or np.array_equal(active, np.arange(len(active)))
+
+
 def follow(
     state: ModelState,
     newer: ModelState,
@@ -401,12 +420,14 @@ def follow(
         forgotten rows and columns are zeroed in it, no pass over K.
 
     Raises:
-      ValueError: ``newer`` is not a later version of ``state``'s model.
+      ValueError: ``newer`` is not ``state`` with points removed (``follows_by_removal``).
     """
     layout = state.layout
     ids = newer.ids[newer.active]
-    if newer.version <= state.version or not all(i in state.index for i in ids):
-        raise ValueError(f"version {newer.version} does not follow version {state.version}")
+    if not follows_by_removal(state, newer):
+        raise ValueError(
+            f"version {newer.version} is not version {state.version} with points removed"
+        )
     keep = np.isin(state.ids, ids) & state.active
     if newer.capacity == state.capacity and np.array_equal(
         np.where(keep, state.ids, ""), newer.ids

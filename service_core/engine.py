@@ -614,10 +614,10 @@ class Unlearner:
         with self._forget_lock:
             base = self._state
             newer = newer.replace(id_key=base.id_key)
-            if all(i in base.index for i in newer.ids[newer.active]):
+            if deletion.follows_by_removal(base, newer):
                 holds = self._spare.holds(base.k)
                 state = deletion.follow(base, newer, self._spare.take(), holds)
-            else:  # records were added: their K blocks are computed (``addition.follow``)
+            else:  # records added, or moved: K placed row by row (``addition.follow``)
                 self._spare.take()
                 state = addition.follow(base, newer, self.model)
             model = self.model
@@ -708,8 +708,9 @@ class Unlearner:
             and old_k.dtype == new.k.dtype
             and not new.layout.sharded
             and new.solver_config.spare_kernel
-            # the rows kept where they were and nothing added: new K is old K erased
+            # the records kept where they were and nothing added: new K is old K erased
             and np.array_equal(np.where(new.active, old.ids, ""), new.ids)
+            and np.array_equal(np.asarray(new.x)[new.active], np.asarray(old.x)[new.active])
         )
         if not erased:
             self._spare.retire(None, np.zeros(0, np.int32), new.k)  # withdraw an older offer

@@ -264,3 +264,56 @@ def test_warm_up_compiles_what_requests_of_up_to_16_rows_use(unlearner):
     assert jitted._cache_size() == before + 1
     np.testing.assert_array_equal(one, sixteen[:1])
     assert unlearner.warm_up(max_rows=32) >= 0 and jitted._cache_size() == before + 2
+
+
+def _follower_skips(tmp_path, digits, steps) -> None:
+    """A follower restored first, then the worker runs ``steps(worker, ids, ck)``; the follower
+    follows the newest version at once (skipping those between): its K equals a fresh restore of
+    that version's checkpoint."""
+    ds = digits.subset(slice(0, 200))
+    cfg = (ModelConfig(kind="mlp", width=16), TrainConfig(loss="ce", dtype="float64"))
+    worker = Unlearner.build(ds, *cfg, SolverConfig(), progress=False)
+    ck = tmp_path / "ck"
+    worker.save(ck)
+    follower = Unlearner.restore(ck, progress=False)
+    steps(worker, worker.active_ids(), ds, ck)
+    assert follower.follow_checkpoint(ck)
+    restored = Unlearner.restore(ck, progress=False)
+    assert follower.version == worker.version == restored.version
+    np.testing.assert_allclose(
+        np.asarray(follower.state.k), np.asarray(restored.state.k), rtol=0, atol=1e-9
+    )
+    assert list(follower.state.ids) == list(worker.state.ids)
+    np.testing.assert_allclose(
+        np.asarray(follower.state.f_star), np.asarray(worker.state.f_star), rtol=0, atol=1e-9
+    )
+
+
+def test_a_follower_skipping_a_forget_and_re_add_of_one_id_computes_its_new_rows(tmp_path, digits):
+    """Break-it finding: an id forgotten and added again (another x, in its old row) between two
+    versions a follower reads; the ids alone matched, and the follower kept the forgotten
+    record's K rows for the new record (influence off by 4×). The same id with another x is
+    another record: its rows are computed."""
+
+    def steps(worker, ids, ds, ck):
+        worker.forget(ids[:1], checkpoint_dir=ck)
+        worker.add(ids[:1], ds.x[150:151], ds.y[150:151], checkpoint_dir=ck)
+        assert worker.state.index[ids[0]] == 0  # back in its old row
+
+    _follower_skips(tmp_path, digits, steps)
+
+
+def test_a_follower_skipping_a_compaction_then_erasures_places_each_row(tmp_path, digits):
+    """Break-it finding: versions skipped across a compaction into a smaller bucket followed by
+    erasures in place (gaps): compacting into the first rows put the kept rows in other rows than
+    the version's (a permuted K). They go to their rows."""
+
+    def steps(worker, ids, ds, ck):
+        worker.forget(ids[0:7], checkpoint_dir=ck)
+        cap = worker.state.capacity
+        worker.forget(ids[7:8], checkpoint_dir=ck)
+        assert worker.state.capacity < cap  # compacted
+        worker.forget(ids[12:14], checkpoint_dir=ck)  # erased in place: gaps
+        assert not worker.state.active[: worker.state.n].all()
+
+    _follower_skips(tmp_path, digits, steps)
