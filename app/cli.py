@@ -303,7 +303,10 @@ def nice_autogroup(autogroup: Path = Path("/proc/self/autogroup")) -> int | None
         nice = os.getpriority(os.PRIO_PROCESS, 0)
         if nice <= 0 or os.getsid(0) != os.getpid() or not autogroup.exists():
             return None
-        current = int(autogroup.read_text().rsplit("nice", 1)[1])
+        text = autogroup.read_text()
+        if not text.strip():  # in the root task group (no autogroup of its own): nothing to give
+            return None
+        current = int(text.rsplit("nice", 1)[1])
         if current >= nice:
             return None
         autogroup.write_text(str(nice))
