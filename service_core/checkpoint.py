@@ -63,13 +63,24 @@ def save(directory: Path, state: ModelState) -> Path:
         mngr.save(
             state.version,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in state.arrays().items()}),
+                arrays=ocp.args.StandardSave(_saved_arrays(state)),
                 meta=ocp.args.JsonSave(state.metadata()),
             ),
             force=True,
         )
         mngr.wait_until_finished()
     return Path(directory) / str(state.version)
+
+
+def _saved_arrays(state: ModelState) -> dict[str, np.ndarray]:
+    """The arrays a checkpoint holds: ``ModelState.arrays`` and f* when known, its inactive rows
+    zeroed (a forgotten record's outputs are not kept). f* lets a follower serve the version
+    without a pass over K (``deletion.follow``)."""
+    arrays = {name: np.asarray(a) for name, a in state.arrays().items()}
+    if state.f_star is not None:
+        f_star = np.asarray(state.f_star)
+        arrays["f_star"] = np.where(state.active[:, None], f_star, np.zeros((), f_star.dtype))
+    return arrays
 
 
 _PRUNED = ".pruned-"
@@ -196,7 +207,8 @@ def restore(
         written again with another batch (docs/design.md, Followers).
 
     Returns:
-      the state with ``k=None`` (see the module docstring).
+      the state with ``k=None`` (see the module docstring), and f* as the saving process computed
+      it (``None`` in a checkpoint written without it).
     """
     step = (
         latest_version(directory) if max_version is None else newest_at_most(directory, max_version)

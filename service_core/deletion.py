@@ -439,6 +439,15 @@ def follow(
         del spare
         k = layout.compact(state.k, np.array([state.index[i] for i in ids]), newer.capacity)
     k = k.astype(newer.alpha.dtype)  # a dtype auto model promoted by this version: exact
+    return newer.replace(k=k, layout=layout, nystrom=None, f_star=followed_f_star(newer, k, layout))
+
+
+def followed_f_star(newer: ModelState, k: jax.Array, layout) -> jax.Array:
+    """f* of a followed version: the worker's, from its checkpoint, when it is there in K's dtype
+    (no pass over K: the follower's K is the worker's, so the worker's f* is f_0 + K α for it);
+    else (a checkpoint written without it) f_0 + K α computed here."""
+    saved = newer.f_star
+    if saved is not None and saved.shape == newer.f0.shape and saved.dtype == k.dtype:
+        return saved
     m = jnp.asarray(newer.active, k.dtype)[:, None]
-    f_star = newer.f0 + layout.matvec(k, newer.alpha * m)
-    return newer.replace(k=k, layout=layout, nystrom=None, f_star=f_star)
+    return newer.f0 + layout.matvec(k, newer.alpha * m)

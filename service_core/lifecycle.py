@@ -268,6 +268,7 @@ def restore(
     )
     if state is None:
         return None
+    state = state.replace(f_star=None)  # recomputed below from the recomputed K (``recertified``)
     if prune:
         pruned = checkpoint.prune(checkpoint_dir, keep=state.version)
         if pruned:

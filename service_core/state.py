@@ -79,7 +79,8 @@ class ModelState:
         nowhere once its deletion is applied, yet a re-forget is told it was forgotten.
       history: ``VersionRecord.to_dict()`` of every version.
       meta: data set description and the configurations (model, train, solver) that made it.
-      f_star: the outputs f_0 + K α on the training rows ``(C, d)`` (not checkpointed).
+      f_star: the outputs f_0 + K α on the training rows ``(C, d)`` (checkpointed, as its writer
+        computed it, for followers; a restore recomputes it from its K).
       nystrom: the CG preconditioner of K (``linalg.Nystrom``) or ``None`` (not checkpointed).
       id_key: the secret of ``digest`` (not checkpointed: the service keeps it in its data
         directory; ``b""`` for library use, where a digest is then an unkeyed hash).

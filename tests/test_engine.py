@@ -20,6 +20,7 @@ from service_core import (
     checkpoint,
     load_digits,
 )
+from service_core.layout import KernelLayout
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,9 @@ def _worker_and_follower(tmp_path, digits):
 
 
 @pytest.mark.parametrize("n_forget", [3, 40])
-def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, digits, n_forget):
+def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(
+    tmp_path, digits, n_forget, monkeypatch
+):
     """A process without the worker follows each new checkpoint by erasing (3 ids: same bucket) or
     compacting (40 ids: smaller bucket) the K it holds: it never computes a kernel, and serves
     exactly what the worker published."""
@@ -173,14 +176,25 @@ def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, dig
     def no_kernels(*args, **kwargs):
         raise AssertionError("a follower must not compute a kernel")
 
+    def no_matvec(*args, **kwargs):
+        raise AssertionError("a follower must not make a pass over K")
+
     object.__setattr__(follower.model, "train_kernel", no_kernels)
     gone = worker.active_ids()[:n_forget]
     worker.forget(gone, checkpoint_dir=tmp_path / "ck")
-    assert follower.follow_checkpoint(tmp_path / "ck")
+    with monkeypatch.context() as m:  # f* is the worker's, from its checkpoint: no pass over K
+        m.setattr(KernelLayout, "matvec", no_matvec)
+        assert follower.follow_checkpoint(tmp_path / "ck", finish=False)
+    follower.after_follow()
     a, b = worker.state, follower.state
     assert b.version == a.version == 1 and b.capacity == a.capacity and list(b.ids) == list(a.ids)
     np.testing.assert_array_equal(np.asarray(b.k), np.asarray(a.k))
-    np.testing.assert_allclose(np.asarray(b.f_star), np.asarray(a.f_star), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(b.f_star), np.asarray(a.f_star))
+    # and it is f_0 + K α, recomputed here in numpy
+    k_np, alpha_np = np.asarray(b.k, np.float64), np.asarray(b.alpha, np.float64)
+    act = np.repeat(b.active, 10)
+    f_np = np.asarray(b.f0).reshape(-1) + k_np[:, act] @ alpha_np.reshape(-1)[act]
+    np.testing.assert_allclose(np.asarray(b.f_star).reshape(-1)[act], f_np[act], rtol=0, atol=1e-10)
     np.testing.assert_array_equal(follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5]))
     assert not set(gone) & set(follower.active_ids())
     with pytest.raises(AlreadyForgottenError):
@@ -201,6 +215,46 @@ def test_a_follower_erases_forgotten_rows_instead_of_recomputing_k(tmp_path, dig
         np.testing.assert_array_equal(
             follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5])
         )
+
+
+def test_a_follower_of_a_checkpoint_without_f_star_computes_it(tmp_path, digits, monkeypatch):
+    """A checkpoint written before f* was saved (or a float64 f* for a float32 K): the follower
+    computes f* = f_0 + K α itself, equal to the worker's to rounding."""
+    ds, worker, follower = _worker_and_follower(tmp_path, digits)
+    saved_arrays = checkpoint._saved_arrays
+
+    def without_f_star(state):
+        arrays = saved_arrays(state)
+        assert "f_star" in arrays
+        del arrays["f_star"]
+        return arrays
+
+    monkeypatch.setattr(checkpoint, "_saved_arrays", without_f_star)
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    assert checkpoint.restore(tmp_path / "ck").f_star is None
+    assert follower.follow_checkpoint(tmp_path / "ck")
+    a, b = worker.state, follower.state
+    assert b.version == a.version == 1
+    np.testing.assert_allclose(np.asarray(b.f_star), np.asarray(a.f_star), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5]))
+
+
+def test_a_checkpoint_keeps_f_star_of_active_rows_only(tmp_path, digits):
+    """f* in a checkpoint: the active rows as the worker computed them, a forgotten record's rows
+    zero (the checkpoint keeps nothing of it)."""
+    ds, worker, _ = _worker_and_follower(tmp_path, digits)
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    saved = checkpoint.restore(tmp_path / "ck")
+    st = worker.state
+    f_saved, f_now = np.asarray(saved.f_star), np.asarray(st.f_star)
+    assert f_saved.shape == f_now.shape and st.n == 77 and (~st.active).sum() > 0
+    np.testing.assert_array_equal(f_saved[st.active], f_now[st.active])
+    assert not np.any(f_saved[~st.active])
+    # whatever the state holds in a forgotten record's rows
+    arrays = checkpoint._saved_arrays(st.replace(f_star=st.f_star + 1.0))
+    assert not np.any(arrays["f_star"][~st.active])
+    np.testing.assert_array_equal(arrays["f_star"][st.active], f_now[st.active] + 1.0)
+    assert Unlearner.restore(tmp_path / "ck", progress=False).state.f_star is not None
 
 
 def test_a_follower_serves_a_new_version_first_and_makes_its_preconditioner_after(
