@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -138,9 +139,24 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
             preconditioner=settings.follow_preconditioner,
         )
         state.follower.start()
+    frozen = _freeze_startup_heap()
+    log.info("%d objects of the start-up left out of the garbage collector's passes", frozen)
+
+
+def _freeze_startup_heap() -> int:
+    """Move every object alive after the start-up (modules, the model, compiled programs: about
+    200,000 for digits) out of the cyclic garbage collector's view (``gc.freeze``), and return
+    how many. A full collection otherwise walks them all: under 16 clients the API process ran
+    one about every second, 5–12 ms each with every request waiting (it holds the GIL), on the
+    predictions' tail; after the freeze 1.6–5 ms. What the start-up allocated stays for the life
+    of the process anyway."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _stop(state: ServiceState) -> None:
+    gc.unfreeze()  # a process that serves again (tests) lets the collector see them again
     if state.worker is not None:
         state.worker.stop()
         state.worker.queue.client.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,25 @@ def test_forget_applies_a_new_version(client, x_probe, wait_for_job):
     outputs_after = client.post("/v1/predict", json={"x": x_probe}, headers=READ).json()
     assert outputs_after["model_version"] == 1
     assert not np.allclose(outputs_after["outputs"], outputs_before["outputs"])
+
+
+def test_the_start_up_heap_is_frozen_and_a_replaced_version_is_still_freed(
+    settings, unlearner, wait_for_job
+):
+    """Once started, the API moves what the start-up allocated out of the cyclic collector's
+    passes (``gc.freeze``: its full collections cost every in-flight request); the version it
+    started with is still freed once replaced (by reference counts: the freeze keeps nothing
+    alive), and stopping gives the collector its objects back."""
+    with TestClient(create_app(settings, unlearner)) as c:
+        assert gc.get_freeze_count() > 10_000
+        version_0 = weakref.ref(unlearner.state)
+        job = wait_for_job(c, _forget(c, ["r03"])["job_id"])
+        assert job["status"] == "succeeded", job
+        deadline = time.monotonic() + 10
+        while version_0() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert version_0() is None, "the replaced version 0 is still held"
+    assert gc.get_freeze_count() == 0
 
 
 def test_job_record_has_every_field(client, wait_for_job):
