@@ -277,7 +277,8 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
     server = Server(config)
     # Everything loaded so far (the model, JAX, the app: ~190,000 objects) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it. Before this,
-    # each one held every request up for 0.1-0.5 s (the p99 of /v1/predict under load).
+    # each one held every request up for 0.1-0.5 s (the p99 of /v1/predict under load). What the
+    # app's start-up makes next is frozen at its end (app.main._freeze_startup_heap).
     gc.collect()
     gc.freeze()
     server.run(sockets=[sock])

@@ -149,6 +149,7 @@ def plan(
         theta=theta, residual=info.residual,
         forgotten=tuple(i for i in state.forgotten if i not in added),
         history=state.history + (record.to_dict(),), f_star=problem.outputs(alpha), nystrom=ny,
+        k_origin=None,  # rows computed here: another process's may differ by rounding
     )  # fmt: skip
     t4 = time.perf_counter()
     timings = {"kernel": t2 - t1, "solve": t3 - t2, "total": t4 - t0}
@@ -274,7 +275,7 @@ def follow(state: ModelState, newer: ModelState, model: Network) -> ModelState:
     k = layout.place(k_np.astype(newer.alpha.dtype, copy=False))
     m = jnp.asarray(newer.active, k.dtype)[:, None]
     f_star = newer.f0 + layout.matvec(k, newer.alpha * m)
-    return newer.replace(k=k, layout=layout, nystrom=None, f_star=f_star)
+    return newer.replace(k=k, layout=layout, nystrom=None, f_star=f_star, k_origin=None)
 
 
 def _devices(state: ModelState) -> list:

@@ -235,6 +235,7 @@ def restore(
         history=tuple(meta["history"]),
         meta=meta["meta"],
         k=None,
+        k_origin=meta.get("k_origin"),
         theta=arrays.pop("theta", None),
         **arrays,
     )

@@ -21,7 +21,7 @@ from . import losses, validation
 from .dual import DualProblem
 from .errors import InvalidInputError, NotCertifiedError
 from .influence import Refinement, Retained, influence_step, refine_and_certify
-from .layout import pad_rows
+from .layout import KernelLayout, pad_rows
 from .lifecycle import finite, floor_hint, non_finite, solve_options
 from .linalg import SolveInfo, canonical_method, choose_method
 from .models import Network
@@ -439,15 +439,26 @@ def follow(
         del spare
         k = layout.compact(state.k, np.array([state.index[i] for i in ids]), newer.capacity)
     k = k.astype(newer.alpha.dtype)  # a dtype auto model promoted by this version: exact
-    return newer.replace(k=k, layout=layout, nystrom=None, f_star=followed_f_star(newer, k, layout))
+    f_star = followed_f_star(state, newer, k, layout)
+    return newer.replace(k=k, layout=layout, nystrom=None, f_star=f_star, k_origin=state.k_origin)
 
 
-def followed_f_star(newer: ModelState, k: jax.Array, layout) -> jax.Array:
-    """f* of a followed version: the worker's, from its checkpoint, when it is there in K's dtype
-    (no pass over K: the follower's K is the worker's, so the worker's f* is f_0 + K α for it);
-    else (a checkpoint written without it) f_0 + K α computed here."""
+def followed_f_star(
+    state: ModelState, newer: ModelState, k: jax.Array, layout: KernelLayout
+) -> jax.Array:
+    """f* ``(C, d)`` of ``newer`` followed from ``state`` with K ``k`` (``newer``'s rows): the
+    worker's, from its checkpoint, when the worker's K is this process's (the same
+    ``ModelState.k_origin``: then it is f_0 + K α for this K too, with no pass over K); else f_0 +
+    K α computed here (the K of either process recomputed at a restart over fewer points, or rows
+    computed for an addition, differs from the other's by rounding; a checkpoint without f*)."""
     saved = newer.f_star
-    if saved is not None and saved.shape == newer.f0.shape and saved.dtype == k.dtype:
+    if (
+        saved is not None
+        and newer.k_origin is not None
+        and newer.k_origin == state.k_origin
+        and saved.shape == newer.f0.shape
+        and saved.dtype == k.dtype
+    ):
         return saved
     m = jnp.asarray(newer.active, k.dtype)[:, None]
     return newer.f0 + layout.matvec(k, newer.alpha * m)

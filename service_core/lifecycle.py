@@ -154,7 +154,7 @@ def build(
     )
     state = ModelState(
         0, ids, x, y, k, layout, f0, alpha, theta, record.residual, (), (record.to_dict(),), meta,
-        f_star=f_star, nystrom=ny,
+        f_star=f_star, nystrom=ny, k_origin=0,
     )  # fmt: skip
     return state, model
 
@@ -268,7 +268,9 @@ def restore(
     )
     if state is None:
         return None
-    state = state.replace(f_star=None)  # recomputed below from the recomputed K (``recertified``)
+    # K and f* are this process's own from here: K recomputed over the active points below, and f*
+    # from it (``recertified``; a nonlinear model keeps none)
+    state = state.replace(f_star=None, k_origin=state.version)
     if prune:
         pruned = checkpoint.prune(checkpoint_dir, keep=state.version)
         if pruned:

@@ -424,7 +424,9 @@ class NonlinearUnlearner(Unlearner):
                 keep[p] = i in newer.index and newer.index[i] == p
             if newer.capacity != st.capacity or keep.sum() != newer.n:
                 raise ValueError("the newer checkpoint is not an erasure of this version's rows")
-            state = newer.replace(k=_erase(st, keep), layout=st.layout, nystrom=None)
+            state = newer.replace(
+                k=_erase(st, keep), layout=st.layout, nystrom=None, k_origin=st.k_origin
+            )
             return PreparedVersion(base=st, state=state, model=self.model)
 
     # -- deletion -------------------------------------------------------------------------------

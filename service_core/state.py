@@ -80,8 +80,15 @@ class ModelState:
       history: ``VersionRecord.to_dict()`` of every version.
       meta: data set description and the configurations (model, train, solver) that made it.
       f_star: the outputs f_0 + K α on the training rows ``(C, d)`` (checkpointed, as its writer
-        computed it, for followers; a restore recomputes it from its K).
+        computed it, for followers; a restore recomputes it from the K it recomputes, and a
+        nonlinear model's restore keeps none).
       nystrom: the CG preconditioner of K (``linalg.Nystrom``) or ``None`` (not checkpointed).
+      k_origin: the version over whose active points this process computed its K (build: 0; a
+        restore: the restored version), kept by erasures and compactions; ``None`` once K holds
+        rows computed for an addition, or when unknown. Two processes whose K has the same
+        origin hold the same K (the same computation; a K recomputed over fewer points differs by
+        rounding); a follower uses the worker's checkpointed f* only then
+        (``deletion.followed_f_star``). A checkpoint records its writer's.
       id_key: the secret of ``digest`` (not checkpointed: the service keeps it in its data
         directory; ``b""`` for library use, where a digest is then an unkeyed hash).
     """
@@ -101,6 +108,7 @@ class ModelState:
     meta: dict[str, Any]
     f_star: jax.Array | None = None
     nystrom: Any = None
+    k_origin: int | None = None
     id_key: bytes = dataclasses.field(default=b"", repr=False)
 
     def digest(self, record_id: str) -> str:
@@ -216,6 +224,7 @@ class ModelState:
             "residual": self.residual,
             "forgotten": list(self.forgotten),
             "forgotten_form": FORGOTTEN_FORM,
+            "k_origin": self.k_origin,
             "history": list(self.history),
             "meta": self.meta,
         }

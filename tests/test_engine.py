@@ -239,6 +239,49 @@ def test_a_follower_of_a_checkpoint_without_f_star_computes_it(tmp_path, digits,
     np.testing.assert_array_equal(follower.predict(ds.x_test[:5]), worker.predict(ds.x_test[:5]))
 
 
+def test_a_follower_uses_the_workers_f_star_only_when_their_k_has_one_origin(
+    tmp_path, digits, monkeypatch
+):
+    """After a restart one process's K is recomputed over fewer points than the other's, which
+    differs by rounding: the follower then computes f* from its own K (equal to f_0 + K α of the
+    K it serves, in numpy); once both K have the same origin (both restored at one version) it
+    takes the worker's, with no pass over K."""
+    ds, worker, _ = _worker_and_follower(tmp_path, digits)
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    follower = Unlearner.restore(tmp_path / "ck", progress=False)  # K over version 1's points
+    assert (worker.state.k_origin, follower.state.k_origin) == (0, 1)
+    passes = []
+    matvec = KernelLayout.matvec
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return matvec(self, *args, **kwargs)
+
+    monkeypatch.setattr(KernelLayout, "matvec", counted)
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    passes.clear()
+    assert follower.follow_checkpoint(tmp_path / "ck", finish=False) and passes
+    b = follower.state
+    assert b.k_origin == 1 and b.version == 2
+    # the premise: the two K differ (by rounding)
+    assert not np.array_equal(np.asarray(b.k), np.asarray(worker.state.k))
+    k_np, alpha_np = np.asarray(b.k, np.float64), np.asarray(b.alpha, np.float64)
+    act = np.repeat(b.active, 10)
+    f_np = np.asarray(b.f0).reshape(-1) + k_np[:, act] @ alpha_np.reshape(-1)[act]
+    np.testing.assert_allclose(np.asarray(b.f_star).reshape(-1)[act], f_np[act], rtol=0, atol=1e-12)
+    # the worker restarts too: both K recomputed over version 2's points
+    worker = Unlearner.restore(tmp_path / "ck", progress=False)
+    follower = Unlearner.restore(tmp_path / "ck", progress=False)
+    np.testing.assert_array_equal(np.asarray(follower.state.k), np.asarray(worker.state.k))
+    worker.forget(worker.active_ids()[:3], checkpoint_dir=tmp_path / "ck")
+    passes.clear()
+    assert follower.follow_checkpoint(tmp_path / "ck", finish=False) and not passes
+    np.testing.assert_array_equal(
+        np.asarray(follower.state.f_star), np.asarray(worker.state.f_star)
+    )
+    np.testing.assert_array_equal(np.asarray(follower.state.k), np.asarray(worker.state.k))
+
+
 def test_a_checkpoint_keeps_f_star_of_active_rows_only(tmp_path, digits):
     """f* in a checkpoint: the active rows as the worker computed them, a forgotten record's rows
     zero (the checkpoint keeps nothing of it)."""
