@@ -174,7 +174,8 @@ class KernelLayout:
 class SpareBuffer:
     """One K-sized buffer, already mapped by the operating system, for the next deletion to write
     its erased K into (``KernelLayout.erase(into=...)``, donated): fresh memory is mapped and zeroed
-    on first touch (about 0.4 s for MNIST's 1.7 GB K here, a third of a small deletion).
+    on first touch (about 0.4 s for MNIST's 1.7 GB K here, a third of a small deletion). A fresh
+    buffer is a copy of the served K, so it holds K's values (``holds``) as a reused one does.
 
     The previous version's K, once a deletion has erased it into the spare, is that memory already
     mapped: ``retire`` hands it here, and ``ready`` makes it the next spare as soon as nothing else
@@ -236,7 +237,10 @@ class SpareBuffer:
                 self._mirror = weakref.ref(k)  # zeroed where k is: it holds k's values
                 return time.perf_counter() - t0
         del retired
-        self._buffer = jax.block_until_ready(_touched(k.shape, k.dtype))
+        # a copy of k rather than zeros: the same pages written once, and the next deletion's
+        # erase only zeroes its removed rows in it (``holds``), no pass over K
+        self._buffer = jax.block_until_ready(jnp.copy(k))
+        self._mirror = weakref.ref(k)
         return time.perf_counter() - t0
 
     def holds(self, k: jax.Array) -> bool:
@@ -309,12 +313,6 @@ def _buffer_address(a: jax.Array) -> int | None:
 def _zero_rows_cols(k: jax.Array, rows: jax.Array) -> jax.Array:
     """``k`` with rows ``rows`` and those columns set to zero, in ``k``'s memory (donated)."""
     return k.at[rows, :].set(0).at[:, rows].set(0)
-
-
-@partial(jax.jit, static_argnames=("shape", "dtype"))
-def _touched(shape: tuple[int, ...], dtype) -> jax.Array:
-    """A zero array of ``shape`` whose memory has been written once."""
-    return jnp.zeros(shape, dtype)
 
 
 def spread(values: jax.Array, rows: np.ndarray, capacity: int) -> jax.Array:

@@ -117,7 +117,9 @@ def test_a_follower_after_an_addition_erases_the_next_deletion_from_its_own_k(
     assert follower.follow_checkpoint(tmp_path / "ck")
     assert follower.state.capacity == cap  # in free rows: K keeps its shape
     same_k()
-    assert not follower._spare.holds(follower.state.k)
+    # not the old K (rows were added): a fresh buffer, a copy of the new K
+    assert not follower._spare.reused and follower._spare.holds(follower.state.k)
+    np.testing.assert_array_equal(np.asarray(follower._spare.buffer), np.asarray(follower.state.k))
     worker.forget(worker.active_ids()[:1], checkpoint_dir=tmp_path / "ck")
     assert follower.follow_checkpoint(tmp_path / "ck")
     same_k()
@@ -126,14 +128,15 @@ def test_a_follower_after_an_addition_erases_the_next_deletion_from_its_own_k(
 def test_a_k_replaced_twice_before_the_spare_is_made_is_not_reused(dataset_file, network):
     """A deletion offers its old K as the next spare for the K it made; an addition published
     before the spare is made (a library caller that skips ``after_publish``) replaces that K, so
-    the offer lapses and a new buffer is made, which holds no claim to K's values."""
+    the offer lapses and a new buffer is made: a copy of the K served then."""
     data = load_dataset(f"npz:{dataset_file}")
     base = data.subset(slice(0, data.n - 2))
     added = data.subset(slice(data.n - 2, data.n))
     u = _build(base, network, "mse")
     u.forget(u.active_ids()[:2])
     u.add(added.ids.tolist(), added.x, added.y)  # makes the spare itself (no before_publish)
-    assert not u._spare.reused and not u._spare.holds(u.state.k)
+    assert not u._spare.reused and u._spare.holds(u.state.k)
+    np.testing.assert_array_equal(np.asarray(u._spare.buffer), np.asarray(u.state.k))
     u.forget(u.active_ids()[:1])
     u.after_publish()
     assert u._spare.reused and u._spare.holds(u.state.k)

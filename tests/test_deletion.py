@@ -77,11 +77,11 @@ def test_spare_kernel_buffer_changes_speed_not_answers(digits, loss):
         a, b = with_spare.state, without.state
         assert a.n == b.n and all(r.solve.converged for r in results)
         if n_forget < 100:
-            # erased into the spare: donated to the erasure (10: the spare made at the build), or
-            # (16) the spare is the previous K reused, holding K's values: only F's rows and
-            # columns zeroed in it; either way equal to the engine without a spare (below)
+            # erased into the spare, which holds K's values (10: the copy of K made at the build;
+            # 16: the previous K reused): only F's rows and columns zeroed in it, and equal to the
+            # engine without a spare (below)
             assert a.capacity == cap
-            assert spare.is_deleted() if n_forget == 10 else a.k is spare
+            assert a.k is spare
             assert b.capacity == (cap if n_forget == 10 else 240)
             assert not np.any(np.asarray(a.k)[np.repeat(~a.active, 10)])
         else:
@@ -152,6 +152,9 @@ def test_the_replaced_k_becomes_the_next_spare_holding_no_forgotten_value(digits
     np.testing.assert_array_equal(np.asarray(reader.k), before)
     assert u._spare.buffer.unsafe_buffer_pointer() != reader.k.unsafe_buffer_pointer()
     del reader
+    # the fresh buffer is a copy of the served K: the next deletion zeroes only its removed rows
+    assert u._spare.holds(u.state.k)
+    np.testing.assert_array_equal(np.asarray(u._spare.buffer), np.asarray(u.state.k))
     u.forget(u.active_ids()[:2])  # and the fresh buffer serves the next deletion as before
     u.after_publish()
     assert u._spare.reused
