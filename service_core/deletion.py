@@ -450,7 +450,10 @@ def followed_f_star(
     worker's, from its checkpoint, when the worker's K is this process's (the same
     ``ModelState.k_origin``: then it is f_0 + K α for this K too, with no pass over K); else f_0 +
     K α computed here (the K of either process recomputed at a restart over fewer points, or rows
-    computed for an addition, differs from the other's by rounding; a checkpoint without f*)."""
+    computed for an addition, differs from the other's by rounding; a checkpoint without f*).
+    f* = f_0 + K α* is docs/maths.md's trained outputs (section "Influence of removing F"), whose
+    rows give K_RF α*_F = (f* − f_0)_R − K_RR α*_R for system (A): it must be of the K served.
+    Raises nothing; ``k`` has ``newer``'s rows ``(C·d, C·d)`` in ``layout``'s form."""
     saved = newer.f_star
     if (
         saved is not None
