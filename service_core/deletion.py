@@ -453,7 +453,7 @@ def followed_f_star(
     computed for an addition, differs from the other's by rounding; a checkpoint without f*).
     f* = f_0 + K α* is docs/maths.md's trained outputs (section "Influence of removing F"), whose
     rows give K_RF α*_F = (f* − f_0)_R − K_RR α*_R for system (A): it must be of the K served.
-    Raises nothing; ``k`` has ``newer``'s rows ``(C·d, C·d)`` in ``layout``'s form."""
+    Raises nothing; ``k`` is ``newer``'s K, ``layout.side(C)`` square (C·d in the full form)."""
     saved = newer.f_star
     if (
         saved is not None
