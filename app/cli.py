@@ -44,6 +44,7 @@ _SERVE_ONLY = {
     "predict_batch_wait_ms",
     "max_rows",
     "max_exact_self_influence",
+    "max_exact_attribution",
     "max_body_bytes",
     "large_body_bytes",
     "max_large_bodies",

@@ -21,6 +21,7 @@ from .api.gate import RequestGate
 from .api.limits import BodySizeLimit
 from .api.routes import attribution, forget, health, model, receipts
 from .api.routes import records as records_routes
+from .api.shutdown import AnswerCancelledRequests
 from .batching import PredictBatcher
 from .core.config import Settings
 from .deletion_log import DeletionLog
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outside the size limit: a request without the right token is refused before anything else.
     app.add_middleware(RequestGate, settings=settings)
+    # A request cancelled by a forced exit (a second SIGINT) is answered 503, not uvicorn's 500.
+    app.add_middleware(AnswerCancelledRequests, draining=state.draining)
 
     # Outermost: every answer is counted, refusals of the two above included.
     app.add_middleware(RequestMetrics, metrics=state.metrics)

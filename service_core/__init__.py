@@ -19,6 +19,7 @@ from .deletion import ForgetResult
 from .engine import InfluenceResult, Unlearner
 from .errors import (
     AlreadyForgottenError,
+    ComputationCancelled,
     DatasetError,
     InvalidForgetSetError,
     InvalidInputError,
@@ -38,6 +39,7 @@ __all__ = [
     "SOLVER_ALIASES",
     "SOLVER_METHODS",
     "AlreadyForgottenError",
+    "ComputationCancelled",
     "Dataset",
     "DatasetError",
     "ForgetResult",

@@ -62,7 +62,7 @@ import numpy as np
 
 from . import losses
 from .dual import DualProblem
-from .errors import InvalidInputError, SolverError
+from .errors import ComputationCancelled, InvalidInputError, SolverError
 from .influence import Refinement, deletion_step
 from .linalg import SolveOptions
 from .linalg.nogil import one_blas_thread, potrf_lower, trmm_lower, trsm_lower, trtri_lower
@@ -474,6 +474,7 @@ def refined_deltas(
     solver: SolveOptions,
     tol: float,
     max_refine: int,
+    cancelled: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Exact retraining without each record of ``rows`` alone: the influence step, then Newton on
     the retain risk to relative stationarity ``tol`` (``influence.deletion_step``; docs/maths.md,
@@ -483,6 +484,7 @@ def refined_deltas(
       problem: the dual risk of the current training set (its mask: the active points).
       alpha: α* ``(C, d)``; rows: record rows ``(r,)`` int.
       solver: the linear solves' options; tol, max_refine: Newton's tolerance and step limit.
+      cancelled: asked before each record; ``True`` stops with ``ComputationCancelled``.
 
     Returns:
       Δα ``(r, C, d)``: α after retraining without ``rows[j]`` minus α* (its own row −α*_i).
@@ -490,9 +492,14 @@ def refined_deltas(
 
     Raises:
       SolverError: a refinement missed its tolerance.
+      ComputationCancelled: ``cancelled()`` returned True before every record was refined.
     """
     out = []
     for i in np.asarray(rows, int):
+        if cancelled is not None and cancelled():
+            raise ComputationCancelled(
+                f"stopped after refining {len(out)} of {len(rows)} record(s): the caller cancelled"
+            )
         mask = np.zeros(problem.mask.shape, bool)
         mask[i] = True
         refinement = Refinement(tol, max_refine, solver)
@@ -647,6 +654,8 @@ def attribute(
     k: int = 10,
     exact: bool = False,
     of: str = "loss",
+    max_refinements: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Attribution:
     """The k training records whose removal alone would raise (helpful) and lower (harmful) the
     loss at each test point most (docs/maths.md, Leave-one-out for every record); nothing changes.
@@ -660,9 +669,15 @@ def attribute(
       state: the version (``ModelState``); model: its network; cache: the version's factor cache.
       x: test inputs ``(n, *input_shape)`` (validated); y: targets ``(n, d)`` numpy.
       k: records per side, 1 ≤ k ≤ N; exact, of: as ``Unlearner.attribute``.
+      max_refinements: with ``exact`` (cross-entropy), the most records one call may refine (the
+        distinct candidates of every row: up to 4k per row, each a Newton retraining); more
+        raise ``InvalidInputError`` before any is refined. ``None``: no limit.
+      cancelled: asked before each refinement (``refined_deltas``).
 
     Raises:
-      InvalidInputError: k or ``of`` out of range. SolverError: the factorisation or a refinement failed.
+      InvalidInputError: k or ``of`` out of range, or more refinements than ``max_refinements``.
+      SolverError: the factorisation or a refinement failed.
+      ComputationCancelled: ``cancelled()`` returned True before the refinements were done.
     """
     from .deletion import problem_of
     from .lifecycle import solve_options
@@ -680,9 +695,22 @@ def attribute(
         # top k can still enter it
         top, bottom = rank(score, state.active, min(2 * k, state.n))
         rows = np.unique(np.concatenate([top.ravel(), bottom.ravel()]))
+        if max_refinements is not None and len(rows) > max_refinements:
+            raise InvalidInputError(
+                f"exact=true would refine {len(rows)} records (the distinct leading "
+                f"{min(2 * k, state.n)} per side of {len(x)} row(s), one Newton retraining "
+                f"each); at most {max_refinements} here: lower k, send fewer rows, or leave "
+                "exact false"
+            )
         options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
         delta = refined_deltas(
-            problem_of(state), state.alpha, rows, options, train.resolved_tol(), cfg.max_refine
+            problem_of(state),
+            state.alpha,
+            rows,
+            options,
+            train.resolved_tol(),
+            cfg.max_refine,
+            cancelled,
         )
         changes = refine_changes(changes, rows, delta, k_tx, state.form, f_t, y, train.loss)
         score = scores(changes, y, of)
@@ -701,7 +729,11 @@ def attribute(
 
 
 def self_influence(
-    state, cache: FactorCache, exact: bool = False, top: int | None = None
+    state,
+    cache: FactorCache,
+    exact: bool = False,
+    top: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> SelfInfluence:
     """Each active record's own loss after retraining without it minus its loss now, sorted
     descending (exact for squared error; the influence step, or with ``exact`` Newton retraining,
@@ -713,6 +745,8 @@ def self_influence(
         record when ``top`` is None), then sort those by their exact values; the records after them
         keep the influence step's values and order.
       top: how many leading records to refine (1 ≤ top; capped at N).
+      cancelled: asked before each refinement; the records refined before it said True stay in
+        ``cache`` for the next call.
 
     Returns:
       ``SelfInfluence``; its ``exact_top`` leading records carry exact values (N when exact
@@ -721,6 +755,7 @@ def self_influence(
     Raises:
       InvalidInputError: ``top`` < 1.
       SolverError: the factorisation or a refinement failed.
+      ComputationCancelled: ``cancelled()`` returned True before the refinements were done.
     """
     from .deletion import problem_of
     from .lifecycle import solve_options
@@ -741,12 +776,23 @@ def self_influence(
         todo = np.array([i for i in head if int(i) not in known], dtype=head.dtype)
         if len(todo):
             options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
-            delta = refined_deltas(
-                problem_of(state), state.alpha, todo, options, train.resolved_tol(), cfg.max_refine
-            )
+            problem = problem_of(state)
             f_star = np.asarray(state.f_star)
-            for j, i in enumerate(todo):
-                df = np.asarray(state.layout.matvec(state.k, jnp.asarray(delta[j])))[i]
+            for done, i in enumerate(todo):  # one at a time: each value kept once it is known
+                if cancelled is not None and cancelled():
+                    raise ComputationCancelled(
+                        f"stopped after refining {done} of {len(todo)} record(s) (kept for the "
+                        "next request): the caller cancelled"
+                    )
+                delta = refined_deltas(
+                    problem,
+                    state.alpha,
+                    np.array([i]),
+                    options,
+                    train.resolved_tol(),
+                    cfg.max_refine,
+                )[0]
+                df = np.asarray(state.layout.matvec(state.k, jnp.asarray(delta)))[i]
                 after = losses.value(train.loss, f_star[i : i + 1] + df, state.y[i : i + 1])[0]
                 now = losses.value(train.loss, f_star[i : i + 1], state.y[i : i + 1])[0]
                 known[int(i)] = float(after - now)

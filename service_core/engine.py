@@ -334,28 +334,51 @@ class Unlearner:
         return result._replace(**{name: np.asarray(getattr(result, name)) for name in arrays})
 
     def attribute(
-        self, x, y, k: int = 10, exact: bool = False, of: str = "loss"
+        self,
+        x,
+        y,
+        k: int = 10,
+        exact: bool = False,
+        of: str = "loss",
+        max_refinements: int | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> attribution.Attribution:
         """The k records whose removal alone would raise (helpful) and lower (harmful) the loss at
-        each row of x most (``attribution.attribute``: arguments, shapes, units, errors); x
-        ``(n, *input_shape)``, y labels ``(n,)`` or targets ``(n, d)``. The model does not change."""
+        each row of x most (``attribution.attribute``: arguments, shapes, units, errors, the
+        limit ``max_refinements`` and ``cancelled``); x ``(n, *input_shape)``, y labels ``(n,)``
+        or targets ``(n, d)``. The model does not change."""
         state = self._state
         xt, yt = self._test_points(state, x, y)
-        return attribution.attribute(state, self.model, self._loo, xt, np.asarray(yt), k, exact, of)
+        return attribution.attribute(
+            state,
+            self.model,
+            self._loo,
+            xt,
+            np.asarray(yt),
+            k,
+            exact,
+            of,
+            max_refinements=max_refinements,
+            cancelled=cancelled,
+        )
 
     def self_influence(
-        self, exact: bool = False, top: int | None = None
+        self,
+        exact: bool = False,
+        top: int | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> attribution.SelfInfluence:
         """Each active record's own loss after retraining without it minus its loss now, sorted
         descending (``attribution.self_influence``): ids ``(N,)``, values ``(N,)`` in loss units;
         with ``exact`` (cross-entropy) the ``top`` leading records (all when None) refined to
-        exact retraining and re-sorted.
+        exact retraining and re-sorted; ``cancelled`` is asked before each refinement.
 
         Raises:
           InvalidInputError: ``top`` < 1.
           SolverError: the factorisation or a refinement failed.
+          ComputationCancelled: ``cancelled()`` returned True before the refinements were done.
         """
-        return attribution.self_influence(self._state, self._loo, exact, top)
+        return attribution.self_influence(self._state, self._loo, exact, top, cancelled)
 
     def loo_factor(self) -> attribution.LooFactor:
         """The served version's leave-one-out factor (computed once per version)."""

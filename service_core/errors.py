@@ -56,5 +56,11 @@ class NotCertifiedError(SolverError):
         self.alpha = alpha
 
 
+class ComputationCancelled(RuntimeError):
+    """A long read (Newton refinements of attribution or self-influence) stopped between two of
+    its steps because its caller asked (its ``cancelled`` callback returned True: the client
+    left, the server is shutting down). Nothing changed: reads only."""
+
+
 class ResourceError(UnlearnError):
     """A configuration whose kernel does not fit in memory."""

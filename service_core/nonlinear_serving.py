@@ -374,11 +374,11 @@ class NonlinearUnlearner(Unlearner):
             "predictions instead",
         )
 
-    def attribute(self, x, y, k: int = 10, exact: bool = False, of: str = "loss"):
+    def attribute(self, x, y, k: int = 10, exact: bool = False, of: str = "loss", **_):
         """Refused (``NotAvailableError``, 409): leave-one-out scores here are linearised."""
         raise self._unavailable("attribution", "leave-one-out scores here are linearised")
 
-    def self_influence(self, exact: bool = False, top: int | None = None):
+    def self_influence(self, exact: bool = False, top: int | None = None, cancelled=None):
         """Refused (``NotAvailableError``, 409): leave-one-out scores here are linearised."""
         raise self._unavailable("self-influence", "leave-one-out scores here are linearised")
 

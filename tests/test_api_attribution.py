@@ -126,13 +126,78 @@ def test_exact_self_influence_refines_the_page(make_settings, unlearner):
         # influence-step ranking is still served meanwhile).
         from app.api.routes import attribution as route
 
-        with route._EXACT_SELF_INFLUENCE:
+        with route._EXACT_REFINING:
             busy = client.get("/v1/self-influence?limit=1&exact=true", headers=READ)
             assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
-            assert "exact=true is running" in busy.json()["detail"]
+            assert "with exact=true (attribution or self-influence) is running" in busy.text
             assert client.get("/v1/self-influence?limit=1", headers=READ).status_code == 200
         assert client.get("/v1/self-influence?limit=1&exact=true", headers=READ).status_code == 200
         assert client.get("/v1/model", headers=READ).json()["version"] == 0
+
+
+def test_exact_attribution_is_capped_and_one_at_a_time(make_settings, unlearner, probe):
+    """exact=true on a cross-entropy model refines at most max_exact_attribution records (the
+    distinct leading 2k per side over every row; more: 422 before any solve), and shares the
+    one-at-a-time lock of exact self-influence (503 with Retry-After while another runs)."""
+    from app.api.routes import attribution as route
+
+    one = {"x": probe["x"][:1], "y": probe["y"][:1]}
+    settings = make_settings(max_exact_attribution=3)
+    with TestClient(create_app(settings, unlearner)) as client:
+        r = client.post("/v1/attribute", json={**one, "k": 2, "exact": True}, headers=READ)
+        assert r.status_code == 422, r.text
+        assert "would refine" in r.json()["detail"] and "at most 3" in r.json()["detail"]
+        r = client.post("/v1/attribute", json={**one, "k": 1, "exact": False}, headers=READ)
+        assert r.status_code == 200, r.text  # the influence step refines nothing: no limit
+        with route._EXACT_REFINING:
+            r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
+            assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+            r = client.get("/v1/self-influence?limit=1&exact=true", headers=READ)
+            assert r.status_code == 503, r.text
+    # k = 1: the leading 2 per side, at most 4 distinct records
+    with TestClient(create_app(make_settings(max_exact_attribution=4), unlearner)) as client:
+        r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
+        assert r.status_code == 200 and r.json()["exact"] is True, r.text
+
+
+@pytest.mark.parametrize("path", ["attribute", "self-influence"])
+def test_exact_refinements_stop_when_the_shutdown_begins(
+    make_settings, unlearner, probe, monkeypatch, path
+):
+    """SIGTERM (the shutdown's flag) during an exact=true request's refinements: it stops after
+    the record being refined and is answered 503 with Retry-After, instead of holding the
+    shutdown for every refinement left (a fresh user's waited 163 s)."""
+    from service_core import attribution
+
+    solving, release, solves = threading.Event(), threading.Event(), []
+    real = attribution.deletion_step
+
+    def held(*args, **kwargs):
+        solves.append(1)
+        solving.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "deletion_step", held)
+    app = create_app(make_settings(max_exact_attribution=40), unlearner)
+    with TestClient(app) as client:
+        client.post("/v1/attribute", json={**probe, "k": 1}, headers=READ)  # factor first
+
+        def ask():
+            if path == "attribute":
+                one = {"x": probe["x"][:1], "y": probe["y"][:1], "k": 3, "exact": True}
+                return client.post("/v1/attribute", json=one, headers=READ)
+            return client.get("/v1/self-influence?limit=10&exact=true", headers=READ)
+
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(ask)
+            assert solving.wait(60)
+            app.state.service.draining.begin()
+            time.sleep(0.6)  # the request's watcher looks every 0.25 s
+            release.set()
+            r = answer.result(60)
+    assert r.status_code == 503 and "shutting down" in r.text and r.headers["Retry-After"]
+    assert len(solves) == 1, len(solves)  # of up to 10 (self-influence) or 12 (attribution)
 
 
 def test_attribution_limits_and_auth(make_settings, unlearner, probe):

@@ -305,19 +305,16 @@ attribution._factor_of = _held
 """
 
 
-def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, dataset_file: Path):
-    """Two attribution requests compute (a held cold factorisation), two more wait for a thread.
-    SIGTERM begins uvicorn's graceful shutdown, which waits for every request in flight: the
-    waiting ones are answered 503 with Retry-After at once (before: after the factorisation, for
-    minutes on a large model), the computing ones finish, and the process exits 0."""
+def _serve_holding(tmp_path: Path, dataset_file: Path) -> tuple[subprocess.Popen, str, Path]:
+    """A ``serve`` process whose leave-one-out factorisation waits for ``tmp_path/"release"``
+    (it writes ``tmp_path/"started"`` when it begins); returns (process, base url, log)."""
     (tmp_path / "hold.py").write_text(_HOLD)
-    started, release = tmp_path / "started", tmp_path / "release"
     port, log = _free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "NTK_UNLEARN"))}
     env.update(
         PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
-        HOLD_STARTED=str(started),
-        HOLD_RELEASE=str(release),
+        HOLD_STARTED=str(tmp_path / "started"),
+        HOLD_RELEASE=str(tmp_path / "release"),
         NTK_UNLEARN_API_TOKEN="t",
     )
     argv = [
@@ -334,23 +331,44 @@ def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, d
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer t"}
-    body = {"x": [[0.5, -0.5, 1.0, 2.0]], "y": [1], "k": 2}
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _attribute_while_held(
+    url: str, proc: subprocess.Popen, log: Path, started: Path, n: int
+) -> tuple[list[threading.Thread], list[tuple[float, int, str, str | None]]]:
+    """Once the server is ready, ``n`` attribution requests on threads of their own; returns
+    when the (held) factorisation has begun, with the threads and the list their answers go to:
+    (time, status, body, Retry-After)."""
     answers: list[tuple[float, int, str, str | None]] = []
+    body = {"x": [[0.5, -0.5, 1.0, 2.0]], "y": [1], "k": 2}
 
     def ask() -> None:
-        r = httpx.post(f"{url}/v1/attribute", json=body, headers=auth, timeout=120)
+        r = httpx.post(
+            f"{url}/v1/attribute", json=body, headers={"Authorization": "Bearer t"}, timeout=120
+        )
         answers.append((time.monotonic(), r.status_code, r.text, r.headers.get("retry-after")))
 
+    _wait_ready(url, proc, log)
+    threads = [threading.Thread(target=ask) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return threads, answers
+
+
+def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, dataset_file: Path):
+    """Two attribution requests compute (a held cold factorisation), two more wait for a thread.
+    SIGTERM begins uvicorn's graceful shutdown, which waits for every request in flight: the
+    waiting ones are answered 503 with Retry-After at once (before: after the factorisation, for
+    minutes on a large model), the computing ones finish, and the process exits 0."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    proc, url, log = _serve_holding(tmp_path, dataset_file)
     try:
-        _wait_ready(url, proc, log)
-        threads = [threading.Thread(target=ask) for _ in range(4)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        threads, answers = _attribute_while_held(url, proc, log, started, 4)
         time.sleep(1.0)  # the other three have arrived: one computes beside it, two wait
         assert answers == []
         proc.send_signal(signal.SIGTERM)
@@ -371,3 +389,30 @@ def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, d
     assert len(refused) == 2 and all(a[0] < released_at for a in refused), answers
     assert all("shutting down" in a[2] and a[3] is not None for a in refused), refused
     assert sorted(a[1] for a in answers) == [200, 200, 503, 503], answers
+
+
+def test_a_second_sigint_answers_the_reads_still_computing_503_not_500(
+    tmp_path: Path, dataset_file: Path
+):
+    """A second SIGINT is uvicorn's forced exit: it stops waiting for the requests in flight and
+    cancels them. Two attribution requests compute (a held factorisation) when it comes: each
+    gets 503 with Retry-After saying the process is shutting down (before: uvicorn's 500 for
+    the cancellation), and the process exits without waiting for the factorisation."""
+    started = tmp_path / "started"
+    proc, url, log = _serve_holding(tmp_path, dataset_file)
+    try:
+        threads, answers = _attribute_while_held(url, proc, log, started, 2)
+        time.sleep(0.5)  # the second request computes beside the first (two threads)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert answers == [] and proc.poll() is None  # the graceful shutdown waits for them
+        proc.send_signal(signal.SIGINT)
+        for t in threads:
+            t.join(30)
+        proc.wait(30)
+    finally:
+        (tmp_path / "release").touch()
+        if proc.poll() is None:
+            proc.kill()
+    assert [a[1] for a in answers] == [503, 503], (answers, log.read_text())
+    assert all("shutting down" in a[2] and a[3] is not None for a in answers), answers

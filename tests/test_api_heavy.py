@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import anyio
 import pytest
-from fastapi import Response
+from fastapi import HTTPException, Response
 
 from app.api import heavy
+from app.service import Draining
+from service_core import ComputationCancelled
 
 
 class _Request:
@@ -105,3 +108,80 @@ def test_draining_refuses_the_waiting_and_the_new_but_not_the_admitted():
         "waiting": (503, {"Retry-After": "2"}),
         "new": (503, {"Retry-After": "2"}),
     }
+
+
+class _LeavingRequest:
+    """A client that leaves after its request was admitted: connected for the first ``n`` looks."""
+
+    def __init__(self, n: int):
+        self.looks = 0
+        self.n = n
+
+    async def is_disconnected(self) -> bool:
+        self.looks += 1
+        return self.looks > self.n
+
+
+def _steps(cancel: threading.Event, done: list[int]):
+    """A cancellable computation: up to 200 steps of 50 ms, asking ``cancel`` before each."""
+
+    def work() -> str:
+        for step in range(200):
+            if cancel.is_set():
+                raise ComputationCancelled(f"stopped after {step} steps")
+            done.append(step)
+            time.sleep(0.05)
+        return "finished"
+
+    return work
+
+
+@pytest.mark.parametrize("why", ["client left", "shutdown", "forced exit"])
+def test_a_cancellable_computation_stops_when_its_client_leaves_or_the_server_stops(why):
+    """With ``cancel``, a computation (10 s here) stops at its next step once its client has
+    gone (499), once the shutdown begins (503 with Retry-After), or when its request is cancelled
+    (uvicorn's forced exit: the thread stops too, not only the wait for it)."""
+    cancel, done = threading.Event(), []
+    draining = Draining()
+
+    async def main():
+        draining.bind(asyncio.get_running_loop())
+        request = _LeavingRequest(2 if why == "client left" else 10**6)
+        call = heavy.compute(
+            request,
+            anyio.CapacityLimiter(1),
+            _steps(cancel, done),
+            draining=draining,
+            cancel=cancel,
+        )
+        if why == "client left":
+            return await call
+        task = asyncio.ensure_future(call)
+        await asyncio.sleep(0.3)
+        if why == "shutdown":
+            draining.begin()
+            return await task
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return "cancelled"
+
+    started = time.monotonic()
+    if why == "shutdown":
+        with pytest.raises(HTTPException) as refused:
+            anyio.run(main)
+        assert refused.value.status_code == 503 and "shutting down" in refused.value.detail
+        assert refused.value.headers["Retry-After"]
+    else:
+        answer = anyio.run(main)
+        if why == "client left":
+            assert isinstance(answer, Response)
+            assert answer.status_code == heavy.CLIENT_CLOSED_REQUEST
+    deadline = time.monotonic() + 5
+    while len(done) and time.monotonic() < deadline:  # the thread notices within one step
+        n = len(done)
+        time.sleep(0.2)
+        if len(done) == n:
+            break
+    assert cancel.is_set() and 1 <= len(done) < 40, len(done)
+    assert time.monotonic() - started < 5

@@ -348,12 +348,12 @@ def test_exact_self_influence_refines_each_record_once_per_version(digits, monke
 
     monkeypatch.setattr(attribution, "refined_deltas", spy)
     first = u.self_influence(exact=True, top=3)
-    assert refined_rows == [3]
+    assert sum(refined_rows) == 3
     again = u.self_influence(exact=True, top=3)
-    assert refined_rows == [3]  # nothing refined again
+    assert sum(refined_rows) == 3  # nothing refined again
     np.testing.assert_array_equal(again.self_influence, first.self_influence)
     wider = u.self_influence(exact=True, top=6)
-    assert refined_rows == [3, 3]  # only the three new ones
+    assert sum(refined_rows) == 6  # only the three new ones
     cold = attribution.self_influence(u.state, attribution.FactorCache(), True, 6)
     assert list(cold.ids) == list(wider.ids)
     np.testing.assert_allclose(wider.self_influence, cold.self_influence, rtol=1e-12, atol=0)
@@ -361,4 +361,50 @@ def test_exact_self_influence_refines_each_record_once_per_version(digits, monke
     u.forget([str(wider.ids[-1])])
     refined_rows.clear()
     u.self_influence(exact=True, top=3)
-    assert refined_rows == [3]  # a new version: refined again
+    assert sum(refined_rows) == 3  # a new version: refined again
+
+
+def test_exact_refinements_are_capped_and_stop_when_cancelled(digits, monkeypatch):
+    """``max_refinements`` refuses an exact attribution that would refine more records, before
+    any Newton solve; ``cancelled`` stops the refinements between two records
+    (``ComputationCancelled``), and the self-influence values refined before it are kept: the
+    next call refines only the rest and equals a cold computation."""
+    from service_core import ComputationCancelled, attribution
+
+    u = build(digits.subset(slice(0, 20)), "linear", "ce")
+    test = digits.subset(slice(500, 502))
+    solves = []
+    real = attribution.deletion_step
+    monkeypatch.setattr(
+        attribution, "deletion_step", lambda *a, **kw: solves.append(1) or real(*a, **kw)
+    )
+    whole = u.attribute(test.x, test.y, k=2, exact=True)
+    needed = len(solves)  # the distinct leading 4 per side over both rows
+    assert 4 <= needed <= 16 and whole.exact
+    solves.clear()
+    with pytest.raises(
+        InvalidInputError, match=f"would refine {needed} records.*at most {needed - 1}"
+    ):
+        u.attribute(test.x, test.y, k=2, exact=True, max_refinements=needed - 1)
+    assert solves == []  # refused before any solve
+    capped = u.attribute(test.x, test.y, k=2, exact=True, max_refinements=needed)
+    np.testing.assert_array_equal(capped.helpful_ids, whole.helpful_ids)
+    np.testing.assert_array_equal(capped.harmful.delta_loss, whole.harmful.delta_loss)
+
+    def after(n: int):
+        asked = []
+        return lambda: asked.append(1) or len(asked) > n
+
+    solves.clear()
+    with pytest.raises(ComputationCancelled, match="after refining 2 of"):
+        u.attribute(test.x, test.y, k=2, exact=True, cancelled=after(2))
+    assert len(solves) == 2
+    solves.clear()
+    with pytest.raises(ComputationCancelled, match="after refining 2 of 5"):
+        u.self_influence(exact=True, top=5, cancelled=after(2))
+    assert len(solves) == 2
+    rest = u.self_influence(exact=True, top=5, cancelled=lambda: False)
+    assert len(solves) == 5  # the two kept, three more
+    cold = attribution.self_influence(u.state, attribution.FactorCache(), True, 5)
+    assert list(rest.ids) == list(cold.ids)
+    np.testing.assert_allclose(rest.self_influence, cold.self_influence, rtol=1e-12, atol=0)

@@ -5,7 +5,8 @@ to the OpenAPI document (routes declare only their own).
 - every operation with a body: 400 (not JSON at all), 413 (over ``max_body_bytes``);
 - every ``/v1`` operation: 503 with ``Retry-After`` (the model not loaded yet, the queue
   unreachable, too many large bodies at once: ``app.api.gate``, or an API process without a
-  worker still loading the newest version: ``app.service.ModelFollower``).
+  worker still loading the newest version: ``app.service.ModelFollower``; a request cancelled by
+  a forced shutdown: ``app.api.shutdown``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ RETRY_AFTER = {
 _APP_WIDE_503 = (
     "the model is not loaded yet, the job queue (Redis) is unreachable, too many requests "
     "with large bodies are being served (setting max_large_bodies), or this API process (no "
-    "worker) is still loading the newest model version (setting follow_wait_s): retry after "
-    "Retry-After s"
+    "worker) is still loading the newest model version (setting follow_wait_s), or this process "
+    "is shutting down: retry after Retry-After s"
 )
 _UNKNOWN_QUERY = "a query parameter this endpoint does not take"
 _BODY_ANSWERS = {

@@ -15,6 +15,8 @@ shutdown that long.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -22,20 +24,19 @@ import anyio
 import anyio.to_thread
 from fastapi import HTTPException, Request, Response, status
 
+from service_core import ComputationCancelled
+
 from ..service import Draining
+from .shutdown import RETRY_AFTER_S, SHUTTING_DOWN
 
 T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499
-_SHUTTING_DOWN = (
-    "this process is shutting down: the request was not computed; retry (another process, or "
-    "this one once restarted)"
-)
 
 
 def _refuse_draining() -> HTTPException:
     return HTTPException(
-        status.HTTP_503_SERVICE_UNAVAILABLE, _SHUTTING_DOWN, headers={"Retry-After": "2"}
+        status.HTTP_503_SERVICE_UNAVAILABLE, SHUTTING_DOWN, headers={"Retry-After": RETRY_AFTER_S}
     )
 
 
@@ -45,6 +46,7 @@ async def compute(
     work: Callable[[], T],
     now: bool = False,
     draining: Draining | None = None,
+    cancel: threading.Event | None = None,
 ) -> T | Response:
     """``work()`` on a worker thread once ``limiter`` admits it, or a 499 ``Response`` when the
     client left meanwhile.
@@ -53,9 +55,14 @@ async def compute(
       now: run ``work`` at once on the event loop, without waiting (it only raises: a refusal
         such as a nonlinear model's 409 should not queue behind computations).
       draining: the server's shutdown flag: once begun, a request not yet admitted is refused.
+      cancel: for a ``work`` that asks ``cancel.is_set()`` between its steps (and raises
+        ``ComputationCancelled``): set while it runs as soon as the client leaves or the
+        shutdown begins (looked at every ``_WATCH_S``), and when this request is cancelled, so
+        that neither a gone client nor a stopping server waits for the rest of its steps.
 
     Raises:
-      HTTPException: 503 with ``Retry-After``, the server shutting down before ``work`` began.
+      HTTPException: 503 with ``Retry-After``, the server shutting down before ``work`` began or
+        while a cancellable ``work`` ran.
       whatever ``work`` raises.
     """
     if now:
@@ -71,6 +78,31 @@ async def compute(
     try:
         if await request.is_disconnected():
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return await anyio.to_thread.run_sync(work)
+        if cancel is None:
+            return await anyio.to_thread.run_sync(work)
+        # A plain task, not a task group: a task group would wrap ``work``'s errors in an
+        # exception group, which the error handlers do not map.
+        watcher = asyncio.ensure_future(_watch(request, draining, cancel))
+        try:
+            return await anyio.to_thread.run_sync(work)
+        except ComputationCancelled:
+            if draining.started:
+                raise _refuse_draining() from None
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        finally:
+            cancel.set()  # a forced exit cancels this request: the thread stops at its next step
+            watcher.cancel()
     finally:
         limiter.release()
+
+
+_WATCH_S = 0.25
+
+
+async def _watch(request: Request, draining: Draining, cancel: threading.Event) -> None:
+    """Set ``cancel`` once the client has gone or the shutdown has begun."""
+    while not cancel.is_set():
+        if draining.started or await request.is_disconnected():
+            cancel.set()
+            return
+        await anyio.sleep(_WATCH_S)

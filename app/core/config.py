@@ -222,6 +222,13 @@ class Settings(BaseSettings):
         description="most records one GET /v1/self-influence?exact=true refines to exact retraining "
         "(cross-entropy: offset + limit of them, one Newton retraining each)",
     )
+    max_exact_attribution: int = Field(
+        40,
+        gt=0,
+        description="most records one POST /v1/attribute with exact=true refines to exact "
+        "retraining (cross-entropy: the distinct leading 2k per side over every row, one Newton "
+        "retraining each; 40 is k = 10 for one row)",
+    )
     max_body_bytes: int = Field(
         64 * 2**20, gt=0, description="largest request body in bytes; larger ones get 413"
     )

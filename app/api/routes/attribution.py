@@ -26,6 +26,23 @@ router = APIRouter(
     prefix="/v1", tags=["attribution"], dependencies=[ReadAccess], responses=errors(READ_AUTH)
 )
 
+# ``exact=true`` requests that refine records (attribution, self-influence): one at a time per
+# process. Each refined record is a Newton retraining (seconds to minutes of both cores), so a
+# read token cannot queue up minutes of solves; the others are told at once, not after waiting
+# for a thread.
+_EXACT_REFINING = threading.Lock()
+
+
+def _refine_one_at_a_time() -> None:
+    """Take ``_EXACT_REFINING`` (the caller releases it), or 503 with Retry-After."""
+    if not _EXACT_REFINING.acquire(blocking=False):
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "another request with exact=true (attribution or self-influence) is running in this "
+            "process: retry when it has finished",
+            headers=RETRY_LATER,
+        )
+
 
 def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: str) -> list:
     """The ranked records of test row ``t``; for ``of="loss"`` only those whose Δℓ has ``sign``."""
@@ -49,7 +66,9 @@ def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: st
             **_BAD_INPUT,
             409: "not available for a nonlinear model (--nonlinear)",
             422: "inputs or targets of the wrong shape or not finite, k outside 1 … the number of "
-            "active records, or of='output' for a regression model with several outputs",
+            "active records, of='output' for a regression model with several outputs, or "
+            "exact=true refining more records than --max-exact-attribution",
+            503: "another request with exact=true is running in this process (Retry-After)",
             500: "the leave-one-out factorisation or a refinement failed",
         }
     ),
@@ -66,19 +85,41 @@ async def attribute(
 
     `delta_loss` is the loss after retraining without that one record (risk normalised by 1/(N − 1),
     as a forget) minus the loss now. Exact for squared error; for cross-entropy the influence step,
-    or with `exact: true` the returned records refined to the retrained optimum. At most `max_rows`
-    rows. The first request after a new version factors the leave-one-out system (cached).
+    or with `exact: true` the returned records refined to the retrained optimum (the distinct
+    leading 2k per side over every row, at most `--max-exact-attribution`, each a Newton
+    retraining; one such request at a time per process, another gets 503; stopped between two
+    refinements when the client leaves or the server shuts down). At most `max_rows` rows. The
+    first request after a new version factors the leave-one-out system (cached).
     """
     _check_rows(body.x, settings)
-    # On the heavy reads' own threads (``app.api.heavy``): however many wait for a cold
-    # factorisation, the threads predictions use stay free.
-    a = await heavy.compute(
-        request,
-        state.attribution_threads,
-        partial(u.attribute, body.x, body.y, k=body.k, exact=body.exact, of=body.of),
-        now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
-        draining=state.draining,
+    refining = body.exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner)
+    cancel = threading.Event()
+    work = partial(
+        u.attribute,
+        body.x,
+        body.y,
+        k=body.k,
+        exact=body.exact,
+        of=body.of,
+        max_refinements=settings.max_exact_attribution,
+        cancelled=cancel.is_set,
     )
+    if refining:
+        _refine_one_at_a_time()
+    try:
+        # On the heavy reads' own threads (``app.api.heavy``): however many wait for a cold
+        # factorisation, the threads predictions use stay free.
+        a = await heavy.compute(
+            request,
+            state.attribution_threads,
+            work,
+            now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
+            draining=state.draining,
+            cancel=cancel,
+        )
+    finally:
+        if refining:
+            _EXACT_REFINING.release()
     if isinstance(a, Response):
         return a  # the client left while it waited
     results = [
@@ -91,10 +132,6 @@ async def attribute(
     return schemas.AttributeOut(model_version=a.version, exact=a.exact, results=results)
 
 
-# ``exact=true`` requests refining records: one at a time per process (``self_influence``)
-_EXACT_SELF_INFLUENCE = threading.Lock()
-
-
 @router.get(
     "/self-influence",
     responses=errors(
@@ -102,7 +139,7 @@ _EXACT_SELF_INFLUENCE = threading.Lock()
             **INVALID,
             409: "not available for a nonlinear model (--nonlinear)",
             422: "exact=true would refine more records than --max-exact-self-influence",
-            503: "another exact=true request is running in this process (Retry-After)",
+            503: "another request with exact=true is running in this process (Retry-After)",
             500: "the leave-one-out factorisation or a refinement failed",
         }
     ),
@@ -135,7 +172,8 @@ async def self_influence(
     another gets 503) and returns them in the order of their exact values.
     """
     top = offset + limit
-    work = partial(u.self_influence)
+    cancel = threading.Event()
+    work = partial(u.self_influence, cancelled=cancel.is_set)
     refining = exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner)
     if refining:
         if top > settings.max_exact_self_influence:
@@ -144,17 +182,8 @@ async def self_influence(
                 f"{settings.max_exact_self_influence} (--max-exact-self-influence): lower offset "
                 "or limit"
             )
-        # Each refined record is a Newton retraining (seconds to minutes of both cores): one such
-        # request at a time per process, so a read token cannot queue up minutes of solves; the
-        # others are told at once, not after waiting for a thread.
-        if not _EXACT_SELF_INFLUENCE.acquire(blocking=False):
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "another self-influence request with exact=true is running in this process: "
-                "retry when it has finished",
-                headers=RETRY_LATER,
-            )
-        work = partial(u.self_influence, exact=True, top=top)
+        _refine_one_at_a_time()
+        work = partial(u.self_influence, exact=True, top=top, cancelled=cancel.is_set)
     try:
         si = await heavy.compute(
             request,
@@ -162,10 +191,11 @@ async def self_influence(
             work,
             now=isinstance(u, NonlinearUnlearner),
             draining=state.draining,
+            cancel=cancel,
         )
     finally:
         if refining:
-            _EXACT_SELF_INFLUENCE.release()
+            _EXACT_REFINING.release()
     if isinstance(si, Response):
         return si  # the client left while it waited
     page = slice(offset, offset + limit)
