@@ -50,7 +50,10 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
     settings = settings or Settings()
     state = ServiceState(
         settings=settings,
-        metrics=Metrics(lambda: state.unlearner),
+        metrics=Metrics(
+            lambda: state.unlearner,
+            lambda: state.follower is not None and state.follower.lost is not None,
+        ),
         batcher=PredictBatcher(settings.predict_batch_wait_ms / 1e3),
     )
 

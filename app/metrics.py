@@ -21,9 +21,15 @@ class Metrics:
     Arguments:
       model: returns the model being served, or ``None`` before it is loaded; the model gauges
         read it at scrape time, so they are never stale.
+      follower_lost: whether this process's follower lost its version (``ModelFollower.lost``),
+        read at scrape time too.
     """
 
-    def __init__(self, model: Callable[[], Unlearner | None]):
+    def __init__(
+        self,
+        model: Callable[[], Unlearner | None],
+        follower_lost: Callable[[], bool] = lambda: False,
+    ):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -64,6 +70,13 @@ class Metrics:
         n_train = Gauge("ntk_unlearn_n_train", "Training points the model holds", registry=r)
         version.set_function(lambda: _or_nan(model(), lambda u: u.version))
         n_train.set_function(lambda: _or_nan(model(), lambda u: u.n_train))
+        lost = Gauge(
+            "ntk_unlearn_follower_lost",
+            "1 when this API process (no worker) found that the worker dropped the version it "
+            "serves and stopped answering from it (restart it; /readyz says why), else 0",
+            registry=r,
+        )
+        lost.set_function(lambda: float(follower_lost()))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

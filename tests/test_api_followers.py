@@ -303,7 +303,9 @@ def test_a_follower_that_lost_its_version_answers_nothing_from_it(follower_app, 
     tests/test_follower_prepare.py), model requests and /readyz are 503 saying so."""
     client = follower_app
     assert client.post("/v1/predict", json={"x": x_probe}, headers=READ).status_code == 200
+    assert "ntk_unlearn_follower_lost 0.0" in client.get("/metrics").text
     client.app.state.service.follower.lost = "this API process served model version 1, which ..."
+    assert "ntk_unlearn_follower_lost 1.0" in client.get("/metrics").text  # an alert can fire
     for r in (
         client.post("/v1/predict", json={"x": x_probe}, headers=READ),
         client.get("/v1/ids", headers=READ),
