@@ -27,6 +27,20 @@ from service_core import Dataset, Unlearner, load_dataset, load_digits
 WRITE = {"Authorization": "Bearer write-token"}
 READ = {"Authorization": "Bearer read-token"}
 
+
+@pytest.fixture(autouse=True)
+def _no_start_up_heap_freeze(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """An app started in the test process skips the start-up ``gc.collect(); gc.freeze()``
+    (``app.main._freeze_startup_heap``), unless the test is marked ``gc_freeze``: each start
+    collected pytest's whole heap and each stop handed it back to the oldest generation
+    (tests/test_api.py: 94 s without, 113 s with). Served processes (``ntk-unlearn serve``)
+    always freeze; tests/test_api.py checks the freeze itself."""
+    if request.node.get_closest_marker("gc_freeze") is None:
+        import app.main
+
+        monkeypatch.setattr(app.main, "_freeze_startup_heap", lambda: 0)
+
+
 # A small classification problem: fast to build, and every solver path (CE with refinement) runs.
 N_POINTS, N_FEATURES, N_CLASSES = 48, 4, 3
 MODEL = {

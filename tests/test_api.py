@@ -57,6 +57,7 @@ def test_forget_applies_a_new_version(client, x_probe, wait_for_job):
     assert not np.allclose(outputs_after["outputs"], outputs_before["outputs"])
 
 
+@pytest.mark.gc_freeze
 def test_the_start_up_heap_is_frozen_and_a_replaced_version_is_still_freed(
     settings, unlearner, wait_for_job
 ):
