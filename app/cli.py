@@ -275,6 +275,12 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
             if draining is not None:
                 draining.begin()
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # uvicorn says nothing of sockets it was handed: say it here
+                host, port = sock.getsockname()[:2]
+                log.info("listening on http://%s:%d (API docs at /docs)", host, port)
+
     server = Server(config)
     # Everything loaded so far (the model, JAX, the app: ~190,000 objects) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it. Before this,

@@ -97,6 +97,7 @@ def choose_solver(
     est = choose_method(
         n_retain, state.layout.d, state.form, train.loss != "mse", model.n_params, kappa,
         cfg.resolved_tol(train.dtype), cfg.cholesky_max_dim, kappa_theta,
+        preconditioned=state.nystrom is not None,
     )  # fmt: skip
     return est.method, est.reason
 

@@ -369,6 +369,7 @@ def test_sigterm_answers_heavy_reads_still_waiting_503_at_once(tmp_path: Path, d
     proc, url, log = _serve_holding(tmp_path, dataset_file)
     try:
         threads, answers = _attribute_while_held(url, proc, log, started, 4)
+        assert f"listening on {url} (API docs at /docs)" in log.read_text()
         time.sleep(1.0)  # the other three have arrived: one computes beside it, two wait
         assert answers == []
         proc.send_signal(signal.SIGTERM)

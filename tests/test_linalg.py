@@ -250,3 +250,16 @@ def test_kernel_progress_bar_only_on_a_terminal(capfd):
     k = blocked(lambda x, y: x @ y.T, a, block_size=2, dtype=np.float64, progress=True)
     np.testing.assert_allclose(k, a @ a.T)
     assert "kernel blocks" not in capfd.readouterr().err  # pytest's stderr is not a terminal
+
+
+def test_the_auto_choice_says_which_kappa_it_used():
+    """The 'auto' reason names its κ: a bound from K's λ_max, or the Nyström-preconditioned
+    estimate (a κ ≈ 2 beside /v1/model's κ ≈ 551 read as a contradiction to a user)."""
+    from service_core.linalg.choose import cg_iterations, choose_method
+
+    args = (500, 10, "full", True, 10_000)
+    bound = choose_method(*args, 551.0, 1e-6, 4096)
+    pre = choose_method(*args, 2.0, 1e-6, 4096, kappa_theta=551.0, preconditioned=True)
+    assert "κ ≤ 551 (" in bound.reason and "preconditioned" not in bound.reason
+    assert "preconditioned κ ≈ 2 (Nyström" in pre.reason
+    assert f"≈{cg_iterations(2.0, 1e-6):.0f} CG iterations" in pre.reason

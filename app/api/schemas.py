@@ -185,11 +185,20 @@ class ForgetAccepted(BaseModel):
 
 
 class SolverInfo(BaseModel):
-    method: str
-    iterations: int
-    residual: float
-    seconds: float
-    converged: bool | None = None
+    method: str = Field(
+        description="alpha-cg, alpha-cholesky, alpha-paper, theta-cg, kgd, or newton/<inner> for "
+        "several Newton steps"
+    )
+    iterations: int = Field(
+        description="CG iterations (0 for a direct solve; Newton steps for newton/...)"
+    )
+    residual: float = Field(
+        description="this solve's own relative residual of its linear system when it stopped "
+        "(dimensionless); not the version's certificate, which is recomputed afterwards from the "
+        "published α and K (certificate.residual)"
+    )
+    seconds: float = Field(description="wall seconds of this solve")
+    converged: bool | None = Field(None, description="whether residual met the solve's tolerance")
     preconditioner: str | None = Field(
         None,
         description="'nystrom-<rank>' when CG was preconditioned by a Nyström approximation of K",

@@ -47,6 +47,7 @@ def choose_method(
     tol: float,
     cholesky_max_dim: int,
     kappa_theta: float | None = None,
+    preconditioned: bool = False,
 ) -> CostEstimate:
     """Pick the cheapest exact solver for the influence system by a flop-count cost model.
 
@@ -61,6 +62,8 @@ def choose_method(
       kappa: an upper bound on κ(B) = 1 + λ_max(S K S)/c (from λ_max of the full K, by interlacing),
         or an estimate of the preconditioned κ when α-space CG is preconditioned.
       kappa_theta: κ for θ-space CG (never preconditioned); default ``kappa``.
+      preconditioned: ``kappa`` is of the Nyström-preconditioned system (the reason says so:
+        it is not the model's κ of ``/v1/model``).
 
     Returns:
       ``CostEstimate(method, reason, flops)``.
@@ -79,7 +82,11 @@ def choose_method(
     reason = (
         f"{best}: fewest estimated flops ({ranked}) for N_R = {n_retain}, d = {d}, {form} form"
         + (f", P = {n_params}" if n_params is not None else "")
-        + f", κ ≈ {kappa:.3g} (≈{iters:.0f} CG iterations)"
+        + (
+            f", preconditioned κ ≈ {kappa:.3g} (Nyström; ≈{iters:.0f} CG iterations)"
+            if preconditioned
+            else f", κ ≤ {kappa:.3g} (≈{iters:.0f} CG iterations)"
+        )
         + (
             ""
             if dim <= cholesky_max_dim
