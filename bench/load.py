@@ -204,6 +204,7 @@ async def _predict_load(
 ) -> dict:
     """``clients`` closed-loop clients posting ``x`` to /v1/predict for ``seconds``."""
     latencies: list[float] = []
+    ends: list[float] = []  # wall-clock end of each answered request (``time.time()``)
     errors = 0
     request = _http_request(port, "POST", "/v1/predict", token, {"x": x})
     stop_at = time.perf_counter() + seconds
@@ -217,6 +218,7 @@ async def _predict_load(
                 status = await conn.send(request)
                 if status == 200:
                     latencies.append(time.perf_counter() - t0)
+                    ends.append(time.time())
                 else:
                     errors += 1
         finally:
@@ -229,6 +231,7 @@ async def _predict_load(
     return {
         **_summary(latencies, elapsed, len(x), errors),
         **cpu.per_request(len(latencies) + errors),
+        "_spans": (ends, latencies),  # for ``StallProbe.classify``; not written out
     }
 
 
@@ -367,6 +370,101 @@ def _timed(phase: typing.Coroutine) -> typing.Any:
         gc.unfreeze()
 
 
+# A wake-up this late (ms) is a machine-wide stall (``StallProbe``).
+STALL_MS = 10.0
+
+_PROBE = r"""
+import sys, time
+def steal():
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8])
+    except (OSError, IndexError, ValueError):
+        return -1
+with open(sys.argv[1], "a", buffering=1) as out:
+    last = time.perf_counter()
+    while True:
+        time.sleep(0.001)
+        now = time.perf_counter()
+        if now - last > 0.005:
+            out.write(f"{time.time():.6f} {now - last:.6f} {steal()}\n")
+        last = now
+"""
+
+
+class StallProbe:
+    """Machine-wide stalls while the load runs: a process at real-time priority (``chrt -f 50``:
+    SCHED_FIFO, when allowed; else at normal priority, which says less) sleeps 1 ms in a loop and
+    records every wake-up more than 5 ms late, with the host's steal counter (``/proc/stat``,
+    jiffies). At real-time priority no process of the machine delays it: a wake-up ``STALL_MS``
+    late is the whole machine not running (its virtual CPUs descheduled by the host, or the
+    kernel). On this project's 2-core VM the host paused all of it for 16–36 ms, at 100 ms
+    intervals, while background work kept both virtual CPUs busy (BENCHMARKS.md, HTTP load).
+    Every request in flight then is late by as much, whatever the service does.
+
+    Arguments:
+      path: the file the probe appends its lines to (``end_wall_time gap_s steal``).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.proc: subprocess.Popen | None = None
+        self.realtime = False
+
+    def __enter__(self) -> StallProbe:
+        self.path.unlink(missing_ok=True)
+        command = [sys.executable, "-c", _PROBE, str(self.path)]
+        chrt = shutil.which("chrt")
+        if chrt is not None:
+            allowed = subprocess.run([chrt, "-f", "50", "true"], capture_output=True)
+            self.realtime = allowed.returncode == 0
+            if self.realtime:
+                command = [chrt, "-f", "50", *command]
+        self.proc = subprocess.Popen(command, start_new_session=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def gaps(self) -> np.ndarray:
+        """``(n, 2)``: each late wake-up's wall-clock end (s) and length (s)."""
+        try:
+            lines = self.path.read_text().split("\n")
+        except OSError:
+            return np.zeros((0, 2))
+        rows = [line.split()[:2] for line in lines if len(line.split()) == 3]
+        return np.array(rows, float).reshape(-1, 2)
+
+    def classify(self, phase: dict) -> None:
+        """Add to a phase (``_predict_load``'s, whose ``_spans`` it takes out) the stalls within
+        it (``stalls``: wake-ups ``STALL_MS`` late or more; ``longest_stall_ms``), the slowest
+        request in flight during none of them (``max_ms_outside_stalls``), and the ten slowest
+        requests (``slowest``: wall-clock end in s, ms, whether in flight during a stall)."""
+        spans = phase.pop("_spans", None)
+        if spans is None or not spans[0]:
+            return
+        ends, latencies = np.asarray(spans[0]), np.asarray(spans[1])
+        starts = ends - latencies
+        gaps = self.gaps()
+        gaps = gaps[(gaps[:, 1] * 1e3 >= STALL_MS) & (gaps[:, 0] > starts.min())]
+        gaps = gaps[gaps[:, 0] - gaps[:, 1] < ends.max()]
+        hit = np.zeros(len(ends), bool)
+        for end, length in gaps:
+            hit |= (starts < end) & (end - length < ends)
+        phase["stalls"] = len(gaps)
+        phase["longest_stall_ms"] = float(gaps[:, 1].max() * 1e3) if len(gaps) else 0.0
+        phase["stall_probe_realtime"] = self.realtime
+        clear = latencies[~hit]
+        phase["max_ms_outside_stalls"] = float(clear.max() * 1e3) if len(clear) else float("nan")
+        # The ten slowest requests (wall-clock end, ms, in a stall): to set against the logs.
+        slowest = np.argsort(-latencies)[:10]
+        phase["slowest"] = [
+            [float(ends[i]), float(latencies[i] * 1e3), bool(hit[i])] for i in slowest
+        ]
+
+
 def _rows(options: list[str], seed: int) -> list:
     """100 input rows of the served data set (its training points), as JSON lists."""
     from service_core import load_dataset
@@ -442,7 +540,22 @@ def _slowest_line(idle: dict, during: dict, control: dict | None) -> str:
             f"{control['max_ms'] / idle['p99_ms']:.2f}×, "
             + ("within the bar" if control["max_ms"] <= bar else "over the bar too")
         )
+    if "max_ms_outside_stalls" in during:
+        line += "; " + _outside_stalls(during, bar, idle["p99_ms"], "while forgets run")
+        if control and "max_ms_outside_stalls" in control:
+            line += "; " + _outside_stalls(control, bar, idle["p99_ms"], "control")
     return line
+
+
+def _outside_stalls(phase: dict, bar: float, idle_p99: float, what: str) -> str:
+    """The slowest request of a phase in flight during no machine-wide stall (``StallProbe``)."""
+    slowest = phase["max_ms_outside_stalls"]
+    probe = "a real-time probe" if phase.get("stall_probe_realtime") else "a probe (not real-time)"
+    return (
+        f"{what}, outside the {phase['stalls']} machine-wide stall(s) {probe} saw (≥ "
+        f"{STALL_MS:g} ms, longest {phase['longest_stall_ms']:.1f} ms): slowest {slowest:.1f} ms, "
+        f"{slowest / idle_p99:.2f}×, {'within' if slowest <= bar else 'over'} the bar"
+    )
 
 
 def _table(res: dict) -> list[str]:
@@ -749,8 +862,9 @@ def run_deployment(kind: str, options: list[str], api_options: list[str], args, 
             nice,
             getattr(args, "load_worker_cpus", None),
         )
+    probe = StallProbe(Path(tempfile.gettempdir()) / f"ntk-load-{os.getpid()}-{kind}-stalls.txt")
     try:
-        with deployment as server:
+        with deployment as server, probe:
             res["ready_s"] = server.wait_ready(args.ready_timeout)
             worker = getattr(server, "worker", None)
             pids = (server.proc.pid, None if worker is None else worker.pid)
@@ -802,6 +916,9 @@ def run_deployment(kind: str, options: list[str], api_options: list[str], args, 
                 _during_forgets(base, port, token, rows[:1], forget_ids, args, pids)
             )
             log(f"{kind}: {during}: {_line(res['phases'][during])}")
+            for phase in res["phases"].values():
+                probe.classify(phase)
+            res["stall_probe"] = {"path": str(probe.path), "realtime": probe.realtime}
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     res["loadavg_after"] = list(os.getloadavg())

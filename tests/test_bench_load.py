@@ -118,6 +118,11 @@ def test_the_split_deployment_runs_every_phase_and_applies_its_forgets(tmp_path)
         assert phase["errors"] == 0, name
         assert phase["requests"] > 0, name
         assert phase["worker_cpu_ms"] >= 0, name  # the worker's CPU is metered apart
+        assert "_spans" not in phase, name  # per-request times stay out of load.json
+        if name != "enqueue":  # the stall probe's classification of each prediction phase
+            assert phase["stalls"] >= 0 and phase["max_ms_outside_stalls"] <= phase["max_ms"]
+    assert res["stall_probe"]["path"] and not load.StallProbe(Path("/nonexistent")).gaps().size
+    json.dumps(res)  # what load.json holds
     assert res["phases"]["enqueue"]["requests"] == args.load_forgets
     forgets = res["phases"]["predict-1 during forgets"]["forgets"]
     assert forgets["jobs"] >= 1 and forgets["succeeded"] == forgets["jobs"]
@@ -156,3 +161,37 @@ def test_a_timed_phase_runs_with_the_load_generators_collector_off():
     with pytest.raises(RuntimeError):
         load._timed(failing())
     assert gc.isenabled()
+
+
+def test_the_stall_probe_sets_apart_the_requests_in_flight_during_a_machine_wide_stall(
+    tmp_path,
+):
+    """``StallProbe.classify``: a request overlapping a late wake-up of ``STALL_MS`` or more is
+    set apart; the slowest of the others is ``max_ms_outside_stalls``; shorter gaps and gaps
+    outside the phase count for nothing. The probe process itself records late wake-ups."""
+    probe = load.StallProbe(tmp_path / "stalls.txt")
+    t = 1000.0
+    probe.path.write_text(
+        f"{t + 1.00:.6f} 0.030000 5\n"  # a 30 ms stall ending at t + 1
+        f"{t + 2.00:.6f} 0.006000 0\n"  # 6 ms: below STALL_MS
+        f"{t + 99.0:.6f} 0.050000 7\n"  # after the phase
+    )
+    ends = [t + 0.5, t + 1.01, t + 0.99, t + 2.0, t + 3.0]
+    latencies = [0.010, 0.045, 0.020, 0.025, 0.015]  # the 2nd and 3rd overlap the stall
+    phase = {"max_ms": 45.0, "_spans": (ends, latencies)}
+    probe.classify(phase)
+    assert "_spans" not in phase and phase["stalls"] == 1
+    assert phase["longest_stall_ms"] == pytest.approx(30.0)
+    assert phase["max_ms_outside_stalls"] == pytest.approx(25.0)
+    assert [s[1] for s in phase["slowest"]] == pytest.approx([45.0, 25.0, 20.0, 15.0, 10.0])
+    assert [s[2] for s in phase["slowest"]] == [True, False, True, False, False]
+    line = load._outside_stalls(phase, 40.0, 20.0, "while forgets run")
+    assert "1 machine-wide stall(s)" in line and "25.0 ms, 1.25×, within the bar" in line
+
+    with load.StallProbe(tmp_path / "live.txt") as live:
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # keep this core busy: the probe still wakes
+            pass
+        time.sleep(0.3)
+    assert live.proc.poll() is not None  # stopped
+    assert live.path.exists() and live.gaps().shape[1] == 2
