@@ -386,7 +386,10 @@ class ModelFollower:
         self.preconditioner = preconditioner
         self._next_read: asyncio.Future | None = None  # shared_required_version's next read
         self._reading = False
-        self._prepared: _Prepared | None = None  # only the follower thread touches it
+        # The version prepared and not served yet: made by the follower thread, served (taken)
+        # by it or by a request waiting for it, under ``_swap``.
+        self._prepared: _Prepared | None = None
+        self._swap = threading.Lock()
         self._read_task: asyncio.Future | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -519,6 +522,11 @@ class ModelFollower:
         u = self.state.unlearner
         if u is None or u.version >= version:
             return
+        if self._serve_prepared(u, version):  # prepared already: served here, at once
+            with self._polled:
+                self._polled.notify_all()
+            if u.version >= version:
+                return
         deadline = time.monotonic() + self.wait_s
         with self._polled:
             while u.version < version:
@@ -541,22 +549,34 @@ class ModelFollower:
             return False
         directory = self.state.settings.checkpoint_dir
         self._prepare(u, directory)
-        prepared = self._prepared
-        if prepared is None:
+        if self._prepared is None:
             return False
         wanted = self.required_version()
-        if wanted is None or prepared.version > wanted:
-            return False  # not reported yet: the worker may still drop it (docs/design.md)
-        self._prepared = None
-        if checkpoint.step_identity(directory, prepared.version) != prepared.identity:
-            return False  # dropped and written again, or pruned for a newer one: read it again
-        if not u.serve_prepared(prepared.prepared):
-            return False
-        self._served_identity = prepared.identity
+        return wanted is not None and self._serve_prepared(u, wanted)
+
+    def _serve_prepared(self, u: Unlearner, reported: int) -> bool:
+        """Serve the prepared version if it is not newer than ``reported`` (a version the worker
+        reported, or ``committed_version`` with Redis down: the worker may still drop a newer
+        one, docs/design.md) and its step is still the one read. Called by the follower thread
+        (``poll``) and by a request waiting for that version (``catch_up``, with the version it
+        read after it arrived), whichever comes first: the request then does not wait for the
+        follower thread's next round (its wake-up, a directory listing, a Redis read). Returns
+        whether it served one."""
+        directory = self.state.settings.checkpoint_dir
+        with self._swap:
+            prepared = self._prepared
+            if prepared is None or prepared.version > reported:
+                return False  # not reported yet: the worker may still drop it
+            self._prepared = None
+            if checkpoint.step_identity(directory, prepared.version) != prepared.identity:
+                return False  # dropped and written again, or pruned for a newer one: read again
+            if not u.serve_prepared(prepared.prepared):
+                return False
+            self._served_identity = prepared.identity
         log.info(
             "following the worker: now serving version %d (prepared in %.2f s, %.2f s before "
             "it was served)",
-            u.version,
+            prepared.version,
             prepared.seconds,
             time.perf_counter() - prepared.ready_at,
         )
@@ -567,7 +587,10 @@ class ModelFollower:
         """Prepare the newest checkpoint when it is newer than the served or prepared version."""
         prepared = self._prepared
         if prepared is not None and prepared.prepared.base is not u.state:
-            prepared = self._prepared = None  # served changed: only this thread follows, but check
+            with self._swap:
+                if self._prepared is prepared:  # served meanwhile (by a request) or stale
+                    self._prepared = None
+            prepared = None
         newest = checkpoint.newest_step_name(directory)
         self._check_served(u, directory, newest)
         floor = u.version if prepared is None else prepared.version
@@ -582,9 +605,11 @@ class ModelFollower:
             or checkpoint.step_identity(directory, newest) != identity
         ):
             return  # a save or a prune is under way: the next round reads it again
-        self._prepared = _Prepared(
+        made = _Prepared(
             u.prepare_follow(newer), identity, time.perf_counter() - t0, time.perf_counter()
         )
+        with self._swap:
+            self._prepared = made
 
     def _check_served(self, u: Unlearner, directory: Path, newest: int | None) -> None:
         """Whether the worker dropped the version this process serves: the newest checkpoint is
@@ -640,6 +665,9 @@ class ModelFollower:
                 return
             try:
                 followed = self.poll()
+                if followed:  # the requests waiting for it go on before the announcement
+                    with self._polled:
+                        self._polled.notify_all()
                 self._announce()
             except FileNotFoundError as e:
                 # the worker pruned the step being read (after reporting a newer one): read again

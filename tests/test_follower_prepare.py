@@ -7,6 +7,7 @@ model on the same checkpoint directory (``test_engine``'s pair)."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from app.deletion_log import DeletionLog
-from app.service import ModelFollower
+from app.service import FollowerBehindError, ModelFollower
 from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, checkpoint
 
 
@@ -204,3 +205,34 @@ def test_a_change_of_the_served_steps_mode_is_not_a_drop(tmp_path, digits):
     follower._served_identity = checkpoint.step_identity(tmp_path / "ck", 0)
     (tmp_path / "ck" / "0").chmod(0o700)  # its change time moves, not its inode or mtime
     assert not follower.poll() and follower.lost is None
+
+
+def test_a_request_waiting_for_a_reported_version_serves_the_prepared_one_itself(tmp_path, digits):
+    """A request that read the reported version (``catch_up``) serves the prepared version
+    itself, without waiting for the follower thread's next round (no thread runs here: before,
+    it waited ``wait_s`` and got FollowerBehindError); never a version newer than the one it
+    read, and never a step written again since it was read."""
+    ds, worker, served, queue, follower = _setup(tmp_path, digits)
+    follower.wait_s = 0.2
+    worker.forget(worker.active_ids()[:2], checkpoint_dir=tmp_path / "ck")
+    assert not follower.poll()  # prepared, not reported
+    assert follower._prepared is not None and follower._prepared.version == 1
+    assert not follower._serve_prepared(served, 0)  # the worker reported only version 0
+    assert served.version == 0 and follower._prepared is not None
+
+    queue.version = 1
+    follower.catch_up(1)  # returns at once: served by this call
+    assert served.version == 1 and follower._prepared is None
+    np.testing.assert_array_equal(np.asarray(served.state.k), np.asarray(worker.state.k))
+    np.testing.assert_allclose(
+        served.predict(ds.x_test[:4]), worker.predict(ds.x_test[:4]), rtol=1e-12, atol=1e-12
+    )
+
+    # Prepared from a step that was then dropped and written again: not served from here.
+    worker.forget(worker.active_ids()[:1], checkpoint_dir=tmp_path / "ck")
+    assert not follower.poll()
+    follower._prepared = dataclasses.replace(follower._prepared, identity=(0, 0, 0))
+    queue.version = 2
+    with pytest.raises(FollowerBehindError):
+        follower.catch_up(2)
+    assert served.version == 1
