@@ -246,6 +246,11 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def http_url(host: str, port: int) -> str:
+    """The base URL of a listening address: ``http://127.0.0.1:8000``, ``http://[::1]:8000``."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
     """Serve ``app`` on the bound ``sock`` with uvicorn until it shuts down.
 
@@ -278,8 +283,7 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:  # uvicorn says nothing of sockets it was handed: say it here
-                host, port = sock.getsockname()[:2]
-                log.info("listening on http://%s:%d (API docs at /docs)", host, port)
+                log.info("listening on %s (API docs at /docs)", http_url(*sock.getsockname()[:2]))
 
     server = Server(config)
     # Everything loaded so far (the model, JAX, the app: ~190,000 objects) lives as long as the

@@ -137,16 +137,23 @@ def test_exact_self_influence_refines_the_page(make_settings, unlearner):
 
 def test_exact_attribution_is_capped_and_one_at_a_time(make_settings, unlearner, probe):
     """exact=true on a cross-entropy model refines at most max_exact_attribution records (the
-    distinct leading 2k per side over every row; more: 422 before any solve), and shares the
+    distinct leading 2k per side over every row; more: 422 before any solve, and before the
+    factorisation when one side of one row is already over it), and shares the
     one-at-a-time lock of exact self-influence (503 with Retry-After while another runs)."""
     from app.api.routes import attribution as route
 
     one = {"x": probe["x"][:1], "y": probe["y"][:1]}
     settings = make_settings(max_exact_attribution=3)
     with TestClient(create_app(settings, unlearner)) as client:
-        r = client.post("/v1/attribute", json={**one, "k": 2, "exact": True}, headers=READ)
+        # k = 2: one side alone has 4 candidates, refused before the factorisation and the lock
+        with route._EXACT_REFINING:
+            r = client.post("/v1/attribute", json={**one, "k": 2, "exact": True}, headers=READ)
         assert r.status_code == 422, r.text
-        assert "would refine" in r.json()["detail"] and "at most 3" in r.json()["detail"]
+        assert "would refine at least 4" in r.text and "at most 3" in r.text
+        # k = 1: top 2 and bottom 2 of one ranking, 4 distinct: refused once they are known
+        r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
+        assert r.status_code == 422, r.text
+        assert "would refine 4 records" in r.text and "at most 3" in r.text
         r = client.post("/v1/attribute", json={**one, "k": 1, "exact": False}, headers=READ)
         assert r.status_code == 200, r.text  # the influence step refines nothing: no limit
         with route._EXACT_REFINING:

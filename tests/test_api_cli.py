@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.cli import _settings, _with_tokens, build_parser
@@ -231,3 +232,12 @@ def test_a_niced_process_leading_its_session_gives_the_session_its_nice(own_sess
         assert autogroup != ours  # its own group, not this test's
     else:
         assert returned == "None" and autogroup == ours, out
+
+
+def test_the_listening_line_gives_a_url_a_client_can_use():
+    """IPv6 addresses go in brackets (``http://::1:8000`` is no URL a client takes)."""
+    from app.cli import http_url
+
+    assert http_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert http_url("::1", 18121) == "http://[::1]:18121"
+    assert httpx.URL(http_url("::1", 18121)).host == "::1"

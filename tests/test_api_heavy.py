@@ -185,3 +185,27 @@ def test_a_cancellable_computation_stops_when_its_client_leaves_or_the_server_st
             break
     assert cancel.is_set() and 1 <= len(done) < 40, len(done)
     assert time.monotonic() - started < 5
+
+
+def test_a_client_that_leaves_while_waiting_for_a_thread_ends_the_wait():
+    """With ``cancel``, a request waiting for a thread (both taken, for as long as a cold
+    factorisation lasts) is answered 499 within a look or two of its client leaving, not once
+    a thread frees: what it holds meanwhile (the one exact refinement a process runs at a time)
+    is let go at once. Nothing is computed."""
+    calls: list[str] = []
+
+    async def main():
+        limiter = anyio.CapacityLimiter(1)
+        await limiter.acquire_on_behalf_of("a computation in progress")
+        cancel = threading.Event()
+        started = time.monotonic()
+        with anyio.fail_after(5):  # before: waited for the token for good
+            answer = await heavy.compute(
+                _LeavingRequest(2), limiter, lambda: calls.append("computed"), cancel=cancel
+            )
+        return answer, time.monotonic() - started, cancel.is_set(), limiter.borrowed_tokens
+
+    answer, seconds, cancelled, borrowed = anyio.run(main)
+    assert isinstance(answer, Response) and answer.status_code == heavy.CLIENT_CLOSED_REQUEST
+    assert seconds < 2 and cancelled and calls == []
+    assert borrowed == 1  # only the computation in progress holds a token

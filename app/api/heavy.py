@@ -56,9 +56,10 @@ async def compute(
         such as a nonlinear model's 409 should not queue behind computations).
       draining: the server's shutdown flag: once begun, a request not yet admitted is refused.
       cancel: for a ``work`` that asks ``cancel.is_set()`` between its steps (and raises
-        ``ComputationCancelled``): set while it runs as soon as the client leaves or the
-        shutdown begins (looked at every ``_WATCH_S``), and when this request is cancelled, so
-        that neither a gone client nor a stopping server waits for the rest of its steps.
+        ``ComputationCancelled``): set as soon as the client leaves or the shutdown begins
+        (looked at every ``_WATCH_S``, from the wait for a thread on: a client gone while it
+        waits ends the wait, 499), and when this request is cancelled, so that neither a gone
+        client nor a stopping server waits for the rest of its steps.
 
     Raises:
       HTTPException: 503 with ``Retry-After``, the server shutting down before ``work`` began or
@@ -71,18 +72,27 @@ async def compute(
         draining = Draining()
     if draining.started:
         raise _refuse_draining()
+    watcher = None
     with draining.cancellable() as wait:
+        if cancel is not None:
+            # Watches the client from here on: one that leaves while this request waits for a
+            # thread ends the wait too (what the request holds meanwhile, such as the one exact
+            # refinement a process runs at a time, is let go at once, not after the wait).
+            # A plain task, not a task group: a task group would wrap ``work``'s errors in an
+            # exception group, which the error handlers do not map.
+            watcher = asyncio.ensure_future(_watch(request, draining, cancel, wait))
         await limiter.acquire()
     if wait.cancelled_caught:
-        raise _refuse_draining()
+        if watcher is not None:
+            watcher.cancel()
+        if draining.started:
+            raise _refuse_draining()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     try:
         if await request.is_disconnected():
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if cancel is None:
             return await anyio.to_thread.run_sync(work)
-        # A plain task, not a task group: a task group would wrap ``work``'s errors in an
-        # exception group, which the error handlers do not map.
-        watcher = asyncio.ensure_future(_watch(request, draining, cancel))
         try:
             return await anyio.to_thread.run_sync(work)
         except ComputationCancelled:
@@ -91,18 +101,23 @@ async def compute(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
             cancel.set()  # a forced exit cancels this request: the thread stops at its next step
-            watcher.cancel()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         limiter.release()
 
 
 _WATCH_S = 0.25
 
 
-async def _watch(request: Request, draining: Draining, cancel: threading.Event) -> None:
-    """Set ``cancel`` once the client has gone or the shutdown has begun."""
+async def _watch(
+    request: Request, draining: Draining, cancel: threading.Event, wait: anyio.CancelScope
+) -> None:
+    """Set ``cancel``, and end the wait for a thread (``wait``, if still waiting), once the
+    client has gone or the shutdown has begun."""
     while not cancel.is_set():
         if draining.started or await request.is_disconnected():
             cancel.set()
+            wait.cancel()
             return
         await anyio.sleep(_WATCH_S)
