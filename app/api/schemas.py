@@ -205,9 +205,10 @@ class SolverInfo(BaseModel):
     )
     rounding_floor: float | None = Field(
         None,
-        description="the residual's estimated rounding floor in the model's dtype when the solve stopped on "
-        "stagnation; 0 otherwise. A solve stagnating above its tolerance counts as converged only within "
-        "the slack the operator granted (accept_floor; none by default) and 4 times this floor",
+        description="the residual's estimated rounding floor in the model's dtype: for a CG solve, set when "
+        "it stopped on stagnation (0 otherwise); a Newton refinement always reports its estimate. A solve "
+        "stagnating above its tolerance counts as converged only within the slack the operator granted "
+        "(accept_floor; none by default) and 4 times this floor",
     )
 
 
@@ -296,7 +297,8 @@ class InfluenceSolverInfo(SolverInfo):
     )
     timings: dict[str, float] | None = Field(
         None,
-        description="seconds per part of the deletion: validate, compact, rhs, solve, delta, refine, residual",
+        description="seconds per part of the deletion: validate, compact, rhs, solve, delta, refine, "
+        "residual, checkpoint, log, publish, and the total",
     )
     certificate: Certificate | None = Field(
         None, description="the new version's certificate (null for jobs logged before it existed)"

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..service import Draining
 
 SHUTTING_DOWN = (
-    "this process is shutting down: the request was not computed; retry (another process, or "
+    "this process is shutting down: the request was not completed; retry (another process, or "
     "this one once restarted)"
 )
 RETRY_AFTER_S = "2"
