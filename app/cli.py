@@ -41,6 +41,7 @@ _SERVE_ONLY = {
     "worker",
     "follow_wait_s",
     "follow_preconditioner",
+    "follow_reader_process",
     "predict_batch_wait_ms",
     "max_rows",
     "max_exact_self_influence",

@@ -27,6 +27,7 @@ from .core.config import Settings
 from .deletion_log import DeletionLog
 from .metrics import Metrics, RequestMetrics
 from .queue import JobQueue
+from .reader import CheckpointReader
 from .redis_client import connect_api, connect_worker
 from .service import ModelFollower, ServiceState, deployment_keys, load_model, make_worker
 
@@ -143,6 +144,7 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
             state,
             wait_s=settings.follow_wait_s,
             preconditioner=settings.follow_preconditioner,
+            reader=CheckpointReader() if settings.follow_reader_process else None,
         )
         state.follower.start()
     frozen = _freeze_startup_heap()

@@ -29,6 +29,7 @@ from .faults import crash_point
 from .locking import build_lock
 from .metrics import Metrics
 from .queue import JobQueue
+from .reader import CheckpointReader
 from .receipts import DeploymentKeys, directory_sha256
 from .worker import Worker
 
@@ -365,6 +366,8 @@ class ModelFollower:
       interval_s: seconds between two listings of the checkpoint directory when nothing asks.
       preconditioner: make each followed version's preconditioner (``False``: none after the
         first version followed; solves here then run unpreconditioned).
+      reader: reads each new version's checkpoint in a child process (``app.reader``; started
+        and stopped with the follower); ``None``: in this process.
     """
 
     # Between two polls a request asked for: the newest checkpoint may not be readable at once
@@ -379,8 +382,10 @@ class ModelFollower:
         wait_s: float = 2.0,
         interval_s: float = 0.05,
         preconditioner: bool = True,
+        reader: CheckpointReader | None = None,
     ):
         self.state = state
+        self.reader = reader
         self.wait_s = wait_s
         self.interval_s = interval_s
         self.preconditioner = preconditioner
@@ -412,6 +417,8 @@ class ModelFollower:
             self._served_identity = checkpoint.step_identity(
                 self.state.settings.checkpoint_dir, u.version
             )
+        if self.reader is not None:
+            self.reader.start()
         self._thread.start()
         self._finisher.start()
 
@@ -421,6 +428,8 @@ class ModelFollower:
         self._followed.set()
         self._thread.join(10)
         self._finisher.join(10)
+        if self.reader is not None:
+            self.reader.stop()
         try:  # the worker no longer waits for this process
             self.state.queue.withdraw_follower(self.follower_id)
         except (redis.RedisError, AttributeError):
@@ -598,7 +607,7 @@ class ModelFollower:
             return
         t0 = time.perf_counter()
         identity = checkpoint.step_identity(directory, newest)
-        newer = u.read_newer(directory)
+        newer = u.read_newer(directory, self.reader)
         if (
             newer is None
             or newer.version != newest

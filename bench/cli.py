@@ -14,6 +14,9 @@ Subcommands:
 * ``load``: HTTP load, ``/v1/predict`` with 1 and 100 rows from concurrent clients, alone and
   while forgets run, and the forget enqueue latency, against one ``serve`` or the split deployment
   (``--load-deployment``; ``bench.load``); not part of ``all``;
+* ``follow-read``: how long a follower's checkpoint read keeps the API process's other threads
+  waiting, read in the process or in ``app.reader``'s child, alternated (``bench.follow_read``,
+  its own flags); not part of ``all``;
 * ``attribution``: leave-one-out attribution, LDS, mislabel detection, membership inference and cost
   (``bench.attribution``, issue 14); not part of ``all``;
 * ``all``: ntk, figure1 (digits and mnist), figure4;
@@ -485,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import attribute_stall
 
         return attribute_stall.main(argv[1:])
+    if argv and argv[0] == "follow-read":
+        from . import follow_read
+
+        return follow_read.main(argv[1:])
     if argv and argv[0] == "lambda":
         from . import lambda_sweep
 

@@ -191,6 +191,44 @@ def newest_at_most(directory: Path, max_version: int) -> int | None:
     return None  # unreachable
 
 
+def restore_newer(
+    directory: Path, version: int, before_arrays=None, id_key: bytes = b"", reader=None
+) -> ModelState | None:
+    """``restore`` when the newest complete version is newer than ``version``, else ``None``.
+
+    Arguments:
+      reader: reads the checkpoint as ``read_newer(directory, version)`` does (the default); a
+        follower passes one that reads it in another process (``app.reader``), so that orbax's
+        Python work holds none of this process's GIL.
+    """
+    read = read_newer if reader is None else reader
+    raw = read(directory, version)
+    return None if raw is None else state_from_read(*raw, before_arrays, id_key)
+
+
+def read_newer(
+    directory: Path, version: int, max_version: int | None = None
+) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """The newest complete version under ``directory`` (at most ``max_version`` when given) if it
+    is newer than ``version``, as read from disk: its metadata and its arrays in host memory
+    (numpy), or ``None``. Pure reading (orbax), no JAX array made: a follower may run it in
+    another process and pass its result to ``state_from_read``.
+
+    Raises:
+      FileNotFoundError: the step was pruned while it was read (read again).
+      OSError and orbax errors: the checkpoint could not be read.
+    """
+    step = (
+        latest_version(directory) if max_version is None else newest_at_most(directory, max_version)
+    )
+    if step is None or step <= version:
+        return None
+    with _manager(directory) as mngr:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        out = mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+    return meta, {k: np.asarray(v) for k, v in out["arrays"].items()}
+
+
 def restore(
     directory: Path, before_arrays=None, id_key: bytes = b"", max_version: int | None = None
 ) -> ModelState | None:
@@ -210,17 +248,18 @@ def restore(
       the state with ``k=None`` (see the module docstring), and f* as the saving process computed
       it (``None`` in a checkpoint written without it).
     """
-    step = (
-        latest_version(directory) if max_version is None else newest_at_most(directory, max_version)
-    )
-    if step is None:
-        return None
-    with _manager(directory) as mngr:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if before_arrays is not None:
-            before_arrays(meta)
-        out = mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
-    arrays = {k: jnp.asarray(v) for k, v in out["arrays"].items()}
+    raw = read_newer(directory, -1, max_version)
+    return None if raw is None else state_from_read(*raw, before_arrays, id_key)
+
+
+def state_from_read(
+    meta: dict, arrays: dict[str, np.ndarray], before_arrays=None, id_key: bytes = b""
+) -> ModelState:
+    """The ``ModelState`` (``k=None``) of a checkpoint ``read_newer`` read; ``before_arrays`` and
+    ``id_key`` as in ``restore``."""
+    if before_arrays is not None:
+        before_arrays(meta)
+    arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
     return ModelState(
         version=int(meta["version"]),
         ids=np.array(meta["ids"], dtype=str),
@@ -239,14 +278,3 @@ def restore(
         theta=arrays.pop("theta", None),
         **arrays,
     )
-
-
-def restore_newer(
-    directory: Path, version: int, before_arrays=None, id_key: bytes = b""
-) -> ModelState | None:
-    """``restore`` when the newest complete version is newer than ``version``, else ``None``."""
-    newest = latest_version(directory)
-    if newest is None or newest <= version:
-        return None
-    state = restore(directory, before_arrays, id_key=id_key)
-    return state if state is not None and state.version > version else None

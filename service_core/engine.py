@@ -703,9 +703,10 @@ class Unlearner:
             self.follow(newer, finish)
         return newer is not None
 
-    def read_newer(self, checkpoint_dir: Path) -> ModelState | None:
+    def read_newer(self, checkpoint_dir: Path, reader=None) -> ModelState | None:
         """The newest checkpoint under ``checkpoint_dir`` (without K) if it is newer than the
-        served version, else ``None`` (``checkpoint.restore_newer``).
+        served version, else ``None`` (``checkpoint.restore_newer``, with its ``reader``: how the
+        files are read, e.g. in another process).
 
         Raises:
           FileNotFoundError: the worker pruned the step while it was read (read again).
@@ -716,6 +717,7 @@ class Unlearner:
             self._state.version,
             lambda meta: jax_dtype(lifecycle.held_dtype(meta["meta"])),
             self._state.id_key,
+            reader,
         )
 
     def _retire(self, old: ModelState, new: ModelState) -> None:

@@ -7,6 +7,7 @@ second model on the same data dir and Redis); ``test_api_scale_out`` runs real p
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -294,7 +295,12 @@ def test_the_worker_reports_a_version_once_the_followers_have_prepared_it(
         status = client.get(f"/v1/jobs/{job['job_id']}", headers=READ).json()
         assert status["status"] == "succeeded" and status["model_version"] == 1
         assert "r13" not in client.get("/v1/ids", headers=READ).json()["ids"]
-    # A stopped follower withdraws: no worker waits for it.
+        # version 1 was read by the child process (``serve``'s default), never here
+        assert follower.reader.in_child >= 1 and follower.reader.here == 0
+        reader_pid = follower.reader._child.pid
+    # A stopped follower withdraws: no worker waits for it; its reader process is gone.
+    with pytest.raises(ChildProcessError):
+        os.waitpid(reader_pid, os.WNOHANG)
     assert state.queue.client.zrange(state.queue.followers_key, 0, -1) == []
 
 
@@ -315,3 +321,18 @@ def test_a_follower_that_lost_its_version_answers_nothing_from_it(follower_app, 
         assert r.status_code == 503, r.text
         assert "which ..." in r.text, r.text
     assert "Retry-After" not in r.headers  # /readyz: waiting does not help
+
+
+def test_without_the_reader_process_a_follower_reads_here(make_settings, base_checkpoint, x_probe):
+    """``--no-follow-reader-process``: no child process; versions are still followed."""
+    settings = make_settings(worker=False, follow_wait_s=60, follow_reader_process=False)
+    app = create_app(settings, Unlearner.restore(base_checkpoint))
+    with TestClient(app) as client:
+        assert app.state.service.follower.reader is None
+        model, worker = _other_worker(client, base_checkpoint)
+        worker.recover()
+        client.post("/v1/forget", json={"ids": ["r14"]}, headers=WRITE)
+        worker.run_once()
+        out = client.post("/v1/predict", json={"x": x_probe}, headers=READ).json()
+        assert out["model_version"] == 1
+        np.testing.assert_allclose(out["outputs"], model.predict(np.asarray(x_probe)), rtol=1e-10)

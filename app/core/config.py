@@ -205,6 +205,14 @@ class Settings(BaseSettings):
         "one made at start) and this process's influence and attribution solves then run "
         "unpreconditioned (same answers, more CG iterations)",
     )
+    follow_reader_process: bool = Field(
+        True,
+        description="'serve --no-worker': read each new version's checkpoint in a child process "
+        "(one, started with this one; about 0.2 GB of its own memory) instead of in this one, where "
+        "the reading library's Python work kept the requests waiting for the interpreter lock (up "
+        "to 19 ms at a stretch); "
+        "if the child fails, a read is made here",
+    )
     predict_batch_wait_ms: float = Field(
         1.0,
         ge=0,

@@ -1,0 +1,179 @@
+"""``app.reader.CheckpointReader``: a follower's checkpoint reads made in a child process give
+exactly what a read in this process gives, and every failure of the child (death mid-read, no
+answer, garbage, no start) ends in the same answer read here, never in a lost or wrong version."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.reader import CheckpointReader
+from service_core import ModelConfig, SolverConfig, TrainConfig, Unlearner, checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _assert_same_read(a, b) -> None:
+    assert a is not None and b is not None
+    (meta_a, arrays_a), (meta_b, arrays_b) = a, b
+    assert meta_a == meta_b
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name in arrays_a:
+        assert arrays_a[name].dtype == arrays_b[name].dtype, name
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def float64_checkpoints(tmp_path_factory, digits) -> Path:
+    """Versions 0 and 1 (two ids forgotten) of a small float64 model: a float64 checkpoint must
+    come back float64 from a child that never enabled JAX's float64."""
+    directory = tmp_path_factory.mktemp("reader") / "ck"
+    u = Unlearner.build(
+        digits.subset(slice(0, 60)),
+        ModelConfig(kind="mlp", width=16),
+        TrainConfig(loss="ce", dtype="float64"),
+        SolverConfig(),
+        progress=False,
+    )
+    u.save(directory)
+    u.forget(u.active_ids()[:2], checkpoint_dir=directory)
+    return directory
+
+
+def test_a_read_in_the_child_equals_a_read_here(float64_checkpoints):
+    reader = CheckpointReader()
+    try:
+        child = reader(float64_checkpoints, 0)
+        here = checkpoint.read_newer(float64_checkpoints, 0)
+        assert (reader.in_child, reader.here) == (1, 0)
+        _assert_same_read(child, here)
+        assert child[0]["version"] == 1 and child[1]["alpha"].dtype == np.float64
+        assert reader(float64_checkpoints, 1) is None  # nothing newer than version 1
+        assert (reader.in_child, reader.here) == (2, 0)
+        # and the version a follower makes of it is the one read here, array for array
+        follower = Unlearner.restore(float64_checkpoints, max_version=0, progress=False)
+        assert follower.version == 0
+        via_child = follower.read_newer(float64_checkpoints, reader)
+        via_here = follower.read_newer(float64_checkpoints)
+        assert via_child.version == via_here.version == 1
+        assert list(via_child.ids) == list(via_here.ids)
+        assert via_child.forgotten == via_here.forgotten
+        for name in ("x", "y", "f0", "alpha", "theta", "f_star"):
+            a, b = getattr(via_child, name), getattr(via_here, name)
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        pid = reader._child.pid
+    finally:
+        reader.stop()
+    assert reader._child is None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: the child is gone
+
+
+@pytest.mark.parametrize(
+    "program, timeout_s",
+    [
+        ("import sys; sys.stdin.buffer.read(8)", 30.0),  # dies mid-read
+        ("import time; time.sleep(60)", 0.5),  # never answers
+        (
+            "import sys; sys.stdin.buffer.read(8); "
+            "sys.stdout.buffer.write((5).to_bytes(8, 'big') + b'xxxxx'); sys.stdout.flush(); "
+            "import time; time.sleep(60)",
+            30.0,
+        ),  # garbage
+    ],
+    ids=["dies", "hangs", "garbage"],
+)
+def test_a_failing_child_costs_a_read_here_and_is_replaced(
+    float64_checkpoints, program, timeout_s, caplog
+):
+    reader = CheckpointReader(timeout_s=timeout_s, command=[sys.executable, "-c", program])
+    try:
+        reader.start()
+        first = reader._child
+        started = time.monotonic()
+        got = reader(float64_checkpoints, 0)
+        assert time.monotonic() - started < timeout_s + 10
+        _assert_same_read(got, checkpoint.read_newer(float64_checkpoints, 0))
+        assert (reader.in_child, reader.here) == (0, 1)
+        assert reader._child is None and first.poll() is not None  # killed, not left behind
+        assert any("reading here" in m for m in caplog.messages)
+        # the next read starts another child (the same failing program: read here again)
+        _assert_same_read(reader(float64_checkpoints, 0), got)
+        assert reader.here == 2
+    finally:
+        reader.stop()
+
+
+def test_an_error_of_the_read_reaches_the_caller_as_here(tmp_path, float64_checkpoints):
+    """A checkpoint that cannot be read raises in the caller what a read here raises."""
+    import shutil
+
+    broken = tmp_path / "ck"
+    shutil.copytree(float64_checkpoints, broken)
+    for path in (broken / "1").rglob("*"):
+        if path.is_file() and "arrays" in path.parts:
+            path.write_bytes(b"not what orbax wrote")
+    with pytest.raises(Exception) as here:
+        checkpoint.read_newer(broken, 0)
+    reader = CheckpointReader()
+    try:
+        with pytest.raises(type(here.value)):
+            reader(broken, 0)
+        assert (reader.in_child, reader.here) == (1, 0)  # the child answered: the error
+    finally:
+        reader.stop()
+
+
+def test_a_child_that_cannot_start_leaves_reads_here(float64_checkpoints, caplog):
+    reader = CheckpointReader(command=["/nonexistent/python"])
+    try:
+        reader.start()
+        _assert_same_read(
+            reader(float64_checkpoints, 0), checkpoint.read_newer(float64_checkpoints, 0)
+        )
+        assert (reader.in_child, reader.here) == (0, 1)
+        assert any("no child process" in m for m in caplog.messages)
+    finally:
+        reader.stop()
+
+
+def test_the_child_ends_with_its_parent_even_killed():
+    """SIGKILL of the API process closes the child's standard input: it exits by itself."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from app.reader import CheckpointReader; r = CheckpointReader(); "
+            "r.start(); print(r._child.pid, flush=True); time.sleep(120)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 60  # it may still be importing JAX
+        while _alive(child):
+            assert time.monotonic() < deadline, "the reader process outlived its parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
