@@ -125,6 +125,9 @@ def run(versions: int, data_dir: Path, log=print) -> dict:
         "versions": versions,
         "reads_in_child": reader.in_child,
         "reads_here_after_child_failure": reader.here,
+        "per_version_ms": {
+            m: {k: [round(x, 2) for x in v] for k, v in r.items()} for m, r in rows.items()
+        },
         "modes": {m: {k: _stats(v) for k, v in r.items() if v} for m, r in rows.items()},
     }
 
