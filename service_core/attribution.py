@@ -62,7 +62,7 @@ import numpy as np
 
 from . import losses
 from .dual import DualProblem
-from .errors import ComputationCancelled, InvalidInputError, SolverError
+from .errors import ComputationCancelled, InvalidInputError, RefinementLimitError, SolverError
 from .influence import Refinement, deletion_step
 from .linalg import SolveOptions
 from .linalg.nogil import one_blas_thread, potrf_lower, trmm_lower, trsm_lower, trtri_lower
@@ -475,6 +475,7 @@ def refined_deltas(
     tol: float,
     max_refine: int,
     cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Exact retraining without each record of ``rows`` alone: the influence step, then Newton on
     the retain risk to relative stationarity ``tol`` (``influence.deletion_step``; docs/maths.md,
@@ -485,6 +486,7 @@ def refined_deltas(
       alpha: α* ``(C, d)``; rows: record rows ``(r,)`` int.
       solver: the linear solves' options; tol, max_refine: Newton's tolerance and step limit.
       cancelled: asked before each record; ``True`` stops with ``ComputationCancelled``.
+      progress: called after each record with (records refined, records in ``rows``).
 
     Returns:
       Δα ``(r, C, d)``: α after retraining without ``rows[j]`` minus α* (its own row −α*_i).
@@ -511,6 +513,8 @@ def refined_deltas(
             )
         retained_alpha = np.asarray(alpha) * np.asarray(problem.mask)[:, None]
         out.append(np.asarray(deletion.alpha) - retained_alpha)  # its own row: −α*_i
+        if progress is not None:
+            progress(len(out), len(rows))
     return np.stack(out) if out else np.zeros((0,) + tuple(np.shape(alpha)))
 
 
@@ -656,6 +660,7 @@ def attribute(
     of: str = "loss",
     max_refinements: int | None = None,
     cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Attribution:
     """The k training records whose removal alone would raise (helpful) and lower (harmful) the
     loss at each test point most (docs/maths.md, Leave-one-out for every record); nothing changes.
@@ -671,11 +676,12 @@ def attribute(
       k: records per side, 1 ≤ k ≤ N; exact, of: as ``Unlearner.attribute``.
       max_refinements: with ``exact`` (cross-entropy), the most records one call may refine (the
         distinct candidates of every row: up to 4k per row, each a Newton retraining); more
-        raise ``InvalidInputError`` before any is refined. ``None``: no limit.
-      cancelled: asked before each refinement (``refined_deltas``).
+        raise ``RefinementLimitError`` before any is refined. ``None``: no limit.
+      cancelled: asked before each refinement; progress: called after each (``refined_deltas``).
 
     Raises:
-      InvalidInputError: k or ``of`` out of range, or more refinements than ``max_refinements``.
+      InvalidInputError: k or ``of`` out of range; ``RefinementLimitError``: more refinements
+        than ``max_refinements``.
       SolverError: the factorisation or a refinement failed.
       ComputationCancelled: ``cancelled()`` returned True before the refinements were done.
     """
@@ -696,11 +702,13 @@ def attribute(
         top, bottom = rank(score, state.active, min(2 * k, state.n))
         rows = np.unique(np.concatenate([top.ravel(), bottom.ravel()]))
         if max_refinements is not None and len(rows) > max_refinements:
-            raise InvalidInputError(
+            raise RefinementLimitError(
                 f"exact=true would refine {len(rows)} records (the distinct leading "
                 f"{min(2 * k, state.n)} per side of {len(x)} row(s), one Newton retraining "
                 f"each); at most {max_refinements} here: lower k, send fewer rows, or leave "
-                "exact false"
+                "exact false",
+                len(rows),
+                max_refinements,
             )
         options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
         delta = refined_deltas(
@@ -711,6 +719,7 @@ def attribute(
             train.resolved_tol(),
             cfg.max_refine,
             cancelled,
+            progress,
         )
         changes = refine_changes(changes, rows, delta, k_tx, state.form, f_t, y, train.loss)
         score = scores(changes, y, of)
@@ -734,6 +743,7 @@ def self_influence(
     exact: bool = False,
     top: int | None = None,
     cancelled: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SelfInfluence:
     """Each active record's own loss after retraining without it minus its loss now, sorted
     descending (exact for squared error; the influence step, or with ``exact`` Newton retraining,
@@ -747,6 +757,7 @@ def self_influence(
       top: how many leading records to refine (1 ≤ top; capped at N).
       cancelled: asked before each refinement; the records refined before it said True stay in
         ``cache`` for the next call.
+      progress: called after each refinement with (records refined, records this call refines).
 
     Returns:
       ``SelfInfluence``; its ``exact_top`` leading records carry exact values (N when exact
@@ -796,6 +807,8 @@ def self_influence(
                 after = losses.value(train.loss, f_star[i : i + 1] + df, state.y[i : i + 1])[0]
                 now = losses.value(train.loss, f_star[i : i + 1], state.y[i : i + 1])[0]
                 known[int(i)] = float(after - now)
+                if progress is not None:
+                    progress(done + 1, len(todo))
         values = np.array(values)
         for i in head:
             values[i] = known[int(i)]

@@ -342,10 +342,11 @@ class Unlearner:
         of: str = "loss",
         max_refinements: int | None = None,
         cancelled: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> attribution.Attribution:
         """The k records whose removal alone would raise (helpful) and lower (harmful) the loss at
         each row of x most (``attribution.attribute``: arguments, shapes, units, errors, the
-        limit ``max_refinements`` and ``cancelled``); x ``(n, *input_shape)``, y labels ``(n,)``
+        limit ``max_refinements``, ``cancelled`` and ``progress``); x ``(n, *input_shape)``, y labels ``(n,)``
         or targets ``(n, d)``. The model does not change."""
         state = self._state
         xt, yt = self._test_points(state, x, y)
@@ -360,6 +361,7 @@ class Unlearner:
             of,
             max_refinements=max_refinements,
             cancelled=cancelled,
+            progress=progress,
         )
 
     def self_influence(
@@ -367,18 +369,20 @@ class Unlearner:
         exact: bool = False,
         top: int | None = None,
         cancelled: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> attribution.SelfInfluence:
         """Each active record's own loss after retraining without it minus its loss now, sorted
         descending (``attribution.self_influence``): ids ``(N,)``, values ``(N,)`` in loss units;
         with ``exact`` (cross-entropy) the ``top`` leading records (all when None) refined to
-        exact retraining and re-sorted; ``cancelled`` is asked before each refinement.
+        exact retraining and re-sorted; ``cancelled`` is asked before each refinement,
+        ``progress`` called after each with (refined, to refine).
 
         Raises:
           InvalidInputError: ``top`` < 1.
           SolverError: the factorisation or a refinement failed.
           ComputationCancelled: ``cancelled()`` returned True before the refinements were done.
         """
-        return attribution.self_influence(self._state, self._loo, exact, top, cancelled)
+        return attribution.self_influence(self._state, self._loo, exact, top, cancelled, progress)
 
     def loo_factor(self) -> attribution.LooFactor:
         """The served version's leave-one-out factor (computed once per version)."""

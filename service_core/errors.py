@@ -13,6 +13,18 @@ class InvalidInputError(UnlearnError):
     """Inputs or targets have the wrong shape, dtype, or non-finite values."""
 
 
+class RefinementLimitError(InvalidInputError):
+    """An exact request would refine more records than the caller allows (``max_refinements``).
+
+    Attributes:
+      count: the records it would refine; limit: the most allowed.
+    """
+
+    def __init__(self, message: str, count: int, limit: int):
+        super().__init__(message)
+        self.count, self.limit = count, limit
+
+
 class InvalidForgetSetError(UnlearnError):
     """A forget set that is empty, has duplicated ids, or would remove every remaining point."""
 

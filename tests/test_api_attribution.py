@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,7 @@ def test_exact_attribution_is_capped_and_one_at_a_time(make_settings, unlearner,
         r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
         assert r.status_code == 422, r.text
         assert "would refine 4 records" in r.text and "at most 3" in r.text
+        assert "at most 3 here (--max-exact-attribution)" in r.json()["detail"]  # the flag
         r = client.post("/v1/attribute", json={**one, "k": 1, "exact": False}, headers=READ)
         assert r.status_code == 200, r.text  # the influence step refines nothing: no limit
         with route._EXACT_REFINING:
@@ -165,6 +168,15 @@ def test_exact_attribution_is_capped_and_one_at_a_time(make_settings, unlearner,
     with TestClient(create_app(make_settings(max_exact_attribution=4), unlearner)) as client:
         r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
         assert r.status_code == 200 and r.json()["exact"] is True, r.text
+
+
+def _exact_request(client: TestClient, probe: dict, path: str):
+    """An exact=true request that refines several records: attribution (k = 3, one row: up to 12)
+    or self-influence (the first 10)."""
+    if path == "attribute":
+        one = {"x": probe["x"][:1], "y": probe["y"][:1], "k": 3, "exact": True}
+        return client.post("/v1/attribute", json=one, headers=READ)
+    return client.get("/v1/self-influence?limit=10&exact=true", headers=READ)
 
 
 @pytest.mark.parametrize("path", ["attribute", "self-influence"])
@@ -189,13 +201,7 @@ def test_exact_refinements_stop_when_the_shutdown_begins(
     app = create_app(make_settings(max_exact_attribution=40), unlearner)
     with TestClient(app) as client:
         client.post("/v1/attribute", json={**probe, "k": 1}, headers=READ)  # factor first
-
-        def ask():
-            if path == "attribute":
-                one = {"x": probe["x"][:1], "y": probe["y"][:1], "k": 3, "exact": True}
-                return client.post("/v1/attribute", json=one, headers=READ)
-            return client.get("/v1/self-influence?limit=10&exact=true", headers=READ)
-
+        ask = partial(_exact_request, client, probe, path)
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(ask)
             assert solving.wait(60)
@@ -205,6 +211,51 @@ def test_exact_refinements_stop_when_the_shutdown_begins(
             r = answer.result(60)
     assert r.status_code == 503 and "shutting down" in r.text and r.headers["Retry-After"]
     assert len(solves) == 1, len(solves)  # of up to 10 (self-influence) or 12 (attribution)
+
+
+@pytest.mark.parametrize("path", ["attribute", "self-influence"])
+def test_a_turned_away_exact_request_is_told_how_long_the_running_one_needs(
+    make_settings, unlearner, probe, monkeypatch, caplog, path
+):
+    """While an exact=true request refines, each refinement is logged with its count, and a
+    second exact request's 503 carries a Retry-After of the first's remaining refinements at its
+    pace so far (it said 2 s whatever was left; a digits request of k = 10 takes minutes)."""
+    from service_core import attribution
+
+    solving, release, calls = threading.Event(), threading.Event(), []
+    real = attribution.deletion_step
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)  # the first refinement takes 1.5 s
+        else:
+            solving.set()
+            assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "deletion_step", slow)
+    caplog.set_level("INFO", logger="app.api.routes.attribution")
+    app = create_app(make_settings(max_exact_attribution=40), unlearner)
+    with TestClient(app) as client:
+        client.post("/v1/attribute", json={**probe, "k": 1}, headers=READ)  # factor first
+        ask = partial(_exact_request, client, probe, path)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(ask)
+            assert solving.wait(60)  # one refinement done, the second running
+            busy = client.get("/v1/self-influence?limit=1&exact=true", headers=READ)
+            release.set()
+            assert first.result(60).status_code == 200
+    total = int(busy.json()["detail"].split("refined 1 of ")[1].split()[0])
+    assert busy.status_code == 503 and total >= 2, busy.text
+    # (total - 1) refinements left at ≥ 1.5 s each, measured: not the flat 2 s
+    wait = int(busy.headers["Retry-After"])
+    assert wait >= math.floor((total - 1) * 1.5), (wait, total)
+    assert f"about {wait} s left" in busy.text
+    what = "exact attribution" if path == "attribute" else "exact self-influence"
+    logged = [m for m in caplog.messages if m.startswith(f"{what}: refined ")]
+    assert logged[0].startswith(f"{what}: refined 1 of {total} record(s)"), logged
+    assert len(logged) == total, logged
 
 
 def test_attribution_limits_and_auth(make_settings, unlearner, probe):

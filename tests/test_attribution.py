@@ -18,6 +18,7 @@ import pytest
 from service_core import (
     InvalidInputError,
     ModelConfig,
+    RefinementLimitError,
     SolverConfig,
     TrainConfig,
     Unlearner,
@@ -384,10 +385,16 @@ def test_exact_refinements_are_capped_and_stop_when_cancelled(digits, monkeypatc
     solves.clear()
     with pytest.raises(
         InvalidInputError, match=f"would refine {needed} records.*at most {needed - 1}"
-    ):
+    ) as refused:
         u.attribute(test.x, test.y, k=2, exact=True, max_refinements=needed - 1)
     assert solves == []  # refused before any solve
-    capped = u.attribute(test.x, test.y, k=2, exact=True, max_refinements=needed)
+    assert isinstance(refused.value, RefinementLimitError)  # the API names its flag from it
+    assert (refused.value.count, refused.value.limit) == (needed, needed - 1)
+    told = []
+    capped = u.attribute(
+        test.x, test.y, k=2, exact=True, max_refinements=needed, progress=lambda *p: told.append(p)
+    )
+    assert told == [(i, needed) for i in range(1, needed + 1)]  # after each refinement
     np.testing.assert_array_equal(capped.helpful_ids, whole.helpful_ids)
     np.testing.assert_array_equal(capped.harmful.delta_loss, whole.harmful.delta_loss)
 

@@ -6,7 +6,10 @@ version (``service_core.attribution``), computed on the first request after a ve
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
+import time
 from functools import partial
 from typing import Annotated
 
@@ -14,7 +17,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from service_core.attribution import RankedRecords
-from service_core.errors import InvalidInputError
+from service_core.errors import InvalidInputError, RefinementLimitError
 from service_core.nonlinear_serving import NonlinearUnlearner
 
 from .. import heavy, schemas
@@ -31,17 +34,74 @@ router = APIRouter(
 # read token cannot queue up minutes of solves; the others are told at once, not after waiting
 # for a thread.
 _EXACT_REFINING = threading.Lock()
+log = logging.getLogger(__name__)
 
 
-def _refine_one_at_a_time() -> None:
-    """Take ``_EXACT_REFINING`` (the caller releases it), or 503 with Retry-After."""
+class _ExactProgress:
+    """How far the exact request holding ``_EXACT_REFINING`` is: logged after each refinement
+    (a request of k = 10 takes minutes on digits), and the Retry-After of the requests it turns
+    away (its remaining refinements at its own pace so far). Written by its thread, read by the
+    event loop: single attribute writes."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.started = time.monotonic()
+        self.done = 0
+        self.total: int | None = None  # known once the factorisation has ranked the candidates
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        elapsed = time.monotonic() - self.started
+        log.info(
+            "%s: refined %d of %d record(s) in %.1f s (about %.0f s left)",
+            self.what,
+            done,
+            total,
+            elapsed,
+            self.left_s() or 0.0,
+        )
+
+    def left_s(self) -> float | None:
+        """Seconds its remaining refinements should take at its pace so far (``None``: none done
+        yet, or they are all done and it is answering)."""
+        if not self.done or self.total is None or self.done >= self.total:
+            return None
+        return (self.total - self.done) * (time.monotonic() - self.started) / self.done
+
+
+_RUNNING: _ExactProgress | None = None
+
+
+def _refine_one_at_a_time(what: str) -> _ExactProgress:
+    """Take ``_EXACT_REFINING`` (the caller releases it, with ``_done_refining``) and return the
+    progress callback of this request; or 503 with a Retry-After of the running request's
+    estimated remaining seconds (2 before its first refinement)."""
+    global _RUNNING
     if not _EXACT_REFINING.acquire(blocking=False):
+        running = _RUNNING
+        left = running.left_s() if running is not None else None
+        if left is None:
+            headers, how = RETRY_LATER, ""
+        else:
+            wait = min(3600, max(2, math.ceil(left)))
+            headers = {"Retry-After": str(wait)}
+            how = (
+                f" (it has refined {running.done} of {running.total} records; about {wait} s left)"
+            )
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "another request with exact=true (attribution or self-influence) is running in this "
-            "process: retry when it has finished",
-            headers=RETRY_LATER,
+            f"process{how}: retry when it has finished",
+            headers=headers,
         )
+    _RUNNING = _ExactProgress(what)
+    return _RUNNING
+
+
+def _done_refining() -> None:
+    global _RUNNING
+    _RUNNING = None
+    _EXACT_REFINING.release()
 
 
 def _records(ids: np.ndarray, ranked: RankedRecords, t: int, sign: float, of: str) -> list:
@@ -114,7 +174,7 @@ async def attribute(
                 f"one side); at most {settings.max_exact_attribution} here "
                 "(--max-exact-attribution): lower k, or leave exact false"
             )
-        _refine_one_at_a_time()
+        work = partial(work, progress=_refine_one_at_a_time("exact attribution"))
     try:
         # On the heavy reads' own threads (``app.api.heavy``): however many wait for a cold
         # factorisation, the threads predictions use stay free.
@@ -126,9 +186,15 @@ async def attribute(
             draining=state.draining,
             cancel=cancel,
         )
+    except RefinementLimitError as e:  # the exact count, known after the factorisation
+        message = str(e)
+        named = message.replace(" here:", " here (--max-exact-attribution):", 1)
+        raise InvalidInputError(
+            named if named != message else f"{message} (--max-exact-attribution)"
+        ) from e
     finally:
         if refining:
-            _EXACT_REFINING.release()
+            _done_refining()
     if isinstance(a, Response):
         return a  # the client left while it waited
     results = [
@@ -191,8 +257,10 @@ async def self_influence(
                 f"{settings.max_exact_self_influence} (--max-exact-self-influence): lower offset "
                 "or limit"
             )
-        _refine_one_at_a_time()
-        work = partial(u.self_influence, exact=True, top=top, cancelled=cancel.is_set)
+        progress = _refine_one_at_a_time("exact self-influence")
+        work = partial(
+            u.self_influence, exact=True, top=top, cancelled=cancel.is_set, progress=progress
+        )
     try:
         si = await heavy.compute(
             request,
@@ -204,7 +272,7 @@ async def self_influence(
         )
     finally:
         if refining:
-            _EXACT_REFINING.release()
+            _done_refining()
     if isinstance(si, Response):
         return si  # the client left while it waited
     page = slice(offset, offset + limit)
