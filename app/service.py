@@ -426,10 +426,10 @@ class ModelFollower:
         self._stop.set()
         self._wake.set()
         self._followed.set()
+        if self.reader is not None:  # first: a read waiting for the child returns at once
+            self.reader.stop()
         self._thread.join(10)
         self._finisher.join(10)
-        if self.reader is not None:
-            self.reader.stop()
         try:  # the worker no longer waits for this process
             self.state.queue.withdraw_follower(self.follower_id)
         except (redis.RedisError, AttributeError):

@@ -87,7 +87,8 @@ def run(versions: int, data_dir: Path, log=print) -> dict:
     follower.after_follow(preconditioner=False)
     reader = CheckpointReader()
     reader.start()
-    reader(settings.checkpoint_dir, follower.version)  # the child's imports, before timing
+    if not reader.ready(wait_s=120):  # the child's imports, before timing
+        raise SystemExit("the checkpoint reader process did not start")
     monitor = _Monitor()
     gc.collect()
     gc.freeze()  # as ``serve`` does after its start-up

@@ -282,6 +282,7 @@ def test_the_worker_reports_a_version_once_the_followers_have_prepared_it(
         ):
             assert time.monotonic() < deadline, "the follower never announced itself"
             time.sleep(0.05)
+        assert follower.reader.ready(wait_s=120)  # reads before it are made here
         _, worker = _other_worker(client, base_checkpoint)
         assert worker.report_wait_s == 30
         worker.recover()

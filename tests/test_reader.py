@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def float64_checkpoints(tmp_path_factory, digits) -> Path:
 def test_a_read_in_the_child_equals_a_read_here(float64_checkpoints):
     reader = CheckpointReader()
     try:
+        assert reader.ready(wait_s=120)  # its imports done: the reads below go to the child
         child = reader(float64_checkpoints, 0)
         here = checkpoint.read_newer(float64_checkpoints, 0)
         assert (reader.in_child, reader.here) == (1, 0)
@@ -77,37 +79,114 @@ def test_a_read_in_the_child_equals_a_read_here(float64_checkpoints):
         os.waitpid(pid, os.WNOHANG)  # reaped: the child is gone
 
 
+# What a child sends first (``app.reader.READY``), for the misbehaving ones below
+_SAY_READY = (
+    "import pickle, sys; m = pickle.dumps((True, 'ready')); "
+    "sys.stdout.buffer.write(len(m).to_bytes(8, 'big') + m); sys.stdout.flush(); "
+)
+
+
 @pytest.mark.parametrize(
     "program, timeout_s",
     [
-        ("import sys; sys.stdin.buffer.read(8)", 30.0),  # dies mid-read
-        ("import time; time.sleep(60)", 0.5),  # never answers
+        (_SAY_READY + "sys.stdin.buffer.read(8)", 30.0),  # dies mid-read
+        (_SAY_READY + "import time; time.sleep(60)", 0.5),  # never answers
         (
-            "import sys; sys.stdin.buffer.read(8); "
+            _SAY_READY + "sys.stdin.buffer.read(8); "
             "sys.stdout.buffer.write((5).to_bytes(8, 'big') + b'xxxxx'); sys.stdout.flush(); "
             "import time; time.sleep(60)",
             30.0,
         ),  # garbage
+        ("import time; time.sleep(1); print('not a reader', flush=True); time.sleep(60)", 30.0),
     ],
-    ids=["dies", "hangs", "garbage"],
+    ids=["dies", "hangs", "garbage", "not-a-reader"],
 )
-def test_a_failing_child_costs_a_read_here_and_is_replaced(
+def test_a_failing_child_costs_a_read_here_and_is_replaced_at_once(
     float64_checkpoints, program, timeout_s, caplog
 ):
     reader = CheckpointReader(timeout_s=timeout_s, command=[sys.executable, "-c", program])
     try:
         reader.start()
         first = reader._child
+        time.sleep(1.5)  # it has said what it says first
         started = time.monotonic()
         got = reader(float64_checkpoints, 0)
         assert time.monotonic() - started < timeout_s + 10
         _assert_same_read(got, checkpoint.read_newer(float64_checkpoints, 0))
         assert (reader.in_child, reader.here) == (0, 1)
-        assert reader._child is None and first.poll() is not None  # killed, not left behind
+        assert first.poll() is not None  # killed, not left behind
         assert any("reading here" in m for m in caplog.messages)
-        # the next read starts another child (the same failing program: read here again)
+        # another child was started at once (not at the next read, which would wait for it)
+        assert reader._child is not None and reader._child is not first
+        assert reader._child.poll() is None
         _assert_same_read(reader(float64_checkpoints, 0), got)
         assert reader.here == 2
+    finally:
+        reader.stop()
+
+
+def test_reads_are_made_here_until_the_child_is_ready(float64_checkpoints):
+    """A child still importing (it has not said READY) is not waited for: the read is made here
+    at once, and the child is kept."""
+    program = "import time; time.sleep(60)"
+    reader = CheckpointReader(command=[sys.executable, "-c", program])
+    try:
+        reader.start()
+        child = reader._child
+        started = time.monotonic()
+        _assert_same_read(
+            reader(float64_checkpoints, 0), checkpoint.read_newer(float64_checkpoints, 0)
+        )
+        assert time.monotonic() - started < 10
+        assert (reader.in_child, reader.here) == (0, 1)
+        assert reader._child is child and child.poll() is None
+        assert not reader.ready()
+    finally:
+        reader.stop()
+    assert child.poll() is not None
+
+
+def test_the_timeout_follows_the_child_s_own_pace():
+    """Five times the slowest read so far, within [min, max]; ``max`` before the first read."""
+    reader = CheckpointReader(min_timeout_s=2.0, max_timeout_s=10.0, command=["true"])
+    assert reader.timeout() == 10.0
+    reader._slowest = 0.08
+    assert reader.timeout() == 2.0
+    reader._slowest = 1.0
+    assert reader.timeout() == 5.0
+    reader._slowest = 7.0
+    assert reader.timeout() == 10.0
+    assert CheckpointReader(timeout_s=0.5, command=["true"]).timeout() == 0.5
+
+
+def test_stop_ends_a_read_waiting_for_a_stuck_child(float64_checkpoints):
+    """``stop`` during a read the child never answers: the read returns ``None`` at once (nothing
+    to serve while stopping), instead of holding the shutdown for the timeout."""
+    program = _SAY_READY + "import time; time.sleep(60)"
+    reader = CheckpointReader(timeout_s=60, command=[sys.executable, "-c", program])
+    reader.start()
+    assert reader.ready(wait_s=30)
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(reader, float64_checkpoints, 0)
+        time.sleep(0.5)
+        started = time.monotonic()
+        reader.stop()
+        assert read.result(10) is None
+    assert time.monotonic() - started < 5
+    assert reader.here == 0
+
+
+def test_the_child_ignores_a_process_group_sigterm(float64_checkpoints):
+    """systemd stops a service by SIGTERM to its whole group: the child must not die before its
+    parent asks (it would cost a read made here during the shutdown)."""
+    reader = CheckpointReader()
+    try:
+        assert reader.ready(wait_s=120)
+        reader._child.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert reader._child.poll() is None
+        assert reader(float64_checkpoints, 0) is not None
+        assert (reader.in_child, reader.here) == (1, 0)
     finally:
         reader.stop()
 
@@ -125,6 +204,7 @@ def test_an_error_of_the_read_reaches_the_caller_as_here(tmp_path, float64_check
         checkpoint.read_newer(broken, 0)
     reader = CheckpointReader()
     try:
+        assert reader.ready(wait_s=120)
         with pytest.raises(type(here.value)):
             reader(broken, 0)
         assert (reader.in_child, reader.here) == (1, 0)  # the child answered: the error
@@ -145,14 +225,16 @@ def test_a_child_that_cannot_start_leaves_reads_here(float64_checkpoints, caplog
         reader.stop()
 
 
-def test_the_child_ends_with_its_parent_even_killed():
-    """SIGKILL of the API process closes the child's standard input: it exits by itself."""
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
+def test_the_child_ends_with_its_parent_even_killed(stopped):
+    """SIGKILL of the API process: the child ends (its standard input closes; and the kernel
+    kills it, ``PR_SET_PDEATHSIG``, even while it is stopped by SIGSTOP)."""
     parent = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import time; from app.reader import CheckpointReader; r = CheckpointReader(); "
-            "r.start(); print(r._child.pid, flush=True); time.sleep(120)",
+            "r.start(); r.ready(wait_s=120); print(r._child.pid, flush=True); time.sleep(120)",
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -160,9 +242,11 @@ def test_the_child_ends_with_its_parent_even_killed():
     )
     try:
         child = int(parent.stdout.readline())
+        if stopped:
+            os.kill(child, signal.SIGSTOP)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        deadline = time.monotonic() + 60  # it may still be importing JAX
+        deadline = time.monotonic() + 30
         while _alive(child):
             assert time.monotonic() < deadline, "the reader process outlived its parent"
             time.sleep(0.1)
