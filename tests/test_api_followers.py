@@ -151,7 +151,7 @@ def test_without_redis_the_newest_logged_version_is_the_bar(make_settings, base_
     """With Redis down a follower serves the newest version with a deletion-log record (the
     worker appends it after the checkpoint, before it publishes and reports): a checkpoint without
     one may still be dropped and its version number written again with another batch."""
-    settings = make_settings(worker=False, redis_url="redis://127.0.0.1:1/0", follow_wait_s=0.2)
+    settings = make_settings(worker=False, redis_url="redis://127.0.0.1:1/0", follow_wait_s=30)
     follower_model = Unlearner.restore(base_checkpoint)
     app = create_app(settings, follower_model)
     with TestClient(app) as client:
