@@ -118,6 +118,12 @@ class CheckpointReader:
     def _ensure_child(self) -> subprocess.Popen | None:
         if self._stopped:
             return None
+        if self._child is not None and self._child.poll() is not None:
+            log.warning(
+                "the checkpoint reader process ended (exit status %s); starting another (reads "
+                "are made here until it is ready)",
+                self._child.returncode,
+            )
         if self._child is None or self._child.poll() is not None:
             self._ready, self._told_slow = False, False
             self._started = time.monotonic()

@@ -146,6 +146,26 @@ def test_reads_are_made_here_until_the_child_is_ready(float64_checkpoints):
     assert child.poll() is not None
 
 
+def test_a_child_killed_between_reads_is_logged_and_replaced(float64_checkpoints, caplog):
+    """A child that died while idle (OOM killer, an operator's kill -9): the next read says so in
+    the log, is made here (the new child is still importing) and a new child is started."""
+    reader = CheckpointReader()
+    try:
+        assert reader.ready(wait_s=120)
+        first = reader._child
+        first.kill()
+        first.wait(10)
+        _assert_same_read(
+            reader(float64_checkpoints, 0), checkpoint.read_newer(float64_checkpoints, 0)
+        )
+        assert (reader.in_child, reader.here) == (0, 1)
+        assert any("reader process ended (exit status -9)" in m for m in caplog.messages)
+        assert reader._child is not first and reader.ready(wait_s=120)
+        assert reader(float64_checkpoints, 0) is not None and reader.in_child == 1
+    finally:
+        reader.stop()
+
+
 def test_the_timeout_follows_the_child_s_own_pace():
     """Five times the slowest read so far, within [min, max]; ``max`` before the first read."""
     reader = CheckpointReader(min_timeout_s=2.0, max_timeout_s=10.0, command=["true"])

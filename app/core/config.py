@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     follow_reader_process: bool = Field(
         True,
         description="'serve --no-worker': read each new version's checkpoint in a child process "
-        "(one, started with this one; about 0.2 GB of its own memory) instead of in this one, where "
+        "(one, started once the model is loaded; about 0.25 GB of its own memory) instead of in this one, where "
         "the reading library's Python work kept the requests waiting for the interpreter lock (up "
         "to 19 ms at a stretch); "
         "if the child fails, a read is made here",
