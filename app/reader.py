@@ -160,6 +160,7 @@ class CheckpointReader:
 
         with self._lock:
             child = self._ensure_child()
+            error: BaseException | None = None
             if child is not None:
                 try:
                     if self._is_ready(child):
@@ -170,7 +171,9 @@ class CheckpointReader:
                         self.in_child += 1
                         if ok:
                             return value
-                        raise value
+                        # the read's own error (a pruned step: FileNotFoundError), raised
+                        # outside this ``try``: it is not the child failing
+                        error = value
                 except (ReaderFailed, OSError) as e:
                     _kill(child)
                     self._child = None
@@ -178,6 +181,9 @@ class CheckpointReader:
                         return None  # stopping: no read is wanted any more
                     log.warning("the checkpoint reader process failed (%s); reading here", e)
                     self._ensure_child()  # the next one starts now, not at the next read
+                else:
+                    if error is not None:
+                        raise error
             self.here += 1
         return checkpoint.read_newer(directory, version)
 

@@ -232,6 +232,29 @@ def test_an_error_of_the_read_reaches_the_caller_as_here(tmp_path, float64_check
         reader.stop()
 
 
+def test_a_step_pruned_while_the_child_reads_it_is_raised_not_a_failure(
+    float64_checkpoints, monkeypatch, caplog
+):
+    """FileNotFoundError (the worker pruned the step being read) from the child reaches the
+    caller as it would from a read here; the child is kept (it did not fail)."""
+    program = _SAY_READY + (
+        "sys.stdin.buffer.read(8); m = pickle.dumps((False, FileNotFoundError(2, 'pruned'))); "
+        "sys.stdout.buffer.write(len(m).to_bytes(8, 'big') + m); sys.stdout.flush(); "
+        "import time; time.sleep(60)"
+    )
+    reader = CheckpointReader(command=[sys.executable, "-c", program])
+    try:
+        assert reader.ready(wait_s=30)
+        child = reader._child
+        with pytest.raises(FileNotFoundError):
+            reader(float64_checkpoints, 0)
+        assert reader._child is child and child.poll() is None
+        assert (reader.in_child, reader.here) == (1, 0)
+        assert not any("failed" in m for m in caplog.messages)
+    finally:
+        reader.stop()
+
+
 def test_a_child_that_cannot_start_leaves_reads_here(float64_checkpoints, caplog):
     reader = CheckpointReader(command=["/nonexistent/python"])
     try:
