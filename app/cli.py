@@ -52,6 +52,8 @@ _SERVE_ONLY = {
     "redis_timeout_s",
     "redis_retry_s",
 }
+# Flags that mean nothing to 'serve' (its metrics are on its API port).
+_WORKER_ONLY = {"metrics_port", "metrics_host"}
 # What uvicorn exits with when the app fails to start.
 _STARTUP_FAILURE = 3
 
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and the solver worker")
-    add_settings_flags(serve)
+    add_settings_flags(serve, skip=_WORKER_ONLY)
     worker = sub.add_parser(
         "worker", help="run a solver worker alone, beside 'serve --no-worker' API processes"
     )
@@ -330,6 +332,30 @@ def nice_autogroup(autogroup: Path = Path("/proc/self/autogroup")) -> int | None
     return nice
 
 
+def _check_redis(settings: Settings, who: str) -> None:
+    """Say at once, before the model loads (tens of seconds), when the Redis of REDIS_URL does
+    not answer: not fatal (the worker retries until it does; an API process answers 503 for
+    forgets and ``/readyz`` meanwhile), but a wrong URL should not take a model load to show."""
+    import redis
+
+    from .redis_client import connect_worker
+
+    client = connect_worker(settings.redis_url)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        log.warning(
+            "%s: the Redis of REDIS_URL does not answer (%s: %s); loading the model anyway, "
+            "%s until it does",
+            who,
+            type(e).__name__,
+            e,
+            "the worker retries" if who == "worker" else "forgets and /readyz answer 503",
+        )
+    finally:
+        client.close()
+
+
 def serve(settings: Settings) -> None:
     """Run the API (and, unless ``--no-worker``, the worker) until SIGINT or SIGTERM.
 
@@ -367,6 +393,18 @@ def serve(settings: Settings) -> None:
             if settings.redis_url is None:
                 embedded = held.enter_context(EmbeddedRedis(settings.data_dir / "redis"))
                 settings = settings.model_copy(update={"redis_url": embedded.url})
+                if not settings.worker:
+                    log.warning(
+                        "serve --no-worker without REDIS_URL: this process runs the data dir's "
+                        "private Redis (%s), which no worker reads unless started with "
+                        "REDIS_URL=%s; forgets are accepted and stay queued until then (a "
+                        "'serve' with its worker on this data dir applies them). For API "
+                        "processes beside a worker, set REDIS_URL to the worker's Redis",
+                        settings.data_dir / "redis",
+                        embedded.url,
+                    )
+            else:
+                _check_redis(settings, "serve")
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
         # uvicorn names the address only when it binds the socket itself.
@@ -388,7 +426,10 @@ def worker(settings: Settings) -> None:
     own worker, on the same data dir is refused (one worker per model). API processes started
     with ``serve --no-worker`` take no lock and run beside it.
     """
+    from prometheus_client import start_http_server
+
     from .locking import DataDirInUseError, worker_lock
+    from .metrics import Metrics
     from .queue import JobQueue
     from .redis_client import connect_worker
     from .service import deployment_keys, load_model, make_worker
@@ -405,7 +446,27 @@ def worker(settings: Settings) -> None:
         lock.acquire()
     except DataDirInUseError as e:
         raise SystemExit(f"ntk-unlearn worker: {e}") from None
+    metrics_server = None
     try:
+        loaded: dict[str, Any] = {}
+        metrics = None
+        if settings.metrics_port is not None:
+            metrics = Metrics(lambda: loaded.get("model"), queue=lambda: loaded.get("queue"))
+            try:
+                metrics_server, _ = start_http_server(
+                    settings.metrics_port, settings.metrics_host, registry=metrics.registry
+                )
+            except OSError as e:
+                raise SystemExit(
+                    f"ntk-unlearn worker: cannot serve metrics on {settings.metrics_host}:"
+                    f"{settings.metrics_port} ({e.strerror or e}): choose another --metrics-port"
+                ) from None
+            log.info(
+                "worker metrics at http://%s:%d/metrics",
+                settings.metrics_host,
+                settings.metrics_port,
+            )
+        _check_redis(settings, "worker")
         # Until the worker runs (and then stops after its batch), a signal ends the build or
         # restore at once.
         _stop_on_signal(lock.release)
@@ -416,7 +477,8 @@ def worker(settings: Settings) -> None:
             settings.job_ttl_s,
             digest=deployment_keys(settings).digest,
         )
-        w = make_worker(settings, u, queue, metrics=None)
+        loaded.update(model=u, queue=queue)
+        w = make_worker(settings, u, queue, metrics=metrics)
 
         def request_stop(signum: int, frame: Any) -> None:
             log.info("signal %d: stopping after the current batch", signum)
@@ -427,6 +489,8 @@ def worker(settings: Settings) -> None:
         log.info("worker serving model version %d from %s", u.version, settings.data_dir)
         w.run()
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         lock.release()
 
 

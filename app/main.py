@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
         metrics=Metrics(
             lambda: state.unlearner,
             lambda: state.follower is not None and state.follower.lost is not None,
+            lambda: state.queue,
         ),
         batcher=PredictBatcher(settings.predict_batch_wait_ms / 1e3),
     )

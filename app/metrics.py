@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service_core import Unlearner
@@ -23,15 +26,19 @@ class Metrics:
         read it at scrape time, so they are never stale.
       follower_lost: whether this process's follower lost its version (``ModelFollower.lost``),
         read at scrape time too.
+      queue: returns the job queue (``app.queue.JobQueue``), or ``None`` before it is set up;
+        the queue gauges (``QueueCollector``) read Redis at scrape time.
     """
 
     def __init__(
         self,
         model: Callable[[], Unlearner | None],
         follower_lost: Callable[[], bool] = lambda: False,
+        queue: Callable[[], object | None] = lambda: None,
     ):
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(QueueCollector(queue))
         self.requests = Counter(
             "ntk_unlearn_http_requests",
             "HTTP requests by route template, method and status code",
@@ -81,6 +88,55 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class QueueCollector(Collector):
+    """The queue's gauges, read from Redis at each scrape (``JobQueue.status``: one round trip):
+    whether a worker is alive, how many jobs wait and for how long. With the queue not set up
+    or Redis not answering, the three are NaN (and the scrape still answers).
+
+    Arguments:
+      queue: returns the ``JobQueue``, or ``None``.
+    """
+
+    def __init__(self, queue: Callable[[], object | None]):
+        self.queue = queue
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Named without reading Redis: registering the collector must not call it.
+        return iter(self._families(None))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queue = self.queue()
+        status = None
+        if queue is not None:
+            try:
+                status = queue.status()  # type: ignore[attr-defined]
+            except redis.RedisError:
+                pass
+        return iter(self._families(status))
+
+    @staticmethod
+    def _families(status) -> list[GaugeMetricFamily]:
+        nan = float("nan")
+        up = GaugeMetricFamily(
+            "ntk_unlearn_worker_up",
+            "1 when a solver worker renewed its heartbeat in Redis in the last 15 s, 0 when none "
+            "did (forgets are accepted and stay queued), NaN when Redis does not answer",
+            value=nan if status is None else float(status.worker is not None),
+        )
+        jobs = GaugeMetricFamily(
+            "ntk_unlearn_queue_jobs",
+            "Forget and addition jobs queued or running (not finished yet)",
+            value=nan if status is None else float(status.jobs),
+        )
+        oldest = GaugeMetricFamily(
+            "ntk_unlearn_queue_oldest_job_seconds",
+            "Seconds since the oldest job not finished yet was queued (0 when none): how late "
+            "the slowest pending deletion is",
+            value=nan if status is None else status.oldest_s,
+        )
+        return [up, jobs, oldest]
 
 
 class RequestMetrics:

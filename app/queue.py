@@ -57,6 +57,9 @@ from service_core.addition import QueuedIdsError
 
 # A follower's announcement lapses this long after its last one (it renews it every second).
 FOLLOWER_TTL_S = 5.0
+# The worker renews its heartbeat this often; it lapses after three missed renewals.
+WORKER_BEAT_S = 5.0
+WORKER_TTL_S = 15.0
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 JobKind = Literal["forget", "add"]
@@ -85,6 +88,17 @@ for i = 1, #lapsed, 1000 do
   redis.call('HDEL', KEYS[2], unpack(chunk))
 end
 return #lapsed
+"""
+
+# KEYS: stream, worker hash. Returns the jobs queued or running (the stream holds only those:
+# a finished job's entry is deleted), the id of the oldest entry (false: none), Redis's clock
+# (seconds, microseconds) and the worker's heartbeat fields (flat; empty: no live worker).
+_STATUS = """
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local first = false
+if #oldest > 0 then first = oldest[1][1] end
+local now = redis.call('TIME')
+return {redis.call('XLEN', KEYS[1]), first, now[1], now[2], redis.call('HGETALL', KEYS[2])}
 """
 
 _ENQUEUE = """
@@ -184,6 +198,46 @@ def _redis_ms(client: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+@dataclasses.dataclass(frozen=True)
+class QueueStatus:
+    """What the queue holds and whether a worker serves it (``JobQueue.status``).
+
+    Attributes:
+      jobs: jobs queued or running (not finished).
+      oldest_s: seconds since the oldest of them was queued (0.0 when none), Redis's clock.
+      worker: the live worker's consumer name, ``None`` when no worker renewed its heartbeat in
+        the last ``WORKER_TTL_S`` seconds.
+      worker_version: the model version that worker serves.
+      worker_seen_s: seconds since its last heartbeat.
+      worker_busy_s: seconds it has been applying its current batch (``None``: idle).
+    """
+
+    jobs: int
+    oldest_s: float
+    worker: str | None = None
+    worker_version: int | None = None
+    worker_seen_s: float | None = None
+    worker_busy_s: float | None = None
+
+    def describe_worker(self) -> str:
+        """One line for people: whether a worker runs, and what it does."""
+        if self.worker is None:
+            waiting = f" ({self.jobs} job(s) waiting)" if self.jobs else ""
+            return (
+                f"none: no worker renewed its heartbeat in the last {WORKER_TTL_S:.0f} s; "
+                f"forgets are accepted and stay queued until one runs{waiting}"
+            )
+        busy = (
+            f", applying a batch for {self.worker_busy_s:.1f} s"
+            if self.worker_busy_s is not None
+            else ""
+        )
+        return (
+            f"alive: {self.worker}, model version {self.worker_version}, "
+            f"seen {self.worker_seen_s:.1f} s ago{busy}"
+        )
+
+
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -265,11 +319,13 @@ class JobQueue:
         self.version_key = f"{prefix}:version"
         self.followers_key = f"{prefix}:followers"
         self.followers_prepared_key = f"{prefix}:followers-prepared"
+        self.worker_key = f"{prefix}:worker"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
         self._enqueue_add = client.register_script(_ENQUEUE_ADD)
         self._drop_lapsed_script = client.register_script(_DROP_LAPSED)
+        self._status_script = client.register_script(_STATUS)
 
     def job_key(self, job_id: str) -> str:
         """The Redis key of a job record."""
@@ -294,6 +350,30 @@ class JobQueue:
         worker has run on this prefix (within the job TTL)."""
         value = self.client.get(self.version_key)
         return None if value is None else int(value)
+
+    def status(self) -> QueueStatus:
+        """The jobs not finished, the age of the oldest, and the worker's heartbeat: one script,
+        one round trip (no pipeline: the API's guarded client passes only single commands
+        through its circuit breaker). Raises ``redis.RedisError``."""
+        count, first, now_s, now_us, fields = self._status_script(
+            keys=[self.stream, self.worker_key]
+        )
+        now = int(now_s) + int(now_us) / 1e6
+        oldest_s = 0.0
+        if first:
+            oldest_s = max(0.0, now - int(str(first).split("-")[0]) / 1000)
+        h = dict(zip(fields[::2], fields[1::2], strict=True))
+        if "worker" not in h:
+            return QueueStatus(int(count), oldest_s)
+        busy = h.get("busy_since")
+        return QueueStatus(
+            int(count),
+            oldest_s,
+            worker=h["worker"],
+            worker_version=int(h["version"]),
+            worker_seen_s=max(0.0, now - float(h["seen"])),
+            worker_busy_s=max(0.0, now - float(busy)) if busy else None,
+        )
 
     def announce_prepared(self, follower: str, version: int, ttl_s: float = FOLLOWER_TTL_S) -> None:
         """Follower ``follower`` has prepared (or serves) ``version``; live for ``ttl_s`` seconds
@@ -631,6 +711,31 @@ class JobQueue:
             self.client.bgrewriteaof()
         except redis.ResponseError:
             pass
+
+    def beat(
+        self, worker: str, version: int, busy_since: float | None, ttl_s: float = WORKER_TTL_S
+    ) -> None:
+        """The worker ``worker`` is alive and serves ``version``; applying a batch since
+        ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
+        Times are Redis's clock where it matters: ``seen`` is taken from it, ``busy_since`` is
+        moved onto it (this host's clock minus Redis's, measured now). Raises
+        ``redis.RedisError``."""
+        now_s, now_us = self.client.time()
+        now = int(now_s) + int(now_us) / 1e6
+        fields = {"worker": worker, "version": int(version), "seen": f"{now:.3f}"}
+        if busy_since is not None:
+            fields["busy_since"] = f"{now - (time.time() - busy_since):.3f}"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.worker_key)
+        pipe.hset(self.worker_key, mapping=fields)
+        pipe.pexpire(self.worker_key, int(ttl_s * 1000))
+        pipe.execute()
+
+    def end_beat(self, worker: str) -> None:
+        """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that
+        started since keeps its). Raises ``redis.RedisError``."""
+        if self.client.hget(self.worker_key, "worker") == worker:
+            self.client.delete(self.worker_key)
 
     def record_n_train(self, n_train: int, version: int | None = None) -> None:
         """Record the active training points of the worker's model, with every finished job

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import threading
@@ -407,6 +408,12 @@ class ModelFollower:
         # this process no longer answers, once it found the worker dropped that version.
         self._served_identity: tuple[int, int, int] | None = None
         self.lost: str | None = None
+        # Since when (monotonic) this process has been seen serving a version older than the
+        # one required (by any call of required_version), and for which; the follower thread's
+        # last failure to load a checkpoint (cleared by a round that failed in nothing).
+        self._behind: tuple[int, float] | None = None
+        self._last_error: str | None = None
+        self._logged_error_at = -math.inf
         self._finisher = threading.Thread(
             target=self._finish, name="model-follower-after", daemon=True
         )
@@ -460,9 +467,41 @@ class ModelFollower:
         or, when Redis does not answer, ``committed_version()``. ``None``: nothing reported or
         saved yet."""
         try:
-            return self.state.queue.reported_version()
+            wanted = self.state.queue.reported_version()
         except redis.RedisError:
-            return self.committed_version()
+            wanted = self.committed_version()
+        self._note_behind(wanted)
+        return wanted
+
+    def _note_behind(self, wanted: int | None) -> None:
+        """Start (or end) the clock of this process being behind ``wanted``."""
+        u = self.state.unlearner
+        if wanted is None or u is None or u.version >= wanted:
+            self._behind = None
+        elif self._behind is None:
+            self._behind = (wanted, time.monotonic())
+
+    def behind(self) -> str | None:
+        """Why this process cannot answer now, for ``/readyz``: it serves a version older than
+        the required one (``required_version``, read now) and has for longer than ``wait_s``,
+        so every model request waits and gets 503. ``None``: it serves the required version,
+        or became behind less than ``wait_s`` ago (a hand-over under way). Reading it also wakes
+        the follower thread."""
+        u = self.state.unlearner
+        wanted = self.required_version()
+        behind = self._behind
+        if u is None or wanted is None or behind is None or u.version >= wanted:
+            return None
+        self._wake.set()
+        seconds = time.monotonic() - behind[1]
+        if seconds <= self.wait_s:
+            return None
+        why = f"; last failure: {self._last_error}" if self._last_error else ""
+        return (
+            f"this API process serves model version {u.version} and has not loaded version "
+            f"{wanted}, which the worker reported, in {seconds:.1f} s (requests get 503 "
+            f"meanwhile){why}"
+        )
 
     def committed_version(self) -> int | None:
         """The newest version the worker can no longer drop: the newest with a deletion-log
@@ -582,6 +621,7 @@ class ModelFollower:
             if not u.serve_prepared(prepared.prepared):
                 return False
             self._served_identity = prepared.identity
+            self._note_behind(reported)
         log.info(
             "following the worker: now serving version %d (prepared in %.2f s, %.2f s before "
             "it was served)",
@@ -678,13 +718,22 @@ class ModelFollower:
                     with self._polled:
                         self._polled.notify_all()
                 self._announce()
+                if self._last_error is not None:
+                    log.info("loading checkpoints again (after: %s)", self._last_error)
+                    self._last_error = None
             except FileNotFoundError as e:
                 # the worker pruned the step being read (after reporting a newer one): read again
                 log.info("the checkpoint being read was pruned (%s); reading the newest again", e)
                 followed = False
-            except Exception:
+            except Exception as e:
                 # The worker may prune the version being read; the next poll finds the newer one.
-                log.warning("could not load the newest checkpoint; retrying", exc_info=True)
+                # The same failure again (every round: 20 a second) is logged every 30 s.
+                why = f"could not load the newest checkpoint ({type(e).__name__}: {e})"
+                now = time.monotonic()
+                if why != self._last_error or now - self._logged_error_at >= 30:
+                    log.warning("%s; retrying", why, exc_info=True)
+                    self._logged_error_at = now
+                self._last_error = why
                 followed = False
             with self._polled:
                 self._polled.notify_all()

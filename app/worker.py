@@ -31,7 +31,7 @@ from service_core import SolverError, Unlearner, UnlearnError
 from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
-from .queue import Entry, Job, JobQueue, utc_now
+from .queue import WORKER_BEAT_S, Entry, Job, JobQueue, utc_now
 from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Worker:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None  # Unix time this batch began; None: idle
 
     # Lifecycle.
 
@@ -110,8 +111,37 @@ class Worker:
         """Recover unacknowledged jobs, then apply new ones until stopped.
 
         Survives Redis outages: it waits, then recovers again, since a batch may have been cut
-        off between applying and acknowledging.
+        off between applying and acknowledging. While it runs, a thread of its own renews its
+        heartbeat in Redis (``JobQueue.beat``) every ``WORKER_BEAT_S`` seconds, during a solve
+        too, and deletes it on the way out.
         """
+        done = threading.Event()
+        beat = threading.Thread(
+            target=self._beat, args=(done,), name="worker-heartbeat", daemon=True
+        )
+        beat.start()
+        try:
+            self._loop()
+        finally:
+            done.set()
+            beat.join(WORKER_BEAT_S)
+
+    def _beat(self, done: threading.Event) -> None:
+        while True:
+            try:
+                self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+            except redis.RedisError:
+                pass  # the loop logs Redis's outages; the heartbeat lapses meanwhile
+            except Exception:
+                log.warning("could not renew the worker's heartbeat", exc_info=True)
+            if done.wait(WORKER_BEAT_S):
+                break
+        try:
+            self.queue.end_beat(self.consumer)
+        except redis.RedisError:
+            pass  # it lapses by itself
+
+    def _loop(self) -> None:
         recovered = False
         while not self._stop.is_set():
             try:
@@ -163,6 +193,13 @@ class Worker:
     def process(self, entries: list[Entry]) -> None:
         """Apply the jobs of ``entries``: each run of consecutive jobs of one kind (forgets, or
         additions) as one version with one solve, in stream order."""
+        self._busy_since = time.time()
+        try:
+            self._process(entries)
+        finally:
+            self._busy_since = None
+
+    def _process(self, entries: list[Entry]) -> None:
         u = self.unlearner
         outcomes: list[tuple[Entry, dict[str, Any]]] = []
         todo: list[Entry] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import threading
 import time
 import weakref
@@ -408,7 +409,45 @@ def test_idempotency_key_returns_the_same_job(client, wait_for_job):
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "model_version": 0}
+    body = client.get("/readyz").json()
+    assert (body["status"], body["model_version"]) == ("ready", 0)
+    # the worker of this process renews its heartbeat from its start
+    deadline = time.monotonic() + 30
+    while not body["worker"].startswith("alive:") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        body = client.get("/readyz").json()
+    assert body["worker"].startswith("alive: ") and "model version 0" in body["worker"], body
+
+
+def test_readiness_and_metrics_say_when_no_worker_runs(make_settings, unlearner):
+    """An API process alone (no worker anywhere): ready (it answers reads), but /readyz and the
+    queue gauges say that forgets stay queued, and for how long the oldest has waited."""
+    settings = make_settings(worker=False)
+    with TestClient(create_app(settings, unlearner)) as client:
+        body = client.get("/readyz").json()
+        assert body["status"] == "ready" and body["worker"].startswith("none:"), body
+        assert _gauge(client, "ntk_unlearn_worker_up") == 0
+        assert _gauge(client, "ntk_unlearn_queue_jobs") == 0
+        assert _gauge(client, "ntk_unlearn_queue_oldest_job_seconds") == 0
+        _forget(client, ["r01"])
+        time.sleep(0.2)
+        _forget(client, ["r02"])
+        assert "2 job(s) waiting" in client.get("/readyz").json()["worker"]
+        assert _gauge(client, "ntk_unlearn_queue_jobs") == 2
+        assert 0.2 <= _gauge(client, "ntk_unlearn_queue_oldest_job_seconds") < 30
+        # a worker appears (its heartbeat: as a worker process's would be)
+        queue = client.app.state.service.queue
+        queue.beat("elsewhere-7", 0, busy_since=None)
+        assert _gauge(client, "ntk_unlearn_worker_up") == 1
+        assert client.get("/readyz").json()["worker"].startswith("alive: elsewhere-7")
+
+
+def _gauge(client: TestClient, name: str) -> float:
+    """A gauge's value from this app's /metrics (the Prometheus text format, no labels)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
@@ -430,7 +469,8 @@ def test_unreachable_redis_is_503_not_500(make_settings, unlearner):
     with TestClient(create_app(settings, unlearner)) as client:
         r = client.get("/readyz")
         assert r.status_code == 503
-        assert "Redis" in r.json()["detail"]
+        assert "Redis" in r.json()["detail"] and r.json()["worker"] == "unknown"
+        assert math.isnan(_gauge(client, "ntk_unlearn_worker_up"))
         r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
         assert r.status_code == 503
         assert "Redis" in r.json()["detail"]

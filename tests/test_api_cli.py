@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import _settings, _with_tokens, build_parser
+from app.cli import _WORKER_ONLY, _settings, _with_tokens, build_parser
 from app.core.config import Settings
 
 
@@ -36,8 +36,14 @@ def test_every_setting_is_a_flag(capsys):
         build_parser().parse_args(["serve", "--help"])
     text = capsys.readouterr().out
     for name in Settings.model_fields:
-        assert "--" + name.replace("_", "-") in text
+        if name not in _WORKER_ONLY:
+            assert "--" + name.replace("_", "-") in text
     assert "--no-refine" in text and "--no-worker" in text
+    assert "--metrics-port" not in text  # serve's metrics are on its API port
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--help"])
+    text = capsys.readouterr().out
+    assert "--metrics-port" in text and "--metrics-host" in text and "--api-token" not in text
 
 
 def test_invalid_settings_exit_with_a_message():
@@ -48,6 +54,15 @@ def test_invalid_settings_exit_with_a_message():
         parse("serve", "--model", "resnet")
     with pytest.raises(SystemExit, match="--params and --trainable apply to your own network"):
         parse("serve", "--model", "mlp", "--trainable", "head")
+
+
+def test_a_redis_url_that_is_no_redis_url_fails_at_once(monkeypatch):
+    """Caught with the settings (one line), not after the model has loaded."""
+    monkeypatch.setenv("REDIS_URL", "localhost:6379")
+    with pytest.raises(SystemExit, match="REDIS_URL must start with redis://"):
+        parse("worker")
+    monkeypatch.setenv("REDIS_URL", "unix:///run/redis.sock")
+    assert parse("worker").redis_url == "unix:///run/redis.sock"
 
 
 def test_write_token_is_generated_once_with_mode_0600(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ second model on the same data dir and Redis); ``test_api_scale_out`` runs real p
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -134,6 +135,55 @@ def test_a_process_that_cannot_follow_in_time_answers_503(make_settings, base_ch
         assert "r01" not in queue.pending_ids()
         queue.client.set(queue.version_key, 0)
         assert client.get("/v1/ids", headers=READ).status_code == 200
+
+
+def test_readiness_says_when_a_follower_cannot_follow(
+    make_settings, base_checkpoint, monkeypatch, caplog
+):
+    """A follower that cannot load the reported version: /readyz stays 200 for the first
+    follow_wait_s (a hand-over), then 503 naming both versions and the last failure; 200 again
+    once it serves the version. The same failure, met every round (20 a second), is logged
+    once, not every round."""
+    caplog.set_level(logging.INFO, logger="app.service")
+    settings = make_settings(worker=False, follow_wait_s=0.5)
+    app = create_app(settings, Unlearner.restore(base_checkpoint))
+    with TestClient(app) as client:
+        state = app.state.service
+        model, worker = _other_worker(client, base_checkpoint)
+        worker.recover()
+        real_read = Unlearner.read_newer
+        failing = {"on": True}
+
+        def read_newer(self, directory, reader=None):
+            if failing["on"]:
+                raise OSError(13, "Permission denied", str(directory))
+            return real_read(self, directory, reader)
+
+        monkeypatch.setattr(Unlearner, "read_newer", read_newer)
+        client.post("/v1/forget", json={"ids": ["r04"]}, headers=WRITE)
+        worker.run_once()
+        assert state.queue.reported_version() == 1 and state.unlearner.version == 0
+        first = client.get("/readyz")
+        assert first.status_code == 200, first.text  # behind for less than follow_wait_s
+        deadline = time.monotonic() + 30
+        r = first
+        while r.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            r = client.get("/readyz")
+        assert r.status_code == 503, r.text
+        detail = r.json()["detail"]
+        assert "serves model version 0" in detail and "version 1" in detail, detail
+        assert "Permission denied" in detail, detail
+        assert int(r.headers["Retry-After"]) >= 1
+        failing["on"] = False
+        deadline = time.monotonic() + 30
+        while r.status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            r = client.get("/readyz")
+        assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+    failures = [m for m in caplog.messages if m.startswith("could not load the newest checkpoint")]
+    assert len(failures) == 1, failures
+    assert any(m.startswith("loading checkpoints again (after: could not") for m in caplog.messages)
 
 
 def _logged(version: int) -> dict:

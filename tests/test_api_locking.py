@@ -223,3 +223,86 @@ def test_api_processes_without_worker_run_beside_a_worker(serve_settings, redis_
         with pytest.raises(SystemExit, match="one solver worker per model"):
             cli.worker(settings)
     assert len(ran) == 2
+
+
+def test_serve_no_worker_without_redis_url_says_no_worker_reads_its_redis(
+    serve_settings, monkeypatch, caplog
+):
+    """Allowed (a later 'serve' with its worker applies the queued forgets), but said at start."""
+    ran: list[Settings] = []
+    monkeypatch.setattr(cli, "_run_http", lambda app, sock, settings: ran.append(settings))
+    with caplog.at_level("WARNING", logger="ntk_unlearn"):
+        cli.serve(serve_settings(worker=False))
+    assert len(ran) == 1
+    warned = [m for m in caplog.messages if m.startswith("serve --no-worker without REDIS_URL")]
+    assert len(warned) == 1 and "stay queued" in warned[0] and ran[0].redis_url in warned[0]
+
+
+def test_a_redis_that_does_not_answer_is_said_before_the_model_loads(
+    serve_settings, monkeypatch, caplog
+):
+    """Not fatal (the worker retries), but said at once, not after the model load."""
+    from app import service
+
+    def load_model(settings, role="api"):
+        raise SystemExit("stopped at the model load")
+
+    monkeypatch.setattr(service, "load_model", load_model)
+    settings = serve_settings(redis_url="redis://127.0.0.1:1/0")
+    for run, who in ((cli.worker, "worker"), (cli.serve, "serve")):
+        caplog.clear()
+        if who == "serve":
+            settings = settings.model_copy(update={"worker": False})
+        with caplog.at_level("WARNING", logger="ntk_unlearn"):
+            with pytest.raises(SystemExit, match="stopped at the model load"):
+                run(settings)
+        warned = [m for m in caplog.messages if "the Redis of REDIS_URL does not answer" in m]
+        assert len(warned) == 1 and warned[0].startswith(f"{who}:"), caplog.messages
+        assert "127.0.0.1:1" in warned[0]
+
+
+def test_a_worker_serves_its_metrics_on_the_port_given(
+    serve_settings, redis_url, redis_prefix, monkeypatch
+):
+    """`worker --metrics-port`: its job, solve and model metrics and the queue's gauges, on a
+    port of its own (a lone worker has no API port); a taken port fails before the model."""
+    import httpx
+
+    from app import service
+
+    port = _free_port()
+    settings = serve_settings(redis_url=redis_url, metrics_port=port, redis_prefix=redis_prefix)
+    scraped: list[str] = []
+    real_make = service.make_worker
+
+    def make_worker(settings, u, queue, metrics):
+        w = real_make(settings, u, queue, metrics)
+
+        def run() -> None:  # one job, then the metrics as Prometheus would read them
+            queue.ensure_group()
+            w.recover()
+            queue.enqueue(["r01"])
+            w.run_once()
+            scraped.append(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+
+        w.run = run
+        return w
+
+    monkeypatch.setattr(service, "make_worker", make_worker)
+    cli.worker(settings)
+    text = scraped[0]
+    assert 'ntk_unlearn_forget_jobs_total{status="succeeded"} 1.0' in text, text
+    assert "ntk_unlearn_model_version 1.0" in text
+    assert "ntk_unlearn_queue_jobs 0.0" in text and "ntk_unlearn_worker_up " in text
+    with pytest.raises(httpx.TransportError):  # stopped with the worker
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{taken}.*--metrics-port"):
+            cli.worker(settings.model_copy(update={"metrics_port": taken}))
+        assert time.monotonic() - started < 5
+    worker_lock(settings.data_dir, "worker").acquire().release()  # released on the way out

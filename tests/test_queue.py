@@ -412,3 +412,82 @@ def test_a_follower_renewing_while_lapsed_entries_are_dropped_keeps_its_entry(
     assert behind == ["A"]
     assert queue.client.zcard(queue.followers_key) == 1
     assert queue.client.hgetall(queue.followers_prepared_key) == {"A": "5"}
+
+
+def test_status_counts_the_unfinished_jobs_and_the_oldest_ones_age(queue: JobQueue):
+    empty = queue.status()
+    assert (empty.jobs, empty.oldest_s, empty.worker) == (0, 0.0, None)
+    first = queue.enqueue(["r01"])
+    time.sleep(0.3)
+    queue.enqueue(["r02"])
+    status = queue.status()
+    assert status.jobs == 2
+    # the first entry's id carries its time (Redis's clock): at least the 0.3 s slept since
+    assert 0.3 <= status.oldest_s < 30, status
+    assert "none:" in status.describe_worker() and "2 job(s) waiting" in status.describe_worker()
+    # a delivered but unfinished job still counts; a finished one does not
+    entries = queue.read("c", 0, 1)
+    assert status.jobs == queue.status().jobs == 2
+    queue.finish([(entries[0], {"status": "succeeded"})])
+    after = queue.status()
+    assert after.jobs == 1 and after.oldest_s < status.oldest_s
+    assert entries[0].job is not None and entries[0].job.job_id == first.job_id
+
+
+def test_the_worker_heartbeat_lapses_and_ends_with_its_worker(queue: JobQueue):
+    queue.beat("w-1", 3, busy_since=None, ttl_s=0.5)
+    status = queue.status()
+    assert (status.worker, status.worker_version, status.worker_busy_s) == ("w-1", 3, None)
+    assert 0 <= status.worker_seen_s < 0.5
+    assert status.describe_worker().startswith("alive: w-1, model version 3")
+    time.sleep(0.7)
+    assert queue.status().worker is None  # not renewed: lapsed
+    # busy since 2 s ago by this host's clock: about 2 s by Redis's (same host here)
+    queue.beat("w-1", 4, busy_since=time.time() - 2.0)
+    busy = queue.status()
+    assert busy.worker_version == 4 and 1.9 <= busy.worker_busy_s < 3, busy
+    assert "applying a batch for" in busy.describe_worker()
+    queue.end_beat("someone-else")  # another worker's end leaves this one's heartbeat
+    assert queue.status().worker == "w-1"
+    queue.end_beat("w-1")
+    assert queue.status().worker is None
+
+
+def test_a_running_worker_beats_while_it_runs_and_not_after(
+    queue: JobQueue, worker_for, unlearner: Unlearner, monkeypatch
+):
+    worker = worker_for(unlearner)
+    queue.enqueue(["r05"])
+    solving = threading.Event()
+    release = threading.Event()
+    forget = unlearner.forget
+
+    def slow_forget(*args, **kwargs):
+        solving.set()
+        release.wait(30)
+        return forget(*args, **kwargs)
+
+    monkeypatch.setattr(unlearner, "forget", slow_forget)
+    monkeypatch.setattr("app.worker.WORKER_BEAT_S", 0.1)
+    worker.start()
+    try:
+        assert solving.wait(60)
+        deadline = time.monotonic() + 10
+        status = queue.status()
+        while status.worker_busy_s is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = queue.status()
+        # during the solve: alive, busy, the job still counted
+        assert status.worker == worker.consumer and status.worker_version == 0
+        assert status.worker_busy_s is not None and status.jobs == 1
+        release.set()
+        deadline = time.monotonic() + 60
+        while queue.status().jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a renewal or more after the batch
+        status = queue.status()
+        assert status.jobs == 0 and status.worker_version == 1 and status.worker_busy_s is None
+    finally:
+        release.set()
+        worker.stop()
+    assert queue.status().worker is None  # stopped: its heartbeat deleted, not left to lapse

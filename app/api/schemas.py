@@ -479,9 +479,18 @@ class ModelInfo(BaseModel):
     )
 
 
+_WORKER = Field(
+    description="whether a solver worker runs on this model's queue: 'alive: <name>, model "
+    "version <v>, seen <s> s ago[, applying a batch for <s> s]', 'none: ...' (forgets are "
+    "accepted and stay queued until one runs), or 'unknown' (the queue does not answer). "
+    "Informational: this process answers reads without a worker, so it does not decide readiness"
+)
+
+
 class Readiness(BaseModel):
     status: Literal["ready"]
     model_version: int
+    worker: str = _WORKER
 
 
 class NotReady(ErrorOut):
@@ -489,6 +498,7 @@ class NotReady(ErrorOut):
     queue: str = Field(
         description="'ok', or why the job queue is not: 'not set up yet', 'unreachable (...)'"
     )
+    worker: str = _WORKER
 
 
 class AttributeRequest(_Body):

@@ -259,6 +259,17 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "NTK_UNLEARN_REDIS_URL", "redis_url"),
         description="Redis to share (env REDIS_URL); unset: 'serve' runs a private one",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="'worker': serve its Prometheus metrics (jobs, solves, model, queue) at "
+        "http://METRICS_HOST:METRICS_PORT/metrics ('serve' has /metrics on its API port); unset: "
+        "none",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="'worker': address the metrics port listens on"
+    )
     redis_prefix: str = Field(
         "ntk-unlearn", min_length=1, description="key prefix of every Redis key of this model"
     )
@@ -279,6 +290,16 @@ class Settings(BaseSettings):
     def _cifar_targets(self) -> dict:
         # Squared error on two classes: one output with ±1 targets, as the paper does.
         return {"binary_pm1": True} if self.loss == "mse" else {}
+
+    @model_validator(mode="after")
+    def _redis_url_is_a_redis_url(self) -> Settings:
+        schemes = ("redis://", "rediss://", "unix://")
+        if self.redis_url is not None and not self.redis_url.startswith(schemes):
+            raise ValueError(
+                "REDIS_URL must start with redis://, rediss:// or unix:// "
+                "(e.g. redis://127.0.0.1:6379/0)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _n_train_applies(self) -> Settings:

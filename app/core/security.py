@@ -48,6 +48,13 @@ class Denied:
     headers: dict[str, str] | None = None
 
 
+# Where an operator may have put the write token: said in full, since the caller cannot know.
+_WRITE_TOKEN_SOURCES = (
+    "the service's --api-token or --api-token-file, or NTK_UNLEARN_API_TOKEN or "
+    "NTK_UNLEARN_API_TOKEN_FILE; without any, the one generated in its data dir's api_token file"
+)
+
+
 def _unauthorized(message: str, error: str | None = None) -> Denied:
     """401 with the challenge RFC 6750 asks for (``error="invalid_token"`` for a bad token)."""
     challenge = "Bearer" if error is None else f'Bearer error="{error}"'
@@ -89,10 +96,12 @@ def check_access(
             return None
         return Denied(
             403,
-            "this bearer token has no write rights: deletion needs the write token (--api-token)",
+            "this bearer token has no write rights: deletion needs the write token "
+            f"({_WRITE_TOKEN_SOURCES})",
         )
     return _unauthorized(
         "invalid token: the bearer token is not a token of this service; send the write token "
-        "(--api-token) or the read token (--read-token)",
+        f"({_WRITE_TOKEN_SOURCES}) or the read token (the service's --read-token or "
+        "--read-token-file, or NTK_UNLEARN_READ_TOKEN or NTK_UNLEARN_READ_TOKEN_FILE)",
         error="invalid_token",
     )

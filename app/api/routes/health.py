@@ -26,8 +26,9 @@ def healthz() -> dict[str, str]:
 _NOT_READY = {
     503: {
         "model": NotReady,
-        "description": "not ready: the model is not loaded, or the queue (Redis) does not "
-        "answer; the body says which, and why",
+        "description": "not ready: the model is not loaded, the queue (Redis) does not answer, "
+        "or (an API process without a worker) this process cannot load the version the worker "
+        "reported; the body says which, and why",
     }
 }
 
@@ -35,20 +36,28 @@ _NOT_READY = {
 @router.head("/readyz", response_model=Readiness, responses=_NOT_READY, summary="Readyz (HEAD)")
 @router.get("/readyz", response_model=Readiness, responses=_NOT_READY)
 def readyz(state: StateDep) -> Readiness | JSONResponse:
-    """Readiness: the model is loaded and the queue (Redis) answers PING (within the setting
-    redis_timeout_s; after a failure, not tried again for redis_retry_s)."""
+    """Readiness: the model is loaded, the queue (Redis) answers (within the setting
+    redis_timeout_s; after a failure, not tried again for redis_retry_s) and, in an API process
+    without a worker, this process serves the newest version the worker reported (or has been
+    behind it for at most follow_wait_s). Says whether a worker runs (``worker``), without
+    deciding readiness by it."""
     model = "loaded" if state.unlearner is not None else "loading"
+    worker = "unknown"
     if state.queue is None:
         queue = "not set up yet"
     else:
         try:
-            state.queue.ping()
+            worker = state.queue.status().describe_worker()
             queue = "ok"
         except redis.RedisError as e:
             queue = f"unreachable ({type(e).__name__}: {e})"
-    lost = state.follower.lost if state.follower is not None else None
-    if model == "loaded" and queue == "ok" and lost is None:
-        return Readiness(status="ready", model_version=state.unlearner.version)
+    follower = state.follower
+    lost = follower.lost if follower is not None else None
+    behind = None
+    if follower is not None and model == "loaded" and lost is None:
+        behind = follower.behind()
+    if model == "loaded" and queue == "ok" and lost is None and behind is None:
+        return Readiness(status="ready", model_version=state.unlearner.version, worker=worker)
     problems = []
     if model != "loaded":
         problems.append("the model is not loaded yet")
@@ -56,7 +65,11 @@ def readyz(state: StateDep) -> Readiness | JSONResponse:
         problems.append(f"the job queue (Redis) is {queue}: check REDIS_URL and that Redis runs")
     if lost is not None:
         problems.append(lost)
-    body = NotReady(detail="not ready: " + "; ".join(problems), model=model, queue=queue)
+    if behind is not None:
+        problems.append(behind)
+    body = NotReady(
+        detail="not ready: " + "; ".join(problems), model=model, queue=queue, worker=worker
+    )
     return JSONResponse(
         body.model_dump(),
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
