@@ -11,11 +11,13 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
 import re
 import signal
 import socket
 import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -340,13 +342,16 @@ def _check_redis(settings: Settings, who: str) -> None:
 
     from .redis_client import connect_worker
 
-    client = connect_worker(settings.redis_url)
+    try:
+        client = connect_worker(settings.redis_url)
+    except ValueError as e:  # a port or database that is no number: nothing to retry
+        raise SystemExit(f"ntk-unlearn {who}: REDIS_URL is not a valid Redis URL ({e})") from None
     try:
         client.ping()
     except redis.RedisError as e:
         log.warning(
-            "%s: the Redis of REDIS_URL does not answer (%s: %s); loading the model anyway, "
-            "%s until it does",
+            "%s: the Redis of REDIS_URL does not answer or refuses this client (%s: %s); "
+            "loading the model anyway, %s until it does",
             who,
             type(e).__name__,
             e,
@@ -354,6 +359,29 @@ def _check_redis(settings: Settings, who: str) -> None:
         )
     finally:
         client.close()
+
+
+def _no_worker_elsewhere(settings: Settings) -> None:
+    """``serve --no-worker`` without REDIS_URL would run a private Redis: refuse when a worker
+    already runs on the data dir (it reads another Redis, and this process's forgets would
+    never reach it).
+
+    Raises:
+      SystemExit: a worker holds the data dir's worker lock (one line naming it).
+    """
+    from .locking import DataDirInUseError, worker_lock
+
+    try:
+        worker_lock(settings.data_dir, "serve --no-worker").acquire().release()
+    except DataDirInUseError as e:
+        data_dir = settings.data_dir.absolute()
+        raise SystemExit(
+            f"ntk-unlearn serve: a solver worker runs on the data directory {data_dir} (pid "
+            f"{e.holder_pid}, 'ntk-unlearn {e.holder_role or '?'}'): set REDIS_URL to the Redis "
+            "it uses (a 'serve' without REDIS_URL logs its private one's socket: 'embedded "
+            "Redis … on SOCKET'; use unix://SOCKET); without it this process would start a "
+            "private Redis no worker reads, and its forgets would never be applied"
+        ) from None
 
 
 def serve(settings: Settings) -> None:
@@ -390,6 +418,8 @@ def serve(settings: Settings) -> None:
             # instead of dying of the signal, so that the embedded Redis below is stopped too.
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, _exit_after_shutdown)
+            if settings.redis_url is None and not settings.worker:
+                _no_worker_elsewhere(settings)
             if settings.redis_url is None:
                 embedded = held.enter_context(EmbeddedRedis(settings.data_dir / "redis"))
                 settings = settings.model_copy(update={"redis_url": embedded.url})
@@ -431,7 +461,7 @@ def worker(settings: Settings) -> None:
     from .locking import DataDirInUseError, worker_lock
     from .metrics import Metrics
     from .queue import JobQueue
-    from .redis_client import connect_worker
+    from .redis_client import connect_api, connect_worker
     from .service import deployment_keys, load_model, make_worker
 
     if settings.redis_url is None:
@@ -451,7 +481,15 @@ def worker(settings: Settings) -> None:
         loaded: dict[str, Any] = {}
         metrics = None
         if settings.metrics_port is not None:
-            metrics = Metrics(lambda: loaded.get("model"), queue=lambda: loaded.get("queue"))
+            # Its own client, the API's kind (short timeout, circuit breaker): a scrape must not
+            # wait for the worker's long socket timeout (10 s, Prometheus's scrape timeout)
+            # when Redis hangs.
+            scraped = JobQueue(
+                connect_api(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s),
+                settings.redis_prefix,
+                settings.job_ttl_s,
+            )
+            metrics = Metrics(lambda: loaded.get("model"), queue=lambda: scraped)
             try:
                 metrics_server, _ = start_http_server(
                     settings.metrics_port, settings.metrics_host, registry=metrics.registry
@@ -459,7 +497,8 @@ def worker(settings: Settings) -> None:
             except OSError as e:
                 raise SystemExit(
                     f"ntk-unlearn worker: cannot serve metrics on {settings.metrics_host}:"
-                    f"{settings.metrics_port} ({e.strerror or e}): choose another --metrics-port"
+                    f"{settings.metrics_port} ({e.strerror or e}): check --metrics-host and "
+                    "--metrics-port"
                 ) from None
             log.info(
                 "worker metrics at http://%s:%d/metrics",
@@ -477,7 +516,7 @@ def worker(settings: Settings) -> None:
             settings.job_ttl_s,
             digest=deployment_keys(settings).digest,
         )
-        loaded.update(model=u, queue=queue)
+        loaded.update(model=u)
         w = make_worker(settings, u, queue, metrics=metrics)
 
         def request_stop(signum: int, frame: Any) -> None:
@@ -494,6 +533,31 @@ def worker(settings: Settings) -> None:
         lock.release()
 
 
+class RepeatFilter(logging.Filter):
+    """Drops a log record whose message was let through less than ``every_s`` seconds ago.
+
+    Arguments:
+      every_s: seconds between two records of the same message.
+      clock: seconds, monotonic (tests).
+    """
+
+    def __init__(self, every_s: float, clock=time.monotonic):
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        message = record.getMessage()
+        if now - self._last.get(message, -math.inf) < self.every_s:
+            return False
+        if len(self._last) > 1000:  # many distinct messages: forget the old ones
+            self._last = {m: t for m, t in self._last.items() if now - t < self.every_s}
+        self._last[message] = now
+        return True
+
+
 def _configure_logging() -> None:
     # force: importing JAX and absl has already put handlers on the root logger.
     logging.basicConfig(
@@ -502,6 +566,12 @@ def _configure_logging() -> None:
     # orbax (through absl) and JAX's backend probing log every step at INFO.
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # orbax warns on every listing of a step it cannot read (40 lines a second from a follower
+    # retrying an unreadable step): each distinct line once per 30 s.
+    logging.getLogger("absl").addFilter(RepeatFilter(30.0))
+    from .reader import quiet_closed_loop_errors
+
+    quiet_closed_loop_errors()  # a damaged checkpoint's read: one log line, not tracebacks
 
 
 # glibc's malloc tunable (2.35+) that asks the kernel for transparent huge pages on its mmap'd chunks.

@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, unlearner: Unlearner | None = N
             lambda: state.unlearner,
             lambda: state.follower is not None and state.follower.lost is not None,
             lambda: state.queue,
+            lambda: state.follower.behind_seconds() if state.follower is not None else 0.0,
         ),
         batcher=PredictBatcher(settings.predict_batch_wait_ms / 1e3),
     )

@@ -28,6 +28,9 @@ class Metrics:
         read at scrape time too.
       queue: returns the job queue (``app.queue.JobQueue``), or ``None`` before it is set up;
         the queue gauges (``QueueCollector``) read Redis at scrape time.
+      follower_behind: seconds this process (an API process without a worker) has served a
+        version older than the one the worker reported (``ModelFollower.behind_seconds``), read
+        at scrape time; 0 when current.
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class Metrics:
         model: Callable[[], Unlearner | None],
         follower_lost: Callable[[], bool] = lambda: False,
         queue: Callable[[], object | None] = lambda: None,
+        follower_behind: Callable[[], float] = lambda: 0.0,
     ):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -84,6 +88,15 @@ class Metrics:
             registry=r,
         )
         lost.set_function(lambda: float(follower_lost()))
+        behind = Gauge(
+            "ntk_unlearn_follower_behind_seconds",
+            "Seconds this API process (no worker) has served a version older than the newest the "
+            "worker reported (its model requests wait, then get 503; /readyz 503 after "
+            "--follow-wait-s, saying why); 0 when it serves that version, and in a process "
+            "with the worker",
+            registry=r,
+        )
+        behind.set_function(follower_behind)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -92,8 +105,10 @@ class Metrics:
 
 class QueueCollector(Collector):
     """The queue's gauges, read from Redis at each scrape (``JobQueue.status``: one round trip):
-    whether a worker is alive, how many jobs wait and for how long. With the queue not set up
-    or Redis not answering, the three are NaN (and the scrape still answers).
+    whether Redis answers, whether a worker is alive, how many jobs wait and for how long. With
+    Redis not answering (or the queue not set up yet) ``ntk_unlearn_redis_up`` is 0 and the
+    other three are NaN (unknown, not 0: an alert on ``worker_up == 0`` must pair with one on
+    ``redis_up == 0``); the scrape still answers, within the client's timeout.
 
     Arguments:
       queue: returns the ``JobQueue``, or ``None``.
@@ -136,7 +151,13 @@ class QueueCollector(Collector):
             "the slowest pending deletion is",
             value=nan if status is None else status.oldest_s,
         )
-        return [up, jobs, oldest]
+        redis_up = GaugeMetricFamily(
+            "ntk_unlearn_redis_up",
+            "1 when the queue's Redis answered this scrape, else 0 (the other queue gauges are "
+            "then NaN)",
+            value=float(status is not None),
+        )
+        return [redis_up, up, jobs, oldest]
 
 
 class RequestMetrics:

@@ -98,7 +98,9 @@ local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local first = false
 if #oldest > 0 then first = oldest[1][1] end
 local now = redis.call('TIME')
-return {redis.call('XLEN', KEYS[1]), first, now[1], now[2], redis.call('HGETALL', KEYS[2])}
+local worker = {}
+if redis.call('TYPE', KEYS[2])['ok'] == 'hash' then worker = redis.call('HGETALL', KEYS[2]) end
+return {redis.call('XLEN', KEYS[1]), first, now[1], now[2], worker}
 """
 
 _ENQUEUE = """
@@ -232,6 +234,8 @@ class QueueStatus:
             if self.worker_busy_s is not None
             else ""
         )
+        if self.worker_version is None or self.worker_seen_s is None:
+            return f"alive: {self.worker}"
         return (
             f"alive: {self.worker}, model version {self.worker_version}, "
             f"seen {self.worker_seen_s:.1f} s ago{busy}"
@@ -365,15 +369,18 @@ class JobQueue:
         h = dict(zip(fields[::2], fields[1::2], strict=True))
         if "worker" not in h:
             return QueueStatus(int(count), oldest_s)
-        busy = h.get("busy_since")
-        return QueueStatus(
-            int(count),
-            oldest_s,
-            worker=h["worker"],
-            worker_version=int(h["version"]),
-            worker_seen_s=max(0.0, now - float(h["seen"])),
-            worker_busy_s=max(0.0, now - float(busy)) if busy else None,
-        )
+        try:
+            busy = h.get("busy_since")
+            return QueueStatus(
+                int(count),
+                oldest_s,
+                worker=h["worker"],
+                worker_version=int(h["version"]),
+                worker_seen_s=max(0.0, now - float(h["seen"])),
+                worker_busy_s=max(0.0, now - float(busy)) if busy else None,
+            )
+        except (KeyError, ValueError):  # not this code's heartbeat: another writer of the key
+            return QueueStatus(int(count), oldest_s, worker=f"{h['worker']} (unreadable heartbeat)")
 
     def announce_prepared(self, follower: str, version: int, ttl_s: float = FOLLOWER_TTL_S) -> None:
         """Follower ``follower`` has prepared (or serves) ``version``; live for ``ttl_s`` seconds
@@ -714,11 +721,13 @@ class JobQueue:
 
     def beat(
         self, worker: str, version: int, busy_since: float | None, ttl_s: float = WORKER_TTL_S
-    ) -> None:
+    ) -> str | None:
         """The worker ``worker`` is alive and serves ``version``; applying a batch since
         ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
         Times are Redis's clock where it matters: ``seen`` is taken from it, ``busy_since`` is
-        moved onto it (this host's clock minus Redis's, measured now). Raises
+        moved onto it (this host's clock minus Redis's, measured now). Returns the name of
+        another worker whose heartbeat this one replaced (``None``: none): two workers beating on
+        one prefix share its jobs, a misconfiguration the caller reports. Raises
         ``redis.RedisError``."""
         now_s, now_us = self.client.time()
         now = int(now_s) + int(now_us) / 1e6
@@ -726,10 +735,12 @@ class JobQueue:
         if busy_since is not None:
             fields["busy_since"] = f"{now - (time.time() - busy_since):.3f}"
         pipe = self.client.pipeline(transaction=True)
+        pipe.hget(self.worker_key, "worker")
         pipe.delete(self.worker_key)
         pipe.hset(self.worker_key, mapping=fields)
         pipe.pexpire(self.worker_key, int(ttl_s * 1000))
-        pipe.execute()
+        before = pipe.execute()[0]
+        return before if before is not None and before != worker else None
 
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that

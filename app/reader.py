@@ -252,6 +252,7 @@ def main() -> None:
     # parent decides when this ends (it closes the pipe, or dies: SIGKILL above)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet_closed_loop_errors()
     from service_core import checkpoint
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -273,6 +274,31 @@ def main() -> None:
                 _send(stdout, (False, RuntimeError(f"checkpoint read failed: {e!r}")))
     except (BrokenPipeError, ConnectionResetError):
         return  # the parent ended while this read: nobody to answer
+
+
+def quiet_closed_loop_errors() -> None:
+    """Stop a failed checkpoint read from printing a traceback per read on stderr.
+
+    When orbax's read of a damaged checkpoint fails, tensorstore completes the read's other
+    futures later, and their callbacks try to wake orbax's asyncio loop, already closed: each
+    raises ``RuntimeError('Event loop is closed')``, which Python hands to
+    ``sys.unraisablehook``, whose default prints it (a follower retrying a truncated step printed
+    about five a second, without timestamps; the read's own error is logged). This hook logs
+    those at DEBUG and hands every other unraisable exception to the hook it replaces.
+    Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ntk_unlearn", False):
+        return
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            log.debug("a late callback of a failed read met its closed event loop")
+            return
+        previous(unraisable)
+
+    hook._ntk_unlearn = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _die_with_parent(parent: int | None) -> None:

@@ -11,8 +11,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -165,6 +166,13 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
             **nonlinear,
         )
 
+    if checkpoint.latest_version(settings.checkpoint_dir) is not None:
+        # Tens of seconds for a large K, with nothing else in the log meanwhile.
+        log.info(
+            "restoring the model from %s (its NTK is recomputed from the checkpointed inputs, "
+            "or read from the NTK cache)",
+            settings.checkpoint_dir,
+        )
     u = restore(None) if settings.worker else _restore_committed(settings, restore)
     if u is not None and settings.worker:
         deletion_log = DeletionLog(settings.deletion_log)
@@ -175,6 +183,14 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
                 "version %d was checkpointed but not logged (a crash): logged it now",
                 record["version"],
             )
+        # The log ahead of the checkpoints (rolled back): forget again what it says is gone.
+        Worker(
+            u,
+            None,
+            settings.checkpoint_dir,
+            deletion_log,
+            keys=keys,  # type: ignore[arg-type]
+        ).reapply_logged(_job_status(settings))
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
@@ -187,10 +203,9 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     return u
 
 
-def _reported_version(settings: Settings) -> int | None:
-    """The version the worker last reported in Redis (``JobQueue.reported_version``), read by a
-    follower's start; ``None`` without a Redis URL, when Redis does not answer (within the API's
-    timeout) or nothing was reported."""
+def _ask_queue(settings: Settings, ask: Callable[[JobQueue], Any]) -> Any:
+    """``ask(queue)`` on a client of its own that gives up within the API's Redis timeout;
+    ``None`` without a Redis URL or when Redis does not answer (or answers nonsense)."""
     if settings.redis_url is None:
         return None
     client = redis.Redis.from_url(
@@ -200,11 +215,29 @@ def _reported_version(settings: Settings) -> int | None:
         decode_responses=True,
     )
     try:
-        return JobQueue(client, settings.redis_prefix, settings.job_ttl_s).reported_version()
-    except (redis.RedisError, ValueError):
+        return ask(JobQueue(client, settings.redis_prefix, settings.job_ttl_s))
+    except (redis.RedisError, ValueError, KeyError):
         return None
     finally:
         client.close()
+
+
+def _job_status(settings: Settings) -> Callable[[str], str | None]:
+    """A job's status in the queue (``JobQueue.get``), ``None`` when unknown: no Redis URL,
+    Redis not answering (within the API's timeout), or no such job (expired)."""
+
+    def status(job_id: str) -> str | None:
+        job = _ask_queue(settings, lambda queue: queue.get(job_id))
+        return None if job is None else job.status
+
+    return status
+
+
+def _reported_version(settings: Settings) -> int | None:
+    """The version the worker last reported in Redis (``JobQueue.reported_version``), read by a
+    follower's start; ``None`` without a Redis URL, when Redis does not answer (within the API's
+    timeout) or nothing was reported."""
+    return _ask_queue(settings, lambda queue: queue.reported_version())
 
 
 def _restore_committed(
@@ -251,7 +284,8 @@ def _restore_committed(
         if checkpoint.latest_version(settings.checkpoint_dir) is None:
             return None  # no checkpoint at all: the caller builds version 0
     log.warning(
-        "no checkpoint at or below the newest logged version (%s) in %s: serving the newest",
+        "no checkpoint at or below version %s (the newest logged or, if older, the newest the "
+        "worker reported in Redis) in %s: serving the newest",
         bar,
         settings.checkpoint_dir,
     )
@@ -313,13 +347,18 @@ class FollowerBehindError(Exception):
       wanted: the version it must serve at least.
     """
 
-    def __init__(self, serving: int, wanted: int):
-        super().__init__(
-            f"this API process serves model version {serving} and is still loading version "
-            f"{wanted}, the newest the worker has reported"
-        )
+    def __init__(self, serving: int, wanted: int, failing: str | None = None):
+        if failing is None:
+            what = f"is still loading version {wanted}, the newest the worker has reported"
+        else:  # retrying will not help until someone fixes that: say it
+            what = (
+                f"cannot load version {wanted}, the newest the worker has reported ({failing}; "
+                "/readyz says since when)"
+            )
+        super().__init__(f"this API process serves model version {serving} and {what}")
         self.serving = serving
         self.wanted = wanted
+        self.failing = failing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +413,8 @@ class ModelFollower:
     # Between two polls a request asked for: the newest checkpoint may not be readable at once
     # (the worker is replacing it), and polling a directory in a tight loop helps no one.
     _RETRY_S = 0.02
+    # After a failed load (not a pruned step): the next try.
+    _FAILED_RETRY_S = 0.5
     # How often a follower renews its announcement to the worker (queue.FOLLOWER_TTL_S: 5 s).
     _ANNOUNCE_S = 1.0
 
@@ -481,6 +522,17 @@ class ModelFollower:
         elif self._behind is None:
             self._behind = (wanted, time.monotonic())
 
+    def behind_seconds(self) -> float:
+        """Seconds this process has been serving a version older than the one required
+        (``required_version``, read now: a Redis read, or the deletion log's with Redis down);
+        0.0 when it serves that version. The gauge ``ntk_unlearn_follower_behind_seconds``."""
+        u = self.state.unlearner
+        wanted = self.required_version()
+        behind = self._behind
+        if u is None or wanted is None or behind is None or u.version >= wanted:
+            return 0.0
+        return time.monotonic() - behind[1]
+
     def behind(self) -> str | None:
         """Why this process cannot answer now, for ``/readyz``: it serves a version older than
         the required one (``required_version``, read now) and has for longer than ``wait_s``,
@@ -580,7 +632,7 @@ class ModelFollower:
             while u.version < version:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise FollowerBehindError(u.version, version)
+                    raise FollowerBehindError(u.version, version, self._last_error)
                 self._wake.set()
                 self._polled.wait(remaining)
 
@@ -737,5 +789,9 @@ class ModelFollower:
                 followed = False
             with self._polled:
                 self._polled.notify_all()
-            if asked and not followed:
+            if self._last_error is not None:
+                # A damaged or unreadable step stays so until someone acts: try again every half
+                # second, not every round nor at every request's wake-up.
+                self._stop.wait(self._FAILED_RETRY_S)
+            elif asked and not followed:
                 self._stop.wait(self._RETRY_S)

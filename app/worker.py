@@ -16,10 +16,12 @@ model has forgotten already was applied before the crash, and is only marked suc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # Unix time this batch began; None: idle
+        self._beat_now = threading.Event()
 
     # Lifecycle.
 
@@ -124,17 +127,30 @@ class Worker:
             self._loop()
         finally:
             done.set()
+            self._beat_now.set()
             beat.join(WORKER_BEAT_S)
 
     def _beat(self, done: threading.Event) -> None:
+        warned = -math.inf
         while True:
+            self._beat_now.clear()
             try:
-                self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+                other = self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+                if other is not None and time.monotonic() - warned >= 60:
+                    warned = time.monotonic()
+                    log.warning(
+                        "another worker (%s) renews the heartbeat of this queue: two workers on "
+                        "one Redis prefix share its jobs, each applying some to its own data "
+                        "dir; give each model its own --redis-prefix",
+                        other,
+                    )
             except redis.RedisError:
                 pass  # the loop logs Redis's outages; the heartbeat lapses meanwhile
             except Exception:
                 log.warning("could not renew the worker's heartbeat", exc_info=True)
-            if done.wait(WORKER_BEAT_S):
+            # every WORKER_BEAT_S, and at once when a batch begins or ends (its fields change)
+            self._beat_now.wait(WORKER_BEAT_S)
+            if done.is_set():
                 break
         try:
             self.queue.end_beat(self.consumer)
@@ -194,10 +210,12 @@ class Worker:
         """Apply the jobs of ``entries``: each run of consecutive jobs of one kind (forgets, or
         additions) as one version with one solve, in stream order."""
         self._busy_since = time.time()
+        self._beat_now.set()
         try:
             self._process(entries)
         finally:
             self._busy_since = None
+            self._beat_now.set()
 
     def _process(self, entries: list[Entry]) -> None:
         u = self.unlearner
@@ -306,6 +324,99 @@ class Worker:
             log.info(
                 "after publishing: %s", ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
             )
+
+    def reapply_logged(self, job_status: Callable[[str], str | None] = lambda job_id: None) -> int:
+        """Forget again what the deletion log says was forgotten after the model's version: at a
+        start, before anything is served, when the log records versions newer than the newest
+        checkpoint and the restored model holds some of their forgotten records again (the
+        checkpoints were rolled back: a backup restored, a volume snapshot). Without it those
+        records would be served again, with their jobs and receipts saying they are gone.
+
+        The log keeps only keyed digests; the restored model's active ids are digested with the
+        data dir's secret and matched. The matched records of each logged job are forgotten
+        again under that job's id, as one new version with its own log record (so a re-run of
+        the job finds it), then every older checkpoint and cached kernel is purged and the
+        preconditioner made again, as after any deletion. A logged addition newer than the
+        checkpoint cannot be redone (the log keeps no records): it is logged as an error. A
+        record written but never published (its fsync failed and its removal too) is redone the
+        same way (its job asked for that deletion), unless ``job_status`` says its job was
+        reported failed: the user was told the model is unchanged, and no record of it was
+        ever served.
+
+        Arguments:
+          job_status: a job's status in the queue (``"failed"``, ...), ``None`` when unknown
+            (expired, Redis not answering): unknown counts as published, the safe side.
+
+        Returns:
+          The number of records forgotten again (0: the log is not ahead, or the model holds
+          none of its forgotten records).
+
+        Raises:
+          SystemExit: the deletion failed (one line saying why; nothing is served then).
+        """
+        u = self.unlearner
+        ahead = [e for e in self.deletion_log.current() if int(e["version"]) > u.version]
+        if not ahead:
+            return 0
+        active = {u.digest(i): i for i in u.active_ids()}
+        jobs: list[Job] = []
+        taken: set[str] = set()
+        for record in ahead:
+            version = int(record["version"])
+            if record.get("kind") == "add":
+                log.error(
+                    "the deletion log records version %d, an addition of %d record(s), newer than "
+                    "the newest checkpoint (version %d): the checkpoints were rolled back and "
+                    "those records are lost (their jobs say succeeded): add them again",
+                    version,
+                    len(record.get("added_digests", ())),
+                    u.version,
+                )
+                continue
+            per_job = record.get("job_digests") or {f"log-version-{version}": record["id_digests"]}
+            for job_id, digests in per_job.items():
+                if job_status(job_id) == "failed":
+                    log.info(
+                        "the deletion log's version %d record of job %s, reported failed, was "
+                        "never published: not redone",
+                        version,
+                        job_id,
+                    )
+                    continue
+                ids = [active[d] for d in digests if d in active and active[d] not in taken]
+                taken.update(ids)
+                if ids:
+                    jobs.append(Job(job_id, "running", ids, str(record.get("timestamp", ""))))
+        if not jobs:
+            return 0
+        versions = sorted({int(e["version"]) for e in ahead})
+        log.critical(
+            "the deletion log records version(s) %s, newer than the newest checkpoint (version "
+            "%d), and %d record(s) they forgot are in that checkpoint again (checkpoints rolled "
+            "back: a backup restored?): forgetting them again before anything is served",
+            ", ".join(map(str, versions)),
+            u.version,
+            len(taken),
+        )
+        outcomes = self._apply([Entry("", job) for job in jobs])
+        failed = [f["error"] for _, f in outcomes if f.get("status") != "succeeded"]
+        if failed:
+            raise SystemExit(
+                f"ntk-unlearn: could not forget again the {len(taken)} record(s) the deletion "
+                f"log records as forgotten after version {versions[0] - 1}: {failed[0]}; "
+                "restore the newer checkpoints instead"
+            )
+        try:
+            u.purge(self.checkpoint_dir)
+        except OSError as e:  # the next deletion's purge, or the next start, tries again
+            log.error("could not delete the older checkpoints or cached kernels: %s", e)
+        u.after_publish()
+        log.warning(
+            "forgot %d record(s) again as version %d; older checkpoints purged",
+            len(taken),
+            u.version,
+        )
+        return len(taken)
 
     def _wait_for_followers(self, version: int) -> None:
         """Before the report: the followers prepare a version as soon as its checkpoint is

@@ -426,6 +426,8 @@ def test_readiness_and_metrics_say_when_no_worker_runs(make_settings, unlearner)
     with TestClient(create_app(settings, unlearner)) as client:
         body = client.get("/readyz").json()
         assert body["status"] == "ready" and body["worker"].startswith("none:"), body
+        assert _gauge(client, "ntk_unlearn_redis_up") == 1
+        assert _gauge(client, "ntk_unlearn_follower_behind_seconds") == 0
         assert _gauge(client, "ntk_unlearn_worker_up") == 0
         assert _gauge(client, "ntk_unlearn_queue_jobs") == 0
         assert _gauge(client, "ntk_unlearn_queue_oldest_job_seconds") == 0
@@ -471,6 +473,7 @@ def test_unreachable_redis_is_503_not_500(make_settings, unlearner):
         assert r.status_code == 503
         assert "Redis" in r.json()["detail"] and r.json()["worker"] == "unknown"
         assert math.isnan(_gauge(client, "ntk_unlearn_worker_up"))
+        assert _gauge(client, "ntk_unlearn_redis_up") == 0
         r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
         assert r.status_code == 503
         assert "Redis" in r.json()["detail"]
@@ -502,3 +505,25 @@ def test_predictions_are_compiled_before_the_first_request(settings, unlearner):
     assert jitted._cache_size() == 0  # a fresh model: nothing compiled yet
     with TestClient(create_app(settings, unlearner)):
         assert jitted._cache_size() == 1
+
+
+def test_a_scrape_does_not_wait_for_a_hung_redis():
+    """A Redis that accepts connections and never answers (stopped, a dropped network): the
+    queue gauges give up within the API client's timeout, redis_up 0, the rest NaN."""
+    import socket
+
+    from app.metrics import Metrics
+    from app.queue import JobQueue
+    from app.redis_client import connect_api
+
+    with socket.socket() as silent:  # listens, never accepts nor answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        queue = JobQueue(connect_api(f"redis://127.0.0.1:{port}/0", 0.3, 2.0), "hung", 60)
+        metrics = Metrics(lambda: None, queue=lambda: queue)
+        for _ in range(3):  # the first meets the timeout, the next the open breaker
+            started = time.monotonic()
+            text = metrics.render().decode()
+            assert time.monotonic() - started < 1.5
+            assert "ntk_unlearn_redis_up 0.0" in text and "ntk_unlearn_worker_up NaN" in text

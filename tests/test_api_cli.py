@@ -10,7 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import _WORKER_ONLY, _settings, _with_tokens, build_parser
+from app.cli import (
+    _WORKER_ONLY,
+    RepeatFilter,
+    _check_redis,
+    _settings,
+    _with_tokens,
+    build_parser,
+)
 from app.core.config import Settings
 
 
@@ -63,6 +70,31 @@ def test_a_redis_url_that_is_no_redis_url_fails_at_once(monkeypatch):
         parse("worker")
     monkeypatch.setenv("REDIS_URL", "unix:///run/redis.sock")
     assert parse("worker").redis_url == "unix:///run/redis.sock"
+    monkeypatch.setenv("REDIS_URL", "REDIS://127.0.0.1:6379/0")  # redis-py takes it
+    assert parse("worker").redis_url == "REDIS://127.0.0.1:6379/0"
+    # a port that is no number: the Redis client's ValueError, one line, not a traceback
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@127.0.0.1:abc/0")
+    with pytest.raises(SystemExit, match="REDIS_URL is not a valid Redis URL") as caught:
+        _check_redis(parse("worker"), "worker")
+    assert "pw" not in str(caught.value)
+
+
+def test_a_repeated_log_line_passes_once_per_period():
+    import logging
+
+    now = [0.0]
+    repeat = RepeatFilter(30.0, clock=lambda: now[0])
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("absl", logging.WARNING, __file__, 1, message, None, None)
+
+    assert repeat.filter(record("Metadata file does not exist: /c/4"))
+    assert not repeat.filter(record("Metadata file does not exist: /c/4"))
+    assert repeat.filter(record("Metadata file does not exist: /c/5"))  # another line
+    now[0] = 29.9
+    assert not repeat.filter(record("Metadata file does not exist: /c/4"))
+    now[0] = 30.0
+    assert repeat.filter(record("Metadata file does not exist: /c/4"))
 
 
 def test_write_token_is_generated_once_with_mode_0600(tmp_path, monkeypatch):

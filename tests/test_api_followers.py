@@ -153,9 +153,11 @@ def test_readiness_says_when_a_follower_cannot_follow(
         worker.recover()
         real_read = Unlearner.read_newer
         failing = {"on": True}
+        tries: list[float] = []
 
         def read_newer(self, directory, reader=None):
             if failing["on"]:
+                tries.append(time.monotonic())
                 raise OSError(13, "Permission denied", str(directory))
             return real_read(self, directory, reader)
 
@@ -175,12 +177,23 @@ def test_readiness_says_when_a_follower_cannot_follow(
         assert "serves model version 0" in detail and "version 1" in detail, detail
         assert "Permission denied" in detail, detail
         assert int(r.headers["Retry-After"]) >= 1
+        metrics = client.get("/metrics").text
+        behind = float(metrics.split("\nntk_unlearn_follower_behind_seconds ")[1].split()[0])
+        assert behind > 0.5, behind
+        # a model request says why it gets 503, not only "still loading"
+        r = client.get("/v1/ids", headers=READ)
+        assert r.status_code == 503 and "cannot load version 1" in r.json()["detail"], r.text
+        assert "Permission denied" in r.json()["detail"]
         failing["on"] = False
+        # retried twice a second, not at every 50 ms round nor at every request's wake-up
+        rate = (len(tries) - 1) / (tries[-1] - tries[0])
+        assert len(tries) >= 2 and rate < 4, (len(tries), rate)
         deadline = time.monotonic() + 30
         while r.status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
             r = client.get("/readyz")
         assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+        assert "ntk_unlearn_follower_behind_seconds 0.0" in client.get("/metrics").text
     failures = [m for m in caplog.messages if m.startswith("could not load the newest checkpoint")]
     assert len(failures) == 1, failures
     assert any(m.startswith("loading checkpoints again (after: could not") for m in caplog.messages)

@@ -306,3 +306,18 @@ def test_a_worker_serves_its_metrics_on_the_port_given(
             cli.worker(settings.model_copy(update={"metrics_port": taken}))
         assert time.monotonic() - started < 5
     worker_lock(settings.data_dir, "worker").acquire().release()  # released on the way out
+
+
+def test_serve_no_worker_without_redis_url_beside_a_worker_exits_at_once(serve_settings):
+    """A worker holds the data dir (with its own Redis): a `serve --no-worker` without REDIS_URL
+    would start a private Redis that worker never reads. Refused at once, naming the worker."""
+    settings = serve_settings(worker=False)
+    with worker_lock(settings.data_dir, "worker"):
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as caught:
+            cli.serve(settings)
+        assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert f"pid {os.getpid()}" in message and "'ntk-unlearn worker'" in message
+    assert "set REDIS_URL" in message
+    assert not (settings.data_dir / "redis" / "redis.pid").exists()  # no private Redis started

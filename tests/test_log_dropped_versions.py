@@ -172,9 +172,10 @@ def test_a_version_whose_log_fsync_failed_is_not_listed(client, wait_for_job, mo
     assert len(lines) == 1 and failed["job_id"] not in lines[0]
 
 
-def _worker_with_a_newer_record(make_settings, base_checkpoint, queue):
+def _worker_with_a_newer_record(make_settings, base_checkpoint, queue, job_failed: bool):
     """A data dir whose newest checkpoint is version 1 and whose log also has a record of
-    version 2 (no checkpoint); the worker restored from it."""
+    version 2 (no checkpoint: never published, or rolled back), forgetting r06; its job
+    reported failed in Redis or unknown there. The worker restored from it."""
     settings = make_settings(worker=True)
     shutil.copytree(base_checkpoint, settings.checkpoint_dir)
     keys = DeploymentKeys.load_or_create(settings.data_dir)
@@ -183,26 +184,51 @@ def _worker_with_a_newer_record(make_settings, base_checkpoint, queue):
     log = DeletionLog(settings.deletion_log)
     log.append(_record(1, "kept", u.digest("r05")))
     log.append(_record(2, "newer", u.digest("r06")))  # no checkpoint 2
+    if job_failed:
+        queue.client.hset(
+            queue.job_key("newer"),
+            mapping={"job_id": "newer", "status": "failed", "submitted_at": "2026-12-03"},
+        )
     started = load_model(settings, role="worker")
-    assert started.version == 1 and checkpoint.latest_version(settings.checkpoint_dir) == 1
-    return settings, Worker(started, queue, settings.checkpoint_dir, log)
+    return settings, started, Worker(started, queue, settings.checkpoint_dir, log)
 
 
 @pytest.mark.redis
-def test_a_worker_start_keeps_records_newer_than_its_checkpoint(
+def test_a_worker_start_keeps_the_record_of_a_job_reported_failed(
     make_settings, base_checkpoint, queue
 ):
-    """A record newer than every checkpoint is either a never-published one whose removal failed
-    or a published one under checkpoints rolled back (a backup restored): the start cannot tell
-    them apart for sure, and keeps it (the evidence of a deletion is never deleted); no reader
-    takes it as applied: /v1/deletions lists no version newer than the one served."""
-    settings, worker = _worker_with_a_newer_record(make_settings, base_checkpoint, queue)
+    """A record newer than every checkpoint whose job was reported failed (its fsync failed,
+    and so did its removal): never published; the start keeps it (the log is never rewritten at
+    a start) and does not redo it; no reader takes it as applied: /v1/deletions lists no version
+    newer than the one served."""
+    settings, started, worker = _worker_with_a_newer_record(
+        make_settings, base_checkpoint, queue, job_failed=True
+    )
+    assert started.version == 1 and not started.is_forgotten(["r06"])
+    assert checkpoint.latest_version(settings.checkpoint_dir) == 1
     worker.recover()
     assert [e["job_ids"] for e in DeletionLog(settings.deletion_log).entries()] == [
         ["kept"],
         ["newer"],
     ]
     assert [e["version"] for e in worker.deletion_log.page(0, 10, through=1)[0]] == [1]
+
+
+@pytest.mark.redis
+def test_a_worker_start_redoes_a_newer_record_whose_job_is_not_known_failed(
+    make_settings, base_checkpoint, queue
+):
+    """The same record with its job succeeded or unknown (expired, Redis down): published under
+    checkpoints rolled back, or never published but asked for; either way its record is forgotten
+    again before anything is served (tests/test_reapply_logged.py has the rolled-back case
+    end to end)."""
+    settings, started, _ = _worker_with_a_newer_record(
+        make_settings, base_checkpoint, queue, job_failed=False
+    )
+    assert started.version == 2 and started.is_forgotten(["r05", "r06"])
+    assert checkpoint.latest_version(settings.checkpoint_dir) == 2
+    entries = DeletionLog(settings.deletion_log).entries()
+    assert [e["job_ids"] for e in entries] == [["kept"], ["newer"], ["newer"]]
 
 
 @pytest.mark.redis

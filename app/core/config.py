@@ -294,7 +294,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _redis_url_is_a_redis_url(self) -> Settings:
         schemes = ("redis://", "rediss://", "unix://")
-        if self.redis_url is not None and not self.redis_url.startswith(schemes):
+        if self.redis_url is not None and not self.redis_url.lower().startswith(schemes):
             raise ValueError(
                 "REDIS_URL must start with redis://, rediss:// or unix:// "
                 "(e.g. redis://127.0.0.1:6379/0)"

@@ -1,0 +1,87 @@
+"""Checkpoints rolled back under the deletion log (a backup restored): the worker's start forgets
+again what the log says is gone, before anything is served (``Worker.reapply_logged``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.deletion_log import DeletionLog
+from app.main import create_app
+from app.service import load_model
+from service_core import checkpoint
+
+pytestmark = pytest.mark.redis
+
+WRITE = {"Authorization": "Bearer write-token"}
+READ = {"Authorization": "Bearer read-token"}
+
+
+def _forget(client: TestClient, ids: list[str], wait_for_job) -> dict:
+    job = client.post("/v1/forget", json={"ids": ids}, headers=WRITE).json()
+    return wait_for_job(client, job["job_id"])
+
+
+def test_a_rolled_back_checkpoint_does_not_bring_forgotten_records_back(
+    make_settings, unlearner, wait_for_job, dataset_file: Path, tmp_path: Path, caplog
+):
+    settings = make_settings()
+    with np.load(dataset_file) as f:
+        x_probe = f["x"][:6]
+    with TestClient(create_app(settings, unlearner)) as client:
+        first = _forget(client, ["r01"], wait_for_job)
+        assert first["model_version"] == 1
+        backup = tmp_path / "backup"
+        shutil.copytree(settings.checkpoint_dir / "1", backup / "1")  # the operator's backup
+        second = _forget(client, ["r02", "r03"], wait_for_job)
+        assert second["model_version"] == 2
+        served = client.app.state.service.unlearner
+        expected = np.asarray(served.predict(x_probe))
+        active = sorted(served.active_ids())
+    # The backup of version 1 put back in place of version 2: r02 and r03 are in it again.
+    shutil.rmtree(settings.checkpoint_dir / "2")
+    shutil.copytree(backup / "1", settings.checkpoint_dir / "1")
+    assert checkpoint.latest_version(settings.checkpoint_dir) == 1
+
+    with caplog.at_level(logging.INFO, logger="app"):
+        u = load_model(settings)
+    assert u.version == 2 and sorted(u.active_ids()) == active
+    assert u.is_forgotten(["r01", "r02", "r03"])
+    # The same deletion from the same version: the same model (retraining-equal, squared error).
+    np.testing.assert_allclose(np.asarray(u.predict(x_probe)), expected, rtol=1e-5, atol=1e-6)
+    # Nothing older is left that holds them: only the new version's checkpoint.
+    assert sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir()) == ["2"]
+    # The new record is the version's current one, under the job that asked for it.
+    log_ = DeletionLog(settings.deletion_log)
+    current = [e for e in log_.current() if int(e["version"]) == 2]
+    assert len(current) == 1 and current[0]["job_ids"] == [second["job_id"]]
+    assert len([e for e in log_.entries() if int(e["version"]) == 2]) == 2
+    assert log_.find_job(second["job_id"])["version"] == 2
+    said = [r for r in caplog.records if "newer than the newest checkpoint" in r.getMessage()]
+    assert said and said[0].levelno == logging.CRITICAL and "version(s) 2" in said[0].getMessage()
+
+    # A second start finds the log and the checkpoint agreeing: nothing to do.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app"):
+        again = load_model(settings)
+    assert again.version == 2
+    assert not any("newer than the newest checkpoint" in m for m in caplog.messages)
+
+
+def test_a_follower_does_not_reapply(make_settings, unlearner, wait_for_job, tmp_path: Path):
+    """Only the worker writes versions: an API process without one restores what is there."""
+    settings = make_settings()
+    with TestClient(create_app(settings, unlearner)) as client:
+        _forget(client, ["r04"], wait_for_job)
+        shutil.copytree(settings.checkpoint_dir / "1", tmp_path / "backup" / "1")
+        _forget(client, ["r05"], wait_for_job)
+    shutil.rmtree(settings.checkpoint_dir / "2")
+    shutil.copytree(tmp_path / "backup" / "1", settings.checkpoint_dir / "1")
+    u = load_model(settings.model_copy(update={"worker": False}))
+    assert u.version == 1 and not u.is_forgotten(["r05"])
+    assert checkpoint.latest_version(settings.checkpoint_dir) == 1
