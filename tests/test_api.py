@@ -474,6 +474,10 @@ def test_unreachable_redis_is_503_not_500(make_settings, unlearner):
         assert "Redis" in r.json()["detail"] and r.json()["worker"] == "unknown"
         assert math.isnan(_gauge(client, "ntk_unlearn_worker_up"))
         assert _gauge(client, "ntk_unlearn_redis_up") == 0
+        # ready for reads all the same (a load balancer routing reads keeps this process)
+        reads = client.get("/readyz?scope=reads")
+        assert reads.status_code == 200 and reads.json()["worker"] == "unknown", reads.text
+        assert client.get("/readyz?scope=everything").status_code == 422
         r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
         assert r.status_code == 503
         assert "Redis" in r.json()["detail"]

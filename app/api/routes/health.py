@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import redis
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import RETRY_LATER, StateDep
-from ..schemas import NotReady, Readiness
+from ..schemas import INVALID, NotReady, Readiness, errors
 
 router = APIRouter(tags=["operations"])
 
@@ -24,6 +26,7 @@ def healthz() -> dict[str, str]:
 
 
 _NOT_READY = {
+    **errors(INVALID),
     503: {
         "model": NotReady,
         "description": "not ready: the model is not loaded, the queue (Redis) does not answer, "
@@ -35,12 +38,21 @@ _NOT_READY = {
 
 @router.head("/readyz", response_model=Readiness, responses=_NOT_READY, summary="Readyz (HEAD)")
 @router.get("/readyz", response_model=Readiness, responses=_NOT_READY)
-def readyz(state: StateDep) -> Readiness | JSONResponse:
+def readyz(
+    state: StateDep,
+    scope: Literal["all", "reads"] = Query(
+        "all",
+        description="'all': ready for every request, forgets included (Redis must answer); "
+        "'reads': ready for model reads (predict, influence, attribution, /v1/model, /v1/ids), "
+        "which this process answers while Redis is down: a load balancer that routes reads by "
+        "it keeps this process in service through a Redis outage",
+    ),
+) -> Readiness | JSONResponse:
     """Readiness: the model is loaded, the queue (Redis) answers (within the setting
     redis_timeout_s; after a failure, not tried again for redis_retry_s) and, in an API process
     without a worker, this process serves the newest version the worker reported (or has been
     behind it for at most follow_wait_s). Says whether a worker runs (``worker``), without
-    deciding readiness by it."""
+    deciding readiness by it. ``scope=reads``: the same without the queue."""
     model = "loaded" if state.unlearner is not None else "loading"
     worker = "unknown"
     if state.queue is None:
@@ -56,12 +68,13 @@ def readyz(state: StateDep) -> Readiness | JSONResponse:
     behind = None
     if follower is not None and model == "loaded" and lost is None:
         behind = follower.behind()
-    if model == "loaded" and queue == "ok" and lost is None and behind is None:
+    queue_ok = queue == "ok" or scope == "reads"
+    if model == "loaded" and queue_ok and lost is None and behind is None:
         return Readiness(status="ready", model_version=state.unlearner.version, worker=worker)
     problems = []
     if model != "loaded":
         problems.append("the model is not loaded yet")
-    if queue != "ok":
+    if not queue_ok:
         problems.append(f"the job queue (Redis) is {queue}: check REDIS_URL and that Redis runs")
     if lost is not None:
         problems.append(lost)
