@@ -32,7 +32,7 @@ _NOT_READY = {
         "description": "not ready: the model is not loaded, the queue (Redis) does not answer, "
         "or (an API process without a worker) this process cannot load the version the worker "
         "reported; the body says which, and why",
-    }
+    },
 }
 
 
