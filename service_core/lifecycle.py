@@ -325,7 +325,11 @@ def restore(
             log.info("deleted %d cached kernel(s) of other training sets", purged)
     k = layout.embed(k, points, state.capacity).astype(state.alpha.dtype)  # a promoted K: exact
     log.info(
-        "restored version %d: K %s recomputed in %.2f s", state.version, k.shape, report["seconds"]
+        "restored version %d: K %s %s in %.2f s",
+        state.version,
+        k.shape,
+        "read from the NTK cache" if report["cached"] else "recomputed",
+        report["seconds"],
     )
     ny = preconditioner(k, state.solver_config, layout.form, state.train_config.loss)
     state = state.replace(k=k, layout=layout, nystrom=ny)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,21 @@ def test_the_same_system_in_float64_is_finite_and_published_only_within_the_slac
     tol = u.state.train_config.resolved_tol()
     assert u.state.residual <= 100 * tol and record["accept_floor"] == 100
     assert u.state.residual <= tol or u.state.residual <= FLOOR_FACTOR * record["rounding_floor"]
+
+
+def test_restore_says_whether_k_was_read_from_the_cache_or_recomputed(
+    base_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """The start-up log names where K came from (the README's restart times depend on it); the
+    kernel read from the cache equals the recomputed one."""
+    from service_core import lifecycle
+
+    caplog.set_level(logging.INFO, logger=lifecycle.log.name)
+    first = lifecycle.restore(base_checkpoint, cache_dir=tmp_path, progress=False)
+    assert first is not None
+    assert "recomputed in" in caplog.text and "read from the NTK cache" not in caplog.text
+    caplog.clear()
+    second = lifecycle.restore(base_checkpoint, cache_dir=tmp_path, progress=False)
+    assert second is not None
+    assert "read from the NTK cache in" in caplog.text and "recomputed in" not in caplog.text
+    np.testing.assert_array_equal(np.asarray(first[0].k), np.asarray(second[0].k))
