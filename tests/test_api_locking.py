@@ -321,3 +321,45 @@ def test_serve_no_worker_without_redis_url_beside_a_worker_exits_at_once(serve_s
     assert f"pid {os.getpid()}" in message and "'ntk-unlearn worker'" in message
     assert "set REDIS_URL" in message
     assert not (settings.data_dir / "redis" / "redis.pid").exists()  # no private Redis started
+
+
+def test_a_worker_of_another_data_dir_on_the_prefix_is_refused_before_the_model_loads(
+    serve_settings, redis_url, redis_prefix, monkeypatch
+):
+    """A live claim of another data dir's worker (JobQueue.claim) refuses `worker` and `serve`
+    at once, in one line naming it; the claim of this data dir (a restart) does not."""
+    from app import service
+    from app.queue import JobQueue, worker_owner
+
+    loads: list[str] = []
+
+    def load_model(settings, role="api"):
+        loads.append(role)
+        raise SystemExit("stopped at the model load")
+
+    monkeypatch.setattr(service, "load_model", load_model)
+    settings = serve_settings(redis_url=redis_url, redis_prefix=redis_prefix)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    queue = JobQueue(client, redis_prefix, 600)
+    try:
+        assert queue.claim("elsewhere:/srv/other/checkpoints") is None
+        for run, who in ((cli.worker, "worker"), (cli.serve, "serve")):
+            started = time.monotonic()
+            with pytest.raises(SystemExit) as caught:
+                run(settings)
+            assert time.monotonic() - started < 5
+            message = str(caught.value)
+            assert message.startswith(f"ntk-unlearn {who}: a worker of another data directory")
+            assert "(elsewhere:/srv/other/checkpoints)" in message
+            assert f"'{redis_prefix}'" in message and "--redis-prefix" in message
+        assert loads == []
+        worker_lock(settings.data_dir, "worker").acquire().release()  # released on the way out
+        queue.release_claim("elsewhere:/srv/other/checkpoints")
+        # this data dir's own claim, left by a worker killed a moment ago: no refusal
+        assert queue.claim(worker_owner(settings.checkpoint_dir)) is None
+        with pytest.raises(SystemExit, match="stopped at the model load"):
+            cli.worker(settings)
+        assert loads == ["worker"]
+    finally:
+        client.delete(queue.claim_key)
+        client.close()

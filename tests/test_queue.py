@@ -265,6 +265,43 @@ def test_worker_thread_keeps_running_through_a_redis_outage(unlearner, tmp_path)
     assert not worker.running
 
 
+def test_a_redis_outage_is_said_once_and_its_end_too(
+    queue: JobQueue, worker_for, unlearner: Unlearner, monkeypatch, caplog
+):
+    """Not a warning at every retry: one when Redis stops answering, one line when it answers
+    again; then the worker recovers and applies what was queued."""
+    from app import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_RETRY_S", 0.05)
+    worker = worker_for(unlearner)
+    real_claim = queue.claim
+    failures = {"left": 20}
+
+    def claim(owner: str, ttl_s: float = 15.0) -> str | None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise redis.ConnectionError("Connection refused (a test's outage)")
+        return real_claim(owner, ttl_s)
+
+    monkeypatch.setattr(queue, "claim", claim)
+    job = queue.enqueue(["r06"])
+    caplog.set_level(logging.INFO, logger="app.worker")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while queue.get(job.job_id).status != "succeeded":
+            assert time.monotonic() < deadline, "the job was not applied after the outage"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert failures["left"] == 0
+    down = [m for m in caplog.messages if "queue unreachable" in m]
+    up = [m for m in caplog.messages if m.startswith("queue reachable again after")]
+    assert len(down) == 1 and "a test's outage" in down[0], caplog.messages
+    assert len(up) == 1, caplog.messages
+    assert caplog.messages.index(down[0]) < caplog.messages.index(up[0])
+
+
 def test_deletion_log_survives_a_torn_line(tmp_path):
     log = DeletionLog(tmp_path / "deletions.log")
     log.append({"version": 1, "job_ids": ["a"], "timestamp": "t", "id_digests": []})
@@ -511,3 +548,68 @@ def test_a_second_worker_on_the_prefix_is_told(queue: JobQueue):
     assert queue.beat("w-1", 0, None) is None
     assert queue.beat("w-1", 1, None) is None  # itself: no one else
     assert queue.beat("w-2", 0, None) == "w-1"
+
+
+def test_one_data_dirs_worker_claims_a_prefix(queue: JobQueue):
+    """The claim (JobQueue.claim): renewed by its owner, refused to another while live, given
+    up only by its owner, taken by another once released or lapsed."""
+    assert queue.claim("h:/a/checkpoints") is None
+    assert queue.claim("h:/a/checkpoints") is None  # its owner renews (a restarted worker too)
+    assert queue.claim("h:/b/checkpoints") == "h:/a/checkpoints"
+    queue.release_claim("h:/b/checkpoints")  # not its claim: nothing given up
+    assert queue.claim("h:/b/checkpoints") == "h:/a/checkpoints"
+    queue.release_claim("h:/a/checkpoints")
+    assert queue.claim("h:/b/checkpoints", ttl_s=0.3) is None
+    assert queue.claim("h:/a/checkpoints") == "h:/b/checkpoints"
+    time.sleep(0.5)  # not renewed: lapsed
+    assert queue.claim("h:/a/checkpoints") is None
+
+
+def test_a_worker_of_another_data_dir_takes_no_job_of_a_claimed_prefix(
+    queue: JobQueue, tmp_path: Path, unlearner: Unlearner, base_checkpoint: Path, caplog
+):
+    """Two workers of two data dirs on one Redis prefix would each apply some jobs to their own
+    model, and a record forgotten in one would stay in the other: only the claim's holder takes
+    jobs; the other waits, says why, beats no heartbeat, and takes over once the first stops."""
+    other_model = Unlearner.restore(base_checkpoint)
+    first = Worker(
+        unlearner, queue, tmp_path / "a" / "checkpoints", DeletionLog(tmp_path / "a.log")
+    )
+    second = Worker(
+        other_model, queue, tmp_path / "b" / "checkpoints", DeletionLog(tmp_path / "b.log")
+    )
+    second.consumer = "second"  # both run in this process: give them distinct names
+
+    def wait_for(job_id: str) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = queue.get(job_id)
+            if job is not None and job.status in ("succeeded", "failed"):
+                return job.status
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} not finished")
+
+    caplog.set_level(logging.INFO, logger="app.worker")
+    first.start()
+    try:
+        deadline = time.monotonic() + 30
+        while queue.status().worker != first.consumer and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second.start()
+        jobs = [queue.enqueue([rid]).job_id for rid in ("r01", "r02", "r03")]
+        assert [wait_for(j) for j in jobs] == ["succeeded"] * 3
+        # every job applied by the first worker's model, none by the second's
+        assert unlearner.is_forgotten(["r01", "r02", "r03"])
+        assert other_model.version == 0 and not other_model.is_forgotten(["r01"])
+        assert queue.status().worker == first.consumer  # the waiting one beats no heartbeat
+        refused = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(refused) == 1 and first.owner in refused[0] and second.owner in refused[0]
+    finally:
+        first.stop()
+    try:
+        job = queue.enqueue(["r04"]).job_id  # the first stopped: its claim given up at once
+        assert wait_for(job) == "succeeded"
+        assert other_model.is_forgotten(["r04"]) and not unlearner.is_forgotten(["r04"])
+        assert any("takes the queue's jobs now" in m for m in caplog.messages)
+    finally:
+        second.stop()
