@@ -28,15 +28,22 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 
-class QueueTimeoutError(redis.TimeoutError):
+class _Outage:
+    """Mixin: ``retry_after_s``, seconds until the breaker lets a call try Redis again (the
+    API's 503 says it in ``Retry-After``)."""
+
+    retry_after_s: float = 5.0
+
+
+class QueueTimeoutError(_Outage, redis.TimeoutError):
     """Redis did not answer this call within the client's timeout."""
 
 
-class QueueConnectionError(redis.ConnectionError):
+class QueueConnectionError(_Outage, redis.ConnectionError):
     """Redis refused or dropped this call's connection."""
 
 
-class CircuitOpenError(redis.ConnectionError):
+class CircuitOpenError(_Outage, redis.ConnectionError):
     """Redis failed moments ago; not tried again until the breaker lets a call through.
 
     A ``redis.ConnectionError``, so that it is answered as Redis being down (503)."""
@@ -77,17 +84,24 @@ class GuardedRedis(redis.Redis):
         except pybreaker.CircuitBreakerError:
             with self._lock:
                 last = self._last_failure
-            since = f"{time.monotonic() - last[0]:.1f} s ago: {last[1]}" if last else "moments ago"
-            raise CircuitOpenError(
+            ago = time.monotonic() - last[0] if last else 0.0
+            since = f"{ago:.1f} s ago: {last[1]}" if last else "moments ago"
+            error = CircuitOpenError(
                 f"not tried (circuit breaker open): Redis failed {since}; it is tried again "
                 f"{self.breaker.reset_timeout:g} s after that failure"
-            ) from None
+            )
+            error.retry_after_s = max(0.0, self.breaker.reset_timeout - ago)
+            raise error from None
         except redis.TimeoutError as e:
             what = self._failed(f"Redis did not answer within {self.timeout_s:g} s ({e})")
-            raise QueueTimeoutError(what) from e
+            error = QueueTimeoutError(what)
+            error.retry_after_s = self.breaker.reset_timeout
+            raise error from e
         except redis.ConnectionError as e:
             what = self._failed(f"the connection to Redis was refused or dropped ({e})")
-            raise QueueConnectionError(what) from e
+            error = QueueConnectionError(what)
+            error.retry_after_s = self.breaker.reset_timeout
+            raise error from e
 
 
 def connect_api(url: str, timeout_s: float, reset_s: float) -> GuardedRedis:

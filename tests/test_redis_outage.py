@@ -8,6 +8,7 @@ socket stays open and nothing answers), resumes with SIGCONT, kills, and starts 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -34,7 +35,8 @@ def _timed(call) -> tuple[float, object]:
 
 def _assert_down(r, reason: str) -> None:
     assert r.status_code == 503, r.text
-    assert int(r.headers["Retry-After"]) >= 1
+    # when the breaker tries Redis again (RETRY_S from the failure), rounded up: not longer
+    assert int(r.headers["Retry-After"]) == math.ceil(RETRY_S), r.headers
     assert "Redis" in r.json()["detail"], r.text
     if reason:
         assert reason in r.json()["detail"], r.text
@@ -138,3 +140,27 @@ def test_a_hung_then_dead_redis_costs_milliseconds_and_recovers(
         if stopped:
             os.kill(pid, signal.SIGCONT)
         server.stop()
+
+
+def test_the_retry_after_of_an_outage_is_the_breakers_time_left():
+    """The 503's Retry-After (``retry_after_s``): the breaker's whole reset time for the call
+    that failed, what is left of it for the calls it turned away."""
+    import socket
+
+    import redis
+
+    from app.redis_client import CircuitOpenError, QueueTimeoutError, connect_api
+
+    with socket.socket() as silent:  # listens, never accepts nor answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        client = connect_api(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", 0.2, 3.0)
+        with pytest.raises(QueueTimeoutError) as failed:
+            client.ping()
+        assert failed.value.retry_after_s == 3.0
+        time.sleep(1.0)
+        with pytest.raises(CircuitOpenError) as turned_away:
+            client.ping()
+        assert 1.5 < turned_away.value.retry_after_s <= 2.0, turned_away.value.retry_after_s
+        assert isinstance(turned_away.value, redis.ConnectionError)
+        client.close()

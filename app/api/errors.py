@@ -6,6 +6,7 @@ Every message says what to fix; no bad input ever turns into a 500.
 from __future__ import annotations
 
 import logging
+import math
 
 import redis
 from fastapi import FastAPI, Request, status
@@ -68,7 +69,8 @@ async def _queue_down(request: Request, exc: Exception) -> JSONResponse:
     return _detail(
         status.HTTP_503_SERVICE_UNAVAILABLE,
         f"the job queue (Redis) is unavailable: {exc or type(exc).__name__}; retry later",
-        headers={"Retry-After": "5"},
+        # when the API's circuit breaker tries Redis again (app.redis_client), at least 1 s
+        headers={"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after_s", 5.0))))},
     )
 
 
