@@ -535,3 +535,40 @@ def test_a_scrape_does_not_wait_for_a_hung_redis():
             text = metrics.render().decode()
             assert time.monotonic() - started < 1.5
             assert "ntk_unlearn_redis_up 0.0" in text and "ntk_unlearn_worker_up NaN" in text
+
+
+def test_a_process_whose_worker_is_refused_the_claim_is_not_ready_and_takes_no_forget(
+    make_settings, unlearner, redis_url, redis_prefix
+):
+    """Another data dir's worker takes the jobs of this prefix: a forget accepted here would be
+    applied to that model, not this one. /readyz 503 and forgets 503, saying why; reads go on
+    (scope=reads stays ready)."""
+    import redis as redis_py
+
+    settings = make_settings(redis_prefix=redis_prefix)
+    client_redis = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    client_redis.set(f"{redis_prefix}:worker-claim", "elsewhere:/srv/b/checkpoints", ex=600)
+    try:
+        with TestClient(create_app(settings, unlearner)) as client:
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").status_code == 200:
+                assert time.monotonic() < deadline, "ready although the worker is refused"
+                time.sleep(0.05)
+            body = client.get("/readyz").json()
+            assert "(elsewhere:/srv/b/checkpoints)" in body["detail"], body
+            assert "--redis-prefix" in body["detail"]
+            assert client.get("/readyz?scope=reads").status_code == 200
+            r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
+            assert r.status_code == 503 and "another data directory" in r.json()["detail"]
+            assert client.get("/v1/model", headers=READ).status_code == 200
+            # the other worker gone (its claim released): this one takes over, ready again
+            client_redis.delete(f"{redis_prefix}:worker-claim")
+            deadline = time.monotonic() + 40
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "never took over"
+                time.sleep(0.2)
+            assert (
+                client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE).status_code == 202
+            )
+    finally:
+        client_redis.close()
