@@ -593,12 +593,22 @@ def test_two_workers_of_one_data_dirs_copies_never_both_take_jobs(
     """A copy of the data dir (a restored backup) has its id: the binding lets it in, the lease
     of the live worker does not; it takes over at once when that one stops."""
     other_model = Unlearner.restore(base_checkpoint)
-    first, copy = _two_workers(queue, tmp_path, unlearner, other_model, "c")
+    first = Worker(
+        unlearner, queue, tmp_path / "a" / "checkpoints", DeletionLog(tmp_path / "a.log")
+    )
+    copy = Worker(
+        other_model, queue, tmp_path / "c" / "checkpoints", DeletionLog(tmp_path / "c.log")
+    )
     first.owner = f"0123456789abcdef|h:{tmp_path / 'a'}"
     copy.owner = f"0123456789abcdef|h:{tmp_path / 'c'}"
+    copy.consumer = "copy"
     caplog.set_level(logging.INFO, logger="app.worker")
-    _start_in_turn(queue, first, copy)
+    first.start()
     try:
+        deadline = time.monotonic() + 30
+        while queue.status().worker != first.consumer and time.monotonic() < deadline:
+            time.sleep(0.05)
+        copy.start()
         jobs = [queue.enqueue([rid]).job_id for rid in ("r01", "r02")]
         for job in jobs:
             _wait_finished(queue, job)
@@ -613,30 +623,6 @@ def test_two_workers_of_one_data_dirs_copies_never_both_take_jobs(
         assert other_model.is_forgotten(["r03"]) and not unlearner.is_forgotten(["r03"])
     finally:
         copy.stop()
-
-
-def _two_workers(
-    queue: JobQueue, tmp_path: Path, first_model: Unlearner, second_model: Unlearner, name: str
-) -> tuple[Worker, Worker]:
-    """Two workers of two data dirs (tmp_path/a and tmp_path/NAME) on one queue, in this
-    process (distinct consumer names)."""
-    first = Worker(
-        first_model, queue, tmp_path / "a" / "checkpoints", DeletionLog(tmp_path / "a.log")
-    )
-    second = Worker(
-        second_model, queue, tmp_path / name / "checkpoints", DeletionLog(tmp_path / f"{name}.log")
-    )
-    second.consumer = name
-    return first, second
-
-
-def _start_in_turn(queue: JobQueue, first: Worker, second: Worker) -> None:
-    """Start ``first``, wait (≤ 30 s) for its heartbeat, then start ``second``."""
-    first.start()
-    deadline = time.monotonic() + 30
-    while queue.status().worker != first.consumer and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second.start()
 
 
 def _wait_finished(queue: JobQueue, job_id: str, timeout: float = 60) -> None:
@@ -654,15 +640,30 @@ def test_a_worker_of_another_data_dir_takes_no_job_of_a_claimed_prefix(
     model, and a record forgotten in one would stay in the other: only the claim's holder takes
     jobs; the other waits, says why, beats no heartbeat, and takes over once the first stops."""
     other_model = Unlearner.restore(base_checkpoint)
-    first, second = _two_workers(queue, tmp_path, unlearner, other_model, "b")
+    first = Worker(
+        unlearner, queue, tmp_path / "a" / "checkpoints", DeletionLog(tmp_path / "a.log")
+    )
+    second = Worker(
+        other_model, queue, tmp_path / "b" / "checkpoints", DeletionLog(tmp_path / "b.log")
+    )
+    second.consumer = "second"  # both run in this process: give them distinct names
 
     def wait_for(job_id: str) -> str:
-        _wait_finished(queue, job_id)
-        return "succeeded"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = queue.get(job_id)
+            if job is not None and job.status in ("succeeded", "failed"):
+                return job.status
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} not finished")
 
     caplog.set_level(logging.INFO, logger="app.worker")
-    _start_in_turn(queue, first, second)
+    first.start()
     try:
+        deadline = time.monotonic() + 30
+        while queue.status().worker != first.consumer and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second.start()
         jobs = [queue.enqueue([rid]).job_id for rid in ("r01", "r02", "r03")]
         assert [wait_for(j) for j in jobs] == ["succeeded"] * 3
         # every job applied by the first worker's model, none by the second's
