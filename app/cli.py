@@ -371,7 +371,7 @@ def _claim_queue(settings: Settings, who: str) -> None:
     """
     import redis
 
-    from .queue import WORKER_TTL_S, JobQueue, claim_identity, describe_owner, worker_owner
+    from .queue import JobQueue, describe_owner, worker_owner
     from .redis_client import connect_worker
     from .service import deployment_keys
 
@@ -383,16 +383,7 @@ def _claim_queue(settings: Settings, who: str) -> None:
         return  # _check_redis said so; the worker claims once Redis answers
     finally:
         queue.client.close()
-    if other is not None and claim_identity(other) == claim_identity(owner):
-        # a worker of this data dir elsewhere (a container replaced, a copy): its lease lapses
-        log.warning(
-            "%s: another worker of this data directory (%s) holds the queue's lease; this one "
-            "takes no job until it lapses (%.0f s after that one stops)",
-            who,
-            describe_owner(other),
-            WORKER_TTL_S,
-        )
-    elif other is not None:
+    if other is not None:
         raise SystemExit(
             f"ntk-unlearn {who}: Redis prefix '{settings.redis_prefix}' is bound to another data "
             f"directory ({describe_owner(other)}), whose worker takes its jobs: two workers would "

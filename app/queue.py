@@ -32,8 +32,6 @@ Keys, all under the configured prefix ``P``:
 
 - ``P:worker`` (hash, lapses after ``WORKER_TTL_S``): the heartbeat of the worker taking jobs:
   its name, model version, last renewal and the start of the batch it applies.
-- ``P:worker-lease`` (lapses after ``WORKER_TTL_S``): the owner of the one live worker taking
-  jobs (``claim``), so that two workers of one data dir's copies never both do.
 - ``P:worker-claim`` (no expiry): the data dir this prefix is bound to (``worker_owner``: its id,
   host and checkpoint directory), set by the first worker that takes jobs off it (``claim``). A
   worker of another data dir refuses to start, and one already running takes no job, so no job
@@ -117,16 +115,11 @@ return {redis.call('XLEN', KEYS[1]), first, now[1], now[2], worker}
 # KEYS: the worker claim. ARGV: the claiming worker's owner. The owners' identities are
 # compared (``claim_identity``). Returns the owner of another identity's claim (false: this one
 # holds it now). No expiry: the prefix stays bound to its data dir until it is deleted by hand.
-# KEYS[2]: the lease of the one live worker (its whole owner string, ARGV[2] ms): two workers
-# of one identity (a copy of the data dir, a restored backup) must not both take jobs either.
 _CLAIM = """
 local function identity(s) return string.match(s, '^([0-9a-f]+)|') or s end
 local owner = redis.call('GET', KEYS[1])
 if owner and identity(owner) ~= identity(ARGV[1]) then return owner end
-local lease = redis.call('GET', KEYS[2])
-if lease and lease ~= ARGV[1] then return lease end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return false
 """
 
@@ -374,7 +367,6 @@ class JobQueue:
         self.followers_prepared_key = f"{prefix}:followers-prepared"
         self.worker_key = f"{prefix}:worker"
         self.claim_key = f"{prefix}:worker-claim"
-        self.lease_key = f"{prefix}:worker-lease"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
@@ -794,48 +786,33 @@ class JobQueue:
         before = pipe.execute()[0]
         return before if before is not None and before != worker else None
 
-    def claim(self, owner: str, ttl_s: float = WORKER_TTL_S) -> str | None:
+    def claim(self, owner: str) -> str | None:
         """Bind this prefix to the data dir of ``owner`` (``worker_owner``), or confirm it is. One
         data dir's worker takes jobs off a prefix: two would each apply some jobs to their own
         model, and a record forgotten by one would stay in the other. The binding does not
         expire (a stopped worker's prefix stays its own: its API processes still accept
         forgets); owners of one identity (``claim_identity``: the data dir's id, whatever the
         host or mount path) share it. To move a prefix to another data dir, delete the key by
-        hand (``claim_key``). Of one identity, one live worker at a time takes jobs: its lease
-        (``lease_key``, the whole owner string, ``ttl_s`` seconds, renewed with each call) keeps
-        out a worker of a copy of the data dir (a restored backup) or of another host until it
-        lapses; the same host and path take it over at once (a restart after a kill).
+        hand (``claim_key``).
 
         Returns:
-          The owner bound to the prefix when it is another data dir, or of the live lease of
-          another worker of this identity (``None``: ``owner`` holds both now).
+          The owner bound to the prefix when it is another data dir (``None``: ``owner``'s).
 
         Raises:
           redis.RedisError.
         """
-        return (
-            self._claim(
-                keys=[self.claim_key, self.lease_key], args=[owner, max(1, int(ttl_s * 1000))]
-            )
-            or None
-        )
+        return self._claim(keys=[self.claim_key], args=[owner]) or None
 
     def claim_holder(self) -> str | None:
         """The owner the prefix is bound to (``None``: none). Raises ``redis.RedisError``."""
         return self.client.get(self.claim_key)
-
-    def end_lease(self, owner: str) -> None:
-        """A worker of ``owner`` stops: its lease goes at once (only its own). Raises
-        ``redis.RedisError``."""
-        if self.client.get(self.lease_key) == owner:
-            self.client.delete(self.lease_key)
 
     def release_claim(self, owner: str) -> None:
         """Unbind the prefix if ``owner``'s identity holds it (tests, operators). Raises
         ``redis.RedisError``."""
         holder = self.claim_holder()
         if holder is not None and claim_identity(holder) == claim_identity(owner):
-            self.client.delete(self.claim_key, self.lease_key)
+            self.client.delete(self.claim_key)
 
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that

@@ -195,12 +195,10 @@ class Worker:
             self._beat_now.wait(WORKER_BEAT_S)
             if done.is_set():
                 break
-        try:  # the prefix stays bound to this data dir (JobQueue.claim); the lease goes
+        try:  # the prefix stays bound to this data dir (JobQueue.claim)
             self.queue.end_beat(self.consumer)
-            if self._claimed:
-                self.queue.end_lease(self.owner)
         except redis.RedisError:
-            pass  # they lapse by themselves
+            pass  # it lapses by itself
 
     def _loop(self) -> None:
         recovered = False
@@ -283,25 +281,14 @@ class Worker:
             self._holder = other
             if time.monotonic() - self._claim_refused_at >= 60:
                 self._claim_refused_at = time.monotonic()
-                if claim_identity(other) == claim_identity(self.owner):
-                    log.error(
-                        "another worker of this data directory (%s: a copy of it, or another "
-                        "host) takes the jobs of this Redis prefix; this one (%s) takes none "
-                        "until that one has stopped for %.0f s: one worker per model",
-                        describe_owner(other),
-                        describe_owner(self.owner),
-                        WORKER_TTL_S,
-                    )
-                else:
-                    log.error(
-                        "this Redis prefix is bound to another data directory (%s), whose "
-                        "worker takes its jobs; this one (%s) takes none: one worker per model, "
-                        "and each model its own --redis-prefix (to move the prefix here, delete "
-                        "the key %s)",
-                        describe_owner(other),
-                        describe_owner(self.owner),
-                        self.queue.claim_key,
-                    )
+                log.error(
+                    "this Redis prefix is bound to another data directory (%s), whose worker "
+                    "takes its jobs; this one (%s) takes none: one worker per model, and each "
+                    "model its own --redis-prefix (to move the prefix here, delete the key %s)",
+                    describe_owner(other),
+                    describe_owner(self.owner),
+                    self.queue.claim_key,
+                )
             return False
         self._holder = None
         self._absent_since = None

@@ -357,7 +357,7 @@ def test_a_worker_of_another_data_dir_on_the_prefix_is_refused_before_the_model_
             assert "--redis-prefix" in message and f"'{queue.claim_key}'" in message
         assert loads == []
         worker_lock(settings.data_dir, "worker").acquire().release()  # released on the way out
-        queue.client.delete(queue.claim_key, queue.lease_key)
+        queue.client.delete(queue.claim_key)
         # bound to this data dir, by a worker of another container (host name, mount path):
         # the same data dir id, no refusal
         data_dir_id = deployment_keys(settings).data_dir_id
@@ -366,5 +366,5 @@ def test_a_worker_of_another_data_dir_on_the_prefix_is_refused_before_the_model_
             cli.worker(settings)
         assert loads == ["worker"]
     finally:
-        client.delete(queue.claim_key, queue.lease_key)
+        client.delete(queue.claim_key)
         client.close()

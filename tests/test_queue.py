@@ -558,79 +558,23 @@ def test_a_second_worker_on_the_prefix_is_told(queue: JobQueue):
 
 def test_a_prefix_is_bound_to_one_data_dir(queue: JobQueue):
     """The binding (JobQueue.claim): kept by its owner's identity (the data dir id, whatever the
-    host or path: containers), refused to another, never lapsing, removed only for its owner;
-    and, within one identity, one live worker's lease at a time."""
+    host or path: containers), refused to another, never lapsing, removed only for its owner."""
     a = worker_owner(Path("/srv/a/checkpoints"), "0123456789abcdef")
     assert queue.claim(a) is None
-    assert queue.claim(a) is None  # renewed by its owner (a restart on the same host and path)
-    # the same data dir from another container (another host name, another mount path), or a
-    # copy of it: kept out while the live worker's lease lasts, then takes it
-    box = "0123456789abcdef|box-2:/mnt/data/checkpoints"
-    assert queue.claim(box) == a
-    queue.end_lease(box)  # not its lease: nothing ended
-    assert queue.claim(box) == a
-    queue.end_lease(a)
-    assert queue.claim(box, ttl_s=0.3) is None
-    time.sleep(0.5)  # not renewed: lapsed
     assert queue.claim(a) is None
+    # the same data dir seen from another container: another host name, another mount path
+    assert queue.claim("0123456789abcdef|box-2:/mnt/data/checkpoints") is None
     b = worker_owner(Path("/srv/b/checkpoints"), "fedcba9876543210")
-    assert queue.claim(b) == a  # another data dir: the binding, live lease or not
-    queue.end_lease(a)
-    assert queue.claim(b) == a and claim_identity(queue.claim(b)) == "0123456789abcdef"
+    assert queue.claim(b) == "0123456789abcdef|box-2:/mnt/data/checkpoints"
+    assert claim_identity(queue.claim(b)) == "0123456789abcdef"
     assert "(data dir id 0123456789abcdef)" in describe_owner(queue.claim_holder())
-    assert queue.client.ttl(queue.claim_key) == -1  # the binding: no expiry
+    assert queue.client.ttl(queue.claim_key) == -1  # no expiry
     queue.release_claim(b)  # not its binding: nothing removed
     assert queue.claim(b) is not None
     queue.release_claim(a)
     assert queue.claim(b) is None and queue.claim(a) == b
     # owners without an id (tests) are compared whole
     assert queue.claim("h:/x") == b
-
-
-def test_two_workers_of_one_data_dirs_copies_never_both_take_jobs(
-    queue: JobQueue, tmp_path: Path, unlearner: Unlearner, base_checkpoint: Path, caplog
-):
-    """A copy of the data dir (a restored backup) has its id: the binding lets it in, the lease
-    of the live worker does not; it takes over at once when that one stops."""
-    other_model = Unlearner.restore(base_checkpoint)
-    first = Worker(
-        unlearner, queue, tmp_path / "a" / "checkpoints", DeletionLog(tmp_path / "a.log")
-    )
-    copy = Worker(
-        other_model, queue, tmp_path / "c" / "checkpoints", DeletionLog(tmp_path / "c.log")
-    )
-    first.owner = f"0123456789abcdef|h:{tmp_path / 'a'}"
-    copy.owner = f"0123456789abcdef|h:{tmp_path / 'c'}"
-    copy.consumer = "copy"
-    caplog.set_level(logging.INFO, logger="app.worker")
-    first.start()
-    try:
-        deadline = time.monotonic() + 30
-        while queue.status().worker != first.consumer and time.monotonic() < deadline:
-            time.sleep(0.05)
-        copy.start()
-        jobs = [queue.enqueue([rid]).job_id for rid in ("r01", "r02")]
-        for job in jobs:
-            _wait_finished(queue, job)
-        assert unlearner.is_forgotten(["r01", "r02"]) and other_model.version == 0
-        assert any("another worker of this data directory" in m for m in caplog.messages)
-        assert copy.claim_holder == first.owner
-    finally:
-        first.stop()
-    try:
-        job = queue.enqueue(["r03"]).job_id  # the first stopped: its lease ended at once
-        _wait_finished(queue, job)
-        assert other_model.is_forgotten(["r03"]) and not unlearner.is_forgotten(["r03"])
-    finally:
-        copy.stop()
-
-
-def _wait_finished(queue: JobQueue, job_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (job := queue.get(job_id)) is None or job.status not in ("succeeded", "failed"):
-        assert time.monotonic() < deadline, f"job {job_id} not finished"
-        time.sleep(0.05)
-    assert job.status == "succeeded", job
 
 
 def test_a_worker_of_another_data_dir_takes_no_job_of_a_claimed_prefix(
@@ -676,7 +620,7 @@ def test_a_worker_of_another_data_dir_takes_no_job_of_a_claimed_prefix(
         # Redis restarted without persistence (the claim gone): the holder takes it again, the
         # waiting one leaves it to it, so that the jobs do not change model with each restart
         for _ in range(3):
-            queue.client.delete(queue.claim_key, queue.lease_key)
+            queue.client.delete(queue.claim_key)
             assert second._hold_claim() is False  # asked first, still not taken
             assert queue.claim_holder() in (None, first.owner)
             time.sleep(1.0)
