@@ -362,35 +362,36 @@ def _check_redis(settings: Settings, who: str) -> None:
 
 
 def _claim_queue(settings: Settings, who: str) -> None:
-    """Refuse to start a worker when its Redis prefix is bound to another data dir
-    (``JobQueue.claim``; the first worker on a prefix binds it), before the model loads: two
-    data dirs' workers would each apply some of the jobs to their own model.
+    """Refuse to start a worker while a worker of another data dir takes this Redis prefix's
+    jobs (``JobQueue.claim``), before the model loads: two would each apply some of the jobs to
+    their own model. The claim is then renewed while the model loads (``ClaimKeeper``) until this
+    process's worker holds it, so that another data dir's worker started meanwhile is refused
+    too.
 
     Raises:
-      SystemExit: the prefix is bound to another data dir (one line naming it and the key).
+      SystemExit: another data dir's worker holds the claim (one line naming it).
     """
     import redis
 
-    from .queue import JobQueue, describe_owner, worker_owner
+    from .queue import WORKER_TTL_S, JobQueue, worker_owner
     from .redis_client import connect_worker
-    from .service import deployment_keys
+    from .worker import ClaimKeeper
 
-    owner = worker_owner(settings.checkpoint_dir, deployment_keys(settings).data_dir_id)
+    owner = worker_owner(settings.checkpoint_dir)
     queue = JobQueue(connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s)
     try:
         other = queue.claim(owner)
     except redis.RedisError:
-        return  # _check_redis said so; the worker claims once Redis answers
-    finally:
-        queue.client.close()
+        other = None  # _check_redis said so; claimed once Redis answers
     if other is not None:
+        queue.client.close()
         raise SystemExit(
-            f"ntk-unlearn {who}: Redis prefix '{settings.redis_prefix}' is bound to another data "
-            f"directory ({describe_owner(other)}), whose worker takes its jobs: two workers would "
-            "each apply some of them to their own model. Give each model its own "
-            "--redis-prefix; to move this prefix to this data directory for good (that model's "
-            f"queued jobs then come here), delete the key '{queue.claim_key}' first"
+            f"ntk-unlearn {who}: a worker of another data directory ({other}) takes the jobs of "
+            f"Redis prefix '{settings.redis_prefix}': two workers would each apply some of them "
+            "to their own model. Give each model its own --redis-prefix, or stop that worker "
+            f"first (its claim lapses {WORKER_TTL_S:.0f} s after it stops)"
         )
+    ClaimKeeper(queue, owner).start()
 
 
 def _no_worker_elsewhere(settings: Settings) -> None:

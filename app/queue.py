@@ -32,10 +32,10 @@ Keys, all under the configured prefix ``P``:
 
 - ``P:worker`` (hash, lapses after ``WORKER_TTL_S``): the heartbeat of the worker taking jobs:
   its name, model version, last renewal and the start of the batch it applies.
-- ``P:worker-claim`` (no expiry): the data dir this prefix is bound to (``worker_owner``: its id,
-  host and checkpoint directory), set by the first worker that takes jobs off it (``claim``). A
-  worker of another data dir refuses to start, and one already running takes no job, so no job
-  is applied to one model and missed by another; deleted by hand to move the prefix.
+- ``P:worker-claim`` (lapses after ``WORKER_TTL_S``): the owner (host and checkpoint directory,
+  ``worker_owner``) of the one worker that takes jobs off this prefix (``claim``). A worker of
+  another data dir refuses to start while it is live, and one already running takes no job
+  until it lapses, so no job is applied to one model and missed by another.
 
 A job is a forget (``kind`` absent or ``forget``) or an addition (``kind`` ``add``), whose job
 record also holds the new records (``records``: JSON ``{"x", "y"}``) until it has ended; both go
@@ -112,15 +112,19 @@ if redis.call('TYPE', KEYS[2])['ok'] == 'hash' then worker = redis.call('HGETALL
 return {redis.call('XLEN', KEYS[1]), first, now[1], now[2], worker}
 """
 
-# KEYS: the worker claim. ARGV: the claiming worker's owner. The owners' identities are
-# compared (``claim_identity``). Returns the owner of another identity's claim (false: this one
-# holds it now). No expiry: the prefix stays bound to its data dir until it is deleted by hand.
+# KEYS: the worker claim. ARGV: the claiming worker's owner (host and data dir), TTL in ms.
+# Returns the owner of a live claim of another data dir (false: this one holds it now).
 _CLAIM = """
-local function identity(s) return string.match(s, '^([0-9a-f]+)|') or s end
 local owner = redis.call('GET', KEYS[1])
-if owner and identity(owner) ~= identity(ARGV[1]) then return owner end
-redis.call('SET', KEYS[1], ARGV[1])
+if owner and owner ~= ARGV[1] then return owner end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
+"""
+
+# KEYS: the worker claim. ARGV: the owner. Deletes the claim only if this owner holds it.
+_RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _ENQUEUE = """
@@ -262,26 +266,10 @@ class QueueStatus:
         )
 
 
-def worker_owner(checkpoint_dir: Path, data_dir_id: str | None = None) -> str:
-    """The owner a worker binds its Redis prefix to (``JobQueue.claim``): ``"ID|HOST:PATH"``,
-    the data dir's id (``DeploymentKeys.data_dir_id``, its identity) and, for people, this host
-    and the absolute checkpoint directory; ``"HOST:PATH"`` alone without an id (tests)."""
-    where = f"{socket.gethostname()}:{Path(checkpoint_dir).resolve()}"
-    return f"{data_dir_id}|{where}" if data_dir_id else where
-
-
-def claim_identity(owner: str) -> str:
-    """The identity of a claim's owner: its data dir id, or the whole string without one."""
-    head, sep, _ = owner.partition("|")
-    return head if sep and head and all(c in "0123456789abcdef" for c in head) else owner
-
-
-def describe_owner(owner: str) -> str:
-    """An owner for people: ``"HOST:PATH (data dir id ID)"``."""
-    identity = claim_identity(owner)
-    if identity == owner:
-        return owner
-    return f"{owner.partition('|')[2]} (data dir id {identity})"
+def worker_owner(checkpoint_dir: Path) -> str:
+    """The owner of a worker's claim (``JobQueue.claim``): this host and the absolute checkpoint
+    directory of the model it applies jobs to, e.g. ``"host-1:/srv/ntk/data/checkpoints"``."""
+    return f"{socket.gethostname()}:{Path(checkpoint_dir).resolve()}"
 
 
 def utc_now() -> str:
@@ -371,6 +359,7 @@ class JobQueue:
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
         self._claim = client.register_script(_CLAIM)
+        self._release_claim = client.register_script(_RELEASE_CLAIM)
         self._enqueue_add = client.register_script(_ENQUEUE_ADD)
         self._drop_lapsed_script = client.register_script(_DROP_LAPSED)
         self._status_script = client.register_script(_STATUS)
@@ -786,33 +775,30 @@ class JobQueue:
         before = pipe.execute()[0]
         return before if before is not None and before != worker else None
 
-    def claim(self, owner: str) -> str | None:
-        """Bind this prefix to the data dir of ``owner`` (``worker_owner``), or confirm it is. One
-        data dir's worker takes jobs off a prefix: two would each apply some jobs to their own
-        model, and a record forgotten by one would stay in the other. The binding does not
-        expire (a stopped worker's prefix stays its own: its API processes still accept
-        forgets); owners of one identity (``claim_identity``: the data dir's id, whatever the
-        host or mount path) share it. To move a prefix to another data dir, delete the key by
-        hand (``claim_key``).
+    def claim(self, owner: str, ttl_s: float = WORKER_TTL_S) -> str | None:
+        """Claim this prefix's jobs for the worker of ``owner`` (``worker_owner``: its host and
+        data dir), or renew the claim, for ``ttl_s`` seconds. One data dir's worker at a time
+        takes jobs off a prefix: two would each apply some jobs to their own model, and a record
+        forgotten by one would stay in the other. A claim of the same owner (a worker restarted
+        on its data dir, which the data dir's lock keeps to one process) is taken over at once.
 
         Returns:
-          The owner bound to the prefix when it is another data dir (``None``: ``owner``'s).
+          The owner of another live claim (``None``: ``owner`` holds the claim now).
 
         Raises:
           redis.RedisError.
         """
-        return self._claim(keys=[self.claim_key], args=[owner]) or None
+        other = self._claim(keys=[self.claim_key], args=[owner, max(1, int(ttl_s * 1000))])
+        return other or None
 
     def claim_holder(self) -> str | None:
-        """The owner the prefix is bound to (``None``: none). Raises ``redis.RedisError``."""
+        """The owner of the live claim (``None``: none). Raises ``redis.RedisError``."""
         return self.client.get(self.claim_key)
 
     def release_claim(self, owner: str) -> None:
-        """Unbind the prefix if ``owner``'s identity holds it (tests, operators). Raises
-        ``redis.RedisError``."""
-        holder = self.claim_holder()
-        if holder is not None and claim_identity(holder) == claim_identity(owner):
-            self.client.delete(self.claim_key)
+        """Give up ``owner``'s claim (another's is left alone), so that a worker of another data
+        dir may start at once. Raises ``redis.RedisError``."""
+        self._release_claim(keys=[self.claim_key], args=[owner])
 
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that

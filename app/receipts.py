@@ -99,13 +99,6 @@ class DeploymentKeys:
         """HMAC-SHA256 of a record id under the deployment's id secret (hex)."""
         return id_digest(self.id_secret, record_id)
 
-    @property
-    def data_dir_id(self) -> str:
-        """This data directory's identity (16 hex digits, keyed by the id secret, so that it
-        reveals nothing): the same for every process sharing the directory, whatever their host
-        name (containers) or mount path; the Redis prefix is bound to it (``JobQueue.claim``)."""
-        return self.digest("\0ntk-unlearn data directory")[:16]
-
     def public_key_pem(self) -> str:
         """The receipt verification key, SubjectPublicKeyInfo PEM."""
         return (

@@ -33,17 +33,7 @@ from service_core import SolverError, Unlearner, UnlearnError
 from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
-from .queue import (
-    WORKER_BEAT_S,
-    WORKER_TTL_S,
-    Entry,
-    Job,
-    JobQueue,
-    claim_identity,
-    describe_owner,
-    utc_now,
-    worker_owner,
-)
+from .queue import WORKER_BEAT_S, WORKER_TTL_S, Entry, Job, JobQueue, utc_now, worker_owner
 from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
@@ -66,10 +56,56 @@ class ClaimLostError(Exception):
 
     def __init__(self, holder: str):
         self.holder = holder
-        super().__init__(
-            "this worker lost the queue's claim to another data directory "
-            f"({describe_owner(holder)})"
-        )
+        super().__init__(f"this worker lost the queue's claim to another worker ({holder})")
+
+
+# The owners whose claim a Worker of this process holds: a ClaimKeeper renewing one during the
+# model load stops once it is there.
+_claims_held: set[str] = set()
+
+
+class ClaimKeeper:
+    """Renews a worker's claim of its Redis prefix (``JobQueue.claim``) while the model loads
+    (tens of seconds, minutes for a first build), until this process's ``Worker`` holds it, so
+    that a worker of another data dir started meanwhile is still refused at its start.
+
+    Arguments:
+      queue: the job queue (a worker's client).
+      owner: the claim's owner (``queue.worker_owner``).
+      every_s: seconds between renewals; ttl_s: the claim's expiry (tests shorten both).
+    """
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        owner: str,
+        every_s: float = WORKER_BEAT_S,
+        ttl_s: float = WORKER_TTL_S,
+    ):
+        self.queue = queue
+        self.owner = owner
+        self.every_s = every_s
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-claim", daemon=True)
+
+    def start(self) -> ClaimKeeper:
+        """Start renewing (every ``every_s`` seconds) in a daemon thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop renewing (the claim lapses unless a worker renews it)."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s) and self.owner not in _claims_held:
+            try:
+                self.queue.claim(
+                    self.owner, self.ttl_s
+                )  # another's: the worker refuses when it starts
+            except redis.RedisError:
+                pass  # the worker claims once Redis answers
 
 
 class Worker:
@@ -108,11 +144,11 @@ class Worker:
         if metrics is not None:
             metrics.count_jobs()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
-        self.owner = worker_owner(checkpoint_dir, keys.data_dir_id if keys is not None else None)
+        self.owner = worker_owner(checkpoint_dir)
         self._claimed = False  # whether this worker holds the queue's claim (JobQueue.claim)
         self._claim_refused_at = -math.inf  # when the refusal was last logged (monotonic)
-        self._holder: str | None = None  # the other data dir's owner, while refused
-        self._absent_since: float | None = None  # refused, then the binding seen gone since
+        self._other_seen_at = -math.inf  # when another owner's claim was last seen (monotonic)
+        self._holder: str | None = None  # that owner, while this worker is refused
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # Unix time this batch began; None: idle
@@ -195,10 +231,12 @@ class Worker:
             self._beat_now.wait(WORKER_BEAT_S)
             if done.is_set():
                 break
-        try:  # the prefix stays bound to this data dir (JobQueue.claim)
+        _claims_held.discard(self.owner)
+        try:
             self.queue.end_beat(self.consumer)
+            self.queue.release_claim(self.owner)
         except redis.RedisError:
-            pass  # it lapses by itself
+            pass  # they lapse by themselves
 
     def _loop(self) -> None:
         recovered = False
@@ -222,7 +260,6 @@ class Worker:
                     recovered = True
                 self.run_once(_BLOCK_MS)
             except redis.RedisError as e:
-                self._absent_since = None  # a binding's absence counts only while Redis answers
                 # said when it starts, then once a minute while it lasts, not at every retry
                 now = time.monotonic()
                 if unreachable_since is None:
@@ -256,42 +293,33 @@ class Worker:
         """Claim the queue for this worker's data dir, or renew the claim (``JobQueue.claim``);
         ``False`` while another data dir's worker holds it: this one then takes no job, and says
         so once a minute. Raises ``redis.RedisError``."""
-        if self._holder is not None:
-            # Refused before: a binding gone since (Redis restarted without persistence, or
-            # deleted by hand) is left to its owner, who takes it again within a read, so that
-            # the jobs do not change model with each restart; taken only once it has stayed
-            # gone for WORKER_TTL_S of Redis answering.
+        if time.monotonic() - self._other_seen_at < WORKER_TTL_S:
+            # Another owner held it moments ago: a claim gone meanwhile (Redis restarted without
+            # persistence) is left to that owner to take again, so that the jobs do not change
+            # model with each restart; taken only once none has been seen for a whole expiry.
             holder = self.queue.claim_holder()
             if holder is None:
-                now = time.monotonic()
-                if self._absent_since is None:
-                    self._absent_since = now
-                if now - self._absent_since < WORKER_TTL_S:
-                    return False
-                other = self.queue.claim(self.owner)
-            elif claim_identity(holder) == claim_identity(self.owner):
-                other = self.queue.claim(self.owner)
-            else:
-                other = holder
-                self._absent_since = None
+                return False
+            other = self.queue.claim(self.owner) if holder == self.owner else holder
         else:
             other = self.queue.claim(self.owner)
         if other is not None:
             self._claimed = False
             self._holder = other
+            self._other_seen_at = time.monotonic()
             if time.monotonic() - self._claim_refused_at >= 60:
                 self._claim_refused_at = time.monotonic()
                 log.error(
-                    "this Redis prefix is bound to another data directory (%s), whose worker "
-                    "takes its jobs; this one (%s) takes none: one worker per model, and each "
-                    "model its own --redis-prefix (to move the prefix here, delete the key %s)",
-                    describe_owner(other),
-                    describe_owner(self.owner),
-                    self.queue.claim_key,
+                    "another worker (%s) takes the jobs of this Redis prefix; this one (%s) "
+                    "takes none until that one has been gone for %.0f s: one worker per model, "
+                    "and each model its own --redis-prefix",
+                    other,
+                    self.owner,
+                    WORKER_TTL_S,
                 )
             return False
         self._holder = None
-        self._absent_since = None
+        _claims_held.add(self.owner)
         if not self._claimed:
             self._claimed = True
             if self._claim_refused_at > -math.inf:
@@ -316,6 +344,7 @@ class Worker:
         if other is not None:
             self._claimed = False
             self._holder = other
+            self._other_seen_at = time.monotonic()
             raise ClaimLostError(other)
 
     # Work.

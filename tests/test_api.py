@@ -572,35 +572,3 @@ def test_a_process_whose_worker_is_refused_the_claim_is_not_ready_and_takes_no_f
             )
     finally:
         client_redis.close()
-
-
-def test_an_api_process_of_a_prefix_bound_to_another_data_dir_takes_no_forget(
-    make_settings, unlearner, redis_url, redis_prefix
-):
-    """`serve --no-worker` beside a worker of another data dir on its prefix (the binding in
-    Redis names that one): its forgets would go to that model. 503 saying why; its own data
-    dir's binding (any host, any mount path) is no reason."""
-    import redis as redis_py
-
-    from app.service import deployment_keys
-
-    settings = make_settings(worker=False, redis_prefix=redis_prefix)
-    key = f"{redis_prefix}:worker-claim"
-    client_redis = redis_py.Redis.from_url(redis_url, decode_responses=True)
-    client_redis.set(key, "fedcba9876543210|box-3:/srv/b/checkpoints")
-    try:
-        with TestClient(create_app(settings, unlearner)) as client:
-            r = client.get("/readyz")
-            assert r.status_code == 503 and "box-3:/srv/b/checkpoints" in r.json()["detail"]
-            assert "(data dir id fedcba9876543210)" in r.json()["detail"]
-            assert client.get("/readyz?scope=reads").status_code == 200
-            r = client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
-            assert r.status_code == 503 and "another data directory" in r.json()["detail"]
-            own = deployment_keys(settings).data_dir_id
-            client_redis.set(key, f"{own}|box-4:/mnt/elsewhere/checkpoints")
-            assert client.get("/readyz").status_code == 200
-            assert (
-                client.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE).status_code == 202
-            )
-    finally:
-        client_redis.close()

@@ -329,8 +329,7 @@ def test_a_worker_of_another_data_dir_on_the_prefix_is_refused_before_the_model_
     """A live claim of another data dir's worker (JobQueue.claim) refuses `worker` and `serve`
     at once, in one line naming it; the claim of this data dir (a restart) does not."""
     from app import service
-    from app.queue import JobQueue
-    from app.service import deployment_keys
+    from app.queue import JobQueue, worker_owner
 
     loads: list[str] = []
 
@@ -350,18 +349,14 @@ def test_a_worker_of_another_data_dir_on_the_prefix_is_refused_before_the_model_
                 run(settings)
             assert time.monotonic() - started < 5
             message = str(caught.value)
-            assert message.startswith(
-                f"ntk-unlearn {who}: Redis prefix '{redis_prefix}' is bound to another data "
-                "directory (elsewhere:/srv/other/checkpoints)"
-            )
-            assert "--redis-prefix" in message and f"'{queue.claim_key}'" in message
+            assert message.startswith(f"ntk-unlearn {who}: a worker of another data directory")
+            assert "(elsewhere:/srv/other/checkpoints)" in message
+            assert f"'{redis_prefix}'" in message and "--redis-prefix" in message
         assert loads == []
         worker_lock(settings.data_dir, "worker").acquire().release()  # released on the way out
-        queue.client.delete(queue.claim_key)
-        # bound to this data dir, by a worker of another container (host name, mount path):
-        # the same data dir id, no refusal
-        data_dir_id = deployment_keys(settings).data_dir_id
-        assert queue.claim(f"{data_dir_id}|box-7:/mnt/data/checkpoints") is None
+        queue.release_claim("elsewhere:/srv/other/checkpoints")
+        # this data dir's own claim, left by a worker killed a moment ago: no refusal
+        assert queue.claim(worker_owner(settings.checkpoint_dir)) is None
         with pytest.raises(SystemExit, match="stopped at the model load"):
             cli.worker(settings)
         assert loads == ["worker"]

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.deletion_log import DeletionLog
 from app.main import create_app
-from app.queue import GROUP, JobQueue, claim_identity, describe_owner, worker_owner
+from app.queue import GROUP, JobQueue
 from app.service import make_worker
 from app.worker import Worker
 from service_core import AlreadyForgottenError, InvalidForgetSetError, Unlearner
@@ -292,11 +292,11 @@ def test_a_redis_outage_is_said_once_and_its_end_too(
     real_claim = queue.claim
     failures = {"left": 20}
 
-    def claim(owner: str) -> str | None:
+    def claim(owner: str, ttl_s: float = 15.0) -> str | None:
         if failures["left"] > 0:
             failures["left"] -= 1
             raise redis.ConnectionError("Connection refused (a test's outage)")
-        return real_claim(owner)
+        return real_claim(owner, ttl_s)
 
     monkeypatch.setattr(queue, "claim", claim)
     job = queue.enqueue(["r06"])
@@ -556,25 +556,19 @@ def test_a_second_worker_on_the_prefix_is_told(queue: JobQueue):
     assert queue.beat("w-2", 0, None) == "w-1"
 
 
-def test_a_prefix_is_bound_to_one_data_dir(queue: JobQueue):
-    """The binding (JobQueue.claim): kept by its owner's identity (the data dir id, whatever the
-    host or path: containers), refused to another, never lapsing, removed only for its owner."""
-    a = worker_owner(Path("/srv/a/checkpoints"), "0123456789abcdef")
-    assert queue.claim(a) is None
-    assert queue.claim(a) is None
-    # the same data dir seen from another container: another host name, another mount path
-    assert queue.claim("0123456789abcdef|box-2:/mnt/data/checkpoints") is None
-    b = worker_owner(Path("/srv/b/checkpoints"), "fedcba9876543210")
-    assert queue.claim(b) == "0123456789abcdef|box-2:/mnt/data/checkpoints"
-    assert claim_identity(queue.claim(b)) == "0123456789abcdef"
-    assert "(data dir id 0123456789abcdef)" in describe_owner(queue.claim_holder())
-    assert queue.client.ttl(queue.claim_key) == -1  # no expiry
-    queue.release_claim(b)  # not its binding: nothing removed
-    assert queue.claim(b) is not None
-    queue.release_claim(a)
-    assert queue.claim(b) is None and queue.claim(a) == b
-    # owners without an id (tests) are compared whole
-    assert queue.claim("h:/x") == b
+def test_one_data_dirs_worker_claims_a_prefix(queue: JobQueue):
+    """The claim (JobQueue.claim): renewed by its owner, refused to another while live, given
+    up only by its owner, taken by another once released or lapsed."""
+    assert queue.claim("h:/a/checkpoints") is None
+    assert queue.claim("h:/a/checkpoints") is None  # its owner renews (a restarted worker too)
+    assert queue.claim("h:/b/checkpoints") == "h:/a/checkpoints"
+    queue.release_claim("h:/b/checkpoints")  # not its claim: nothing given up
+    assert queue.claim("h:/b/checkpoints") == "h:/a/checkpoints"
+    queue.release_claim("h:/a/checkpoints")
+    assert queue.claim("h:/b/checkpoints", ttl_s=0.3) is None
+    assert queue.claim("h:/a/checkpoints") == "h:/b/checkpoints"
+    time.sleep(0.5)  # not renewed: lapsed
+    assert queue.claim("h:/a/checkpoints") is None
 
 
 def test_a_worker_of_another_data_dir_takes_no_job_of_a_claimed_prefix(
@@ -628,19 +622,31 @@ def test_a_worker_of_another_data_dir_takes_no_job_of_a_claimed_prefix(
     finally:
         first.stop()
     try:
-        # the first stopped: the prefix stays bound to its data dir (its API processes still
-        # accept forgets for it), so the second takes nothing
-        job = queue.enqueue(["r04"]).job_id
-        time.sleep(1.5)
-        assert queue.get(job).status == "queued" and queue.claim_holder() == first.owner
-        # the operator moves the prefix (deletes the key): taken over once none has been seen
-        # for a whole expiry
-        queue.client.delete(queue.claim_key)
+        job = queue.enqueue(["r04"]).job_id  # the first stopped: its claim given up at once
         assert wait_for(job) == "succeeded"
         assert other_model.is_forgotten(["r04"]) and not unlearner.is_forgotten(["r04"])
         assert any("takes the queue's jobs now" in m for m in caplog.messages)
     finally:
         second.stop()
+
+
+def test_the_claim_is_renewed_while_the_model_loads_until_the_worker_holds_it(queue: JobQueue):
+    """A load longer than the claim's expiry must not let another data dir's worker start
+    (ClaimKeeper); once this process's worker holds the claim the keeper stops."""
+    from app import worker as worker_module
+
+    owner = "h:/loading/checkpoints"
+    assert queue.claim(owner, ttl_s=0.3) is None
+    keeper = worker_module.ClaimKeeper(queue, owner, every_s=0.1, ttl_s=0.3).start()
+    try:
+        time.sleep(1.0)  # three expiries: still held
+        assert queue.claim("h:/other/checkpoints") == owner
+        worker_module._claims_held.add(owner)  # the worker's loop took it over
+        time.sleep(0.6)  # the keeper stopped renewing: lapsed
+        assert queue.claim("h:/other/checkpoints", ttl_s=0.3) is None
+    finally:
+        worker_module._claims_held.discard(owner)
+        keeper.stop()
 
 
 def test_a_worker_that_lost_the_claim_mid_batch_publishes_nothing(

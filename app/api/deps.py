@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Annotated
 
 import anyio.to_thread
-import redis
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -16,7 +15,7 @@ from service_core import Unlearner
 from ..core.config import Settings
 from ..core.security import Right, check_access
 from ..deletion_log import DeletionLog
-from ..queue import JobQueue, claim_identity, describe_owner
+from ..queue import JobQueue
 from ..receipts import DeploymentKeys
 from ..service import FollowerBehindError, ServiceState
 
@@ -73,27 +72,15 @@ def follow_or_503(state: ServiceState, catch_up: Callable[[], None]) -> None:
 
 
 def claim_lost(state: ServiceState) -> str | None:
-    """Why a forget accepted here would not be applied to this process's model: its Redis
-    prefix is bound to another data dir (``JobQueue.claim``), whose worker takes its jobs (this
-    process's worker is refused, ``Worker.claim_holder``; an API process without a worker asks
-    Redis). ``None`` otherwise, and when Redis does not answer (said elsewhere)."""
-    if state.worker is not None:
-        holder = state.worker.claim_holder
-    elif state.queue is not None and state.keys is not None:
-        try:
-            holder = state.queue.claim_holder()
-        except redis.RedisError:
-            return None
-        if holder is not None and claim_identity(holder) == state.keys.data_dir_id:
-            holder = None
-    else:
-        return None
+    """Why this process's worker takes no job (another data dir's worker holds the queue's
+    claim, ``Worker.claim_holder``), or ``None``."""
+    holder = state.worker.claim_holder if state.worker is not None else None
     if holder is None:
         return None
     return (
-        f"Redis prefix '{state.settings.redis_prefix}' is bound to another data directory "
-        f"({describe_owner(holder)}), whose worker takes its jobs: a forget accepted here "
-        "would be applied to that model, not this one; give each model its own --redis-prefix"
+        f"this process's worker takes no job: a worker of another data directory ({holder}) "
+        f"takes the jobs of Redis prefix '{state.settings.redis_prefix}', and would apply this "
+        "one to its model, not this one; give each model its own --redis-prefix"
     )
 
 
