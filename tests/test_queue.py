@@ -42,21 +42,6 @@ def worker_for(queue: JobQueue, tmp_path: Path):
     return make
 
 
-def _held_forget(unlearner: Unlearner, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Make ``unlearner.forget`` set the first event when called, then wait (≤ 30 s) for the
-    second before it goes on: a batch held mid-solve."""
-    solving, release = threading.Event(), threading.Event()
-    forget = unlearner.forget
-
-    def held(*args, **kwargs):
-        solving.set()
-        release.wait(30)
-        return forget(*args, **kwargs)
-
-    monkeypatch.setattr(unlearner, "forget", held)
-    return solving, release
-
-
 def _redis_is_clean(queue: JobQueue) -> None:
     """Nothing of a finished job is left but its record: no entry, no pending delivery, no ids."""
     assert queue.client.xlen(queue.stream) == 0
@@ -510,7 +495,16 @@ def test_a_running_worker_beats_while_it_runs_and_not_after(
 ):
     worker = worker_for(unlearner)
     queue.enqueue(["r05"])
-    solving, release = _held_forget(unlearner, monkeypatch)
+    solving = threading.Event()
+    release = threading.Event()
+    forget = unlearner.forget
+
+    def slow_forget(*args, **kwargs):
+        solving.set()
+        release.wait(30)
+        return forget(*args, **kwargs)
+
+    monkeypatch.setattr(unlearner, "forget", slow_forget)
     worker.start()  # renewals every 5 s, and at once when a batch begins or ends
     try:
         assert solving.wait(60)
@@ -657,7 +651,15 @@ def test_a_worker_that_lost_the_claim_mid_batch_publishes_nothing(
     checkpoint dropped, its job neither failed nor acknowledged (the holder applies it)."""
     worker = worker_for(unlearner)
     job = queue.enqueue(["r08"])
-    solving, release = _held_forget(unlearner, monkeypatch)
+    solving, release = threading.Event(), threading.Event()
+    forget = unlearner.forget
+
+    def slow_forget(*args, **kwargs):
+        solving.set()
+        release.wait(30)
+        return forget(*args, **kwargs)
+
+    monkeypatch.setattr(unlearner, "forget", slow_forget)
     caplog.set_level(logging.INFO, logger="app.worker")
     worker.start()
     try:
