@@ -364,9 +364,8 @@ def _check_redis(settings: Settings, who: str) -> None:
 def _claim_queue(settings: Settings, who: str) -> None:
     """Refuse to start a worker while a worker of another data dir takes this Redis prefix's
     jobs (``JobQueue.claim``), before the model loads: two would each apply some of the jobs to
-    their own model. The claim is then renewed while the model loads (``ClaimKeeper``) until this
-    process's worker holds it, so that another data dir's worker started meanwhile is refused
-    too.
+    their own model. The claim taken here lapses during a long load; the worker claims again
+    before it takes any job (``Worker``), so two started together never both take jobs.
 
     Raises:
       SystemExit: another data dir's worker holds the claim (one line naming it).
@@ -375,23 +374,23 @@ def _claim_queue(settings: Settings, who: str) -> None:
 
     from .queue import WORKER_TTL_S, JobQueue, worker_owner
     from .redis_client import connect_worker
-    from .worker import ClaimKeeper
 
-    owner = worker_owner(settings.checkpoint_dir)
-    queue = JobQueue(connect_worker(settings.redis_url), settings.redis_prefix, settings.job_ttl_s)
+    client = connect_worker(settings.redis_url)
     try:
-        other = queue.claim(owner)
+        other = JobQueue(client, settings.redis_prefix, settings.job_ttl_s).claim(
+            worker_owner(settings.checkpoint_dir)
+        )
     except redis.RedisError:
-        other = None  # _check_redis said so; claimed once Redis answers
+        return  # _check_redis said so; the worker claims once Redis answers
+    finally:
+        client.close()
     if other is not None:
-        queue.client.close()
         raise SystemExit(
             f"ntk-unlearn {who}: a worker of another data directory ({other}) takes the jobs of "
             f"Redis prefix '{settings.redis_prefix}': two workers would each apply some of them "
             "to their own model. Give each model its own --redis-prefix, or stop that worker "
             f"first (its claim lapses {WORKER_TTL_S:.0f} s after it stops)"
         )
-    ClaimKeeper(queue, owner).start()
 
 
 def _no_worker_elsewhere(settings: Settings) -> None:
@@ -434,6 +433,12 @@ def serve(settings: Settings) -> None:
     _private_data_dir(settings)
     nice_autogroup()
 
+    if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+        log.info(
+            "XLA's buffers on transparent huge pages (GLIBC_TUNABLES=%s)",
+            os.environ["GLIBC_TUNABLES"],
+        )
+
     with contextlib.ExitStack() as held:
         try:
             if settings.worker:
@@ -466,12 +471,6 @@ def serve(settings: Settings) -> None:
                     _claim_queue(settings, "serve")
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
-        # after the checks: a refused start is one line
-        if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-            log.info(
-                "XLA's buffers on transparent huge pages (GLIBC_TUNABLES=%s)",
-                os.environ["GLIBC_TUNABLES"],
-            )
         # uvicorn names the address only when it binds the socket itself.
         host, port = sock.getsockname()[:2]
         log.info("HTTP API will listen on %s:%d once the model is loaded", host, port)

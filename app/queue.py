@@ -791,10 +791,6 @@ class JobQueue:
         other = self._claim(keys=[self.claim_key], args=[owner, max(1, int(ttl_s * 1000))])
         return other or None
 
-    def claim_holder(self) -> str | None:
-        """The owner of the live claim (``None``: none). Raises ``redis.RedisError``."""
-        return self.client.get(self.claim_key)
-
     def release_claim(self, owner: str) -> None:
         """Give up ``owner``'s claim (another's is left alone), so that a worker of another data
         dir may start at once. Raises ``redis.RedisError``."""

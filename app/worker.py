@@ -44,70 +44,6 @@ _BLOCK_MS = 250
 _RETRY_S = 2.0
 
 
-class ClaimLostError(Exception):
-    """This worker no longer holds the queue's claim (``JobQueue.claim``): another data dir's
-    worker took it while this one was stalled past its expiry. The batch in hand is abandoned
-    before its version is logged or published (its checkpoint dropped, the model unchanged), its
-    entries left to the claim's holder.
-
-    Attributes:
-      holder: the owner of the claim now.
-    """
-
-    def __init__(self, holder: str):
-        self.holder = holder
-        super().__init__(f"this worker lost the queue's claim to another worker ({holder})")
-
-
-# The owners whose claim a Worker of this process holds: a ClaimKeeper renewing one during the
-# model load stops once it is there.
-_claims_held: set[str] = set()
-
-
-class ClaimKeeper:
-    """Renews a worker's claim of its Redis prefix (``JobQueue.claim``) while the model loads
-    (tens of seconds, minutes for a first build), until this process's ``Worker`` holds it, so
-    that a worker of another data dir started meanwhile is still refused at its start.
-
-    Arguments:
-      queue: the job queue (a worker's client).
-      owner: the claim's owner (``queue.worker_owner``).
-      every_s: seconds between renewals; ttl_s: the claim's expiry (tests shorten both).
-    """
-
-    def __init__(
-        self,
-        queue: JobQueue,
-        owner: str,
-        every_s: float = WORKER_BEAT_S,
-        ttl_s: float = WORKER_TTL_S,
-    ):
-        self.queue = queue
-        self.owner = owner
-        self.every_s = every_s
-        self.ttl_s = ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="worker-claim", daemon=True)
-
-    def start(self) -> ClaimKeeper:
-        """Start renewing (every ``every_s`` seconds) in a daemon thread."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop renewing (the claim lapses unless a worker renews it)."""
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s) and self.owner not in _claims_held:
-            try:
-                self.queue.claim(
-                    self.owner, self.ttl_s
-                )  # another's: the worker refuses when it starts
-            except redis.RedisError:
-                pass  # the worker claims once Redis answers
-
-
 class Worker:
     """Applies forget jobs to ``unlearner``, one batch at a time.
 
@@ -146,9 +82,7 @@ class Worker:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self.owner = worker_owner(checkpoint_dir)
         self._claimed = False  # whether this worker holds the queue's claim (JobQueue.claim)
-        self._claim_refused_at = -math.inf  # when the refusal was last logged (monotonic)
-        self._other_seen_at = -math.inf  # when another owner's claim was last seen (monotonic)
-        self._holder: str | None = None  # that owner, while this worker is refused
+        self._claim_refused_at = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # Unix time this batch began; None: idle
@@ -178,13 +112,6 @@ class Worker:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    @property
-    def claim_holder(self) -> str | None:
-        """The owner of another data dir's worker holding the queue's claim while this worker is
-        refused it (it then takes no job: a forget accepted beside it would be applied to that
-        model, not this one); ``None`` otherwise."""
-        return self._holder
-
     def request_stop(self) -> None:
         """Make ``run()`` return after the current batch (safe from a signal handler)."""
         self._stop.set()
@@ -213,16 +140,24 @@ class Worker:
             beat.join(WORKER_BEAT_S)
 
     def _beat(self, done: threading.Event) -> None:
+        warned = -math.inf
         while True:
             self._beat_now.clear()
             try:
                 # the loop claims the queue before each read; during a batch only this renews it
                 if self._claimed and self.queue.claim(self.owner) is not None:
                     self._claimed = False  # it lapsed (Redis lost it, or this process stalled)
+                other = None
                 if self._claimed:
-                    # Another name there is this worker's predecessor on its data dir (killed;
-                    # the claim keeps other data dirs' workers out): replaced, nothing to say.
-                    self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+                    other = self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+                if other is not None and time.monotonic() - warned >= 60:
+                    warned = time.monotonic()
+                    log.warning(
+                        "another worker (%s) renews the heartbeat of this queue: two workers on "
+                        "one Redis prefix share its jobs, each applying some to its own data "
+                        "dir; give each model its own --redis-prefix",
+                        other,
+                    )
             except redis.RedisError:
                 pass  # the loop logs Redis's outages; the heartbeat lapses meanwhile
             except Exception:
@@ -231,7 +166,6 @@ class Worker:
             self._beat_now.wait(WORKER_BEAT_S)
             if done.is_set():
                 break
-        _claims_held.discard(self.owner)
         try:
             self.queue.end_beat(self.consumer)
             self.queue.release_claim(self.owner)
@@ -244,16 +178,16 @@ class Worker:
         said_at = -math.inf
         while not self._stop.is_set():
             try:
-                held = self._hold_claim()
-                if unreachable_since is not None:  # Redis answered
-                    log.info(
-                        "queue reachable again after %.1f s", time.monotonic() - unreachable_since
-                    )
-                    unreachable_since = None
-                if not held:
+                if not self._hold_claim():
                     recovered = False
                     self._stop.wait(_RETRY_S)
                     continue
+                if unreachable_since is not None:
+                    log.info(
+                        "queue reachable again after %.1f s; recovering",
+                        time.monotonic() - unreachable_since,
+                    )
+                    unreachable_since = None
                 if not recovered:
                     self.queue.ensure_group()
                     self.recover()
@@ -276,14 +210,6 @@ class Worker:
                     said_at = now
                 recovered = False
                 self._stop.wait(_RETRY_S)
-            except ClaimLostError as e:
-                log.error(
-                    "%s while applying a batch: abandoned before its version was published (the "
-                    "model is unchanged; its jobs are left to that worker)",
-                    e,
-                )
-                recovered = False
-                self._stop.wait(_RETRY_S)
             except Exception:
                 log.exception("worker loop failed; retrying in %.0f s", _RETRY_S)
                 recovered = False
@@ -293,33 +219,20 @@ class Worker:
         """Claim the queue for this worker's data dir, or renew the claim (``JobQueue.claim``);
         ``False`` while another data dir's worker holds it: this one then takes no job, and says
         so once a minute. Raises ``redis.RedisError``."""
-        if time.monotonic() - self._other_seen_at < WORKER_TTL_S:
-            # Another owner held it moments ago: a claim gone meanwhile (Redis restarted without
-            # persistence) is left to that owner to take again, so that the jobs do not change
-            # model with each restart; taken only once none has been seen for a whole expiry.
-            holder = self.queue.claim_holder()
-            if holder is None:
-                return False
-            other = self.queue.claim(self.owner) if holder == self.owner else holder
-        else:
-            other = self.queue.claim(self.owner)
+        other = self.queue.claim(self.owner)
         if other is not None:
             self._claimed = False
-            self._holder = other
-            self._other_seen_at = time.monotonic()
             if time.monotonic() - self._claim_refused_at >= 60:
                 self._claim_refused_at = time.monotonic()
                 log.error(
                     "another worker (%s) takes the jobs of this Redis prefix; this one (%s) "
-                    "takes none until that one has been gone for %.0f s: one worker per model, "
-                    "and each model its own --redis-prefix",
+                    "takes none until that one stops (its claim lapses %.0f s after): one "
+                    "worker per model, and each model its own --redis-prefix",
                     other,
                     self.owner,
                     WORKER_TTL_S,
                 )
             return False
-        self._holder = None
-        _claims_held.add(self.owner)
         if not self._claimed:
             self._claimed = True
             if self._claim_refused_at > -math.inf:
@@ -327,25 +240,6 @@ class Worker:
                 self._claim_refused_at = -math.inf
             self._beat_now.set()  # its heartbeat, at once
         return True
-
-    def _check_claim(self) -> None:
-        """Before a new version is logged and published: this worker still holds the queue's
-        claim (renewed here). A worker stalled past the claim's expiry (SIGSTOP, a VM paused)
-        while another data dir's worker took over must not publish a batch that one has taken
-        too.
-
-        Raises:
-          ClaimLostError: another owner holds the claim.
-          redis.RedisError: Redis does not answer (the batch is redone once it does).
-        """
-        if self.queue is None:  # reapply_logged at start: the process claimed it (cli)
-            return
-        other = self.queue.claim(self.owner)  # lapsed but free (Redis restarted): taken again
-        if other is not None:
-            self._claimed = False
-            self._holder = other
-            self._other_seen_at = time.monotonic()
-            raise ClaimLostError(other)
 
     # Work.
 
@@ -638,7 +532,6 @@ class Worker:
         def log_version(result) -> None:
             # Between the checkpoint and the publication: a served version is always logged.
             crash_point("checkpointed")
-            self._check_claim()
             started = time.perf_counter()
             digest = directory_sha256(self.checkpoint_dir / str(result.version))
             entry = addition_record(
@@ -668,8 +561,6 @@ class Worker:
                     "job_digests": job_digests,
                 },
             )
-        except (ClaimLostError, redis.RedisError):
-            raise  # not the jobs' failure: they stay queued for the claim's holder (_loop)
         except (UnlearnError, SolverError) as e:
             log.warning("addition of %d record(s) failed: %s", len(ids), e)
             return [(entry, _failed(str(e))) for entry in accepted]
@@ -710,7 +601,6 @@ class Worker:
         def log_version(result) -> None:
             # Between the checkpoint and the publication: a served version is always logged.
             crash_point("checkpointed")
-            self._check_claim()
             started = time.perf_counter()
             digest = directory_sha256(self.checkpoint_dir / str(result.version))
             entry = version_record(
@@ -738,8 +628,6 @@ class Worker:
                     "job_digests": job_digests,
                 },
             )
-        except (ClaimLostError, redis.RedisError):
-            raise  # not the jobs' failure: they stay queued for the claim's holder (_loop)
         except (UnlearnError, SolverError) as e:
             log.warning("forget of %d id(s) failed: %s", len(ids), e)
             return [(entry, _failed(str(e))) for entry in accepted]

@@ -71,26 +71,6 @@ def follow_or_503(state: ServiceState, catch_up: Callable[[], None]) -> None:
         ) from None
 
 
-def claim_lost(state: ServiceState) -> str | None:
-    """Why this process's worker takes no job (another data dir's worker holds the queue's
-    claim, ``Worker.claim_holder``), or ``None``."""
-    holder = state.worker.claim_holder if state.worker is not None else None
-    if holder is None:
-        return None
-    return (
-        f"this process's worker takes no job: a worker of another data directory ({holder}) "
-        f"takes the jobs of Redis prefix '{state.settings.redis_prefix}', and would apply this "
-        "one to its model, not this one; give each model its own --redis-prefix"
-    )
-
-
-def refuse_if_claim_lost(state: ServiceState) -> None:
-    """503 for a forget or an addition while ``claim_lost`` says why (no Retry-After: waiting
-    does not fix a configuration)."""
-    if (why := claim_lost(state)) is not None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, why)
-
-
 async def get_queue(state: StateDep) -> JobQueue:
     return _loaded(state.queue, "the job queue is not set up")
 

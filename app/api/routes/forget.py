@@ -7,15 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from service_core import UnknownIdsError
 
 from ...queue import Job, QueuedForAdditionError, StaleModelError
-from ..deps import (
-    ModelDep,
-    QueueDep,
-    ReadAccess,
-    StateDep,
-    WriteAccess,
-    follow_or_503,
-    refuse_if_claim_lost,
-)
+from ..deps import ModelDep, QueueDep, ReadAccess, StateDep, WriteAccess, follow_or_503
 from ..schemas import (
     INVALID,
     READ_AUTH,
@@ -47,14 +39,12 @@ def _accepted(job: Job) -> ForgetAccepted:
             422: "empty, duplicated or empty-string ids, or every remaining id (counting the "
             "queued jobs)",
             **TOO_LARGE,
-            503: "the job queue (Redis) is unreachable, or this process's worker takes no job "
-            "(a worker of another data directory takes the jobs of its Redis prefix)",
+            503: "the job queue (Redis) is unreachable",
         }
     ),
 )
 def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep, state: StateDep) -> ForgetAccepted:
     """Queue the removal of `ids` from the model; the job applies them as a new version."""
-    refuse_if_claim_lost(state)
     if body.idempotency_key is not None:
         earlier = queue.find_idempotent(body.idempotency_key, body.ids)
         if earlier is not None:

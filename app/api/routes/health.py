@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import RETRY_LATER, StateDep, claim_lost
+from ..deps import RETRY_LATER, StateDep
 from ..schemas import INVALID, NotReady, Readiness, errors
 
 router = APIRouter(tags=["operations"])
@@ -30,9 +30,8 @@ _NOT_READY = {
     503: {
         "model": NotReady,
         "description": "not ready: the model is not loaded, the queue (Redis) does not answer, "
-        "(an API process without a worker) this process cannot load the version the worker "
-        "reported, or (scope all, a process with a worker) a worker of another data directory "
-        "takes the jobs of its Redis prefix; the body says which, and why",
+        "or (an API process without a worker) this process cannot load the version the worker "
+        "reported; the body says which, and why",
     },
 }
 
@@ -70,8 +69,7 @@ def readyz(
     if follower is not None and model == "loaded" and lost is None:
         behind = follower.behind()
     queue_ok = queue == "ok" or scope == "reads"
-    unclaimed = claim_lost(state) if scope == "all" else None
-    if model == "loaded" and queue_ok and lost is None and behind is None and unclaimed is None:
+    if model == "loaded" and queue_ok and lost is None and behind is None:
         return Readiness(status="ready", model_version=state.unlearner.version, worker=worker)
     problems = []
     if model != "loaded":
@@ -82,8 +80,6 @@ def readyz(
         problems.append(lost)
     if behind is not None:
         problems.append(behind)
-    if unclaimed is not None:
-        problems.append(unclaimed)
     body = NotReady(
         detail="not ready: " + "; ".join(problems), model=model, queue=queue, worker=worker
     )
@@ -91,7 +87,7 @@ def readyz(
         body.model_dump(),
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         # a process that lost its version is not helped by waiting: no Retry-After then
-        headers=RETRY_LATER if lost is None and unclaimed is None else None,
+        headers=RETRY_LATER if lost is None else None,
     )
 
 

@@ -7,15 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from service_core import ResourceError
 
 from ...queue import Job, StaleModelError
-from ..deps import (
-    ModelDep,
-    QueueDep,
-    SettingsDep,
-    StateDep,
-    WriteAccess,
-    follow_or_503,
-    refuse_if_claim_lost,
-)
+from ..deps import ModelDep, QueueDep, SettingsDep, StateDep, WriteAccess, follow_or_503
 from ..schemas import TOO_LARGE, WRITE_AUTH, AddAccepted, AddRecordsRequest, errors
 from .model import _check_rows
 
@@ -38,8 +30,7 @@ def _accepted(job: Job) -> AddAccepted:
             422: "empty, duplicated or empty-string ids; x or y of the wrong shape or length, "
             "not finite, or not numbers",
             413: f"more x rows than the setting max_rows allows, or {TOO_LARGE[413]}",
-            503: "the job queue (Redis) is unreachable, or this process's worker takes no job "
-            "(a worker of another data directory takes the jobs of its Redis prefix)",
+            503: "the job queue (Redis) is unreachable",
             507: "K with these records (and the queued additions) would not fit the devices' "
             "memory: nothing was queued",
         }
@@ -54,7 +45,6 @@ def add_records(
     At most `max_rows` rows. An id forgotten before may be added again: it is a new record.
     A retry with the same `idempotency_key` and the same ids, x and y gets the first request's
     job, whatever its status."""
-    refuse_if_claim_lost(state)
     _check_rows(body.x, settings)
     x, y = body.x.tolist(), body.y.tolist()
     if body.idempotency_key is not None:
