@@ -361,38 +361,6 @@ def _check_redis(settings: Settings, who: str) -> None:
         client.close()
 
 
-def _claim_queue(settings: Settings, who: str) -> None:
-    """Refuse to start a worker while a worker of another data dir takes this Redis prefix's
-    jobs (``JobQueue.claim``), before the model loads: two would each apply some of the jobs to
-    their own model. The claim taken here lapses during a long load; the worker claims again
-    before it takes any job (``Worker``), so two started together never both take jobs.
-
-    Raises:
-      SystemExit: another data dir's worker holds the claim (one line naming it).
-    """
-    import redis
-
-    from .queue import WORKER_TTL_S, JobQueue, worker_owner
-    from .redis_client import connect_worker
-
-    client = connect_worker(settings.redis_url)
-    try:
-        other = JobQueue(client, settings.redis_prefix, settings.job_ttl_s).claim(
-            worker_owner(settings.checkpoint_dir)
-        )
-    except redis.RedisError:
-        return  # _check_redis said so; the worker claims once Redis answers
-    finally:
-        client.close()
-    if other is not None:
-        raise SystemExit(
-            f"ntk-unlearn {who}: a worker of another data directory ({other}) takes the jobs of "
-            f"Redis prefix '{settings.redis_prefix}': two workers would each apply some of them "
-            "to their own model. Give each model its own --redis-prefix, or stop that worker "
-            f"first (its claim lapses {WORKER_TTL_S:.0f} s after it stops)"
-        )
-
-
 def _no_worker_elsewhere(settings: Settings) -> None:
     """``serve --no-worker`` without REDIS_URL would run a private Redis: refuse when a worker
     already runs on the data dir (it reads another Redis, and this process's forgets would
@@ -467,8 +435,6 @@ def serve(settings: Settings) -> None:
                     )
             else:
                 _check_redis(settings, "serve")
-                if settings.worker:
-                    _claim_queue(settings, "serve")
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
         # uvicorn names the address only when it binds the socket itself.
@@ -540,7 +506,6 @@ def worker(settings: Settings) -> None:
                 settings.metrics_port,
             )
         _check_redis(settings, "worker")
-        _claim_queue(settings, "worker")
         # Until the worker runs (and then stops after its batch), a signal ends the build or
         # restore at once.
         _stop_on_signal(lock.release)

@@ -30,13 +30,6 @@ Keys, all under the configured prefix ``P``:
   follower ready to swap instead of waiting for its preparation. A follower that stops
   announcing lapses after ``FOLLOWER_TTL_S`` and is no longer waited for.
 
-- ``P:worker`` (hash, lapses after ``WORKER_TTL_S``): the heartbeat of the worker taking jobs:
-  its name, model version, last renewal and the start of the batch it applies.
-- ``P:worker-claim`` (lapses after ``WORKER_TTL_S``): the owner (host and checkpoint directory,
-  ``worker_owner``) of the one worker that takes jobs off this prefix (``claim``). A worker of
-  another data dir refuses to start while it is live, and one already running takes no job
-  until it lapses, so no job is applied to one model and missed by another.
-
 A job is a forget (``kind`` absent or ``forget``) or an addition (``kind`` ``add``), whose job
 record also holds the new records (``records``: JSON ``{"x", "y"}``) until it has ended; both go
 through the one stream, in order.
@@ -51,12 +44,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -110,21 +101,6 @@ local now = redis.call('TIME')
 local worker = {}
 if redis.call('TYPE', KEYS[2])['ok'] == 'hash' then worker = redis.call('HGETALL', KEYS[2]) end
 return {redis.call('XLEN', KEYS[1]), first, now[1], now[2], worker}
-"""
-
-# KEYS: the worker claim. ARGV: the claiming worker's owner (host and data dir), TTL in ms.
-# Returns the owner of a live claim of another data dir (false: this one holds it now).
-_CLAIM = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return owner end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
-"""
-
-# KEYS: the worker claim. ARGV: the owner. Deletes the claim only if this owner holds it.
-_RELEASE_CLAIM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 _ENQUEUE = """
@@ -266,12 +242,6 @@ class QueueStatus:
         )
 
 
-def worker_owner(checkpoint_dir: Path) -> str:
-    """The owner of a worker's claim (``JobQueue.claim``): this host and the absolute checkpoint
-    directory of the model it applies jobs to, e.g. ``"host-1:/srv/ntk/data/checkpoints"``."""
-    return f"{socket.gethostname()}:{Path(checkpoint_dir).resolve()}"
-
-
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -354,12 +324,9 @@ class JobQueue:
         self.followers_key = f"{prefix}:followers"
         self.followers_prepared_key = f"{prefix}:followers-prepared"
         self.worker_key = f"{prefix}:worker"
-        self.claim_key = f"{prefix}:worker-claim"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
-        self._claim = client.register_script(_CLAIM)
-        self._release_claim = client.register_script(_RELEASE_CLAIM)
         self._enqueue_add = client.register_script(_ENQUEUE_ADD)
         self._drop_lapsed_script = client.register_script(_DROP_LAPSED)
         self._status_script = client.register_script(_STATUS)
@@ -774,27 +741,6 @@ class JobQueue:
         pipe.pexpire(self.worker_key, int(ttl_s * 1000))
         before = pipe.execute()[0]
         return before if before is not None and before != worker else None
-
-    def claim(self, owner: str, ttl_s: float = WORKER_TTL_S) -> str | None:
-        """Claim this prefix's jobs for the worker of ``owner`` (``worker_owner``: its host and
-        data dir), or renew the claim, for ``ttl_s`` seconds. One data dir's worker at a time
-        takes jobs off a prefix: two would each apply some jobs to their own model, and a record
-        forgotten by one would stay in the other. A claim of the same owner (a worker restarted
-        on its data dir, which the data dir's lock keeps to one process) is taken over at once.
-
-        Returns:
-          The owner of another live claim (``None``: ``owner`` holds the claim now).
-
-        Raises:
-          redis.RedisError.
-        """
-        other = self._claim(keys=[self.claim_key], args=[owner, max(1, int(ttl_s * 1000))])
-        return other or None
-
-    def release_claim(self, owner: str) -> None:
-        """Give up ``owner``'s claim (another's is left alone), so that a worker of another data
-        dir may start at once. Raises ``redis.RedisError``."""
-        self._release_claim(keys=[self.claim_key], args=[owner])
 
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that

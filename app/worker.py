@@ -33,7 +33,7 @@ from service_core import SolverError, Unlearner, UnlearnError
 from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
-from .queue import WORKER_BEAT_S, WORKER_TTL_S, Entry, Job, JobQueue, utc_now, worker_owner
+from .queue import WORKER_BEAT_S, Entry, Job, JobQueue, utc_now
 from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ class Worker:
       queue: the job queue.
       checkpoint_dir: where ``forget`` saves each new version.
       deletion_log: where each applied version is recorded.
-      metrics: job, solve and iteration metrics are recorded here, if given (and exported from
-        then on: ``Metrics.count_jobs``).
+      metrics: job, solve and iteration metrics are recorded here, if given.
       keys: the deployment's keys: each succeeded job gets a receipt signed with them (none
         without).
       report_wait_s: before reporting a version, wait at most this long for every live follower
@@ -77,12 +76,7 @@ class Worker:
         self.checkpoint_dir = checkpoint_dir
         self.deletion_log = deletion_log
         self.metrics = metrics
-        if metrics is not None:
-            metrics.count_jobs()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
-        self.owner = worker_owner(checkpoint_dir)
-        self._claimed = False  # whether this worker holds the queue's claim (JobQueue.claim)
-        self._claim_refused_at = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # Unix time this batch began; None: idle
@@ -122,10 +116,7 @@ class Worker:
         Survives Redis outages: it waits, then recovers again, since a batch may have been cut
         off between applying and acknowledging. While it runs, a thread of its own renews its
         heartbeat in Redis (``JobQueue.beat``) every ``WORKER_BEAT_S`` seconds, during a solve
-        too, and deletes it on the way out. It takes jobs only while it holds the queue's claim
-        (``JobQueue.claim``, renewed before each read and by the heartbeat): while a worker of
-        another data dir holds it, this one waits, logging why once a minute, and beats no
-        heartbeat.
+        too, and deletes it on the way out.
         """
         done = threading.Event()
         beat = threading.Thread(
@@ -144,12 +135,7 @@ class Worker:
         while True:
             self._beat_now.clear()
             try:
-                # the loop claims the queue before each read; during a batch only this renews it
-                if self._claimed and self.queue.claim(self.owner) is not None:
-                    self._claimed = False  # it lapsed (Redis lost it, or this process stalled)
-                other = None
-                if self._claimed:
-                    other = self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+                other = self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
                 if other is not None and time.monotonic() - warned >= 60:
                     warned = time.monotonic()
                     log.warning(
@@ -168,78 +154,26 @@ class Worker:
                 break
         try:
             self.queue.end_beat(self.consumer)
-            self.queue.release_claim(self.owner)
         except redis.RedisError:
-            pass  # they lapse by themselves
+            pass  # it lapses by itself
 
     def _loop(self) -> None:
         recovered = False
-        unreachable_since: float | None = None  # monotonic time Redis stopped answering
-        said_at = -math.inf
         while not self._stop.is_set():
             try:
-                if not self._hold_claim():
-                    recovered = False
-                    self._stop.wait(_RETRY_S)
-                    continue
-                if unreachable_since is not None:
-                    log.info(
-                        "queue reachable again after %.1f s; recovering",
-                        time.monotonic() - unreachable_since,
-                    )
-                    unreachable_since = None
                 if not recovered:
                     self.queue.ensure_group()
                     self.recover()
                     recovered = True
                 self.run_once(_BLOCK_MS)
             except redis.RedisError as e:
-                # said when it starts, then once a minute while it lasts, not at every retry
-                now = time.monotonic()
-                if unreachable_since is None:
-                    unreachable_since = now
-                    log.warning("queue unreachable (%s); retrying every %.0f s", e, _RETRY_S)
-                    said_at = now
-                elif now - said_at >= 60:
-                    log.warning(
-                        "queue still unreachable after %.0f s (%s); retrying every %.0f s",
-                        now - unreachable_since,
-                        e,
-                        _RETRY_S,
-                    )
-                    said_at = now
+                log.warning("queue unreachable (%s); retrying in %.0f s", e, _RETRY_S)
                 recovered = False
                 self._stop.wait(_RETRY_S)
             except Exception:
                 log.exception("worker loop failed; retrying in %.0f s", _RETRY_S)
                 recovered = False
                 self._stop.wait(_RETRY_S)
-
-    def _hold_claim(self) -> bool:
-        """Claim the queue for this worker's data dir, or renew the claim (``JobQueue.claim``);
-        ``False`` while another data dir's worker holds it: this one then takes no job, and says
-        so once a minute. Raises ``redis.RedisError``."""
-        other = self.queue.claim(self.owner)
-        if other is not None:
-            self._claimed = False
-            if time.monotonic() - self._claim_refused_at >= 60:
-                self._claim_refused_at = time.monotonic()
-                log.error(
-                    "another worker (%s) takes the jobs of this Redis prefix; this one (%s) "
-                    "takes none until that one stops (its claim lapses %.0f s after): one "
-                    "worker per model, and each model its own --redis-prefix",
-                    other,
-                    self.owner,
-                    WORKER_TTL_S,
-                )
-            return False
-        if not self._claimed:
-            self._claimed = True
-            if self._claim_refused_at > -math.inf:
-                log.info("this worker (%s) takes the queue's jobs now", self.owner)
-                self._claim_refused_at = -math.inf
-            self._beat_now.set()  # its heartbeat, at once
-        return True
 
     # Work.
 
