@@ -361,6 +361,36 @@ def _check_redis(settings: Settings, who: str) -> None:
         client.close()
 
 
+def _refuse_unnamespaced_jobs(settings: Settings, who: str) -> None:
+    """Refuse to start a worker while Redis holds jobs queued by a release before per-data-dir
+    namespaces (``P:forget``, now ``P:<namespace>:forget``: ``app.service.queue_prefix``): this
+    release would never apply them, and their callers would wait for ever. Nothing is checked
+    when Redis does not answer (``_check_redis`` has said so).
+
+    Raises:
+      SystemExit: such jobs are queued (one line: how many, and the two ways on).
+    """
+    import redis
+
+    from .redis_client import connect_worker
+
+    stream = f"{settings.redis_prefix}:forget"
+    client = connect_worker(settings.redis_url)
+    try:
+        queued = client.xlen(stream) if client.type(stream) == "stream" else 0
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
+    if queued:
+        raise SystemExit(
+            f"ntk-unlearn {who}: {queued} job(s) are queued under the Redis key {stream} by an "
+            "earlier release, which kept one queue per --redis-prefix (this one keeps one per "
+            "data dir under it): let that release's worker finish them, or delete the key to "
+            "drop them, then start again"
+        )
+
+
 def _no_worker_elsewhere(settings: Settings) -> None:
     """``serve --no-worker`` without REDIS_URL would run a private Redis: refuse when a worker
     already runs on the data dir (it reads another Redis, and this process's forgets would
@@ -435,6 +465,8 @@ def serve(settings: Settings) -> None:
                     )
             else:
                 _check_redis(settings, "serve")
+            if settings.worker:
+                _refuse_unnamespaced_jobs(settings, "serve")
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
         # uvicorn names the address only when it binds the socket itself.
@@ -462,7 +494,7 @@ def worker(settings: Settings) -> None:
     from .metrics import Metrics
     from .queue import JobQueue
     from .redis_client import connect_api, connect_worker
-    from .service import deployment_keys, load_model, make_worker
+    from .service import deployment_keys, load_model, make_worker, queue_prefix
 
     if settings.redis_url is None:
         raise SystemExit(
@@ -486,7 +518,7 @@ def worker(settings: Settings) -> None:
             # when Redis hangs.
             scraped = JobQueue(
                 connect_api(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s),
-                settings.redis_prefix,
+                queue_prefix(settings),
                 settings.job_ttl_s,
             )
             metrics = Metrics(lambda: loaded.get("model"), queue=lambda: scraped)
@@ -506,15 +538,16 @@ def worker(settings: Settings) -> None:
                 settings.metrics_port,
             )
         _check_redis(settings, "worker")
+        _refuse_unnamespaced_jobs(settings, "worker")
         # Until the worker runs (and then stops after its batch), a signal ends the build or
         # restore at once.
         _stop_on_signal(lock.release)
         u = load_model(settings, "worker")
+        keys = deployment_keys(settings)
+        prefix = queue_prefix(settings, keys)
+        log.info("queue: Redis keys %s:*", prefix)
         queue = JobQueue(
-            connect_worker(settings.redis_url),
-            settings.redis_prefix,
-            settings.job_ttl_s,
-            digest=deployment_keys(settings).digest,
+            connect_worker(settings.redis_url), prefix, settings.job_ttl_s, digest=keys.digest
         )
         loaded.update(model=u)
         w = make_worker(settings, u, queue, metrics=metrics)

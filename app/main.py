@@ -29,7 +29,14 @@ from .metrics import Metrics, RequestMetrics
 from .queue import JobQueue
 from .reader import CheckpointReader
 from .redis_client import connect_api, connect_worker
-from .service import ModelFollower, ServiceState, deployment_keys, load_model, make_worker
+from .service import (
+    ModelFollower,
+    ServiceState,
+    deployment_keys,
+    load_model,
+    make_worker,
+    queue_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +121,11 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
         )
     state.keys = deployment_keys(settings)
     state.deletion_log = DeletionLog(settings.deletion_log)
+    prefix = queue_prefix(settings, state.keys)
+    log.info("queue: Redis keys %s:*", prefix)
     state.queue = JobQueue(
         connect_api(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s),
-        settings.redis_prefix,
+        prefix,
         settings.job_ttl_s,
         digest=state.keys.digest,
     )
@@ -135,7 +144,7 @@ def _start(state: ServiceState, unlearner: Unlearner | None) -> None:
         # Its own client: the API's gives up quickly, the worker blocks on the stream.
         worker_queue = JobQueue(
             connect_worker(settings.redis_url),
-            settings.redis_prefix,
+            prefix,
             settings.job_ttl_s,
             digest=state.keys.digest,
         )

@@ -1,6 +1,8 @@
 """The forget-job queue on Redis: a stream with one consumer group, job records, reserved ids.
 
-Keys, all under the configured prefix ``P``:
+Keys, all under the prefix ``P`` given to ``JobQueue``: the service passes its data directory's
+own (``app.service.queue_prefix``: ``--redis-prefix``, then a namespace derived from the data
+directory's id secret), so two models sharing a Redis and a ``--redis-prefix`` never share a key.
 
 - ``P:forget``: the stream; each entry holds only a ``job_id`` (never record ids).
 - ``P:job:<job_id>``: the job record (a hash, with a TTL): status, ids, times, solver info. Once
@@ -727,7 +729,8 @@ class JobQueue:
         Times are Redis's clock where it matters: ``seen`` is taken from it, ``busy_since`` is
         moved onto it (this host's clock minus Redis's, measured now). Returns the name of
         another worker whose heartbeat this one replaced (``None``: none): two workers beating on
-        one prefix share its jobs, a misconfiguration the caller reports. Raises
+        one prefix (copies of one data directory) share its jobs, a misconfiguration the caller
+        reports. Raises
         ``redis.RedisError``."""
         now_s, now_us = self.client.time()
         now = int(now_s) + int(now_us) / 1e6

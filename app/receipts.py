@@ -21,6 +21,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ ID_SECRET_FILE = "id_secret"
 SIGNING_KEY_FILE = "receipt_key.pem"
 RECEIPT_TYPE = "ntk-unlearn deletion receipt"
 RECEIPT_FORMAT = 1
+NAMESPACE_MESSAGE = b"\0ntk-unlearn redis namespace"
 
 
 class ReceiptError(Exception):
@@ -98,6 +100,14 @@ class DeploymentKeys:
     def digest(self, record_id: str) -> str:
         """HMAC-SHA256 of a record id under the deployment's id secret (hex)."""
         return id_digest(self.id_secret, record_id)
+
+    @property
+    def namespace(self) -> str:
+        """This data directory's name in Redis: 16 hex digits of an HMAC-SHA256 under its id
+        secret (of a fixed message). Every process of the
+        directory derives the same one, whatever its host or mount path; another data
+        directory's differs, so two models given one ``--redis-prefix`` never share a key."""
+        return hmac.new(self.id_secret, NAMESPACE_MESSAGE, hashlib.sha256).hexdigest()[:16]
 
     def public_key_pem(self) -> str:
         """The receipt verification key, SubjectPublicKeyInfo PEM."""

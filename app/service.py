@@ -111,6 +111,21 @@ def deployment_keys(settings: Settings) -> DeploymentKeys:
     return DeploymentKeys.load_or_create(settings.data_dir)
 
 
+def queue_prefix(settings: Settings, keys: DeploymentKeys | None = None) -> str:
+    """The prefix of every Redis key of this data directory's queue: ``--redis-prefix``, a
+    colon, the data directory's namespace (``DeploymentKeys.namespace``, 16 hex digits).
+
+    Every process of one data directory (the worker, API processes with or without one, on any
+    host) meets under it, and two data directories given one ``--redis-prefix`` never share a
+    key: each one's forgets are queued for, and applied by, its own worker only.
+
+    Arguments:
+      keys: the data directory's secrets when already read (read, or created, otherwise).
+    """
+    keys = keys if keys is not None else deployment_keys(settings)
+    return f"{settings.redis_prefix}:{keys.namespace}"
+
+
 def load_model(settings: Settings, role: str = "serve") -> Unlearner:
     """The newest checkpoint in the data dir; if there is none, a model built, trained, saved.
 
@@ -190,7 +205,7 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
             settings.checkpoint_dir,
             deletion_log,
             keys=keys,  # type: ignore[arg-type]
-        ).reapply_logged(_job_status(settings))
+        ).reapply_logged(_job_status(settings, keys))
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
@@ -203,7 +218,7 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     return u
 
 
-def _ask_queue(settings: Settings, ask: Callable[[JobQueue], Any]) -> Any:
+def _ask_queue(settings: Settings, prefix: str, ask: Callable[[JobQueue], Any]) -> Any:
     """``ask(queue)`` on a client of its own that gives up within the API's Redis timeout;
     ``None`` without a Redis URL or when Redis does not answer (or answers nonsense)."""
     if settings.redis_url is None:
@@ -215,19 +230,21 @@ def _ask_queue(settings: Settings, ask: Callable[[JobQueue], Any]) -> Any:
         decode_responses=True,
     )
     try:
-        return ask(JobQueue(client, settings.redis_prefix, settings.job_ttl_s))
+        return ask(JobQueue(client, prefix, settings.job_ttl_s))
     except (redis.RedisError, ValueError, KeyError):
         return None
     finally:
         client.close()
 
 
-def _job_status(settings: Settings) -> Callable[[str], str | None]:
+def _job_status(settings: Settings, keys: DeploymentKeys) -> Callable[[str], str | None]:
     """A job's status in the queue (``JobQueue.get``), ``None`` when unknown: no Redis URL,
     Redis not answering (within the API's timeout), or no such job (expired)."""
 
+    prefix = queue_prefix(settings, keys)
+
     def status(job_id: str) -> str | None:
-        job = _ask_queue(settings, lambda queue: queue.get(job_id))
+        job = _ask_queue(settings, prefix, lambda queue: queue.get(job_id))
         return None if job is None else job.status
 
     return status
@@ -237,7 +254,7 @@ def _reported_version(settings: Settings) -> int | None:
     """The version the worker last reported in Redis (``JobQueue.reported_version``), read by a
     follower's start; ``None`` without a Redis URL, when Redis does not answer (within the API's
     timeout) or nothing was reported."""
-    return _ask_queue(settings, lambda queue: queue.reported_version())
+    return _ask_queue(settings, queue_prefix(settings), lambda queue: queue.reported_version())
 
 
 def _restore_committed(

@@ -139,9 +139,10 @@ class Worker:
                 if other is not None and time.monotonic() - warned >= 60:
                     warned = time.monotonic()
                     log.warning(
-                        "another worker (%s) renews the heartbeat of this queue: two workers on "
-                        "one Redis prefix share its jobs, each applying some to its own data "
-                        "dir; give each model its own --redis-prefix",
+                        "another worker (%s) renews the heartbeat of this data dir's queue: "
+                        "a copy of this data dir (a restored backup, another host's replica) "
+                        "takes some of its jobs, each copy applying them to its own model; "
+                        "run one worker per data dir",
                         other,
                     )
             except redis.RedisError:

@@ -122,6 +122,7 @@ def _succeeded_job(url: str, record_id: str, app_settings: Settings, base_checkp
     from app.deletion_log import DeletionLog
     from app.queue import JobQueue
     from app.receipts import DeploymentKeys
+    from app.service import queue_prefix
     from app.worker import Worker
     from service_core import Unlearner
 
@@ -130,7 +131,7 @@ def _succeeded_job(url: str, record_id: str, app_settings: Settings, base_checkp
         "job_id"
     ]
     client = redis.Redis.from_url(app_settings.redis_url, decode_responses=True)
-    queue = JobQueue(client, app_settings.redis_prefix, app_settings.job_ttl_s, keys.digest)
+    queue = JobQueue(client, queue_prefix(app_settings, keys), app_settings.job_ttl_s, keys.digest)
     applier = Unlearner.restore(base_checkpoint, id_key=keys.id_secret)
     checkpoints = app_settings.data_dir.parent / "applier-checkpoints"
     Worker(

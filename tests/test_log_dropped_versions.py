@@ -22,7 +22,7 @@ import redis
 from app.deletion_log import DeletionLog
 from app.queue import GROUP, JobQueue
 from app.receipts import DeploymentKeys
-from app.service import load_model
+from app.service import load_model, queue_prefix
 from app.worker import Worker
 from service_core import Unlearner, checkpoint
 
@@ -31,8 +31,10 @@ READ = {"Authorization": "Bearer read-token"}
 
 
 @pytest.fixture
-def queue(redis_url: str, redis_prefix: str):
-    q = JobQueue(redis.Redis.from_url(redis_url, decode_responses=True), redis_prefix, ttl_s=600)
+def queue(redis_url: str, make_settings):
+    """The queue of the test's data dir (``make_settings()``'s), as its processes name it."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    q = JobQueue(client, queue_prefix(make_settings()), ttl_s=600)
     q.ensure_group()
     yield q
     q.client.close()
