@@ -141,6 +141,27 @@ def test_receipt_of_a_job_not_succeeded_and_of_no_job(client):
     assert client.get("/v1/receipts/public-key").status_code == 401  # a read like the others
 
 
+def test_a_job_that_succeeded_without_a_version_of_its_own_says_why_it_has_no_receipt(client):
+    """Its ids were already forgotten when it ran (the worker marks it succeeded, no version):
+    the 409 says so and where the receipt is, not that it 'is succeeded' and needs to succeed."""
+    queue = client.app.state.service.queue
+    job_id = "already-forgotten-job"  # its record as the worker leaves it (no stream entry)
+    queue.client.hset(
+        queue.job_key(job_id),
+        mapping={
+            "job_id": job_id,
+            "status": "succeeded",
+            "submitted_at": "2026-12-04T10:00:00.000+00:00",
+            "model_version": "0",
+        },
+    )
+    r = client.get(f"/v1/jobs/{job_id}/receipt", headers=READ)
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert "succeeded without a version of its own" in detail and "already forgotten" in detail
+    assert "GET /v1/records/{id}" in detail
+
+
 def test_records_answer_active_forgotten_unknown(client, settings, wait_for_job):
     job_id = _forget(client, ["r05"])
     assert wait_for_job(client, job_id)["status"] == "succeeded"

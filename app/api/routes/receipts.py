@@ -60,13 +60,18 @@ def receipt(job_id: str, queue: QueueDep) -> ReceiptOut:
             f"job {job_id} is an addition (POST /v1/records): receipts are issued for deletions "
             "only",
         )
-    if job.status != "succeeded" or job.receipt is None:
+    if job.status == "succeeded" and job.receipt is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            f"job {job_id} is {job.status}: a receipt is issued once it has succeeded"
-            + (
-                " (it was applied before receipts were issued)" if job.status == "succeeded" else ""
-            ),
+            f"job {job_id} succeeded without a version of its own, so it has no receipt: its "
+            "ids were already forgotten when it ran (the receipt is the job's that forgot them; "
+            "GET /v1/records/{id} names its version and job), or it was applied before receipts "
+            "were issued",
+        )
+    if job.status != "succeeded":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} is {job.status}: a receipt is issued once it has succeeded",
         )
     return ReceiptOut.model_validate(job.receipt)
 
