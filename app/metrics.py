@@ -56,27 +56,29 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # The job metrics: exported only by a process that runs a worker (``count_jobs``).
         self.jobs = Counter(
-            "ntk_unlearn_forget_jobs", "Forget jobs by outcome", ["status"], registry=r
+            "ntk_unlearn_forget_jobs", "Forget jobs by outcome", ["status"], registry=None
         )
         self.batch_jobs = Histogram(
             "ntk_unlearn_forget_batch_jobs",
             "Jobs coalesced into one solve",
             buckets=(1, 2, 5, 10, 25, 100, 1000),
-            registry=r,
+            registry=None,
         )
         self.solve_seconds = Histogram(
             "ntk_unlearn_solve_seconds",
             "Seconds of the influence solve of one forget batch",
             buckets=_SOLVE_BUCKETS,
-            registry=r,
+            registry=None,
         )
         self.cg_iterations = Histogram(
             "ntk_unlearn_solver_iterations",
             "Iterations of the influence solve of one forget batch (0 for a direct solve)",
             buckets=_ITERATION_BUCKETS,
-            registry=r,
+            registry=None,
         )
+        self._jobs_registered = False
         version = Gauge("ntk_unlearn_model_version", "Version of the served model", registry=r)
         n_train = Gauge("ntk_unlearn_n_train", "Training points the model holds", registry=r)
         version.set_function(lambda: _or_nan(model(), lambda u: u.version))
@@ -97,6 +99,15 @@ class Metrics:
             registry=r,
         )
         behind.set_function(follower_behind)
+
+    def count_jobs(self) -> None:
+        """Export the job metrics (jobs by outcome, batch sizes, solve seconds and iterations):
+        called by the worker that records them, so that an API process without one exports
+        none rather than histograms that stay empty. Idempotent."""
+        if not self._jobs_registered:
+            for m in (self.jobs, self.batch_jobs, self.solve_seconds, self.cg_iterations):
+                self.registry.register(m)
+            self._jobs_registered = True
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -52,7 +52,8 @@ class Worker:
       queue: the job queue.
       checkpoint_dir: where ``forget`` saves each new version.
       deletion_log: where each applied version is recorded.
-      metrics: job, solve and iteration metrics are recorded here, if given.
+      metrics: job, solve and iteration metrics are recorded here, if given (and exported from
+        then on: ``Metrics.count_jobs``).
       keys: the deployment's keys: each succeeded job gets a receipt signed with them (none
         without).
       report_wait_s: before reporting a version, wait at most this long for every live follower
@@ -76,6 +77,8 @@ class Worker:
         self.checkpoint_dir = checkpoint_dir
         self.deletion_log = deletion_log
         self.metrics = metrics
+        if metrics is not None:
+            metrics.count_jobs()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -160,15 +163,35 @@ class Worker:
 
     def _loop(self) -> None:
         recovered = False
+        unreachable_since: float | None = None  # monotonic time Redis stopped answering
+        said_at = -math.inf
         while not self._stop.is_set():
             try:
                 if not recovered:
                     self.queue.ensure_group()
+                    if unreachable_since is not None:  # Redis answered
+                        log.info(
+                            "queue reachable again after %.1f s; recovering",
+                            time.monotonic() - unreachable_since,
+                        )
+                        unreachable_since = None
                     self.recover()
                     recovered = True
                 self.run_once(_BLOCK_MS)
             except redis.RedisError as e:
-                log.warning("queue unreachable (%s); retrying in %.0f s", e, _RETRY_S)
+                # said when it starts, then once a minute while it lasts, not at every retry
+                now = time.monotonic()
+                if unreachable_since is None:
+                    unreachable_since = said_at = now
+                    log.warning("queue unreachable (%s); retrying every %.0f s", e, _RETRY_S)
+                elif now - said_at >= 60:
+                    said_at = now
+                    log.warning(
+                        "queue still unreachable after %.0f s (%s); retrying every %.0f s",
+                        now - unreachable_since,
+                        e,
+                        _RETRY_S,
+                    )
                 recovered = False
                 self._stop.wait(_RETRY_S)
             except Exception:

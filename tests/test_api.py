@@ -431,6 +431,10 @@ def test_readiness_and_metrics_say_when_no_worker_runs(make_settings, unlearner)
         assert _gauge(client, "ntk_unlearn_worker_up") == 0
         assert _gauge(client, "ntk_unlearn_queue_jobs") == 0
         assert _gauge(client, "ntk_unlearn_queue_oldest_job_seconds") == 0
+        # no worker in this process: no job metrics (histograms that would stay empty)
+        text = client.get("/metrics").text
+        for name in ("forget_jobs", "forget_batch_jobs", "solve_seconds", "solver_iterations"):
+            assert f"ntk_unlearn_{name}" not in text, name
         _forget(client, ["r01"])
         time.sleep(0.2)
         _forget(client, ["r02"])

@@ -265,6 +265,43 @@ def test_worker_thread_keeps_running_through_a_redis_outage(unlearner, tmp_path)
     assert not worker.running
 
 
+def test_a_redis_outage_is_said_once_and_its_end_too(
+    queue: JobQueue, worker_for, unlearner: Unlearner, monkeypatch, caplog
+):
+    """Not a warning at every retry: one when Redis stops answering, one line when it answers
+    again; then the worker recovers and applies what was queued."""
+    from app import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_RETRY_S", 0.05)
+    worker = worker_for(unlearner)
+    real_ensure_group = queue.ensure_group
+    failures = {"left": 20}
+
+    def ensure_group() -> None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise redis.ConnectionError("Connection refused (a test's outage)")
+        real_ensure_group()
+
+    monkeypatch.setattr(queue, "ensure_group", ensure_group)
+    job = queue.enqueue(["r06"])
+    caplog.set_level(logging.INFO, logger="app.worker")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while queue.get(job.job_id).status != "succeeded":
+            assert time.monotonic() < deadline, "the job was not applied after the outage"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert failures["left"] == 0
+    down = [m for m in caplog.messages if "queue unreachable" in m]
+    up = [m for m in caplog.messages if m.startswith("queue reachable again after")]
+    assert len(down) == 1 and "a test's outage" in down[0], caplog.messages
+    assert len(up) == 1, caplog.messages
+    assert caplog.messages.index(down[0]) < caplog.messages.index(up[0])
+
+
 def test_deletion_log_survives_a_torn_line(tmp_path):
     log = DeletionLog(tmp_path / "deletions.log")
     log.append({"version": 1, "job_ids": ["a"], "timestamp": "t", "id_digests": []})
