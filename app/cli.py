@@ -431,12 +431,6 @@ def serve(settings: Settings) -> None:
     _private_data_dir(settings)
     nice_autogroup()
 
-    if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-        log.info(
-            "XLA's buffers on transparent huge pages (GLIBC_TUNABLES=%s)",
-            os.environ["GLIBC_TUNABLES"],
-        )
-
     with contextlib.ExitStack() as held:
         try:
             if settings.worker:
@@ -469,6 +463,12 @@ def serve(settings: Settings) -> None:
                 _refuse_unnamespaced_jobs(settings, "serve")
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
+        # after the checks: a refused start is one line
+        if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+            log.info(
+                "XLA's buffers on transparent huge pages (GLIBC_TUNABLES=%s)",
+                os.environ["GLIBC_TUNABLES"],
+            )
         # uvicorn names the address only when it binds the socket itself.
         host, port = sock.getsockname()[:2]
         log.info("HTTP API will listen on %s:%d once the model is loaded", host, port)
