@@ -361,33 +361,42 @@ def _check_redis(settings: Settings, who: str) -> None:
         client.close()
 
 
-def _refuse_unnamespaced_jobs(settings: Settings, who: str) -> None:
+def _refuse_unnamespaced_jobs(settings: Settings, who: str, private: bool = False) -> None:
     """Refuse to start a worker while Redis holds jobs queued by a release before per-data-dir
     namespaces (``P:forget``, now ``P:<namespace>:forget``: ``app.service.queue_prefix``): this
     release would never apply them, and their callers would wait for ever. Nothing is checked
     when Redis does not answer (``_check_redis`` has said so).
 
+    Arguments:
+      private: REDIS_URL is the data dir's private Redis (``serve`` started it).
+
     Raises:
-      SystemExit: such jobs are queued (one line: how many, and the two ways on).
+      SystemExit: such jobs are queued (one line: how many, and the ways on).
     """
     import redis
 
+    from .queue import JobQueue
     from .redis_client import connect_worker
 
     stream = f"{settings.redis_prefix}:forget"
     client = connect_worker(settings.redis_url)
     try:
-        queued = client.xlen(stream) if client.type(stream) == "stream" else 0
+        queued = JobQueue(client, settings.redis_prefix, settings.job_ttl_s).stream_length(stream)
     except redis.RedisError:
         return
     finally:
         client.close()
     if queued:
+        way_on = (
+            "start that release's 'serve' on this data dir once to finish them (they are in "
+            "the data dir's private Redis)"
+            if private
+            else "let that release's worker finish them, or delete the key to drop them"
+        )
         raise SystemExit(
             f"ntk-unlearn {who}: {queued} job(s) are queued under the Redis key {stream} by an "
             "earlier release, which kept one queue per --redis-prefix (this one keeps one per "
-            "data dir under it): let that release's worker finish them, or delete the key to "
-            "drop them, then start again"
+            f"data dir under it): {way_on}, then start again"
         )
 
 
@@ -444,6 +453,7 @@ def serve(settings: Settings) -> None:
                 signal.signal(signum, _exit_after_shutdown)
             if settings.redis_url is None and not settings.worker:
                 _no_worker_elsewhere(settings)
+            embedded = None
             if settings.redis_url is None:
                 embedded = held.enter_context(EmbeddedRedis(settings.data_dir / "redis"))
                 settings = settings.model_copy(update={"redis_url": embedded.url})
@@ -460,7 +470,7 @@ def serve(settings: Settings) -> None:
             else:
                 _check_redis(settings, "serve")
             if settings.worker:
-                _refuse_unnamespaced_jobs(settings, "serve")
+                _refuse_unnamespaced_jobs(settings, "serve", private=embedded is not None)
         except DataDirInUseError as e:
             raise SystemExit(f"ntk-unlearn serve: {e}") from None
         # after the checks: a refused start is one line

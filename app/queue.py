@@ -442,6 +442,11 @@ class JobQueue:
                 return behind
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
+    def stream_length(self, key: str) -> int:
+        """The entries of the stream ``key`` (0: no such key, or not a stream). Raises
+        ``redis.RedisError``."""
+        return int(self.client.xlen(key)) if self.client.type(key) in ("stream", b"stream") else 0
+
     def pending_ids(self) -> frozenset[str]:
         """Ids of every queued or running job."""
         return frozenset(self.client.smembers(self.pending_key))

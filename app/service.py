@@ -21,6 +21,7 @@ import redis
 
 from service_core import Unlearner, checkpoint, load_dataset
 from service_core.engine import PreparedVersion
+from service_core.errors import UnlearnError
 from service_core.lifecycle import Identity
 from service_core.nonlinear_serving import NonlinearUnlearner
 
@@ -32,7 +33,7 @@ from .locking import build_lock
 from .metrics import Metrics
 from .queue import JobQueue
 from .reader import CheckpointReader
-from .receipts import DeploymentKeys, directory_sha256
+from .receipts import ID_SECRET_FILE, SIGNING_KEY_FILE, DeploymentKeys, directory_sha256
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,43 @@ class ServiceState:
     draining: Draining = dataclasses.field(default_factory=lambda: Draining())
 
 
+class MissingSecretError(UnlearnError):
+    """A secret of the data directory is gone although its deletion log records deletions."""
+
+
 def deployment_keys(settings: Settings) -> DeploymentKeys:
-    """The data directory's id secret and receipt signing key, created on first start."""
+    """The data directory's id secret and receipt signing key, created on first start.
+
+    Raises:
+      MissingSecretError: one of them is missing while the deletion log records a deletion: a
+        new one would not be the first's (the forgotten records are kept as digests under the
+        id secret, and every process of the data directory finds its Redis queue by it; earlier
+        receipts verify only with the first key), so it is never made silently.
+    """
+    for name, make in (
+        (ID_SECRET_FILE, "head -c 32 /dev/urandom > {path} && chmod 600 {path}"),
+        (SIGNING_KEY_FILE, "openssl genpkey -algorithm ed25519 -out {path} && chmod 600 {path}"),
+    ):
+        path = settings.data_dir / name
+        if not path.exists() and DeletionLog(settings.deletion_log).newest_version() is not None:
+            what = (
+                "the forgotten records are kept as digests under it and every process of this "
+                "data dir finds its Redis queue by it"
+                if name == ID_SECRET_FILE
+                else "its receipts are signed with it"
+            )
+            raise MissingSecretError(
+                f"{path} is missing, but {settings.deletion_log} records deletions and {what}: "
+                "restore it from a backup of the data dir (every process of the data dir must "
+                "read the same one). To go on with a new one instead, knowing that "
+                + (
+                    "records forgotten so far will answer 'unknown' and jobs queued under the old "
+                    "one stay there"
+                    if name == ID_SECRET_FILE
+                    else "earlier receipts will not verify with its public key"
+                )
+                + f", create it: {make.format(path=path)}"
+            )
     return DeploymentKeys.load_or_create(settings.data_dir)
 
 
@@ -353,6 +389,7 @@ def make_worker(
         metrics=metrics,
         keys=deployment_keys(settings),
         report_wait_s=settings.report_wait_s,
+        legacy_stream=f"{settings.redis_prefix}:forget",
     )
 
 

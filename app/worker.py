@@ -58,6 +58,10 @@ class Worker:
         without).
       report_wait_s: before reporting a version, wait at most this long for every live follower
         (an API process without a worker) to have prepared it (``JobQueue.wait_prepared``).
+      legacy_stream: the stream an earlier release queued this prefix's jobs in (one queue per
+        ``--redis-prefix``): its jobs are never applied here, so while it holds any (an earlier
+        release's API process still at work beside this one) the heartbeat thread says so, once
+        a minute.
     """
 
     def __init__(
@@ -69,8 +73,10 @@ class Worker:
         metrics: Metrics | None = None,
         keys: DeploymentKeys | None = None,
         report_wait_s: float = 0.0,
+        legacy_stream: str | None = None,
     ):
         self.unlearner = unlearner
+        self.legacy_stream = legacy_stream
         self.report_wait_s = report_wait_s
         self.keys = keys
         self.queue = queue
@@ -134,10 +140,22 @@ class Worker:
             beat.join(WORKER_BEAT_S)
 
     def _beat(self, done: threading.Event) -> None:
-        warned = -math.inf
+        warned = legacy_warned = -math.inf
         while True:
             self._beat_now.clear()
             try:
+                if self.legacy_stream is not None and time.monotonic() - legacy_warned >= 60:
+                    queued = self.queue.stream_length(self.legacy_stream)
+                    if queued:
+                        legacy_warned = time.monotonic()
+                        log.warning(
+                            "%d job(s) are queued under the Redis key %s by an API process of "
+                            "an earlier release (one queue per --redis-prefix), which no worker "
+                            "of this release applies: stop that release's processes, and let "
+                            "its worker finish them or delete the key",
+                            queued,
+                            self.legacy_stream,
+                        )
                 other = self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
                 if other is not None and time.monotonic() - warned >= 60:
                     warned = time.monotonic()

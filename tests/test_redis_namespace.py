@@ -111,3 +111,90 @@ def test_a_worker_refuses_jobs_an_earlier_release_queued_under_the_bare_prefix(
     finally:
         client.delete(stream)
         client.close()
+
+
+def test_the_refusal_with_the_private_redis_says_to_finish_them_with_that_release(
+    make_settings, redis_url, redis_prefix
+):
+    """`serve` without REDIS_URL stops its private Redis on the way out: "delete the key" would
+    need a Redis nobody runs, so the way on is to let the earlier release's serve finish them."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = f"{redis_prefix}:forget"
+    try:
+        client.xadd(stream, {"job_id": "queued-before"})
+        with pytest.raises(SystemExit) as caught:
+            cli._refuse_unnamespaced_jobs(make_settings(), "serve", private=True)
+        message = str(caught.value)
+        assert "start that release's 'serve' on this data dir once" in message
+        assert "delete the key" not in message
+    finally:
+        client.delete(stream)
+        client.close()
+
+
+def test_a_running_worker_says_when_an_earlier_release_queues_under_the_bare_prefix(
+    make_settings, unlearner, redis_url, redis_prefix, caplog
+):
+    """An earlier release's API process beside this release's worker (a rolling upgrade) queues
+    where no worker of this release looks: the worker says so once a minute, not never."""
+    import logging
+
+    from app.deletion_log import DeletionLog
+    from app.queue import JobQueue
+    from app.worker import Worker
+
+    settings = make_settings()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = f"{redis_prefix}:forget"
+    queue = JobQueue(client, queue_prefix(settings), 600)
+    worker = Worker(
+        unlearner, queue, settings.checkpoint_dir, DeletionLog(settings.deletion_log),
+        legacy_stream=stream,
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="app.worker")
+    try:
+        worker.start()
+        time.sleep(0.5)
+        assert not [m for m in caplog.messages if stream in m]  # nothing there: nothing said
+        client.xadd(stream, {"job_id": "queued-by-an-earlier-release"})
+        worker._beat_now.set()  # the next heartbeat, now rather than in 5 s
+        deadline = time.monotonic() + 10
+        while not [m for m in caplog.messages if stream in m]:
+            assert time.monotonic() < deadline, caplog.messages
+            time.sleep(0.05)
+        said = [m for m in caplog.messages if stream in m]
+        assert said[0].startswith("1 job(s) are queued under the Redis key"), said
+    finally:
+        worker.stop()
+        client.delete(stream)
+        client.close()
+
+
+def test_a_lost_secret_is_never_replaced_silently_once_deletions_are_logged(make_settings):
+    """A new id secret would move the data dir to another Redis namespace (processes started
+    since would not meet the others) and turn its forgotten records 'unknown'; a new receipt
+    key would not verify earlier receipts: with deletions logged, a missing one is an error
+    saying how to restore it, or how to make one knowingly. Before any deletion, both are made."""
+    from app.deletion_log import DeletionLog
+    from app.receipts import ID_SECRET_FILE, SIGNING_KEY_FILE
+
+    settings = make_settings()
+    first = service.deployment_keys(settings)  # no deletion logged: made
+    DeletionLog(settings.deletion_log).append(
+        {"version": 1, "job_ids": ["j"], "timestamp": "t", "id_digests": [first.digest("r01")]}
+    )
+    assert service.deployment_keys(settings).namespace == first.namespace  # read, not made
+    for name, command in ((ID_SECRET_FILE, "head -c 32"), (SIGNING_KEY_FILE, "openssl genpkey")):
+        path = settings.data_dir / name
+        kept = path.read_bytes()
+        path.unlink()
+        with pytest.raises(service.MissingSecretError) as caught:
+            service.deployment_keys(settings)
+        message = str(caught.value)
+        assert (
+            message.startswith(f"{path} is missing, but ") and "restore it from a backup" in message
+        )
+        assert command in message and "\n" not in message
+        assert not path.exists()  # nothing made
+        path.write_bytes(kept)
+    assert service.deployment_keys(settings).namespace == first.namespace
