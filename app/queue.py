@@ -442,6 +442,25 @@ class JobQueue:
                 return behind
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
+    def succeeded_after(self, version: int) -> list[Job]:
+        """The jobs that succeeded with a model version newer than ``version``, when the worker
+        has reported a version newer than it (``reported_version``; else none, without a scan):
+        what a data directory restored at ``version`` lacks (``Worker.reapply_reported``).
+        Their records are scanned (all of this queue's, kept ``ttl_s``). Raises
+        ``redis.RedisError``."""
+        reported = self.reported_version()
+        if reported is None or reported <= version:
+            return []
+        jobs = []
+        for key in self.client.scan_iter(match=self._job_prefix + "*", count=1000):
+            h = self.client.hgetall(key)
+            if not h or h.get("status") != "succeeded" or "job_id" not in h:
+                continue
+            job = Job.from_hash(h)
+            if job.model_version is not None and job.model_version > version:
+                jobs.append(job)
+        return jobs
+
     def stream_length(self, key: str) -> int:
         """The entries of the stream ``key`` (0: no such key, or not a stream). Raises
         ``redis.RedisError``."""

@@ -235,13 +235,16 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
                 record["version"],
             )
         # The log ahead of the checkpoints (rolled back): forget again what it says is gone.
-        Worker(
-            u,
-            None,
-            settings.checkpoint_dir,
-            deletion_log,
-            keys=keys,  # type: ignore[arg-type]
-        ).reapply_logged(_job_status(settings, keys))
+        restored = u.version
+        again = Worker(u, None, settings.checkpoint_dir, deletion_log, keys=keys)  # type: ignore[arg-type]
+        again.reapply_logged(_job_status(settings, keys))
+        # Redis ahead of the data dir (rolled back, log included): the same from its job records
+        # (when it answers now; else the worker does it once it does: Worker.recover).
+        reported = _ask_queue(
+            settings, queue_prefix(settings, keys), lambda queue: queue.succeeded_after(restored)
+        )
+        if reported:
+            again.reapply_reported(reported, since=restored)
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",

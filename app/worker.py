@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,17 @@ class Worker:
         if entries:
             log.info("recovering %d unacknowledged job(s)", len(entries))
             self.process(entries)
+        # A data dir rolled back (log included) behind what was reported while Redis did not
+        # answer at the start: forget again now what its succeeded jobs say is gone.
+        reported = self.queue.reported_version()
+        if reported is not None and reported > self.unlearner.version:
+            since = self.unlearner.version
+            try:
+                Worker(
+                    self.unlearner, None, self.checkpoint_dir, self.deletion_log, keys=self.keys
+                ).reapply_reported(self.queue.succeeded_after(since), since)  # type: ignore[arg-type]
+            except SystemExit as e:  # logged; the records stay until someone acts
+                log.critical("%s", e)
         # A crash may have left a finished job's ids in Redis's append-only file.
         self.queue.compact()
         # From here on every finished job is applied to this model, and only to it: its size is
@@ -398,6 +409,58 @@ class Worker:
         """
         u = self.unlearner
         ahead = [e for e in self.deletion_log.current() if int(e["version"]) > u.version]
+        return self._forget_again(ahead, job_status, "the deletion log records")
+
+    def reapply_reported(self, jobs: Sequence[Job], since: int) -> int:
+        """Forget again what Redis's job records say was forgotten after version ``since``: at a
+        start, when the worker reported a version newer than the restored model's
+        (``JobQueue.reported_version``) although the deletion log has none (the whole data
+        directory was rolled back, log included: a backup restored, a volume snapshot, while
+        Redis kept its records), or by a copy of the data directory that ran behind another.
+        Without it the records those jobs forgot would be served again, with their jobs and
+        receipts saying they are gone. Done as ``reapply_logged`` does, from the jobs' keyed
+        digests (kept ``--job-ttl-s``, 7 days); a lost addition is logged as an error.
+
+        Arguments:
+          jobs: the succeeded jobs of versions newer than ``since``
+            (``JobQueue.succeeded_after``).
+          since: the version the data directory was restored at.
+
+        Returns:
+          The number of records forgotten again.
+
+        Raises:
+          SystemExit: the deletion failed (one line saying why).
+        """
+        records: dict[int, dict[str, Any]] = {}
+        for job in jobs:
+            version = job.model_version
+            if job.status != "succeeded" or version is None or version <= since:
+                continue
+            if job.kind == "add":
+                record = records.setdefault(
+                    version, {"version": version, "kind": "add", "added_digests": []}
+                )
+                record["added_digests"] += job.id_digests
+            else:
+                record = records.setdefault(
+                    version, {"version": version, "job_digests": {}, "timestamp": ""}
+                )
+                record["job_digests"][job.job_id] = job.id_digests
+                record["timestamp"] = max(record["timestamp"], job.finished_at or "")
+        ahead = [records[v] for v in sorted(records)]
+        return self._forget_again(ahead, lambda job_id: None, "Redis's succeeded jobs report")
+
+    def _forget_again(
+        self,
+        ahead: list[dict[str, Any]],
+        job_status: Callable[[str], str | None],
+        source: str,
+    ) -> int:
+        """Forget again the active records of ``ahead`` (deletion-log records, or records made
+        alike, of versions newer than the model's), as one new version; ``source`` names where
+        they come from in the messages."""
+        u = self.unlearner
         if not ahead:
             return 0
         active = {u.digest(i): i for i in u.active_ids()}
@@ -407,9 +470,10 @@ class Worker:
             version = int(record["version"])
             if record.get("kind") == "add":
                 log.error(
-                    "the deletion log records version %d, an addition of %d record(s), newer than "
-                    "the newest checkpoint (version %d): the checkpoints were rolled back and "
-                    "those records are lost (their jobs say succeeded): add them again",
+                    "%s version %d, an addition of %d record(s), newer than the newest "
+                    "checkpoint (version %d): the checkpoints were rolled back and those records "
+                    "are lost (their jobs say succeeded): add them again",
+                    source,
                     version,
                     len(record.get("added_digests", ())),
                     u.version,
@@ -433,9 +497,10 @@ class Worker:
             return 0
         versions = sorted({int(e["version"]) for e in ahead})
         log.critical(
-            "the deletion log records version(s) %s, newer than the newest checkpoint (version "
-            "%d), and %d record(s) they forgot are in that checkpoint again (checkpoints rolled "
-            "back: a backup restored?): forgetting them again before anything is served",
+            "%s version(s) %s, newer than the newest checkpoint (version %d), and %d record(s) "
+            "they forgot are in that checkpoint again (checkpoints rolled back: a backup "
+            "restored?): forgetting them again before anything is served",
+            source,
             ", ".join(map(str, versions)),
             u.version,
             len(taken),
@@ -444,8 +509,8 @@ class Worker:
         failed = [f["error"] for _, f in outcomes if f.get("status") != "succeeded"]
         if failed:
             raise SystemExit(
-                f"ntk-unlearn: could not forget again the {len(taken)} record(s) the deletion "
-                f"log records as forgotten after version {versions[0] - 1}: {failed[0]}; "
+                f"ntk-unlearn: could not forget again the {len(taken)} record(s) {source} as "
+                f"forgotten after version {versions[0] - 1}: {failed[0]}; "
                 "restore the newer checkpoints instead"
             )
         try:

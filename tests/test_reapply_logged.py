@@ -85,3 +85,71 @@ def test_a_follower_does_not_reapply(make_settings, unlearner, wait_for_job, tmp
     u = load_model(settings.model_copy(update={"worker": False}))
     assert u.version == 1 and not u.is_forgotten(["r05"])
     assert checkpoint.latest_version(settings.checkpoint_dir) == 1
+
+
+def test_a_data_dir_rolled_back_with_its_log_forgets_again_what_redis_reports(
+    make_settings, unlearner, wait_for_job, dataset_file: Path, tmp_path: Path, caplog
+):
+    """The whole data dir put back from a backup, deletion log included, beside a Redis that
+    kept its job records (REDIS_URL): the log has nothing ahead of the checkpoint, but the
+    worker reported newer versions, whose succeeded jobs' keyed digests say what is gone. The
+    start forgets those records again before anything is served (``Worker.reapply_reported``);
+    when Redis does not answer at the start, the worker does it once it does (``recover``)."""
+    import redis
+
+    from app.queue import JobQueue
+    from app.service import queue_prefix
+    from app.worker import Worker
+
+    settings = make_settings()
+    with np.load(dataset_file) as f:
+        x_probe = f["x"][:6]
+    backup = tmp_path / "backup"
+    with TestClient(create_app(settings, unlearner)) as client:
+        assert _forget(client, ["r01"], wait_for_job)["model_version"] == 1
+        shutil.copytree(settings.checkpoint_dir / "1", backup / "1")  # the operator's backup,
+        shutil.copy(settings.deletion_log, backup / "deletions.log")  # log included
+        second = _forget(client, ["r02", "r03"], wait_for_job)
+        third = _forget(client, ["r04"], wait_for_job)
+        assert (second["model_version"], third["model_version"]) == (2, 3)
+        served = client.app.state.service.unlearner
+        expected = np.asarray(served.predict(x_probe))
+        active = sorted(served.active_ids())
+
+    def roll_back() -> None:
+        shutil.rmtree(settings.checkpoint_dir)
+        shutil.copytree(backup / "1", settings.checkpoint_dir / "1")
+        shutil.copy(backup / "deletions.log", settings.deletion_log)
+        assert DeletionLog(settings.deletion_log).newest_version() == 1
+
+    roll_back()
+    with caplog.at_level(logging.INFO, logger="app"):
+        u = load_model(settings)
+    assert u.version == 2 and sorted(u.active_ids()) == active
+    assert u.is_forgotten(["r01", "r02", "r03", "r04"])
+    np.testing.assert_allclose(np.asarray(u.predict(x_probe)), expected, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir()) == ["2"]
+    current = [e for e in DeletionLog(settings.deletion_log).current() if e["version"] == 2]
+    assert sorted(current[0]["job_ids"]) == sorted([second["job_id"], third["job_id"]])
+    said = [r for r in caplog.records if "Redis's succeeded jobs report" in r.getMessage()]
+    assert said and said[0].levelno == logging.CRITICAL, caplog.messages
+    assert "version(s) 2, 3" in said[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app"):
+        assert load_model(settings).version == 2  # nothing left to do
+    assert not any("Redis's succeeded jobs report" in m for m in caplog.messages)
+
+    # Redis not answering at the start: restored as it is; the worker's recovery does it.
+    roll_back()
+    down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    u = load_model(down)
+    assert u.version == 1 and not u.is_forgotten(["r02"])
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    queue = JobQueue(client, queue_prefix(settings), settings.job_ttl_s)
+    try:
+        worker = Worker(u, queue, settings.checkpoint_dir, DeletionLog(settings.deletion_log))
+        worker.recover()
+        assert u.version == 2 and sorted(u.active_ids()) == active
+        assert queue.reported_version() == 2  # what it serves now
+    finally:
+        client.close()
