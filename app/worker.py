@@ -220,18 +220,17 @@ class Worker:
     # Work.
 
     def recover(self) -> int:
-        """Apply (or confirm) every entry a previous worker left unacknowledged.
+        """Apply (or confirm) every entry a previous worker left unacknowledged; first, when
+        the reported version is newer than the model's (a data dir rolled back while Redis did
+        not answer at the start), forget again what Redis's succeeded jobs say is gone
+        (``reapply_reported``).
 
         Returns:
           The number of entries handled.
         """
-        entries = self.queue.claim_unacknowledged(self.consumer)
-        self.queue.forget_idle_consumers(keep=self.consumer)
-        if entries:
-            log.info("recovering %d unacknowledged job(s)", len(entries))
-            self.process(entries)
         # A data dir rolled back (log included) behind what was reported while Redis did not
-        # answer at the start: forget again now what its succeeded jobs say is gone.
+        # answer at the start: forget again now what its succeeded jobs say is gone. First:
+        # a job re-run below would take the number of a version lost in the roll-back.
         reported = self.queue.reported_version()
         if reported is not None and reported > self.unlearner.version:
             since = self.unlearner.version
@@ -241,6 +240,11 @@ class Worker:
                 ).reapply_reported(self.queue.succeeded_after(since), since)  # type: ignore[arg-type]
             except SystemExit as e:  # logged; the records stay until someone acts
                 log.critical("%s", e)
+        entries = self.queue.claim_unacknowledged(self.consumer)
+        self.queue.forget_idle_consumers(keep=self.consumer)
+        if entries:
+            log.info("recovering %d unacknowledged job(s)", len(entries))
+            self.process(entries)
         # A crash may have left a finished job's ids in Redis's append-only file.
         self.queue.compact()
         # From here on every finished job is applied to this model, and only to it: its size is
