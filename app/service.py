@@ -240,11 +240,12 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
         again.reapply_logged(_job_status(settings, keys))
         # Redis ahead of the data dir (rolled back, log included): the same from its job records
         # (when it answers now; else the worker does it once it does: Worker.recover).
-        reported = _ask_queue(
-            settings, queue_prefix(settings, keys), lambda queue: queue.succeeded_after(restored)
-        )
+        prefix = queue_prefix(settings, keys)
+        reported = _ask_queue(settings, prefix, lambda queue: queue.succeeded_after(restored))
         if reported:
             again.reapply_reported(reported, since=restored)
+            # the version the worker serves from now on, so that its recovery does not look again
+            _ask_queue(settings, prefix, lambda queue: queue.record_n_train(u.n_train, u.version))
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 MAX_BATCH_JOBS = 1000
 _BLOCK_MS = 250
 _RETRY_S = 2.0
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time of a job record or a log record; ``None``: absent or unreadable."""
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) and value else None
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed is not None and parsed.tzinfo is None else parsed
 
 
 class Worker:
@@ -237,7 +247,7 @@ class Worker:
             try:
                 Worker(
                     self.unlearner, None, self.checkpoint_dir, self.deletion_log, keys=self.keys
-                ).reapply_reported(self.queue.succeeded_after(since), since)  # type: ignore[arg-type]
+                ).reapply_reported(self.queue.succeeded_after(since), since, "recovery")  # type: ignore[arg-type]
             except SystemExit as e:  # logged; the records stay until someone acts
                 log.critical("%s", e)
         entries = self.queue.claim_unacknowledged(self.consumer)
@@ -415,7 +425,7 @@ class Worker:
         ahead = [e for e in self.deletion_log.current() if int(e["version"]) > u.version]
         return self._forget_again(ahead, job_status, "the deletion log records")
 
-    def reapply_reported(self, jobs: Sequence[Job], since: int) -> int:
+    def reapply_reported(self, jobs: Sequence[Job], since: int, when: str = "start") -> int:
         """Forget again what Redis's job records say was forgotten after version ``since``: at a
         start, when the worker reported a version newer than the restored model's
         (``JobQueue.reported_version``) although the deletion log has none (the whole data
@@ -425,10 +435,17 @@ class Worker:
         receipts saying they are gone. Done as ``reapply_logged`` does, from the jobs' keyed
         digests (kept ``--job-ttl-s``, 7 days); a lost addition is logged as an error.
 
+        A job counts when its version is newer than ``since`` and it finished after the
+        restored version was logged: the records of jobs lost in an earlier roll-back keep their
+        old version numbers, which the versions made since pass (a record added again after
+        that roll-back was forgotten again by its stale job).
+
         Arguments:
           jobs: the succeeded jobs of versions newer than ``since``
             (``JobQueue.succeeded_after``).
           since: the version the data directory was restored at.
+          when: ``start`` (before anything is served) or ``recovery`` (Redis answered only
+            after the start), for the messages.
 
         Returns:
           The number of records forgotten again.
@@ -436,30 +453,43 @@ class Worker:
         Raises:
           SystemExit: the deletion failed (one line saying why).
         """
-        records: dict[int, dict[str, Any]] = {}
+        logged = [e for e in self.deletion_log.current() if int(e["version"]) == since]
+        restored_at = _parse_time(logged[-1].get("timestamp")) if logged else None
+        records: dict[tuple[int, str], dict[str, Any]] = {}
         for job in jobs:
             version = job.model_version
             if job.status != "succeeded" or version is None or version <= since:
                 continue
+            finished = _parse_time(job.finished_at)
+            if restored_at is not None and (finished is None or finished <= restored_at):
+                continue  # before the restored version: lost in an earlier roll-back, if at all
             if job.kind == "add":
                 record = records.setdefault(
-                    version, {"version": version, "kind": "add", "added_digests": []}
+                    (version, "add"), {"version": version, "kind": "add", "added_digests": []}
                 )
                 record["added_digests"] += job.id_digests
             else:
                 record = records.setdefault(
-                    version, {"version": version, "job_digests": {}, "timestamp": ""}
+                    (version, "forget"), {"version": version, "job_digests": {}, "timestamp": ""}
                 )
                 record["job_digests"][job.job_id] = job.id_digests
                 record["timestamp"] = max(record["timestamp"], job.finished_at or "")
-        ahead = [records[v] for v in sorted(records)]
-        return self._forget_again(ahead, lambda job_id: None, "Redis's succeeded jobs report")
+        ahead = [records[k] for k in sorted(records)]
+        return self._forget_again(
+            ahead,
+            lambda job_id: None,
+            "Redis's succeeded jobs report",
+            "before anything is served"
+            if when == "start"
+            else "now that Redis answers (it did not at the start: until now they were served)",
+        )
 
     def _forget_again(
         self,
         ahead: list[dict[str, Any]],
         job_status: Callable[[str], str | None],
         source: str,
+        when: str = "before anything is served",
     ) -> int:
         """Forget again the active records of ``ahead`` (deletion-log records, or records made
         alike, of versions newer than the model's), as one new version; ``source`` names where
@@ -499,15 +529,16 @@ class Worker:
                     jobs.append(Job(job_id, "running", ids, str(record.get("timestamp", ""))))
         if not jobs:
             return 0
-        versions = sorted({int(e["version"]) for e in ahead})
+        versions = sorted({int(e["version"]) for e in ahead if e.get("kind") != "add"})
         log.critical(
             "%s version(s) %s, newer than the newest checkpoint (version %d), and %d record(s) "
             "they forgot are in that checkpoint again (checkpoints rolled back: a backup "
-            "restored?): forgetting them again before anything is served",
+            "restored?): forgetting them again %s",
             source,
             ", ".join(map(str, versions)),
             u.version,
             len(taken),
+            when,
         )
         outcomes = self._apply([Entry("", job) for job in jobs])
         failed = [f["error"] for _, f in outcomes if f.get("status") != "succeeded"]

@@ -134,6 +134,10 @@ def test_a_data_dir_rolled_back_with_its_log_forgets_again_what_redis_reports(
     said = [r for r in caplog.records if "Redis's succeeded jobs report" in r.getMessage()]
     assert said and said[0].levelno == logging.CRITICAL, caplog.messages
     assert "version(s) 2, 3" in said[0].getMessage()
+    # recorded as the version served, so the worker's recovery does not look again
+    reported = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    assert JobQueue(reported, queue_prefix(settings), 600).reported_version() == 2
+    reported.close()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="app"):
         assert load_model(settings).version == 2  # nothing left to do
@@ -158,3 +162,59 @@ def test_a_data_dir_rolled_back_with_its_log_forgets_again_what_redis_reports(
         assert queue.reported_version() == 3  # what it serves now
     finally:
         client.close()
+
+
+def _job(job_id: str, kind: str, version: int, digests: list[str], finished: str):
+    from app.queue import Job
+
+    return Job(
+        job_id, "succeeded", [], "2026-12-04T10:00:00.000+00:00", finished_at=finished,
+        model_version=version, id_digests=digests, kind=kind,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("add_first", [True, False])
+def test_an_addition_and_a_forget_of_one_version_number_are_both_read(
+    base_checkpoint: Path, tmp_path: Path, add_first: bool, caplog
+):
+    """Redis may hold a lost addition and a forget under one version number (one from a history
+    lost in an earlier roll-back): each is read as what it is (a start failed on a KeyError)."""
+    from app.worker import Worker
+    from service_core import Unlearner
+
+    u = Unlearner.restore(base_checkpoint, id_key=b"k" * 32)
+    jobs = [
+        _job("added", "add", 1, ["someone-else"], "2026-12-04T11:00:00.000+00:00"),
+        _job("forgot", "forget", 1, [u.digest("r01")], "2026-12-04T11:00:00.000+00:00"),
+    ]
+    worker = Worker(u, None, tmp_path / "checkpoints", DeletionLog(tmp_path / "log"))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="app"):
+        assert worker.reapply_reported(jobs if add_first else jobs[::-1], since=0) == 1
+    assert u.version == 1 and u.is_forgotten(["r01"])
+    assert any("an addition of 1 record(s)" in m for m in caplog.messages)
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1 and "report version(s) 1, newer" in critical[0], critical
+
+
+def test_jobs_from_before_the_restored_version_are_not_redone(
+    base_checkpoint: Path, tmp_path: Path
+):
+    """After a first roll-back, the lost jobs' records keep their version numbers, which later
+    versions pass: restored again at such a later version, only jobs that finished after it
+    was logged are redone (a record added again in between was forgotten again by its stale
+    job)."""
+    from app.worker import Worker
+    from service_core import Unlearner
+
+    u = Unlearner.restore(base_checkpoint, id_key=b"k" * 32)
+    u.forget(["r09"], tmp_path / "checkpoints")
+    log_ = DeletionLog(tmp_path / "log")
+    log_.append(
+        {"version": 1, "version_before": 0, "timestamp": "2026-12-04T12:00:00.000+00:00",
+         "job_ids": ["restored"], "id_digests": [u.digest("r09")]}
+    )  # fmt: skip
+    stale = _job("stale", "forget", 2, [u.digest("r02")], "2026-12-04T11:59:59.000+00:00")
+    lost = _job("lost", "forget", 3, [u.digest("r03")], "2026-12-04T12:00:01.000+00:00")
+    worker = Worker(u, None, tmp_path / "checkpoints", log_)  # type: ignore[arg-type]
+    assert worker.reapply_reported([stale, lost], since=1) == 1
+    assert u.version == 2 and u.is_forgotten(["r03"]) and not u.is_forgotten(["r02"])
