@@ -218,3 +218,20 @@ def test_jobs_from_before_the_restored_version_are_not_redone(
     worker = Worker(u, None, tmp_path / "checkpoints", log_)  # type: ignore[arg-type]
     assert worker.reapply_reported([stale, lost], since=1) == 1
     assert u.version == 2 and u.is_forgotten(["r03"]) and not u.is_forgotten(["r02"])
+
+
+def test_readiness_says_while_a_rolled_back_worker_catches_up(client):
+    """Its worker serves a version older than the newest reported (a data dir rolled back while
+    Redis was down at the start; the worker forgets again once it answers): not ready, for reads
+    too (they would serve the records to forget again), saying why; ready once caught up."""
+    queue = client.app.state.service.queue
+    assert client.get("/readyz").status_code == 200
+    queue.client.set(queue.version_key, 7)
+    try:
+        for scope in ("all", "reads"):
+            r = client.get("/readyz", params={"scope": scope})
+            assert r.status_code == 503, r.text
+            assert "serves version 0 but version 7 was reported" in r.json()["detail"]
+    finally:
+        queue.client.set(queue.version_key, 0)
+    assert client.get("/readyz").status_code == 200

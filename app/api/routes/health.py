@@ -30,8 +30,9 @@ _NOT_READY = {
     503: {
         "model": NotReady,
         "description": "not ready: the model is not loaded, the queue (Redis) does not answer, "
-        "or (an API process without a worker) this process cannot load the version the worker "
-        "reported; the body says which, and why",
+        "(an API process without a worker) this process cannot load the version the worker "
+        "reported, or (with a worker) this process's rolled-back data dir is being caught up; "
+        "the body says which, and why",
     },
 }
 
@@ -55,12 +56,15 @@ def readyz(
     deciding readiness by it. ``scope=reads``: the same without the queue."""
     model = "loaded" if state.unlearner is not None else "loading"
     worker = "unknown"
+    catching_up = None
     if state.queue is None:
         queue = "not set up yet"
     else:
         try:
             worker = state.queue.status().describe_worker()
             queue = "ok"
+            if state.worker is not None and state.unlearner is not None:
+                catching_up = _catching_up(state.queue.reported_version(), state.unlearner.version)
         except redis.RedisError as e:
             queue = f"unreachable ({type(e).__name__}: {e})"
     follower = state.follower
@@ -69,7 +73,7 @@ def readyz(
     if follower is not None and model == "loaded" and lost is None:
         behind = follower.behind()
     queue_ok = queue == "ok" or scope == "reads"
-    if model == "loaded" and queue_ok and lost is None and behind is None:
+    if model == "loaded" and queue_ok and lost is None and behind is None and catching_up is None:
         return Readiness(status="ready", model_version=state.unlearner.version, worker=worker)
     problems = []
     if model != "loaded":
@@ -80,6 +84,8 @@ def readyz(
         problems.append(lost)
     if behind is not None:
         problems.append(behind)
+    if catching_up is not None:
+        problems.append(catching_up)
     body = NotReady(
         detail="not ready: " + "; ".join(problems), model=model, queue=queue, worker=worker
     )
@@ -88,6 +94,21 @@ def readyz(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         # a process that lost its version is not helped by waiting: no Retry-After then
         headers=RETRY_LATER if lost is None else None,
+    )
+
+
+def _catching_up(reported: int | None, served: int) -> str | None:
+    """Why a process whose worker serves a version older than the newest reported one is not
+    ready: its data dir was rolled back (a backup restored while Redis was down at the start),
+    and its worker has yet to forget again what the jobs of the newer versions forgot
+    (``Worker.recover``); ``None`` when it is not behind. Publishing precedes reporting, so a
+    worker is never behind its own reports otherwise."""
+    if reported is None or reported <= served:
+        return None
+    return (
+        f"this process serves version {served} but version {reported} was reported: its data "
+        "dir was rolled back and its worker is forgetting again what the newer versions forgot "
+        "(the log says when it is done)"
     )
 
 
