@@ -454,9 +454,12 @@ class JobQueue:
         jobs = []
         for key in self.client.scan_iter(match=self._job_prefix + "*", count=1000):
             h = self.client.hgetall(key)
-            if not h or h.get("status") != "succeeded" or "job_id" not in h:
+            if not h or h.get("status") != "succeeded":
                 continue
-            job = Job.from_hash(h)
+            try:
+                job = Job.from_hash(h)
+            except (KeyError, ValueError, TypeError):  # not a job record this release wrote
+                continue
             if job.model_version is not None and job.model_version > version:
                 jobs.append(job)
         return jobs

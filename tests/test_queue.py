@@ -548,3 +548,23 @@ def test_a_second_worker_on_the_prefix_is_told(queue: JobQueue):
     assert queue.beat("w-1", 0, None) is None
     assert queue.beat("w-1", 1, None) is None  # itself: no one else
     assert queue.beat("w-2", 0, None) == "w-1"
+
+
+def test_succeeded_after_reads_only_what_a_roll_back_lacks(queue: JobQueue):
+    """The succeeded jobs of versions newer than the one given, read only when a newer version
+    was reported; a hash that is no job record of this release is skipped, not fatal (the
+    worker's recovery would fail on it at every retry)."""
+    good = {"job_id": "good", "status": "succeeded", "submitted_at": "t", "model_version": "3"}
+    queue.client.hset(queue.job_key("good"), mapping=good)
+    queue.client.hset(queue.job_key("old"), mapping={**good, "job_id": "old", "model_version": "1"})
+    queue.client.hset(
+        queue.job_key("failed"), mapping={**good, "job_id": "failed", "status": "failed"}
+    )
+    queue.client.hset(queue.job_key("odd"), mapping={"status": "succeeded"})  # no job_id
+    queue.client.hset(
+        queue.job_key("odder"), mapping={**good, "job_id": "odder", "model_version": "x"}
+    )
+    assert queue.succeeded_after(1) == []  # nothing reported: no scan
+    queue.record_n_train(40, 3)
+    assert [j.job_id for j in queue.succeeded_after(1)] == ["good"]
+    assert queue.succeeded_after(3) == []  # not behind the reported version

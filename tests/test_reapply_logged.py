@@ -224,7 +224,13 @@ def test_readiness_says_while_a_rolled_back_worker_catches_up(client):
     """Its worker serves a version older than the newest reported (a data dir rolled back while
     Redis was down at the start; the worker forgets again once it answers): not ready, for reads
     too (they would serve the records to forget again), saying why; ready once caught up."""
+    import time
+
     queue = client.app.state.service.queue
+    deadline = time.monotonic() + 30
+    while queue.reported_version() != 0:  # the worker's recovery, in its thread, is over
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert client.get("/readyz").status_code == 200
     queue.client.set(queue.version_key, 7)
     try:
