@@ -16,6 +16,8 @@ from service_core import Unlearner
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SOLVE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 _ITERATION_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
+#: The outcomes a forget job ends with (``ntk_unlearn_forget_jobs_total{status=…}``).
+JOB_OUTCOMES = ("succeeded", "failed")
 
 
 class Metrics:
@@ -107,6 +109,10 @@ class Metrics:
         if not self._jobs_registered:
             for m in (self.jobs, self.batch_jobs, self.solve_seconds, self.cg_iterations):
                 self.registry.register(m)
+            # Both outcomes exported from the start at 0, so that an alert on the increase of
+            # ``status="failed"`` sees a series before the first failure.
+            for status in JOB_OUTCOMES:
+                self.jobs.labels(status=status)
             self._jobs_registered = True
 
     def render(self) -> bytes:

@@ -70,6 +70,8 @@ def test_queued_jobs_are_coalesced_into_one_solve(make_settings, unlearner):
         assert "ntk_unlearn_forget_batch_jobs_count 1.0" in text
         assert "ntk_unlearn_forget_batch_jobs_sum 3.0" in text
         assert 'ntk_unlearn_forget_jobs_total{status="succeeded"} 3.0' in text
+        # The failure series exists before any failure, so an alert on its increase sees it.
+        assert 'ntk_unlearn_forget_jobs_total{status="failed"} 0.0' in text
     _redis_is_clean(state.queue)
 
 
