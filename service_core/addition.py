@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import lifecycle, sharding, validation
-from .dual import DualProblem, newton
+from .dual import DualProblem, certified_floor, newton
 from .errors import AlreadyForgottenError, InvalidForgetSetError, InvalidInputError, SolverError
 from .layout import pad_rows
 from .models import Network
@@ -140,7 +140,7 @@ def plan(
     solve = {**info.as_solve_info().to_dict(), "newton_steps": info.steps}
     record = VersionRecord(
         state.version + 1, 0, solve, info.residual, reason=f"added {len(ids)} records",
-        rounding_floor=info.floor, newton_steps=info.steps, tolerance=tol,
+        rounding_floor=certified_floor(problem, alpha, info.floor), newton_steps=info.steps, tolerance=tol,
         accept_floor=train_cfg.accept_floor, dtype=np.dtype(alpha.dtype).name,
     )  # fmt: skip
     added = {state.digest(i) for i in ids}  # forgotten ids are kept as keyed digests

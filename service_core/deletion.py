@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import losses, validation
-from .dual import DualProblem
+from .dual import DualProblem, certified_floor
 from .errors import InvalidInputError, NotCertifiedError
 from .influence import Refinement, Retained, influence_step, refine_and_certify
 from .layout import KernelLayout, pad_rows
@@ -239,19 +239,22 @@ def plan(
         clock.lap("refine", theta)
     if not finite(alpha, theta, f, residual):
         raise NotCertifiedError(non_finite("the refinement", train, dtype))
+    floor = certified_floor(retained.problem, alpha, refined.floor if refined else 0.0, f)
     return _next_version(
-        state, shell, ids, alpha, theta, f, residual, (step, reason), refined, clock
+        state, shell, ids, alpha, theta, f, (residual, floor), (step, reason), refined, clock
     )
 
 
-def _next_version(state, shell, ids, alpha, theta, f, residual, step_parts, refined, clock):
-    """The new state (with its ``VersionRecord``) and the ``ForgetResult`` of a computed deletion."""
+def _next_version(state, shell, ids, alpha, theta, f, certificate, step_parts, refined, clock):
+    """The new state (with its ``VersionRecord``) and the ``ForgetResult`` of a computed deletion;
+    ``certificate`` is ``(residual, rounding floor)``."""
     step, reason = step_parts
+    residual, floor = certificate
     refine_info = None if refined is None else refined.as_solve_info()
     record = VersionRecord(
         state.version + 1, len(ids), step.to_dict(), residual,
         refine=None if refine_info is None else refine_info.to_dict(), reason=reason,
-        rounding_floor=float(refined.floor) if refined else 0.0,
+        rounding_floor=floor,
         newton_steps=refined.steps if refined else 0,
         refine_cg_iterations=refined.cg_iterations if refined else 0,
         tolerance=state.train_config.resolved_tol(), accept_floor=state.train_config.accept_floor,

@@ -139,6 +139,22 @@ def rounding_floor(
     return float(u * jnp.linalg.norm(bound) / jnp.maximum(scale, jnp.finfo(alpha.dtype).tiny))
 
 
+def certified_floor(
+    problem: DualProblem, alpha: jax.Array, floor: float = 0.0, f: jax.Array | None = None
+) -> float:
+    """The rounding floor a version's certificate states (docs/maths.md, Eq. (F1)): the Newton
+    solve's own estimate ``floor`` when it stopped on stagnation, else ``rounding_floor`` at the
+    published α, so that every version states one (not 0 when its solve met the tolerance).
+
+    Arguments:
+      problem: the dual risk the version solves; alpha: its α ``(C, d)``; floor: the solve's
+        estimate (0: none made); f: f_0 + K α ``(C, d)`` if known (else recomputed).
+    """
+    if floor:
+        return float(floor)
+    return rounding_floor(problem, alpha, problem.outputs(alpha) if f is None else f)
+
+
 class NewtonInfo(NamedTuple):
     """What a Newton solve did: steps, CG iterations summed over steps, final relative stationarity
     residual (of the α returned, f recomputed from it), whether it met the tolerance, wall seconds,

@@ -13,7 +13,7 @@ import numpy as np
 from . import checkpoint, kernels, precision, sharding
 from .config import ModelConfig, SolverConfig, TrainConfig, jax_dtype
 from .data import Dataset
-from .dual import DualProblem, kernel_gradient_descent, newton, stationarity
+from .dual import DualProblem, certified_floor, kernel_gradient_descent, newton, stationarity
 from .errors import InvalidInputError, NotCertifiedError, SolverError, UnlearnError
 from .kernels import purge_cache
 from .layout import KernelLayout, pad_rows
@@ -196,6 +196,7 @@ def train(
             + _training_hint(info, floor, train_cfg, solver_cfg, limit, alpha.dtype),
             alpha,
         )
+    floor = certified_floor(problem, alpha, floor)
     log.info(
         "trained (%s): %d steps, residual %.2e (rounding floor %.1e), %.2f s",
         train_cfg.trainer, info.steps, info.residual, floor, info.seconds,

@@ -43,6 +43,9 @@ def test_certificates_are_the_residual_of_the_published_alpha(digits, loss):
         floor = rounding_floor(problem, st.alpha, f)
         assert 0 < floor < 1e-3
         record = st.history[-1]
+        # Every version states the floor at its published α, whether or not its solve stagnated
+        assert record["rounding_floor"] == pytest.approx(floor, rel=1e-3), (record, floor)
+        assert st.certificate()["rounding_floor"] == record["rounding_floor"]
         assert st.residual <= slack * tol and record["accept_floor"] == slack
         assert record["tolerance"] == tol
         if st.residual > tol:

@@ -205,8 +205,8 @@ class SolverInfo(BaseModel):
     )
     rounding_floor: float | None = Field(
         None,
-        description="the residual's estimated rounding floor in the model's dtype: for a CG solve, set when "
-        "it stopped on stagnation (0 otherwise); a Newton refinement always reports its estimate. A solve "
+        description="the residual's estimated rounding floor in the model's dtype, set when the solve "
+        "stopped on stagnation (0 otherwise; the version's own estimate is certificate.rounding_floor). A solve "
         "stagnating above its tolerance counts as converged only within the slack the operator granted "
         "(accept_floor; none by default) and 4 times this floor",
     )
@@ -276,7 +276,10 @@ class Certificate(BaseModel):
         description="the slack the operator granted: published only if residual ≤ tolerance × accept_floor"
     )
     rounding_floor: float = Field(
-        description="estimated rounding floor when the last Newton solve stopped on stagnation, else 0"
+        description="estimated rounding floor of the residual in the version's dtype (docs/maths.md, "
+        "Eq. (F1)): the last Newton solve's estimate when it stopped on stagnation, else the estimate "
+        "at the published α; no solve in this dtype can certify much below it (0 for --nonlinear models, "
+        "whose gradient-norm certificate has no such estimate)"
     )
     tolerance_ratio: float = Field(description="residual / tolerance (≤ accept_floor)")
     dtype: str = Field(
