@@ -266,8 +266,22 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
 
     # uvloop's event loop and httptools' HTTP parser (uvicorn's own "standard" choice) rather
     # than asyncio's loop and pure-Python h11: less of the one event loop's time per request.
+    async def quiet_forced_exit(scope: dict, receive: Any, send: Any) -> None:
+        # A second signal makes uvicorn exit without the application's shutdown: the lifespan
+        # task, cancelled then, reported its CancelledError as a 40-line traceback at ERROR.
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def reported(message: dict) -> None:
+            if message["type"] == "lifespan.shutdown.failed" and server.force_exit:
+                log.warning("forced exit (a second signal): requests in flight were not waited for")
+                message = {"type": message["type"]}
+            await send(message)
+
+        await app(scope, receive, reported)
+
     config = uvicorn.Config(
-        app,
+        quiet_forced_exit,
         host=settings.host,
         port=settings.port,
         log_config=None,

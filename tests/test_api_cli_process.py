@@ -421,3 +421,9 @@ def test_a_second_sigint_answers_the_reads_still_computing_503_not_500(
             proc.kill()
     assert [a[1] for a in answers] == [503, 503], (answers, log.read_text())
     assert all("shutting down" in a[2] and a[3] is not None for a in answers), answers
+    # One line says what the forced exit skipped; before, the cancelled lifespan task logged a
+    # 40-line CancelledError traceback at ERROR.
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text
+    assert "forced exit (a second signal)" in text, text
+    assert proc.returncode == 0, text
