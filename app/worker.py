@@ -722,7 +722,8 @@ class Worker:
         solver = {**logged["entry"]["solver"], "timings": timings}
         refine = logged["entry"]["refine"]
         log.info(
-            "version %d: forgot %d id(s) of %d job(s) in %.2f s (%s, %d iterations, residual %.2e)",
+            "version %d: forgot %d id(s) of %d job(s) in %.2f s (%s, %d iterations, solver "
+            "residual %.2e; certificate %.2e)",
             result.version,
             len(ids),
             len(jobs),
@@ -730,6 +731,7 @@ class Worker:
             result.solve.method,
             result.solve.iterations,
             result.solve.residual,
+            result.residual,
         )
         if self.metrics is not None:
             self.metrics.batch_jobs.observe(len(jobs))

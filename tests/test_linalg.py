@@ -82,6 +82,9 @@ def test_nystrom_preconditioned_cg_gives_the_same_answer_in_fewer_iterations(for
         and pre.preconditioner == "nystrom-20"
         and plain.preconditioner == ""
     )
+    # in job records and the API: null when CG ran unpreconditioned, never ""
+    assert plain.to_dict()["preconditioner"] is None
+    assert pre.to_dict()["preconditioner"] == "nystrom-20"
     assert np.abs(np.asarray(x_pcg) - exact).max() <= 1e-8 * np.abs(exact).max()
     assert np.abs(np.asarray(x_cg) - exact).max() <= 1e-8 * np.abs(exact).max()
     assert pre.iterations * 2 <= plain.iterations, (pre.iterations, plain.iterations)

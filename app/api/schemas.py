@@ -206,7 +206,9 @@ class SolverInfo(BaseModel):
     rounding_floor: float | None = Field(
         None,
         description="the residual's estimated rounding floor in the model's dtype, set when the solve "
-        "stopped on stagnation (0 otherwise; the version's own estimate is certificate.rounding_floor). A solve "
+        "stopped on stagnation, which a Newton refinement on cross-entropy may do after meeting its "
+        "residual tolerance (then converged is true); 0 otherwise. The version's own estimate is "
+        "certificate.rounding_floor. A solve "
         "stagnating above its tolerance counts as converged only within the slack the operator granted "
         "(accept_floor; none by default) and 4 times this floor",
     )

@@ -29,8 +29,9 @@ class SolveInfo(NamedTuple):
       converged: whether ``residual`` met the requested tolerance.
       seconds: wall time.
       preconditioner: ``nystrom-<rank>`` when CG was preconditioned, else ``""``.
-      floor: the estimated rounding floor of the residual when the solve stagnated above its
-        tolerance, else 0; ``converged`` is then true if rounding explains a small miss
+      floor: the estimated rounding floor of the residual when the solve stagnated (for Newton
+        on cross-entropy, possibly after meeting its residual tolerance), else 0; ``converged``
+        is then true if the tolerance was met or rounding explains a small miss
         (``floor_accepts``: no answer in this dtype can be certified closer, and the miss is within
         the slack the operator granted, ``SolveOptions.accept_floor``).
     """
@@ -50,7 +51,7 @@ class SolveInfo(NamedTuple):
             "residual": float(self.residual),
             "converged": bool(self.converged),
             "seconds": float(self.seconds),
-            "preconditioner": self.preconditioner,
+            "preconditioner": self.preconditioner or None,  # null, not "", when none
             "rounding_floor": float(self.floor),
         }
 
