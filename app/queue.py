@@ -92,6 +92,19 @@ end
 return #lapsed
 """
 
+# KEYS: worker hash. ARGV: this worker's name, a lapsed holder it may replace ('' for none),
+# the heartbeat's TTL in ms, then field, value pairs. Writes the heartbeat unless another worker
+# holds it (returns that worker's name; false once written). A key that is no hash is replaced.
+_BEAT = """
+local holder = false
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then holder = redis.call('HGET', KEYS[1], 'worker') end
+if holder and holder ~= ARGV[1] and holder ~= ARGV[2] then return holder end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return false
+"""
+
 # KEYS: stream, worker hash. Returns the jobs queued or running (the stream holds only those:
 # a finished job's entry is deleted), the id of the oldest entry (false: none), Redis's clock
 # (seconds, microseconds) and the worker's heartbeat fields (flat; empty: no live worker).
@@ -332,6 +345,7 @@ class JobQueue:
         self._enqueue_add = client.register_script(_ENQUEUE_ADD)
         self._drop_lapsed_script = client.register_script(_DROP_LAPSED)
         self._status_script = client.register_script(_STATUS)
+        self._beat_script = client.register_script(_BEAT)
 
     def job_key(self, job_id: str) -> str:
         """The Redis key of a job record."""
@@ -749,28 +763,34 @@ class JobQueue:
             pass
 
     def beat(
-        self, worker: str, version: int, busy_since: float | None, ttl_s: float = WORKER_TTL_S
+        self,
+        worker: str,
+        version: int,
+        busy_since: float | None,
+        ttl_s: float = WORKER_TTL_S,
+        replace: str | None = None,
     ) -> str | None:
         """The worker ``worker`` is alive and serves ``version``; applying a batch since
         ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
+
+        The heartbeat is also the queue's one-worker claim: written only when no other worker's
+        heartbeat is live (or it is that of ``replace``, a worker known to be gone), atomically.
+        Returns the name of the other worker holding it (nothing written), else ``None``: two
+        workers on one data dir's queue (copies of one data directory) would apply its jobs to
+        different models, so the caller applies none while another holds it (``Worker``).
         Times are Redis's clock where it matters: ``seen`` is taken from it, ``busy_since`` is
-        moved onto it (this host's clock minus Redis's, measured now). Returns the name of
-        another worker whose heartbeat this one replaced (``None``: none): two workers beating on
-        one prefix (copies of one data directory) share its jobs, a misconfiguration the caller
-        reports. Raises
+        moved onto it (this host's clock minus Redis's, measured now). Raises
         ``redis.RedisError``."""
         now_s, now_us = self.client.time()
         now = int(now_s) + int(now_us) / 1e6
         fields = {"worker": worker, "version": int(version), "seen": f"{now:.3f}"}
         if busy_since is not None:
             fields["busy_since"] = f"{now - (time.time() - busy_since):.3f}"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hget(self.worker_key, "worker")
-        pipe.delete(self.worker_key)
-        pipe.hset(self.worker_key, mapping=fields)
-        pipe.pexpire(self.worker_key, int(ttl_s * 1000))
-        before = pipe.execute()[0]
-        return before if before is not None and before != worker else None
+        pairs = [str(v) for kv in fields.items() for v in kv]
+        holder = self._beat_script(
+            keys=[self.worker_key], args=[worker, replace or "", int(ttl_s * 1000), *pairs]
+        )
+        return holder or None
 
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that

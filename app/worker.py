@@ -34,7 +34,7 @@ from service_core import SolverError, Unlearner, UnlearnError
 from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
-from .queue import WORKER_BEAT_S, Entry, Job, JobQueue, utc_now
+from .queue import WORKER_BEAT_S, WORKER_TTL_S, Entry, Job, JobQueue, utc_now
 from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,29 @@ def _parse_time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed.replace(tzinfo=UTC) if parsed is not None and parsed.tzinfo is None else parsed
+
+
+class QueueHeldError(Exception):
+    """Another live worker holds this data dir's queue (its heartbeat): this one waits."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _gone_from_this_host(worker: str) -> bool:
+    """Whether ``worker`` (a consumer name ``host-pid``) names a process of this host that no
+    longer exists (killed: its heartbeat lives on until it lapses)."""
+    host, _, pid = worker.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
 
 
 class Worker:
@@ -100,6 +123,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # Unix time this batch began; None: idle
         self._beat_now = threading.Event()
+        # Another live worker holding the queue's heartbeat (``JobQueue.beat``): none is applied
+        # while it does. Set by every beat.
+        self._held_by: str | None = None
 
     # Lifecycle.
 
@@ -135,7 +161,11 @@ class Worker:
         Survives Redis outages: it waits, then recovers again, since a batch may have been cut
         off between applying and acknowledging. While it runs, a thread of its own renews its
         heartbeat in Redis (``JobQueue.beat``) every ``WORKER_BEAT_S`` seconds, during a solve
-        too, and deletes it on the way out.
+        too, and deletes it on the way out. The heartbeat is the queue's one-worker claim: while
+        another live worker holds it (a copy of this data dir beside it), this one applies no
+        job and recovers none, and says so once a minute; it takes over once that heartbeat
+        lapses (``WORKER_TTL_S`` after the other stopped), or at once when the other was a
+        process of this host that no longer exists.
         """
         done = threading.Event()
         beat = threading.Thread(
@@ -166,15 +196,18 @@ class Worker:
                             queued,
                             self.legacy_stream,
                         )
-                other = self.queue.beat(self.consumer, self.unlearner.version, self._busy_since)
+                other = self.claim_queue()
                 if other is not None and time.monotonic() - warned >= 60:
                     warned = time.monotonic()
                     log.warning(
-                        "another worker (%s) renews the heartbeat of this data dir's queue: "
-                        "a copy of this data dir (a restored backup, another host's replica) "
-                        "takes some of its jobs, each copy applying them to its own model; "
-                        "run one worker per data dir",
+                        "another worker (%s) holds this data dir's queue (its heartbeat in "
+                        "Redis): this worker applies no job until that heartbeat lapses (%.0f s "
+                        "after that worker stops). Two workers on one queue would apply its jobs "
+                        "to different models: a copy of this data dir (a restored backup, "
+                        "another host's replica) must not run beside it with the same Redis "
+                        "and --redis-prefix; run one worker per data dir",
                         other,
+                        WORKER_TTL_S,
                     )
             except redis.RedisError:
                 pass  # the loop logs Redis's outages; the heartbeat lapses meanwhile
@@ -189,13 +222,26 @@ class Worker:
         except redis.RedisError:
             pass  # it lapses by itself
 
+    def claim_queue(self) -> str | None:
+        """Renew this worker's heartbeat, the queue's one-worker claim (``JobQueue.beat``),
+        replacing that of a worker of this host that no longer exists (killed). Returns the
+        other live worker holding it (``self._held_by``), else ``None``. Raises
+        ``redis.RedisError``."""
+        version, busy = self.unlearner.version, self._busy_since
+        other = self.queue.beat(self.consumer, version, busy)
+        if other is not None and _gone_from_this_host(other):
+            log.info("worker %s no longer runs on this host: its heartbeat is replaced", other)
+            other = self.queue.beat(self.consumer, version, busy, replace=other)
+        self._held_by = other
+        return other
+
     def _loop(self) -> None:
         recovered = False
         unreachable_since: float | None = None  # monotonic time Redis stopped answering
         said_at = -math.inf
         while not self._stop.is_set():
             try:
-                if not recovered:
+                if not recovered or self._held_by is not None:
                     self.queue.ensure_group()
                     if unreachable_since is not None:  # Redis answered
                         log.info(
@@ -203,9 +249,17 @@ class Worker:
                             time.monotonic() - unreachable_since,
                         )
                         unreachable_since = None
+                    # Only the worker holding the queue recovers and applies its jobs: another
+                    # would claim that worker's batch in flight, and apply it to another model.
+                    holder = self.claim_queue()
+                    if holder is not None:
+                        raise QueueHeldError(holder)  # the heartbeat thread says so
                     self.recover()
                     recovered = True
                 self.run_once(_BLOCK_MS)
+            except QueueHeldError:
+                recovered = False
+                self._stop.wait(_RETRY_S)
             except redis.RedisError as e:
                 # said when it starts, then once a minute while it lasts, not at every retry
                 now = time.monotonic()

@@ -546,10 +546,61 @@ def test_a_heartbeat_written_by_someone_else_is_no_error(queue: JobQueue):
     assert queue.status().worker is None
 
 
-def test_a_second_worker_on_the_prefix_is_told(queue: JobQueue):
+def test_a_second_worker_on_the_prefix_is_told_and_does_not_take_the_heartbeat(queue: JobQueue):
     assert queue.beat("w-1", 0, None) is None
     assert queue.beat("w-1", 1, None) is None  # itself: no one else
     assert queue.beat("w-2", 0, None) == "w-1"
+    assert queue.status().worker == "w-1"  # the claim stays the first worker's
+    # a holder known to be gone may be replaced; then the first worker is the one told
+    assert queue.beat("w-2", 0, None, replace="w-1") is None
+    assert queue.status().worker == "w-2"
+    assert queue.beat("w-1", 1, None) == "w-2"
+    queue.end_beat("w-2")
+    assert queue.beat("w-1", 1, None) is None  # ended: free at once
+
+
+def test_one_worker_holds_the_queue_a_copy_waits_then_takes_over(
+    queue: JobQueue, tmp_path: Path, base_checkpoint: Path, caplog
+):
+    """A copy of a data dir run beside the original on one queue (a restored backup): before,
+    both workers took its jobs, each applying them to its own model, and a job could say
+    succeeded while the model serving its records never forgot them. Now the worker holding the
+    queue's heartbeat applies them all; the copy's worker applies none and says why, and takes
+    over once the holder stops."""
+    models = [Unlearner.restore(base_checkpoint) for _ in range(2)]
+    workers = [
+        Worker(u, queue, tmp_path / name / "checkpoints", DeletionLog(tmp_path / name / "log"))
+        for u, name in zip(models, ("original", "copy"), strict=True)
+    ]
+    workers[0].consumer, workers[1].consumer = "host-a-1", "host-b-1"  # other hosts: never "gone"
+    caplog.set_level(logging.WARNING, logger="app.worker")
+
+    def applied(u: Unlearner, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while u.n_forgotten < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert u.n_forgotten == n, (u.n_forgotten, n)
+
+    workers[0].start()
+    try:
+        deadline = time.monotonic() + 10
+        while queue.status().worker != "host-a-1" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers[1].start()
+        for i in range(1, 5):
+            queue.enqueue([f"r{i:02d}"])
+            time.sleep(0.3)
+        applied(models[0], 4)
+        time.sleep(1.0)
+        assert models[1].n_forgotten == 0 and models[1].version == 0
+        assert "another worker (host-a-1) holds this data dir's queue" in caplog.text
+        workers[0].stop()  # its heartbeat deleted: the copy's worker takes the queue
+        queue.enqueue(["r05"])
+        applied(models[1], 1)
+        assert models[0].n_forgotten == 4 and queue.status().worker == "host-b-1"
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def test_succeeded_after_reads_only_what_a_roll_back_lacks(queue: JobQueue):
@@ -570,3 +621,28 @@ def test_succeeded_after_reads_only_what_a_roll_back_lacks(queue: JobQueue):
     queue.record_n_train(40, 3)
     assert [j.job_id for j in queue.succeeded_after(1)] == ["good"]
     assert queue.succeeded_after(3) == []  # not behind the reported version
+
+
+def test_a_killed_workers_heartbeat_is_replaced_at_once(
+    queue: JobQueue, worker_for, unlearner: Unlearner
+):
+    """A worker killed on this host (SIGKILL: its heartbeat lives on for up to 15 s) does not
+    hold the queue from the worker started after it; a live one, or one of another host, does."""
+    import socket
+    import subprocess
+    import sys
+
+    from app.worker import _gone_from_this_host
+
+    host = socket.gethostname()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not _gone_from_this_host(f"{host}-{child.pid}")  # alive
+    finally:
+        child.kill()
+        child.wait()
+    assert _gone_from_this_host(f"{host}-{child.pid}")
+    assert not _gone_from_this_host(f"another-host-{child.pid}")
+    queue.beat(f"{host}-{child.pid}", 0, None)  # the killed worker's heartbeat, still live
+    worker = worker_for(unlearner)
+    assert worker.claim_queue() is None and queue.status().worker == worker.consumer
