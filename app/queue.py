@@ -769,9 +769,12 @@ class JobQueue:
         busy_since: float | None,
         ttl_s: float = WORKER_TTL_S,
         replace: str | None = None,
+        home: str | None = None,
     ) -> str | None:
         """The worker ``worker`` is alive and serves ``version``; applying a batch since
         ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
+        ``home``: the worker's checkpoint directory (its host's absolute path), kept in the
+        heartbeat (``heartbeat_home``).
 
         The heartbeat is also the queue's one-worker claim: written only when no other worker's
         heartbeat is live (or it is that of ``replace``, a worker known to be gone), atomically.
@@ -786,11 +789,20 @@ class JobQueue:
         fields = {"worker": worker, "version": int(version), "seen": f"{now:.3f}"}
         if busy_since is not None:
             fields["busy_since"] = f"{now - (time.time() - busy_since):.3f}"
+        if home is not None:  # where its checkpoints are: tells a restart from a copy
+            fields["home"] = home
         pairs = [str(v) for kv in fields.items() for v in kv]
         holder = self._beat_script(
             keys=[self.worker_key], args=[worker, replace or "", int(ttl_s * 1000), *pairs]
         )
         return holder or None
+
+    def heartbeat_home(self) -> str | None:
+        """The ``home`` of the live heartbeat (``None``: none, or none recorded). Raises
+        ``redis.RedisError``."""
+        if self.client.type(self.worker_key) != "hash":
+            return None
+        return self.client.hget(self.worker_key, "home")
 
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that

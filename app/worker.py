@@ -224,16 +224,30 @@ class Worker:
 
     def claim_queue(self) -> str | None:
         """Renew this worker's heartbeat, the queue's one-worker claim (``JobQueue.beat``),
-        replacing that of a worker of this host that no longer exists (killed). Returns the
+        replacing that of this data dir's previous worker when it no longer exists (killed on
+        this host, with the same checkpoint directory: not a copy's). Returns the
         other live worker holding it (``self._held_by``), else ``None``. Raises
         ``redis.RedisError``."""
-        version, busy = self.unlearner.version, self._busy_since
-        other = self.queue.beat(self.consumer, version, busy)
-        if other is not None and _gone_from_this_host(other):
-            log.info("worker %s no longer runs on this host: its heartbeat is replaced", other)
-            other = self.queue.beat(self.consumer, version, busy, replace=other)
+        version, busy, home = self.unlearner.version, self._busy_since, self.home
+        other = self.queue.beat(self.consumer, version, busy, home=home)
+        if (
+            other is not None
+            and _gone_from_this_host(other)
+            and self.queue.heartbeat_home() == home
+        ):
+            # this data dir's previous worker, killed (one worker per data dir: its flock); a
+            # copy of the data dir elsewhere (another home) waits for the heartbeat to lapse
+            log.info("worker %s of this data dir no longer runs: its heartbeat is replaced", other)
+            other = self.queue.beat(self.consumer, version, busy, replace=other, home=home)
+        if other is None and self._held_by is not None:
+            log.info("this worker holds the queue now (worker %s stopped)", self._held_by)
         self._held_by = other
         return other
+
+    @property
+    def home(self) -> str:
+        """This worker's checkpoint directory, as an absolute path of this host."""
+        return os.path.realpath(self.checkpoint_dir)
 
     def _loop(self) -> None:
         recovered = False
@@ -587,7 +601,8 @@ class Worker:
         log.critical(
             "%s version(s) %s, newer than the newest checkpoint (version %d), and %d record(s) "
             "they forgot are in that checkpoint again (checkpoints rolled back: a backup "
-            "restored?): forgetting them again %s",
+            "restored? or the worker of a copy of this data dir applied them to its model): "
+            "forgetting them again %s",
             source,
             ", ".join(map(str, versions)),
             u.version,

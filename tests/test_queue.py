@@ -626,8 +626,9 @@ def test_succeeded_after_reads_only_what_a_roll_back_lacks(queue: JobQueue):
 def test_a_killed_workers_heartbeat_is_replaced_at_once(
     queue: JobQueue, worker_for, unlearner: Unlearner
 ):
-    """A worker killed on this host (SIGKILL: its heartbeat lives on for up to 15 s) does not
-    hold the queue from the worker started after it; a live one, or one of another host, does."""
+    """This data dir's worker killed on this host (SIGKILL: its heartbeat lives on for up to
+    15 s) does not hold the queue from the worker started after it; a live one, one of another
+    host, or a killed worker of a copy of the data dir (another checkpoint directory) does."""
     import socket
     import subprocess
     import sys
@@ -643,6 +644,12 @@ def test_a_killed_workers_heartbeat_is_replaced_at_once(
         child.wait()
     assert _gone_from_this_host(f"{host}-{child.pid}")
     assert not _gone_from_this_host(f"another-host-{child.pid}")
-    queue.beat(f"{host}-{child.pid}", 0, None)  # the killed worker's heartbeat, still live
     worker = worker_for(unlearner)
+    # a killed worker of a copy of the data dir (another checkpoint directory) is waited for:
+    # else a copy already running took the queue before the original's worker restarted
+    queue.beat(f"{host}-{child.pid}", 0, None, home=str(worker.home) + "-copy")
+    assert worker.claim_queue() == f"{host}-{child.pid}"
+    # this data dir's own killed worker (same checkpoint directory): replaced at once
+    queue.client.delete(queue.worker_key)
+    queue.beat(f"{host}-{child.pid}", 0, None, home=worker.home)
     assert worker.claim_queue() is None and queue.status().worker == worker.consumer
