@@ -92,18 +92,36 @@ end
 return #lapsed
 """
 
-# KEYS: worker hash. ARGV: this worker's name, a lapsed holder it may replace ('' for none),
-# the heartbeat's TTL in ms, then field, value pairs. Writes the heartbeat unless another worker
-# holds it (returns that worker's name; false once written). A key that is no hash is replaced.
+# KEYS: worker hash, worker home. ARGV: this worker's name, a lapsed holder it may replace
+# ('' for none), the heartbeat's TTL in ms, this worker's home ('' for none), '1' to claim the
+# queue only from a worker of the same home unless ARGV[6] is '1' (take over), the home's TTL in
+# s, then field, value pairs. Writes the heartbeat unless another worker holds it (returns
+# {'worker', its name}) or, with ARGV[5], the queue's last holder had another home (returns
+# {'home', that home}); false once written. A key that is no hash is replaced.
 _BEAT = """
 local holder = false
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then holder = redis.call('HGET', KEYS[1], 'worker') end
-if holder and holder ~= ARGV[1] and holder ~= ARGV[2] then return holder end
+if holder and holder ~= ARGV[1] and holder ~= ARGV[2] then return {'worker', holder} end
+if ARGV[5] == '1' and ARGV[4] ~= '' then
+  local last = redis.call('GET', KEYS[2])
+  if last and last ~= ARGV[4] and ARGV[6] ~= '1' then return {'home', last} end
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[7])
+end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return false
 """
+
+
+class OtherHomeError(Exception):
+    """The queue was last held by the worker of another checkpoint directory (``home``): this
+    data dir is a copy of that one, or it moved (``JobQueue.beat`` with ``sticky``)."""
+
+    def __init__(self, home: str):
+        super().__init__(home)
+        self.home = home
+
 
 # KEYS: stream, worker hash. Returns the jobs queued or running (the stream holds only those:
 # a finished job's entry is deleted), the id of the oldest entry (false: none), Redis's clock
@@ -331,6 +349,7 @@ class JobQueue:
         self.client = client
         self.digest = digest
         self.ttl_s = ttl_s
+        self.prefix = prefix
         self.stream = f"{prefix}:forget"
         self.pending_key = f"{prefix}:pending-ids"
         self.pending_add_key = f"{prefix}:pending-add-ids"
@@ -339,6 +358,7 @@ class JobQueue:
         self.followers_key = f"{prefix}:followers"
         self.followers_prepared_key = f"{prefix}:followers-prepared"
         self.worker_key = f"{prefix}:worker"
+        self.worker_home_key = f"{prefix}:worker-home"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
@@ -770,11 +790,17 @@ class JobQueue:
         ttl_s: float = WORKER_TTL_S,
         replace: str | None = None,
         home: str | None = None,
+        sticky: bool = False,
+        take_over: bool = False,
     ) -> str | None:
         """The worker ``worker`` is alive and serves ``version``; applying a batch since
         ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
         ``home``: the worker's checkpoint directory (its host's absolute path), kept in the
-        heartbeat (``heartbeat_home``).
+        heartbeat (``heartbeat_home``). With ``sticky`` (a Redis shared beyond the data dir),
+        the home of the queue's last holder is kept too (``P:worker-home``, for the job TTL,
+        renewed by each beat), and a worker of another home does not take the queue (raises
+        ``OtherHomeError``) unless ``take_over`` (the operator's ``--take-over-queue``): a copy
+        of the data dir beside the original would apply its jobs to the copy's model.
 
         The heartbeat is also the queue's one-worker claim: written only when no other worker's
         heartbeat is live (or it is that of ``replace``, a worker known to be gone), atomically.
@@ -783,7 +809,7 @@ class JobQueue:
         different models, so the caller applies none while another holds it (``Worker``).
         Times are Redis's clock where it matters: ``seen`` is taken from it, ``busy_since`` is
         moved onto it (this host's clock minus Redis's, measured now). Raises
-        ``redis.RedisError``."""
+        ``redis.RedisError``, ``OtherHomeError``."""
         now_s, now_us = self.client.time()
         now = int(now_s) + int(now_us) / 1e6
         fields = {"worker": worker, "version": int(version), "seen": f"{now:.3f}"}
@@ -792,10 +818,15 @@ class JobQueue:
         if home is not None:  # where its checkpoints are: tells a restart from a copy
             fields["home"] = home
         pairs = [str(v) for kv in fields.items() for v in kv]
-        holder = self._beat_script(
-            keys=[self.worker_key], args=[worker, replace or "", int(ttl_s * 1000), *pairs]
-        )
-        return holder or None
+        args = [worker, replace or "", int(ttl_s * 1000), home or "", "1" if sticky else "0"]
+        args += ["1" if take_over else "0", max(int(self.ttl_s), 1), *pairs]
+        answer = self._beat_script(keys=[self.worker_key, self.worker_home_key], args=args)
+        if not answer:
+            return None
+        kind, value = answer
+        if kind == "home":
+            raise OtherHomeError(value)
+        return value
 
     def heartbeat_home(self) -> str | None:
         """The ``home`` of the live heartbeat (``None``: none, or none recorded). Raises

@@ -394,6 +394,9 @@ def make_worker(
         keys=deployment_keys(settings),
         report_wait_s=settings.report_wait_s,
         legacy_stream=f"{settings.redis_prefix}:forget",
+        # the embedded Redis lives in the data dir: a copy of the data dir has its own
+        sticky_home=settings.redis_url is not None,
+        take_over=settings.take_over_queue,
     )
 
 

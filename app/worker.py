@@ -34,7 +34,7 @@ from service_core import SolverError, Unlearner, UnlearnError
 from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
-from .queue import WORKER_BEAT_S, WORKER_TTL_S, Entry, Job, JobQueue, utc_now
+from .queue import WORKER_BEAT_S, WORKER_TTL_S, Entry, Job, JobQueue, OtherHomeError, utc_now
 from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class Worker:
         ``--redis-prefix``): its jobs are never applied here, so while it holds any (an earlier
         release's API process still at work beside this one) the heartbeat thread says so, once
         a minute.
+      sticky_home: the queue is held by one checkpoint directory (``JobQueue.beat``'s
+        ``sticky``): on a Redis shared beyond the data dir (``REDIS_URL``), so that a copy of the
+        data dir never takes the original's queue; ``take_over`` lets this one take it once (the
+        data dir moved, or replaced the other for good: ``--take-over-queue``).
     """
 
     def __init__(
@@ -107,8 +111,13 @@ class Worker:
         keys: DeploymentKeys | None = None,
         report_wait_s: float = 0.0,
         legacy_stream: str | None = None,
+        sticky_home: bool = False,
+        take_over: bool = False,
     ):
         self.unlearner = unlearner
+        self.sticky_home = sticky_home
+        self.take_over = take_over
+        self._other_home: str | None = None  # the queue's last holder's home, another one
         self.legacy_stream = legacy_stream
         self.report_wait_s = report_wait_s
         self.keys = keys
@@ -197,7 +206,21 @@ class Worker:
                             self.legacy_stream,
                         )
                 other = self.claim_queue()
-                if other is not None and time.monotonic() - warned >= 60:
+                if self._other_home is not None and time.monotonic() - warned >= 60:
+                    warned = time.monotonic()
+                    log.warning(
+                        "this data dir's queue (Redis keys %s:*) was last held by the worker of "
+                        "%s, not of this data dir (%s): this worker applies none of its jobs. "
+                        "It is a copy of that data dir (a restored backup, a replica), whose "
+                        "worker would apply the jobs to another model than the one the "
+                        "original's API processes serve. If this data dir replaced that one for "
+                        "good (moved, or restored after a loss), stop that one's worker and "
+                        "start this one once with --take-over-queue",
+                        self.queue.prefix,
+                        self._other_home,
+                        self.home,
+                    )
+                elif other is not None and time.monotonic() - warned >= 60:
                     warned = time.monotonic()
                     log.warning(
                         "another worker (%s) holds this data dir's queue (its heartbeat in "
@@ -229,16 +252,23 @@ class Worker:
         other live worker holding it (``self._held_by``), else ``None``. Raises
         ``redis.RedisError``."""
         version, busy, home = self.unlearner.version, self._busy_since, self.home
-        other = self.queue.beat(self.consumer, version, busy, home=home)
-        if (
-            other is not None
-            and _gone_from_this_host(other)
-            and self.queue.heartbeat_home() == home
-        ):
-            # this data dir's previous worker, killed (one worker per data dir: its flock); a
-            # copy of the data dir elsewhere (another home) waits for the heartbeat to lapse
-            log.info("worker %s of this data dir no longer runs: its heartbeat is replaced", other)
-            other = self.queue.beat(self.consumer, version, busy, replace=other, home=home)
+        claim = {"home": home, "sticky": self.sticky_home, "take_over": self.take_over}
+        try:
+            other = self.queue.beat(self.consumer, version, busy, **claim)
+            if (
+                other is not None
+                and _gone_from_this_host(other)
+                and self.queue.heartbeat_home() == home
+            ):
+                # this data dir's previous worker, killed (one worker per data dir: its flock);
+                # a copy of the data dir elsewhere (another home) waits for it to lapse
+                log.info(
+                    "worker %s of this data dir no longer runs: its heartbeat is replaced", other
+                )
+                other = self.queue.beat(self.consumer, version, busy, replace=other, **claim)
+            self._other_home = None
+        except OtherHomeError as e:
+            other, self._other_home = f"the worker of {e.home}", e.home
         if other is None and self._held_by is not None:
             log.info("this worker holds the queue now (worker %s stopped)", self._held_by)
         self._held_by = other

@@ -653,3 +653,68 @@ def test_a_killed_workers_heartbeat_is_replaced_at_once(
     queue.client.delete(queue.worker_key)
     queue.beat(f"{host}-{child.pid}", 0, None, home=worker.home)
     assert worker.claim_queue() is None and queue.status().worker == worker.consumer
+
+
+def test_a_shared_redis_keeps_the_queue_with_its_data_dir_until_taken_over(queue: JobQueue):
+    """With ``sticky`` (REDIS_URL), the queue remembers its last holder's checkpoint directory:
+    another one's worker does not take it even once the heartbeat is gone, unless told to."""
+    from app.queue import OtherHomeError
+
+    assert queue.beat("w-1", 0, None, home="/a/checkpoints", sticky=True) is None
+    queue.end_beat("w-1")  # stopped cleanly: no heartbeat left
+    with pytest.raises(OtherHomeError) as refused:
+        queue.beat("w-2", 0, None, home="/copy/checkpoints", sticky=True)
+    assert refused.value.home == "/a/checkpoints" and queue.status().worker is None
+    # the original's worker restarted: its own home
+    assert queue.beat("w-3", 0, None, home="/a/checkpoints", sticky=True) is None
+    queue.end_beat("w-3")
+    # the operator moved the data dir: --take-over-queue, once
+    assert queue.beat("w-2", 0, None, home="/b/checkpoints", sticky=True, take_over=True) is None
+    queue.end_beat("w-2")
+    assert queue.beat("w-4", 0, None, home="/b/checkpoints", sticky=True) is None
+    queue.end_beat("w-4")
+    with pytest.raises(OtherHomeError):
+        queue.beat("w-1", 0, None, home="/a/checkpoints", sticky=True)
+    # without sticky (the data dir's private Redis) the home is not consulted
+    assert queue.beat("w-1", 0, None, home="/a/checkpoints") is None
+
+
+def test_a_copys_worker_never_takes_a_shared_queue_unless_told(
+    queue: JobQueue, tmp_path: Path, base_checkpoint: Path, caplog
+):
+    """helper-45: a copy's worker took the queue once the original's heartbeat was gone and
+    applied the next jobs to the copy's model (they said succeeded; the original served the
+    records). On a shared Redis it now waits, saying why, until started with take_over."""
+    models = [Unlearner.restore(base_checkpoint) for _ in range(3)]
+
+    def worker(u: Unlearner, name: str, **kw) -> Worker:
+        return Worker(
+            u, queue, tmp_path / name / "checkpoints", DeletionLog(tmp_path / name / "log"),
+            sticky_home=True, **kw,
+        )  # fmt: skip
+
+    original, copy = worker(models[0], "original"), worker(models[1], "copy")
+    caplog.set_level(logging.WARNING, logger="app.worker")
+    original.start()
+    try:
+        deadline = time.monotonic() + 10
+        while queue.status().worker != original.consumer and time.monotonic() < deadline:
+            time.sleep(0.05)
+        original.stop()  # a clean stop: no heartbeat left at all
+        copy.start()
+        queue.enqueue(["r01"])
+        time.sleep(3.0)
+        assert models[1].n_forgotten == 0 and queue.status().jobs == 1
+        assert "was last held by the worker of" in caplog.text, caplog.text
+        copy.stop()
+        moved = worker(models[2], "copy", take_over=True)  # the operator's --take-over-queue
+        moved.start()
+        deadline = time.monotonic() + 60
+        while models[2].n_forgotten < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert models[2].n_forgotten == 1 and models[0].n_forgotten == 0
+    finally:
+        for w in (original, copy):
+            w.stop()
+        if "moved" in locals():
+            moved.stop()

@@ -197,6 +197,14 @@ class Settings(BaseSettings):
         "'serve --no-worker' process to have read it and erased K ahead, so that requests after "
         "the report do not wait for that (0: report at once)",
     )
+    take_over_queue: bool = Field(
+        False,
+        description="the worker, with REDIS_URL: take this data dir's queue even though its last "
+        "holder was the worker of another data dir path (this data dir moved, or replaced that "
+        "one for good). Without it such a worker applies no job and says why: a copy of a data "
+        "dir (a restored backup) beside the original would apply the original's jobs to its "
+        "own model. Needed once; with the embedded Redis never",
+    )
     follow_preconditioner: bool = Field(
         True,
         description="'serve --no-worker': after loading each new version, make its Nyström "
