@@ -94,8 +94,8 @@ return #lapsed
 
 # KEYS: worker hash, worker home. ARGV: this worker's name, a lapsed holder it may replace
 # ('' for none), the heartbeat's TTL in ms, this worker's home ('' for none), '1' to claim the
-# queue only from a worker of the same home unless ARGV[6] is '1' (take over), the home's TTL in
-# s, then field, value pairs. Writes the heartbeat unless another worker holds it (returns
+# queue only from a worker of the same home unless ARGV[6] is '1' (take over), then field, value
+# pairs. The home is kept without expiry: one that expired let a copy take the queue. Writes the heartbeat unless another worker holds it (returns
 # {'worker', its name}) or, with ARGV[5], the queue's last holder had another home (returns
 # {'home', that home}); false once written. A key that is no hash is replaced.
 _BEAT = """
@@ -105,10 +105,10 @@ if holder and holder ~= ARGV[1] and holder ~= ARGV[2] then return {'worker', hol
 if ARGV[5] == '1' and ARGV[4] ~= '' then
   local last = redis.call('GET', KEYS[2])
   if last and last ~= ARGV[4] and ARGV[6] ~= '1' then return {'home', last} end
-  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[7])
+  redis.call('SET', KEYS[2], ARGV[4])
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return false
 """
@@ -797,8 +797,8 @@ class JobQueue:
         ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
         ``home``: the worker's checkpoint directory (its host's absolute path), kept in the
         heartbeat (``heartbeat_home``). With ``sticky`` (a Redis shared beyond the data dir),
-        the home of the queue's last holder is kept too (``P:worker-home``, for the job TTL,
-        renewed by each beat), and a worker of another home does not take the queue (raises
+        the home of the queue's last holder is kept too (``P:worker-home``, without expiry: a
+        copy took the queue once an expiring one had lapsed), and a worker of another home does not take the queue (raises
         ``OtherHomeError``) unless ``take_over`` (the operator's ``--take-over-queue``): a copy
         of the data dir beside the original would apply its jobs to the copy's model.
 
@@ -819,7 +819,7 @@ class JobQueue:
             fields["home"] = home
         pairs = [str(v) for kv in fields.items() for v in kv]
         args = [worker, replace or "", int(ttl_s * 1000), home or "", "1" if sticky else "0"]
-        args += ["1" if take_over else "0", max(int(self.ttl_s), 1), *pairs]
+        args += ["1" if take_over else "0", *pairs]
         answer = self._beat_script(keys=[self.worker_key, self.worker_home_key], args=args)
         if not answer:
             return None

@@ -661,6 +661,8 @@ def test_a_shared_redis_keeps_the_queue_with_its_data_dir_until_taken_over(queue
     from app.queue import OtherHomeError
 
     assert queue.beat("w-1", 0, None, home="/a/checkpoints", sticky=True) is None
+    # kept without expiry: with the job TTL's, a copy took the queue once it lapsed (helper-46)
+    assert queue.client.ttl(queue.worker_home_key) == -1
     queue.end_beat("w-1")  # stopped cleanly: no heartbeat left
     with pytest.raises(OtherHomeError) as refused:
         queue.beat("w-2", 0, None, home="/copy/checkpoints", sticky=True)
