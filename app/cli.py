@@ -264,8 +264,6 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
     """
     import uvicorn
 
-    # uvloop's event loop and httptools' HTTP parser (uvicorn's own "standard" choice) rather
-    # than asyncio's loop and pure-Python h11: less of the one event loop's time per request.
     async def quiet_forced_exit(scope: dict, receive: Any, send: Any) -> None:
         # A second signal makes uvicorn exit without the application's shutdown: the lifespan
         # task, cancelled then, reported its CancelledError as a 40-line traceback at ERROR.
@@ -280,6 +278,8 @@ def _run_http(app: Any, sock: socket.socket, settings: Settings) -> None:
 
         await app(scope, receive, reported)
 
+    # uvloop's event loop and httptools' HTTP parser (uvicorn's own "standard" choice) rather
+    # than asyncio's loop and pure-Python h11: less of the one event loop's time per request.
     config = uvicorn.Config(
         quiet_forced_exit,
         host=settings.host,

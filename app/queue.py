@@ -95,9 +95,10 @@ return #lapsed
 # KEYS: worker hash, worker home. ARGV: this worker's name, a lapsed holder it may replace
 # ('' for none), the heartbeat's TTL in ms, this worker's home ('' for none), '1' to claim the
 # queue only from a worker of the same home unless ARGV[6] is '1' (take over), then field, value
-# pairs. The home is kept without expiry: one that expired let a copy take the queue. Writes the heartbeat unless another worker holds it (returns
-# {'worker', its name}) or, with ARGV[5], the queue's last holder had another home (returns
-# {'home', that home}); false once written. A key that is no hash is replaced.
+# pairs. The home is kept without expiry (one that expired let a copy take the queue). Writes the
+# heartbeat unless another worker holds it (returns {'worker', its name}) or, with ARGV[5], the
+# queue's last holder had another home (returns {'home', that home}); false once written. A key
+# that is no hash is replaced.
 _BEAT = """
 local holder = false
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then holder = redis.call('HGET', KEYS[1], 'worker') end
@@ -798,8 +799,8 @@ class JobQueue:
         ``home``: the worker's checkpoint directory (its host's absolute path), kept in the
         heartbeat (``heartbeat_home``). With ``sticky`` (a Redis shared beyond the data dir),
         the home of the queue's last holder is kept too (``P:worker-home``, without expiry: a
-        copy took the queue once an expiring one had lapsed), and a worker of another home does not take the queue (raises
-        ``OtherHomeError``) unless ``take_over`` (the operator's ``--take-over-queue``): a copy
+        copy took the queue once an expiring one had lapsed), and a worker of another home does
+        not take the queue (raises ``OtherHomeError``) unless ``take_over`` (the operator's ``--take-over-queue``): a copy
         of the data dir beside the original would apply its jobs to the copy's model.
 
         The heartbeat is also the queue's one-worker claim: written only when no other worker's

@@ -173,8 +173,9 @@ class Worker:
         too, and deletes it on the way out. The heartbeat is the queue's one-worker claim: while
         another live worker holds it (a copy of this data dir beside it), this one applies no
         job and recovers none, and says so once a minute; it takes over once that heartbeat
-        lapses (``WORKER_TTL_S`` after the other stopped), or at once when the other was a
-        process of this host that no longer exists.
+        lapses (``WORKER_TTL_S`` after the other stopped), or at once when the other was this
+        data dir's worker, killed on this host. With ``sticky_home``, never from a worker of
+        another checkpoint directory unless ``take_over``.
         """
         done = threading.Event()
         beat = threading.Thread(

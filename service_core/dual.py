@@ -147,8 +147,13 @@ def certified_floor(
     published α, so that every version states one (not 0 when its solve met the tolerance).
 
     Arguments:
-      problem: the dual risk the version solves; alpha: its α ``(C, d)``; floor: the solve's
-        estimate (0: none made); f: f_0 + K α ``(C, d)`` if known (else recomputed).
+      problem: the dual risk the version solves; alpha: its α ``(C, d)``, the model's dtype;
+        floor: the solve's estimate (0: none made); f: f_0 + K α ``(C, d)`` if known (else
+        recomputed: one more pass over K).
+
+    Returns:
+      the estimate (dimensionless, the scale of the relative stationarity residual); raises
+      nothing beyond ``rounding_floor``'s JAX errors.
     """
     if floor:
         return float(floor)

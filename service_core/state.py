@@ -29,7 +29,8 @@ class VersionRecord:
       refine: the Newton refinement of a deletion, or ``None``.
       reason: why this solver method (the ``auto`` cost model, or "configured").
       residual: the published certificate (relative stationarity residual of α).
-      rounding_floor: estimated rounding floor of the residual at this version's α (``dual.certified_floor``).
+      rounding_floor: estimated rounding floor of the residual at this version's α
+        (``dual.certified_floor``).
       newton_steps: Newton steps (training, or refinement).
       refine_cg_iterations: CG iterations of the refinement's inner solves, summed.
       tolerance: the stationarity tolerance the certificate was held to (``TrainConfig.tol``).
@@ -187,7 +188,8 @@ class ModelState:
     def certificate(self) -> dict[str, Any]:
         """The version's certificate (docs/design.md, Certificates): its relative stationarity
         residual, the tolerance and slack it was held to, the estimated rounding floor of the
-        residual in its dtype (``dual.certified_floor``), the ratio residual / tolerance, and the precision it was computed in."""
+        residual in its dtype (``dual.certified_floor``), the ratio residual / tolerance, and the
+        precision it was computed in."""
         record = self.history[-1] if self.history else {}
         tol = record.get("tolerance") or self.train_config.resolved_tol()
         return {

@@ -141,3 +141,19 @@ def test_a_k_replaced_twice_before_the_spare_is_made_is_not_reused(dataset_file,
     u.after_publish()
     assert u._spare.reused and u._spare.holds(u.state.k)
     np.testing.assert_array_equal(np.asarray(u._spare.buffer), np.asarray(u.state.k))
+
+
+def test_an_additions_certificate_states_its_rounding_floor(dataset_file, network, tmp_path):
+    """float32, λ = 1e-2: the addition's Newton meets its tolerance without stagnating, and its
+    certificate still states the floor at its α (Eq. (F1)), recomputed here (it said 0)."""
+    from service_core.deletion import problem_of
+    from service_core.dual import rounding_floor
+
+    data = load_dataset(f"npz:{dataset_file}")
+    base, added = data.subset(slice(0, data.n - 5)), data.subset(slice(data.n - 5, data.n))
+    train = TrainConfig(loss="mse", lam=1e-2, dtype="float32")
+    u = Unlearner.build(base, network, train, SolverConfig(nystrom_rank=0), progress=False)
+    u.add(added.ids.tolist(), added.x, added.y, checkpoint_dir=tmp_path / "ck")
+    problem = problem_of(u.state)
+    floor = rounding_floor(problem, u.state.alpha, problem.outputs(u.state.alpha))
+    assert floor > 0 and u.state.certificate()["rounding_floor"] == pytest.approx(floor, rel=1e-3)
