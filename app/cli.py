@@ -582,7 +582,7 @@ def worker(settings: Settings) -> None:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        log.info("worker serving model version %d from %s", u.version, settings.data_dir)
+        log.info("worker: model version %d loaded from %s", u.version, settings.data_dir)
         w.run()
     finally:
         if metrics_server is not None:

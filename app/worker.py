@@ -281,7 +281,7 @@ class Worker:
         return os.path.realpath(self.checkpoint_dir)
 
     def _loop(self) -> None:
-        recovered = False
+        recovered = recovered_once = False
         unreachable_since: float | None = None  # monotonic time Redis stopped answering
         said_at = -math.inf
         while not self._stop.is_set():
@@ -300,6 +300,13 @@ class Worker:
                     if holder is not None:
                         raise QueueHeldError(holder)  # the heartbeat thread says so
                     self.recover()
+                    if not recovered_once:
+                        recovered_once = True
+                        log.info(
+                            "worker applying the jobs of queue %s:* to model version %d",
+                            self.queue.prefix,
+                            self.unlearner.version,
+                        )
                     recovered = True
                 self.run_once(_BLOCK_MS)
             except QueueHeldError:

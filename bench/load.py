@@ -780,7 +780,7 @@ class SplitDeployment:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; see {log}")
             if not worker_ready:
-                worker_ready = "worker serving model version" in self.log_path.read_text(
+                worker_ready = "worker applying the jobs of queue" in self.log_path.read_text(
                     errors="replace"
                 )
             if not api_ready:

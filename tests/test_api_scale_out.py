@@ -121,7 +121,7 @@ def _wait_ready(procs: list[Proc], timeout: float = 240) -> None:
                 continue
             assert p.proc.poll() is None, f"{p.name} exited:\n{p.text()}"
             if p.url is None:
-                if "worker serving model version 0" in p.text():
+                if "worker applying the jobs of queue" in p.text():
                     pending.discard(p.name)
                 continue
             try:

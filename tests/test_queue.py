@@ -573,7 +573,14 @@ def test_one_worker_holds_the_queue_a_copy_waits_then_takes_over(
         for u, name in zip(models, ("original", "copy"), strict=True)
     ]
     workers[0].consumer, workers[1].consumer = "host-a-1", "host-b-1"  # other hosts: never "gone"
-    caplog.set_level(logging.WARNING, logger="app.worker")
+    caplog.set_level(logging.INFO, logger="app.worker")
+
+    def applying(prefix: str) -> list[str]:  # the log lines of workers saying they apply jobs
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith(f"worker applying the jobs of queue {prefix}:*")
+        ]
 
     def applied(u: Unlearner, n: int) -> None:
         deadline = time.monotonic() + 60
@@ -594,9 +601,14 @@ def test_one_worker_holds_the_queue_a_copy_waits_then_takes_over(
         time.sleep(1.0)
         assert models[1].n_forgotten == 0 and models[1].version == 0
         assert "another worker (host-a-1) holds this data dir's queue" in caplog.text
+        # only the holder says it applies the queue's jobs (the copy's said so before, too)
+        assert applying(queue.prefix) == [
+            f"worker applying the jobs of queue {queue.prefix}:* to model version 0"
+        ]
         workers[0].stop()  # its heartbeat deleted: the copy's worker takes the queue
         queue.enqueue(["r05"])
         applied(models[1], 1)
+        assert len(applying(queue.prefix)) == 2
         assert models[0].n_forgotten == 4 and queue.status().worker == "host-b-1"
     finally:
         for w in workers:
