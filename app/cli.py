@@ -460,13 +460,13 @@ def serve(settings: Settings) -> None:
                 # Held until this process ends; the kernel releases it if we are killed.
                 held.enter_context(worker_lock(settings.data_dir, "serve"))
             sock = held.enter_context(bind_http_socket(settings.host, settings.port))
+            if settings.redis_url is None and not settings.worker:
+                _no_worker_elsewhere(settings)  # before a token is generated for nothing
             settings = _with_tokens(settings)
             # uvicorn shuts down gracefully on these, then raises them again: exit cleanly
             # instead of dying of the signal, so that the embedded Redis below is stopped too.
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, _exit_after_shutdown)
-            if settings.redis_url is None and not settings.worker:
-                _no_worker_elsewhere(settings)
             embedded = None
             if settings.redis_url is None:
                 embedded = held.enter_context(EmbeddedRedis(settings.data_dir / "redis"))

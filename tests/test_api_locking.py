@@ -310,8 +310,9 @@ def test_a_worker_serves_its_metrics_on_the_port_given(
 
 def test_serve_no_worker_without_redis_url_beside_a_worker_exits_at_once(serve_settings):
     """A worker holds the data dir (with its own Redis): a `serve --no-worker` without REDIS_URL
-    would start a private Redis that worker never reads. Refused at once, naming the worker."""
-    settings = serve_settings(worker=False)
+    would start a private Redis that worker never reads. Refused at once, naming the worker,
+    before a token is generated (a user would read a token no running API accepts)."""
+    settings = serve_settings(worker=False, api_token=None)
     with worker_lock(settings.data_dir, "worker"):
         started = time.monotonic()
         with pytest.raises(SystemExit) as caught:
@@ -321,3 +322,4 @@ def test_serve_no_worker_without_redis_url_beside_a_worker_exits_at_once(serve_s
     assert f"pid {os.getpid()}" in message and "'ntk-unlearn worker'" in message
     assert "set REDIS_URL" in message
     assert not (settings.data_dir / "redis" / "redis.pid").exists()  # no private Redis started
+    assert not settings.generated_token_file.exists()
