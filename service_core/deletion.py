@@ -236,7 +236,7 @@ def plan(
             theta = model.theta(shell.x, alpha)
         elif theta is None:
             theta = step_theta()
-        clock.lap("refine", theta)
+        clock.lap("delta", theta)  # Δθ = J(X)ᵀΔα: minutes for a promoted CNN, not the refinement's
     if not finite(alpha, theta, f, residual):
         raise NotCertifiedError(non_finite("the refinement", train, dtype))
     floor = certified_floor(retained.problem, alpha, refined.floor if refined else 0.0, f)

@@ -558,14 +558,20 @@ class Unlearner:
         precision.check_promotion_fits(
             st.layout.side(st.capacity), devices or jax.local_devices(), 0.6, "the deletion"
         )
-        log.warning("%s: promoting the model to float64 (dtype auto)", error)
+        log.warning(
+            "%s: promoting the model to float64 (dtype auto)", precision.promotion_reason(error)
+        )
         model = precision.promoted_network(st.model_config, st.input_shape, st.layout.d)
         impl = getattr(self.model, "ntk_implementation", None)
         if getattr(model, "user", None) is not None:  # a user's network: as measured at build
             model = dataclasses.replace(model, ntk_implementation=impl)
         base = precision.promote_arrays(st)
         ny = lifecycle.preconditioner(base.k, st.solver_config, st.form, st.train_config.loss)
-        info = {**base.meta["precision"], "kernel_dtype": "float32", "promoted": str(error)}
+        info = {
+            **base.meta["precision"],
+            "kernel_dtype": "float32",
+            "promoted": precision.promotion_reason(error),
+        }
         meta = {**base.meta, "precision": {**info, "promoted_at_version": st.version + 1}}
         return base.replace(nystrom=ny, meta=meta), model
 

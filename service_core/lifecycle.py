@@ -100,7 +100,9 @@ def build(
         precision.check_promotion_fits(
             layout.side(cap), list(mesh.devices.flat), memory_budget, what
         )
-        log.warning("%s: promoting the model to float64 (dtype auto)", e)
+        log.warning(
+            "%s: promoting the model to float64 (dtype auto)", precision.promotion_reason(e)
+        )
         impl = getattr(model, "ntk_implementation", None)
         model = precision.promoted_network(model_cfg, dataset.input_shape, dataset.output_dim)
         if isinstance(model, Model) and model.user is not None:  # as measured in float32
@@ -111,7 +113,11 @@ def build(
         problem = DualProblem(k, layout, f0, y, jnp.asarray(active), train_cfg.lam, train_cfg.loss)
         start = None if e.alpha is None else jnp.asarray(e.alpha, f64)
         alpha, record = train(problem, train_cfg, solver_cfg, ny, start)
-        precision_meta = {"dtype": "float64", "kernel_dtype": "float32", "promoted": str(e)}
+        precision_meta = {
+            "dtype": "float64",
+            "kernel_dtype": "float32",
+            "promoted": precision.promotion_reason(e),
+        }
     theta = model.theta(x, alpha)
     meta = {
         "dataset": {
@@ -213,8 +219,8 @@ def _slack(train_cfg: TrainConfig) -> str:
 
 
 def conditioning_report(problem, alpha, f, lambda_max: float, tol: float, dtype: str) -> dict:
-    """``precision.conditioning`` of the trained model, logged at start-up with a WARNING when λ is
-    within ten times the smallest λ float32 can certify."""
+    """``precision.conditioning`` of the trained model, logged at start-up, with a line when λ is
+    within ten times the smallest λ float32 can certify (``precision.warn_if_near_limit``)."""
     cond = precision.conditioning(problem, alpha, f, lambda_max, tol)
     log.info(
         "conditioning: κ ≈ %.2e (μ_max %.3g); float32 certifies lam down to ~%.1e (lam %g)",
@@ -222,7 +228,8 @@ def conditioning_report(problem, alpha, f, lambda_max: float, tol: float, dtype:
     )  # fmt: skip
     warning = precision.warn_if_near_limit(cond, problem.lam, dtype)
     if warning:
-        log.warning(warning)
+        likely = dtype == "float32" or problem.lam < cond["min_lam_float32"]
+        log.log(logging.WARNING if likely else logging.INFO, warning)
     return {**cond, "tolerance": tol, "warning": warning}
 
 

@@ -17,6 +17,7 @@ small λ, which gives the smallest λ whose optimum float32 can certify (Eq. (F3
 from __future__ import annotations
 
 import logging
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -103,17 +104,30 @@ def conditioning(problem: DualProblem, alpha, f, lambda_max: float, tol: float) 
     }
 
 
+_DTYPE_ADVICE = re.compile(r"(use )?dtype auto or float64, | or use dtype auto or float64")
+
+
+def promotion_reason(error: Exception) -> str:
+    """Why ``dtype auto`` promotes a model: the float32 failure's message without its advice to
+    use dtype auto or float64 (the model is auto, and is being promoted), as logged and kept in
+    ``meta.precision.promoted``."""
+    return _DTYPE_ADVICE.sub("", str(error))
+
+
 def warn_if_near_limit(cond: dict, lam: float, dtype: str) -> str | None:
-    """The WARNING line when ``lam`` is within a factor of ten of float32's limit (``None`` if not),
-    logged by the caller at start-up."""
+    """The line logged at start-up when ``lam`` is below ten times float32's limit
+    (``cond["min_lam_float32"]``, Eq. (F3)), ``None`` if not or for float64: below the limit, or
+    within 10x of it. The caller logs it as a WARNING for float32, and for auto when ``lam`` is
+    below the limit (a promotion to float64 is then likely); as INFO otherwise."""
     limit = cond["min_lam_float32"]
     if lam >= 10 * limit or dtype == "float64":
         return None
     where = {
         "float32": "deletions may fail to certify: use dtype auto or float64, or raise lam",
-        "auto": "deletions may need float64 (twice K's memory)",
+        "auto": "deletions may be promoted to float64 (twice K's memory, slower solves)",
     }[dtype]
+    relation = "is below" if lam < limit else "is within 10x of"
     return (
-        f"lam = {lam:g} is within 10x of the smallest lam float32 can certify "
-        f"(~{limit:.1e}; κ ≈ {cond['kappa']:.1e}): {where}"
+        f"lam = {lam:g} {relation} the smallest lam float32 can certify "
+        f"(~{limit:.1e}, an estimate; κ ≈ {cond['kappa']:.1e}): {where}"
     )

@@ -159,3 +159,23 @@ def test_the_replaced_k_becomes_the_next_spare_holding_no_forgotten_value(digits
     u.after_publish()
     assert u._spare.reused
     np.testing.assert_array_equal(np.asarray(u._spare.buffer), np.asarray(u.state.k))
+
+
+def test_the_theta_update_after_a_refinement_is_timed_as_delta(digits, monkeypatch):
+    """θ = θ_p + J(X)ᵀα after a refinement is counted under ``delta`` (Δθ, as documented), not
+    ``refine``: a promoted CNN spent minutes there while its refinement said 0.2 s."""
+    import time
+
+    from service_core import models
+
+    u = _small_mlp(digits.subset(slice(0, 60)))
+    original = models.Model.theta
+
+    def slow_theta(self, *args, **kwargs):
+        time.sleep(0.5)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.Model, "theta", slow_theta)
+    result = u.forget(u.active_ids()[:3])
+    assert result.refine is not None  # refined (squared error, refine on by default)
+    assert result.timings["delta"] >= 0.5 and result.timings["refine"] < 0.5, result.timings

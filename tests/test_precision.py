@@ -6,9 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service_core import Dataset, ModelConfig, SolverConfig, TrainConfig, Unlearner, load_digits
+from service_core import (
+    Dataset,
+    ModelConfig,
+    SolverConfig,
+    TrainConfig,
+    Unlearner,
+    deletion,
+    lifecycle,
+    load_digits,
+    precision,
+)
 from service_core.deletion import problem_of
 from service_core.errors import NotCertifiedError, ResourceError
+from service_core.linalg.result import SolveInfo
 from service_core.precision import check_promotion_fits
 
 
@@ -107,6 +118,9 @@ def test_a_deletion_float32_cannot_certify_is_finished_in_float64(digits, tmp_pa
     result = u.forget(gone, ckpt)
     st = u.state
     assert st.dtype == "float64" and st.meta["precision"]["promoted_at_version"] == 1
+    # why, without advice to use dtype auto (it is auto, and promoted)
+    assert "1e-11" in st.meta["precision"]["promoted"]
+    assert "dtype auto" not in st.meta["precision"]["promoted"]
     assert result.certificate["dtype"] == "float64" and result.residual <= 1e-11
     assert numpy_certificate(st) <= 1e-10
     # exact retraining on the retain set, same K (squared error: one linear solve)
@@ -177,9 +191,16 @@ def test_the_smallest_certifiable_lam_is_where_float32_stops_certifying(digits):
     with pytest.raises(NotCertifiedError):
         Unlearner.build(ds, model, TrainConfig(loss="mse", lam=limit / 10, dtype="float32"))
     near = Unlearner.build(ds, model, TrainConfig(loss="mse", lam=limit / 10), progress=False)
+    assert near.state.dtype == "float64"
     assert (
-        near.state.dtype == "float64" and "within 10x" in near.state.meta["conditioning"]["warning"]
+        f"lam = {limit / 10:g} is below the smallest lam"
+        in near.state.meta["conditioning"]["warning"]
     )
+    # The line says which side of the limit λ is (it said "within 10x" of a λ 10x below it).
+    within = precision.warn_if_near_limit(cond, 2 * limit, "auto")
+    assert within is not None and f"lam = {2 * limit:g} is within 10x of the smallest" in within
+    assert precision.warn_if_near_limit(cond, 10 * limit, "float32") is None
+    assert precision.warn_if_near_limit(cond, limit / 10, "float64") is None
 
 
 def test_problem_of_a_promoted_state_is_float64(digits, rank_deficient):
@@ -189,3 +210,20 @@ def test_problem_of_a_promoted_state_is_float64(digits, rank_deficient):
     )
     p = problem_of(u.state)
     assert {str(a.dtype) for a in (p.k, p.f0, p.y, u.state.alpha, u.state.x)} == {"float64"}
+
+
+def test_the_promotion_reason_drops_the_advice_to_use_dtype_auto():
+    """Every float32 failure message that advises dtype auto or float64 loses that advice (and
+    only that) as the reason a ``dtype auto`` model is promoted."""
+    cfg = TrainConfig(loss="mse", lam=1e-3, dtype="float32")
+    for message in (
+        lifecycle.non_finite("the solve", cfg),
+        "x" + lifecycle.floor_hint(1e-6, np.float32),
+        deletion.not_converged(
+            SolveInfo("alpha-cg", 5, 1e-4, False, 0.1, floor=1e-5), 100, np.float32
+        ),
+    ):
+        assert "dtype auto" in message
+        reason = precision.promotion_reason(NotCertifiedError(message))
+        assert "dtype auto" not in reason and "float64" not in reason.replace("float32", "")
+        assert reason.split(";")[0] == message.split(";")[0]

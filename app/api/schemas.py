@@ -152,7 +152,7 @@ INVALID = {422: "the request does not match the schema, or values are out of ran
 READ_AUTH = {401: "missing or invalid bearer token"}
 WRITE_AUTH = {
     401: "missing or invalid bearer token",
-    403: "the read token: deletion needs the write token",
+    403: "the read token: forgetting and adding records need the write token",
 }
 TOO_LARGE = {413: "a request body over the setting max_body_bytes"}
 
@@ -438,7 +438,10 @@ class KernelInfo(BaseModel):
 
 class Precision(BaseModel):
     dtype: str = Field(description="precision α, θ and the solves are held in now")
-    kernel_dtype: str = Field(description="precision K was computed in")
+    kernel_dtype: str = Field(
+        description="precision K's entries were computed in; a promoted model holds that K upcast "
+        "exactly to float64 (kernel.dtype)"
+    )
     configured: str = Field(description="the dtype setting: auto, float32 or float64")
     promoted: str | None = Field(
         None, description="dtype auto: why the model was promoted to float64 (null: it was not)"
@@ -458,7 +461,9 @@ class Conditioning(BaseModel):
     tolerance: float | None = Field(
         None, description="the tolerance of that estimate (float32's default for float64 models)"
     )
-    warning: str | None = Field(None, description="set when λ is within 10× of that limit")
+    warning: str | None = Field(
+        None, description="set when λ is below 10× that limit: below it, or within 10× of it"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -96,7 +96,8 @@ def check_access(
             return None
         return Denied(
             403,
-            "this bearer token has no write rights: deletion needs the write token "
+            "this bearer token has no write rights: forgetting and adding records need the write "
+            "token "
             f"({_WRITE_TOKEN_SOURCES})",
         )
     return _unauthorized(
