@@ -230,6 +230,8 @@ def test_authentication_comes_before_parsing(settings, unlearner):
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", r.text
         r = client.post("/v1/forget", content=junk["content"], headers={**junk["headers"], **READ})
         assert r.status_code == 403, r.text
+        r = client.post("/v1/records", content=junk["content"], headers={**junk["headers"], **READ})
+        assert r.status_code == 403 and "adding records need the write token" in r.text, r.text
         r = client.post("/v1/forget", content=junk["content"], headers={**junk["headers"], **WRITE})
         assert r.status_code == 400, r.text
         # No route, or a method the route lacks: 404 / 405 as before, with or without a token.
