@@ -91,12 +91,23 @@ def add_settings_flags(parser: argparse.ArgumentParser, skip: set[str] = frozens
             parser.add_argument(flag, type=kind if kind in (int, float, Path) else str, **kwargs)
 
 
+def _version() -> str:
+    """The installed distribution's version, else the source tree's (not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ntk-unlearn")
+    except metadata.PackageNotFoundError:
+        return "(source tree, not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ntk-unlearn",
         description="Machine unlearning service for linearised networks (or, with --nonlinear, "
         "for the nonlinear network trained with the proximal regulariser).",
     )
+    parser.add_argument("--version", action="version", version=f"ntk-unlearn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and the solver worker")
     add_settings_flags(serve, skip=_WORKER_ONLY)

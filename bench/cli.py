@@ -1,14 +1,14 @@
-"""``ntk-unlearn bench``: the benchmarks of issue 3.
+"""``ntk-unlearn bench``: the benchmarks.
 
 Subcommands:
 
 * ``figure1`` (default): the paper's Figure 1 metrics on ``digits`` and ``mnist`` (``bench.figure1``);
 * ``ntk``: NTK precompute speed against JACOBIAN_CONTRACTION and the whole MNIST kernel (``bench.ntkbench``);
-* ``figure4``: ``bench.figure4.main`` when that module exists;
+* ``figure4``: the paper's Figure 4 (``bench.figure4``, its own flags);
 * ``precision``: float32, ``dtype auto`` and float64 side by side: certificate reached, time, memory
-  (``bench.precision``, its own flags; issue 11); not part of ``all``;
+  (``bench.precision``, its own flags); not part of ``all``;
 * ``lambda``: the paper's Figures 2 and 3 (§4.3): a nonlinear FCNN beside its linearisation for
-  several λ, and forgetting from it (``bench.lambda_sweep``, its own flags; issue 15); not part of ``all``;
+  several λ, and forgetting from it (``bench.lambda_sweep``, its own flags); not part of ``all``;
 * ``e2e``: end-to-end deletion time over HTTP (``ntk-unlearn serve`` in a child process) against
   the engine's own time from the job record (``bench.e2e``; workloads digits and mnist);
 * ``load``: HTTP load, ``/v1/predict`` with 1 and 100 rows from concurrent clients, alone and
@@ -17,11 +17,15 @@ Subcommands:
 * ``follow-read``: how long a follower's checkpoint read keeps the API process's other threads
   waiting, read in the process or in ``app.reader``'s child, alternated (``bench.follow_read``,
   its own flags); not part of ``all``;
+* ``attribute-stall``: predictions while ``/v1/attribute`` factors (``bench.attribute_stall``, its
+  own flags); not part of ``all``;
 * ``attribution``: leave-one-out attribution, LDS, mislabel detection, membership inference and cost
-  (``bench.attribution``, issue 14); not part of ``all``;
+  (``bench.attribution``); not part of ``all``;
 * ``all``: ntk, figure1 (digits and mnist), figure4;
 * ``report``: no measurement; rebuild the Markdown, the figures and the combined ``BENCHMARKS.md``
   from the JSON files already in ``--out``.
+
+The subcommands with their own flags list them with ``ntk-unlearn bench SUBCOMMAND --help``.
 
 Every run writes ``<out>/<name>.json`` (every number), ``<out>/<name>.md`` and PNG figures, then
 rebuilds the combined Markdown (``BENCHMARKS.md`` at the repository root for a full run into the
@@ -42,6 +46,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
 COMMANDS = ("figure1", "ntk", "figure4", "e2e", "load", "attribution", "all", "report")
+# Dispatched before this parser, each with its own flags (``main``).
+OWN_FLAGS = ("precision", "lambda", "follow-read", "attribute-stall")
 WORKLOADS = ("digits", "mnist", "cifar")
 
 
@@ -55,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("command", nargs="?", default="figure1", choices=COMMANDS)
+    ap.add_argument(
+        "command",
+        nargs="?",
+        default="figure1",
+        choices=COMMANDS,
+        metavar="{" + ",".join(COMMANDS + OWN_FLAGS) + "}",
+        help="the benchmark to run (default figure1); see the list above",
+    )
     ap.add_argument("--workload", choices=("digits", "mnist", "cifar", "all"), default="all")
     ap.add_argument(
         "--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90"

@@ -288,3 +288,16 @@ def test_the_listening_line_gives_a_url_a_client_can_use():
     assert http_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
     assert http_url("::1", 18121) == "http://[::1]:18121"
     assert httpx.URL(http_url("::1", 18121)).host == "::1"
+
+
+def test_version_and_every_bench_command_are_in_the_help(capsys):
+    """``--version`` answers (it was a usage error), and ``bench --help`` lists the subcommands
+    dispatched before its parser (precision, lambda, follow-read, attribute-stall) too."""
+    from bench.cli import build_parser as bench_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["--version"])
+    assert caught.value.code == 0 and capsys.readouterr().out.startswith("ntk-unlearn ")
+    text = bench_parser().format_help()
+    for command in ("figure1", "precision", "lambda", "follow-read", "attribute-stall"):
+        assert f"``{command}``" in text and f"{command}," in text.replace("}", ",")
