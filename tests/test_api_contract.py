@@ -52,6 +52,27 @@ def test_numbers_mean_numbers(client, x, found):
     assert found in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "path, token, body",
+    [
+        ("/v1/forget", "write-token", b'{"ids": ["r01", "\\ud800"]}'),
+        (
+            "/v1/influence",
+            "read-token",
+            b'{"forget_ids": ["\\udfff"], "x": [[1, 2, 3, 4]], "y": [0]}',
+        ),
+        ("/v1/records", "write-token", b'{"ids": ["a\\ud800b"], "x": [[1, 2, 3, 4]], "y": [0]}'),
+    ],
+)
+def test_an_id_with_a_lone_surrogate_is_422(client, path, token, body):
+    """JSON may escape half of a surrogate pair; no UTF-8 text holds it, and the keyed hash of
+    such an id failed with a 500."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    r = client.post(path, content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert "lone surrogate" in r.json()["detail"], r.text
+
+
 def test_labels_that_are_booleans_are_refused(client, x_probe):
     body = {"forget_ids": ["r01"], "x": x_probe[:2], "y": [True, 0]}
     r = client.post("/v1/influence", json=body, headers=READ)

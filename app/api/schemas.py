@@ -108,7 +108,23 @@ def _non_empty_ids(ids: list[str]) -> list[str]:
         raise ValueError(
             f"ids must be non-empty strings (empty at position {', '.join(empty[:20])})"
         )
+    # JSON's "\ud800" escapes decode to a lone surrogate, which no UTF-8 text holds (the keyed
+    # hash of an id is taken over its UTF-8 bytes: it failed with a 500).
+    odd = [str(k) for k, i in enumerate(ids) if not _is_utf8_text(i)]
+    if odd:
+        raise ValueError(
+            "ids must be valid Unicode text: a lone surrogate escape (\\ud800-\\udfff without "
+            f"its pair) at position {', '.join(odd[:20])}"
+        )
     return ids
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 Ids = Annotated[
