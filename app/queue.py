@@ -836,6 +836,17 @@ class JobQueue:
             return None
         return self.client.hget(self.worker_key, "home")
 
+    def held_elsewhere(self, home: str, sticky: bool, take_over: bool = False) -> bool:
+        """Whether the worker of the checkpoint directory ``home`` must leave this queue's keys
+        alone: another directory's worker holds it (a live heartbeat of another home), or, with
+        ``sticky`` and not ``take_over``, its last holder was another directory's (``beat``).
+        Raises ``redis.RedisError``."""
+        if self.client.type(self.worker_key) == "hash":
+            return self.heartbeat_home() != home
+        if not sticky or take_over:
+            return False
+        return self.client.get(self.worker_home_key) not in (None, home)
+
     def end_beat(self, worker: str) -> None:
         """The worker ``worker`` stops: its heartbeat goes at once (only its own: a worker that
         started since keeps its). Raises ``redis.RedisError``."""

@@ -244,8 +244,17 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
         reported = _ask_queue(settings, prefix, lambda queue: queue.succeeded_after(restored))
         if reported:
             again.reapply_reported(reported, since=restored)
-            # the version the worker serves from now on, so that its recovery does not look again
-            _ask_queue(settings, prefix, lambda queue: queue.record_n_train(u.n_train, u.version))
+            # the version the worker serves from now on, so that its recovery does not look again;
+            # not when another data dir's worker holds the queue (a copy's: it moved the queue's
+            # reported version and size backwards, to its own)
+            home = os.path.realpath(settings.checkpoint_dir)
+            sticky, take_over = settings.redis_url is not None, settings.take_over_queue
+
+            def report(queue: JobQueue) -> None:
+                if not queue.held_elsewhere(home, sticky, take_over):
+                    queue.record_n_train(u.n_train, u.version)
+
+            _ask_queue(settings, prefix, report)
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",

@@ -160,7 +160,26 @@ def test_a_data_dir_rolled_back_with_its_log_forgets_again_what_redis_reports(
         assert u.version == 3 and u.is_forgotten(["r01", "r02", "r03", "r04", "r05"])
         assert sorted(u.active_ids()) == [i for i in active if i != "r05"]
         assert queue.reported_version() == 3  # what it serves now
+
+        # A copy of the data dir (another checkpoint directory) whose queue another data dir's
+        # worker holds: it catches up for itself, but leaves the queue's reported version and
+        # size alone (it moved them backwards, to its own).
+        roll_back()
+        other_home = str(tmp_path / "elsewhere" / "checkpoints")
+        client.delete(queue.worker_key, queue.worker_home_key)  # this test's own worker's
+        assert queue.beat("other-host-1", 3, None, home=other_home, sticky=True) is None
+        n_train = client.get(queue.n_train_key)
+        u = load_model(settings)
+        # (r05's job record holds digests of this test's queue, keyed otherwise: not matched)
+        assert u.version == 2 and u.is_forgotten(["r01", "r02", "r03", "r04"])
+        assert queue.reported_version() == 3 and client.get(queue.n_train_key) == n_train
+        queue.end_beat("other-host-1")  # gone, but the queue's last holder was that directory's
+        roll_back()
+        assert load_model(settings).version == 2 and queue.reported_version() == 3
+        assert queue.held_elsewhere(other_home, sticky=True) is False
+        assert queue.held_elsewhere(str(settings.checkpoint_dir.resolve()), sticky=False) is False
     finally:
+        client.delete(queue.worker_key, queue.worker_home_key)
         client.close()
 
 
