@@ -742,15 +742,32 @@ def verify_receipt(argv: Sequence[str]) -> int:
         "limit, kind}, payload (or error)",
     )
     args = parser.parse_args(argv)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    duplicated: list[str] = []
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [k for k, _ in pairs]
+        duplicated.extend(sorted({k for k in names if names.count(k) > 1}))
+        return dict(pairs)
+
     try:
-        receipt = json.loads(args.receipt.read_text())
+        receipt = json.loads(args.receipt.read_text(), object_pairs_hook=no_duplicates)
         key = args.public_key.read_text()
-    except (OSError, ValueError) as e:
+        if key.lstrip().startswith("{"):
+            key = json.loads(key).get("public_key_pem")
+            if not isinstance(key, str):
+                raise ValueError("its JSON has no string public_key_pem")
+        if not isinstance(load_pem_public_key(key.encode()), Ed25519PublicKey):
+            raise ValueError("it is not an Ed25519 key")
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        # a key that cannot be read says nothing about the receipt: not "NOT VALID" (exit 1)
         print(f"verify-receipt: cannot read the input: {e}", file=sys.stderr)
         return 2
-    if key.lstrip().startswith("{"):
-        key = json.loads(key).get("public_key_pem", "")
     try:
+        if duplicated:  # JSON readers differ on which value they keep: a signed value hidden
+            raise ReceiptError(f"the receipt repeats the key(s) {', '.join(duplicated)}")
         payload = verify(receipt, key)
     except (ReceiptError, ValueError) as e:
         if args.json:

@@ -135,6 +135,24 @@ def test_a_receipt_verifies_offline_and_any_change_is_detected(
     assert exit_.value.code == 1
     assert json.loads(capsys.readouterr().out)["signature_valid"] is False
 
+    # A repeated key hides a signed value from readers that keep the first: not valid.
+    served = json.dumps(receipt)
+    field = f'"version_after": {payload["version_after"]}'
+    assert served.count(field) == 1
+    receipt_file.write_text(served.replace(field, f'"version_after": 99, {field}'))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(args)
+    assert exit_.value.code == 1 and "repeats the key(s) version_after" in capsys.readouterr().err
+    # A public key that cannot be read says nothing about the receipt: exit 2, not NOT VALID.
+    receipt_file.write_text(served)
+    for bad in ("not a key", "{ not json", '{"public_key_pem": 5}', "{}"):
+        key_file.write_text(bad)
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "cannot read the input" in err, (bad, err)
+        assert "Traceback" not in err and "NOT VALID" not in err
+
 
 def test_receipt_of_a_job_not_succeeded_and_of_no_job(client):
     assert client.get("/v1/jobs/nope/receipt", headers=READ).status_code == 404
