@@ -96,6 +96,12 @@ def test_a_forgotten_record_never_appears(client, probe, wait_for_job):
         ({"y": [0, 1]}, "y has 2 entries"),
         ({"x": [[1.0, 2.0]] * 3}, "x rows have shape"),
         ({"exact": "maybe"}, "exact"),
+        # numbers mean numbers, booleans booleans (these were coerced: "yes" started an exact run)
+        ({"k": "2"}, "k"),
+        ({"k": True}, "k"),
+        ({"k": 2.0}, "k"),
+        ({"exact": "yes"}, "exact"),
+        ({"exact": 1}, "exact"),
     ],
 )
 def test_bad_attribution_requests_are_422(client, probe, change, fragment):

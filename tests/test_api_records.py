@@ -273,6 +273,17 @@ def test_a_forgotten_id_comes_back_as_a_new_record(client, wait_for_job):
     assert [e.get("kind", "forget") for e in log] == ["forget", "add", "forget"]
 
 
+def test_an_id_holding_a_slash_is_looked_up(client, wait_for_job):
+    """Ids are any non-empty text: one holding "/" can be added, so it can be looked up (its
+    lookup was the router's bare 404), escaped or not."""
+    added = wait_for_job(client, _add(client, ["grp/1"], [[3.0, -1.0, 0.5, 2.5]], [2])["job_id"])
+    assert added["status"] == "succeeded"
+    for path in ("/v1/records/grp%2F1", "/v1/records/grp/1"):
+        r = client.get(path, headers=READ)
+        assert r.status_code == 200 and r.json()["status"] == "active", (path, r.text)
+    assert client.get("/v1/records/grp/2", headers=READ).json()["status"] == "unknown"
+
+
 def test_a_retried_addition_with_its_idempotency_key_is_applied_once(
     client, wait_for_job, monkeypatch
 ):

@@ -530,12 +530,15 @@ class NotReady(ErrorOut):
 class AttributeRequest(_Body):
     x: Inputs
     y: Targets
+    # strict: "2", true, "yes" or 1 are not taken for a number or a boolean (numbers mean numbers)
     k: int = Field(
         10,
+        strict=True,
         description="records per side: from 1 to the number of active training records",
     )
     exact: bool = Field(
         False,
+        strict=True,
         description="cross-entropy: refine the returned records to the optimum retrained without "
         "each (Newton); squared error is exact either way",
     )

@@ -95,7 +95,7 @@ def deletions(
     return DeletionsPage.model_validate({"deletions": page, "next_cursor": next_cursor})
 
 
-@router.get("/records/{record_id}", responses=errors(INVALID))
+@router.get("/records/{record_id:path}", responses=errors(INVALID))  # an id may hold "/"
 def record(
     record_id: Annotated[str, Path(min_length=1, description="a training record id")],
     u: ModelDep,
