@@ -273,6 +273,22 @@ def test_a_forgotten_id_comes_back_as_a_new_record(client, wait_for_job):
     assert [e.get("kind", "forget") for e in log] == ["forget", "add", "forget"]
 
 
+def test_a_forgotten_id_queued_to_come_back_is_not_said_forgotten(client, wait_for_job):
+    """Forgotten, then queued for addition: a forget of it is 409 "queued for addition" (too
+    early, as for a new id), not "already forgotten" just before it is active again."""
+    first = client.post("/v1/forget", json={"ids": ["r06"]}, headers=WRITE).json()
+    assert wait_for_job(client, first["job_id"])["model_version"] == 1
+    client.app.state.service.worker.stop()  # the addition stays queued
+    _add(client, ["r06"], [[3.0, -1.0, 0.5, 2.5]], [2])
+    r = client.post("/v1/forget", json={"ids": ["r06"]}, headers=WRITE)
+    assert r.status_code == 409 and "queued for addition" in r.json()["detail"], r.text
+    # forgotten and not coming back: as before
+    second = client.post("/v1/forget", json={"ids": ["r07"]}, headers=WRITE)
+    assert second.status_code == 202, second.text
+    r = client.post("/v1/forget", json={"ids": ["r01", "r07"]}, headers=WRITE)
+    assert r.status_code == 409 and "already forgotten or queued to be forgotten: r07" in r.text
+
+
 def test_an_id_holding_a_slash_is_looked_up(client, wait_for_job):
     """Ids are any non-empty text: one holding "/" can be added, so it can be looked up (its
     lookup was the router's bare 404), escaped or not."""

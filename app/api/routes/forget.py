@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from service_core import UnknownIdsError
+from service_core import AlreadyForgottenError, UnknownIdsError
 
 from ...queue import Job, QueuedForAdditionError, StaleModelError
 from ..deps import ModelDep, QueueDep, ReadAccess, StateDep, WriteAccess, follow_or_503
@@ -69,6 +69,15 @@ def forget(body: ForgetRequest, u: ModelDep, queue: QueueDep, state: StateDep) -
             raise QueuedForAdditionError(
                 e.ids, "Forget them once that addition's job has succeeded."
             ) from None
+        except AlreadyForgottenError as e:
+            # Forgotten, and queued to come back as new records: not "already forgotten" (it is
+            # about to be active again), too early, as for a new id.
+            adding = queue.pending_add_ids()
+            if back := [i for i in e.ids if i in adding]:
+                raise QueuedForAdditionError(
+                    back, "Forget them once that addition's job has succeeded."
+                ) from None
+            raise
         try:
             job = queue.enqueue(
                 body.ids,
