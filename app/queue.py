@@ -24,6 +24,11 @@ directory's id secret), so two models sharing a Redis and a ``--redis-prefix`` n
   serves nothing older and admits forgets only against a model at least this new, so no
   process serves a record a job has been reported as forgetting.
 
+- ``P:lineage``: which data dir's model the queue's jobs are applied to, a random token also kept
+  in that data dir (``queue-lineage``), set by its first worker and anew by a worker started with
+  ``--take-over-queue``; no expiry. An API process whose data dir holds another token stops
+  answering (its model no longer receives the queue's deletions); a worker whose data dir holds
+  another one applies nothing.
 - ``P:followers`` (sorted set: follower id → the time its announcement lapses, in ms) and
   ``P:followers-prepared`` (hash: follower id → the newest version it has prepared): API
   processes without a worker announce each version they have read and erased ahead
@@ -92,14 +97,20 @@ end
 return #lapsed
 """
 
-# KEYS: worker hash, worker home. ARGV: this worker's name, a lapsed holder it may replace
-# ('' for none), the heartbeat's TTL in ms, this worker's home ('' for none), '1' to claim the
-# queue only from a worker of the same home unless ARGV[6] is '1' (take over), then field, value
-# pairs. The home is kept without expiry (one that expired let a copy take the queue). Writes the
-# heartbeat unless another worker holds it (returns {'worker', its name}) or, with ARGV[5], the
-# queue's last holder had another home (returns {'home', that home}); false once written. A key
-# that is no hash is replaced.
+# KEYS: worker hash, worker home, lineage. ARGV: this worker's name, a lapsed holder it may
+# replace ('' for none), the heartbeat's TTL in ms, this worker's home ('' for none), '1' to claim
+# the queue only from a worker of the same home unless ARGV[6] is '1' (take over), this data dir's
+# lineage ('' for none), a new lineage to set ('' for none: a take-over), then field, value pairs.
+# The home and the lineage are kept without expiry (one that expired let a copy take the queue).
+# Writes the heartbeat unless the queue's lineage is another one and no new one is set (returns
+# {'lineage', it}: another data dir took the queue over), another worker holds it (returns
+# {'worker', its name}) or, with ARGV[5], the queue's last holder had another home (returns
+# {'home', that home}); false once written. A key that is no hash is replaced.
 _BEAT = """
+local lineage = redis.call('GET', KEYS[3])
+if ARGV[7] ~= '' and ARGV[8] == '' and lineage and lineage ~= ARGV[7] then
+  return {'lineage', lineage}
+end
 local holder = false
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then holder = redis.call('HGET', KEYS[1], 'worker') end
 if holder and holder ~= ARGV[1] and holder ~= ARGV[2] then return {'worker', holder} end
@@ -109,10 +120,24 @@ if ARGV[5] == '1' and ARGV[4] ~= '' then
   redis.call('SET', KEYS[2], ARGV[4])
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[8])
+elseif ARGV[7] ~= '' and not lineage then
+  redis.call('SET', KEYS[3], ARGV[7])
+end
 return false
 """
+
+
+class OtherLineageError(Exception):
+    """The queue was taken over by another data dir's worker (``--take-over-queue``): its
+    lineage (``P:lineage``) is no longer this data dir's, which receives none of its jobs."""
+
+    def __init__(self, lineage: str):
+        super().__init__(lineage)
+        self.lineage = lineage
 
 
 class OtherHomeError(Exception):
@@ -360,6 +385,7 @@ class JobQueue:
         self.followers_prepared_key = f"{prefix}:followers-prepared"
         self.worker_key = f"{prefix}:worker"
         self.worker_home_key = f"{prefix}:worker-home"
+        self.lineage_key = f"{prefix}:lineage"
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idempotency:"
         self._enqueue = client.register_script(_ENQUEUE)
@@ -793,6 +819,8 @@ class JobQueue:
         home: str | None = None,
         sticky: bool = False,
         take_over: bool = False,
+        lineage: str | None = None,
+        new_lineage: str | None = None,
     ) -> str | None:
         """The worker ``worker`` is alive and serves ``version``; applying a batch since
         ``busy_since`` (Unix seconds; ``None``: idle). Lapses ``ttl_s`` seconds from now.
@@ -808,9 +836,15 @@ class JobQueue:
         Returns the name of the other worker holding it (nothing written), else ``None``: two
         workers on one data dir's queue (copies of one data directory) would apply its jobs to
         different models, so the caller applies none while another holds it (``Worker``).
+
+        ``lineage``: the data dir's queue lineage (``P:lineage``, set by the first worker that
+        holds the queue): when the queue's is another one, another data dir took the queue over,
+        and this worker writes nothing (raises ``OtherLineageError``) unless it sets
+        ``new_lineage`` (a take-over of its own), which the API processes of every other data
+        dir then see (they stop answering: ``ModelFollower``).
         Times are Redis's clock where it matters: ``seen`` is taken from it, ``busy_since`` is
         moved onto it (this host's clock minus Redis's, measured now). Raises
-        ``redis.RedisError``, ``OtherHomeError``."""
+        ``redis.RedisError``, ``OtherHomeError``, ``OtherLineageError``."""
         now_s, now_us = self.client.time()
         now = int(now_s) + int(now_us) / 1e6
         fields = {"worker": worker, "version": int(version), "seen": f"{now:.3f}"}
@@ -820,14 +854,21 @@ class JobQueue:
             fields["home"] = home
         pairs = [str(v) for kv in fields.items() for v in kv]
         args = [worker, replace or "", int(ttl_s * 1000), home or "", "1" if sticky else "0"]
-        args += ["1" if take_over else "0", *pairs]
-        answer = self._beat_script(keys=[self.worker_key, self.worker_home_key], args=args)
+        args += ["1" if take_over else "0", lineage or "", new_lineage or "", *pairs]
+        keys = [self.worker_key, self.worker_home_key, self.lineage_key]
+        answer = self._beat_script(keys=keys, args=args)
         if not answer:
             return None
         kind, value = answer
         if kind == "home":
             raise OtherHomeError(value)
+        if kind == "lineage":
+            raise OtherLineageError(value)
         return value
+
+    def lineage(self) -> str | None:
+        """The queue's lineage (``P:lineage``; ``None``: none yet). Raises ``redis.RedisError``."""
+        return self.client.get(self.lineage_key)
 
     def heartbeat_home(self) -> str | None:
         """The ``home`` of the live heartbeat (``None``: none, or none recorded). Raises
@@ -836,11 +877,17 @@ class JobQueue:
             return None
         return self.client.hget(self.worker_key, "home")
 
-    def held_elsewhere(self, home: str, sticky: bool, take_over: bool = False) -> bool:
+    def held_elsewhere(
+        self, home: str, sticky: bool, take_over: bool = False, lineage: str | None = None
+    ) -> bool:
         """Whether the worker of the checkpoint directory ``home`` must leave this queue's keys
-        alone: another directory's worker holds it (a live heartbeat of another home), or, with
-        ``sticky`` and not ``take_over``, its last holder was another directory's (``beat``).
-        Raises ``redis.RedisError``."""
+        alone: another directory's worker holds it (a live heartbeat of another home), the
+        queue's lineage is not the data dir's ``lineage`` (taken over) unless ``take_over``, or,
+        with ``sticky`` and not ``take_over``, its last holder was another directory's
+        (``beat``). Raises ``redis.RedisError``."""
+        current = self.lineage()
+        if lineage is not None and current not in (None, lineage) and not take_over:
+            return True
         if self.client.type(self.worker_key) == "hash":
             return self.heartbeat_home() != home
         if not sticky or take_over:

@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .queue import JobQueue
 from .reader import CheckpointReader
 from .receipts import ID_SECRET_FILE, SIGNING_KEY_FILE, DeploymentKeys, directory_sha256
-from .worker import Worker
+from .worker import LINEAGE_FILE, Worker, read_lineage
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
             sticky, take_over = settings.redis_url is not None, settings.take_over_queue
 
             def report(queue: JobQueue) -> None:
-                if not queue.held_elsewhere(home, sticky, take_over):
+                lineage = read_lineage(settings.data_dir / LINEAGE_FILE)
+                if not queue.held_elsewhere(home, sticky, take_over, lineage):
                     queue.record_n_train(u.n_train, u.version)
 
             _ask_queue(settings, prefix, report)
@@ -406,6 +407,7 @@ def make_worker(
         # the embedded Redis lives in the data dir: a copy of the data dir has its own
         sticky_home=settings.redis_url is not None,
         take_over=settings.take_over_queue,
+        lineage_file=settings.data_dir / LINEAGE_FILE,
     )
 
 
@@ -519,6 +521,10 @@ class ModelFollower:
         # this process no longer answers, once it found the worker dropped that version.
         self._served_identity: tuple[int, int, int] | None = None
         self.lost: str | None = None
+        # The queue lineage check (``_check_lineage``): when it last ran (monotonic), and how
+        # many checks in a row found the queue's lineage another than this data dir's.
+        self._lineage_checked = -math.inf
+        self._lineage_mismatches = 0
         # Since when (monotonic) this process has been seen serving a version older than the
         # one required (by any call of required_version), and for which; the follower thread's
         # last failure to load a checkpoint (cleared by a round that failed in nothing).
@@ -572,6 +578,37 @@ class ModelFollower:
         except redis.RedisError:
             return
         self._announced = (version, now)
+
+    def _check_lineage(self) -> None:
+        """Once a second: whether the queue's lineage (``JobQueue.lineage``) is still this data
+        dir's (its ``queue-lineage`` file). Another one, twice in a row (a take-over writes Redis,
+        then the file): another data dir's worker took the queue over (``--take-over-queue``),
+        and this data dir's model no longer receives its deletions: this process stops
+        answering from it (``lost``: every model request and ``/readyz`` 503)."""
+        now = time.monotonic()
+        if self.lost is not None or now - self._lineage_checked < self._ANNOUNCE_S:
+            return
+        self._lineage_checked = now
+        queue = self.state.queue
+        mine = read_lineage(self.state.settings.data_dir / LINEAGE_FILE)
+        if queue is None or mine is None:
+            return
+        try:
+            theirs = queue.lineage()
+        except redis.RedisError:
+            return
+        if theirs is None or theirs == mine:
+            self._lineage_mismatches = 0
+            return
+        self._lineage_mismatches += 1
+        if self._lineage_mismatches < 2:
+            return
+        self.lost = (
+            "this data dir's queue was taken over by another data dir's worker "
+            "(--take-over-queue): this API process's model no longer receives the queue's "
+            "deletions, so it answers no model request; serve the data dir that took it over"
+        )
+        log.critical("%s", self.lost)
 
     def required_version(self) -> int | None:
         """The version this process must serve at least: the newest the worker has reported,
@@ -840,6 +877,7 @@ class ModelFollower:
                     with self._polled:
                         self._polled.notify_all()
                 self._announce()
+                self._check_lineage()
                 if self._last_error is not None:
                     log.info("loading checkpoints again (after: %s)", self._last_error)
                     self._last_error = None

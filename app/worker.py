@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,16 @@ from service_core import SolverError, Unlearner, UnlearnError
 from .deletion_log import DeletionLog, addition_record, version_record
 from .faults import crash_point
 from .metrics import Metrics
-from .queue import WORKER_BEAT_S, WORKER_TTL_S, Entry, Job, JobQueue, OtherHomeError, utc_now
+from .queue import (
+    WORKER_BEAT_S,
+    WORKER_TTL_S,
+    Entry,
+    Job,
+    JobQueue,
+    OtherHomeError,
+    OtherLineageError,
+    utc_now,
+)
 from .receipts import DeploymentKeys, directory_sha256, receipt_payload
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,34 @@ class QueueHeldError(Exception):
     def __init__(self, holder: str):
         super().__init__(holder)
         self.holder = holder
+
+
+LINEAGE_FILE = "queue-lineage"  # in the data dir: the queue lineage it holds (``JobQueue.beat``)
+
+
+def read_lineage(path: Path) -> str | None:
+    """The queue lineage a data dir holds (``None``: none, or unreadable)."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def write_lineage(path: Path, value: str) -> None:
+    """Store ``value`` at ``path`` atomically and durably (owner-only, fsynced, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _gone_from_this_host(worker: str) -> bool:
@@ -99,6 +137,11 @@ class Worker:
         ``sticky``): on a Redis shared beyond the data dir (``REDIS_URL``), so that a copy of the
         data dir never takes the original's queue; ``take_over`` lets this one take it once (the
         data dir moved, or replaced the other for good: ``--take-over-queue``).
+      lineage_file: where the data dir keeps its queue lineage (``LINEAGE_FILE``; ``None``: not
+        kept, tests). The first worker to hold the queue sets it; ``take_over`` sets a new one,
+        in Redis and then here, so that the API processes of the data dir it took the queue from
+        stop answering (``ModelFollower``), and that data dir's worker applies nothing
+        (``superseded``).
     """
 
     def __init__(
@@ -113,8 +156,15 @@ class Worker:
         legacy_stream: str | None = None,
         sticky_home: bool = False,
         take_over: bool = False,
+        lineage_file: Path | None = None,
     ):
         self.unlearner = unlearner
+        self.lineage_file = lineage_file
+        # take_over: the lineage this worker sets (kept until it is set, then ``None``)
+        self._new_lineage: str | None = uuid.uuid4().hex if take_over and lineage_file else None
+        # another data dir took the queue over: why this worker applies nothing (``None``: not)
+        self.superseded: str | None = None
+        self._claim_lock = threading.Lock()
         self.sticky_home = sticky_home
         self.take_over = take_over
         self._other_home: str | None = None  # the queue's last holder's home, another one
@@ -221,7 +271,11 @@ class Worker:
                         self._other_home,
                         self.home,
                     )
-                elif other is not None and time.monotonic() - warned >= 60:
+                elif (
+                    other is not None
+                    and self.superseded is None
+                    and time.monotonic() - warned >= 60
+                ):
                     warned = time.monotonic()
                     log.warning(
                         "another worker (%s) holds this data dir's queue (its heartbeat in "
@@ -252,8 +306,18 @@ class Worker:
         this host, with the same checkpoint directory: not a copy's). Returns the
         other live worker holding it (``self._held_by``), else ``None``. Raises
         ``redis.RedisError``."""
+        with self._claim_lock:  # the heartbeat thread and the loop: one lineage written at once
+            return self._claim_queue()
+
+    def _claim_queue(self) -> str | None:
         version, busy, home = self.unlearner.version, self._busy_since, self.home
         claim = {"home": home, "sticky": self.sticky_home, "take_over": self.take_over}
+        if self.lineage_file is not None:
+            mine = read_lineage(self.lineage_file)
+            if mine is None and self._new_lineage is None:
+                mine = uuid.uuid4().hex  # this data dir's first worker (or before lineages)
+                write_lineage(self.lineage_file, mine)
+            claim.update(lineage=mine or self._new_lineage, new_lineage=self._new_lineage)
         try:
             other = self.queue.beat(self.consumer, version, busy, **claim)
             if (
@@ -270,10 +334,39 @@ class Worker:
             self._other_home = None
         except OtherHomeError as e:
             other, self._other_home = f"the worker of {e.home}", e.home
+        except OtherLineageError:
+            self._supersede()
+            return self._held_by
+        if other is None and self._new_lineage is not None:
+            # set in Redis: now here (a crash between the two leaves this data dir's API
+            # processes unready and its worker waiting: --take-over-queue again mends it)
+            write_lineage(self.lineage_file, self._new_lineage)  # type: ignore[arg-type]
+            self._new_lineage = None
+            log.warning(
+                "took the queue over (--take-over-queue): the API processes of the data dir it "
+                "was taken from stop answering, and that data dir's worker applies nothing"
+            )
+        self.superseded = None
         if other is None and self._held_by is not None:
             log.info("this worker holds the queue now (worker %s stopped)", self._held_by)
         self._held_by = other
         return other
+
+    def _supersede(self) -> None:
+        if self.superseded is None:
+            log.critical(
+                "this data dir's queue (Redis keys %s:*) was taken over by another data dir's "
+                "worker (--take-over-queue): this worker applies none of its jobs, and this data "
+                "dir's model no longer receives its deletions. Serve the data dir that took it "
+                "over; to bring the queue back here, start this worker with --take-over-queue",
+                self.queue.prefix,
+            )
+        self.superseded = (
+            "this data dir's queue was taken over by another data dir's worker "
+            "(--take-over-queue): its model no longer receives the queue's deletions, so it "
+            "answers no model request; serve the data dir that took it over"
+        )
+        self._held_by = "another data dir's worker (the queue was taken over)"
 
     @property
     def home(self) -> str:

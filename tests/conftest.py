@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.embedded_redis import EmbeddedRedis
 from app.main import create_app
+from app.queue import JobQueue
 from service_core import Dataset, Unlearner, load_dataset, load_digits
 
 WRITE = {"Authorization": "Bearer write-token"}
@@ -213,3 +214,12 @@ def rank_deficient() -> Callable[..., Dataset]:
         return Dataset("singular", ids, x, y, "classification", 3, x[:20], y[:20])
 
     return make
+
+
+@pytest.fixture
+def queue(redis_url: str, redis_prefix: str) -> Iterator[JobQueue]:
+    """A job queue on the test run's Redis, under this test's own prefix."""
+    q = JobQueue(redis.Redis.from_url(redis_url, decode_responses=True), redis_prefix, ttl_s=600)
+    q.ensure_group()
+    yield q
+    q.client.close()

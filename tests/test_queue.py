@@ -6,7 +6,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ pytestmark = pytest.mark.redis
 
 WRITE = {"Authorization": "Bearer write-token"}
 READ = {"Authorization": "Bearer read-token"}
-
-
-@pytest.fixture
-def queue(redis_url: str, redis_prefix: str) -> Iterator[JobQueue]:
-    q = JobQueue(redis.Redis.from_url(redis_url, decode_responses=True), redis_prefix, ttl_s=600)
-    q.ensure_group()
-    yield q
-    q.client.close()
 
 
 @pytest.fixture

@@ -48,6 +48,8 @@ async def get_unlearner(state: StateDep) -> Unlearner:
     newest version the worker reported (read after this request arrived, one read shared by
     concurrent requests: ``ModelFollower.shared_required_version``), else 503."""
     u = _loaded(state.unlearner, "the model is not loaded")
+    if state.worker is not None and state.worker.superseded is not None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, state.worker.superseded)
     follower = state.follower
     if follower is not None:
         if follower.lost is not None:  # the worker dropped the version served here

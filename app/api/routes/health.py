@@ -69,6 +69,8 @@ def readyz(
             queue = f"unreachable ({type(e).__name__}: {e})"
     follower = state.follower
     lost = follower.lost if follower is not None else None
+    if state.worker is not None and state.worker.superseded is not None:
+        lost = state.worker.superseded  # taken over: waiting does not help either
     behind = None
     if follower is not None and model == "loaded" and lost is None:
         behind = follower.behind()

@@ -1,0 +1,136 @@
+"""The queue's lineage (``P:lineage``, the data dir's ``queue-lineage``): once another data dir's
+worker took the queue over (``--take-over-queue``), the data dir it was taken from answers no
+model request (its API processes, followers or not) and its worker applies nothing, even after
+the taker stops, until it takes the queue back. helper-47: after a take-over, the original's
+follower kept answering ready, served a record whose job had succeeded on the taker's model, and
+accepted a re-forget of it (202)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.deletion_log import DeletionLog
+from app.main import create_app
+from app.queue import JobQueue, OtherLineageError
+from app.worker import LINEAGE_FILE, Worker, read_lineage
+from service_core import Unlearner
+
+pytestmark = pytest.mark.redis
+
+READ = {"Authorization": "Bearer read-token"}
+WRITE = {"Authorization": "Bearer write-token"}
+
+
+def _until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_take_over_moves_the_lineage_and_the_original_applies_nothing_after(
+    queue: JobQueue, tmp_path: Path, base_checkpoint: Path, caplog
+):
+    def worker(name: str, **kw) -> tuple[Worker, Unlearner]:
+        data = tmp_path / name
+        # the data dir's newest version (a restart), else the base model (a first start)
+        u = Unlearner.restore(data / "checkpoints") or Unlearner.restore(base_checkpoint)
+        w = Worker(
+            u, queue, data / "checkpoints", DeletionLog(data / "log"), sticky_home=True,
+            lineage_file=data / LINEAGE_FILE, **kw,
+        )  # fmt: skip
+        return w, u
+
+    caplog.set_level(logging.INFO, logger="app.worker")
+    original, original_model = worker("original")
+    original.start()
+    (tmp_path / "original").mkdir(exist_ok=True)
+    try:
+        assert _until(lambda: queue.status().worker == original.consumer)
+        first = read_lineage(tmp_path / "original" / LINEAGE_FILE)
+        assert first is not None and queue.lineage() == first  # set by the first holder
+        queue.enqueue(["r01"])
+        assert _until(lambda: original_model.n_forgotten == 1)
+        original.stop()
+        # the operator's copy (cp -a: the lineage file too), started with --take-over-queue
+        (tmp_path / "copy").mkdir()
+        shutil.copy(tmp_path / "original" / LINEAGE_FILE, tmp_path / "copy" / LINEAGE_FILE)
+        taker, taker_model = worker("copy", take_over=True)
+        taker.start()
+        assert _until(lambda: queue.status().worker == taker.consumer)
+        moved = read_lineage(tmp_path / "copy" / LINEAGE_FILE)
+        assert moved not in (None, first) and queue.lineage() == moved
+        assert read_lineage(tmp_path / "original" / LINEAGE_FILE) == first
+        queue.enqueue(["r02"])
+        assert _until(lambda: taker_model.n_forgotten == 1)
+        taker.stop()  # gone: no heartbeat, and yet the original's worker must not take it
+        again, again_model = worker("original")
+        again.start()
+        queue.enqueue(["r03"])
+        time.sleep(2.0)
+        assert again_model.n_forgotten == 1 and queue.status().jobs == 1  # r01 only
+        assert again.superseded is not None and "taken over" in again.superseded
+        assert "was taken over by another data dir's worker" in caplog.text
+        assert queue.lineage() == moved and queue.status().worker is None  # wrote nothing
+        with pytest.raises(OtherLineageError):
+            queue.beat("w", 0, None, home="/x", lineage=first)
+        again.stop()
+        # taken back, on purpose: a new lineage, and the queue's jobs are applied here again
+        back, back_model = worker("original", take_over=True)
+        back.start()
+        assert _until(lambda: back_model.n_forgotten == 2)  # r01 and r03 (r02: the copy's)
+        assert read_lineage(tmp_path / "original" / LINEAGE_FILE) == queue.lineage()
+        assert queue.lineage() not in (first, moved)
+        back.stop()
+    finally:
+        for name in ("original", "taker", "again", "back"):
+            if name in locals():
+                locals()[name].stop()
+
+
+def test_an_api_process_whose_data_dir_lost_the_queue_answers_no_model_request(
+    make_settings, unlearner, redis_url
+):
+    """Followers (``serve --no-worker``) and a ``serve`` with its worker alike: once the
+    queue's lineage is another data dir's, every model request and ``/readyz`` is 503 saying
+    why, and a forget is refused (it would be queued for another model)."""
+    body = {"x": [[0.0, 0.0, 0.0, 0.0]]}
+    for worker in (False, True):
+        settings = make_settings(worker=worker)
+        with TestClient(create_app(settings, unlearner)) as client:
+            state = client.app.state.service
+            if not worker:
+                # the data dir's worker runs elsewhere: its lineage file and P:lineage
+                (settings.data_dir / LINEAGE_FILE).write_text("ours\n")
+                state.queue.client.set(state.queue.lineage_key, "ours")
+            else:
+                assert _until(lambda q=state.queue: q.lineage() is not None)  # set by its worker
+                assert state.queue.lineage() == read_lineage(settings.data_dir / LINEAGE_FILE)
+            assert client.get("/readyz").status_code == 200
+            assert client.post("/v1/predict", json=body, headers=READ).status_code == 200
+            # another data dir's worker took the queue over
+            state.queue.client.set(state.queue.lineage_key, "theirs")
+            if worker:
+                state.worker._beat_now.set()
+            assert _until(lambda: client.get("/readyz").status_code == 503, timeout=10)
+            readyz = client.get("/readyz").json()
+            assert "taken over" in readyz["detail"], readyz
+            for method, path, json_body in (
+                ("POST", "/v1/predict", body),
+                ("GET", "/v1/ids", None),
+                ("POST", "/v1/forget", {"ids": ["r01"]}),
+            ):
+                r = client.request(method, path, json=json_body, headers=WRITE)
+                assert r.status_code == 503 and "taken over" in r.json()["detail"], (path, r.text)
+            state.queue.client.delete(state.queue.lineage_key)
+        if settings.data_dir.exists():
+            shutil.rmtree(settings.data_dir)
