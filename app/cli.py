@@ -77,7 +77,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, skip: set[str] = frozens
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
-        env = "REDIS_URL" if name == "redis_url" else f"NTK_UNLEARN_{name.upper()}"
+        env = f"NTK_UNLEARN_{name.upper()}"
+        if name == "redis_url":
+            env = f"REDIS_URL or {env}"
         shown = "" if field.default is None else f"default: {field.default}; "
         help_text = f"{field.description} ({shown}env {env})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}

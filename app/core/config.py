@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     )
     spare_kernel: bool = Field(
         _SOLVER.spare_kernel,
-        description="keep a second K-sized buffer, already mapped, for the next deletion to write its K into (faster small deletions, one more K of memory)",
+        description="keep a second K-sized buffer, already mapped, for the next deletion to write its K into (faster small deletions; the memory the planner reserves for a deletion's working copy of K)",
     )
 
     # A nonlinear network (serve --nonlinear; service_core.nonlinear_serving).
@@ -230,7 +230,10 @@ class Settings(BaseSettings):
     )
     # Request limits: one request must not tie the server up (a 300,000-row predict took 30 s).
     max_rows: int = Field(
-        10_000, gt=0, description="most x rows in one /v1/predict or /v1/influence request"
+        10_000,
+        gt=0,
+        description="most x rows in one /v1/predict, /v1/influence, /v1/attribute or /v1/records "
+        "request",
     )
     max_exact_self_influence: int = Field(
         20,
@@ -252,7 +255,7 @@ class Settings(BaseSettings):
         2**20,
         ge=0,
         description="a body over this many bytes (or chunked, of unknown length) is large: "
-        "see max_large_bodies",
+        "see --max-large-bodies",
     )
     max_large_bodies: int = Field(
         2,
@@ -265,7 +268,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("REDIS_URL", "NTK_UNLEARN_REDIS_URL", "redis_url"),
-        description="Redis to share (env REDIS_URL); unset: 'serve' runs a private one",
+        description="Redis to share; unset: 'serve' runs a private one",
     )
     metrics_port: int | None = Field(
         None,
@@ -286,7 +289,7 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         description="the API's wait for a Redis answer; a Redis that does not answer within it "
-        "is taken as down (503) for redis_retry_s",
+        "is taken as down (503) for --redis-retry-s",
     )
     redis_retry_s: float = Field(
         2.0,
