@@ -497,6 +497,8 @@ def refined_deltas(
       ComputationCancelled: ``cancelled()`` returned True before every record was refined.
     """
     out = []
+    if progress is not None:
+        progress(0, len(rows))  # the refinements begin (the factorisation before is done)
     for i in np.asarray(rows, int):
         if cancelled is not None and cancelled():
             raise ComputationCancelled(
@@ -789,6 +791,8 @@ def self_influence(
             options = solve_options(cfg, train.dtype, "auto").replace(nystrom=state.nystrom)
             problem = problem_of(state)
             f_star = np.asarray(state.f_star)
+            if progress is not None:
+                progress(0, len(todo))  # the refinements begin (the factorisation before is done)
             for done, i in enumerate(todo):  # one at a time: each value kept once it is known
                 if cancelled is not None and cancelled():
                     raise ComputationCancelled(

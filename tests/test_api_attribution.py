@@ -241,10 +241,20 @@ def test_a_turned_away_exact_request_is_told_how_long_the_running_one_needs(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attribution, "deletion_step", slow)
+    # a slow factorisation (a cold one took 70 s) before the refinements: not their pace
+    real_factor, slow_factor = attribution.factor, threading.Event()
+
+    def factor(*args, **kwargs):
+        if slow_factor.is_set():
+            time.sleep(3.0)
+        return real_factor(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "factor", factor)
     caplog.set_level("INFO", logger="app.api.routes.attribution")
     app = create_app(make_settings(max_exact_attribution=40), unlearner)
     with TestClient(app) as client:
         client.post("/v1/attribute", json={**probe, "k": 1}, headers=READ)  # factor first
+        slow_factor.set()
         ask = partial(_exact_request, client, probe, path)
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(ask)
@@ -257,10 +267,14 @@ def test_a_turned_away_exact_request_is_told_how_long_the_running_one_needs(
     # (total - 1) refinements left at ≥ 1.5 s each, measured: not the flat 2 s
     wait = int(busy.headers["Retry-After"])
     assert wait >= math.floor((total - 1) * 1.5), (wait, total)
+    # ... and not the 3 s before them: they said ≥ 4.5 s each
+    assert wait < (total - 1) * 3.0 + 2, (wait, total)
     assert f"about {wait} s left" in busy.text
     what = "exact attribution" if path == "attribute" else "exact self-influence"
     logged = [m for m in caplog.messages if m.startswith(f"{what}: refined ")]
     assert logged[0].startswith(f"{what}: refined 1 of {total} record(s)"), logged
+    ranked = [m for m in caplog.messages if m.startswith(f"{what}: ranked in ")]
+    assert ranked and float(ranked[-1].split("ranked in ")[1].split()[0]) >= 3.0, ranked
     assert len(logged) == total, logged
 
 

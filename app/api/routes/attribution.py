@@ -48,25 +48,39 @@ class _ExactProgress:
         self.started = time.monotonic()
         self.done = 0
         self.total: int | None = None  # known once the factorisation has ranked the candidates
+        # when the refinements began (``__call__`` with 0 done): the pace is theirs alone, not
+        # the factorisation's before them (a cold one took 70 s, and the estimate said 75 s
+        # left after the first of two refinements, which took 4 s)
+        self.refining_since: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
         self.done, self.total = done, total
-        elapsed = time.monotonic() - self.started
+        if done == 0:
+            self.refining_since = now
+            log.info(
+                "%s: ranked in %.1f s (the factorisation included); refining %d record(s)",
+                self.what,
+                now - self.started,
+                total,
+            )
+            return
         log.info(
             "%s: refined %d of %d record(s) in %.1f s (about %.0f s left)",
             self.what,
             done,
             total,
-            elapsed,
+            now - self.started,
             self.left_s() or 0.0,
         )
 
     def left_s(self) -> float | None:
-        """Seconds its remaining refinements should take at its pace so far (``None``: none done
-        yet, or they are all done and it is answering)."""
+        """Seconds its remaining refinements should take at their pace so far (``None``: none
+        done yet, or they are all done and it is answering)."""
         if not self.done or self.total is None or self.done >= self.total:
             return None
-        return (self.total - self.done) * (time.monotonic() - self.started) / self.done
+        since = self.refining_since if self.refining_since is not None else self.started
+        return (self.total - self.done) * (time.monotonic() - since) / self.done
 
 
 _RUNNING: _ExactProgress | None = None
@@ -95,6 +109,7 @@ def _refine_one_at_a_time(what: str) -> _ExactProgress:
             headers=headers,
         )
     _RUNNING = _ExactProgress(what)
+    log.info("%s: started (ranks the candidates, then refines them one by one)", what)
     return _RUNNING
 
 
