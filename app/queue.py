@@ -285,7 +285,8 @@ class QueueStatus:
         if self.worker is None:
             waiting = f" ({self.jobs} job(s) waiting)" if self.jobs else ""
             return (
-                f"none: no worker renewed its heartbeat in the last {WORKER_TTL_S:.0f} s; "
+                "none: no worker holds the queue (one stopped, or none renewed its heartbeat "
+                f"in the last {WORKER_TTL_S:.0f} s); "
                 f"forgets are accepted and stay queued until one runs{waiting}"
             )
         busy = (

@@ -570,6 +570,7 @@ class Worker:
         # all three, and API processes without a worker serve nothing older than that version.
         self.queue.finish(outcomes, n_train=u.n_train, version=u.version)
         crash_point("reported")
+        self._beat_now.set()  # the heartbeat's version too (/readyz said the old one for 5 s)
         self._count(outcomes)
         if accepted:  # after the jobs are reported: off their latency
             started = time.perf_counter()

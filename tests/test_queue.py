@@ -498,6 +498,13 @@ def test_a_running_worker_beats_while_it_runs_and_not_after(
         return forget(*args, **kwargs)
 
     monkeypatch.setattr(unlearner, "forget", slow_forget)
+    after_publish, post_publish = unlearner.after_publish, threading.Event()
+
+    def slow_after_publish(*args, **kwargs):
+        post_publish.wait(30)
+        return after_publish(*args, **kwargs)
+
+    monkeypatch.setattr(unlearner, "after_publish", slow_after_publish)
     worker.start()  # renewals every 5 s, and at once when a batch begins or ends
     try:
         assert solving.wait(60)
@@ -513,6 +520,15 @@ def test_a_running_worker_beats_while_it_runs_and_not_after(
         deadline = time.monotonic() + 60
         while queue.status().jobs and time.monotonic() < deadline:
             time.sleep(0.05)
+        # reported, its post-publish work still running: the heartbeat names the new version at
+        # once (it said the old one until its next renewal, 5 s)
+        deadline = time.monotonic() + 1
+        status = queue.status()
+        while status.worker_version != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = queue.status()
+        assert status.worker_version == 1 and status.worker_busy_s is not None
+        post_publish.set()
         deadline = time.monotonic() + 2
         status = queue.status()
         while status.worker_busy_s is not None and time.monotonic() < deadline:
@@ -521,8 +537,12 @@ def test_a_running_worker_beats_while_it_runs_and_not_after(
         assert status.jobs == 0 and status.worker_version == 1 and status.worker_busy_s is None
     finally:
         release.set()
+        post_publish.set()
         worker.stop()
     assert queue.status().worker is None  # stopped: its heartbeat deleted, not left to lapse
+    assert (
+        queue.status().describe_worker().startswith("none: no worker holds the queue (one stopped")
+    )
 
 
 def test_a_heartbeat_written_by_someone_else_is_no_error(queue: JobQueue):
