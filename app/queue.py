@@ -504,14 +504,15 @@ class JobQueue:
                 return behind
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
-    def succeeded_after(self, version: int) -> list[Job]:
+    def succeeded_after(self, version: int, every: bool = False) -> list[Job]:
         """The jobs that succeeded with a model version newer than ``version``, when the worker
         has reported a version newer than it (``reported_version``; else none, without a scan):
         what a data directory restored at ``version`` lacks (``Worker.reapply_reported``).
-        Their records are scanned (all of this queue's, kept ``ttl_s``). Raises
-        ``redis.RedisError``."""
+        ``every``: every succeeded job, whatever its version (a data dir taking the queue over
+        from another, whose version numbers are not this one's). Their records are scanned (all
+        of this queue's, kept ``ttl_s``). Raises ``redis.RedisError``."""
         reported = self.reported_version()
-        if reported is None or reported <= version:
+        if not every and (reported is None or reported <= version):
             return []
         jobs = []
         for key in self.client.scan_iter(match=self._job_prefix + "*", count=1000):
@@ -522,7 +523,7 @@ class JobQueue:
                 job = Job.from_hash(h)
             except (KeyError, ValueError, TypeError):  # not a job record this release wrote
                 continue
-            if job.model_version is not None and job.model_version > version:
+            if job.model_version is not None and (every or job.model_version > version):
                 jobs.append(job)
         return jobs
 

@@ -241,9 +241,14 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
         # Redis ahead of the data dir (rolled back, log included): the same from its job records
         # (when it answers now; else the worker does it once it does: Worker.recover).
         prefix = queue_prefix(settings, keys)
-        reported = _ask_queue(settings, prefix, lambda queue: queue.succeeded_after(restored))
+        # Taking the queue over: every succeeded job since the restored version was logged,
+        # whatever its version (numbered by the other data dir's versions).
+        every = settings.take_over_queue
+        reported = _ask_queue(
+            settings, prefix, lambda queue: queue.succeeded_after(restored, every=every)
+        )
         if reported:
-            again.reapply_reported(reported, since=restored)
+            again.reapply_reported(reported, since=restored, every=every)
             # the version the worker serves from now on, so that its recovery does not look again;
             # not when another data dir's worker holds the queue (a copy's: it moved the queue's
             # reported version and size backwards, to its own)

@@ -625,7 +625,9 @@ class Worker:
         ahead = [e for e in self.deletion_log.current() if int(e["version"]) > u.version]
         return self._forget_again(ahead, job_status, "the deletion log records")
 
-    def reapply_reported(self, jobs: Sequence[Job], since: int, when: str = "start") -> int:
+    def reapply_reported(
+        self, jobs: Sequence[Job], since: int, when: str = "start", every: bool = False
+    ) -> int:
         """Forget again what Redis's job records say was forgotten after version ``since``: at a
         start, when the worker reported a version newer than the restored model's
         (``JobQueue.reported_version``) although the deletion log has none (the whole data
@@ -646,6 +648,10 @@ class Worker:
           since: the version the data directory was restored at.
           when: ``start`` (before anything is served) or ``recovery`` (Redis answered only
             after the start), for the messages.
+          every: jobs of any version count (those that finished after the restored version was
+            logged): a data dir taking the queue over (``--take-over-queue``), whose jobs were
+            numbered by another data dir's versions (helper-47: a job numbered 3 by the copy
+            was skipped by the original at its own version 4, and its record stayed active).
 
         Returns:
           The number of records forgotten again.
@@ -658,7 +664,7 @@ class Worker:
         records: dict[tuple[int, str], dict[str, Any]] = {}
         for job in jobs:
             version = job.model_version
-            if job.status != "succeeded" or version is None or version <= since:
+            if job.status != "succeeded" or version is None or (version <= since and not every):
                 continue
             finished = _parse_time(job.finished_at)
             if restored_at is not None and (finished is None or finished <= restored_at):

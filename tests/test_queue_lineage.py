@@ -134,3 +134,33 @@ def test_an_api_process_whose_data_dir_lost_the_queue_answers_no_model_request(
             state.queue.client.delete(state.queue.lineage_key)
         if settings.data_dir.exists():
             shutil.rmtree(settings.data_dir)
+
+
+def test_a_data_dir_taking_the_queue_back_forgets_what_the_other_forgot_whatever_its_versions(
+    make_settings, unlearner, wait_for_job, tmp_path: Path
+):
+    """helper-47: a copy took the queue over and numbered its versions from its own (v2 caught
+    up on the original's v2 and v3; a new job said version 3); the original, taking it back at its
+    own version 3, skipped that job (not newer than 3) and served its record as active, with the
+    job and its receipt saying it was gone."""
+    from app.service import load_model
+
+    def forget(client: TestClient, ids: list[str]) -> dict:
+        r = client.post("/v1/forget", json={"ids": ids}, headers=WRITE)
+        assert r.status_code == 202, r.text
+        return wait_for_job(client, r.json()["job_id"])
+
+    a = make_settings(data_dir=tmp_path / "a")
+    with TestClient(create_app(a, unlearner)) as client:
+        assert forget(client, ["r01"])["model_version"] == 1
+        shutil.copytree(a.data_dir, tmp_path / "b")  # the copy, at version 1
+        assert forget(client, ["r02"])["model_version"] == 2
+        assert forget(client, ["r03"])["model_version"] == 3
+    b = make_settings(data_dir=tmp_path / "b", take_over_queue=True)
+    copy = load_model(b)  # catches up on r02 and r03 as one version
+    assert copy.version == 2 and copy.is_forgotten(["r01", "r02", "r03"])
+    with TestClient(create_app(b, copy)) as client:
+        assert forget(client, ["r04"])["model_version"] == 3  # the copy's number
+    original = load_model(make_settings(data_dir=tmp_path / "a", take_over_queue=True))
+    assert original.is_forgotten(["r01", "r02", "r03", "r04"]), original.version
+    assert original.version == 4
