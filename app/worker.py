@@ -277,16 +277,33 @@ class Worker:
                     and time.monotonic() - warned >= 60
                 ):
                     warned = time.monotonic()
-                    log.warning(
-                        "another worker (%s) holds this data dir's queue (its heartbeat in "
-                        "Redis): this worker applies no job until that heartbeat lapses (%.0f s "
-                        "after that worker stops). Two workers on one queue would apply its jobs "
-                        "to different models: a copy of this data dir (a restored backup, "
-                        "another host's replica) must not run beside it with the same Redis "
-                        "and --redis-prefix; run one worker per data dir",
-                        other,
-                        WORKER_TTL_S,
-                    )
+                    holder_home = self.queue.heartbeat_home()
+                    if self.sticky_home and holder_home not in (None, self.home):
+                        # not "until that heartbeat lapses": the queue stays with that data dir
+                        log.warning(
+                            "another worker (%s) holds this data dir's queue (Redis keys %s:*): "
+                            "the worker of %s, not of this data dir (%s). This worker applies "
+                            "none of its jobs, now or once that worker stops: a copy of a data "
+                            "dir (a restored backup, a replica) would apply them to another "
+                            "model than the one the original's API processes serve. If this "
+                            "data dir replaces that one for good, stop that one's worker and "
+                            "start this one once with --take-over-queue",
+                            other,
+                            self.queue.prefix,
+                            holder_home,
+                            self.home,
+                        )
+                    else:
+                        log.warning(
+                            "another worker (%s) holds this data dir's queue (its heartbeat in "
+                            "Redis): this worker applies no job until that heartbeat lapses (%.0f s "
+                            "after that worker stops). Two workers on one queue would apply its jobs "
+                            "to different models: a copy of this data dir (a restored backup, "
+                            "another host's replica) must not run beside it with the same Redis "
+                            "and --redis-prefix; run one worker per data dir",
+                            other,
+                            WORKER_TTL_S,
+                        )
             except redis.RedisError:
                 pass  # the loop logs Redis's outages; the heartbeat lapses meanwhile
             except Exception:

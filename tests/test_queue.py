@@ -725,6 +725,15 @@ def test_a_copys_worker_never_takes_a_shared_queue_unless_told(
         deadline = time.monotonic() + 10
         while queue.status().worker != original.consumer and time.monotonic() < deadline:
             time.sleep(0.05)
+        early = worker(models[1], "copy")  # beside the live original: told it never takes it
+        early.consumer = "host-b-1"  # another host's process (in-process workers share a name)
+        early.start()
+        deadline = time.monotonic() + 10
+        while "now or once that worker stops" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        early.stop()
+        assert "now or once that worker stops" in caplog.text, caplog.text
+        assert "until that heartbeat lapses" not in caplog.text
         original.stop()  # a clean stop: no heartbeat left at all
         copy.start()
         queue.enqueue(["r01"])
