@@ -66,7 +66,8 @@ def test_a_take_over_moves_the_lineage_and_the_original_applies_nothing_after(
         shutil.copy(tmp_path / "original" / LINEAGE_FILE, tmp_path / "copy" / LINEAGE_FILE)
         taker, taker_model = worker("copy", take_over=True)
         taker.start()
-        assert _until(lambda: queue.status().worker == taker.consumer)
+        # Redis first, then the file (the claim script, then the taker's write)
+        assert _until(lambda: read_lineage(tmp_path / "copy" / LINEAGE_FILE) != first)
         moved = read_lineage(tmp_path / "copy" / LINEAGE_FILE)
         assert moved not in (None, first) and queue.lineage() == moved
         assert read_lineage(tmp_path / "original" / LINEAGE_FILE) == first
