@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .queue import JobQueue
 from .reader import CheckpointReader
 from .receipts import ID_SECRET_FILE, SIGNING_KEY_FILE, DeploymentKeys, directory_sha256
-from .worker import LINEAGE_FILE, Worker, read_lineage
+from .worker import LINEAGE_FILE, SUPERSEDED_FILE, Worker, read_lineage
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,8 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
             sticky, take_over = settings.redis_url is not None, settings.take_over_queue
 
             def report(queue: JobQueue) -> None:
+                if (settings.data_dir / SUPERSEDED_FILE).exists() and not take_over:
+                    return  # its queue is another data dir's (Worker: superseded)
                 lineage = read_lineage(settings.data_dir / LINEAGE_FILE)
                 if not queue.held_elsewhere(home, sticky, take_over, lineage):
                     queue.record_n_train(u.n_train, u.version)
@@ -530,6 +532,9 @@ class ModelFollower:
         # many checks in a row found the queue's lineage another than this data dir's.
         self._lineage_checked = -math.inf
         self._lineage_mismatches = 0
+        # why this process does not answer: the queue's lineage is not its data dir's (another
+        # data dir took it over); cleared once it is again (``_check_lineage``)
+        self.taken_over: str | None = None
         # Since when (monotonic) this process has been seen serving a version older than the
         # one required (by any call of required_version), and for which; the follower thread's
         # last failure to load a checkpoint (cleared by a round that failed in nothing).
@@ -586,34 +591,44 @@ class ModelFollower:
 
     def _check_lineage(self) -> None:
         """Once a second: whether the queue's lineage (``JobQueue.lineage``) is still this data
-        dir's (its ``queue-lineage`` file). Another one, twice in a row (a take-over writes Redis,
-        then the file): another data dir's worker took the queue over (``--take-over-queue``),
-        and this data dir's model no longer receives its deletions: this process stops
-        answering from it (``lost``: every model request and ``/readyz`` 503)."""
+        dir's (its ``queue-lineage`` file; none while the queue has one is another's, as is a
+        ``queue-superseded`` marker its worker left). Another one, twice in a row (a take-over
+        writes Redis, then the file): another data dir's worker took the queue over
+        (``--take-over-queue``), and this data dir's model no longer receives its deletions: this
+        process stops answering from it (``taken_over``: every model request and ``/readyz``
+        503) until the lineage is this data dir's again, twice in a row."""
         now = time.monotonic()
-        if self.lost is not None or now - self._lineage_checked < self._ANNOUNCE_S:
+        if now - self._lineage_checked < self._ANNOUNCE_S:
             return
         self._lineage_checked = now
         queue = self.state.queue
-        mine = read_lineage(self.state.settings.data_dir / LINEAGE_FILE)
-        if queue is None or mine is None:
+        if queue is None:
             return
+        data_dir = self.state.settings.data_dir
+        mine = read_lineage(data_dir / LINEAGE_FILE)
         try:
             theirs = queue.lineage()
         except redis.RedisError:
             return
-        if theirs is None or theirs == mine:
+        other = (data_dir / SUPERSEDED_FILE).exists() or (theirs is not None and theirs != mine)
+        if other == (self.taken_over is not None):
             self._lineage_mismatches = 0
             return
         self._lineage_mismatches += 1
         if self._lineage_mismatches < 2:
             return
-        self.lost = (
-            "this data dir's queue was taken over by another data dir's worker "
-            "(--take-over-queue): this API process's model no longer receives the queue's "
-            "deletions, so it answers no model request; serve the data dir that took it over"
+        self._lineage_mismatches = 0
+        if not other:
+            log.warning("this data dir holds its queue again: answering from its model again")
+            self.taken_over = None
+            return
+        self.taken_over = (
+            "this data dir's queue is not this data dir's any more (another data dir's worker "
+            "took it over with --take-over-queue): this API process's model no longer receives "
+            "the queue's deletions, so it answers no model request; serve the data dir that "
+            "holds the queue"
         )
-        log.critical("%s", self.lost)
+        log.critical("%s", self.taken_over)
 
     def required_version(self) -> int | None:
         """The version this process must serve at least: the newest the worker has reported,

@@ -15,6 +15,7 @@ model has forgotten already was applied before the crash, and is only marked suc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -73,6 +74,10 @@ class QueueHeldError(Exception):
 
 
 LINEAGE_FILE = "queue-lineage"  # in the data dir: the queue lineage it holds (``JobQueue.beat``)
+# in the data dir, once its worker found the queue's lineage another one: it stays superseded
+# (a Redis restarted without its data forgets the lineage; the marker does not) until
+# --take-over-queue
+SUPERSEDED_FILE = "queue-superseded"
 
 
 def read_lineage(path: Path) -> str | None:
@@ -165,6 +170,9 @@ class Worker:
         # another data dir took the queue over: why this worker applies nothing (``None``: not)
         self.superseded: str | None = None
         self._claim_lock = threading.Lock()
+        # taken over in this process: recover() catches up on every job first (those the
+        # previous holder applied after this process's start-up catch-up)
+        self._catch_up_every = False
         self.sticky_home = sticky_home
         self.take_over = take_over
         self._other_home: str | None = None  # the queue's last holder's home, another one
@@ -278,7 +286,11 @@ class Worker:
                 ):
                     warned = time.monotonic()
                     holder_home = self.queue.heartbeat_home()
-                    if self.sticky_home and holder_home not in (None, self.home):
+                    if (
+                        self.sticky_home
+                        and holder_home not in (None, self.home)
+                        and not self.take_over
+                    ):
                         # not "until that heartbeat lapses": the queue stays with that data dir
                         log.warning(
                             "another worker (%s) holds this data dir's queue (Redis keys %s:*): "
@@ -330,6 +342,10 @@ class Worker:
         version, busy, home = self.unlearner.version, self._busy_since, self.home
         claim = {"home": home, "sticky": self.sticky_home, "take_over": self.take_over}
         if self.lineage_file is not None:
+            marker = self.lineage_file.with_name(SUPERSEDED_FILE)
+            if self._new_lineage is None and marker.exists():
+                self._supersede()  # found so before, maybe with a Redis that has forgotten it
+                return self._held_by
             mine = read_lineage(self.lineage_file)
             if mine is None and self._new_lineage is None:
                 mine = uuid.uuid4().hex  # this data dir's first worker (or before lineages)
@@ -358,32 +374,59 @@ class Worker:
             # set in Redis: now here (a crash between the two leaves this data dir's API
             # processes unready and its worker waiting: --take-over-queue again mends it)
             write_lineage(self.lineage_file, self._new_lineage)  # type: ignore[arg-type]
+            self.lineage_file.with_name(SUPERSEDED_FILE).unlink(missing_ok=True)  # type: ignore[union-attr]
             self._new_lineage = None
+            self._catch_up_every = True
             log.warning(
                 "took the queue over (--take-over-queue): the API processes of the data dir it "
                 "was taken from stop answering, and that data dir's worker applies nothing"
             )
         self.superseded = None
         if other is None and self._held_by is not None:
-            log.info("this worker holds the queue now (worker %s stopped)", self._held_by)
+            log.info("this worker holds the queue now (%s stopped)", self._held_by)
         self._held_by = other
         return other
 
     def _supersede(self) -> None:
         if self.superseded is None:
             log.critical(
-                "this data dir's queue (Redis keys %s:*) was taken over by another data dir's "
-                "worker (--take-over-queue): this worker applies none of its jobs, and this data "
-                "dir's model no longer receives its deletions. Serve the data dir that took it "
-                "over; to bring the queue back here, start this worker with --take-over-queue",
+                "this data dir's queue (Redis keys %s:*) is not this data dir's any more: "
+                "another data dir's worker took it over (--take-over-queue), or this data dir's "
+                "%s file was lost. This worker applies none of its jobs, and this data dir's "
+                "model no longer receives its deletions: serve the data dir that holds the queue, "
+                "or, if this data dir is the one to serve, start this worker with "
+                "--take-over-queue",
                 self.queue.prefix,
+                LINEAGE_FILE,
             )
+            if self.lineage_file is not None:
+                try:
+                    write_lineage(self.lineage_file.with_name(SUPERSEDED_FILE), "superseded")
+                except OSError as e:
+                    log.error("could not record that this data dir's queue is not its own: %s", e)
         self.superseded = (
-            "this data dir's queue was taken over by another data dir's worker "
-            "(--take-over-queue): its model no longer receives the queue's deletions, so it "
-            "answers no model request; serve the data dir that took it over"
+            "this data dir's queue is not this data dir's any more (another data dir's worker "
+            "took it over with --take-over-queue): its model no longer receives the queue's "
+            "deletions, so this process answers no model request; serve the data dir that "
+            "holds the queue"
         )
-        self._held_by = "another data dir's worker (the queue was taken over)"
+        self._held_by = "another data dir's worker, which took the queue over"
+
+    @property
+    def not_holding(self) -> str | None:
+        """Why an API process beside this worker must not answer from its model (``None``: it
+        may): the queue is another data dir's (``superseded``), or another worker holds it, so
+        deletions may be applied to another model than this one."""
+        if self.superseded is not None:
+            return self.superseded
+        holder = self._held_by
+        if holder is None:
+            return None
+        return (
+            f"this process's worker does not hold its data dir's queue ({holder} does): its "
+            "model may lack deletions that worker applied, so this process answers no model "
+            "request until its worker holds the queue"
+        )
 
     @property
     def home(self) -> str:
@@ -457,6 +500,18 @@ class Worker:
         # A data dir rolled back (log included) behind what was reported while Redis did not
         # answer at the start: forget again now what its succeeded jobs say is gone. First:
         # a job re-run below would take the number of a version lost in the roll-back.
+        if self._catch_up_every:
+            # taken over in this process: what the previous holder applied since the start
+            since = self.unlearner.version
+            try:
+                Worker(
+                    self.unlearner, None, self.checkpoint_dir, self.deletion_log, keys=self.keys
+                ).reapply_reported(
+                    self.queue.succeeded_after(since, every=True), since, "recovery", every=True
+                )  # type: ignore[arg-type]
+            except SystemExit as e:  # logged; the records stay until someone acts
+                log.critical("%s", e)
+            self._catch_up_every = False
         reported = self.queue.reported_version()
         if reported is not None and reported > self.unlearner.version:
             since = self.unlearner.version
@@ -679,6 +734,18 @@ class Worker:
         logged = [e for e in self.deletion_log.current() if int(e["version"]) == since]
         restored_at = _parse_time(logged[-1].get("timestamp")) if logged else None
         records: dict[tuple[int, str], dict[str, Any]] = {}
+        last: dict[str, str] = {}  # every: each digest's newest succeeded job (finished, kind)
+        if every:
+            restored_at = None  # each record's newest job decides, whichever data dir ran it
+            newest: dict[str, tuple[str, str]] = {}
+            for job in jobs:
+                if job.status == "succeeded" and job.model_version is not None:
+                    for d in job.id_digests:
+                        event = (job.finished_at or "", job.kind)
+                        if event > newest.get(d, ("", "")):
+                            newest[d] = event
+            last = {d: kind for d, (_, kind) in newest.items()}
+            active = {self.unlearner.digest(i) for i in self.unlearner.active_ids()}
         for job in jobs:
             version = job.model_version
             if job.status != "succeeded" or version is None or (version <= since and not every):
@@ -686,6 +753,17 @@ class Worker:
             finished = _parse_time(job.finished_at)
             if restored_at is not None and (finished is None or finished <= restored_at):
                 continue  # before the restored version: lost in an earlier roll-back, if at all
+            if every:
+                # a record added back after its forget stays; an addition this model has
+                # already (its own, or added back here) is no loss
+                kept = [
+                    d
+                    for d in job.id_digests
+                    if last.get(d) == job.kind and (job.kind != "add" or d not in active)
+                ]
+                if not kept:
+                    continue
+                job = dataclasses.replace(job, id_digests=kept)
             if job.kind == "add":
                 record = records.setdefault(
                     (version, "add"), {"version": version, "kind": "add", "added_digests": []}

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.deletion_log import DeletionLog
 from app.main import create_app
 from app.queue import JobQueue, OtherLineageError
-from app.worker import LINEAGE_FILE, Worker, read_lineage
+from app.worker import LINEAGE_FILE, SUPERSEDED_FILE, Worker, read_lineage
 from service_core import Unlearner
 
 pytestmark = pytest.mark.redis
@@ -79,21 +79,33 @@ def test_a_take_over_moves_the_lineage_and_the_original_applies_nothing_after(
         queue.enqueue(["r03"])
         time.sleep(2.0)
         assert again_model.n_forgotten == 1 and queue.status().jobs == 1  # r01 only
-        assert again.superseded is not None and "taken over" in again.superseded
-        assert "was taken over by another data dir's worker" in caplog.text
+        assert again.superseded is not None and "took it over" in again.superseded
+        assert "another data dir's worker took it over" in caplog.text
         assert queue.lineage() == moved and queue.status().worker is None  # wrote nothing
         with pytest.raises(OtherLineageError):
             queue.beat("w", 0, None, home="/x", lineage=first)
         again.stop()
+        # A Redis restarted without its data forgets the lineage; the data dir remembers it was
+        # superseded (helper-49: the original took the queue back and served forgotten records)
+        assert (tmp_path / "original" / SUPERSEDED_FILE).exists()
+        queue.client.delete(queue.lineage_key)
+        plain, plain_model = worker("original")
+        plain.start()
+        time.sleep(2.0)
+        assert plain.superseded is not None and plain_model.n_forgotten == 1
+        assert queue.lineage() is None and queue.status().jobs == 1
+        plain.stop()
+        queue.client.set(queue.lineage_key, moved)
         # taken back, on purpose: a new lineage, and the queue's jobs are applied here again
         back, back_model = worker("original", take_over=True)
         back.start()
         assert _until(lambda: back_model.n_forgotten == 2)  # r01 and r03 (r02: the copy's)
         assert read_lineage(tmp_path / "original" / LINEAGE_FILE) == queue.lineage()
         assert queue.lineage() not in (first, moved)
+        assert not (tmp_path / "original" / SUPERSEDED_FILE).exists()
         back.stop()
     finally:
-        for name in ("original", "taker", "again", "back"):
+        for name in ("original", "taker", "again", "plain", "back"):
             if name in locals():
                 locals()[name].stop()
 
@@ -124,14 +136,22 @@ def test_an_api_process_whose_data_dir_lost_the_queue_answers_no_model_request(
                 state.worker._beat_now.set()
             assert _until(lambda: client.get("/readyz").status_code == 503, timeout=10)
             readyz = client.get("/readyz").json()
-            assert "taken over" in readyz["detail"], readyz
+            assert "took it over" in readyz["detail"], readyz
+            assert "rolled back" not in readyz["detail"], readyz
             for method, path, json_body in (
                 ("POST", "/v1/predict", body),
                 ("GET", "/v1/ids", None),
                 ("POST", "/v1/forget", {"ids": ["r01"]}),
             ):
                 r = client.request(method, path, json=json_body, headers=WRITE)
-                assert r.status_code == 503 and "taken over" in r.json()["detail"], (path, r.text)
+                assert r.status_code == 503 and "took it over" in r.json()["detail"], (path, r.text)
+            if not worker:
+                # the data dir takes the queue back: it answers again (it stayed 503, helper-49)
+                state.queue.client.set(state.queue.lineage_key, "ours")
+                assert _until(lambda c=client: c.get("/readyz").status_code == 200, timeout=10)
+                # a data dir without its lineage file while the queue has one: not its queue
+                (settings.data_dir / LINEAGE_FILE).unlink()
+                assert _until(lambda c=client: c.get("/readyz").status_code == 503, timeout=10)
             state.queue.client.delete(state.queue.lineage_key)
         if settings.data_dir.exists():
             shutil.rmtree(settings.data_dir)
@@ -165,3 +185,46 @@ def test_a_data_dir_taking_the_queue_back_forgets_what_the_other_forgot_whatever
     original = load_model(make_settings(data_dir=tmp_path / "a", take_over_queue=True))
     assert original.is_forgotten(["r01", "r02", "r03", "r04"]), original.version
     assert original.version == 4
+
+
+def test_a_serve_whose_worker_waits_for_the_queue_answers_no_model_request(
+    make_settings, unlearner, wait_for_job, tmp_path: Path, monkeypatch
+):
+    """helper-49: a copy's ``serve`` (with its worker) beside the live original waited for the
+    queue, and meanwhile served a record the original's worker had forgotten, and took forgets.
+    And a take-over started while the holder still runs catches up, once it holds the queue, on
+    the jobs that holder applied meanwhile (they were missed: only the start caught up)."""
+    from app.service import load_model
+
+    body = {"x": [[0.0, 0.0, 0.0, 0.0]]}
+    a = make_settings(data_dir=tmp_path / "a")
+    original = TestClient(create_app(a, unlearner))
+    original.__enter__()
+    try:
+        r = original.post("/v1/forget", json={"ids": ["r01"]}, headers=WRITE)
+        assert wait_for_job(original, r.json()["job_id"])["model_version"] == 1
+        shutil.copytree(a.data_dir, tmp_path / "b")
+        b = make_settings(data_dir=tmp_path / "b", take_over_queue=True)
+        copy_app = create_app(b, load_model(b))
+        with monkeypatch.context() as m:  # its worker: another host's (in-process: one name)
+            m.setattr("app.worker.socket.gethostname", lambda: "host-b")
+            copy = TestClient(copy_app).__enter__()
+        try:
+            assert _until(lambda: copy.get("/readyz").status_code == 503, timeout=15)
+            assert "does not hold its data dir's queue" in copy.get("/readyz").json()["detail"]
+            r = copy.post("/v1/predict", json=body, headers=READ)
+            assert r.status_code == 503 and "does not hold" in r.json()["detail"], r.text
+            assert copy.post("/v1/forget", json={"ids": ["r03"]}, headers=WRITE).status_code == 503
+            r = original.post("/v1/forget", json={"ids": ["r02"]}, headers=WRITE)
+            assert wait_for_job(original, r.json()["job_id"])["model_version"] == 2
+            original.__exit__(None, None, None)  # its worker stops: the copy takes the queue
+            original = None
+            assert _until(lambda: copy.get("/readyz").status_code == 200, timeout=30)
+            status = copy.get("/v1/records/r02", headers=READ).json()
+            assert status["status"] == "forgotten", status
+            assert copy.app.state.service.unlearner.is_forgotten(["r01", "r02"])
+        finally:
+            copy.__exit__(None, None, None)
+    finally:
+        if original is not None:
+            original.__exit__(None, None, None)

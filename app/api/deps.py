@@ -48,12 +48,14 @@ async def get_unlearner(state: StateDep) -> Unlearner:
     newest version the worker reported (read after this request arrived, one read shared by
     concurrent requests: ``ModelFollower.shared_required_version``), else 503."""
     u = _loaded(state.unlearner, "the model is not loaded")
-    if state.worker is not None and state.worker.superseded is not None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, state.worker.superseded)
+    if state.worker is not None and (why := state.worker.not_holding) is not None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, why, headers=RETRY_LATER)
     follower = state.follower
     if follower is not None:
         if follower.lost is not None:  # the worker dropped the version served here
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, follower.lost)
+        if follower.taken_over is not None:  # the queue is another data dir's now
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, follower.taken_over)
         wanted = await follower.shared_required_version()
         if wanted is not None and u.version < wanted:  # a wait: off the event loop
             await anyio.to_thread.run_sync(follow_or_503, state, lambda: follower.catch_up(wanted))

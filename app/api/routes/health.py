@@ -63,14 +63,20 @@ def readyz(
         try:
             worker = state.queue.status().describe_worker()
             queue = "ok"
-            if state.worker is not None and state.unlearner is not None:
+            if (
+                state.worker is not None
+                and state.unlearner is not None
+                and state.worker.not_holding is None
+            ):
                 catching_up = _catching_up(state.queue.reported_version(), state.unlearner.version)
         except redis.RedisError as e:
             queue = f"unreachable ({type(e).__name__}: {e})"
     follower = state.follower
     lost = follower.lost if follower is not None else None
-    if state.worker is not None and state.worker.superseded is not None:
-        lost = state.worker.superseded  # taken over: waiting does not help either
+    if follower is not None and lost is None:
+        lost = follower.taken_over
+    if state.worker is not None and state.worker.not_holding is not None:
+        lost = state.worker.not_holding
     behind = None
     if follower is not None and model == "loaded" and lost is None:
         behind = follower.behind()
