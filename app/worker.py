@@ -173,6 +173,7 @@ class Worker:
         # taken over in this process: recover() catches up on every job first (those the
         # previous holder applied after this process's start-up catch-up)
         self._catch_up_every = False
+        self._lineage_error_at = -math.inf  # when a lineage file write last failed (logged)
         self.sticky_home = sticky_home
         self.take_over = take_over
         self._other_home: str | None = None  # the queue's last holder's home, another one
@@ -281,6 +282,7 @@ class Worker:
                     )
                 elif (
                     other is not None
+                    and not other.startswith("nobody: ")  # logged where it is found
                     and self.superseded is None
                     and time.monotonic() - warned >= 60
                 ):
@@ -349,7 +351,8 @@ class Worker:
             mine = read_lineage(self.lineage_file)
             if mine is None and self._new_lineage is None:
                 mine = uuid.uuid4().hex  # this data dir's first worker (or before lineages)
-                write_lineage(self.lineage_file, mine)
+                if not self._wrote_lineage(mine):
+                    return self._held_by
             claim.update(lineage=mine or self._new_lineage, new_lineage=self._new_lineage)
         try:
             other = self.queue.beat(self.consumer, version, busy, **claim)
@@ -373,7 +376,8 @@ class Worker:
         if other is None and self._new_lineage is not None:
             # set in Redis: now here (a crash between the two leaves this data dir's API
             # processes unready and its worker waiting: --take-over-queue again mends it)
-            write_lineage(self.lineage_file, self._new_lineage)  # type: ignore[arg-type]
+            if not self._wrote_lineage(self._new_lineage):
+                return self._held_by  # set in Redis: the next beat sets it again, and writes
             self.lineage_file.with_name(SUPERSEDED_FILE).unlink(missing_ok=True)  # type: ignore[union-attr]
             self._new_lineage = None
             self._catch_up_every = True
@@ -386,6 +390,24 @@ class Worker:
             log.info("this worker holds the queue now (%s stopped)", self._held_by)
         self._held_by = other
         return other
+
+    def _wrote_lineage(self, value: str) -> bool:
+        """Write this data dir's lineage file; when it cannot be written, this worker holds
+        nothing (``_held_by`` says why; logged once a minute, one line) and ``False``."""
+        try:
+            write_lineage(self.lineage_file, value)  # type: ignore[arg-type]
+        except OSError as e:
+            self._held_by = f"nobody: this data dir's {LINEAGE_FILE} cannot be written ({e})"
+            now = time.monotonic()
+            if now - self._lineage_error_at >= 60:
+                self._lineage_error_at = now
+                log.error(
+                    "cannot write %s (%s): this worker applies no job until it can",
+                    self.lineage_file,
+                    e,
+                )
+            return False
+        return True
 
     def _supersede(self) -> None:
         if self.superseded is None:

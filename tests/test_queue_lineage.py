@@ -228,3 +228,31 @@ def test_a_serve_whose_worker_waits_for_the_queue_answers_no_model_request(
     finally:
         if original is not None:
             original.__exit__(None, None, None)
+
+
+def test_a_lineage_file_that_cannot_be_written_holds_nothing_and_says_so_once(
+    queue: JobQueue, tmp_path: Path, base_checkpoint: Path, caplog
+):
+    """helper-49: a directory where the lineage file goes made the worker log a traceback at
+    every retry. It now applies nothing, says why in one line (once a minute), and takes the
+    queue once the file can be written."""
+    data = tmp_path / "d"
+    (data / LINEAGE_FILE).mkdir(parents=True)
+    u = Unlearner.restore(base_checkpoint)
+    w = Worker(
+        u, queue, data / "checkpoints", DeletionLog(data / "log"), lineage_file=data / LINEAGE_FILE
+    )
+    caplog.set_level(logging.INFO, logger="app.worker")
+    w.start()
+    try:
+        queue.enqueue(["r01"])
+        time.sleep(2.5)
+        assert u.n_forgotten == 0 and queue.lineage() is None
+        said = [r for r in caplog.records if "cannot write" in r.getMessage()]
+        assert len(said) == 1 and said[0].exc_info is None, caplog.text
+        assert "Traceback" not in caplog.text and "could not renew" not in caplog.text
+        (data / LINEAGE_FILE).rmdir()
+        assert _until(lambda: u.n_forgotten == 1)
+        assert queue.lineage() == read_lineage(data / LINEAGE_FILE)
+    finally:
+        w.stop()
