@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .queue import JobQueue
 from .reader import CheckpointReader
 from .receipts import ID_SECRET_FILE, SIGNING_KEY_FILE, DeploymentKeys, directory_sha256
-from .worker import LINEAGE_FILE, SUPERSEDED_FILE, Worker, read_lineage
+from .worker import LINEAGE_FILE, SUPERSEDED_FILE, TAKEN_OVER, Worker, read_lineage
 
 log = logging.getLogger(__name__)
 
@@ -622,12 +622,7 @@ class ModelFollower:
             log.warning("this data dir holds its queue again: answering from its model again")
             self.taken_over = None
             return
-        self.taken_over = (
-            "this data dir's queue is not this data dir's any more (another data dir's worker "
-            "took it over with --take-over-queue): this API process's model no longer receives "
-            "the queue's deletions, so it answers no model request; serve the data dir that "
-            "holds the queue"
-        )
+        self.taken_over = TAKEN_OVER
         log.critical("%s", self.taken_over)
 
     def required_version(self) -> int | None:

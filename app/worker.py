@@ -78,6 +78,12 @@ LINEAGE_FILE = "queue-lineage"  # in the data dir: the queue lineage it holds (`
 # (a Redis restarted without its data forgets the lineage; the marker does not) until
 # --take-over-queue
 SUPERSEDED_FILE = "queue-superseded"
+# why an API process of a data dir whose queue another data dir took over answers no model request
+TAKEN_OVER = (
+    "this data dir's queue is not this data dir's any more (another data dir's worker took it "
+    "over with --take-over-queue): its model no longer receives the queue's deletions, so this "
+    "process answers no model request; serve the data dir that holds the queue"
+)
 
 
 def read_lineage(path: Path) -> str | None:
@@ -89,7 +95,11 @@ def read_lineage(path: Path) -> str | None:
 
 
 def write_lineage(path: Path, value: str) -> None:
-    """Store ``value`` at ``path`` atomically and durably (owner-only, fsynced, then renamed)."""
+    """Store ``value`` at ``path`` atomically and durably (owner-only, fsynced, then renamed).
+
+    Raises:
+      OSError: the file or its directory cannot be written (``path.tmp`` may be left).
+    """
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -387,7 +397,7 @@ class Worker:
             )
         self.superseded = None
         if other is None and self._held_by is not None:
-            log.info("this worker holds the queue now (%s stopped)", self._held_by)
+            log.info("this worker holds the queue now (before: held by %s)", self._held_by)
         self._held_by = other
         return other
 
@@ -426,12 +436,7 @@ class Worker:
                     write_lineage(self.lineage_file.with_name(SUPERSEDED_FILE), "superseded")
                 except OSError as e:
                     log.error("could not record that this data dir's queue is not its own: %s", e)
-        self.superseded = (
-            "this data dir's queue is not this data dir's any more (another data dir's worker "
-            "took it over with --take-over-queue): its model no longer receives the queue's "
-            "deletions, so this process answers no model request; serve the data dir that "
-            "holds the queue"
-        )
+        self.superseded = TAKEN_OVER
         self._held_by = "another data dir's worker, which took the queue over"
 
     @property
@@ -742,10 +747,12 @@ class Worker:
           since: the version the data directory was restored at.
           when: ``start`` (before anything is served) or ``recovery`` (Redis answered only
             after the start), for the messages.
-          every: jobs of any version count (those that finished after the restored version was
-            logged): a data dir taking the queue over (``--take-over-queue``), whose jobs were
-            numbered by another data dir's versions (helper-47: a job numbered 3 by the copy
-            was skipped by the original at its own version 4, and its record stayed active).
+          every: jobs of any version and any finishing time count, and each record's newest
+            succeeded job decides (forgotten again when it is a forget; a record added back
+            after it stays): a data dir taking the queue over (``--take-over-queue``), whose jobs
+            were numbered by another data dir's versions (helper-47: a job numbered 3 by the
+            copy was skipped by the original at its own version 4, and its record stayed
+            active).
 
         Returns:
           The number of records forgotten again.
