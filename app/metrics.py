@@ -154,7 +154,7 @@ class QueueCollector(Collector):
         up = GaugeMetricFamily(
             "ntk_unlearn_worker_up",
             "1 when a solver worker renewed its heartbeat in Redis in the last 15 s, 0 when none "
-            "did (forgets are accepted and stay queued), NaN when Redis does not answer",
+            "did (jobs stay queued until one runs), NaN when Redis does not answer",
             value=nan if status is None else float(status.worker is not None),
         )
         jobs = GaugeMetricFamily(

@@ -287,7 +287,7 @@ class QueueStatus:
             return (
                 "none: no worker holds the queue (one stopped, or none renewed its heartbeat "
                 f"in the last {WORKER_TTL_S:.0f} s); "
-                f"forgets are accepted and stay queued until one runs{waiting}"
+                f"jobs stay queued until one runs{waiting}"
             )
         busy = (
             f", applying a batch for {self.worker_busy_s:.1f} s"

@@ -470,8 +470,9 @@ class Worker:
                     self.queue.ensure_group()
                     if unreachable_since is not None:  # Redis answered
                         log.info(
-                            "queue reachable again after %.1f s; recovering",
+                            "queue reachable again after %.1f s%s",
                             time.monotonic() - unreachable_since,
+                            "" if self.superseded is not None else "; recovering",
                         )
                         unreachable_since = None
                     # Only the worker holding the queue recovers and applies its jobs: another

@@ -79,7 +79,19 @@ def targets_matrix(y: np.ndarray, task: Task, output_dim: int) -> np.ndarray:
     return np.asarray(y, dtype=np.float32).reshape(len(y), output_dim)
 
 
+# The longest id, in characters: the engine holds ids in fixed-width arrays (every row costs as
+# much as the longest id), so one 1 MB id made a 1,472-row model hold gigabytes. The API refuses
+# longer ones (422) and a data set with one does not load.
+MAX_ID_CHARS = 256
+
+
 def _check_ids(ids: np.ndarray) -> None:
+    long = [str(i) for i in ids.tolist() if len(str(i)) > MAX_ID_CHARS]
+    if long:
+        raise DatasetError(
+            f"{len(long)} id(s) are longer than {MAX_ID_CHARS} characters (the first starts "
+            f"{long[0][:40]!r}): shorten them, e.g. to a hash"
+        )
     dup = sorted(i for i, c in Counter(ids.tolist()).items() if c > 1)
     if dup:
         shown = ", ".join(map(str, dup[:20]))

@@ -68,6 +68,14 @@ def _input_limit(dtype: np.dtype) -> float:
     return float(jnp.finfo(dtype).max) ** 0.5
 
 
+@functools.cache
+def _target_limit(dtype: np.dtype) -> float:
+    """The largest regression target magnitude accepted in ``dtype``: max^(1/4), headroom for
+    the residuals' squares and α = O(y/λ) (a target of 1e300 made an addition's solve non-finite
+    and failed the jobs batched with it)."""
+    return float(jnp.finfo(dtype).max) ** 0.25
+
+
 def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:
     """Targets for ``n`` test points: class labels ``(n,)`` or target vectors ``(n, d)``.
 
@@ -75,7 +83,8 @@ def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:
       the target matrix ``(n, d)`` (one-hot for labels).
 
     Raises:
-      InvalidInputError: what to fix.
+      InvalidInputError: what to fix (the shape, labels out of range, non-finite values, or
+        regression targets beyond ``_target_limit``).
     """
     try:
         arr = np.asarray(y, dtype=np.float64)
@@ -95,6 +104,13 @@ def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:
         arr = arr.reshape(n, 1)  # one output: a number per row, as the loaders take it
     if arr.shape != (n, d):
         raise InvalidInputError(f"y must have shape [{n}, {d}] (one target vector per row of x)")
+    dtype = jnp.dtype(dtype)
+    limit = _target_limit(dtype)
+    if arr.size and float(np.abs(arr).max()) > limit:
+        raise InvalidInputError(
+            f"y has values beyond ±{limit:.1e}, too large for the model's {dtype.name}: scale the "
+            "targets down"
+        )
     return jnp.asarray(arr, dtype)
 
 

@@ -85,6 +85,84 @@ def test_a_forgotten_record_never_appears(client, probe, wait_for_job):
     assert r.status_code == 422 and "from 1 to 46" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("path", ["attribute", "self-influence"])
+def test_a_record_forgotten_while_the_answer_is_computed_is_never_named(
+    client, probe, wait_for_job, monkeypatch, path
+):
+    """A forget that succeeds while an attribution (or self-influence) is computed on the
+    version before it: the answer, which names the forgotten record, is not sent (503, retry);
+    the retry answers from the new version without it. A tester's exact attribution named a
+    record 2 s after its job succeeded."""
+    u = client.app.state.service.unlearner
+    method = "attribute" if path == "attribute" else "self_influence"
+    real, forgot = getattr(u, method), []
+
+    def forget_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not forgot:  # the first answer's leading record: forgotten before it is sent
+            top = str(result.helpful_ids[0][0] if method == "attribute" else result.ids[0])
+            r = client.post("/v1/forget", json={"ids": [top]}, headers=WRITE)
+            assert r.status_code == 202, r.text
+            assert wait_for_job(client, r.json()["job_id"])["status"] == "succeeded"
+            forgot.append(top)
+        return result
+
+    monkeypatch.setattr(u, method, forget_meanwhile)
+
+    def ask():
+        if path == "attribute":
+            return client.post("/v1/attribute", json={**probe, "k": 3}, headers=READ)
+        return client.get("/v1/self-influence?limit=5", headers=READ)
+
+    r = ask()
+    assert r.status_code == 503 and r.headers["Retry-After"], r.text
+    assert "(version 0, now 1)" in r.text and "1 record(s) it names were forgotten" in r.text
+    r = ask()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == 1
+    if path == "attribute":
+        named = {e["id"] for row in body["results"] for e in row["helpful"] + row["harmful"]}
+    else:
+        named = {e["id"] for e in body["records"]}
+    assert named and forgot[0] not in named
+
+
+def test_an_answer_computed_before_a_forget_that_names_none_of_its_records_is_sent(
+    client, probe, wait_for_job, monkeypatch
+):
+    """The version changed while it was computed, but every record it names is still active: it
+    is sent as computed, saying its version."""
+    u = client.app.state.service.unlearner
+    real = u.attribute
+
+    def forget_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        named = {str(i) for part in (result.helpful_ids, result.harmful_ids) for i in part.ravel()}
+        other = next(i for i in sorted(u.state.index) if i not in named)
+        r = client.post("/v1/forget", json={"ids": [other]}, headers=WRITE)
+        assert wait_for_job(client, r.json()["job_id"])["status"] == "succeeded"
+        return result
+
+    monkeypatch.setattr(u, "attribute", forget_meanwhile)
+    r = client.post("/v1/attribute", json={**probe, "k": 2}, headers=READ)
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == 0
+    assert client.get("/v1/model", headers=READ).json()["version"] == 1
+
+
+def test_an_attribution_of_more_than_max_attributed_records_is_413(client, probe, monkeypatch):
+    """rows × k is bounded (200 rows of k = N made an 87 MB answer): 413 saying both."""
+    from app.api.routes import attribution as route
+
+    monkeypatch.setattr(route, "MAX_ATTRIBUTED", 10)
+    r = client.post("/v1/attribute", json={**probe, "k": 4}, headers=READ)  # 3 rows × 4
+    assert r.status_code == 413, r.text
+    assert "x has 3 rows and k is 4: 12 records per side" in r.json()["detail"]
+    r = client.post("/v1/attribute", json={**probe, "k": 3}, headers=READ)  # 9
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize(
     "change,fragment",
     [

@@ -73,6 +73,33 @@ def test_an_id_with_a_lone_surrogate_is_422(client, path, token, body):
     assert "lone surrogate" in r.json()["detail"], r.text
 
 
+@pytest.mark.parametrize(
+    "path, token, body",
+    [
+        ("/v1/forget", "write-token", {"ids": ["r01", "L" * 257]}),
+        (
+            "/v1/influence",
+            "read-token",
+            {"forget_ids": ["L" * 1000], "x": [[1, 2, 3, 4]], "y": [0]},
+        ),
+        ("/v1/records", "write-token", {"ids": ["L" * 257], "x": [[1, 2, 3, 4]], "y": [0]}),
+    ],
+)
+def test_an_id_longer_than_256_characters_is_422(client, path, token, body):
+    """The engine holds ids in fixed-width arrays (every row as wide as the longest id): a 1 MB
+    id added, then forgotten, ran a server out of memory. At most 256 characters."""
+    r = client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 422, r.text
+    assert "at most 256 characters (longer at position" in r.json()["detail"], r.text
+    # 256 passes the check: the engine then says the id is not in the training set
+    ids = ["L" * 256]
+    r = client.post(
+        "/v1/forget", json={"ids": ids}, headers={"Authorization": "Bearer write-token"}
+    )
+    assert r.status_code == 404 and "not in the training set" in r.json()["detail"], r.text
+    assert client.get("/v1/model", headers=READ).json()["version"] == 0
+
+
 def test_labels_that_are_booleans_are_refused(client, x_probe):
     body = {"forget_ids": ["r01"], "x": x_probe[:2], "y": [True, 0]}
     r = client.post("/v1/influence", json=body, headers=READ)

@@ -58,3 +58,14 @@ def test_mnist_idx_loader():
     assert np.bincount(ds.y).tolist() == [20] * 10
     assert not set(ds.ids) & {f"mnist-t10k-{i:05d}" for i in range(0)}
     assert 0 <= ds.x.min() and ds.x.max() <= 1.0 and ds.x.max() > 0.9
+
+
+def test_a_data_set_with_an_id_longer_than_256_characters_does_not_load(tmp_path):
+    """Ids are held in fixed-width arrays; the API refuses longer ones, and so does a data set."""
+    path = tmp_path / "long.npz"
+    ids = np.array(["a", "b" * 257, "c"])
+    np.savez(path, x=np.zeros((3, 2), np.float32), y=np.array([0, 1, 0]), ids=ids)
+    with pytest.raises(DatasetError, match="1 id.s. are longer than 256 characters"):
+        load_npz(path)
+    np.savez(path, x=np.zeros((3, 2), np.float32), y=np.array([0, 1, 0]), ids=ids.astype("U256"))
+    assert max(map(len, load_npz(path).ids)) == 256

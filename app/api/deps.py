@@ -62,6 +62,27 @@ async def get_unlearner(state: StateDep) -> Unlearner:
     return u
 
 
+async def none_forgotten_since(state: ServiceState, version: int, ids) -> None:
+    """After a long read computed on ``version`` (attribution, self-influence: seconds to
+    minutes), 503 with Retry-After if any of the ``ids`` it is about to name is no longer active
+    in the newest version this process must serve (``get_unlearner`` again: a follower catches up
+    first): a record whose forget succeeded meanwhile is never named again. An answer naming
+    only records still active is sent as computed (its ``model_version`` says which)."""
+    u = await get_unlearner(state)
+    if u.version == version:
+        return
+    active = u.state.index
+    gone = sum(1 for i in set(ids) if i not in active)
+    if gone:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"the model changed while this answer was computed (version {version}, now "
+            f"{u.version}) and {gone} record(s) it names were forgotten since: retry (the "
+            "answer is computed again on the new version)",
+            headers=RETRY_LATER,
+        )
+
+
 def follow_or_503(state: ServiceState, catch_up: Callable[[], None]) -> None:
     """Run ``catch_up`` (a ``ModelFollower`` method); 503 with Retry-After if it gives up."""
     try:

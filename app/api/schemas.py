@@ -17,6 +17,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from service_core.data import MAX_ID_CHARS
+
 from ..queue import JobKind, JobStatus
 
 
@@ -108,6 +110,12 @@ def _non_empty_ids(ids: list[str]) -> list[str]:
         raise ValueError(
             f"ids must be non-empty strings (empty at position {', '.join(empty[:20])})"
         )
+    long = [str(k) for k, i in enumerate(ids) if len(i) > MAX_ID_CHARS]
+    if long:
+        raise ValueError(
+            f"ids must be at most {MAX_ID_CHARS} characters (longer at position "
+            f"{', '.join(long[:20])})"
+        )
     # JSON's "\ud800" escapes decode to a lone surrogate, which no UTF-8 text holds (the keyed
     # hash of an id is taken over its UTF-8 bytes: it failed with a 500).
     odd = [str(k) for k, i in enumerate(ids) if not _is_utf8_text(i)]
@@ -135,8 +143,9 @@ Ids = Annotated[
             "type": "array",
             "minItems": 1,
             "uniqueItems": True,
-            "items": {"type": "string", "minLength": 1},
-            "description": "training record ids (non-empty strings, never positions; each once)",
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+            "description": "training record ids (non-empty strings of at most 256 characters, "
+            "never positions; each once)",
         }
     ),
 ]
@@ -373,9 +382,10 @@ class AddRecordsRequest(_Body):
                 "type": "array",
                 "minItems": 1,
                 "uniqueItems": True,
-                "items": {"type": "string", "minLength": 1},
-                "description": "new record ids (non-empty strings, each once, none active or "
-                "held by a queued job); an id forgotten before may be added as a new record",
+                "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+                "description": "new record ids (non-empty strings of at most 256 characters, "
+                "each once, none active or held by a queued job); an id forgotten before may be "
+                "added as a new record",
             }
         ),
     ]
@@ -507,8 +517,8 @@ class ModelInfo(BaseModel):
 
 _WORKER = Field(
     description="whether a solver worker runs on this model's queue: 'alive: <name>, model "
-    "version <v>, seen <s> s ago[, applying a batch for <s> s]', 'none: ...' (forgets are "
-    "accepted and stay queued until one runs), or 'unknown' (the queue does not answer). "
+    "version <v>, seen <s> s ago[, applying a batch for <s> s]', 'none: ...' (jobs stay "
+    "queued until one runs), or 'unknown' (the queue does not answer). "
     "Informational: this process answers reads without a worker, so it does not decide readiness"
 )
 
@@ -551,10 +561,12 @@ class AttributeRequest(_Body):
 
 class AttributedRecord(BaseModel):
     id: str
-    delta_loss: float = Field(
+    delta_loss: Annotated[float, _finite("the change of loss")] = Field(
         description="loss at this point after retraining without the record, minus the loss now"
     )
-    delta_outputs: list[float] = Field(description="change of the outputs, shape (d,)")
+    delta_outputs: Annotated[list[float], _finite("the change of outputs")] = Field(
+        description="change of the outputs, shape (d,)"
+    )
 
 
 class AttributionRow(BaseModel):
@@ -579,7 +591,7 @@ class AttributeOut(BaseModel):
 
 class SelfInfluenceRecord(BaseModel):
     id: str
-    self_influence: float = Field(
+    self_influence: Annotated[float, _finite("the self-influence")] = Field(
         description="the record's own loss after retraining without it, minus its loss now"
     )
 
