@@ -83,6 +83,14 @@ class Model:
         (``kernels.NTK_IMPLEMENTATIONS``; measured per user network, ``kernels.choose_implementation``).
       user: a user's network only (kind ``user``): its leaves, the frozen ones and the
         trainable/frozen split (``UserParts``); ``params0`` is then the list of trainable leaves.
+      low: a promoted ``dtype auto`` model only (``precision.promoted_network``): the same network
+        in float32, the one its K was computed with. Every evaluation of the network (θ's map
+        J(X)ᵀα, outputs, offsets, kernel rows) runs through it, inputs, tangents and cotangents
+        cast to float32 (exact for x and θ_0, float32 numbers), and its results are upcast: float64
+        covers the dual solve and its certificate, where float32 could not; these products have
+        no inverse to amplify rounding, and float64 convolutions on XLA's CPU backend ran 200×
+        slower (a CIFAR CNN's forget took minutes, a 1-row prediction 11 s). docs/design.md,
+        Precision.
     """
 
     config: ModelConfig
@@ -96,8 +104,23 @@ class Model:
     input_shape: tuple[int, ...] = ()
     ntk_implementation: str = "structured_derivatives"
     user: UserParts | None = None
+    low: Model | None = None
 
     kernel_form = None  # full or trace, as configured
+
+    @functools.cached_property
+    def _kernel_low(self) -> Model:
+        """``low`` with this network's NTK implementation (set after a user network's build)."""
+        low = self.low
+        if low.ntk_implementation == self.ntk_implementation:
+            return low
+        return dataclasses.replace(low, ntk_implementation=self.ntk_implementation)
+
+    def _to_low(self, a) -> jax.Array:
+        return jnp.asarray(a, self.low.theta0.dtype)
+
+    def _up(self, a) -> jax.Array:
+        return jnp.asarray(a, self.theta0.dtype)
 
     @property
     def n_params(self) -> int:
@@ -129,8 +152,13 @@ class Model:
 
         Returns:
           ``(K, report)``: K numpy ``(N·d, N·d)`` or ``(N, N)``, report ``{"seconds", "bytes",
-          "cached", "path"}``.
+          "cached", "path"}``; a promoted model's (``low``) computed in float32, upcast.
         """
+        if self.low is not None:
+            k, report = self._kernel_low.train_kernel(
+                np.asarray(x, np.float32), form, cache_dir, progress, block_size
+            )
+            return np.asarray(k, self.theta0.dtype), report
         dtype = self.theta0.dtype
         xf = np.asarray(self.flatten_inputs(x), dtype=dtype)
         key = kernels.cache_key(
@@ -148,7 +176,13 @@ class Model:
 
     def cross_kernel(self, x, x_train, form: str, block_size: int = 128) -> np.ndarray:
         """The empirical NTK K(X_t, X) at θ_0 between test and training points, in ``form``'s layout:
-        ``(n_t·d, N·d)`` or ``(n_t, N)`` (``kernels.blocked``; compiled once per network and form)."""
+        ``(n_t·d, N·d)`` or ``(n_t, N)`` (``kernels.blocked``; compiled once per network and form;
+        a promoted model's through ``low``, upcast)."""
+        if self.low is not None:
+            k = self._kernel_low.cross_kernel(
+                np.asarray(x, np.float32), np.asarray(x_train, np.float32), form, block_size
+            )
+            return np.asarray(k, self.theta0.dtype)
         dtype = self.theta0.dtype
         key = ("cross-ntk", form)
         if key not in self.compiled:
@@ -204,8 +238,12 @@ class Model:
             )
 
     def theta(self, x, alpha, delta: bool = False) -> jax.Array:
-        """θ = θ_p + J(X)ᵀα (Eq. (T)), or Δθ = J(X)ᵀΔα with ``delta``; x ``(C, ...)``, α ``(C, d)``."""
-        j_t_alpha = self._jit_vjp(x, jnp.asarray(alpha, self.theta0.dtype))
+        """θ = θ_p + J(X)ᵀα (Eq. (T)), or Δθ = J(X)ᵀΔα with ``delta``; x ``(C, ...)``, α ``(C, d)``
+        (a promoted model's product through ``low``, upcast)."""
+        if self.low is not None:
+            j_t_alpha = self._up(self.low._jit_vjp(self._to_low(x), self._to_low(alpha)))
+        else:
+            j_t_alpha = self._jit_vjp(x, jnp.asarray(alpha, self.theta0.dtype))
         return j_t_alpha if delta else self.theta_p + j_t_alpha
 
     def outputs_at(self, theta, x) -> jax.Array:
@@ -219,7 +257,10 @@ class Model:
     def delta_outputs(self, state, delta_alpha, x) -> jax.Array:
         """Δf(x) = J(x) J(X)ᵀ Δα = K(x, X) Δα (Eq. (8)) over the version's training rows
         (``state.x``, Δα ``(C, d)``), by one VJP and one JVP; ``(n, d)``."""
-        return self.f0_and_jvp(x, self.theta(state.x, delta_alpha, delta=True))[1]
+        tangent = self.theta(state.x, delta_alpha, delta=True)
+        if self.low is not None:
+            return self._up(self.low.f0_and_jvp(self._to_low(x), self._to_low(tangent))[1])
+        return self.f0_and_jvp(x, tangent)[1]
 
     def flatten_inputs(self, x) -> jax.Array:
         """Inputs ``(n, ...)`` → the layout ``apply_fn`` takes: rows flattened, ``(n, n_in)``.
@@ -240,7 +281,12 @@ class Model:
         return self.apply_fn(self.unravel(theta), self.flatten_inputs(x))
 
     def f_lin(self, theta: jax.Array, x: jax.Array) -> jax.Array:
-        """The linearised model f(x; θ_0) + J(x)(θ − θ_0), one JVP; ``(n, d)``."""
+        """The linearised model f(x; θ_0) + J(x)(θ − θ_0), one JVP; ``(n, d)``. A promoted
+        model's JVP runs through ``low`` (θ − θ_0 taken in float64 first, then cast)."""
+        if self.low is not None:
+            low = self.low
+            base, shift = low.f0_and_jvp(self._to_low(x), self._to_low(theta - self.theta0))
+            return self._up(base) + self._up(shift)
         base, shift = self.f0_and_jvp(x, theta - self.theta0)
         return base + shift
 
@@ -256,7 +302,10 @@ class Model:
         return pullback(cotangent)[0]
 
     def offset(self, x: jax.Array) -> jax.Array:
-        """f_0 = f(x; θ_0) + J(x)(θ_p − θ_0), the linearised output at θ = θ_p; ``(n, d)``."""
+        """f_0 = f(x; θ_0) + J(x)(θ_p − θ_0), the linearised output at θ = θ_p; ``(n, d)``
+        (a promoted model's through ``low``, upcast)."""
+        if self.low is not None:
+            return self._up(self.low.offset(self._to_low(x)))
         base, shift = self.f0_and_jvp(x, self.theta_p - self.theta0)
         return base + shift
 

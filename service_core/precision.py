@@ -16,6 +16,7 @@ small λ, which gives the smallest λ whose optimum float32 can certify (Eq. (F3
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -26,7 +27,7 @@ from . import losses, sharding
 from .config import jax_dtype
 from .dual import DualProblem, rounding_floor
 from .errors import ResourceError
-from .models import Network, make_network
+from .models import Model, Network, make_network
 from .state import ModelState
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,13 @@ def kernel_network(state_meta: dict, model_cfg, input_shape, output_dim) -> Netw
 
 def promoted_network(model_cfg, input_shape, output_dim) -> Network:
     """The float64 network of a promoted ``dtype auto`` model: θ_0 drawn in float32 (the same θ_0 as
-    before promotion), held and used in float64."""
-    return make_network(model_cfg, input_shape, output_dim, jax_dtype("float64"), jnp.float32)
+    before promotion), held in float64; a finite network's evaluations run through its float32
+    twin (``Model.low``: the network K was computed with), their results upcast."""
+    high = make_network(model_cfg, input_shape, output_dim, jax_dtype("float64"), jnp.float32)
+    if isinstance(high, Model):
+        low = make_network(model_cfg, input_shape, output_dim, jax_dtype("float32"))
+        high = dataclasses.replace(high, low=low)
+    return high
 
 
 def check_promotion_fits(k_rows: int, devices: list, budget: float, what: str) -> None:

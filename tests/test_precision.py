@@ -227,3 +227,46 @@ def test_the_promotion_reason_drops_the_advice_to_use_dtype_auto():
         reason = precision.promotion_reason(NotCertifiedError(message))
         assert "dtype auto" not in reason and "float64" not in reason.replace("float32", "")
         assert reason.split(";")[0] == message.split(";")[0]
+
+
+def test_a_promoted_network_evaluates_through_its_float32_twin():
+    """A promoted CNN's evaluations (θ's map J(X)ᵀα, outputs, offsets, kernel rows) run the
+    float32 network its K was computed with (XLA's CPU float64 convolutions ran 200× slower: a
+    CIFAR CNN's forget took minutes, a 1-row prediction 11 s), upcast to float64; they agree with
+    the float64 network itself to float32 rounding."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from service_core import precision
+    from service_core.config import ModelConfig
+
+    high = precision.promoted_network(ModelConfig(kind="cnn", width=8, depth=1), (6, 6, 2), 2)
+    assert high.theta0.dtype == np.float64 and high.low.theta0.dtype == np.float32
+    assert np.array_equal(np.asarray(high.low.theta0, np.float64), np.asarray(high.theta0))
+    pure = dataclasses.replace(high, low=None)  # the float64 network, evaluated in float64
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((5, 72)).astype(np.float32), jnp.float64)
+    alpha = jnp.asarray(rng.standard_normal((5, 2)))
+    theta = high.theta(x, alpha)
+
+    def close(got, want, rtol=2e-6):
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.dtype == np.float64
+        assert np.linalg.norm(got - want) <= rtol * np.linalg.norm(want)
+
+    close(theta, pure.theta(x, alpha))
+    close(high.outputs_at(theta, x), pure.outputs_at(theta, x))
+    close(high.offset(x), pure.offset(x))
+    close(high.cross_kernel(x[:2], x, "full"), pure.cross_kernel(x[:2], x, "full"))
+    close(
+        high.train_kernel(x, "full", None, False)[0], pure.train_kernel(x, "full", None, False)[0]
+    )
+
+    def conv_dtypes(model):
+        program = str(jax.make_jaxpr(model.f_lin)(theta, x))
+        lines = [line for line in program.splitlines() if "conv_general_dilated[" in line]
+        return {line.split(":")[1].split("[")[0].strip() for line in lines}
+
+    assert conv_dtypes(high) == {"f32"} and conv_dtypes(pure) == {"f64"}
