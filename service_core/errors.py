@@ -34,7 +34,8 @@ class _IdsError(UnlearnError):
 
     def __init__(self, ids: Sequence[str], hint: str = ""):
         self.ids = list(ids)
-        shown = ", ".join(self.ids[:20]) + (" …" if len(self.ids) > 20 else "")
+        more = len(self.ids) - 20
+        shown = ", ".join(self.ids[:20]) + (f" and {more} more" if more > 0 else "")
         super().__init__(f"{len(self.ids)} {self._what}: {shown}.{(' ' + hint) if hint else ''}")
 
 

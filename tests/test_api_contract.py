@@ -196,3 +196,24 @@ def test_one_regression_output_takes_a_1d_y(regression_client):
     assert flat.json() == column.json()
     r = client.post("/v1/influence", json={"forget_ids": ["q03"], "x": x, "y": [0.5]}, headers=READ)
     assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize(
+    "forget_ids, said",
+    [([], "forget_ids must be a non-empty list"), (["r01", "r01"], "forget_ids are duplicated")],
+)
+def test_influence_errors_name_the_forget_ids_field(client, x_probe, forget_ids, said):
+    """The engine's forget-set messages said "ids", a field /v1/influence does not have."""
+    body = {"forget_ids": forget_ids, "x": x_probe[:1], "y": [0]}
+    r = client.post("/v1/influence", json=body, headers=READ)
+    assert r.status_code == 422 and r.json()["detail"].startswith(said), r.text
+
+
+def test_more_than_20_unknown_ids_are_counted_not_listed(client):
+    ids = [f"nope-{i}" for i in range(25)]
+    r = client.post(
+        "/v1/forget", json={"ids": ids}, headers={"Authorization": "Bearer write-token"}
+    )
+    assert r.status_code == 404, r.text
+    detail = r.json()["detail"]
+    assert "nope-19 and 5 more. Use GET /v1/ids" in detail and "nope-20" not in detail, detail

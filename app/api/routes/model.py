@@ -10,6 +10,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
+from service_core.errors import InvalidForgetSetError
 from service_core.nonlinear_serving import NonlinearUnlearner
 
 from ...core.config import Settings
@@ -95,13 +96,19 @@ async def influence(
     An estimate only: the model does not change. At most `max_rows` rows of `x`.
     """
     _check_rows(body.x, settings)
-    result = await heavy.compute(
-        request,
-        state.influence_threads,
-        partial(u.influence, body.forget_ids, body.x, body.y),
-        now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
-        draining=state.draining,
-    )
+    try:
+        result = await heavy.compute(
+            request,
+            state.influence_threads,
+            partial(u.influence, body.forget_ids, body.x, body.y),
+            now=isinstance(u, NonlinearUnlearner),  # refused (409) at once
+            draining=state.draining,
+        )
+    except InvalidForgetSetError as e:  # the engine's words are a forget's: name this field
+        message = str(e)
+        if message.startswith("ids "):
+            raise InvalidForgetSetError("forget_ids " + message[4:]) from None
+        raise
     if isinstance(result, Response):
         return result  # the client left while it waited
     return InfluenceOut(
