@@ -179,6 +179,9 @@ class Worker:
         self._new_lineage: str | None = uuid.uuid4().hex if take_over and lineage_file else None
         # another data dir took the queue over: why this worker applies nothing (``None``: not)
         self.superseded: str | None = None
+        # set by _apply/_apply_add when a batch of several jobs failed as one version on its
+        # solve: _process_run then applies them one by one
+        self._split_batch = False
         self._claim_lock = threading.Lock()
         # taken over in this process: recover() catches up on every job first (those the
         # previous holder applied after this process's start-up catch-up)
@@ -663,9 +666,23 @@ class Worker:
             taken.update(entry.job.ids)
 
         if accepted:
-            outcomes += self._apply_add(accepted) if add else self._apply(accepted)
-            crash_point("published")
-            self._wait_for_followers(u.version)
+            applied = self._apply_add(accepted) if add else self._apply(accepted)
+            if self._split_batch:
+                # The batch failed as one version on its solve (nothing was published): each job
+                # alone, each its own version, so that one job's failure is its own (a target of
+                # 1e300 in one addition failed the jobs batched with it).
+                self._split_batch = False
+                log.warning(
+                    "the %d jobs of that batch are applied one by one, each as its own version",
+                    len(accepted),
+                )
+                for entry in accepted:
+                    self._process_run([entry], [])
+                accepted = []  # each was reported, purged and followed on its own
+            else:
+                outcomes += applied
+                crash_point("published")
+                self._wait_for_followers(u.version)
         # The model's size and version go with the released ids: the API admits new jobs against
         # all three, and API processes without a worker serve nothing older than that version.
         self.queue.finish(outcomes, n_train=u.n_train, version=u.version)
@@ -873,6 +890,7 @@ class Worker:
             when,
         )
         outcomes = self._apply([Entry("", job) for job in jobs])
+        self._split_batch = False  # one version or none here: not split
         failed = [f["error"] for _, f in outcomes if f.get("status") != "succeeded"]
         if failed:
             raise SystemExit(
@@ -971,6 +989,7 @@ class Worker:
             )
         except (UnlearnError, SolverError) as e:
             log.warning("addition of %d record(s) failed: %s", len(ids), e)
+            self._split_batch = len(accepted) > 1
             return [(entry, _failed(str(e))) for entry in accepted]
         except Exception as e:
             log.exception("addition of %d record(s) failed", len(ids))
@@ -1038,6 +1057,7 @@ class Worker:
             )
         except (UnlearnError, SolverError) as e:
             log.warning("forget of %d id(s) failed: %s", len(ids), e)
+            self._split_batch = len(accepted) > 1
             return [(entry, _failed(str(e))) for entry in accepted]
         except Exception as e:
             log.exception("forget of %d id(s) failed", len(ids))

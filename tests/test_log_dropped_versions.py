@@ -274,3 +274,46 @@ def test_an_addition_with_a_never_published_record_is_applied_at_restart(
     assert record.status == "succeeded" and record.model_version == 1, record
     assert unlearner.version == 1 and "new-1" in unlearner.active_ids()
     assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["add", "forget"])
+def test_a_batch_that_fails_as_one_version_is_applied_job_by_job(
+    queue, unlearner, tmp_path: Path, monkeypatch, kind
+):
+    """Jobs batched into one version whose solve fails (here: any batch holding the bad job's
+    record; a tester's addition with a target of 1e300): each job is then applied alone, so the
+    good one succeeds in its own version and only the bad one fails, with its own error."""
+    from service_core.errors import SolverError
+
+    if kind == "add":
+        good = queue.enqueue_add(["good-1"], [[0.5, -0.5, 1.0, 2.0]], [1])
+        bad = queue.enqueue_add(["bad-1"], [[0.1, 0.2, 0.3, 0.4]], [0])
+        trigger, method = "bad-1", "add"
+    else:
+        good, bad = queue.enqueue(["r01", "r02"]), queue.enqueue(["r03"])
+        trigger, method = "r03", "forget"
+    real, batches = getattr(unlearner, method), []
+
+    def failing(ids, *args, **kwargs):
+        batches.append(sorted(ids))
+        if trigger in ids:
+            raise SolverError(f"the {method} produced non-finite values")
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(unlearner, method, failing)
+    worker = Worker(
+        unlearner, queue, tmp_path / "checkpoints", DeletionLog(tmp_path / "deletions.log")
+    )
+    worker.process(queue.read(worker.consumer, block_ms=0, count=10))
+    good_ids = ["good-1"] if kind == "add" else ["r01", "r02"]
+    assert batches == [sorted(good_ids + [trigger]), good_ids, [trigger]], batches
+    done, failed = queue.get(good.job_id), queue.get(bad.job_id)
+    assert done.status == "succeeded" and done.model_version == 1, done
+    assert failed.status == "failed" and "non-finite" in failed.error, failed
+    assert unlearner.version == 1
+    assert (set(good_ids) <= set(unlearner.active_ids())) == (kind == "add")
+    assert (trigger in unlearner.active_ids()) == (kind == "forget")
+    lines = (tmp_path / "deletions.log").read_text().splitlines()
+    assert len(lines) == 1 and good.job_id in lines[0] and bad.job_id not in lines[0]
+    assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0
