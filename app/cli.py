@@ -135,10 +135,22 @@ def _settings(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(_setting_problem(err, overrides) for err in e.errors())
         raise SystemExit(f"ntk-unlearn: invalid settings: {problems}") from None
+
+
+def _setting_problem(err: dict, overrides: dict) -> str:
+    """One pydantic error in the words of the command line: the flag and the value given
+    (``--lam nan: Input should be greater than 0``), or the setting's name when it came from the
+    environment; a check of several settings says only its own message."""
+    message = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    loc = [str(part) for part in err["loc"]]
+    if not loc:
+        return message
+    name = loc[0]
+    if overrides.get(name) is not None:
+        return f"--{name.replace('_', '-')} {overrides[name]}: {message}"
+    return f"setting {'.'.join(loc)} (env NTK_UNLEARN_{name.upper()}): {message}"
 
 
 def _with_tokens(settings: Settings) -> Settings:

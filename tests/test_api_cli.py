@@ -66,7 +66,7 @@ def test_invalid_settings_exit_with_a_message():
 def test_a_redis_url_that_is_no_redis_url_fails_at_once(monkeypatch):
     """Caught with the settings (one line), not after the model has loaded."""
     monkeypatch.setenv("REDIS_URL", "localhost:6379")
-    with pytest.raises(SystemExit, match="REDIS_URL must start with redis://"):
+    with pytest.raises(SystemExit, match="or REDIS_URL.*'localhost:6379' must start with redis://"):
         parse("worker")
     monkeypatch.setenv("REDIS_URL", "unix:///run/redis.sock")
     assert parse("worker").redis_url == "unix:///run/redis.sock"
@@ -301,3 +301,22 @@ def test_version_and_every_bench_command_are_in_the_help(capsys):
     text = bench_parser().format_help()
     for command in ("figure1", "precision", "lambda", "follow-read", "attribute-stall"):
         assert f"``{command}``" in text and f"{command}," in text.replace("}", ",")
+
+
+def test_invalid_settings_are_named_by_their_flag_and_value(monkeypatch):
+    """Errors in the words of the command line: the flag and the value given, not pydantic's
+    field names and "Value error," prefixes; a setting from the environment names its variable."""
+    with pytest.raises(SystemExit) as caught:
+        parse("serve", "--lam", "nan")
+    assert str(caught.value) == (
+        "ntk-unlearn: invalid settings: --lam nan: Input should be greater than 0"
+    ), caught.value
+    with pytest.raises(SystemExit, match=r"invalid settings: --max-rows 0: Input should be"):
+        parse("serve", "--max-rows", "0")
+    with pytest.raises(SystemExit) as caught:
+        parse("serve", "--redis-url", "http://x")
+    assert "Value error" not in str(caught.value) and "settings:" not in str(caught.value)[27:]
+    assert "'http://x' must start with redis://" in str(caught.value)
+    monkeypatch.setenv("NTK_UNLEARN_MAX_ROWS", "-1")
+    with pytest.raises(SystemExit, match=r"setting max_rows \(env NTK_UNLEARN_MAX_ROWS\): Input"):
+        parse("serve")

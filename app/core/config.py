@@ -307,8 +307,8 @@ class Settings(BaseSettings):
         schemes = ("redis://", "rediss://", "unix://")
         if self.redis_url is not None and not self.redis_url.lower().startswith(schemes):
             raise ValueError(
-                "REDIS_URL must start with redis://, rediss:// or unix:// "
-                "(e.g. redis://127.0.0.1:6379/0)"
+                f"the Redis URL (--redis-url or REDIS_URL) {self.redis_url!r} must start with "
+                "redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)"
             )
         return self
 
