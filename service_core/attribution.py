@@ -51,6 +51,7 @@ K(X_t, X). Memory: B (and Z) beside K while factoring; the cached factor holds Q
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -66,6 +67,8 @@ from .errors import ComputationCancelled, InvalidInputError, RefinementLimitErro
 from .influence import Refinement, deletion_step
 from .linalg import SolveOptions
 from .linalg.nogil import one_blas_thread, potrf_lower, trmm_lower, trsm_lower, trtri_lower
+
+log = logging.getLogger(__name__)
 
 OF = ("loss", "output")
 
@@ -835,9 +838,22 @@ def factor(state, cache: FactorCache) -> LooFactor:
 
 def _factor_of(state) -> LooFactor:
     train = state.train_config
-    return loo_factor(
+    started = time.perf_counter()
+    log.info(
+        "version %d: factoring the leave-one-out system of %d records (once per version; "
+        "attribution and self-influence wait for it)",
+        state.version,
+        int(np.count_nonzero(state.active)),
+    )
+    made = loo_factor(
         state.k, state.form, state.f0, state.y, state.alpha, state.active, train.lam, train.loss
     )
+    log.info(
+        "version %d: leave-one-out system factored in %.1f s",
+        state.version,
+        time.perf_counter() - started,
+    )
+    return made
 
 
 def cross_kernel(state, model, x) -> np.ndarray:

@@ -286,11 +286,16 @@ def test_bad_requests_are_refused(digits):
     assert u.version == 0
 
 
-def test_factor_cached_per_version_and_follows_a_deletion(digits):
+def test_factor_cached_per_version_and_follows_a_deletion(digits, caplog):
     train = digits.subset(slice(0, 30))
     test = digits.subset(slice(500, 503))
     u = build(train, "mlp", "mse")
+    caplog.set_level("INFO", logger="service_core.attribution")
     first = u.self_influence()
+    u.self_influence()
+    # the factorisation (a cold one took a minute, with nothing said) is logged, once per version
+    said = [m for m in caplog.messages if "leave-one-out system factored in" in m]
+    assert len(said) == 1 and said[0].startswith("version 0: "), caplog.messages
     cached = u._loo.get(u.state, lambda: pytest.fail("recomputed for the same version"))
     assert cached is factor(u.state, u._loo) is u.loo_factor()
     gone = list(first.ids[:3])
