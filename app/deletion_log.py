@@ -306,7 +306,7 @@ def addition_record(
     ``kind`` ``add``, the added ids as keyed digests in ``added_digests`` (``id_digests``, the
     forgotten ones, is empty: an addition forgets nothing), counts of the new version, its
     certificate and Newton solve, the checkpoint's hash."""
-    solve = dict(result.solve)
+    solve = {**result.solve.to_dict(), "newton_steps": result.newton_steps}
     certificate = dict(result.certificate or {})
     return {
         "kind": "add",

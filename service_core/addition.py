@@ -23,6 +23,7 @@ from . import lifecycle, sharding, validation
 from .dual import DualProblem, certified_floor, newton
 from .errors import AlreadyForgottenError, InvalidForgetSetError, InvalidInputError, SolverError
 from .layout import pad_rows
+from .linalg.result import SolveInfo
 from .models import Network
 from .state import ModelState, VersionRecord, bucket
 
@@ -40,20 +41,21 @@ class QueuedIdsError(AlreadyForgottenError):
 
 
 class AddResult(NamedTuple):
-    """What an addition did: the new version, the records added, the Newton solve
-    (``SolveInfo.to_dict()`` with its steps), its residual, whether K grew to a larger capacity,
-    seconds per part (``kernel``, ``solve``, ``total``), the new version's certificate
-    (``ModelState.certificate``), its active and forgotten counts."""
+    """What an addition did: the new version, the records added, the Newton solve (a
+    ``SolveInfo``, as ``ForgetResult.solve``; its Newton steps in ``newton_steps``), its residual,
+    whether K grew to a larger capacity, seconds per part (``kernel``, ``solve``, ``total``), the
+    new version's certificate (``ModelState.certificate``), its active and forgotten counts."""
 
     version: int
     n_added: int
-    solve: dict
+    solve: SolveInfo
     residual: float
     grew: bool
     timings: dict
     certificate: dict | None = None
     n_train: int = 0
     n_forgotten: int = 0
+    newton_steps: int = 0
 
 
 def plan(
@@ -154,8 +156,8 @@ def plan(
     t4 = time.perf_counter()
     timings = {"kernel": t2 - t1, "solve": t3 - t2, "total": t4 - t0}
     result = AddResult(
-        new_state.version, len(ids), solve, info.residual, grew, timings,
-        new_state.certificate(), new_state.n, len(new_state.forgotten),
+        new_state.version, len(ids), info.as_solve_info(), info.residual, grew, timings,
+        new_state.certificate(), new_state.n, len(new_state.forgotten), info.steps,
     )  # fmt: skip
     return new_state, result
 

@@ -54,6 +54,9 @@ def test_add_equals_training_on_the_union(dataset_file, network, tmp_path, loss,
     result = u.add(added.ids.tolist(), added.x, added.y, checkpoint_dir=tmp_path / "ck")
     assert result.version == 1 and result.n_added == n_added and u.n_train == data.n
     assert result.grew == (n_added > cap - base.n) == (n_added == 30)
+    # the solve as a forget reports it (a SolveInfo, not a dict), its Newton steps beside it
+    assert result.solve.method.startswith("newton/") and result.solve.converged
+    assert result.solve.iterations == result.newton_steps >= 1
     x_test = data.x[:8] + 0.2
     scratch = _build(data, network, loss)
     rel = _rel(u.predict(x_test), scratch.predict(x_test))
