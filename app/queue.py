@@ -290,7 +290,8 @@ class QueueStatus:
                 f"jobs stay queued until one runs{waiting}"
             )
         busy = (
-            f", applying a batch for {self.worker_busy_s:.1f} s"
+            f", busy with a batch for {self.worker_busy_s:.1f} s (its solve, or the purge and "
+            "preconditioner after it is reported)"
             if self.worker_busy_s is not None
             else ""
         )

@@ -476,7 +476,8 @@ def test_the_worker_heartbeat_lapses_and_ends_with_its_worker(queue: JobQueue):
     queue.beat("w-1", 4, busy_since=time.time() - 2.0)
     busy = queue.status()
     assert busy.worker_version == 4 and 1.9 <= busy.worker_busy_s < 3, busy
-    assert "applying a batch for" in busy.describe_worker()
+    assert "busy with a batch for" in busy.describe_worker()
+    assert "purge and preconditioner after it is reported" in busy.describe_worker()
     queue.end_beat("someone-else")  # another worker's end leaves this one's heartbeat
     assert queue.status().worker == "w-1"
     queue.end_beat("w-1")

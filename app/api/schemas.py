@@ -517,7 +517,7 @@ class ModelInfo(BaseModel):
 
 _WORKER = Field(
     description="whether a solver worker runs on this model's queue: 'alive: <name>, model "
-    "version <v>, seen <s> s ago[, applying a batch for <s> s]', 'none: ...' (jobs stay "
+    "version <v>, seen <s> s ago[, busy with a batch for <s> s (...)]', 'none: ...' (jobs stay "
     "queued until one runs), or 'unknown' (the queue does not answer). "
     "Informational: this process answers reads without a worker, so it does not decide readiness"
 )
