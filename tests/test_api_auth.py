@@ -239,3 +239,16 @@ def test_authentication_comes_before_parsing(settings, unlearner):
         assert client.put("/v1/predict", **junk).status_code == 405
         # Open probes need no token.
         assert client.get("/healthz").status_code == 200
+
+
+def test_another_authorization_scheme_is_named_in_the_401(settings, unlearner):
+    """Basic credentials were told "missing bearer token" although a header was sent; the answer
+    names the scheme (never the credentials) and says what to send."""
+    with TestClient(create_app(settings, unlearner)) as client:
+        r = client.get("/v1/model", headers={"Authorization": "Basic dXNlcjpzZWNyZXQ="})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        detail = r.json()["detail"]
+        assert "uses the 'Basic' scheme" in detail and "Bearer <token>" in detail, detail
+        assert "dXNlcjpzZWNyZXQ" not in detail
+        r = client.get("/v1/model")
+        assert r.status_code == 401 and r.json()["detail"].startswith("missing bearer token")

@@ -86,6 +86,12 @@ def check_access(
     scheme, _, given = (authorization or "").partition(" ")
     given = given.strip()
     if scheme.lower() != "bearer" or not given:
+        if authorization and scheme.lower() != "bearer":
+            # no token in the message: only the scheme, which says what was sent instead
+            return _unauthorized(
+                f"the Authorization header uses the {scheme[:20]!r} scheme; this service takes "
+                "only a bearer token: send 'Authorization: Bearer <token>'"
+            )
         return _unauthorized(
             "missing bearer token: send the header 'Authorization: Bearer <token>'"
         )
