@@ -144,12 +144,20 @@ def _commit(code: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ntk-unlearn bench attribute-stall")
-    parser.add_argument("--code", action="append", default=[], help="LABEL=DIR, repeatable")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dataset", default="digits")
+    parser = argparse.ArgumentParser(
+        prog="ntk-unlearn bench attribute-stall",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", ""),
+    )
+    parser.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        help="LABEL=DIR: a checkout whose service to measure, repeatable (default: this tree)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per code (default 3)")
+    parser.add_argument("--dataset", default="digits", help="serve's --dataset (default digits)")
     parser.add_argument("--serve-args", default="", help="extra serve flags, one string")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
     args = parser.parse_args(argv)
     codes = [tuple(c.split("=", 1)) for c in args.code] or [("this tree", str(REPO))]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ntk-unlearn bench",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),  # the docstring's markup, not the terminal's
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(

@@ -54,7 +54,9 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="figure4", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="ntk-unlearn bench figure4", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--only", choices=["mnist", "cifar"], help="run one experiment (default: both)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--mnist-dir", type=Path, default=SHARED / "mnist")
