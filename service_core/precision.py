@@ -4,8 +4,9 @@ A ``dtype auto`` model starts in float32: its network is drawn and its kernel K 
 When a certificate misses its tolerance in float32 (training, or a deletion's refinement), the model
 is *promoted*: K is upcast to float64 (exactly: every float32 number is a float64 number, so the
 model, whose kernel is that K, does not change), so are α, θ, x, y and f_0, the network is rebuilt
-in float64 around the θ_0 it was drawn with, and the solve is finished in float64 from where float32
-stopped (docs/design.md, Precision). The promoted K needs twice the memory; when it does not fit,
+in float64 around the θ_0 it was drawn with (and evaluated through its float32 twin, ``Model.low``:
+the products J(X)ᵀα, J(x)t and kernel rows in the precision K was computed in, upcast), and the
+solve is finished in float64 from where float32 stopped (docs/design.md, Precision). The promoted K needs twice the memory; when it does not fit,
 the refusal says how many bytes it needs.
 
 Conditioning (docs/maths.md, Eq. (κ)): κ = 1 + w·μ_max/(λN) bounds the condition number of system
