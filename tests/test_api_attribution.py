@@ -151,6 +151,23 @@ def test_an_answer_computed_before_a_forget_that_names_none_of_its_records_is_se
     assert client.get("/v1/model", headers=READ).json()["version"] == 1
 
 
+def test_an_overflowing_attribution_is_422_not_null(client, probe, monkeypatch):
+    """A change of loss that is not a number (a tester's target of 1.7e308 on a regression model,
+    now refused as a target) is a 422 saying so, never ``"delta_loss": null``."""
+    u = client.app.state.service.unlearner
+    real = u.attribute
+
+    def overflowing(*args, **kwargs):
+        a = real(*args, **kwargs)
+        huge = a.helpful._replace(delta_loss=a.helpful.delta_loss * np.inf)
+        return a._replace(helpful=huge)
+
+    monkeypatch.setattr(u, "attribute", overflowing)
+    r = client.post("/v1/attribute", json={**probe, "k": 2}, headers=READ)
+    assert r.status_code == 422, r.text
+    assert "overflows" in r.json()["detail"] and "null" not in r.text
+
+
 def test_an_attribution_of_more_than_max_attributed_records_is_413(client, probe, monkeypatch):
     """rows × k is bounded (200 rows of k = N made an 87 MB answer): 413 saying both."""
     from app.api.routes import attribution as route

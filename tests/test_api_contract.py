@@ -168,16 +168,31 @@ def regression_client(
         client.__exit__(None, None, None)
 
 
-def test_an_overflowing_estimate_is_422_not_null(regression_client):
+def test_an_overflowing_estimate_is_422_not_null(regression_client, monkeypatch):
     client = regression_client(3)
     x = [[0.1, 0.2, 0.3, 0.4]]
     ok = client.post(
         "/v1/influence", json={"forget_ids": ["q01"], "x": x, "y": [[1, 0, 0]]}, headers=READ
     )
     assert ok.status_code == 200 and None not in ok.json()["delta_loss"], ok.text
-    # 1e39 is a finite JSON number, beyond float32: the loss change is not a number.
+    # 1e39 is a finite JSON number, beyond float32: refused as a target (beyond max^(1/4))
     r = client.post(
         "/v1/influence", json={"forget_ids": ["q01"], "x": x, "y": [[1e39, 0, 0]]}, headers=READ
+    )
+    assert r.status_code == 422, r.text
+    assert "y has values beyond ±4.3e+09" in r.json()["detail"] and "null" not in r.text
+    # within the bounds on x and y the estimates stay finite here (x at 1e18: 2e34); an estimate
+    # that still overflows (another network) is a 422 saying so, never a null
+    u = client.app.state.service.unlearner
+    real = u.influence
+
+    def overflowing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return result._replace(delta_loss=result.delta_loss * np.inf)
+
+    monkeypatch.setattr(u, "influence", overflowing)
+    r = client.post(
+        "/v1/influence", json={"forget_ids": ["q01"], "x": x, "y": [[1, 0, 0]]}, headers=READ
     )
     assert r.status_code == 422, r.text
     assert "overflows" in r.json()["detail"] and "null" not in r.text
