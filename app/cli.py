@@ -150,7 +150,8 @@ def _setting_problem(err: dict, overrides: dict) -> str:
     name = loc[0]
     if overrides.get(name) is not None:
         return f"--{name.replace('_', '-')} {overrides[name]}: {message}"
-    return f"setting {'.'.join(loc)} (env NTK_UNLEARN_{name.upper()}): {message}"
+    given = f" {err['input']!r}" if isinstance(err.get("input"), str | int | float) else ""
+    return f"setting {'.'.join(loc)} (env NTK_UNLEARN_{name.upper()}{given}): {message}"
 
 
 def _with_tokens(settings: Settings) -> Settings:

@@ -644,6 +644,7 @@ class Worker:
         """Validate and apply ``run`` (jobs of one kind) as one version, then report it with
         ``outcomes`` (entries already settled) and finish the order of a deletion."""
         u = self.unlearner
+        version_before = u.version
         add = bool(run) and run[0].job is not None and run[0].job.kind == "add"
         # Validate job by job against the model and the jobs taken before it, so that a job
         # that became invalid fails alone instead of failing the whole batch.
@@ -689,7 +690,7 @@ class Worker:
         crash_point("reported")
         self._beat_now.set()  # the heartbeat's version too (/readyz said the old one for 5 s)
         self._count(outcomes)
-        if accepted:  # after the jobs are reported: off their latency
+        if accepted and u.version != version_before:  # published: after the jobs are reported
             started = time.perf_counter()
             try:
                 purged = u.purge(self.checkpoint_dir)

@@ -197,12 +197,12 @@ def validate(
     if queued:
         raise QueuedIdsError(queued, "Wait for that job to finish.")
     dtype = state.x.dtype
-    xt = validation.inputs(x, state.input_shape, dtype)
+    xt = validation.inputs(x, state.input_shape, dtype, state.bound_dtype)
     if xt.shape[0] != len(ids):
         raise InvalidInputError(
             f"x has {xt.shape[0]} rows for {len(ids)} ids: give one row of x (and one y) per id"
         )
-    yt = validation.targets(y, len(ids), state.task, state.layout.d, dtype)
+    yt = validation.targets(y, len(ids), state.task, state.layout.d, dtype, state.bound_dtype)
     return ids, xt, yt
 
 

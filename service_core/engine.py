@@ -231,7 +231,8 @@ class Unlearner:
         Raises:
           InvalidInputError: as ``predict``.
         """
-        return validation.input_rows(x, self._state.input_shape, self._state.x.dtype)
+        st = self._state
+        return validation.input_rows(x, st.input_shape, st.x.dtype, st.bound_dtype)
 
     def predict_batch(self, inputs: Sequence[np.ndarray]) -> tuple[int, list[np.ndarray]]:
         """Outputs of several requests' inputs (each from ``prepare_inputs``) in one device call,
@@ -258,11 +259,14 @@ class Unlearner:
         return out
 
     def _inputs(self, x) -> jax.Array:
-        return validation.inputs(x, self._state.input_shape, self._state.x.dtype)
+        st = self._state
+        return validation.inputs(x, st.input_shape, st.x.dtype, st.bound_dtype)
 
     def _test_points(self, state: ModelState, x, y) -> tuple[jax.Array, jax.Array]:
-        xt = validation.inputs(x, state.input_shape, state.x.dtype)
-        return xt, validation.targets(y, xt.shape[0], state.task, state.layout.d, xt.dtype)
+        bound = state.bound_dtype
+        xt = validation.inputs(x, state.input_shape, state.x.dtype, bound)
+        d = state.layout.d
+        return xt, validation.targets(y, xt.shape[0], state.task, d, xt.dtype, bound)
 
     def warm_up(self, max_rows: int = _PREDICT_ROWS[0]) -> float:
         """Compile the prediction program for the padded row shapes (``_PREDICT_ROWS``) up to

@@ -155,9 +155,10 @@ def build(
     f_star = problem.outputs(alpha)
     # float32's limit for the tolerance float32 would be held to (a float64 model's 1e-10 is out of its reach)
     tol32 = train_cfg.resolved_tol() if train_cfg.dtype != "float64" else 1e-5
-    meta["conditioning"] = conditioning_report(
-        problem, alpha, f_star, lambda_max, tol32, train_cfg.dtype
-    )
+    # promoted at build: the line says so, not "deletions may be promoted" (and is INFO: the
+    # promotion's WARNING said why already)
+    held = "promoted" if "promoted" in precision_meta else train_cfg.dtype
+    meta["conditioning"] = conditioning_report(problem, alpha, f_star, lambda_max, tol32, held)
     state = ModelState(
         0, ids, x, y, k, layout, f0, alpha, theta, record.residual, (), (record.to_dict(),), meta,
         f_star=f_star, nystrom=ny, k_origin=0,
@@ -228,7 +229,7 @@ def conditioning_report(problem, alpha, f, lambda_max: float, tol: float, dtype:
     )  # fmt: skip
     warning = precision.warn_if_near_limit(cond, problem.lam, dtype)
     if warning:
-        likely = dtype == "float32" or problem.lam < cond["min_lam_float32"]
+        likely = dtype == "float32" or (dtype == "auto" and problem.lam < cond["min_lam_float32"])
         log.log(logging.WARNING if likely else logging.INFO, warning)
     return {**cond, "tolerance": tol, "warning": warning}
 

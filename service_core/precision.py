@@ -125,13 +125,15 @@ def warn_if_near_limit(cond: dict, lam: float, dtype: str) -> str | None:
     """The line logged at start-up when ``lam`` is below ten times float32's limit
     (``cond["min_lam_float32"]``, Eq. (F3)), ``None`` if not or for float64: below the limit, or
     within 10x of it. The caller logs it as a WARNING for float32, and for auto when ``lam`` is
-    below the limit (a promotion to float64 is then likely); as INFO otherwise."""
+    below the limit (a promotion to float64 is then likely); as INFO otherwise (``promoted``: an
+    auto model promoted at build)."""
     limit = cond["min_lam_float32"]
     if lam >= 10 * limit or dtype == "float64":
         return None
     where = {
         "float32": "deletions may fail to certify: use dtype auto or float64, or raise lam",
         "auto": "deletions may be promoted to float64 (twice K's memory, slower solves)",
+        "promoted": "the model was promoted to float64 at build (twice K's memory, slower solves)",
     }[dtype]
     relation = "is below" if lam < limit else "is within 10x of"
     return (

@@ -126,6 +126,14 @@ class ModelState:
         return np.dtype(self.alpha.dtype).name
 
     @property
+    def bound_dtype(self) -> str:
+        """The dtype whose magnitude bounds inputs and targets must meet (``validation``):
+        ``float32`` for a ``dtype auto`` model, promoted or not (its network is evaluated, and
+        its K was computed, in float32: a promoted model took a target of 1e60 and could then
+        predict and forget nothing), else the held dtype."""
+        return "float32" if self.train_config.dtype == "auto" else self.dtype
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Per-example input shape of the data set."""
         return tuple(self.meta["dataset"]["input_shape"])

@@ -15,17 +15,18 @@ from .errors import AlreadyForgottenError, InvalidForgetSetError, InvalidInputEr
 from .state import ModelState
 
 
-def inputs(x, input_shape: tuple[int, ...], dtype) -> jax.Array:
+def inputs(x, input_shape: tuple[int, ...], dtype, bound_dtype=None) -> jax.Array:
     """Rows of ``x`` as model inputs ``(n, *input_shape)`` in ``dtype``; rows may be flattened.
 
     Raises:
       InvalidInputError: as ``input_rows``.
     """
-    return jnp.asarray(input_rows(x, input_shape, dtype))
+    return jnp.asarray(input_rows(x, input_shape, dtype, bound_dtype))
 
 
-def input_rows(x, input_shape: tuple[int, ...], dtype) -> np.ndarray:
-    """``inputs`` as a host (numpy) array, with no JAX dispatch: for request threads.
+def input_rows(x, input_shape: tuple[int, ...], dtype, bound_dtype=None) -> np.ndarray:
+    """``inputs`` as a host (numpy) array, with no JAX dispatch: for request threads. The
+    magnitude bound is ``bound_dtype``'s (default ``dtype``; ``ModelState.bound_dtype``).
 
     Raises:
       InvalidInputError: not numeric, empty, wrong row shape, NaN or infinite values, or values so
@@ -53,10 +54,11 @@ def input_rows(x, input_shape: tuple[int, ...], dtype) -> np.ndarray:
     if not math.isfinite(largest):
         raise InvalidInputError("x has NaN or infinite values")
     dtype = jnp.dtype(dtype)
-    limit = _input_limit(dtype)
+    bound = jnp.dtype(dtype if bound_dtype is None else bound_dtype)
+    limit = _input_limit(bound)
     if largest > limit:
         raise InvalidInputError(
-            f"x has values beyond ±{limit:.1e}, too large for the model's {dtype.name}"
+            f"x has values beyond ±{limit:.1e}, too large for the model's {bound.name} network"
         )
     return arr.reshape((arr.shape[0],) + tuple(input_shape)).astype(dtype)
 
@@ -76,7 +78,7 @@ def _target_limit(dtype: np.dtype) -> float:
     return float(jnp.finfo(dtype).max) ** 0.25
 
 
-def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:
+def targets(y, n: int, task: str, d: int, dtype, bound_dtype=None) -> jax.Array:
     """Targets for ``n`` test points: class labels ``(n,)`` or target vectors ``(n, d)``.
 
     Returns:
@@ -104,12 +106,12 @@ def targets(y, n: int, task: str, d: int, dtype) -> jax.Array:
         arr = arr.reshape(n, 1)  # one output: a number per row, as the loaders take it
     if arr.shape != (n, d):
         raise InvalidInputError(f"y must have shape [{n}, {d}] (one target vector per row of x)")
-    dtype = jnp.dtype(dtype)
-    limit = _target_limit(dtype)
+    bound = jnp.dtype(dtype if bound_dtype is None else bound_dtype)
+    limit = _target_limit(bound)
     if arr.size and float(np.abs(arr).max()) > limit:
         raise InvalidInputError(
-            f"y has values beyond ±{limit:.1e}, too large for the model's {dtype.name}: scale the "
-            "targets down"
+            f"y has values beyond ±{limit:.1e}, too large for the model's {bound.name} network: "
+            "scale the targets down"
         )
     return jnp.asarray(arr, dtype)
 

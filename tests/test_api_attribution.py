@@ -178,6 +178,9 @@ def test_an_attribution_of_more_than_max_attributed_records_is_413(client, probe
     assert "x has 3 rows and k is 4: 12 records per side" in r.json()["detail"]
     r = client.post("/v1/attribute", json={**probe, "k": 3}, headers=READ)  # 9
     assert r.status_code == 200, r.text
+    monkeypatch.setattr(route, "MAX_ATTRIBUTED", 200)
+    r = client.post("/v1/attribute", json={**probe, "k": 5000}, headers=READ)  # k over N = 48
+    assert r.status_code == 422 and "from 1 to 48" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize(

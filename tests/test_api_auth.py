@@ -248,7 +248,18 @@ def test_another_authorization_scheme_is_named_in_the_401(settings, unlearner):
         r = client.get("/v1/model", headers={"Authorization": "Basic dXNlcjpzZWNyZXQ="})
         assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
         detail = r.json()["detail"]
-        assert "uses the 'Basic' scheme" in detail and "Bearer <token>" in detail, detail
+        assert "holds the Basic scheme" in detail and "Bearer <token>" in detail, detail
         assert "dXNlcjpzZWNyZXQ" not in detail
+        # a token sent without its scheme is the whole header: not a byte of it comes back
+        for header in ("6iYqpTKlEKmVpUZgjS9H-secret", "mysecret password", "Bearer\t", "Négo x"):
+            r = client.get("/v1/model", headers={"Authorization": header.encode()})
+            assert r.status_code == 401, r.text
+            assert "holds no bearer token" in r.json()["detail"] or "missing bearer" in r.text
+            assert not any(part in r.text for part in ("6iYq", "mysecret", "password", "Nég")), (
+                r.text
+            )
+        # a bearer token after a tab is still a bearer token
+        r = client.get("/v1/model", headers={"Authorization": "Bearer\tread-token"})
+        assert r.status_code == 200, r.text
         r = client.get("/v1/model")
         assert r.status_code == 401 and r.json()["detail"].startswith("missing bearer token")

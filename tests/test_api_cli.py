@@ -310,7 +310,7 @@ def test_invalid_settings_are_named_by_their_flag_and_value(monkeypatch):
     with pytest.raises(SystemExit) as caught:
         parse("serve", "--lam", "nan")
     assert str(caught.value) == (
-        "ntk-unlearn: invalid settings: --lam nan: Input should be greater than 0"
+        "ntk-unlearn: invalid settings: --lam nan: Input should be a finite number"
     ), caught.value
     with pytest.raises(SystemExit, match=r"invalid settings: --max-rows 0: Input should be"):
         parse("serve", "--max-rows", "0")
@@ -318,6 +318,13 @@ def test_invalid_settings_are_named_by_their_flag_and_value(monkeypatch):
         parse("serve", "--redis-url", "http://x")
     assert "Value error" not in str(caught.value) and "settings:" not in str(caught.value)[27:]
     assert "'http://x' must start with redis://" in str(caught.value)
+    for flag in ("--lam", "--tol", "--redis-timeout-s"):  # infinity means nothing here
+        with pytest.raises(
+            SystemExit, match=rf"invalid settings: {flag} inf: Input should be a finite"
+        ):
+            parse("serve", flag, "inf")
     monkeypatch.setenv("NTK_UNLEARN_MAX_ROWS", "-1")
-    with pytest.raises(SystemExit, match=r"setting max_rows \(env NTK_UNLEARN_MAX_ROWS\): Input"):
+    with pytest.raises(
+        SystemExit, match=r"setting max_rows \(env NTK_UNLEARN_MAX_ROWS '-1'\): Inp"
+    ):
         parse("serve")

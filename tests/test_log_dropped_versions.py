@@ -302,6 +302,10 @@ def test_a_batch_that_fails_as_one_version_is_applied_job_by_job(
         return real(ids, *args, **kwargs)
 
     monkeypatch.setattr(unlearner, method, failing)
+    published, after_publish = [], unlearner.after_publish
+    monkeypatch.setattr(
+        unlearner, "after_publish", lambda: published.append(unlearner.version) or after_publish()
+    )
     worker = Worker(
         unlearner, queue, tmp_path / "checkpoints", DeletionLog(tmp_path / "deletions.log")
     )
@@ -311,7 +315,7 @@ def test_a_batch_that_fails_as_one_version_is_applied_job_by_job(
     done, failed = queue.get(good.job_id), queue.get(bad.job_id)
     assert done.status == "succeeded" and done.model_version == 1, done
     assert failed.status == "failed" and "non-finite" in failed.error, failed
-    assert unlearner.version == 1
+    assert unlearner.version == 1 and published == [1]  # no post-publish work for a failure
     assert (set(good_ids) <= set(unlearner.active_ids())) == (kind == "add")
     assert (trigger in unlearner.active_ids()) == (kind == "forget")
     lines = (tmp_path / "deletions.log").read_text().splitlines()

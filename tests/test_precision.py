@@ -67,6 +67,9 @@ def test_auto_certifies_the_singular_system_float32_cannot(rank_deficient):
     tol = st.train_config.resolved_tol()
     assert numpy_certificate(st) <= tol and st.residual <= tol
     assert st.certificate()["dtype"] == "float64" and st.history[0]["dtype"] == "float64"
+    # promoted at build: the line says so, not that deletions may be promoted
+    warning = st.meta["conditioning"]["warning"]
+    assert "promoted to float64 at build" in warning and "deletions may" not in warning
 
 
 def test_float32_publishes_only_within_the_slack_the_operator_grants(digits):
@@ -270,3 +273,30 @@ def test_a_promoted_network_evaluates_through_its_float32_twin():
         return {line.split(":")[1].split("[")[0].strip() for line in lines}
 
     assert conv_dtypes(high) == {"f32"} and conv_dtypes(pure) == {"f64"}
+
+
+def test_a_promoted_model_bounds_inputs_and_targets_as_its_float32_network():
+    """A promoted model evaluates its network in float32 (``Model.low``): its inputs and targets
+    must meet float32's bounds, not float64's (a target of 1e60 was added to a promoted CNN, which
+    could then predict and forget nothing, even after a restart)."""
+    from service_core import Dataset
+    from service_core.errors import InvalidInputError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 10)).astype(np.float32)
+    y = rng.normal(size=(300, 2)).astype(np.float32)
+    ids = np.array([f"p{i:03d}" for i in range(300)])
+    data = Dataset("singular-regression", ids, x, y, "regression", 2, x[:5], y[:5])
+    u = Unlearner.build(
+        data, ModelConfig(kind="linear"), TrainConfig(loss="mse", lam=1e-8), SolverConfig(),
+        progress=False,
+    )  # fmt: skip
+    assert u.state.dtype == "float64" and u.state.bound_dtype == "float32"  # promoted at build
+    with pytest.raises(
+        InvalidInputError, match=r"beyond ±1\.8e\+19, too large for the model's float32"
+    ):
+        u.predict(np.full((1, 10), 1e25))
+    with pytest.raises(InvalidInputError, match=r"y has values beyond ±4\.3e\+09"):
+        u.validate_add(["new-1"], x[:1], [[1e60, 0.0]])
+    u.validate_add(["new-1"], x[:1], [[4e9, 0.0]])  # within: accepted
+    assert np.all(np.isfinite(u.predict(np.full((1, 10), 1e18))))

@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     """Everything an operator can set. Command-line flags override the environment, which
     overrides these defaults (see ``app.cli``)."""
 
-    model_config = SettingsConfigDict(env_prefix="NTK_UNLEARN_", frozen=True, extra="forbid")
+    # allow_inf_nan: no setting means anything at infinity (--lam inf built for minutes, --tol inf
+    # would publish any certificate)
+    model_config = SettingsConfigDict(
+        env_prefix="NTK_UNLEARN_", frozen=True, extra="forbid", allow_inf_nan=False
+    )
 
     # Data set and model (saved with every checkpoint by the engine).
     dataset: str = Field(

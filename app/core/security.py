@@ -12,6 +12,14 @@ from typing import Literal
 Right = Literal["read", "write"]
 
 
+# HTTP authentication schemes (IANA registry) a client may send instead of Bearer: named in the
+# 401 as sent; anything else is not echoed (it may be the credential itself)
+_OTHER_SCHEMES = frozenset(
+    {"basic", "digest", "negotiate", "ntlm", "token", "oauth", "hoba", "mutual", "vapid",
+     "scram-sha-1", "scram-sha-256", "aws4-hmac-sha256", "dpop", "privatetoken", "concealed"}
+)  # fmt: skip
+
+
 def ensure_token_file(path: Path) -> tuple[str, bool]:
     """Read the token stored at ``path``, or create one there readable by the owner only.
 
@@ -83,14 +91,18 @@ def check_access(
     """
     if need == "read" and open_reads:
         return None
-    scheme, _, given = (authorization or "").partition(" ")
+    scheme, given = ((authorization or "").split(None, 1) + ["", ""])[:2]
     given = given.strip()
     if scheme.lower() != "bearer" or not given:
         if authorization and scheme.lower() != "bearer":
-            # no token in the message: only the scheme, which says what was sent instead
+            # Never a byte of what was sent: a token sent without "Bearer " is the whole header.
+            # Only a registered scheme's name, which says what was sent instead.
+            named = (
+                f"the {scheme} scheme" if scheme.lower() in _OTHER_SCHEMES else "no bearer token"
+            )
             return _unauthorized(
-                f"the Authorization header uses the {scheme[:20]!r} scheme; this service takes "
-                "only a bearer token: send 'Authorization: Bearer <token>'"
+                f"the Authorization header holds {named}; this service takes only a bearer "
+                "token: send 'Authorization: Bearer <token>'"
             )
         return _unauthorized(
             "missing bearer token: send the header 'Authorization: Bearer <token>'"
