@@ -213,8 +213,15 @@ def load_params(path: str | Path, params):
     except ModelLoadError:
         raise
     except Exception as e:
+        # numpy calls any file that is no .npy/.npz "pickled (object) data" and suggests loading
+        # it unsafely: say what it is not, without that advice
+        why = (
+            "it is no .npz of arrays (nor a .npy)"
+            if isinstance(e, ValueError) and "allow_pickle" in str(e)
+            else _err(e)
+        )
         raise ModelLoadError(
-            f"--params {str(path)!r}: cannot read it as an .npz or an orbax checkpoint ({_err(e)})"
+            f"--params {str(path)!r}: cannot read it as an .npz or an orbax checkpoint ({why})"
         ) from None
     expected = named_leaves(params)
     missing = [k for k in expected if k not in stored]

@@ -341,6 +341,11 @@ def test_bad_networks_say_what_to_fix(tmp_path, dataset_file):
         _build(path, dataset_file, params=str(tmp_path / "bad-orbax"))
     with pytest.raises(ModelLoadError, match="matches no floating-point leaf.*head/w"):
         _build(path, dataset_file, trainable="^nothing$")
+    # a file of another format (a receipt's JSON given by mistake): no advice to unpickle it
+    (tmp_path / "receipt.json").write_text('{"receipt": {}}')
+    with pytest.raises(ModelLoadError, match=r"it is no \.npz of arrays") as err:
+        _build(path, dataset_file, params=str(tmp_path / "receipt.json"))
+    assert "pickle" not in str(err.value)
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path, dataset_file):
