@@ -67,7 +67,16 @@ async def none_forgotten_since(state: ServiceState, version: int, ids) -> None:
     minutes), 503 with Retry-After if any of the ``ids`` it is about to name is no longer active
     in the newest version this process must serve (``get_unlearner`` again: a follower catches up
     first): a record whose forget succeeded meanwhile is never named again. An answer naming
-    only records still active is sent as computed (its ``model_version`` says which)."""
+    only records still active is sent as computed (its ``model_version`` says which).
+
+    Arguments:
+      version: the model version the answer was computed on.
+      ids: the record ids (str) the answer names.
+
+    Raises:
+      HTTPException: 503 with Retry-After (a named record was forgotten since, or the process
+        cannot serve the newest version now: ``get_unlearner``).
+    """
     u = await get_unlearner(state)
     if u.version == version:
         return

@@ -174,11 +174,12 @@ async def attribute(
     """
     _check_rows(body.x, settings)
     # k over N is the engine's 422 (k's range), not this limit's 413
-    if len(body.x) * min(body.k, u.n_train) > MAX_ATTRIBUTED:
+    returned = len(body.x) * min(body.k, u.n_train)
+    if returned > MAX_ATTRIBUTED:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
-            f"x has {len(body.x)} rows and k is {body.k}: {len(body.x) * body.k} records per side "
-            f"to return, at most {MAX_ATTRIBUTED} per request: lower k or split the request",
+            f"x has {len(body.x)} rows and k is {body.k}: {returned} records per side to "
+            f"return, at most {MAX_ATTRIBUTED} per request: lower k or split the request",
         )
     refining = body.exact and u.train_config.loss != "mse" and not isinstance(u, NonlinearUnlearner)
     cancel = threading.Event()
