@@ -12,7 +12,8 @@ unpickles a few megabytes.
 The child reads only files the worker wrote and holds no model; like the API process, its
 memory may keep freed copies of arrays it read (rows of records forgotten since) until the memory
 is reused. It ends when its standard input closes or its parent ends (the kernel kills it then,
-``PR_SET_PDEATHSIG``, even stopped); it ignores SIGINT and SIGTERM sent to the process group, so a
+``PR_SET_PDEATHSIG``, even stopped: the signal follows the thread that started it, so every child
+is started from one thread that lives as long as the ``CheckpointReader``); it ignores SIGINT and SIGTERM sent to the process group, so a
 stop of the service stops it through its parent. When it cannot be started, dies, answers
 garbage or does not answer in time (``CheckpointReader.timeout``), the read is made in this
 process, as without it, and a new child is started at once.
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class CheckpointReader:
         self._told_slow = False  # a child slow to start was logged
         self._slowest = 0.0  # the slowest read the child made (s)
         self._lock = threading.Lock()
+        self._spawn: ThreadPoolExecutor | None = None  # the thread children are started from
         self._stopped = False
         self.in_child = 0  # reads the child made
         self.here = 0  # reads made in this process (child not ready, or failed)
@@ -128,16 +131,33 @@ class CheckpointReader:
             self._ready, self._told_slow = False, False
             self._started = time.monotonic()
             try:
-                self._child = subprocess.Popen(
-                    [*self.command, str(os.getpid())],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    cwd=Path(__file__).resolve().parent.parent,
+                # From the reader's own thread: the child's death signal (PR_SET_PDEATHSIG) comes
+                # when the *thread* that started it ends, and the API's start-up runs on a worker
+                # thread of anyio's pool, which ends after 10 s idle: the first child was killed
+                # at a random moment, mid-run (found in the load bench, 2026-12-05).
+                self._child = (
+                    self._spawner()
+                    .submit(
+                        subprocess.Popen,
+                        [*self.command, str(os.getpid())],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        cwd=Path(__file__).resolve().parent.parent,
+                    )
+                    .result()
                 )
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # RuntimeError: the spawner was shut down
                 log.warning("checkpoint reads stay in this process: no child process (%s)", e)
                 self._child = None
         return self._child
+
+    def _spawner(self) -> ThreadPoolExecutor:
+        """The one thread every child is started from. A ``ThreadPoolExecutor``'s thread lives
+        until the executor is shut down (``stop``), so no child dies with the thread that
+        happened to start it."""
+        if self._spawn is None:
+            self._spawn = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-reader-spawn")
+        return self._spawn
 
     def _is_ready(self, child: subprocess.Popen) -> bool:
         """Whether ``child`` has said READY (read without waiting). Raises ``ReaderFailed``."""
@@ -203,6 +223,8 @@ class CheckpointReader:
         child, self._child = self._child, None
         if child is not None:
             _kill(child)
+        if self._spawn is not None:
+            self._spawn.shutdown(wait=False)
 
 
 def _send(stream, message) -> None:

@@ -169,6 +169,33 @@ def test_a_child_killed_between_reads_is_logged_and_replaced(float64_checkpoints
         reader.stop()
 
 
+def test_the_child_outlives_the_thread_that_asked_for_it(float64_checkpoints, caplog):
+    """The kernel's death signal for the child (PR_SET_PDEATHSIG) follows the *thread* that
+    started it: the API's start-up runs on a worker thread of anyio's pool, which ends after 10 s
+    idle, and its child was SIGKILLed then, mid-run (the load bench, 2026-12-05). A child asked
+    for by a thread that then ends lives on and answers."""
+    import threading
+
+    reader = CheckpointReader()
+    try:
+        ready = []
+        # the thread lives until the child has set its death signal (it says READY after)
+        starter = threading.Thread(target=lambda: ready.append(reader.ready(wait_s=120)))
+        starter.start()
+        starter.join()
+        assert ready == [True]
+        pid = reader._child.pid
+        time.sleep(0.5)  # the signal comes at the thread's exit; give it time to be delivered
+        assert reader._child.poll() is None, f"the child died: {reader._child.returncode}"
+        with caplog.at_level("WARNING", logger="app.reader"):
+            assert reader(float64_checkpoints, 0)[0]["version"] == 1
+        assert (reader.in_child, reader.here) == (1, 0)
+        assert reader._child.pid == pid
+        assert "ended" not in caplog.text
+    finally:
+        reader.stop()
+
+
 def test_the_timeout_follows_the_child_s_own_pace():
     """Five times the slowest read so far, within [min, max]; ``max`` before the first read."""
     reader = CheckpointReader(min_timeout_s=2.0, max_timeout_s=10.0, command=["true"])
