@@ -328,6 +328,8 @@ def restore(
         state = state.replace(ids=pad_rows(state.ids, cap), **padded)
     points = np.flatnonzero(state.active)
     k, report = _kernel(kernel_net, np.asarray(state.x)[points], layout.form, cache_dir, progress)
+    if not report["cached"] and report["path"] is not None:
+        _drop_if_superseded(checkpoint_dir, state.version, Path(report["path"]))
     if prune:
         purged = purge_cache(cache_dir, keep=report["path"])
         if purged:
@@ -343,6 +345,24 @@ def restore(
     ny = preconditioner(k, state.solver_config, layout.form, state.train_config.loss)
     state = state.replace(k=k, layout=layout, nystrom=ny)
     return (recertified(state, model) if recertify else state), model
+
+
+def _drop_if_superseded(checkpoint_dir: Path, version: int, written: Path) -> None:
+    """Delete the kernel just written to the cache for ``version`` when a newer version's
+    checkpoint exists: that version may have forgotten some of these rows, and the worker that
+    published it may have purged the cache before this write (a follower restoring while the
+    worker deletes; docs/design.md, The order of a deletion). Checked after the write: a
+    checkpoint finalised after this listing is followed by its worker's purge, which finds the
+    file."""
+    newest = checkpoint.newest_step_name(checkpoint_dir)
+    if newest is not None and newest > version:
+        written.unlink(missing_ok=True)
+        log.info(
+            "deleted the kernel of version %d just cached: version %d is newer (it may have "
+            "forgotten some of its rows)",
+            version,
+            newest,
+        )
 
 
 class CheckpointMismatchError(UnlearnError):

@@ -65,3 +65,31 @@ def test_restore_says_whether_k_was_read_from_the_cache_or_recomputed(
     assert second is not None
     assert "read from the NTK cache in" in caplog.text and "recomputed in" not in caplog.text
     np.testing.assert_array_equal(np.asarray(first[0].k), np.asarray(second[0].k))
+
+
+def test_a_kernel_cached_for_a_version_already_superseded_is_deleted(
+    base_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A follower restoring version 0 while the worker publishes version 1 and purges the cache
+    wrote version 0's kernel (rows of the record version 1 forgot) after the purge, and it stayed
+    until the next deletion. The kernel just written is deleted when a newer checkpoint exists;
+    a restore of the newest version keeps its own."""
+    import shutil
+
+    from service_core import lifecycle
+
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(base_checkpoint, directory)
+    u = Unlearner.restore(directory, progress=False)
+    assert u is not None
+    u.forget(u.active_ids()[:1], checkpoint_dir=directory)
+    assert u.version == 1
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger=lifecycle.log.name)
+    old = lifecycle.restore(directory, cache_dir=cache, progress=False, max_version=0)
+    assert old is not None and old[0].version == 0
+    assert list(cache.glob("ntk-*.npy")) == []  # version 1 exists: version 0's kernel is gone
+    assert "deleted the kernel of version 0 just cached: version 1 is newer" in caplog.text
+    newest = lifecycle.restore(directory, cache_dir=cache, progress=False)
+    assert newest is not None and newest[0].version == 1
+    assert len(list(cache.glob("ntk-*.npy"))) == 1  # the newest version's own stays
