@@ -527,14 +527,21 @@ def rank(scores: np.ndarray, active: np.ndarray, k: int) -> tuple[np.ndarray, np
     """Per row of ``scores`` ``(n_t, C)``, the k active records with the largest and the k with the
     smallest scores, each in rank order (largest first; smallest first).
 
+    Both ends of one ordering (ties by index): the two sets are disjoint whenever 2k ≤ N active,
+    so one row's top and bottom hold min(2k, N) distinct records, ties or not (two sorts put
+    tied records at the front of both).
+
     Returns:
       ``(top (n_t, k), bottom (n_t, k))`` int rows.
     """
-    s = np.where(np.asarray(active, bool)[None], scores, np.nan)
-    hi = np.where(np.isnan(s), -np.inf, s)
-    lo = np.where(np.isnan(s), np.inf, s)
-    top = np.argsort(-hi, axis=1, kind="stable")[:, :k]
-    bottom = np.argsort(lo, axis=1, kind="stable")[:, :k]
+    scores = np.asarray(scores)
+    valid = np.asarray(active, bool)[None] & ~np.isnan(scores)  # a NaN score is never ranked
+    # valid records ascending (ties by index), then the others
+    order = np.lexsort((np.where(valid, scores, 0.0), ~valid), axis=1)
+    bottom = order[:, :k]
+    n_valid = valid.sum(axis=1)[:, None]
+    back = n_valid - 1 - np.arange(k)[None]  # the valid ones from the largest down
+    top = np.take_along_axis(order, np.where(back >= 0, back, n_valid - 1 - back), axis=1)
     return top, bottom
 
 

@@ -244,34 +244,38 @@ def test_exact_self_influence_refines_the_page(make_settings, unlearner):
 def test_exact_attribution_is_capped_and_one_at_a_time(make_settings, unlearner, probe):
     """exact=true on a cross-entropy model refines at most max_exact_attribution records (the
     distinct leading 2k per side over every row; more: 422 before any solve, and before the
-    factorisation when one side of one row is already over it), and shares the
+    factorisation when one row, min(4k, N), is already over it), and shares the
     one-at-a-time lock of exact self-influence (503 with Retry-After while another runs)."""
     from app.api.routes import attribution as route
 
     one = {"x": probe["x"][:1], "y": probe["y"][:1]}
     settings = make_settings(max_exact_attribution=3)
     with TestClient(create_app(settings, unlearner)) as client:
-        # k = 2: one side alone has 4 candidates, refused before the factorisation and the lock
+        # k = 1: top 2 and bottom 2 of one row, 4 distinct: refused before the factorisation
+        # and the lock (a helper waited 49 s for this 422 when only one side was counted)
         with route._EXACT_REFINING:
-            r = client.post("/v1/attribute", json={**one, "k": 2, "exact": True}, headers=READ)
+            r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
         assert r.status_code == 422, r.text
         assert "would refine at least 4" in r.text and "at most 3" in r.text
-        # k = 1: top 2 and bottom 2 of one ranking, 4 distinct: refused once they are known
-        r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
-        assert r.status_code == 422, r.text
-        assert "would refine 4 records" in r.text and "at most 3" in r.text
         assert "at most 3 here (--max-exact-attribution)" in r.json()["detail"]  # the flag
+        assert unlearner._loo._entry is None  # no factorisation was made for it
         r = client.post("/v1/attribute", json={**one, "k": 1, "exact": False}, headers=READ)
         assert r.status_code == 200, r.text  # the influence step refines nothing: no limit
+    # k = 1: the leading 2 per side, at most 4 distinct records
+    with TestClient(create_app(make_settings(max_exact_attribution=4), unlearner)) as client:
         with route._EXACT_REFINING:
             r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
             assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
             r = client.get("/v1/self-influence?limit=1&exact=true", headers=READ)
             assert r.status_code == 503, r.text
-    # k = 1: the leading 2 per side, at most 4 distinct records
-    with TestClient(create_app(make_settings(max_exact_attribution=4), unlearner)) as client:
         r = client.post("/v1/attribute", json={**one, "k": 1, "exact": True}, headers=READ)
         assert r.status_code == 200 and r.json()["exact"] is True, r.text
+        # rows of k = 1, each 4 (within 4), together more: refused once they are known
+        rows = {"x": probe["x"][:6], "y": probe["y"][:6]}
+        r = client.post("/v1/attribute", json={**rows, "k": 1, "exact": True}, headers=READ)
+        assert r.status_code == 422, r.text
+        assert "would refine" in r.text and "records (the distinct leading 2" in r.text
+        assert "at most 4 here (--max-exact-attribution)" in r.json()["detail"]
 
 
 def _exact_request(client: TestClient, probe: dict, path: str):

@@ -421,3 +421,21 @@ def test_exact_refinements_are_capped_and_stop_when_cancelled(digits, monkeypatc
     cold = attribution.self_influence(u.state, attribution.FactorCache(), True, 5)
     assert list(rest.ids) == list(cold.ids)
     np.testing.assert_allclose(rest.self_influence, cold.self_influence, rtol=1e-12, atol=0)
+
+
+def test_rank_takes_both_ends_of_one_ordering_even_with_ties():
+    """Top and bottom come from one ordering of the active records: disjoint when 2k ≤ N, so a
+    row of tied scores (two sorts put the same records first in both) still has 2k distinct
+    candidates, the count the attribution route checks its limit with before any work."""
+    from service_core.attribution import rank
+
+    active = np.array([True, True, False, True, True, True, True])
+    tied = np.zeros((1, 7))
+    top, bottom = rank(tied, active, 3)
+    assert set(top[0]).isdisjoint(bottom[0]) and 2 not in set(top[0]) | set(bottom[0])
+    scores = np.array([[5.0, -1.0, 99.0, 3.0, np.nan, 0.0, 7.0]])  # nan: never ranked
+    active_all = np.ones(7, bool)
+    top, bottom = rank(scores, active_all, 2)
+    assert list(top[0]) == [2, 6] and list(bottom[0]) == [1, 5]
+    top, bottom = rank(scores, active, 2)  # record 2 inactive
+    assert list(top[0]) == [6, 0] and list(bottom[0]) == [1, 5]

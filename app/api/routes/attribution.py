@@ -194,13 +194,14 @@ async def attribute(
         cancelled=cancel.is_set,
     )
     if refining:
-        # One side of one row alone has min(2k, N) distinct candidates: over the limit is known
-        # now, without waiting for the factorisation (the exact count is checked after it).
-        least = min(2 * body.k, u.n_train)
+        # One row alone has min(4k, N) distinct candidates (2k per side, disjoint: ``rank``):
+        # over the limit is known now, without waiting for the factorisation (the exact count,
+        # over every row, is checked after it).
+        least = min(4 * body.k, u.n_train)
         if least > settings.max_exact_attribution:
             raise InvalidInputError(
-                f"exact=true would refine at least {least} records (the leading min(2k, N) on "
-                f"one side); at most {settings.max_exact_attribution} here "
+                f"exact=true would refine at least {least} records (the leading 2k of each "
+                f"side of one row, min(4k, N)); at most {settings.max_exact_attribution} here "
                 "(--max-exact-attribution): lower k, or leave exact false"
             )
         work = partial(work, progress=_refine_one_at_a_time("exact attribution"))
