@@ -343,12 +343,20 @@ class UserParts:
 
 
 def build_user_model(
-    config: ModelConfig, input_shape: tuple[int, ...], output_dim: int, dtype=jnp.float32
+    config: ModelConfig,
+    input_shape: tuple[int, ...],
+    output_dim: int,
+    dtype=jnp.float32,
+    draw_dtype=None,
 ) -> Model:
     """The user's network of ``config.network`` (``user_network``), linearised at its params θ_0
     (``config.params`` overrides the factory's), θ_p = θ_0 (docs/maths.md, Notation).
 
-    Floating-point leaves are cast to ``dtype``; θ is the flat vector of the leaves that are
+    Floating-point leaves are cast to ``dtype``, through ``draw_dtype`` first when given (a
+    promoted model, ``precision.promoted_network``: the float32 θ_0 its K was computed at, and
+    the float32 fingerprint its checkpoints carry, whatever the file's dtype; a promoted model's
+    checkpoint, fingerprinted in float64, was refused at every restart as "the weights changed");
+    θ is the flat vector of the leaves that are
     floating point and match ``config.trainable`` (``re.search`` on the '/'-joined leaf path); the
     others are frozen: closed over, exactly θ_0's, never differentiated. The wrapped ``apply_fn``
     takes flat rows ``(n, n_in)`` like the built-in networks' and hands the user's function
@@ -373,12 +381,18 @@ def build_user_model(
     if not leaves:
         raise ModelLoadError(f"--model {spec!r}: its params have no leaves: nothing to linearise")
 
-    def cast(leaf):
+    def cast(leaf, to):
         a = jnp.asarray(leaf)
-        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
-    with disable_x64() if jnp.dtype(dtype) != jnp.float64 else contextlib.nullcontext():
-        leaves = [cast(leaf) for leaf in leaves]
+    drawn = dtype if draw_dtype is None else draw_dtype
+    with disable_x64() if jnp.dtype(drawn) != jnp.float64 else contextlib.nullcontext():
+        leaves = [cast(leaf, drawn) for leaf in leaves]
+    # the params fingerprint: of θ_0 as drawn (float32 for a promoted model, as before promotion)
+    params_digest = user_network.digest(jax.tree_util.tree_unflatten(treedef, leaves))
+    if jnp.dtype(dtype) != jnp.dtype(drawn):
+        with disable_x64() if jnp.dtype(dtype) != jnp.float64 else contextlib.nullcontext():
+            leaves = [cast(leaf, dtype) for leaf in leaves]
     names = tuple(named)
     try:
         pattern = None if config.trainable is None else re.compile(config.trainable)
@@ -402,7 +416,7 @@ def build_user_model(
         names,
         mask,
         tuple(leaf for leaf, t in zip(leaves, mask, strict=True) if not t),
-        user_network.digest(jax.tree_util.tree_unflatten(treedef, leaves)),
+        params_digest,
         framework,
     )
     shape = tuple(int(s) for s in input_shape)
@@ -654,10 +668,11 @@ def make_network(
     draw_dtype=None,
 ) -> Model | KernelModel:
     """A finite network to linearise (``build_model``; θ_0 drawn in ``draw_dtype``, default
-    ``dtype``), the user's own (``build_user_model``; its params cast to ``dtype``), or an
+    ``dtype``), the user's own (``build_user_model``; its params cast to ``dtype`` through
+    ``draw_dtype``), or an
     infinitely wide one (``KernelModel``, nothing drawn)."""
     if config.kind == USER_KIND:
-        return build_user_model(config, input_shape, output_dim, dtype)
+        return build_user_model(config, input_shape, output_dim, dtype, draw_dtype)
     if config.infinite:
         return KernelModel(config, input_shape, output_dim, dtype)
     return build_model(config, input_shape, output_dim, dtype, draw_dtype)

@@ -375,3 +375,42 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path, dataset_file):
     path.write_text(NETWORK.replace("PRNGKey(7)", "PRNGKey(8)"))
     with pytest.raises(CheckpointMismatchError, match="params fingerprint"):
         Unlearner.restore(tmp_path / "ck", expect=same)
+
+
+def test_a_promoted_user_network_restarts_and_is_linearised_at_the_float32_params(
+    tmp_path, dataset_file
+):
+    """``dtype auto`` promoted to float64 at build: its checkpoint carried the fingerprint of the
+    params cast to float64, the restart compared it with the float32 network's, and every restart
+    was refused ("the weights … changed"; a new user's own network with every leaf trainable).
+    The fingerprint is now the float32 θ_0's, the promoted network is linearised at that float32
+    θ_0 (a float64 params file is rounded as the network its K came from), and it restarts."""
+    from service_core import precision
+    from service_core.lifecycle import Identity
+    from service_core.models import make_network
+
+    path = _network(tmp_path)
+    _, params = _reference(path)
+    wide = {
+        k: {n: np.asarray(v, np.float64) * 1.0000001 for n, v in d.items()}
+        for k, d in params.items()
+    }
+    params_file = save_params(tmp_path / "wide.npz", wide)  # float64 values no float32 holds
+    with np.load(params_file) as f:
+        assert all(f[k].dtype == np.float64 for k in f.files)
+    model = ModelConfig(kind="user", network=f"{path}:net", params=str(params_file))
+    train = TrainConfig(loss="mse", lam=1e-6)  # singular K (51 parameters): float32 cannot certify
+    u = Unlearner.build(
+        load_dataset(f"npz:{dataset_file}"), model, train, SolverConfig(), progress=False
+    )
+    assert u.state.dtype == "float64" and u.state.meta["precision"]["promoted"]
+    low = make_network(model, (4,), 3, jnp.float32)
+    high = precision.promoted_network(model, (4,), 3)
+    assert high.user.digest == low.user.digest == u.model.user.digest
+    assert np.array_equal(np.asarray(high.theta0), np.asarray(low.theta0, np.float64))
+    u.save(tmp_path / "ck")
+    same = Identity.of(model, train, f"npz:{dataset_file}")
+    again = Unlearner.restore(tmp_path / "ck", expect=same, progress=False)
+    assert again is not None and again.state.dtype == "float64"
+    x = np.asarray(load_dataset(f"npz:{dataset_file}").x[:5])
+    np.testing.assert_array_equal(np.asarray(again.predict(x)), np.asarray(u.predict(x)))
