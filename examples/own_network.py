@@ -1,16 +1,22 @@
 """Your own network, served by ntk-unlearn: a small MLP in plain JAX, "pretrained" here by a few
-steps of gradient descent on the first half of scikit-learn's digits, its weights written as an
-``.npz`` keyed by leaf path. Serve it on the digits data set, fine-tuning only its head:
+steps of gradient descent on the first half of scikit-learn's digits (training split), its weights
+written as an ``.npz`` keyed by leaf path, and the other half written as the data set to serve:
+the records the service fine-tunes on, and may be asked to forget, were never seen in
+pretraining. Serve it, fine-tuning only its head:
 
-    .venv/bin/python examples/own_network.py            # writes examples/own_network_params.npz
+    .venv/bin/python examples/own_network.py   # writes examples/own_network_{params,data}.npz
     .venv/bin/ntk-unlearn serve --model examples/own_network.py:net \\
         --params examples/own_network_params.npz --trainable '^head/' \\
-        --dataset digits --loss ce --lam 1e-3 --data-dir data-own-network
+        --dataset npz:examples/own_network_data.npz --loss ce --lam 1e-3 \\
+        --data-dir data-own-network
 
 ``net()`` is what ``--model FILE.py:NAME`` calls: it returns ``(apply_fn, params)`` with
 ``apply_fn(params, x)`` mapping ``(n, 64)`` to ``(n, 10)``. The service linearises the network at
 the params (``--params`` replaces the factory's with the file's), fine-tunes the leaves that
 ``--trainable`` matches with λ/2‖θ − θ0‖², and forgets records from that fine-tuning exactly.
+A record that was in the pretraining data is in θ0 itself: forgetting it from the fine-tuning
+would leave its influence on the pretrained weights, so the two sets are kept apart here (as in
+``examples/mnist_pretrained.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ def net():
 
 def pretrain(steps: int = 300, lr: float = 0.5):
     """Full-batch gradient descent on softmax cross-entropy over the first half of digits' training
-    split (the "core" data: the service is then served the whole split). Returns the params."""
+    split (the "core" data; the service is served the other half, ``served_half``). Returns the
+    params."""
     from service_core import load_digits
 
     ds = load_digits()
@@ -74,8 +81,30 @@ def pretrain(steps: int = 300, lr: float = 0.5):
     return params
 
 
+def served_half(path: Path) -> Path:
+    """Write the second half of digits' training split (the records pretraining never saw), with
+    their ids and the test split, as an ``.npz`` data set (``--dataset npz:PATH``)."""
+    import numpy as np
+
+    from service_core import load_digits
+
+    ds = load_digits()
+    half = ds.n // 2
+    np.savez(
+        path,
+        x=ds.x[half:],
+        y=ds.y[half:],
+        ids=ds.ids[half:],
+        x_test=ds.x_test,
+        y_test=ds.y_test,
+    )
+    print(f"wrote {path}: {ds.n - half} records to serve (none of them seen in pretraining)")
+    return path
+
+
 if __name__ == "__main__":
     from service_core.user_network import save_params
 
     out = save_params(Path(__file__).with_name("own_network_params.npz"), pretrain())
     print(f"wrote {out}")
+    served_half(Path(__file__).with_name("own_network_data.npz"))
