@@ -193,7 +193,12 @@ def load_model(settings: Settings, role: str = "serve") -> Unlearner:
     with build_lock(settings.data_dir, role).acquire_waiting(waiting):
         # Whoever held the lock before may have saved version 0 meanwhile.
         u = _restore(settings, keys)
-        return u if u is not None else _build(settings, keys)
+        if u is not None:
+            return u
+        u = _build(settings, keys)
+        if settings.worker:
+            _catch_up_with_the_record(settings, keys, u)
+        return u
 
 
 def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
@@ -226,43 +231,7 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
         )
     u = restore(None) if settings.worker else _restore_committed(settings, restore)
     if u is not None and settings.worker:
-        deletion_log = DeletionLog(settings.deletion_log)
-        checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
-        for record in records_from_checkpoint(u.state, deletion_log.versions(), checkpoint_hash):
-            deletion_log.append(record)
-            log.warning(
-                "version %d was checkpointed but not logged (a crash): logged it now",
-                record["version"],
-            )
-        # The log ahead of the checkpoints (rolled back): forget again what it says is gone.
-        restored = u.version
-        again = Worker(u, None, settings.checkpoint_dir, deletion_log, keys=keys)  # type: ignore[arg-type]
-        again.reapply_logged(_job_status(settings, keys))
-        # Redis ahead of the data dir (rolled back, log included): the same from its job records
-        # (when it answers now; else the worker does it once it does: Worker.recover).
-        prefix = queue_prefix(settings, keys)
-        # Taking the queue over: every succeeded job since the restored version was logged,
-        # whatever its version (numbered by the other data dir's versions).
-        every = settings.take_over_queue
-        reported = _ask_queue(
-            settings, prefix, lambda queue: queue.succeeded_after(restored, every=every)
-        )
-        if reported:
-            again.reapply_reported(reported, since=restored, every=every)
-            # the version the worker serves from now on, so that its recovery does not look again;
-            # not when another data dir's worker holds the queue (a copy's: it moved the queue's
-            # reported version and size backwards, to its own)
-            home = os.path.realpath(settings.checkpoint_dir)
-            sticky, take_over = settings.redis_url is not None, settings.take_over_queue
-
-            def report(queue: JobQueue) -> None:
-                if (settings.data_dir / SUPERSEDED_FILE).exists() and not take_over:
-                    return  # its queue is another data dir's (Worker: superseded)
-                lineage = read_lineage(settings.data_dir / LINEAGE_FILE)
-                if not queue.held_elsewhere(home, sticky, take_over, lineage):
-                    queue.record_n_train(u.n_train, u.version)
-
-            _ask_queue(settings, prefix, report)
+        _catch_up_with_the_record(settings, keys, u)
     if u is not None:
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
@@ -273,6 +242,52 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
             time.perf_counter() - started,
         )
     return u
+
+
+def _catch_up_with_the_record(settings: Settings, keys: DeploymentKeys, u: Unlearner) -> None:
+    """The worker's start, before anything is served, on a model restored or just built: log a
+    version checkpointed but not logged (a crash), and forget again what the deletion log, or
+    Redis's succeeded jobs, say was forgotten after the model's version (checkpoints rolled
+    back, or deleted and version 0 built anew: a break-it round deleted the checkpoint
+    directory, as a mismatch message advised, and the rebuilt model served 22 forgotten records,
+    then accepted forgets of them again once Redis's records were gone too)."""
+    deletion_log = DeletionLog(settings.deletion_log)
+    checkpoint_hash = directory_sha256(settings.checkpoint_dir / str(u.version))
+    for record in records_from_checkpoint(u.state, deletion_log.versions(), checkpoint_hash):
+        deletion_log.append(record)
+        log.warning(
+            "version %d was checkpointed but not logged (a crash): logged it now",
+            record["version"],
+        )
+    # The log ahead of the checkpoints (rolled back): forget again what it says is gone.
+    restored = u.version
+    again = Worker(u, None, settings.checkpoint_dir, deletion_log, keys=keys)  # type: ignore[arg-type]
+    again.reapply_logged(_job_status(settings, keys))
+    # Redis ahead of the data dir (rolled back, log included): the same from its job records
+    # (when it answers now; else the worker does it once it does: Worker.recover).
+    prefix = queue_prefix(settings, keys)
+    # Taking the queue over: every succeeded job since the restored version was logged,
+    # whatever its version (numbered by the other data dir's versions).
+    every = settings.take_over_queue
+    reported = _ask_queue(
+        settings, prefix, lambda queue: queue.succeeded_after(restored, every=every)
+    )
+    if reported:
+        again.reapply_reported(reported, since=restored, every=every)
+        # the version the worker serves from now on, so that its recovery does not look again;
+        # not when another data dir's worker holds the queue (a copy's: it moved the queue's
+        # reported version and size backwards, to its own)
+        home = os.path.realpath(settings.checkpoint_dir)
+        sticky, take_over = settings.redis_url is not None, settings.take_over_queue
+
+        def report(queue: JobQueue) -> None:
+            if (settings.data_dir / SUPERSEDED_FILE).exists() and not take_over:
+                return  # its queue is another data dir's (Worker: superseded)
+            lineage = read_lineage(settings.data_dir / LINEAGE_FILE)
+            if not queue.held_elsewhere(home, sticky, take_over, lineage):
+                queue.record_n_train(u.n_train, u.version)
+
+        _ask_queue(settings, prefix, report)
 
 
 def _ask_queue(settings: Settings, prefix: str, ask: Callable[[JobQueue], Any]) -> Any:

@@ -741,7 +741,7 @@ class Worker:
         """
         u = self.unlearner
         ahead = [e for e in self.deletion_log.current() if int(e["version"]) > u.version]
-        return self._forget_again(ahead, job_status, "the deletion log records")
+        return self._forget_again(ahead, job_status, "the deletion log records", renumber=True)
 
     def reapply_reported(
         self, jobs: Sequence[Job], since: int, when: str = "start", every: bool = False
@@ -839,10 +839,14 @@ class Worker:
         job_status: Callable[[str], str | None],
         source: str,
         when: str = "before anything is served",
+        renumber: bool = False,
     ) -> int:
         """Forget again the active records of ``ahead`` (deletion-log records, or records made
         alike, of versions newer than the model's), as one new version; ``source`` names where
-        they come from in the messages."""
+        they come from in the messages. ``renumber``: that version is numbered after the
+        newest the deletion log holds (``Unlearner.renumber``), not after the model's: the log
+        keeps its records of the versions lost, and a number reused would stand for two models
+        in it, in receipts and in ``/v1/deletions`` (which lists each number once)."""
         u = self.unlearner
         if not ahead:
             return 0
@@ -879,16 +883,24 @@ class Worker:
         if not jobs:
             return 0
         versions = sorted({int(e["version"]) for e in ahead if e.get("kind") != "add"})
+        restored = u.version
+        newest = max(self.deletion_log.newest_version() or 0, restored) if renumber else restored
+        if newest > restored:
+            u.renumber(newest)
         log.critical(
             "%s version(s) %s, newer than the newest checkpoint (version %d), and %d record(s) "
-            "they forgot are in that checkpoint again (checkpoints rolled back: a backup "
-            "restored? or the worker of a copy of this data dir applied them to its model): "
-            "forgetting them again %s",
+            "they forgot are in that checkpoint again (checkpoints rolled back or deleted: a "
+            "backup restored? or the worker of a copy of this data dir applied them to its "
+            "model): forgetting them again %s, as version %d%s",
             source,
             ", ".join(map(str, versions)),
-            u.version,
+            restored,
             len(taken),
             when,
+            u.version + 1,
+            f" (after the newest the log numbers; the model it starts from is version {restored}'s)"
+            if u.version != restored
+            else "",
         )
         outcomes = self._apply([Entry("", job) for job in jobs])
         self._split_batch = False  # one version or none here: not split

@@ -180,6 +180,23 @@ class Unlearner:
                 )
             self._state = self._state.replace(id_key=id_key)
 
+    def renumber(self, version: int) -> None:
+        """Number the served model ``version`` without changing it, so that the next version is
+        ``version + 1``: a model restored or rebuilt behind a deletion log that already numbers
+        later versions (checkpoints rolled back or deleted) makes its next versions after the
+        log's newest instead of reusing its numbers. Only forward, and only before the model is
+        served or saved again (the next ``forget``/``add`` checkpoints at the new number).
+
+        Raises:
+          ValueError: ``version`` is lower than the current one.
+        """
+        with self._forget_lock:
+            if version < self._state.version:
+                raise ValueError(
+                    f"version {version} is older than the model's {self._state.version}"
+                )
+            self._state = self._state.replace(version=int(version))
+
     def forgotten_digests(self) -> frozenset[str]:
         """Keyed digests of the ids forgotten so far (the ids themselves are kept nowhere)."""
         return frozenset(self._state.forgotten)

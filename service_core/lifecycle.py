@@ -441,9 +441,9 @@ def mismatch_message(checkpoint_dir: Path, version: int, problems: list[str]) ->
     return (
         f"the checkpoint in {checkpoint_dir} (version {version}) holds a model made with other "
         f"settings: {'; '.join(problems)}. Start with the checkpoint's settings to serve it, give "
-        "this model another --data-dir, or delete that checkpoint directory to build anew (a "
-        "rebuild trains on the data set as it is now: first remove from it the records listed in "
-        "the data dir's deletions.log)"
+        "this model another --data-dir, or delete that checkpoint directory to build anew (the "
+        "worker's start then forgets again, before serving, the records the data dir's "
+        "deletions.log lists as forgotten; the additions it lists are lost: add them again)"
     )
 
 
