@@ -195,14 +195,26 @@ def _with_tokens(settings: Settings) -> Settings:
     return settings.model_copy(update={"api_token": token})
 
 
-def _private_data_dir(settings: Settings) -> None:
+def _private_data_dir(settings: Settings, command: str) -> None:
     """Make what this process writes its owner's alone: files 0600 and directories 0700
     (umask 077: checkpoints, NTK cache, deletion log, token, the embedded Redis's files), and
     the data directory itself 0700 even if it existed with wider rights."""
     os.umask(0o077)
     data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if data_dir.stat().st_mode & 0o077:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        mode = data_dir.stat().st_mode
+    except FileExistsError:
+        raise SystemExit(
+            f"ntk-unlearn {command}: --data-dir {data_dir} exists and is not a directory: name "
+            "a directory"
+        ) from None
+    except OSError as e:
+        raise SystemExit(
+            f"ntk-unlearn {command}: --data-dir {data_dir}: cannot create or read it "
+            f"({e.strerror or e}): name a directory this user can write"
+        ) from None
+    if mode & 0o077:
         try:
             data_dir.chmod(0o700)
             log.info("data directory %s made private (mode 0700)", data_dir)
@@ -477,7 +489,7 @@ def serve(settings: Settings) -> None:
     from .main import create_app
     from .service import load_model
 
-    _private_data_dir(settings)
+    _private_data_dir(settings, "serve")
     nice_autogroup()
 
     with contextlib.ExitStack() as held:
@@ -551,7 +563,7 @@ def worker(settings: Settings) -> None:
             "ntk-unlearn worker: set REDIS_URL to the Redis the API processes use "
             "(the private Redis of 'serve' is not shared)"
         )
-    _private_data_dir(settings)
+    _private_data_dir(settings, "worker")
     nice_autogroup()
     lock = worker_lock(settings.data_dir, "worker")
     try:

@@ -272,6 +272,8 @@ def test_bad_start_up_input_is_one_line(tmp_path):
         "other-settings": (["--model", f"{net}:net", "--lam", "0.5", "--data-dir", str(kept)], "lam 0.01 (checkpoint) ≠ 0.5 (now)"),
         "unknown-dataset": (["--dataset", "nope"], "unknown dataset 'nope'"),
         "missing-data": (["--dataset", f"npz:{tmp_path}/absent.npz"], "absent.npz does not exist"),
+        "data-dir-a-file": (["--data-dir", str(net)], "exists and is not a directory"),
+        "data-dir-impossible": (["--data-dir", "/proc/absent/d"], "cannot create or read it"),
     }  # fmt: skip
     procs = {}
     for name, (argv, _) in cases.items():
