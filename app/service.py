@@ -233,6 +233,7 @@ def _restore(settings: Settings, keys: DeploymentKeys) -> Unlearner | None:
     if u is not None and settings.worker:
         _catch_up_with_the_record(settings, keys, u)
     if u is not None:
+        _say_kept_tolerances(settings, u)
         log.info(
             "restored model version %d (n_train=%d, n_forgotten=%d) from %s in %.2f s",
             u.version,
@@ -288,6 +289,25 @@ def _catch_up_with_the_record(settings: Settings, keys: DeploymentKeys, u: Unlea
                 queue.record_n_train(u.n_train, u.version)
 
         _ask_queue(settings, prefix, report)
+
+
+def _say_kept_tolerances(settings: Settings, u: Unlearner) -> None:
+    """A data dir keeps the tolerance and slack its model was built with (every version is held to
+    them): a restart given others says so, once, instead of seeming to apply them (a break-it
+    round reopened a model built with --tol 2 with --tol 1e-5: nothing said it stayed 2)."""
+    kept = u.train_config
+    for flag, given, held in (
+        ("--tol", settings.tol, kept.tol),
+        ("--accept-floor", settings.accept_floor, kept.accept_floor),
+    ):
+        if given is not None and held is not None and float(given) != float(held):
+            log.warning(
+                "%s %g is not applied: this data dir's model was built with %g, which every "
+                "version keeps (build anew with another --data-dir to change it)",
+                flag,
+                given,
+                held,
+            )
 
 
 def _ask_queue(settings: Settings, prefix: str, ask: Callable[[JobQueue], Any]) -> Any:

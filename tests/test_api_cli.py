@@ -323,6 +323,12 @@ def test_invalid_settings_are_named_by_their_flag_and_value(monkeypatch):
             SystemExit, match=rf"invalid settings: {flag} inf: Input should be a finite"
         ):
             parse("serve", flag, "inf")
+    # a relative residual of 1 is met by α = 0: --tol 2 published an untrained model as certified
+    for flag in ("--tol", "--cg-tol", "--nonlinear-tol"):
+        with pytest.raises(SystemExit, match=rf"{flag} 2.0: Input should be less than 1"):
+            parse("serve", flag, "2")
+    with pytest.raises(SystemExit, match=r"--tol × --accept-floor is 1: .* untrained model"):
+        parse("serve", "--tol", "1e-3", "--accept-floor", "1000")
     monkeypatch.setenv("NTK_UNLEARN_MAX_ROWS", "-1")
     with pytest.raises(
         SystemExit, match=r"setting max_rows \(env NTK_UNLEARN_MAX_ROWS '-1'\): Inp"

@@ -292,3 +292,21 @@ def test_readiness_says_while_a_rolled_back_worker_catches_up(client):
     finally:
         queue.client.set(queue.version_key, 0)
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_restart_given_another_tolerance_says_the_built_one_stays(make_settings, caplog):
+    """A data dir keeps the tolerance its model was built with (every version is held to it): a
+    restart with another --tol said nothing while the old one kept applying (a break-it round)."""
+    settings = make_settings(tol=1e-4)
+    built = load_model(settings)
+    assert built.train_config.tol == 1e-4
+    with caplog.at_level(logging.WARNING, logger="app"):
+        again = load_model(settings.model_copy(update={"tol": 1e-3}))
+    assert again.train_config.tol == 1e-4
+    assert any(
+        "--tol 0.001 is not applied" in m and "built with 0.0001" in m for m in caplog.messages
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app"):
+        load_model(settings)
+    assert not any("is not applied" in m for m in caplog.messages)

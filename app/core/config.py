@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     tol: float | None = Field(
         _TRAIN.tol,
         gt=0,
+        lt=1,  # a relative residual: 1 is met by α = 0, an untrained model
         description="stationarity tolerance every published version must meet (training and "
         "deletions; default 1e-5, 1e-10 in float64)",
     )
@@ -116,7 +117,7 @@ class Settings(BaseSettings):
         _SOLVER.method, description="influence solver; 'auto' picks the cheapest by a cost model"
     )
     cg_tol: float | None = Field(
-        _SOLVER.tol, gt=0, description="relative residual CG must reach (default by dtype)"
+        _SOLVER.tol, gt=0, lt=1, description="relative residual CG must reach (default by dtype)"
     )
     max_iter: int = Field(_SOLVER.max_iter, gt=0, description="most CG iterations per solve")
     refine: bool = Field(_SOLVER.refine, description="Newton refinement after each deletion")
@@ -152,6 +153,7 @@ class Settings(BaseSettings):
     nonlinear_tol: float = Field(
         1e-6,
         gt=0,
+        lt=1,
         description="--nonlinear: certificate tolerance, ‖∇L_R(θ_new)‖ ≤ tol · ‖∇L_R(θ_prev)‖ "
         "(training: ‖∇L(θ*)‖ ≤ tol · ‖∇L(θ0)‖)",
     )
@@ -313,6 +315,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the Redis URL (--redis-url or REDIS_URL) {self.redis_url!r} must start with "
                 "redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _slack_leaves_a_bar(self) -> Settings:
+        bar = self.to_train_config().resolved_tol() * self.accept_floor
+        if bar >= 1:
+            raise ValueError(
+                f"--tol × --accept-floor is {bar:g}: a relative residual of 1 is met by an "
+                "untrained model (α = 0); keep the product below 1"
             )
         return self
 
