@@ -508,6 +508,7 @@ def serve(settings: Settings) -> None:
             embedded = None
             if settings.redis_url is None:
                 embedded = held.enter_context(EmbeddedRedis(settings.data_dir / "redis"))
+                embedded.watch()  # started again if it exits (a full disk)
                 settings = settings.model_copy(update={"redis_url": embedded.url})
                 if not settings.worker:
                     log.warning(

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +146,9 @@ class EmbeddedRedis:
         self.pidfile = self.directory / "redis.pid"
         self.logfile = self.directory / "redis.log"
         self._proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._guard = threading.Lock()  # a restart and ``stop`` never overlap
+        self.restarts = 0
 
     @property
     def url(self) -> str:
@@ -159,6 +163,7 @@ class EmbeddedRedis:
           RuntimeError: the server exited or did not answer within ``timeout`` seconds.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._stopping.clear()
         # First the lock: only with it held is a server found here certainly a leftover.
         self.lock.acquire()
         try:
@@ -213,6 +218,56 @@ class EmbeddedRedis:
             client.close()
         log.info("embedded Redis %s on %s (pid %d)", self.binary, self.socket, self._proc.pid)
 
+    def watch(self, interval_s: float = 1.0, max_pause_s: float = 30.0) -> threading.Thread:
+        """Start a thread that starts the server again whenever it exits while this owner runs,
+        and returns it. With ``appendfsync always`` the server exits at the first append-only
+        file write that fails (a full disk), and stayed gone: every forget and ``/readyz``
+        answered 503 "check REDIS_URL" long after the disk had room again (a break-it round).
+        The exit is logged CRITICAL with the server's last log line; a start that fails is tried
+        again after a pause doubling up to ``max_pause_s``. The restarts run on this thread,
+        which lives as long as the owner: the server's death signal follows the thread that
+        started it."""
+
+        def run() -> None:
+            pause = interval_s
+            while not self._stopping.wait(pause):
+                proc = self._proc
+                if proc is None or proc.poll() is None:
+                    pause = interval_s
+                    continue
+                with self._guard:
+                    if self._stopping.is_set():
+                        return
+                    log.critical(
+                        "the embedded Redis exited (code %s; its log's last line: %s): "
+                        "starting it again",
+                        proc.returncode,
+                        self._last_log_line(),
+                    )
+                    try:
+                        self._start(20.0)
+                    except (OSError, RuntimeError, redis.RedisError) as e:
+                        pause = min(max_pause_s, max(pause * 2, interval_s))
+                        log.error(
+                            "the embedded Redis could not start again (%s): trying again in %.0f s",
+                            e,
+                            pause,
+                        )
+                        continue
+                    self.restarts += 1
+                    pause = interval_s
+
+        thread = threading.Thread(target=run, name="embedded-redis-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.logfile.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "unreadable"
+        return lines[-1][-300:] if lines else "empty"
+
     def _stop_leftover(self, timeout: float) -> None:
         """Stop a server left by an owner that was killed: two servers on one AOF corrupt it.
 
@@ -237,7 +292,9 @@ class EmbeddedRedis:
     def stop(self, timeout: float = 20.0) -> None:
         """Shut the server down (it flushes its append-only file first), wait for it, and give
         the directory's lock up."""
-        proc, self._proc = self._proc, None
+        self._stopping.set()
+        with self._guard:
+            proc, self._proc = self._proc, None
         try:
             if proc is None or proc.poll() is not None:
                 return

@@ -102,3 +102,30 @@ def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path, monkeypatch, accepts)
         embedded_redis._setpriv_with_pdeathsig.cache_clear()
     expected = ["redis-server", "--port", "0"]
     assert cmd == ([str(fake), "--pdeathsig", "TERM", *expected] if accepts else expected)
+
+
+def test_a_server_that_exits_is_started_again_until_stopped(tmp_path, caplog):
+    """With appendfsync always the server exits at the first failed append (a full disk) and
+    stayed gone: every forget 503 after the disk had room again. The owner's watch starts it
+    again (the queue's data kept: the same append-only file), and never after ``stop``."""
+    import logging
+
+    server = EmbeddedRedis(tmp_path / "r").start()
+    try:
+        server.watch(interval_s=0.05)
+        client = redis.Redis.from_url(server.url, socket_timeout=2)
+        client.set("queued", "a forget")
+        first = server._proc.pid
+        with caplog.at_level(logging.CRITICAL, logger="app.embedded_redis"):
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while server.restarts < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert server.restarts == 1 and server._proc.pid != first
+        assert client.get("queued") == b"a forget"  # its append-only file read back
+        assert any("the embedded Redis exited" in m for m in caplog.messages)
+    finally:
+        server.stop()
+    last = server.restarts
+    time.sleep(0.3)
+    assert server.restarts == last and server._proc is None  # stopped stays stopped
