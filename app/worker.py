@@ -56,6 +56,23 @@ _BLOCK_MS = 250
 _RETRY_S = 2.0
 
 
+def _scale_hint(x_added: np.ndarray, u: Unlearner) -> str:
+    """A sentence for a failed addition whose inputs are far outside the training inputs' range
+    (the solver's own advice, tolerance or λ, does not help then: a break-it round added a row of
+    1e6 to digits' pixels in [0, 1]); "" otherwise."""
+    try:
+        held = float(np.max(np.abs(np.asarray(u.state.x)[np.asarray(u.state.active, bool)])))
+        added = float(np.max(np.abs(x_added)))
+    except (ValueError, TypeError, AttributeError):
+        return ""
+    if not (np.isfinite(added) and held > 0 and added > 100 * held):
+        return ""
+    return (
+        f". The added inputs reach |x| = {added:.3g}, {added / held:.3g} times the largest of "
+        "the training inputs: check the added records first"
+    )
+
+
 def _parse_time(value: Any) -> datetime | None:
     """An ISO 8601 time of a job record or a log record; ``None``: absent or unreadable."""
     try:
@@ -1001,9 +1018,10 @@ class Worker:
                 },
             )
         except (UnlearnError, SolverError) as e:
-            log.warning("addition of %d record(s) failed: %s", len(ids), e)
+            message = str(e) + _scale_hint(np.concatenate(xs), u)
+            log.warning("addition of %d record(s) failed: %s", len(ids), message)
             self._split_batch = len(accepted) > 1
-            return [(entry, _failed(str(e))) for entry in accepted]
+            return [(entry, _failed(message)) for entry in accepted]
         except Exception as e:
             log.exception("addition of %d record(s) failed", len(ids))
             message = f"the addition failed ({type(e).__name__}: {e}); the model is unchanged"

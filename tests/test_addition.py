@@ -160,3 +160,16 @@ def test_an_additions_certificate_states_its_rounding_floor(dataset_file, networ
     problem = problem_of(u.state)
     floor = rounding_floor(problem, u.state.alpha, problem.outputs(u.state.alpha))
     assert floor > 0 and u.state.certificate()["rounding_floor"] == pytest.approx(floor, rel=1e-3)
+
+
+def test_a_failed_addition_far_outside_the_training_inputs_says_so(unlearner):
+    """The solver's advice on a failed addition (a looser tol, slack, a larger lam) does not help
+    when the added inputs are absurd (a break-it round added a row of 1e6 to pixels in [0, 1]):
+    the failure then names the inputs' scale against the training inputs'."""
+    from app.worker import _scale_hint
+
+    held = float(np.max(np.abs(np.asarray(unlearner.state.x)[np.asarray(unlearner.state.active)])))
+    hint = _scale_hint(np.full((1, 4), 1e6), unlearner)
+    assert "reach |x| = 1e+06" in hint and "check the added records first" in hint
+    assert f"{1e6 / held:.3g} times" in hint
+    assert _scale_hint(np.full((1, 4), held), unlearner) == ""
