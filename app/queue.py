@@ -672,6 +672,15 @@ class JobQueue:
         # Not read back: the worker may have taken it already, but it was queued when accepted.
         return Job(job_id=job_id, status="queued", ids=list(ids), submitted_at=submitted_at)
 
+    def pending_kind(self, record_id: str) -> str | None:
+        """``"forget"`` or ``"add"`` when a queued or running job names ``record_id``, else
+        ``None``."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.sismember(self.pending_key, record_id)
+            pipe.sismember(self.pending_add_key, record_id)
+            named, added = pipe.execute()
+        return ("add" if added else "forget") if named else None
+
     def pending_add_ids(self) -> frozenset[str]:
         """Ids of every queued or running addition."""
         return frozenset(self.client.smembers(self.pending_add_key))

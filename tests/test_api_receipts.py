@@ -196,6 +196,7 @@ def test_records_answer_active_forgotten_unknown(client, settings, wait_for_job)
         "forgotten_in_version": None,
         "forgotten_at": None,
         "job_id": None,
+        "pending": None,
     }
     assert status("r05") == {
         "status": "forgotten",
@@ -203,8 +204,20 @@ def test_records_answer_active_forgotten_unknown(client, settings, wait_for_job)
         "forgotten_in_version": 1,
         "forgotten_at": logged["timestamp"],
         "job_id": job_id,
+        "pending": None,
     }
     assert status("never-a-record")["status"] == "unknown"
+    # a deletion in flight shows (an auditor saw "active" and nothing else while it ran)
+    queue = client.app.state.service.queue
+    queue.client.sadd(queue.pending_key, "r07", "new-record")
+    queue.client.sadd(queue.pending_add_key, "new-record")
+    try:
+        assert status("r07")["status"] == "active" and status("r07")["pending"] == "forget"
+        assert status("new-record") == {**status("never-a-record"), "pending": "add"}
+    finally:
+        queue.client.srem(queue.pending_key, "r07", "new-record")
+        queue.client.srem(queue.pending_add_key, "new-record")
+    assert status("r07")["pending"] is None
     # a re-forget is still told it was forgotten (409), from the digest alone
     r = client.post("/v1/forget", json={"ids": ["r05"]}, headers=WRITE)
     assert r.status_code == 409, r.text

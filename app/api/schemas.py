@@ -638,3 +638,8 @@ class RecordStatus(BaseModel):
     forgotten_in_version: int | None = None
     forgotten_at: str | None = None
     job_id: str | None = None
+    pending: Literal["forget", "add"] | None = Field(
+        None,
+        description="a queued or running job names this id: a forget (a deletion in flight), "
+        "or an addition; null when none, or when the job queue did not answer",
+    )

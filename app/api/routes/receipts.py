@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import redis
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from ..deps import DeletionLogDep, KeysDep, ModelDep, QueueDep, ReadAccess
@@ -100,12 +101,19 @@ def record(
     record_id: Annotated[str, Path(min_length=1, description="a training record id")],
     u: ModelDep,
     log: DeletionLogDep,
+    queue: QueueDep,
 ) -> RecordStatus:
     """Whether a record is `active` (in the served model), `forgotten` (by which version, job and
-    when; looked up by its keyed digest) or `unknown` (never in the training set)."""
+    when; looked up by its keyed digest) or `unknown` (never in the training set); `pending`
+    says when a queued or running job names it (`forget`, or `add`), so that a deletion in
+    flight shows (null when none, or when the queue does not answer)."""
     state = u.state
+    try:
+        pending = queue.pending_kind(record_id)
+    except redis.RedisError:
+        pending = None  # the status is the served model's: still answered
     if record_id in state.index:
-        return RecordStatus(status="active", model_version=state.version)
+        return RecordStatus(status="active", model_version=state.version, pending=pending)
     digest = state.digest(record_id)  # the deployment's key (keys.digest), as the model holds it
     if digest in set(state.forgotten):
         entry = log.find_digest(digest)
@@ -115,5 +123,6 @@ def record(
             forgotten_in_version=None if entry is None else entry["version"],
             forgotten_at=None if entry is None else entry["timestamp"],
             job_id=None if entry is None else log.job_of(entry, digest),
+            pending=pending,
         )
-    return RecordStatus(status="unknown", model_version=state.version)
+    return RecordStatus(status="unknown", model_version=state.version, pending=pending)
