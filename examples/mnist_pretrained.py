@@ -342,7 +342,11 @@ def run_user_part(n_user: int, parts: set, ctx: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " ")
+        + " The whole run takes well over an hour on 2 cores (peak 7.8 GiB); "
+        "--parts b-head --user 200 --small-user 0 takes about a minute."
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "examples" / "out")
     parser.add_argument("--user", type=int, default=2000, help="images of the user part (≤ 2000)")
     parser.add_argument(
