@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -90,7 +91,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, skip: set[str] = frozens
             choices = typing.get_args(kind)
             parser.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
         else:
-            parser.add_argument(flag, type=kind if kind in (int, float, Path) else str, **kwargs)
+            # paths as given: pydantic makes them Paths (Path("") would be ".", the working dir)
+            parser.add_argument(flag, type=kind if kind in (int, float) else str, **kwargs)
 
 
 def _version() -> str:
@@ -212,6 +214,14 @@ def _private_data_dir(settings: Settings, command: str) -> None:
     except OSError as e:
         raise SystemExit(
             f"ntk-unlearn {command}: --data-dir {data_dir}: cannot create or read it "
+            f"({e.strerror or e}): name a directory this user can write"
+        ) from None
+    try:  # the locks, tokens and files come next: a directory that takes no file says so here
+        probe = tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-probe-")
+        probe.close()
+    except OSError as e:
+        raise SystemExit(
+            f"ntk-unlearn {command}: --data-dir {data_dir}: cannot write in it "
             f"({e.strerror or e}): name a directory this user can write"
         ) from None
     if mode & 0o077:

@@ -239,9 +239,10 @@ class EmbeddedRedis:
                     if self._stopping.is_set():
                         return
                     log.critical(
-                        "the embedded Redis exited (code %s; its log's last line: %s): "
+                        "the embedded Redis exited (code %s%s; its log's last line: %s): "
                         "starting it again",
                         proc.returncode,
+                        self._space_left(),
                         self._last_log_line(),
                     )
                     try:
@@ -260,6 +261,15 @@ class EmbeddedRedis:
         thread = threading.Thread(target=run, name="embedded-redis-watch", daemon=True)
         thread.start()
         return thread
+
+    def _space_left(self) -> str:
+        """ ", its filesystem has N MB free" when under 64 MB (a full disk writes no log line to
+        say so: the last line is then an older one)."""
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return ""
+        return f", its filesystem has {free / 2**20:.1f} MB free" if free < 64 * 2**20 else ""
 
     def _last_log_line(self) -> str:
         try:

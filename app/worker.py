@@ -874,13 +874,12 @@ class Worker:
             version = int(record["version"])
             if record.get("kind") == "add":
                 log.error(
-                    "%s version %d, an addition of %d record(s), newer than the newest "
-                    "checkpoint (version %d): the checkpoints were rolled back and those records "
-                    "are lost (their jobs say succeeded): add them again",
+                    "%s version %d, an addition of %d record(s), after the version this model "
+                    "was restored or built at: the checkpoints were rolled back or deleted and "
+                    "those records are lost (their jobs say succeeded): add them again",
                     source,
                     version,
                     len(record.get("added_digests", ())),
-                    u.version,
                 )
                 continue
             per_job = record.get("job_digests") or {f"log-version-{version}": record["id_digests"]}

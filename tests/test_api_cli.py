@@ -329,6 +329,10 @@ def test_invalid_settings_are_named_by_their_flag_and_value(monkeypatch):
             parse("serve", flag, "2")
     with pytest.raises(SystemExit, match=r"--tol × --accept-floor is 1: .* untrained model"):
         parse("serve", "--tol", "1e-3", "--accept-floor", "1000")
+    # Path("") is ".": an empty --data-dir made the working directory the data dir
+    with pytest.raises(SystemExit, match=r"--data-dir : it is empty: name a directory"):
+        parse("serve", "--data-dir", "")
+    assert parse("serve", "--data-dir", "d").data_dir == Path("d")
     monkeypatch.setenv("NTK_UNLEARN_MAX_ROWS", "-1")
     with pytest.raises(
         SystemExit, match=r"setting max_rows \(env NTK_UNLEARN_MAX_ROWS '-1'\): Inp"

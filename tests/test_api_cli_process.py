@@ -274,6 +274,7 @@ def test_bad_start_up_input_is_one_line(tmp_path):
         "missing-data": (["--dataset", f"npz:{tmp_path}/absent.npz"], "absent.npz does not exist"),
         "data-dir-a-file": (["--data-dir", str(net)], "exists and is not a directory"),
         "data-dir-impossible": (["--data-dir", "/proc/absent/d"], "cannot create or read it"),
+        "data-dir-unwritable": (["--data-dir", "/proc/self"], "cannot write in it"),
     }  # fmt: skip
     procs = {}
     for name, (argv, _) in cases.items():

@@ -6,9 +6,9 @@ The engine's own dataclass defaults are the defaults here, so the two cannot dri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service_core import ModelConfig, SolverConfig, TrainConfig
@@ -317,6 +317,15 @@ class Settings(BaseSettings):
                 "redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)"
             )
         return self
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_is_named(cls, value: Any) -> Any:
+        # Path("") is ".": an empty --data-dir made the working directory the data dir (chmod
+        # 0700, tokens and Redis files written into it)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("it is empty: name a directory")
+        return value
 
     @model_validator(mode="after")
     def _slack_leaves_a_bar(self) -> Settings:
