@@ -860,10 +860,11 @@ class Worker:
     ) -> int:
         """Forget again the active records of ``ahead`` (deletion-log records, or records made
         alike, of versions newer than the model's), as one new version; ``source`` names where
-        they come from in the messages. ``renumber``: that version is numbered after the
-        newest the deletion log holds (``Unlearner.renumber``), not after the model's: the log
-        keeps its records of the versions lost, and a number reused would stand for two models
-        in it, in receipts and in ``/v1/deletions`` (which lists each number once)."""
+        they come from in the messages. ``renumber``: that version is numbered by the deletion
+        log (``Unlearner.renumber``), not after the model's: the log's newest version when its
+        record is a forget redone here, else the one after it; before, a data dir whose
+        checkpoints were deleted redid versions 1–6 as version 1, and ``/v1/deletions`` (which
+        lists nothing newer than the served version) hid versions 2–6."""
         u = self.unlearner
         if not ahead:
             return 0
@@ -900,9 +901,16 @@ class Worker:
             return 0
         versions = sorted({int(e["version"]) for e in ahead if e.get("kind") != "add"})
         restored = u.version
-        newest = max(self.deletion_log.newest_version() or 0, restored) if renumber else restored
-        if newest > restored:
-            u.renumber(newest)
+        if renumber:
+            # The new version takes the number of the log's newest record when that is a forget
+            # redone here (its record is superseded by the new one, under the same jobs: a
+            # roll-back, or a record whose fsync failed), else the number after it (an addition
+            # lost, which stays listed): no version of the log is hidden behind a lower number
+            # the served model has not passed, none stands for two models
+            top = max(int(e["version"]) for e in ahead)
+            redone = any(int(e["version"]) == top and e.get("kind") != "add" for e in ahead)
+            if top - redone > restored:
+                u.renumber(top - redone)
         log.critical(
             "%s version(s) %s, newer than the newest checkpoint (version %d), and %d record(s) "
             "they forgot are in that checkpoint again (checkpoints rolled back or deleted: a "
@@ -914,7 +922,7 @@ class Worker:
             len(taken),
             when,
             u.version + 1,
-            f" (after the newest the log numbers; the model it starts from is version {restored}'s)"
+            f" (numbered by the log; the model it starts from is version {restored}'s)"
             if u.version != restored
             else "",
         )

@@ -50,29 +50,27 @@ def test_a_rolled_back_checkpoint_does_not_bring_forgotten_records_back(
 
     with caplog.at_level(logging.INFO, logger="app"):
         u = load_model(settings)
-    # numbered after the log's newest (2): no number stands for two models
-    assert u.version == 3 and sorted(u.active_ids()) == active
+    # the log's newest record (2) is the forget redone: the new record supersedes it
+    assert u.version == 2 and sorted(u.active_ids()) == active
     assert u.is_forgotten(["r01", "r02", "r03"])
     # The same deletion from the same version: the same model (retraining-equal, squared error).
     np.testing.assert_allclose(np.asarray(u.predict(x_probe)), expected, rtol=1e-5, atol=1e-6)
     # Nothing older is left that holds them: only the new version's checkpoint.
-    assert sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir()) == ["3"]
-    # The new record is version 3's, under the job that asked for it; version 2's stays as it was.
+    assert sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir()) == ["2"]
+    # The new record is the version's current one, under the job that asked for it.
     log_ = DeletionLog(settings.deletion_log)
-    current = [e for e in log_.current() if int(e["version"]) == 3]
+    current = [e for e in log_.current() if int(e["version"]) == 2]
     assert len(current) == 1 and current[0]["job_ids"] == [second["job_id"]]
-    assert current[0]["version_before"] == 2
-    assert len([e for e in log_.entries() if int(e["version"]) == 2]) == 1
-    assert log_.find_job(second["job_id"])["version"] == 3
+    assert len([e for e in log_.entries() if int(e["version"]) == 2]) == 2
+    assert log_.find_job(second["job_id"])["version"] == 2
     said = [r for r in caplog.records if "newer than the newest checkpoint" in r.getMessage()]
     assert said and said[0].levelno == logging.CRITICAL and "version(s) 2" in said[0].getMessage()
-    assert "as version 3 (after the newest the log numbers" in said[0].getMessage()
 
     # A second start finds the log and the checkpoint agreeing: nothing to do.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="app"):
         again = load_model(settings)
-    assert again.version == 3
+    assert again.version == 2
     assert not any("newer than the newest checkpoint" in m for m in caplog.messages)
 
 
@@ -84,25 +82,31 @@ def test_a_checkpoint_directory_deleted_and_built_anew_forgets_the_log_again(
     them accepted again once Redis's job records were gone. The worker's start now forgets again,
     before anything is served, what the deletion log says is gone, numbered after its newest."""
     settings = make_settings()
+    with np.load(dataset_file) as f:
+        x, y = f["x"][:1].tolist(), f["y"][:1].tolist()
     with TestClient(create_app(settings, unlearner)) as client:
         first = _forget(client, ["r01"], wait_for_job)
         second = _forget(client, ["r02", "r03"], wait_for_job)
-        assert (first["model_version"], second["model_version"]) == (1, 2)
+        job = client.post("/v1/records", json={"ids": ["new-1"], "x": x, "y": y}, headers=WRITE)
+        added = wait_for_job(client, job.json()["job_id"])
+        assert [j["model_version"] for j in (first, second, added)] == [1, 2, 3]
     shutil.rmtree(settings.checkpoint_dir)
     with caplog.at_level(logging.INFO, logger="app"):
         u = load_model(settings)
-    assert u.version == 3 and u.is_forgotten(["r01", "r02", "r03"])
-    assert not {"r01", "r02", "r03"} & set(u.active_ids())
-    assert sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir()) == ["3"]
+    # versions 1–2 redone, 3 (an addition) lost: the new version comes after every logged one
+    assert u.version == 4 and u.is_forgotten(["r01", "r02", "r03"])
+    assert not {"r01", "r02", "r03", "new-1"} & set(u.active_ids())
+    assert sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir()) == ["4"]
     versions = [int(e["version"]) for e in DeletionLog(settings.deletion_log).current()]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
     assert any("forgetting them again before anything is served" in m for m in caplog.messages)
+    assert any("an addition of 1 record(s)" in m and "lost" in m for m in caplog.messages)
     with TestClient(create_app(settings, u)) as client:
         r = client.post("/v1/forget", json={"ids": ["r02"]}, headers=WRITE)
         assert r.status_code == 409, r.text  # already forgotten, not accepted again
         assert client.get("/v1/records/r02", headers=READ).json()["status"] == "forgotten"
         listed = client.get("/v1/deletions", headers=READ).json()
-        assert [d["version"] for d in listed["deletions"]] == [1, 2, 3]
+        assert [d["version"] for d in listed["deletions"]] == [1, 2, 3, 4]
 
 
 def test_a_follower_does_not_reapply(make_settings, unlearner, wait_for_job, tmp_path: Path):
