@@ -674,7 +674,11 @@ class JobQueue:
 
     def pending_kind(self, record_id: str) -> str | None:
         """``"forget"`` or ``"add"`` when a queued or running job names ``record_id``, else
-        ``None``."""
+        ``None`` (two set lookups, one round trip).
+
+        Raises:
+          redis.RedisError: Redis did not answer (the caller decides what that means).
+        """
         with self.client.pipeline(transaction=False) as pipe:
             pipe.sismember(self.pending_key, record_id)
             pipe.sismember(self.pending_add_key, record_id)
