@@ -195,3 +195,34 @@ def test_the_stall_probe_sets_apart_the_requests_in_flight_during_a_machine_wide
         time.sleep(0.3)
     assert live.proc.poll() is not None  # stopped
     assert live.path.exists() and live.gaps().shape[1] == 2
+
+
+def test_the_load_generators_own_stalls_are_set_apart_too(tmp_path):
+    """A request in flight while the load generator's event loop was 10 ms or more late
+    (``_loop_lag``) is set apart from ``max_ms_outside_any_stall`` like one in a machine-wide
+    stall; and the lag task itself records a loop that was held up."""
+    probe = load.StallProbe(tmp_path / "stalls.txt")
+    t = 1000.0
+    probe.path.write_text(f"{t + 1.00:.6f} 0.030000 5\n")  # machine-wide, ending at t + 1
+    ends = [t + 0.5, t + 1.01, t + 2.01, t + 3.0]
+    latencies = [0.010, 0.045, 0.040, 0.015]  # the 2nd in the machine's, the 3rd in the generator's
+    lags = [(t + 2.0, 0.035), (t + 2.5, 0.007)]  # 35 ms, then 7 ms: below STALL_MS
+    phase = {"max_ms": 45.0, "_spans": (ends, latencies), "_generator_lags": lags}
+    probe.classify(phase)
+    assert "_generator_lags" not in phase
+    assert phase["stalls"] == 1 and phase["generator_stalls"] == 1
+    assert phase["longest_generator_stall_ms"] == pytest.approx(35.0)
+    assert phase["max_ms_outside_stalls"] == pytest.approx(40.0)
+    assert phase["max_ms_outside_any_stall"] == pytest.approx(15.0)
+    assert [s[3] for s in phase["slowest"]] == [False, True, False, False]
+
+    async def held_up() -> list:
+        lags: list = []
+        watch = asyncio.create_task(load._loop_lag(time.perf_counter() + 0.2, lags))
+        await asyncio.sleep(0.05)
+        time.sleep(0.03)  # the loop held for 30 ms
+        await watch
+        return lags
+
+    lags = asyncio.run(held_up())
+    assert any(gap >= 0.025 for _, gap in lags)
