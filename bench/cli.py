@@ -69,15 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(COMMANDS + OWN_FLAGS) + "}",
         help="the benchmark to run (default figure1); see the list above",
     )
-    ap.add_argument("--workload", choices=("digits", "mnist", "cifar", "all"), default="all")
     ap.add_argument(
-        "--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90"
-    )
-    ap.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="warm repeats for calls of at most 5 s (default 5; --quick 2)",
+        "--workload",
+        choices=("digits", "mnist", "cifar", "all"),
+        default="all",
+        help="the data set and network (default all; e2e: digits and mnist; load: digits unless mnist)",
     )
     ap.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="output folder (default bench/results)"
@@ -90,51 +86,71 @@ def build_parser() -> argparse.ArgumentParser:
         "for a full run into the default folder, else OUT/BENCHMARKS.md)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
-    ap.add_argument("--mnist-dir", type=Path, default=REPO / ".." / "shared" / "data" / "mnist")
     ap.add_argument(
+        "--mnist-dir",
+        type=Path,
+        default=REPO / ".." / "shared" / "data" / "mnist",
+        help="the MNIST test set (default ../shared/data/mnist)",
+    )
+    ap.add_argument(
+        "--cifar-dir",
+        type=Path,
+        default=REPO / ".." / "shared" / "data" / "cifar10",
+        help="the CIFAR-10 airplane/automobile subsets (default ../shared/data/cifar10)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the forget sets and of the random baseline"
+    )
+    fig = ap.add_argument_group("figure1 (and ntk)")
+    fig.add_argument(
+        "--fractions", type=_ints, default=None, help="removal percentages, e.g. 10,30,50,70,90"
+    )
+    fig.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="warm repeats for calls of at most 5 s (default 5; --quick 2)",
+    )
+    fig.add_argument(
         "--mnist-width", type=int, default=1024, help="hidden width of the MNIST FCNN (paper: 1024)"
     )
-    ap.add_argument("--cifar-dir", type=Path, default=REPO / ".." / "shared" / "data" / "cifar10")
-    ap.add_argument(
+    fig.add_argument(
         "--cifar-n",
         type=int,
         default=500,
         help="CIFAR-10 airplane/automobile training points (balanced; θ-space HVPs of the CNN are slow on 2 cores)",
     )
-    ap.add_argument(
+    fig.add_argument(
         "--cifar-width", type=int, default=16, help="channels of each conv block of the CIFAR CNN"
     )
-    ap.add_argument(
-        "--seed", type=int, default=0, help="seed of the forget sets and of the random baseline"
-    )
-    ap.add_argument(
+    fig.add_argument(
         "--cholesky-max-dim",
         type=int,
         default=16384,
         help="run alpha-cholesky only where the engine's factorised dimension (bucket(N_R)·d) is at most this",
     )
-    ap.add_argument(
+    fig.add_argument(
         "--trajectory-fractions",
         type=_ints,
         default=None,
         help="fractions with CG-trajectory measurements (default: the first fraction)",
     )
-    ap.add_argument(
+    fig.add_argument(
         "--cold",
         choices=("all", "alpha-cg", "none"),
         default=None,
         help="methods whose cold start is measured (default all; --quick: alpha-cg)",
     )
-    ap.add_argument(
+    fig.add_argument(
         "--methods",
         type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
         default=None,
         help="only these rows, e.g. alpha-cg,alpha-paper,retrain (default: all)",
     )
-    ap.add_argument(
+    fig.add_argument(
         "--no-profile", action="store_true", help="skip the warm-latency profile of alpha-cg"
     )
-    ap.add_argument(
+    fig.add_argument(
         "--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement"
     )
     e2e = ap.add_argument_group("e2e")
@@ -186,51 +202,57 @@ def build_parser() -> argparse.ArgumentParser:
         default=19,
         help="split: the worker's nice value (19: lowest CPU priority; 0: as the API)",
     )
-    ap.add_argument(
+    load.add_argument(
+        "--load-worker-idle",
+        action="store_true",
+        help="split: run the worker under SCHED_IDLE too (chrt -i 0)",
+    )
+    load.add_argument(
         "--load-worker-cpus",
         default=None,
         help="split: pin the worker to these CPUs (a taskset -c list, e.g. 1; default: any)",
     )
-    ap.add_argument(
+    attr = ap.add_argument_group("attribution")
+    attr.add_argument(
         "--parts",
         type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
         default=None,
         help="attribution: parts to run, of loo,lds,mislabel,mia,cost (default: all)",
     )
-    ap.add_argument(
+    attr.add_argument(
         "--attr-tests", type=int, default=50, help="attribution: test points (loo, lds)"
     )
-    ap.add_argument(
+    attr.add_argument(
         "--attr-records", type=int, default=200, help="attribution: random records (loo)"
     )
-    ap.add_argument(
+    attr.add_argument(
         "--only",
         default=None,
         help="attribution: run only the loo and mislabel workloads whose title contains this text "
         "(e.g. MNIST)",
     )
-    ap.add_argument(
+    attr.add_argument(
         "--attr-per-class",
         type=int,
         default=30,
         help="attribution: training points per class of the loo, lds and mia workloads",
     )
-    ap.add_argument(
+    attr.add_argument(
         "--lds-subsets", type=int, default=100, help="attribution: random 50 %% subsets (lds)"
     )
-    ap.add_argument(
+    attr.add_argument(
         "--mislabel-per-class",
         type=int,
         default=60,
         help="attribution: training points per class of the mislabel workloads",
     )
-    ap.add_argument(
+    attr.add_argument(
         "--mislabel-exact",
         action="store_true",
         help="attribution: also rank by exact (refined) self-influence, one Newton retraining per "
         "record (hours at N = 1,000 on two cores)",
     )
-    ap.add_argument(
+    attr.add_argument(
         "--cost-per-class",
         type=int,
         default=200,

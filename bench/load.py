@@ -49,6 +49,7 @@ writing the request to having read the whole answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -376,17 +377,55 @@ CONTROL = "predict-1 again, no forgets"
 
 def _timed(phase: typing.Coroutine) -> typing.Any:
     """Run one timed phase with this process's cyclic garbage collector off (and what exists
-    frozen out of its view): the load generator imports jax (the data set's rows), and a full
-    collection of its heap took up to 85 ms here (``gc.callbacks``), during which every client's request counted as
-    that much slower (the slowest of a phase). Collected before, back on after."""
+    frozen out of its view) and its clients at real-time priority (``_clients_first``).
+
+    The collector: the load generator imports jax (the data set's rows), and a full collection
+    of its heap took up to 85 ms here (``gc.callbacks``), during which every client's request
+    counted as that much slower (the slowest of a phase). Collected before, back on after.
+    The phase's summary (a dict, or a tuple's first) gets ``clients_realtime``."""
     gc.collect()
     gc.freeze()
     gc.disable()
     try:
-        return asyncio.run(phase)
+        with _clients_first() as realtime:
+            result = asyncio.run(phase)
+        summary = result[0] if isinstance(result, tuple) else result
+        if isinstance(summary, dict):
+            summary["clients_realtime"] = realtime
+        return result
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+# The clients' real-time priority (SCHED_FIFO), under the stall probe's (50).
+CLIENTS_RT_PRIORITY = 20
+
+
+@contextlib.contextmanager
+def _clients_first() -> typing.Iterator[bool]:
+    """The clients' thread at real-time priority (``SCHED_FIFO`` ``CLIENTS_RT_PRIORITY``) while
+    the block runs, when allowed (yields whether it is), then back to normal scheduling.
+
+    The clients stand in for callers on other machines, whose reading of an answer never waits
+    for the server's cores. Beside the split deployment at normal priority, the clients' own
+    event loop was held up 10–55 ms at a time (``_loop_lag``), 1–19 times per phase and only
+    while forgets ran, while the API process's event loop (probed alike) was not: each time the
+    requests in flight were timed as slow, and they were the slowest of 5 of the 15 runs
+    (BENCHMARKS.md, HTTP load, 2026-12-05). At real-time priority: none in three runs. The
+    clients use about 0.1 ms of CPU per request, taken from the same two cores either way."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(CLIENTS_RT_PRIORITY))
+    except (
+        OSError,
+        AttributeError,
+    ):  # not allowed (no CAP_SYS_NICE, RLIMIT_RTPRIO 0), or not Linux
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 # A wake-up this late (ms) is a machine-wide stall (``StallProbe``).
@@ -638,9 +677,17 @@ def markdown(res: dict) -> str:
     ]
     for name, dep in res["deployments"].items():
         during = dep["phases"].get("predict-1 during forgets", {}).get("forgets")
+        realtime = {p.get("clients_realtime") for p in dep["phases"].values()} - {None}
+        clients = (
+            "clients at real-time priority (SCHED_FIFO)"
+            if realtime == {True}
+            else "clients at normal priority (real-time not allowed here)"
+            if realtime == {False}
+            else None
+        )
         lines += [
             "",
-            f"**{name}**: {dep['description']}; load average "
+            f"**{name}**: {dep['description']}; {clients + '; ' if clients else ''}load average "
             f"{', '.join(f'{v:.1f}' for v in dep['loadavg_before'])} before, "
             f"{', '.join(f'{v:.1f}' for v in dep['loadavg_after'])} after; ready in "
             f"{dep.get('ready_s', float('nan')):.1f} s.",
@@ -743,6 +790,7 @@ class SplitDeployment:
       data_dir: the shared data dir.
       nice: the worker's nice value (19: the lowest CPU priority).
       worker_cpus: ``taskset -c`` list the worker is pinned to (``None``: any CPU).
+      worker_idle: run the worker under Linux's ``SCHED_IDLE`` policy (``chrt -i 0``) as well.
     """
 
     def __init__(
@@ -754,6 +802,7 @@ class SplitDeployment:
         data_dir: Path,
         nice: int = 19,
         worker_cpus: str | None = None,
+        worker_idle: bool = False,
     ):
         self.port = _free_port()
         self.token = secrets.token_urlsafe(24)
@@ -762,6 +811,7 @@ class SplitDeployment:
         self.log_path = log_path.with_name(log_path.stem + "-worker.log")
         self.nice = nice
         self.worker_cpus = worker_cpus
+        self.worker_idle = worker_idle
         exe = _ntk_unlearn()
         self.worker_command = [exe, "worker", *options, *worker_extra, "--data-dir", str(data_dir)]
         self.command = [
@@ -783,6 +833,8 @@ class SplitDeployment:
             env["REDIS_URL"] = self.redis.url
             # ``nice`` execs the worker: the same pid, and every thread it starts inherits it
             pin = ["taskset", "-c", self.worker_cpus] if self.worker_cpus else []
+            if self.worker_idle:
+                pin += ["chrt", "-i", "0"]
             self.worker = self._start(
                 [*pin, "nice", "-n", str(self.nice), *self.worker_command], self.log_path, env
             )
@@ -891,7 +943,9 @@ def run_deployment(kind: str, options: list[str], api_options: list[str], args, 
     nice = getattr(args, "load_worker_nice", 19)
     res: dict = {
         "deployment": kind,
-        "description": DEPLOYMENTS[kind].format(nice=nice),
+        "description": DEPLOYMENTS[kind].format(
+            nice=f"{nice}, SCHED_IDLE" if getattr(args, "load_worker_idle", False) else nice
+        ),
         "loadavg_before": list(os.getloadavg()),
         "phases": {},
     }
@@ -908,6 +962,7 @@ def run_deployment(kind: str, options: list[str], api_options: list[str], args, 
             data_dir,
             nice,
             getattr(args, "load_worker_cpus", None),
+            getattr(args, "load_worker_idle", False),
         )
     probe = StallProbe(Path(tempfile.gettempdir()) / f"ntk-load-{os.getpid()}-{kind}-stalls.txt")
     try:

@@ -226,3 +226,35 @@ def test_the_load_generators_own_stalls_are_set_apart_too(tmp_path):
 
     lags = asyncio.run(held_up())
     assert any(gap >= 0.025 for _, gap in lags)
+
+
+def test_a_timed_phase_runs_its_clients_at_real_time_priority_when_allowed():
+    """The clients' thread is SCHED_FIFO during a timed phase where that is allowed (root, or
+    CAP_SYS_NICE), normal scheduling after it whatever the phase raised, and the phase's summary
+    says which it was."""
+
+    async def phase():
+        return {"policy": os.sched_getscheduler(0)}
+
+    async def failing():
+        raise RuntimeError("phase failed")
+
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        allowed = True
+    except OSError:
+        allowed = False
+    summary = load._timed(phase())
+    assert summary["clients_realtime"] is allowed
+    assert summary["policy"] == (os.SCHED_FIFO if allowed else os.SCHED_OTHER)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    with pytest.raises(RuntimeError):
+        load._timed(failing())
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    enqueue, jobs = load._timed(_pair())
+    assert enqueue["clients_realtime"] is allowed and jobs == []
+
+
+async def _pair() -> tuple[dict, list]:
+    return {}, []
