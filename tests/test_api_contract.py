@@ -126,6 +126,18 @@ def test_an_unknown_query_parameter_is_422(client):
     assert client.get("/healthz", params={"x": 1}).status_code == 422
 
 
+def test_a_query_parameter_given_twice_is_422(client):
+    """FastAPI keeps one of two values of a single-valued parameter: ``cursor=0&cursor=1`` was
+    answered as ``cursor=1`` (helper-54); now refused, naming it."""
+    for path, query in (("/v1/ids", "limit=1&limit=5"), ("/v1/deletions", "cursor=0&cursor=1")):
+        r = client.get(f"{path}?{query}", headers=READ)
+        assert r.status_code == 422, r.text
+        name = query.split("=")[0]
+        assert f"'{name}' given more than once" in r.json()["detail"], r.text
+    ok = client.get("/v1/ids?limit=1&offset=2", headers=READ)
+    assert ok.status_code == 200 and len(ok.json()["ids"]) == 1, ok.text
+
+
 @pytest.fixture
 def x_probe(dataset_file: Path) -> list[list[float]]:
     return np.load(dataset_file)["x"][:5].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Annotated
 
@@ -153,16 +154,22 @@ WriteAccess = Depends(require_write)
 
 async def reject_unknown_query(request: Request) -> None:
     """422 for a query parameter the route does not take: a misspelt ``?limt=5`` would
-    otherwise be ignored without a word (every route's own parameters are checked by FastAPI).
-    """
+    otherwise be ignored without a word (every route's own parameters are checked by FastAPI);
+    and for a single-valued one given more than once (``?cursor=0&cursor=5``: FastAPI keeps the
+    last, so the answer would depend on an order the caller may not have meant)."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not request.query_params:
         return
     known: set[str] = set()
+    single: set[str] = set()
     pending = [route.dependant]
     while pending:
         dependant = pending.pop()
-        known.update(param.alias for param in dependant.query_params)
+        for param in dependant.query_params:
+            known.add(param.alias)
+            origin = typing.get_origin(param.field_info.annotation)
+            if not (isinstance(origin, type) and issubclass(origin, (list, tuple, set))):
+                single.add(param.alias)
         pending.extend(dependant.dependencies)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
@@ -170,6 +177,13 @@ async def reject_unknown_query(request: Request) -> None:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"unknown query parameter(s) {', '.join(map(repr, unknown))} for this endpoint; {takes}",
+        )
+    names = [name for name, _ in request.query_params.multi_items()]
+    if repeated := sorted({n for n in names if n in single and names.count(n) > 1}):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"query parameter(s) {', '.join(map(repr, repeated))} given more than once; "
+            "give each once",
         )
 
 
