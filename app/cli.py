@@ -748,7 +748,8 @@ def verify_receipt(argv: Sequence[str]) -> int:
     Returns:
       0 when the signature verifies (whatever the certificate, unless ``--require-certificate``);
       1 when it does not (altered, or another key), with the reason on stderr; 2 for unreadable
-      files; 3 with ``--require-certificate`` when the signature verifies but the certificate
+      files, a key that is not Ed25519, or JSON with none of a receipt's fields (an error body
+      saved instead); 3 with ``--require-certificate`` when the signature verifies but the certificate
       was not met or is absent.
     """
     import json
@@ -799,6 +800,16 @@ def verify_receipt(argv: Sequence[str]) -> int:
                 raise ValueError("its JSON has no string public_key_pem")
         if not isinstance(load_pem_public_key(key.encode()), Ed25519PublicKey):
             raise ValueError("it is not an Ed25519 key")
+        if not isinstance(receipt, dict) or not receipt.keys() & {
+            "payload",
+            "signature",
+            "algorithm",
+        }:
+            # an error body saved instead of the receipt (a 404's {"detail": ...}), a list, ...
+            raise ValueError(
+                f"{args.receipt} is not a receipt (a JSON object with payload, signature and "
+                "algorithm, as GET /v1/jobs/{id}/receipt answers); nothing in it was checked"
+            )
     except (OSError, ValueError, AttributeError, TypeError) as e:
         # a key that cannot be read says nothing about the receipt: not "NOT VALID" (exit 1)
         print(f"verify-receipt: cannot read the input: {e}", file=sys.stderr)

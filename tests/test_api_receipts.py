@@ -152,6 +152,20 @@ def test_a_receipt_verifies_offline_and_any_change_is_detected(
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "cannot read the input" in err, (bad, err)
         assert "Traceback" not in err and "NOT VALID" not in err
+    # Nor does JSON that is no receipt at all (a 404 body saved in its place): exit 2, saying so;
+    # a receipt with a field taken away stays NOT VALID (exit 1).
+    key_file.write_text(key["public_key_pem"])
+    for body in ({"detail": "no such job"}, [receipt], "receipt"):
+        receipt_file.write_text(json.dumps(body))
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "is not a receipt" in err, (body, err)
+        assert "NOT VALID" not in err
+    receipt_file.write_text(json.dumps({k: v for k, v in receipt.items() if k != "payload"}))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(args)
+    assert exit_.value.code == 1 and "NOT VALID" in capsys.readouterr().err
 
 
 def test_receipt_of_a_job_not_succeeded_and_of_no_job(client):
