@@ -430,6 +430,9 @@ class Identity:
             a, b = getattr(self, name), getattr(other, name)
             if name == "params_digest" and (a is None or b is None):
                 continue
+            if name == "dtype" and self.mode != other.mode and {a, b} == {"auto", "float64"}:
+                # --nonlinear takes dtype auto as float64: said by the mode's line already
+                continue
             if a != b:
                 label = "params fingerprint" if name == "params_digest" else name
                 out.append(f"{label} {a!r} (checkpoint) ≠ {b!r} (now)")

@@ -93,3 +93,23 @@ def test_a_kernel_cached_for_a_version_already_superseded_is_deleted(
     newest = lifecycle.restore(directory, cache_dir=cache, progress=False)
     assert newest is not None and newest[0].version == 1
     assert len(list(cache.glob("ntk-*.npy"))) == 1  # the newest version's own stays
+
+
+def test_a_mode_mismatch_does_not_also_report_the_dtype_the_nonlinear_mode_implies():
+    """``--nonlinear`` takes dtype auto as float64: a linearised ``auto`` data dir started with
+    ``--nonlinear`` was told ``dtype 'auto' ≠ 'float64'`` beside the mode, a setting the user
+    never gave. Any other dtype difference is still said, within a mode or across."""
+    import dataclasses
+
+    from service_core.lifecycle import Identity
+
+    linear = Identity({"kind": "mlp"}, "digits", "cross_entropy", 0.01, "auto")
+    nonlinear = dataclasses.replace(linear, dtype="float64", mode="nonlinear")
+    said = linear.differences(nonlinear)
+    assert len(said) == 1 and said[0].startswith("mode 'linearised' (checkpoint)"), said
+    assert len(nonlinear.differences(linear)) == 1
+    assert linear.differences(dataclasses.replace(linear, dtype="float64")) == [
+        "dtype 'auto' (checkpoint) ≠ 'float64' (now)"
+    ]
+    float32 = dataclasses.replace(linear, dtype="float32")
+    assert "dtype 'float32' (checkpoint) ≠ 'float64' (now)" in float32.differences(nonlinear)
