@@ -796,8 +796,17 @@ class Worker:
         Raises:
           SystemExit: the deletion failed (one line saying why).
         """
-        logged = [e for e in self.deletion_log.current() if int(e["version"]) == since]
+        current = self.deletion_log.current()
+        logged = [e for e in current if int(e["version"]) == since]
         restored_at = _parse_time(logged[-1].get("timestamp")) if logged else None
+        # additions the deletion log lists after that version: ``reapply_logged`` (run first at
+        # every start) said they are lost; said once, not again from their jobs here
+        logged_added = {
+            d
+            for e in current
+            if e.get("kind") == "add" and int(e["version"]) > since
+            for d in e.get("added_digests", ())
+        }
         records: dict[tuple[int, str], dict[str, Any]] = {}
         last: dict[str, str] = {}  # every: each digest's newest succeeded job (finished, kind)
         if every:
@@ -830,6 +839,8 @@ class Worker:
                     continue
                 job = dataclasses.replace(job, id_digests=kept)
             if job.kind == "add":
+                if not set(job.id_digests) - logged_added:
+                    continue
                 record = records.setdefault(
                     (version, "add"), {"version": version, "kind": "add", "added_digests": []}
                 )
