@@ -43,7 +43,11 @@ machine wall-clock rates and latencies move with the other processes, the CPU a 
 much less. The clients are plain asyncio streams writing one pre-encoded request (headers and
 JSON body) and reading the answer by its ``Content-Length``: about 0.2 ms of CPU per request,
 where httpx took a whole core of the two at 150 requests/s. Latency is still the time from
-writing the request to having read the whole answer.
+writing the request to having read the whole answer. During each timed phase the clients run at
+real-time priority where that is allowed (``_clients_first``; otherwise at normal priority, which
+the results say), and their own event loop's stalls are recorded (``_loop_lag``) and set apart
+like the machine-wide ones (``StallProbe``): a client that is not running reads its answers late,
+whatever the service did.
 """
 
 from __future__ import annotations
