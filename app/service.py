@@ -294,12 +294,18 @@ def _catch_up_with_the_record(settings: Settings, keys: DeploymentKeys, u: Unlea
 def _say_kept_tolerances(settings: Settings, u: Unlearner) -> None:
     """A data dir keeps the tolerance and slack its model was built with (every version is held to
     them): a restart given others says so, once, instead of seeming to apply them (a break-it
-    round reopened a model built with --tol 2 with --tol 1e-5: nothing said it stayed 2)."""
+    round reopened a model built with --tol 2 with --tol 1e-5: nothing said it stayed 2). Only
+    a value given (flag, environment, file): a restart that gives none keeps the built one
+    without a word (``--accept-floor``'s default of 1 warned at each restart of a model built
+    with another)."""
     kept = u.train_config
-    for flag, given, held in (
-        ("--tol", settings.tol, kept.tol),
-        ("--accept-floor", settings.accept_floor, kept.accept_floor),
+    for flag, field, held in (
+        ("--tol", "tol", kept.tol),
+        ("--accept-floor", "accept_floor", kept.accept_floor),
     ):
+        given = getattr(settings, field)
+        if field not in settings.model_fields_set:
+            continue
         if given is not None and held is not None and float(given) != float(held):
             log.warning(
                 "%s %g is not applied: this data dir's model was built with %g, which every "

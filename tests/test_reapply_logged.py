@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.config import Settings
 from app.deletion_log import DeletionLog
 from app.main import create_app
 from app.service import load_model
@@ -300,7 +301,9 @@ def test_readiness_says_while_a_rolled_back_worker_catches_up(client):
     assert client.get("/readyz").status_code == 200
 
 
-def test_a_restart_given_another_tolerance_says_the_built_one_stays(make_settings, caplog):
+def test_a_restart_given_another_tolerance_says_the_built_one_stays(
+    make_settings, caplog, tmp_path
+):
     """A data dir keeps the tolerance its model was built with (every version is held to it): a
     restart with another --tol said nothing while the old one kept applying (a break-it round)."""
     settings = make_settings(tol=1e-4)
@@ -316,3 +319,16 @@ def test_a_restart_given_another_tolerance_says_the_built_one_stays(make_setting
     with caplog.at_level(logging.WARNING, logger="app"):
         load_model(settings)
     assert not any("is not applied" in m for m in caplog.messages)
+    # a model built with another --accept-floor, restarted without the flag (its default, 1):
+    # the built one stays, without a warning at each restart; given, it is said
+    floor = make_settings(accept_floor=2.0, data_dir=tmp_path / "floor")
+    assert load_model(floor).train_config.accept_floor == 2.0
+    caplog.clear()
+    default = Settings(**floor.model_dump(exclude={"accept_floor"}))
+    assert "accept_floor" not in default.model_fields_set and default.accept_floor == 1.0
+    with caplog.at_level(logging.WARNING, logger="app"):
+        assert load_model(default).train_config.accept_floor == 2.0
+    assert not any("is not applied" in m for m in caplog.messages)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        load_model(floor.model_copy(update={"accept_floor": 3.0}))
+    assert any("--accept-floor 3 is not applied" in m for m in caplog.messages)
