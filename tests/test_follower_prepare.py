@@ -236,3 +236,40 @@ def test_a_request_waiting_for_a_reported_version_serves_the_prepared_one_itself
     with pytest.raises(FollowerBehindError):
         follower.catch_up(2)
     assert served.version == 1
+
+
+def test_the_work_after_a_hand_over_waits_for_the_requests_that_waited_for_it(
+    tmp_path, digits, monkeypatch
+):
+    """The requests that waited for a version come all at once after its hand-over; the spare K
+    buffer's pass over the previous K (``after_follow``) ran beside them, and the slowest
+    predictions of a load run were those (bench load, 2026-12-05: 6.4 of the ten slowest at a
+    hand-over, 1.4 with it delayed). It starts ``_FINISH_DELAY_S`` after the swap, once for
+    versions followed meanwhile, and a stop during the delay skips it."""
+    import threading
+    import time
+
+    _, _, served, _, follower = _setup(tmp_path, digits)
+    calls: list[float] = []
+    done = threading.Event()
+
+    def after_follow(preconditioner: bool = True) -> dict[str, float]:
+        calls.append(time.perf_counter())
+        done.set()
+        return {}
+
+    monkeypatch.setattr(served, "after_follow", after_follow)
+    monkeypatch.setattr(follower, "_FINISH_DELAY_S", 0.3)
+    follower._finisher.start()
+    swapped = time.perf_counter()
+    follower._followed.set()
+    time.sleep(0.1)
+    follower._followed.set()  # a second version followed within the delay
+    assert done.wait(5)
+    assert calls[0] - swapped >= 0.3
+    time.sleep(0.5)
+    assert len(calls) == 1  # both versions finished by one pass, on the model served now
+    follower._followed.set()
+    follower._stop.set()  # stopped during the delay: nothing more runs
+    follower._finisher.join(5)
+    assert not follower._finisher.is_alive() and len(calls) == 1
