@@ -303,9 +303,9 @@ def _say_kept_tolerances(settings: Settings, u: Unlearner) -> None:
         ("--tol", "tol", kept.tol),
         ("--accept-floor", "accept_floor", kept.accept_floor),
     ):
-        given = getattr(settings, field)
         if field not in settings.model_fields_set:
             continue
+        given = getattr(settings, field)
         if given is not None and held is not None and float(given) != float(held):
             log.warning(
                 "%s %g is not applied: this data dir's model was built with %g, which every "

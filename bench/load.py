@@ -416,14 +416,12 @@ def _clients_first() -> typing.Iterator[bool]:
     event loop was held up 10–55 ms at a time (``_loop_lag``), 1–19 times per phase and only
     while forgets ran, while the API process's event loop (probed alike) was not: each time the
     requests in flight were timed as slow, and they were the slowest of 5 of the 15 runs
-    (BENCHMARKS.md, HTTP load, 2026-12-05). At real-time priority: none in three runs. The
+    (BENCHMARKS.md, HTTP load, 2026-12-05). At real-time priority: none in nine runs. The
     clients use about 0.1 ms of CPU per request, taken from the same two cores either way."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(CLIENTS_RT_PRIORITY))
-    except (
-        OSError,
-        AttributeError,
-    ):  # not allowed (no CAP_SYS_NICE, RLIMIT_RTPRIO 0), or not Linux
+    # not allowed (no CAP_SYS_NICE, RLIMIT_RTPRIO 0), or not Linux
+    except (OSError, AttributeError):
         yield False
         return
     try:
