@@ -778,7 +778,7 @@ def verify_receipt(argv: Sequence[str]) -> int:
         "--json",
         action="store_true",
         help="print one JSON object: signature_valid, certificate {status, enforced, value, "
-        "limit, kind}, payload (or error)",
+        "limit, kind}, payload (or error; signature_valid null when the input cannot be read)",
     )
     args = parser.parse_args(argv)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -797,9 +797,11 @@ def verify_receipt(argv: Sequence[str]) -> int:
         if key.lstrip().startswith("{"):
             key = json.loads(key).get("public_key_pem")
             if not isinstance(key, str):
-                raise ValueError("its JSON has no string public_key_pem")
+                raise ValueError(
+                    f"the public key {args.public_key}: its JSON has no string public_key_pem"
+                )
         if not isinstance(load_pem_public_key(key.encode()), Ed25519PublicKey):
-            raise ValueError("it is not an Ed25519 key")
+            raise ValueError(f"the public key {args.public_key} is not an Ed25519 key")
         if not isinstance(receipt, dict) or not receipt.keys() & {
             "payload",
             "signature",
@@ -812,6 +814,8 @@ def verify_receipt(argv: Sequence[str]) -> int:
             )
     except (OSError, ValueError, AttributeError, TypeError) as e:
         # a key that cannot be read says nothing about the receipt: not "NOT VALID" (exit 1)
+        if args.json:  # one JSON object whatever the outcome; nothing was checked: null
+            print(json.dumps({"signature_valid": None, "error": f"cannot read the input: {e}"}))
         print(f"verify-receipt: cannot read the input: {e}", file=sys.stderr)
         return 2
     try:

@@ -300,7 +300,9 @@ def _say_kept_tolerances(settings: Settings, u: Unlearner) -> None:
     with another)."""
     kept = u.train_config
     for flag, field, held in (
-        ("--tol", "tol", kept.tol),
+        # the tolerance every version is held to: a model built without --tol keeps None, the
+        # dtype's default (a restart given --tol 1e-6 said nothing: helper-57)
+        ("--tol", "tol", kept.resolved_tol()),
         ("--accept-floor", "accept_floor", kept.accept_floor),
     ):
         if field not in settings.model_fields_set:

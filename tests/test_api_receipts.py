@@ -162,6 +162,11 @@ def test_a_receipt_verifies_offline_and_any_change_is_detected(
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "is not a receipt" in err, (body, err)
         assert "NOT VALID" not in err
+    with pytest.raises(SystemExit) as exit_:  # --json: still one JSON object, nothing checked
+        cli_main([*args, "--json"])
+    verdict = json.loads(capsys.readouterr().out)
+    assert exit_.value.code == 2 and verdict["signature_valid"] is None
+    assert "is not a receipt" in verdict["error"]
     receipt_file.write_text(json.dumps({k: v for k, v in receipt.items() if k != "payload"}))
     with pytest.raises(SystemExit) as exit_:
         cli_main(args)

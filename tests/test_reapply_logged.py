@@ -332,3 +332,19 @@ def test_a_restart_given_another_tolerance_says_the_built_one_stays(
     with caplog.at_level(logging.WARNING, logger="app"):
         load_model(floor.model_copy(update={"accept_floor": 3.0}))
     assert any("--accept-floor 3 is not applied" in m for m in caplog.messages)
+    # built without --tol (the checkpoint keeps None: the dtype's default is held), restarted
+    # with one: said too (helper-57: silently kept 1e-5); with the default itself, nothing
+    assert floor.tol is None
+    held = load_model(floor).train_config.resolved_tol()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app"):
+        again = load_model(floor.model_copy(update={"tol": held / 10}))
+    assert again.train_config.resolved_tol() == held
+    assert any(
+        f"--tol {held / 10:g} is not applied" in m and f"built with {held:g}" in m
+        for m in caplog.messages
+    ), caplog.messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app"):
+        load_model(floor.model_copy(update={"tol": held}))
+    assert not any("is not applied" in m for m in caplog.messages)
